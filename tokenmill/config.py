@@ -1,0 +1,143 @@
+"""Engine configuration: a few dataclasses with documented fields. CLI flags are generated from them
+(see `add_config_args` / `config_from_args`): each field's `help` metadata is its documentation."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, get_type_hints
+
+from tokenmill.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: Optional[str] = _f(None, "Hugging Face model folder or .gguf file (default: the bundled "
+                                    "SmolLM2-135M-Instruct GGUF)")
+    tokenizer: Optional[str] = _f(None, "tokenizer folder (default: the model's own)")
+    dtype: str = _f("auto", "weights/activations dtype: auto (bfloat16 on GPU, float32 on CPU), "
+                            "float32, bfloat16, float16", choices=["auto", "float32", "bfloat16", "float16"])
+    load_format: str = _f("auto", "auto, safetensors, gguf, or dummy (random weights for the config)",
+                          choices=["auto", "safetensors", "gguf", "dummy"])
+    max_model_len: Optional[int] = _f(None, "longest sequence (prompt + output); default: the model's")
+    seed: int = _f(0, "seed of the engine's random generator (requests without their own seed)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    served_model_name: Optional[str] = _f(None, "model name reported by the API (default: derived from --model)")
+    num_threads: Optional[int] = _f(None, "CPU threads for torch (default: all cores)")
+
+    def validate(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = _f(16, "tokens per KV-cache block")
+    num_kv_blocks: Optional[int] = _f(None, "number of KV blocks (overrides the memory-based sizing)")
+    kv_cache_memory: Optional[float] = _f(None, "GiB of memory for the KV cache (default on CPU: 1 GiB)")
+    gpu_memory_utilization: float = _f(0.9, "fraction of GPU memory the engine may use in total")
+    enable_prefix_caching: bool = _f(True, "reuse the KV of identical prompt prefixes")
+    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), fp8, int8",
+                             choices=["auto", "fp8", "int8"])
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ConfigError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = _f(128, "most requests in one step")
+    max_num_batched_tokens: int = _f(2048, "token budget of one step (prefill chunks + decodes)")
+    policy: str = _f("fcfs", "queue policy: fcfs, priority, slo, fair", choices=["fcfs", "priority", "slo", "fair"])
+    max_waiting_requests: Optional[int] = _f(None, "reject new requests (429) beyond this many waiting")
+    long_prefill_token_threshold: int = _f(0, "a prompt longer than this counts as a long prefill (0: off)")
+    max_long_partial_prefills: int = _f(1, "long prefills allowed to run at once (with the threshold set)")
+    slo_reject: bool = _f(False, "with policy slo: reject requests that can no longer meet their target")
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class SpecConfig:
+    speculative_method: Optional[str] = _f(None, "speculative decoding: ngram (default off)", choices=["ngram"])
+    num_speculative_tokens: int = _f(4, "draft tokens proposed per step")
+    ngram_max: int = _f(4, "longest n-gram the ngram proposer matches")
+    ngram_min: int = _f(1, "shortest n-gram the ngram proposer matches")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.cache.validate()
+        self.scheduler.validate()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat engine args (dtype=..., block_size=...), as LLM(**engine_args) takes them."""
+        parts = {name: {} for name in _SECTIONS}
+        for key, value in kwargs.items():
+            for name, sec in _SECTIONS.items():
+                if key in {f.name for f in fields(sec)}:
+                    parts[name][key] = value
+                    break
+            else:
+                raise ConfigError(f"unknown engine argument {key!r}")
+        cfg = cls(**{name: _SECTIONS[name](**vals) for name, vals in parts.items()})
+        cfg.validate()
+        return cfg
+
+    def to_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig}
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per config field (underscores become dashes)."""
+    for name, sec in _SECTIONS.items():
+        group = parser.add_argument_group(f"{name} options")
+        hints = get_type_hints(sec)
+        for f in fields(sec):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+            typ = hints[f.name]
+            if typ is bool or typ == Optional[bool]:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                base = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
+                kw["type"] = base
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for sec in _SECTIONS.values() for f in fields(sec)}
+    return EngineConfig.from_kwargs(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,78 @@
+"""The one contract between the scheduler (pure Python) and device code.
+
+SchedulerOutput goes in; ModelRunnerOutput comes back. Nothing else crosses. No torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has no state for: first scheduled, or resumed after preemption.
+
+    all_token_ids = prompt + outputs so far (outputs are non-empty for a resumed request).
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only the diff since its last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    # req_id -> number of tokens to compute this step (includes spec tokens)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    # req_id -> draft tokens to verify this step (appended after the request's last token)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # requests whose runner-side state must be dropped (finished, aborted or preempted)
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class Logprob:
+    """One position's log-probabilities: the chosen token first, then the top-k (descending)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1-based rank of token_id in the distribution
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str] = field(default_factory=list)
+    # per request, in req_ids order: tokens sampled this step ([] for a partial prefill chunk;
+    # more than one when speculative tokens were accepted)
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+    # per request: one Logprob per sampled token, or None when not asked for
+    logprobs: list[Optional[list[Logprob]]] = field(default_factory=list)
+    # req_id -> Logprob per prompt position computed this step (position 0 has no logprob: None)
+    prompt_logprobs: dict[str, list[Optional[Logprob]]] = field(default_factory=dict)
+    # req_id -> draft tokens proposed for the next step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # req_id -> error message, when the step failed for that request
+    errors: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,125 @@
+"""Pure-PyTorch paged attention: the CPU path and the oracle every fast kernel is tested against.
+
+KV cache of one layer: a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 = keys, 1 = values). A token's K/V live at flat slot block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.worker.forward_batch import ForwardBatch
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    return [torch.zeros((2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+            for _ in range(num_layers)]
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hkv, D] at their slots. Slots < 0 are padding and skipped."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    kv_cache[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    kv_cache[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of one sequence: [seq_len, Hkv, D] each."""
+    _, _, bs, hkv, d = kv_cache.shape
+    nblk = (seq_len + bs - 1) // bs
+    ids = block_ids[:nblk].long()
+    k = kv_cache[0].index_select(0, ids).reshape(nblk * bs, hkv, d)[:seq_len]
+    v = kv_cache[1].index_select(0, ids).reshape(nblk * bs, hkv, d)[:seq_len]
+    return k, v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          is_causal: bool, scale: float) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> [B, H, Lq, D] (GQA by repeating K/V heads)."""
+    h, hkv = q.shape[1], k.shape[1]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
+                    sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Causal attention of the packed queries q [T, H, D] over each request's cached K/V.
+
+    The K/V of this step's tokens must already be written (write_kv). Returns [T, H, D].
+    Decode rows (one query) are batched into one padded call; prefill chunks run one by one.
+    """
+    t, h, d = q.shape
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty_like(q)
+    starts = [0]
+    for n in batch.query_lens_cpu:
+        starts.append(starts[-1] + n)
+    decode_rows = [i for i, n in enumerate(batch.query_lens_cpu) if n == 1]
+    if len(decode_rows) > 1:
+        _decode_batched(q, kv_cache, batch, decode_rows, starts, scale, sliding_window, out)
+        decode_set = set(decode_rows)
+    else:
+        decode_set = set()
+    for i, (n, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu)):
+        if i in decode_set or n == 0:
+            continue
+        s = starts[i]
+        k, v = gather_kv(kv_cache, batch.block_tables[i], seq_len)
+        qi = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ki = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, L, D]
+        vi = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+        mask = None
+        causal = False
+        if sliding_window is not None or (n > 1 and n != seq_len):
+            mask = _causal_mask(n, seq_len, sliding_window, q.device)
+        elif n > 1:
+            causal = True
+        out[s:s + n] = _sdpa(qi, ki, vi, mask, causal, scale)[0].transpose(0, 1)
+    return out
+
+
+def _causal_mask(n: int, seq_len: int, window: Optional[int], device) -> torch.Tensor:
+    """[n, seq_len] bool: query j (at position seq_len - n + j) sees keys <= its position."""
+    qpos = torch.arange(seq_len - n, seq_len, device=device)[:, None]
+    kpos = torch.arange(seq_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def _decode_batched(q, kv_cache, batch, rows, starts, scale, window, out) -> None:
+    _, _, bs, hkv, d = kv_cache.shape
+    lens = [batch.seq_lens_cpu[i] for i in rows]
+    max_len = max(lens)
+    nblk = (max_len + bs - 1) // bs
+    idx = torch.tensor(rows, device=q.device)
+    tables = batch.block_tables.index_select(0, idx)[:, :nblk].long()  # [B, nblk]
+    b = len(rows)
+    k = kv_cache[0][tables].reshape(b, nblk * bs, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
+    v = kv_cache[1][tables].reshape(b, nblk * bs, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
+    lens_t = torch.tensor(lens, device=q.device)
+    kpos = torch.arange(max_len, device=q.device)[None, :]
+    mask = kpos < lens_t[:, None]
+    if window is not None:
+        mask &= kpos > (lens_t[:, None] - 1 - window)
+    tok = torch.tensor([starts[i] for i in rows], device=q.device)
+    qb = q.index_select(0, tok).unsqueeze(2)  # [B, H, 1, D]
+    o = _sdpa(qb, k, v, mask[:, None, None, :], False, scale)  # [B, H, 1, D]
+    out.index_copy_(0, tok, o.squeeze(2))
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Plain causal attention of one sequence, q [L, H, D], k/v [L, Hkv, D]: a second oracle for tests."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    o = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, scale)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,136 @@
+"""SamplingParams: how one request picks its tokens (vLLM-compatible names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tokenmill.errors import InvalidRequestError
+
+_EPS = 1e-5
+
+
+@dataclass
+class SLO:
+    """Per-request latency targets in milliseconds (None = no target)."""
+
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings of one request.
+
+    temperature 0 means greedy (argmax). top_k <= 0 (or -1) disables top-k. Penalties follow the
+    OpenAI (presence/frequency, additive) and CTRL (repetition, multiplicative) definitions.
+    `seed` makes a request's sampled tokens reproducible whatever else is in the batch.
+    `logprobs` = number of top logprobs returned per generated token (0 = only the sampled one);
+    `prompt_logprobs` likewise for prompt tokens.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[dict[int, float]] = None
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    skip_special_tokens: bool = True
+    # scheduling hints (used by the priority / slo / fairness policies)
+    priority: int = 0
+    slo: Optional[SLO] = None
+    user: Optional[str] = None
+    cache_salt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k is None or self.top_k < 0:
+            self.top_k = 0
+        if isinstance(self.slo, dict):
+            self.slo = SLO(**self.slo)
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    def validate(self) -> None:
+        def bad(param: str, msg: str) -> None:
+            raise InvalidRequestError(msg, param=param)
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", f"n must be at least 1, got {self.n}")
+        if self.n > 128:
+            bad("n", f"n must be at most 128, got {self.n}")
+        if self.temperature < 0 or self.temperature > 100:
+            bad("temperature", f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int):
+            bad("top_k", f"top_k must be an integer, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty", f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty", f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            bad("repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            bad("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        if len(self.stop) > 16:
+            bad("stop", "at most 16 stop strings are allowed")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "stop_token_ids must be non-negative integers")
+        if self.logit_bias:
+            for k, v in self.logit_bias.items():
+                if not -100.0 <= float(v) <= 100.0:
+                    bad("logit_bias", f"logit_bias values must be in [-100, 100], got {v} for token {k}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.slo is not None:
+            for name in ("ttft_ms", "tpot_ms"):
+                v = getattr(self.slo, name)
+                if v is not None and v <= 0:
+                    bad(f"slo.{name}", f"slo.{name} must be positive, got {v}")
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Checks that need the model: token ids in range."""
+        if self.logit_bias:
+            for k in self.logit_bias:
+                if not 0 <= int(k) < vocab_size:
+                    raise InvalidRequestError(f"logit_bias token id {k} is out of range [0, {vocab_size})",
+                                              param="logit_bias")
+        for t in self.stop_token_ids:
+            if t >= vocab_size:
+                raise InvalidRequestError(f"stop_token_ids entry {t} is out of range [0, {vocab_size})",
+                                          param="stop_token_ids")
+
+    def clone(self, **changes) -> "SamplingParams":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
