@@ -1,0 +1,54 @@
+"""The interface the HTTP server (and benchmarks) use to talk to an engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and /health."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of those, tokens found (cumulative)
+    num_preemptions: int = 0  # cumulative
+    prompt_tokens: int = 0  # cumulative prompt tokens computed
+    generation_tokens: int = 0  # cumulative tokens generated
+    steps: int = 0
+    last_step_time: float = 0.0  # time.monotonic() of the last completed step (watchdog)
+    loop_alive: bool = True
+
+
+class EngineClient(Protocol):
+    """What `tokenmill.engine.async_engine.AsyncEngine` offers.
+
+    generate() yields RequestOutputs as tokens arrive; each carries cumulative fields plus the delta_*
+    fields of what changed; the last has finished=True. With params.n > 1, outputs[i] is sample i and
+    each update touches one or more of them. Raises TokenmillError subclasses (before the first yield)
+    for bad input and EngineOverloadedError when the waiting queue is full. Cancelling the iterator
+    (client disconnect) aborts the request and frees its KV blocks.
+    """
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+    processor: Any  # tokenmill.engine.processor.Processor (chat template, tokenize, validate)
+
+    def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
+                 prompt_token_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def get_stats(self) -> EngineStats: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    async def shutdown(self, grace_s: float = 5.0) -> None: ...
