@@ -124,8 +124,10 @@ class OutputProcessor:
         # a token-based stop (EOS / stop_token_ids) ends the text before that token
         text_toks = toks[:-1] if (o.finish_reason == "stop" and toks) else toks
         delta = child.detok.update(text_toks) if text_toks else ""
+        if o.finish_reason is not None:
+            delta += child.detok.flush()
         emitted, stopped = child.stops.process(delta)
-        if stopped is False and o.finish_reason is not None:
+        if not stopped and o.finish_reason is not None:
             emitted += child.stops.flush()
         out.token_ids.extend(toks)
         out.delta_token_ids = list(toks)
@@ -138,7 +140,7 @@ class OutputProcessor:
             out.cumulative_logprob = child.cum_logprob
         if stopped:
             out.finish_reason = "stop"
-            out.stop_reason = child.stops.matched
+            out.stop_reason = child.stops.matched_stop
             return True
         if o.finish_reason is not None:
             out.finish_reason = o.finish_reason
