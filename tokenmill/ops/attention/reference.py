@@ -42,12 +42,9 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
           is_causal: bool, scale: float) -> torch.Tensor:
-    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> [B, H, Lq, D] (GQA by repeating K/V heads)."""
-    h, hkv = q.shape[1], k.shape[1]
-    if h != hkv:
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] -> [B, H, Lq, D] (GQA without copying K/V heads)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
@@ -64,7 +61,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
     for n in batch.query_lens_cpu:
         starts.append(starts[-1] + n)
     decode_rows = [i for i, n in enumerate(batch.query_lens_cpu) if n == 1]
-    if len(decode_rows) > 1:
+    if decode_rows:
         _decode_batched(q, kv_cache, batch, decode_rows, starts, scale, sliding_window, out)
         decode_set = set(decode_rows)
     else:
@@ -98,24 +95,32 @@ def _causal_mask(n: int, seq_len: int, window: Optional[int], device) -> torch.T
 
 
 def _decode_batched(q, kv_cache, batch, rows, starts, scale, window, out) -> None:
+    """One query per sequence: padded gather + grouped matmuls (GQA heads share K/V, no copies)."""
     _, _, bs, hkv, d = kv_cache.shape
     lens = [batch.seq_lens_cpu[i] for i in rows]
     max_len = max(lens)
     nblk = (max_len + bs - 1) // bs
-    idx = torch.tensor(rows, device=q.device)
-    tables = batch.block_tables.index_select(0, idx)[:, :nblk].long()  # [B, nblk]
-    b = len(rows)
-    k = kv_cache[0][tables].reshape(b, nblk * bs, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
-    v = kv_cache[1][tables].reshape(b, nblk * bs, hkv, d)[:, :max_len].transpose(1, 2).to(q.dtype)
-    lens_t = torch.tensor(lens, device=q.device)
-    kpos = torch.arange(max_len, device=q.device)[None, :]
-    mask = kpos < lens_t[:, None]
-    if window is not None:
-        mask &= kpos > (lens_t[:, None] - 1 - window)
-    tok = torch.tensor([starts[i] for i in rows], device=q.device)
-    qb = q.index_select(0, tok).unsqueeze(2)  # [B, H, 1, D]
-    o = _sdpa(qb, k, v, mask[:, None, None, :], False, scale)  # [B, H, 1, D]
-    out.index_copy_(0, tok, o.squeeze(2))
+    b, h = len(rows), q.shape[1]
+    if len(rows) == batch.num_reqs:
+        tables, tok = batch.block_tables[:, :nblk].long(), batch.query_start_loc[:-1].long()
+    else:
+        idx = torch.tensor(rows, device=q.device)
+        tables = batch.block_tables.index_select(0, idx)[:, :nblk].long()  # [B, nblk]
+        tok = torch.tensor([starts[i] for i in rows], device=q.device)
+    k = kv_cache[0][tables].view(b, nblk * bs, hkv, d)[:, :max_len]  # [B, L, Hkv, D]
+    v = kv_cache[1][tables].view(b, nblk * bs, hkv, d)[:, :max_len]
+    qb = q.index_select(0, tok).view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qb, k.permute(0, 2, 3, 1).to(q.dtype)) * scale  # [B, Hkv, G, L]
+    if min(lens) != max_len or window is not None:
+        lens_t = torch.tensor(lens, device=q.device)
+        kpos = torch.arange(max_len, device=q.device)[None, :]
+        mask = kpos < lens_t[:, None]
+        if window is not None:
+            mask &= kpos > (lens_t[:, None] - 1 - window)
+        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    o = torch.matmul(probs, v.permute(0, 2, 1, 3).to(q.dtype))  # [B, Hkv, G, D]
+    out.index_copy_(0, tok, o.reshape(b, h, d))
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
