@@ -1,0 +1,215 @@
+"""Scheduler decisions with a scripted runner: no torch, simulated clock."""
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.core.policy import FairPolicy, PriorityPolicy, SLOPolicy
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.errors import EngineOverloadedError, PromptTooLongError
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SLO, SamplingParams
+
+EOS = 2
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(max_seqs=8, budget=32, blocks=64, bs=4, max_len=256, policy=None, clock=None, **kw):
+    cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, **kw)
+    return Scheduler(cfg, blocks, bs, max_len, policy=policy, clock=clock or Clock())
+
+
+def req(rid, n_prompt, max_tokens=4, t=0.0, **sp):
+    base = 1000 * sum(map(ord, rid))  # distinct prompts: no accidental prefix-cache hits
+    return Request(rid, list(range(base, base + n_prompt)), SamplingParams(max_tokens=max_tokens, **sp), (EOS,),
+                   arrival_time=t)
+
+
+def run_step(s: Scheduler, token=7, drafts=None) -> SchedulerOutput:
+    """One step with a scripted runner: every request that reached its last token samples `token`."""
+    out = s.schedule()
+    ids, toks = [], []
+    for rid, n in out.num_scheduled_tokens.items():
+        r = s.requests[rid]
+        ids.append(rid)
+        spec = out.scheduled_spec_decode_tokens.get(rid, [])
+        done = r.num_computed_tokens - len(spec) >= r.num_tokens  # computed advanced at schedule time
+        toks.append(([token] + ([] if not spec else [])) if done else [])
+    s.update_from_output(out, ModelRunnerOutput(req_ids=ids, sampled_token_ids=toks, logprobs=[None] * len(ids),
+                                                draft_token_ids=drafts or {}))
+    return out
+
+
+def test_mixed_chunked_prefill_and_decode_under_budget():
+    s = make(budget=10)
+    s.add_request(req("a", 6))
+    out = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 6}
+    s.add_request(req("b", 20))
+    out = run_step(s)
+    # a decodes 1 token, b gets the remaining 9 as a prefill chunk
+    assert out.num_scheduled_tokens == {"a": 1, "b": 9}
+    assert [n.req_id for n in out.scheduled_new_reqs] == ["b"]
+    assert [c.req_id for c in out.scheduled_cached_reqs] == ["a"]
+    out = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 9}
+    assert out.scheduled_cached_reqs[1].num_computed_tokens == 9
+    out = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 2}  # b finishes its prompt and samples
+    assert s.requests["b"].num_output_tokens == 1
+
+
+def test_max_num_seqs_limits_admission():
+    s = make(max_seqs=2)
+    for i in range(3):
+        s.add_request(req(f"r{i}", 4))
+    out = run_step(s)
+    assert set(out.num_scheduled_tokens) == {"r0", "r1"}
+    assert s.num_waiting == 1
+
+
+def test_finish_by_length_and_eos_frees_blocks():
+    s = make()
+    s.add_request(req("a", 5, max_tokens=3))
+    s.add_request(req("b", 5, max_tokens=10))
+    run_step(s)
+    run_step(s)
+    run_step(s, token=EOS)
+    assert "a" not in s.requests and "b" not in s.requests
+    assert s.kv.num_used_blocks == 0
+    out = s.schedule()
+    assert out.finished_req_ids == {"a", "b"}
+
+
+def test_min_tokens_defers_eos():
+    s = make()
+    s.add_request(req("a", 3, max_tokens=10, min_tokens=2))
+    run_step(s, token=EOS)
+    assert "a" in s.requests  # 1 output < min_tokens: EOS does not stop
+    run_step(s, token=EOS)
+    assert "a" in s.requests
+    run_step(s, token=EOS)
+    assert "a" not in s.requests
+
+
+def test_preemption_newest_first_and_resume_with_outputs():
+    # 5 usable blocks of 4 tokens
+    s = make(blocks=6, bs=4, budget=64)
+    s.add_request(req("old", 7, max_tokens=20, t=0.0))
+    s.add_request(req("new", 7, max_tokens=20, t=1.0))
+    run_step(s)  # both prefilled: 2 blocks each, 1 free
+    run_step(s)  # 9 tokens each after append... old takes the last block
+    out = run_step(s)
+    assert out.preempted_req_ids == {"new"}
+    new = s.requests["new"]
+    assert new.status == RequestStatus.PREEMPTED and new.num_computed_tokens == 0
+    assert new.num_preemptions == 1 and s.num_preemptions == 1
+    # "old" runs on its own until it finishes; then "new" resumes with prompt + its outputs
+    while "old" in s.requests:
+        out = run_step(s)
+    out = run_step(s)
+    resumed = [n for n in out.scheduled_new_reqs if n.req_id == "new"]
+    assert resumed and resumed[0].output_token_ids == [7, 7]
+    assert s.kv.num_used_blocks > 0
+    while s.has_unfinished_requests():
+        run_step(s)
+    assert s.kv.num_used_blocks == 0
+
+
+def test_max_waiting_requests_overload():
+    s = make(max_waiting_requests=2)
+    s.add_request(req("a", 3))
+    s.add_request(req("b", 3))
+    with pytest.raises(EngineOverloadedError):
+        s.add_request(req("c", 3))
+
+
+def test_prompt_larger_than_cache_rejected():
+    s = make(blocks=3, bs=4)
+    with pytest.raises(PromptTooLongError):
+        s.add_request(req("a", 9))
+
+
+def test_abort_frees_blocks_and_tells_runner():
+    s = make()
+    s.add_request(req("a", 9))
+    run_step(s)
+    assert s.kv.num_used_blocks == 3
+    s.abort_requests(["a"])
+    assert s.kv.num_used_blocks == 0
+    assert s.schedule().finished_req_ids == {"a"}
+
+
+def test_spec_tokens_scheduled_and_rejected_ones_rolled_back():
+    s = make(budget=64)
+    s.add_request(req("a", 4, max_tokens=20))
+    run_step(s, drafts={"a": [8, 9, 10]})
+    assert s.requests["a"].spec_token_ids == [8, 9, 10]
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 4}
+    assert out.scheduled_spec_decode_tokens == {"a": [8, 9, 10]}
+    r = s.requests["a"]
+    assert r.num_computed_tokens == 8  # 4 computed + 1 known + 3 drafts, advanced at schedule time
+    # the runner accepted one draft and sampled a bonus token
+    s.update_from_output(out, ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[[8, 11]], logprobs=[None]))
+    assert r.output_token_ids == [7, 8, 11]
+    assert r.num_computed_tokens == 6 and r.num_tokens == 7  # the bonus token is not computed yet
+
+
+def test_priority_policy_admits_and_preempts_by_priority():
+    s = make(max_seqs=1, policy=PriorityPolicy())
+    s.add_request(req("low", 3, priority=5, t=0.0))
+    s.add_request(req("high", 3, priority=0, t=1.0))
+    out = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["high"]
+
+
+def test_slo_policy_orders_by_deadline():
+    s = make(max_seqs=1, policy=SLOPolicy())
+    s.add_request(req("relaxed", 3, t=0.0, slo=SLO(ttft_ms=5000)))
+    s.add_request(req("tight", 3, t=0.5, slo=SLO(ttft_ms=100)))
+    out = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["tight"]
+
+
+def test_slo_reject_drops_hopeless_requests():
+    clock = Clock()
+    s = make(max_seqs=1, policy=SLOPolicy(reject=True), clock=clock)
+    s.add_request(req("a", 3, max_tokens=50, t=0.0, slo=SLO(ttft_ms=100)))
+    s.add_request(req("b", 3, t=0.0, slo=SLO(ttft_ms=100)))
+    run_step(s)
+    clock.t = 1.0  # b has waited 10x its target
+    run_step(s)
+    assert "b" not in s.requests
+    assert s.requests["a"].status == RequestStatus.RUNNING
+
+
+def test_fair_policy_interleaves_heavy_and_light_user():
+    s = make(max_seqs=1, policy=FairPolicy(), budget=64)
+    for i in range(6):
+        s.add_request(req(f"heavy-{i}", 8, max_tokens=2, t=0.0 + i * 1e-3, user="heavy"))
+    for i in range(2):
+        s.add_request(req(f"light-{i}", 8, max_tokens=2, t=0.1 + i * 1e-3, user="light"))
+    order = []
+    while s.has_unfinished_requests():
+        out = run_step(s)
+        order += [n.req_id for n in out.scheduled_new_reqs]
+    # FCFS would serve all six heavy requests first; VTC lets the light user in right away
+    assert order.index("light-0") <= 2 and order.index("light-1") <= 4, order
+
+
+def test_long_prefill_cap_lets_short_requests_through():
+    s = make(budget=64, long_prefill_token_threshold=16, max_long_partial_prefills=1)
+    s.add_request(req("long1", 100, t=0.0))
+    s.add_request(req("long2", 100, t=0.1))
+    s.add_request(req("short", 5, t=0.2))
+    out = run_step(s)
+    assert out.num_scheduled_tokens == {"long1": 16, "short": 5}
