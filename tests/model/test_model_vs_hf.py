@@ -34,7 +34,7 @@ def _block_tables(seqs: list[list[int]]) -> list[list[int]]:
     return tables
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3", "smollm"])
 def models(request, tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
