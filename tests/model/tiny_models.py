@@ -89,3 +89,69 @@ def save_tiny_model(name: str, path: str, seed: int = 0, max_shard_size: str | N
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def _smollm_config() -> Any:
+    """SmolLM-like: llama arch, tied embeddings, default rope, GQA (the shape of the bundled default model)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=100000.0, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+
+
+TINY_CONFIGS["smollm"] = _smollm_config
+
+_GGUF_BLOCK = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _llamacpp_permute(w: Any, n_head: int) -> Any:
+    """What llama.cpp's convert_hf_to_gguf does to llama q/k rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_tiny_gguf(model: Any, path: str) -> str:
+    """Write a transformers llama/qwen2 model as an F32 GGUF file the way llama.cpp's converter lays it out."""
+    import gguf
+
+    cfg = model.config
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, p in model.state_dict().items():
+        arr = p.detach().float().numpy().copy()
+        if name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            gname = "output.weight"
+        elif name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, idx, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{idx}.{_GGUF_BLOCK[module]}.{kind}"
+            if arch == "llama" and module == "self_attn.q_proj":
+                arr = _llamacpp_permute(arr, cfg.num_attention_heads)
+            elif arch == "llama" and module == "self_attn.k_proj":
+                arr = _llamacpp_permute(arr, cfg.num_key_value_heads)
+        w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
