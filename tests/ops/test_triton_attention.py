@@ -151,36 +151,30 @@ def test_decode_split_k_long_context(h, hkv, d, bs, window, splits):
     _check(out, ref)
 
 
-def test_decode_padded_rows_like_cuda_graph_replay():
-    """Padded rows (slot -1, seq_len 1, block table of zeros) leave the cache alone and real rows exact."""
+def test_decode_on_graph_padded_inputs():
+    """The CUDA-graph runner's padded static batch (slot -1, zero block row, seq_len 1, host hint =
+    max_model_len) leaves the cache alone and gives the reference result on the real rows."""
+    from tokenmill.worker.graphs import CUDAGraphRunner
+
     h, hkv, d, bs, nb = 8, 2, 64, 16, 12
-    real = _make_batch([(70, 1), (15, 1)], bs, nb, seed=9)
-    pad = 2
-    max_blocks = real.block_tables.shape[1]
-    bt = torch.cat([real.block_tables, torch.zeros((pad, max_blocks), dtype=torch.int32, device=DEVICE)])
-    padded = ForwardBatch(
-        input_ids=torch.zeros(4, dtype=torch.long, device=DEVICE),
-        positions=torch.zeros(4, dtype=torch.long, device=DEVICE),
-        slot_mapping=torch.cat([real.slot_mapping, torch.full((pad,), -1, device=DEVICE)]),
-        block_tables=bt,
-        seq_lens=torch.cat([real.seq_lens, torch.ones(pad, dtype=torch.int32, device=DEVICE)]),
-        query_start_loc=torch.arange(5, dtype=torch.int32, device=DEVICE),
-        logits_indices=torch.arange(4, device=DEVICE),
-        seq_lens_cpu=[4096] * 4,  # launch hint only, as when a graph is captured for max_model_len
-        query_lens_cpu=[1] * 4, block_size=bs)
+    real = _make_batch([(70, 1), (15, 1), (31, 1)], bs, nb, seed=9)
+    runner = CUDAGraphRunner(lambda b: b.input_ids, max_num_seqs=8, max_blocks_per_seq=8, max_model_len=4096,
+                             block_size=bs, device=DEVICE)
+    padded, bucket = runner.prepare_inputs(real)
+    assert bucket == 4 and padded.slot_mapping[3] == -1
     kv_ref = _rand_cache(nb, bs, hkv, d)
     kv_tri = kv_ref.clone()
     q = torch.randn(4, h, d, device=DEVICE)
     k = torch.randn(4, hkv, d, device=DEVICE)
     v = torch.randn(4, hkv, d, device=DEVICE)
-    R.write_kv(kv_ref, k[:2], v[:2], real.slot_mapping)
-    ref = R.paged_attention(q[:2], kv_ref, real)
+    R.write_kv(kv_ref, k[:3], v[:3], real.slot_mapping)
+    ref = R.paged_attention(q[:3], kv_ref, real)
     backend = TA.TritonAttentionBackend(decode_block_n=32, num_sms=64)
     assert backend.splits_for(4, hkv, 4096, torch.device(DEVICE)) > 1
     out = backend.forward(q, k, v, kv_tri, padded)
     assert torch.equal(kv_ref, kv_tri)
-    _check(out[:2], ref)
-    assert torch.isfinite(out[2:]).all()
+    _check(out[:3], ref)
+    assert torch.isfinite(out[3:]).all()
 
 
 def test_choose_num_splits():
