@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import triton
@@ -139,6 +139,7 @@ class TritonAttentionBackend:
     length in it stays correct for shorter contexts (slices then come out empty).
     """
 
+    name: ClassVar[str] = "triton"
     block_m: int = 64
     block_n: int = 64
     decode_block_n: int = 64
