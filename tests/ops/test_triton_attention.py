@@ -97,9 +97,10 @@ def test_prefill_ragged_with_cached_prefix(h, hkv, d, bs, window):
     kv_ref = _rand_cache(nb, bs, hkv, d)  # random old contents stand in for the cached prefix
     kv_tri = kv_ref.clone()
     t = batch.num_tokens
-    q = torch.randn(t, h, d, device=DEVICE)
-    k = torch.randn(t, hkv, d, device=DEVICE)
-    v = torch.randn(t, hkv, d, device=DEVICE)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, device=DEVICE)  # strided views, as a fused projection gives
+    q = qkv[:, :h * d].view(t, h, d)
+    k = qkv[:, h * d:(h + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
     scale = 0.7 / d ** 0.5
     R.write_kv(kv_ref, k, v, batch.slot_mapping)
     ref = R.paged_attention(q, kv_ref, batch, scale, window)

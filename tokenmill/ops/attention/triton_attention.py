@@ -36,16 +36,25 @@ def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int]:
     return kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
 
 
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_out(q: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.stride(-1) != 1:
+        raise ValueError("out must have a contiguous last dimension")
+    return out
+
+
 def triton_write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, Hkv, D] at their flat slots of kv_cache; slots < 0 are padding and skipped."""
     t = k.shape[0]
     if t == 0:
         return
     _, _, bs, hkv, d = kv_cache.shape
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    k, v = _unit_last(k), _unit_last(v)
     sb, so, sh = _cache_strides(kv_cache)
     _write_kv_kernel[(t,)](
         k, v, kv_cache[0], kv_cache[1], slot_mapping,
@@ -60,9 +69,10 @@ def triton_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
                              out: Optional[torch.Tensor] = None, block_m: int = 64,
                              block_n: int = 64) -> torch.Tensor:
     """Causal attention of packed queries q [T, H, D] (chunks at the end of their sequences) -> [T, H, D]."""
+    q = _unit_last(q)
     t, h, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
-    out = torch.empty_like(q) if out is None else out
+    out = _empty_out(q, out)
     if t == 0 or max_query_len == 0:
         return out
     sb, so, sh = _cache_strides(kv_cache)
@@ -87,9 +97,10 @@ def triton_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     With num_splits > 1 each request's context is cut into num_splits slices computed in parallel
     and merged by a reduction kernel (flash-decoding).
     """
+    q = _unit_last(q)
     b, h, d = q.shape
     _, _, bs, hkv, _ = kv_cache.shape
-    out = torch.empty_like(q) if out is None else out
+    out = _empty_out(q, out)
     if b == 0:
         return out
     sb, so, sh = _cache_strides(kv_cache)

@@ -10,6 +10,7 @@ Three kernels plus a split-K reduction:
   NUM_SPLITS slices of the context; partial (max, sum, unnormalized out) are combined by the reduction.
   Grid and slice sizes depend only on device tensors and constexprs, so the launch is CUDA-graph safe.
 
+Dots use input_precision="ieee": exact for a float32 cache (no TF32), no effect on bf16/fp16 inputs.
 Online softmax runs in base 2 (scores pre-multiplied by scale * log2(e)). Running maxima start at a
 large finite negative so fully masked rows/tiles never produce inf - inf.
 """
@@ -90,7 +91,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
             base = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + kvh * stride_ch  # [BLOCK_N]
             kt = tl.load(kc_ptr + base[None, :] + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            s = tl.dot(q, kt) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_M, BLOCK_N]
             vis = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
             if USE_WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
@@ -100,7 +101,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -149,14 +150,14 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, part_o_ptr, part_ml_ptr, bt_ptr
         blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         base = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + kvh * stride_ch
         kt = tl.load(kc_ptr + base[None, :] + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * sm_scale_log2  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_H, BLOCK_N]
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     st_mask = g_ok[:, None] & d_ok[None, :]
