@@ -76,3 +76,20 @@ class ModelRunnerOutput:
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> error message, when the step failed for that request
     errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step changed for one request (the scheduler's answer to the engine)."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: Optional[list[Logprob]] = None
+    finish_reason: Optional[str] = None  # FinishReason value when the request finished this step
+    stop_reason: Optional[int | str] = None
+    prompt_logprobs: Optional[list[Optional[Logprob]]] = None
+    error: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,120 @@
+"""KV cache manager: per-request block lists over the block pool, with prefix-cache lookups.
+
+The manager answers with block ids or None; the scheduler owns the policy (wait, preempt, reject).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from tokenmill.core.block_pool import BlockPool, KVBlock
+from tokenmill.core.prefix_cache import extend_block_keys
+from tokenmill.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # prefix cache statistics, in tokens
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_usable_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_usable_blocks - self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def _extra(self, request: Request):
+        return request.sampling_params.cache_salt
+
+    # ---- prefix cache --------------------------------------------------------------------------
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest cached prefix of the request's tokens, in whole blocks. The last token is never
+        taken from the cache (its logits must be computed). Does not take references."""
+        if not self.enable_caching:
+            return [], 0
+        # at most (num_tokens - 1) tokens may come from the cache
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        extend_block_keys(request.block_hashes, request.all_token_ids, self.block_size, self._extra(request))
+        hits: list[KVBlock] = []
+        for key in request.block_hashes[:max_blocks]:
+            blk = self.pool.lookup(key)
+            if blk is None:
+                break
+            hits.append(blk)
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count one admitted request's lookup (for the hit-rate metric)."""
+        if self.enable_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit
+
+    def can_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens could ever fit in the whole cache."""
+        return cdiv(num_tokens, self.block_size) <= self.pool.num_usable_blocks
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: Optional[list[KVBlock]] = None,
+                       num_lookahead_tokens: int = 0) -> Optional[list[int]]:
+        """Make room for num_new_tokens more tokens (after request.num_computed_tokens and the
+        prefix hits). Returns the ids of newly added blocks (hits first), or None if they do not fit
+        (nothing changes then)."""
+        computed = new_computed_blocks or []
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        need_total = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
+        num_new_blocks = max(0, need_total - len(blocks) - len(computed))
+        # cached hits that sit in the free queue are taken out of it by touch()
+        num_evictable_hits = sum(1 for b in computed if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_evictable_hits:
+            if not blocks:
+                del self.req_blocks[request.request_id]
+            return None
+        self.pool.touch(computed)
+        new_blocks = self.pool.allocate(num_new_blocks)
+        blocks.extend(computed)
+        blocks.extend(new_blocks)
+        if self.enable_caching:
+            # cache the blocks that are full of known (non-speculative) tokens after this step
+            num_known = min(num_computed + num_new_tokens, request.num_tokens)
+            self._cache_full_blocks(request, blocks, num_known)
+        return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        n_full = num_tokens // self.block_size
+        keys = request.block_hashes
+        extend_block_keys(keys, request.all_token_ids, self.block_size, self._extra(request), n_full)
+        for i in range(n_full):
+            if blocks[i].key is None:
+                self.pool.cache(blocks[i], keys[i])
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks (tail first, so its prefix stays cached longest)."""
+        blocks = self.req_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free(list(reversed(blocks)))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

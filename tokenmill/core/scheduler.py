@@ -1,0 +1,265 @@
+"""The scheduler: one token-budget loop over running, then waiting requests.
+
+Each step a request gets min(budget, num_tokens + num_spec_tokens - num_computed_tokens) tokens:
+prefill, chunked prefill, decode, prefix hits, recompute after preemption and speculative tokens
+are all this one rule. When blocks run out, the policy's victim is preempted (its KV freed, to be
+recomputed later). Pure Python over ints: no torch.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Optional
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
+                                    SchedulerOutput)
+from tokenmill.core.policy import FairPolicy, Policy, make_policy
+from tokenmill.errors import EngineOverloadedError, PromptTooLongError
+from tokenmill.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
+                 enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.policy = policy or make_policy(config.policy, slo_reject=config.slo_reject)
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._in_runner: set[str] = set()  # requests the model runner holds state for
+        self._finished_for_runner: set[str] = set()
+        # cumulative statistics
+        self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        limit = self.config.max_waiting_requests
+        if limit is not None and len(self.waiting) >= limit:
+            raise EngineOverloadedError(f"too many waiting requests ({len(self.waiting)}); try again later")
+        if not self.kv.can_fit(req.num_tokens + 1):
+            raise PromptTooLongError(
+                f"prompt of {req.num_prompt_tokens} tokens does not fit in the KV cache "
+                f"({self.kv.num_total_blocks * self.block_size} tokens); raise num_kv_blocks or kv_cache_memory")
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        if isinstance(self.policy, FairPolicy):
+            self.policy.on_arrival(req)
+
+    def abort_requests(self, request_ids: Iterable[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req in self.waiting:
+                self.waiting.remove(req)
+            elif req in self.running:
+                self.running.remove(req)
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        if req.request_id in self._in_runner:
+            self._in_runner.discard(req.request_id)
+            self._finished_for_runner.add(req.request_id)
+        if isinstance(self.policy, FairPolicy):
+            self.policy.on_finish(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._in_runner.discard(req.request_id)
+        self.waiting.append(req)
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def has_work(self) -> bool:
+        return self.has_unfinished_requests() or bool(self._finished_for_runner)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        now = self.clock()
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        out = SchedulerOutput()
+        preempted: list[Request] = []
+        num_long = 0
+        long_threshold = cfg.long_prefill_token_threshold
+
+        # 1. running requests, in admission order
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            remaining = req.num_tokens - req.num_computed_tokens  # known tokens not yet computed
+            n = min(remaining + len(req.spec_token_ids), budget, self.max_model_len - req.num_computed_tokens)
+            if long_threshold and remaining > long_threshold:
+                if num_long >= cfg.max_long_partial_prefills:
+                    i += 1
+                    continue
+                num_long += 1
+                n = min(n, long_threshold)
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                victim = max(self.running[i:], key=lambda r: self.policy.victim_key(r, now))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, n)
+            if new_blocks is None:
+                continue  # req itself was preempted; running[i] is now the next request
+            num_spec = max(0, n - remaining)
+            if num_spec:
+                out.scheduled_spec_decode_tokens[req.request_id] = req.spec_token_ids[:num_spec]
+            out.scheduled_cached_reqs.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            self._account(out, req, n)
+            budget -= n
+            i += 1
+
+        # 2. waiting requests, unless this step had to preempt (memory is tight)
+        if not preempted and self.waiting:
+            if self.policy.should_reject is not Policy.should_reject:
+                for req in [r for r in self.waiting if self.policy.should_reject(r, now)]:
+                    self.waiting.remove(req)
+                    self._finish(req, RequestStatus.FINISHED_ABORTED)
+                    req.error = "rejected: the request can no longer meet its latency target"
+            self.waiting.sort(key=lambda r: self.policy.waiting_key(r, now))
+            j = 0
+            while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[j]
+                hits, num_hit = self.kv.get_computed_blocks(req)
+                remaining = req.num_tokens - num_hit
+                n = min(remaining, budget)
+                if long_threshold and remaining > long_threshold:
+                    if num_long >= cfg.max_long_partial_prefills:
+                        j += 1
+                        continue
+                    num_long += 1
+                    n = min(n, long_threshold)
+                new_blocks = self.kv.allocate_slots(req, n, hits)
+                if new_blocks is None:
+                    break  # no room: stop admitting
+                self.kv.record_prefix_lookup(req.num_tokens, num_hit)
+                self.waiting.pop(j)
+                req.num_computed_tokens = num_hit
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                self._in_runner.add(req.request_id)
+                out.scheduled_new_reqs.append(NewRequestData(
+                    req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                    self.kv.block_ids(req.request_id), num_hit))
+                self._account(out, req, n)
+                budget -= n
+
+        out.preempted_req_ids = {r.request_id for r in preempted}
+        out.finished_req_ids = self._finished_for_runner | out.preempted_req_ids
+        self._finished_for_runner = set()
+        # advance at schedule time; rejected speculative tokens are taken back in update_from_output
+        for req_id, n in out.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        self.num_steps += 1
+        return out
+
+    def _account(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        out.num_scheduled_tokens[req.request_id] = n
+        out.total_num_scheduled_tokens += n
+        self.num_prompt_tokens_computed += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+        self.policy.on_scheduled(req, n)
+
+    # ---- results -------------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        now = self.clock()
+        outputs: list[EngineCoreOutput] = []
+        for idx, req_id in enumerate(result.req_ids):
+            req = self.requests.get(req_id)
+            if req is None or req.is_finished:
+                continue
+            if req_id in result.errors:
+                self.running.remove(req)
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                req.error = result.errors[req_id]
+                outputs.append(EngineCoreOutput(req_id, [], finish_reason="error", error=req.error))
+                continue
+            tokens = result.sampled_token_ids[idx]
+            spec = sched.scheduled_spec_decode_tokens.get(req_id)
+            if spec and tokens:
+                req.num_computed_tokens -= len(spec) + 1 - len(tokens)
+            req.spec_token_ids = []
+            logprobs = result.logprobs[idx] if idx < len(result.logprobs) else None
+            kept, status, stop_reason = self._append_and_check(req, tokens)
+            if kept and req.first_token_time is None:
+                req.first_token_time = now
+            if kept:
+                self.num_generated_tokens += len(kept)
+                self.policy.on_output(req, len(kept))
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            elif result.draft_token_ids.get(req_id):
+                room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+                req.spec_token_ids = result.draft_token_ids[req_id][:max(0, room)]
+            plp = result.prompt_logprobs.get(req_id)
+            if kept or status is not None or plp:
+                outputs.append(EngineCoreOutput(
+                    req_id, kept, logprobs[:len(kept)] if logprobs else None,
+                    req.finish_reason.value if status is not None else None, stop_reason, plp))
+        return outputs
+
+    def _append_and_check(self, req: Request, tokens: list[int]):
+        """Append sampled tokens one by one until a stop condition; returns (kept, status, reason)."""
+        p = req.sampling_params
+        kept: list[int] = []
+        for t in tokens:
+            req.append_output_token_ids([t])
+            kept.append(t)
+            n_out = req.num_output_tokens
+            if n_out > p.min_tokens:
+                if not p.ignore_eos and t in req.eos_token_ids:
+                    return kept, RequestStatus.FINISHED_STOPPED, None
+                if t in p.stop_token_ids:
+                    return kept, RequestStatus.FINISHED_STOPPED, t
+            if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                return kept, RequestStatus.FINISHED_LENGTH, None
+        return kept, None, None
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish from outside (stop strings matched by the detokenizer, client aborts)."""
+        self.abort_requests(request_ids, status)

@@ -1,0 +1,183 @@
+"""AsyncEngine: the LLMEngine stepped on a background thread, with one asyncio stream per request.
+
+The event loop never runs model code: tokenization runs in a worker thread, steps and detokenization
+on the engine thread; outputs cross back with call_soon_threadsafe. Implements EngineClient.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.protocol import EngineStats
+from tokenmill.errors import EngineDeadError, EngineOverloadedError
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    added: asyncio.Future
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.tokenizer = engine.tokenizer
+        self.processor = engine.processor
+        self.config = engine.config
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._accepting = True
+        self._dead: Optional[str] = None
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine.from_config(config))
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "AsyncEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to grace_s, then abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self._commands.put(("abort", rid, None))
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+
+    def get_stats(self) -> EngineStats:
+        s = self._stats
+        s.loop_alive = self.is_alive
+        return s
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
+                       prompt_token_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine has stopped: {self._dead}")
+        if not self._accepting:
+            raise EngineOverloadedError("the server is shutting down")
+        if self._thread is None:
+            self.start()
+        prepared = await asyncio.to_thread(self.engine.prepare, prompt, params, prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, (prompt, params, prepared, time.monotonic())))
+        self._wake.set()
+        finished = False
+        try:
+            await stream.added  # raises EngineOverloadedError etc.
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    break
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id, None))
+                self._wake.set()
+            self._streams.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+        self._wake.set()
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _resolve(self, request_id: str, exc: Optional[BaseException]) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+
+        def done(fut=stream.added):
+            if not fut.done():
+                fut.set_exception(exc) if exc is not None else fut.set_result(None)
+
+        stream.loop.call_soon_threadsafe(done)
+
+    def _drain(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                kind, rid, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                prompt, params, prepared, arrival = payload
+                if rid not in self._streams:
+                    continue  # the client left before the request reached the engine
+                try:
+                    eng.add_request(rid, prompt, params, arrival_time=arrival, prepared=prepared)
+                    self._resolve(rid, None)
+                except Exception as exc:
+                    self._resolve(rid, exc)
+            elif kind == "abort":
+                if eng.output_processor.has(rid):
+                    eng.abort_request(rid)
+                    self._deliver(rid, _aborted(rid))
+
+    def _run(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopping:
+                self._drain()
+                if not eng.has_unfinished_requests():
+                    self._stats = eng.stats()
+                    self._wake.wait(0.25)
+                    self._wake.clear()
+                    continue
+                for out in eng.step():
+                    self._deliver(out.request_id, out)
+                self._stats = eng.stats()
+        except BaseException as exc:  # a bug outside a step: the engine cannot go on
+            self._dead = f"{type(exc).__name__}: {exc}"
+            logger.error("engine loop died: %s\n%s", exc, traceback.format_exc())
+            err = EngineDeadError(f"the engine has stopped: {self._dead}")
+            for rid in list(self._streams):
+                self._resolve(rid, err)
+                self._deliver(rid, err)
+
+
+def _aborted(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, None, [], [CompletionOutput(index=0, finish_reason="abort")], finished=True)

@@ -1,0 +1,177 @@
+"""GGUF (llama.cpp) files: metadata -> transformers config, tensors -> dequantized checkpoint-named weights.
+
+Uses the `gguf` package (GGUFReader + gguf.quants.dequantize). llama.cpp's converter permutes the rows of
+attn_q / attn_k of llama-arch models (interleaved rotary pairs); we undo it so the weights match Hugging
+Face's rotate-half layout.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from tokenmill.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# GGUF general.architecture -> (transformers model_type, architectures entry)
+_ARCHS: dict[str, tuple[str, str]] = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+# archs whose attn_q / attn_k rows llama.cpp permuted
+_PERMUTED_QK = {"llama", "mistral"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# tensors llama.cpp adds that have no Hugging Face counterpart
+_SKIP = {"rope_freqs.weight"}
+
+
+def open_gguf(path: str) -> Any:
+    """A gguf.GGUFReader over the file; unreadable or corrupt files raise ModelLoadError."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise ModelLoadError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:
+        return default
+
+
+def gguf_config(reader: Any, path: str) -> Any:
+    """A transformers PretrainedConfig built from the file's metadata."""
+    from transformers import AutoConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(_ARCHS)}")
+    model_type, hf_arch = _ARCHS[arch]
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    required = ["embedding_length", "block_count", "feed_forward_length", "attention.head_count"]
+    missing = [k for k in required if meta(k) is None]
+    if missing:
+        raise ModelLoadError(f"GGUF file {path} lacks metadata {', '.join(f'{arch}.{k}' for k in missing)}")
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = meta("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    names = {t.name for t in reader.tensors}
+    if vocab is None:
+        emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        vocab = int(emb.shape[-1]) if emb is not None else None
+    if vocab is None:
+        raise ModelLoadError(f"GGUF file {path} has no vocabulary size")
+    kwargs: dict[str, Any] = dict(
+        architectures=[hf_arch],
+        hidden_size=hidden,
+        num_hidden_layers=int(meta("block_count")),
+        intermediate_size=int(meta("feed_forward_length")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", heads)),
+        max_position_embeddings=int(meta("context_length", 2048)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        vocab_size=int(vocab),
+        tie_word_embeddings="output.weight" not in names,
+        head_dim=int(meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads),
+    )
+    for key, tok in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                     ("pad_token_id", "padding_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{tok}")
+        if value is not None:
+            kwargs[key] = int(value)
+    scaling = meta("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        rope = {"rope_type": scaling, "factor": float(meta("rope.scaling.factor", 1.0))}
+        orig = meta("rope.scaling.original_context_length")
+        if orig is not None:
+            rope["original_max_position_embeddings"] = int(orig)
+        kwargs["rope_scaling"] = rope
+    window = meta("attention.sliding_window")
+    if window:
+        kwargs["sliding_window"] = int(window)
+    if "rope_freqs.weight" in names:
+        logger.warning("GGUF file %s has rope_freqs (Llama 3.1 rope scaling); it is ignored, long contexts "
+                       "may degrade", path)
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot build a {model_type} config from GGUF file {path}: {e}") from None
+
+
+def gguf_to_hf_name(name: str) -> Optional[str]:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; None for unknown names."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation: rows (head, pair, 2) -> (head, 2, pair)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(reader: Any, config: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, float32 tensor) for each GGUF tensor, dequantized one at a time."""
+    from gguf.quants import dequantize
+
+    arch = _field(reader, "general.architecture")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for t in reader.tensors:
+        if t.name in _SKIP:
+            continue
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None:
+            raise ModelLoadError(f"unexpected tensor {t.name} in GGUF file {path}")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+            arr = np.reshape(arr, tuple(int(x) for x in reversed(t.shape.tolist())))
+        except Exception as e:
+            raise ModelLoadError(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}) in {path}: "
+                                 f"{type(e).__name__}: {e}") from None
+        if arch in _PERMUTED_QK and ".attn_q." in t.name:
+            arr = _unpermute_rows(arr, heads)
+        elif arch in _PERMUTED_QK and ".attn_k." in t.name:
+            arr = _unpermute_rows(arr, kv_heads)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:
+            arr = np.array(arr)
+        yield hf_name, torch.from_numpy(arr)

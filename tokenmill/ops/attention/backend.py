@@ -1,0 +1,32 @@
+"""Attention backends: the pluggable part of the Attention layer.
+
+A backend stores this step's K/V in the layer's paged cache and attends over it. The model's Attention
+layers call `backend.forward(q, k, v, kv_cache, batch, scale, sliding_window)`; a fast (Triton) backend is
+swapped in from outside with `model.set_attention_backend(backend)`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from tokenmill.ops.attention.reference import paged_attention, write_kv
+from tokenmill.worker.forward_batch import ForwardBatch
+
+
+class AttentionBackend(Protocol):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                batch: ForwardBatch, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D], kv_cache [2, num_blocks, block_size, Hkv, D] -> out [T, H, D]."""
+        ...
+
+
+class ReferenceAttentionBackend:
+    """Pure PyTorch: write_kv then paged_attention (runs anywhere; the oracle for fast backends)."""
+
+    name = "reference"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                batch: ForwardBatch, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        write_kv(kv_cache, k, v, batch.slot_mapping)
+        return paged_attention(q, kv_cache, batch, scale, sliding_window)  # [T, H, D]

@@ -1,0 +1,206 @@
+"""Model runner: loads the model, sizes and allocates the KV cache, executes one scheduled step.
+
+`__init__` touches no device; `load()` does the heavy work. `execute_model(SchedulerOutput)` returns
+a ModelRunnerOutput: the only way results leave the device side.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
+from tokenmill.errors import ConfigError
+from tokenmill.ops.attention.reference import allocate_kv_cache
+from tokenmill.sample.rejection import rejection_sample
+from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
+from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_CPU_KV_GIB = 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.block_size = config.cache.block_size
+        self.model = None
+        self.hf_config = None
+        self.source = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.max_model_len = 0
+        self.states: dict[str, RunnerRequestState] = {}
+        self.sampler = Sampler(seed=config.model.seed, device=self.device)
+        self.proposer = None
+        self.load_time_s = 0.0
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        from tokenmill.model.loader import load_hf_config, load_model, resolve_model_source
+
+        t0 = time.perf_counter()
+        mc = self.config.model
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        self.source = resolve_model_source(mc.model)
+        self.hf_config = load_hf_config(self.source)
+        self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format)
+        self.max_model_len = self._resolve_max_model_len()
+        self._allocate_kv()
+        if self.config.spec.speculative_method == "ngram":
+            from tokenmill.spec.ngram import NgramProposer
+
+            sc = self.config.spec
+            self.proposer = NgramProposer(sc.ngram_min, sc.ngram_max, sc.num_speculative_tokens)
+        self.load_time_s = time.perf_counter() - t0
+
+    def _resolve_max_model_len(self) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        want = self.config.model.max_model_len
+        if want is not None:
+            if want > limit:
+                raise ConfigError(f"max_model_len {want} exceeds the model's max_position_embeddings {limit}")
+            return want
+        return int(limit)
+
+    def kv_bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def _allocate_kv(self) -> None:
+        cc = self.config.cache
+        per_block = self.kv_bytes_per_block()
+        if cc.num_kv_blocks is not None:
+            num_blocks = cc.num_kv_blocks
+        else:
+            if cc.kv_cache_memory is not None:
+                budget = cc.kv_cache_memory * (1 << 30)
+            elif self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used_elsewhere = total - free
+                budget = total * cc.gpu_memory_utilization - used_elsewhere - 2 * (1 << 30)
+            else:
+                budget = _DEFAULT_CPU_KV_GIB * (1 << 30)
+            num_blocks = int(budget // per_block)
+            # never more than every slot at full length needs (+1 for the null block)
+            need = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
+            num_blocks = min(num_blocks, need)
+        if num_blocks < 2:
+            raise ConfigError(f"the KV cache gets {num_blocks} blocks of {per_block} bytes: too few; "
+                              "raise kv_cache_memory / gpu_memory_utilization or num_kv_blocks")
+        capacity = (num_blocks - 1) * self.block_size
+        if capacity < self.max_model_len:
+            if self.config.model.max_model_len is not None:
+                raise ConfigError(f"max_model_len {self.max_model_len} does not fit in the KV cache "
+                                  f"({capacity} tokens); lower max_model_len or raise kv_cache_memory")
+            logger.warning("max_model_len lowered from %d to %d to fit the KV cache", self.max_model_len, capacity)
+            self.max_model_len = capacity
+        self.num_blocks = num_blocks
+        m = self.model
+        self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
+                                           m.head_dim, self.dtype, self.device)
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        update_states(self.states, sched)
+        if sched.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput()
+        plan = plan_step(self.states, sched, self.block_size, self.device)
+        b = plan.batch
+        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b)  # [T, hidden]
+        logits = self.model.compute_logits(hidden.index_select(0, b.logits_indices)) if b.logits_indices.numel() \
+            else None  # [N, vocab]
+        return self._sample(plan, logits)
+
+    def _sample(self, plan: StepPlan, logits: Optional[torch.Tensor]) -> ModelRunnerOutput:
+        out = ModelRunnerOutput(req_ids=plan.req_ids)
+        out.sampled_token_ids = [[] for _ in plan.req_ids]
+        out.logprobs = [None for _ in plan.req_ids]
+        rows, reqs = [], []  # plain sampling rows (no speculation)
+        for i, rid in enumerate(plan.req_ids):
+            st = self.states[rid]
+            row0, nrows = plan.logits_rows[i]
+            if plan.prompt_logprob_starts[i] is not None:
+                out.prompt_logprobs[rid] = self._prompt_logprobs(st, plan.prompt_logprob_starts[i],
+                                                                 logits[row0:row0 + nrows])
+            if not plan.sample[i]:
+                continue
+            if plan.spec_tokens[i]:
+                k = len(plan.spec_tokens[i])
+                gen = self._generator(st)
+                toks = rejection_sample(logits[row0 + nrows - k - 1:row0 + nrows], plan.spec_tokens[i], st.params, gen)
+                out.sampled_token_ids[i] = toks
+                if st.params.logprobs is not None:
+                    r = logits[row0 + nrows - k - 1:row0 + nrows - k - 1 + len(toks)]
+                    out.logprobs[i] = self.sampler.compute_logprobs(r, toks, st.params.logprobs)
+            else:
+                rows.append(row0 + nrows - 1)
+                reqs.append(i)
+        if rows:
+            states = [self.states[plan.req_ids[i]] for i in reqs]
+            sb = SamplingBatch(
+                params=[s.params for s in states],
+                prompt_token_ids=[s.prompt_token_ids for s in states],
+                output_token_ids=[s.output_token_ids for s in states],
+                eos_token_ids=[self.eos_token_ids for _ in states],
+                generators=[self._generator(s) for s in states])
+            idx = torch.tensor(rows, device=logits.device)
+            res = self.sampler(logits.index_select(0, idx) if len(rows) != logits.shape[0] else logits, sb)
+            for j, i in enumerate(reqs):
+                out.sampled_token_ids[i] = [res.token_ids[j]]
+                if res.logprobs[j] is not None:
+                    out.logprobs[i] = [res.logprobs[j]]
+        for i, rid in enumerate(plan.req_ids):
+            toks = out.sampled_token_ids[i]
+            if toks:
+                st = self.states[rid]
+                st.token_ids.extend(toks)
+                if self.proposer is not None:
+                    drafts = self.proposer.propose(st.token_ids)
+                    if drafts:
+                        out.draft_token_ids[rid] = drafts
+        return out
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def _generator(self, st: RunnerRequestState) -> Optional[torch.Generator]:
+        if st.params.seed is None or st.params.greedy:
+            return None
+        return make_request_generator(st.params.seed, len(st.token_ids) - st.num_prompt_tokens)
+
+    def _prompt_logprobs(self, st: RunnerRequestState, start: int, rows: torch.Tensor) -> list[Optional[Logprob]]:
+        """Logprobs of prompt positions start+1 .. (rows predict the next position); None for position 0."""
+        end = min(start + rows.shape[0], st.num_prompt_tokens - 1)  # last position predicted
+        out: list[Optional[Logprob]] = [None] if start == 0 else []
+        n = end - start
+        if n > 0:
+            targets = st.token_ids[start + 1:end + 1]
+            out.extend(self.sampler.compute_logprobs(rows[:n], targets, st.params.prompt_logprobs))
+        return out
