@@ -62,6 +62,11 @@ class FakeProcessor:
         return self.tokenizer.encode(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < 258 for t in prompt_ids):
+            raise InvalidRequestError("prompt token id out of range", param="prompt")
+        params.validate_vocab(258)
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens, the limit is {self.max_model_len - 1}")
         room = self.max_model_len - len(prompt_ids)

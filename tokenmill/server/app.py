@@ -265,8 +265,10 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
     from tokenmill.engine.async_engine import AsyncEngine
 
     server_config.validate()
-    engine = AsyncEngine.from_config(engine_config)
-    await engine.start()
+    engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config)
+    started = engine.start()
+    if asyncio.iscoroutine(started):
+        await started
     try:
         app = build_app(engine, server_config, owns_engine=True)
         uv = uvicorn.Config(app, host=server_config.host, port=server_config.port,

@@ -43,8 +43,10 @@ class ServerConfig:
             raise ConfigError("api_key must not be empty")
 
 
-def add_server_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per ServerConfig field (underscores become dashes)."""
+def add_server_args(parser: argparse.ArgumentParser,
+                    skip: tuple[str, ...] = ("served_model_name", "log_level")) -> None:
+    """Add one --flag per ServerConfig field (underscores become dashes). By default served_model_name and
+    log_level are skipped: the engine flags (ModelConfig) and the top-level --log-level define them."""
     group = parser.add_argument_group("server options")
     hints = get_type_hints(ServerConfig)
     for f in fields(ServerConfig):

@@ -236,21 +236,9 @@ class OpenAIServing:
     def _decode_one(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _vocab_size(self) -> Optional[int]:
-        try:
-            return len(self.engine.tokenizer)
-        except TypeError:
-            return getattr(self.engine.tokenizer, "vocab_size", None)
-
     def _prepare(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        vocab = self._vocab_size()
-        if vocab is not None:
-            bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"prompt token id {bad} is out of range [0, {vocab})", param="prompt")
-            params.validate_vocab(vocab)
+        """Validate a tokenized request (runs in a worker thread); returns params with the effective
+        max_tokens."""
         max_tokens = self.engine.processor.validate(prompt_ids, params)
         if max_tokens is not None and max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
@@ -333,15 +321,19 @@ class OpenAIServing:
         params = req.to_sampling_params()
         messages = [m.to_template_dict() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        try:
-            prompt_ids = list(self.engine.processor.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                tools=tools))
-        except TokenmillError:
-            raise
-        except Exception as e:  # jinja2 errors raised by the model's template on odd input
-            raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
-        params = self._prepare(prompt_ids, params)
+        add_gen = req.add_generation_prompt and not req.continue_final_message
+
+        def render() -> tuple[list[int], SamplingParams]:  # tokenizer work stays off the event loop
+            try:
+                ids = list(self.engine.processor.apply_chat_template(messages, add_generation_prompt=add_gen,
+                                                                     tools=tools))
+            except TokenmillError:
+                raise
+            except Exception as e:  # errors the model's template raises on odd input
+                raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
+            return ids, self._prepare(ids, params)
+
+        prompt_ids, params = await asyncio.to_thread(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = _Generation(self, rid, prompt_ids, params, self._deadline())
         await gen.start()
@@ -408,12 +400,16 @@ class OpenAIServing:
             raise InvalidRequestError(f"at most {P.MAX_N} completions (prompts x n) per request, "
                                       f"got {len(prompts) * params.n}", param="n")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gens, texts = [], []
-        for i, p in enumerate(prompts):
-            ids = list(self.engine.processor.tokenize(p)) if isinstance(p, str) else list(p)
-            prm = self._prepare(ids, params.clone())
-            gens.append(_Generation(self, f"{rid}-{i}", ids, prm, self._deadline()))
-            texts.append(p if isinstance(p, str) else None)
+        def tokenize_all() -> list[tuple[list[int], SamplingParams]]:
+            out = []
+            for p in prompts:
+                ids = list(self.engine.processor.tokenize(p)) if isinstance(p, str) else list(p)
+                out.append((ids, self._prepare(ids, params.clone())))
+            return out
+
+        prepared = await asyncio.to_thread(tokenize_all)
+        gens = [_Generation(self, f"{rid}-{i}", ids, prm, self._deadline()) for i, (ids, prm) in enumerate(prepared)]
+        texts = [p if isinstance(p, str) else None for p in prompts]
         await self._start_all(gens)
         if req.stream:
             return StreamingResponse(self._completion_stream(gens, texts, rid, req),
