@@ -55,3 +55,9 @@ def fuzz(url: str, path: str, method: str, max_examples: int) -> None:
 @pytest.mark.parametrize("path,method", OPERATIONS)
 def test_fuzz_fake_engine(fake_url: str, path: str, method: str) -> None:
     fuzz(fake_url, path, method, 60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,method", OPERATIONS[:2])
+def test_fuzz_real_engine(real_url: str, path: str, method: str) -> None:
+    fuzz(real_url, path, method, 40)

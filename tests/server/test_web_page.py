@@ -50,3 +50,13 @@ def test_web_page_fake_engine(fake, fake_url):
     res = run_page_test(fake_url, "fake-model", "web_chat_fake.png")
     assert res["answer"] == "a" * 24  # greedy fake sampler, max_tokens from the page's setting
     assert "24 completion tokens" in res["status"]
+
+
+def test_web_page_real_engine(real, real_url):
+    import openai
+
+    res = run_page_test(real_url, real.engine.model_name, "web_chat.png")
+    api = openai.OpenAI(base_url=real_url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "Hello! What is 2+2?"}], temperature=0, max_tokens=24)
+    assert res["answer"] == api.choices[0].message.content  # the page showed the whole streamed (greedy) answer
+    assert f"{api.usage.completion_tokens} completion tokens" in res["status"]
