@@ -271,10 +271,23 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
         await started
     try:
         app = build_app(engine, server_config, owns_engine=True)
+        # uvicorn stops accepting on SIGTERM; draining ends the in-flight requests within the grace
+        # period, so uvicorn's own (longer) timeout only backs it up
         uv = uvicorn.Config(app, host=server_config.host, port=server_config.port,
-                            log_level=server_config.log_level, timeout_graceful_shutdown=server_config.shutdown_grace_s,
-                            lifespan="on", access_log=False)
-        await uvicorn.Server(uv).serve()
+                            log_level=server_config.log_level, lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=server_config.shutdown_grace_s + 5.0)
+        server = uvicorn.Server(uv)
+
+        async def drain_on_exit() -> None:
+            while not server.should_exit:
+                await asyncio.sleep(0.1)
+            await app.state.serving.drain(server_config.shutdown_grace_s)
+
+        drainer = asyncio.create_task(drain_on_exit())
+        try:
+            await server.serve()
+        finally:
+            drainer.cancel()
     finally:
         if engine.is_alive:
             await engine.shutdown(grace_s=0.0)

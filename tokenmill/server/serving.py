@@ -8,6 +8,7 @@ EngineRequestError (HTTP 500, or an SSE error event once streaming has begun).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -41,6 +42,13 @@ class RequestTimeoutError(TokenmillError):
 
     http_status = 408
     error_type = "timeout_error"
+
+
+class ServerShuttingDownError(TokenmillError):
+    """The server is draining for shutdown and takes no new requests (HTTP 503)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
 
 
 class EngineRequestError(RuntimeError):
@@ -96,7 +104,9 @@ class _Generation:
                                       code="timeout") from None
 
     async def start(self) -> None:
-        self.s.begin_request()
+        if self.s.draining:
+            raise ServerShuttingDownError("the server is shutting down", code="shutting_down")
+        self.s.begin_request(self)
         try:
             self._gen = self.s.engine.generate(None, self.params, self.request_id,
                                                prompt_token_ids=self.prompt_ids)
@@ -116,6 +126,8 @@ class _Generation:
                     out = await self._next()
                 except StopAsyncIteration:
                     raise EngineRequestError(f"engine stream of {self.request_id} ended without a final output")
+            if out.finished and self.last is not None and not out.prompt_token_ids:
+                out = _as_aborted(self.last)  # the engine's bare "aborted" marker: keep what we have
             self._observe(out)
             self.last = out
             if out.error is not None or any(o.finish_reason == "error" for o in out.outputs):
@@ -161,7 +173,7 @@ class _Generation:
                     self.s.metrics.requests.labels("abort").inc()
         finally:
             self._done = True
-            self.s.end_request()
+            self.s.end_request(self)
 
 
 async def _merge(gens: list[_Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -216,18 +228,32 @@ class OpenAIServing:
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         self.in_flight = 0
+        self.draining = False
+        self._live: dict[str, _Generation] = {}
         self.busy_since = time.monotonic()
         self._token_str: Callable[[int], str] = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
 
     # ------------------------------------------------------------------------------------- bookkeeping
 
-    def begin_request(self) -> None:
+    def begin_request(self, gen: _Generation) -> None:
         if self.in_flight == 0:
             self.busy_since = time.monotonic()
         self.in_flight += 1
+        self._live[gen.request_id] = gen
 
-    def end_request(self) -> None:
-        self.in_flight -= 1
+    def end_request(self, gen: _Generation) -> None:
+        if self._live.pop(gen.request_id, None) is not None:
+            self.in_flight -= 1
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: refuse new requests, let in-flight ones finish for up to grace_s, abort the rest
+        (their streams end with finish_reason "abort")."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._live):
+            await self.engine.abort(rid)
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in (self.model_name, self.engine.model_name):
@@ -518,6 +544,13 @@ class _Sent:
             if finish is not None:
                 self.finished.add(idx)
             yield idx, text, ids, lps, finish, o.stop_reason
+
+
+def _as_aborted(last: RequestOutput) -> RequestOutput:
+    """`last` with every unfinished sample marked aborted and no new deltas."""
+    outs = [dataclasses.replace(o, delta_text="", delta_token_ids=[], delta_logprobs=None,
+                                finish_reason=o.finish_reason or "abort") for o in last.outputs]
+    return dataclasses.replace(last, outputs=outs, finished=True)
 
 
 def _usage(finals: list[RequestOutput]) -> P.UsageInfo:
