@@ -189,3 +189,30 @@ def test_overload_300_streams(real, real_url):
     assert _wait_blocks_free(real_url) == 0
     r = _client(real_url).completions.create(model=None, prompt="Still alive?", max_tokens=2)
     assert r.choices[0].text
+
+
+def test_step_failure_fails_only_its_request(real, real_url, monkeypatch):
+    runner = real.engine.engine.core.runner
+    real_execute = runner.execute_model
+    fail = {"left": 0}
+
+    def flaky(sched):
+        if fail["left"] > 0:
+            fail["left"] -= 1
+            raise RuntimeError("injected device fault")
+        return real_execute(sched)
+
+    monkeypatch.setattr(runner, "execute_model", flaky)
+    body = {"messages": MSG, "max_tokens": 4}
+    fail["left"] = 1
+    r = httpx.post(real_url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 500 and "injected device fault" in r.json()["error"]["message"], r.text
+    fail["left"] = 1
+    with httpx.stream("POST", real_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert "injected device fault" in events[-2] and '"error"' in events[-2]
+    ok = _client(real_url).chat.completions.create(model=None, **body)
+    assert ok.choices[0].message.content
+    assert httpx.get(real_url + "/health").status_code == 200
+    assert _wait_blocks_free(real_url) == 0
