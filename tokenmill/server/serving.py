@@ -96,9 +96,12 @@ class _Generation:
         if self.deadline is None:
             return await self._gen.__anext__()
         try:
-            async with asyncio.timeout_at(self.deadline):
-                return await self._gen.__anext__()
-        except TimeoutError:
+            if hasattr(asyncio, "timeout_at"):  # Python >= 3.11: no extra task per token
+                async with asyncio.timeout_at(self.deadline):
+                    return await self._gen.__anext__()
+            return await asyncio.wait_for(self._gen.__anext__(), max(0.0, self.deadline - time.monotonic()))
+        except (TimeoutError, asyncio.TimeoutError):
+            self._done = True
             self.s.metrics.requests.labels("timeout").inc()
             raise RequestTimeoutError(f"request timed out after {self.s.request_timeout_s:g} s and was aborted",
                                       code="timeout") from None
