@@ -1,0 +1,84 @@
+"""`tokenmill serve` in a subprocess: SIGTERM lets in-flight requests finish within the grace period,
+aborts the rest, refuses new connections, and exits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stream(url: str, body: dict, out: dict, started: threading.Event) -> None:
+    events = []
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+    except httpx.HTTPError as e:
+        out["exc"] = type(e).__name__
+    out["events"] = events
+    started.set()
+
+
+@pytest.mark.slow
+def test_sigterm_graceful_shutdown():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
+                             "--max-model-len", "512", "--shutdown-grace-s", "4"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.1)
+        short, long_ = {}, {}
+        ev_s, ev_l = threading.Event(), threading.Event()
+        ts = threading.Thread(target=_stream, args=(url, {"prompt": "Once upon a time", "max_tokens": 12,
+                                                          "stream": True, "ignore_eos": True}, short, ev_s))
+        tl = threading.Thread(target=_stream, args=(url, {"prompt": "A long story:", "max_tokens": 480,
+                                                          "stream": True, "ignore_eos": True}, long_, ev_l))
+        ts.start(), tl.start()
+        assert ev_s.wait(60) and ev_l.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        ts.join(60), tl.join(60)
+        # the short request finished normally inside the grace period
+        assert short["events"][-1] == "[DONE]", short
+        assert json.loads(short["events"][-2])["choices"][0]["finish_reason"] == "length"
+        # the long one was aborted when the grace period ended, and its stream closed cleanly
+        assert long_["events"][-1] == "[DONE]", long_
+        finishes = [json.loads(e)["choices"][0].get("finish_reason") for e in long_["events"][:-1]
+                    if json.loads(e).get("choices")]
+        assert finishes[-1] == "abort" and "length" not in finishes, long_["events"][-3:]
+        proc.wait(60)
+        assert "Traceback" not in proc.stderr.read().decode()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,67 @@
+"""ServerConfig: HTTP-layer settings. CLI flags are generated from the fields (`add_server_args`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, get_type_hints
+
+from tokenmill.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    host: str = _f("127.0.0.1", "address to bind (use 0.0.0.0 to listen on all interfaces)")
+    port: int = _f(8000, "TCP port to listen on")
+    api_key: Optional[str] = _f(None, "require `Authorization: Bearer <key>` on /v1 routes")
+    served_model_name: Optional[str] = _f(None, "model name reported by /v1/models and accepted in requests "
+                                                "(default: the engine's model name)")
+    max_request_body_bytes: int = _f(4 * 1024 * 1024, "largest accepted request body (larger: HTTP 413)")
+    request_timeout_s: Optional[float] = _f(600.0, "per-request time limit; on expiry the request is aborted "
+                                                   "(HTTP 408 or an SSE error event)")
+    shutdown_grace_s: float = _f(10.0, "on SIGTERM: seconds in-flight requests may finish before they are aborted")
+    watchdog_s: float = _f(60.0, "/health fails when requests are pending and the engine loop has not "
+                                 "completed a step for this long")
+    retry_after_s: int = _f(1, "Retry-After header value (seconds) on HTTP 429")
+    log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError(f"max_request_body_bytes must be at least 1024, got {self.max_request_body_bytes}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.watchdog_s <= 0:
+            raise ConfigError(f"watchdog_s must be positive, got {self.watchdog_s}")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError("api_key must not be empty")
+
+
+def add_server_args(parser: argparse.ArgumentParser,
+                    skip: tuple[str, ...] = ("served_model_name", "log_level")) -> None:
+    """Add one --flag per ServerConfig field (underscores become dashes). By default served_model_name and
+    log_level are skipped: the engine flags (ModelConfig) and the top-level --log-level define them."""
+    group = parser.add_argument_group("server options")
+    hints = get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        if f.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        typ = hints[f.name]
+        kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    names = {f.name for f in fields(ServerConfig)}
+    cfg = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg.validate()
+    return cfg
