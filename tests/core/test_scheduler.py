@@ -103,8 +103,8 @@ def test_min_tokens_defers_eos():
 def test_preemption_newest_first_and_resume_with_outputs():
     # 5 usable blocks of 4 tokens
     s = make(blocks=6, bs=4, budget=64)
-    s.add_request(req("old", 7, max_tokens=20, t=0.0))
-    s.add_request(req("new", 7, max_tokens=20, t=1.0))
+    s.add_request(req("old", 7, max_tokens=10, t=0.0))
+    s.add_request(req("new", 7, max_tokens=10, t=1.0))
     run_step(s)  # both prefilled: 2 blocks each, 1 free
     run_step(s)  # 9 tokens each after append... old takes the last block
     out = run_step(s)
@@ -213,3 +213,20 @@ def test_long_prefill_cap_lets_short_requests_through():
     s.add_request(req("short", 5, t=0.2))
     out = run_step(s)
     assert out.num_scheduled_tokens == {"long1": 16, "short": 5}
+
+
+def test_request_larger_than_whole_cache_ends_with_length_not_livelock():
+    s = make(blocks=4, bs=4, budget=64, max_len=256)  # 12 tokens of cache in all
+    s.add_request(req("a", 6, max_tokens=50))
+    finished = None
+    for _ in range(20):
+        out = s.schedule()
+        ids = list(out.num_scheduled_tokens)
+        res = s.update_from_output(out, ModelRunnerOutput(req_ids=ids, sampled_token_ids=[[7] for _ in ids],
+                                                          logprobs=[None] * len(ids)))
+        finished = [o for o in res if o.finished] or finished
+        if not s.has_unfinished_requests():
+            break
+    assert not s.has_unfinished_requests()
+    assert finished and finished[0].finish_reason == "length"
+    assert s.kv.num_used_blocks == 0

@@ -34,6 +34,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._in_runner: set[str] = set()  # requests the model runner holds state for
         self._finished_for_runner: set[str] = set()
+        self._length_capped: list[Request] = []  # finished in schedule() for want of memory
         # cumulative statistics
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
@@ -132,6 +133,12 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            if not self.kv.can_fit(req.num_computed_tokens + n):
+                # even the whole cache cannot hold it: end it rather than preempt forever
+                self.running.pop(i)
+                self._finish(req, RequestStatus.FINISHED_LENGTH)
+                self._length_capped.append(req)
+                continue
             new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 victim = max(self.running[i:], key=lambda r: self.policy.victim_key(r, now))
@@ -207,7 +214,9 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         now = self.clock()
-        outputs: list[EngineCoreOutput] = []
+        outputs: list[EngineCoreOutput] = [EngineCoreOutput(r.request_id, [], finish_reason="length")
+                                           for r in self._length_capped]
+        self._length_capped = []
         for idx, req_id in enumerate(result.req_ids):
             req = self.requests.get(req_id)
             if req is None or req.is_finished:

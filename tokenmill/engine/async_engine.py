@@ -170,6 +170,7 @@ class AsyncEngine:
                 for out in eng.step():
                     self._deliver(out.request_id, out)
                 self._stats = eng.stats()
+            self._drain()  # aborts queued by shutdown() still reach their streams
         except BaseException as exc:  # a bug outside a step: the engine cannot go on
             self._dead = f"{type(exc).__name__}: {exc}"
             logger.error("engine loop died: %s\n%s", exc, traceback.format_exc())
