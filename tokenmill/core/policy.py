@@ -31,6 +31,10 @@ class Policy:
     def should_reject(self, req: Request, now: float) -> bool:
         return False
 
+    def step_token_budget(self, running: list[Request], budget: int, now: float) -> int:
+        """Token budget of the next step (a policy may shrink it to protect running decodes)."""
+        return budget
+
 
 class FCFSPolicy(Policy):
     """First come, first served; the newest running request is preempted first."""

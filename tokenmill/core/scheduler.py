@@ -112,7 +112,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
+        budget = self.policy.step_token_budget(self.running, cfg.max_num_batched_tokens, now)
         out = SchedulerOutput()
         preempted: list[Request] = []
         num_long = 0
