@@ -265,7 +265,7 @@ def run_serve_benchmark(base_url: str, workload: Union[str, Workload], rates: li
 
 async def async_find_goodput(base_url: str, workload: Union[str, Workload], *, slo_ttft_ms: Optional[float],
                              slo_tpot_ms: Optional[float], start_rate: float = 1.0, max_rate: float = 1024.0,
-                             min_rate: float = 1.0 / 64, target: float = GOODPUT_ATTAINMENT,
+                             min_rate: Optional[float] = None, target: float = GOODPUT_ATTAINMENT,
                              rel_tol: float = 0.1, max_probes: int = 12, duration_s: Optional[float] = None,
                              num_requests: Optional[int] = None, arrival: str = "poisson",
                              burstiness: float = 1.0, api_key: Optional[str] = None, model: Optional[str] = None,
@@ -274,6 +274,7 @@ async def async_find_goodput(base_url: str, workload: Union[str, Workload], *, s
     """Async form of find_goodput."""
     _validate(duration_s, num_requests, endpoint, max_concurrency, (slo_ttft_ms, slo_tpot_ms))
     _check_arrival(start_rate, arrival, burstiness)
+    min_rate = start_rate / 16 if min_rate is None else min_rate
     if not (0 < min_rate <= start_rate <= max_rate) or math.isinf(max_rate):
         raise BenchError("goodput search needs 0 < min_rate <= start_rate <= max_rate < inf")
     if not 0 < target <= 1:
@@ -317,7 +318,8 @@ def next_probe_rate(lo: Optional[float], hi: Optional[float], min_rate: float, m
 def find_goodput(base_url: str, workload: Union[str, Workload], **kwargs: Any) -> GoodputResult:
     """Search the highest rate at which >= 90% of requests meet both SLOs (DistServe goodput).
 
-    Doubles the rate from `start_rate` while the target is met (halves while it is not), then bisects
+    Doubles the rate from `start_rate` while the target is met (halves while it is not, down to `min_rate`,
+    default start_rate / 16), then bisects
     between the highest passing and lowest failing rates until they are within `rel_tol`.
     Keyword arguments as async_find_goodput.
     """
