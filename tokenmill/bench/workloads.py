@@ -21,6 +21,7 @@ from tokenmill.bench.types import BenchError, BenchRequest, Conversation
 WORDS_PER_TOKEN = 0.75
 _TEXT_PATH = Path(__file__).parent / "data" / "text.txt"
 _JUMP_PROB = 0.08  # chance of jumping to a random place in the text after each word (keeps prompts distinct)
+_RANDOM_HEAD_WORDS = 3
 
 
 class TextSource:
@@ -33,9 +34,12 @@ class TextSource:
     def _words(self, n_words: int, rng: random.Random) -> str:
         pos = rng.randrange(len(self.words))
         out = []
-        for _ in range(max(1, n_words)):
+        for i in range(max(1, n_words)):
             out.append(self.words[pos])
-            pos = rng.randrange(len(self.words)) if rng.random() < _JUMP_PROB else (pos + 1) % len(self.words)
+            # The first words are drawn independently so that two prompts almost never share a prefix
+            # (which a server's prefix cache would otherwise reuse); then the prose runs on with rare jumps.
+            jump = i < _RANDOM_HEAD_WORDS or rng.random() < _JUMP_PROB
+            pos = rng.randrange(len(self.words)) if jump else (pos + 1) % len(self.words)
         return " ".join(out)
 
     def count(self, text: str) -> int:
