@@ -201,3 +201,13 @@ def test_find_goodput_against_stub():
                          num_requests=2, progress=False)
     assert [p.rate for p in gp.probes] == [100.0, 200.0, 400.0]
     assert gp.rate == 400.0 and gp.best is gp.probes[-1]
+
+
+def test_multi_turn_stops_a_conversation_after_a_failed_turn():
+    with StubServer(StubConfig(fail_every=2)) as stub:
+        (res,) = _run(stub, "multi-turn:min_turns=3,max_turns=3,out_len=2", num_requests=1, max_concurrency=1,
+                      warmup=False)
+    recs = sorted(res.records, key=lambda r: r.turn)
+    assert [r.success for r in recs] == [True, False, False]
+    assert recs[1].status == 429 and recs[2].status == 0 and recs[2].error.startswith("skipped")
+    assert res.summary["failed"] == 2 and res.summary["failed_429"] == 1 and stub.state.count == 2
