@@ -18,10 +18,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm import LLM
     from tokenmill.sampling_params import SamplingParams
 
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed_sample,
+                            top_p=args.top_p, top_k=args.top_k)  # bad values fail before the model loads
     cfg = config_from_args(args)
     llm = LLM(**cfg.to_kwargs())
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed_sample,
-                            top_p=args.top_p, top_k=args.top_k)
     if args.raw or not llm.get_tokenizer().chat_template:
         outs = llm.generate(args.prompt, params, use_tqdm=False)
     else:
@@ -34,8 +34,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tokenmill.engine.llm_engine import LLMEngine
     from tokenmill.sampling_params import SamplingParams
 
-    engine = LLMEngine.from_config(config_from_args(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p)
+    engine = LLMEngine.from_config(config_from_args(args))
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
