@@ -59,6 +59,7 @@ class Request:
         self.stop_reason: Optional[int | str] = None
         self.error: Optional[str] = None
         self.num_preemptions = 0
+        self.num_skips = 0  # times passed over by prefix-aware admission
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks (prefix cache)

@@ -230,3 +230,43 @@ def test_request_larger_than_whole_cache_ends_with_length_not_livelock():
     assert not s.has_unfinished_requests()
     assert finished and finished[0].finish_reason == "length"
     assert s.kv.num_used_blocks == 0
+
+
+def _fill_cache(s: Scheduler, rid: str, tokens: list[int]) -> None:
+    s.add_request(Request(rid, tokens, SamplingParams(max_tokens=1), (EOS,), arrival_time=-1.0))
+    while s.has_unfinished_requests():
+        run_step(s)
+
+
+def test_prefix_aware_admission_prefers_cached_prefix():
+    s = make(max_seqs=1, bs=4, budget=64)
+    shared = list(range(500, 516))
+    _fill_cache(s, "warm", shared + [1])
+    s.add_request(Request("cold", list(range(900, 917)), SamplingParams(max_tokens=1), (EOS,), arrival_time=0.0))
+    s.add_request(Request("hit", shared + [2], SamplingParams(max_tokens=1), (EOS,), arrival_time=1.0))
+    out = s.schedule()
+    assert [n.req_id for n in out.scheduled_new_reqs] == ["hit"]
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 16
+
+
+def test_prefix_aware_admission_bounded_no_starvation():
+    s = make(max_seqs=1, bs=4, budget=64, prefix_aware_max_skips=2)
+    shared = list(range(500, 516))
+    _fill_cache(s, "warm", shared + [1])
+    s.add_request(Request("cold", list(range(900, 917)), SamplingParams(max_tokens=1), (EOS,), arrival_time=0.0))
+    for i in range(5):
+        s.add_request(Request(f"hit{i}", shared + [10 + i], SamplingParams(max_tokens=1), (EOS,),
+                              arrival_time=1.0 + i))
+    order = []
+    while s.has_unfinished_requests():
+        order += [n.req_id for n in run_step(s).scheduled_new_reqs]
+    assert order.index("cold") == 2, order  # passed over twice, then admitted
+
+
+def test_strict_fcfs_when_window_is_one():
+    s = make(max_seqs=1, bs=4, budget=64, prefix_aware_window=1)
+    shared = list(range(500, 516))
+    _fill_cache(s, "warm", shared + [1])
+    s.add_request(Request("cold", list(range(900, 917)), SamplingParams(max_tokens=1), (EOS,), arrival_time=0.0))
+    s.add_request(Request("hit", shared + [2], SamplingParams(max_tokens=1), (EOS,), arrival_time=1.0))
+    assert [n.req_id for n in s.schedule().scheduled_new_reqs] == ["cold"]

@@ -167,6 +167,7 @@ class Scheduler:
             self.waiting.sort(key=lambda r: self.policy.waiting_key(r, now))
             j = 0
             while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                self._prefer_cached_prefix(j)
                 req = self.waiting[j]
                 hits, num_hit = self.kv.get_computed_blocks(req)
                 remaining = req.num_tokens - num_hit
@@ -204,6 +205,22 @@ class Scheduler:
             self.requests[req_id].num_computed_tokens += n
         self.num_steps += 1
         return out
+
+    def _prefer_cached_prefix(self, j: int) -> None:
+        """Prefix-aware admission (fcfs only): move to position j the request, among the next
+        `prefix_aware_window` waiting ones, with the longest cached prefix, so cached blocks are used
+        before they are evicted. A request passed over `prefix_aware_max_skips` times goes first."""
+        window = self.config.prefix_aware_window
+        if window <= 1 or self.policy.name != "fcfs" or not self.kv.enable_caching:
+            return
+        cands = self.waiting[j:j + window]
+        if len(cands) < 2 or cands[0].num_skips >= self.config.prefix_aware_max_skips:
+            return
+        best = max(range(len(cands)), key=lambda k: (self.kv.get_computed_blocks(cands[k])[1], -k))
+        if best:
+            for r in cands[:best]:
+                r.num_skips += 1
+            self.waiting.insert(j, self.waiting.pop(j + best))
 
     def _account(self, out: SchedulerOutput, req: Request, n: int) -> None:
         out.num_scheduled_tokens[req.request_id] = n
