@@ -116,7 +116,6 @@ class Scheduler:
         out = SchedulerOutput()
         preempted: list[Request] = []
         num_long = 0
-        long_threshold = cfg.long_prefill_token_threshold
 
         # 1. running requests, in admission order
         i = 0
@@ -124,12 +123,7 @@ class Scheduler:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens  # known tokens not yet computed
             n = min(remaining + len(req.spec_token_ids), budget, self.max_model_len - req.num_computed_tokens)
-            if long_threshold and remaining > long_threshold:
-                if num_long >= cfg.max_long_partial_prefills:
-                    i += 1
-                    continue
-                num_long += 1
-                n = min(n, long_threshold)
+            n, num_long = self._cap_long_prefill(remaining, n, num_long)
             if n <= 0:
                 i += 1
                 continue
@@ -171,13 +165,10 @@ class Scheduler:
                 req = self.waiting[j]
                 hits, num_hit = self.kv.get_computed_blocks(req)
                 remaining = req.num_tokens - num_hit
-                n = min(remaining, budget)
-                if long_threshold and remaining > long_threshold:
-                    if num_long >= cfg.max_long_partial_prefills:
-                        j += 1
-                        continue
-                    num_long += 1
-                    n = min(n, long_threshold)
+                n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
+                if n <= 0:
+                    j += 1
+                    continue
                 new_blocks = self.kv.allocate_slots(req, n, hits)
                 if new_blocks is None:
                     break  # no room: stop admitting
@@ -205,6 +196,16 @@ class Scheduler:
             self.requests[req_id].num_computed_tokens += n
         self.num_steps += 1
         return out
+
+    def _cap_long_prefill(self, remaining: int, n: int, num_long: int) -> tuple[int, int]:
+        """A long prefill (over the threshold) runs in threshold-sized chunks, and at most
+        max_long_partial_prefills of them per step. Returns (tokens, long prefills so far); 0 = wait."""
+        threshold = self.config.long_prefill_token_threshold
+        if not threshold or remaining <= threshold:
+            return n, num_long
+        if num_long >= self.config.max_long_partial_prefills:
+            return 0, num_long
+        return min(n, threshold), num_long + 1
 
     def _prefer_cached_prefix(self, j: int) -> None:
         """Prefix-aware admission (fcfs only): move to position j the request, among the next
