@@ -1,11 +1,17 @@
 """Quantized KV cache (int8 per-token, fp8 e4m3 per-head): round-trip bounds, paged write layout, and
-paged attention over a quantized cache vs the unquantized reference on random inputs."""
+paged attention over a quantized cache vs the unquantized reference on random inputs; the Triton
+kernels on quantized caches (Triton's interpreter without CUDA: TRITON_INTERPRET=1, Triton's own switch,
+set before anything imports triton, as in test_triton_attention.py)."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from tokenmill.ops.attention import kv_quant as KQ
 from tokenmill.ops.attention import reference as R
@@ -142,3 +148,80 @@ def test_unknown_kind_is_a_config_error():
 
     with pytest.raises(ConfigError):
         KQ.storage_dtype("int4")
+
+
+# ---- Triton kernels (compiled on CUDA, Triton's interpreter on CPU) ---------------------------------
+@pytest.fixture(scope="module")
+def triton_backend_module():
+    pytest.importorskip("triton")
+    from tests.ops.test_triton_attention import TA  # sets TRITON_INTERPRET=1 without CUDA, reloads kernels
+
+    return TA
+
+
+def _filled(kind: str, case: int, writer) -> tuple[KQ.QuantizedKVCache, ForwardBatch, torch.Tensor, torch.Tensor]:
+    reqs, bs, h, hkv, d, window = CASES[case]
+    torch.manual_seed(case)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    nb = sum(-(-(c + n) // bs) for c, n in reqs) + 3
+    hist = _batch([(0, c + n) for c, n in reqs], bs, nb, seed=case)
+    k_all, v_all = torch.randn(hist.num_tokens, hkv, d), torch.randn(hist.num_tokens, hkv, d)
+    cache = KQ.allocate_quantized_kv_cache(1, nb, bs, hkv, d, kind, dev)[0]
+    writer(cache, k_all.to(dev), v_all.to(dev), hist.slot_mapping.to(dev))
+    return cache, _batch(reqs, bs, nb, seed=case), k_all, v_all
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("case", [0, 2])
+def test_triton_reads_quantized_cache_like_reference(kind, case, triton_backend_module):
+    """Same quantized cache: the Triton prefill/decode kernels (scales applied in the loop) match the
+    reference dequantize-then-attend path to float precision."""
+    TA = triton_backend_module
+    cache, batch, _, _ = _filled(kind, case, KQ.write_kv_quantized)
+    window = CASES[case][5]
+    dev = cache.device
+    batch_dev = _batch_to(batch, dev)
+    q = torch.randn(batch.num_tokens, CASES[case][2], CASES[case][4], device=dev)
+    ref = KQ.quantized_paged_attention(q.cpu(), _to_cpu(cache), batch, None, window)
+    be = TA.TritonAttentionBackend(block_m=16, block_n=16, decode_block_n=16, decode_num_splits=2)
+    out = be.attention(q, cache, batch_dev, None, window)
+    assert torch.allclose(out.cpu(), ref, atol=2e-5), (out.cpu() - ref).abs().max()
+    rows = [i for i, n in enumerate(batch.query_lens_cpu) if n == 1]  # the decode kernel on the decode rows
+    if rows:
+        tok = [batch.query_start_loc.tolist()[i] for i in rows]
+        od = TA.triton_decode_attention(q[tok], cache, batch_dev.block_tables[rows], batch_dev.seq_lens[rows],
+                                        CASES[case][4] ** -0.5, window, num_splits=2, block_n=16)
+        assert torch.allclose(od.cpu(), ref[tok], atol=2e-5)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", [0, 1])
+def test_triton_int8_write_matches_reference(case, triton_backend_module):
+    TA = triton_backend_module
+    ref, _, k_all, v_all = _filled("int8", case, KQ.write_kv_quantized)
+    out, _, _, _ = _filled("int8", case, TA.triton_write_kv)
+    assert torch.equal(out.data.cpu(), ref.data.cpu())
+    assert torch.allclose(out.scale.cpu(), ref.scale.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter rounds float32 -> fp8 wrongly "
+                    "near powers of two (e.g. -0.488 -> -0.25); the fp8 write kernel is checked on CUDA only")
+def test_triton_fp8_write_matches_reference(triton_backend_module):
+    TA = triton_backend_module
+    ref, _, _, _ = _filled("fp8", 0, KQ.write_kv_quantized)
+    out, _, _, _ = _filled("fp8", 0, TA.triton_write_kv)
+    assert torch.equal(out.data.view(torch.uint8).cpu(), ref.data.view(torch.uint8).cpu())
+
+
+def _to_cpu(c: KQ.QuantizedKVCache) -> KQ.QuantizedKVCache:
+    return KQ.QuantizedKVCache(c.data.cpu(), c.scale.cpu(), c.kind)
+
+
+def _batch_to(batch: ForwardBatch, dev) -> ForwardBatch:
+    import dataclasses
+
+    moved = {f.name: getattr(batch, f.name).to(dev) for f in dataclasses.fields(batch)
+             if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return dataclasses.replace(batch, **moved)
