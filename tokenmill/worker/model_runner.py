@@ -14,6 +14,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
+from tokenmill.ops.attention.kv_quant import allocate_quantized_kv_cache, kv_bytes_per_token_per_layer
 from tokenmill.ops.attention.reference import allocate_kv_cache
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
@@ -89,9 +90,11 @@ class ModelRunner:
         return int(limit)
 
     def kv_bytes_per_block(self) -> int:
+        """K + V bytes of one block over all layers, per-token scales of a quantized cache included."""
         m = self.model
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return m.num_layers * 2 * self.block_size * m.num_kv_heads * m.head_dim * elem
+        per_tok = kv_bytes_per_token_per_layer(self.config.cache.kv_cache_dtype, m.num_kv_heads, m.head_dim,
+                                               self.dtype)
+        return m.num_layers * self.block_size * per_tok
 
     def _allocate_kv(self) -> None:
         cc = self.config.cache
@@ -123,6 +126,10 @@ class ModelRunner:
             self.max_model_len = capacity
         self.num_blocks = num_blocks
         m = self.model
+        if cc.kv_cache_dtype != "auto":  # list of QuantizedKVCache: the attention backends dispatch on it
+            self.kv_caches = allocate_quantized_kv_cache(m.num_layers, num_blocks, self.block_size,
+                                                         m.num_kv_heads, m.head_dim, cc.kv_cache_dtype, self.device)
+            return
         self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
                                            m.head_dim, self.dtype, self.device)
 

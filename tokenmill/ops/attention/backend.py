@@ -10,6 +10,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from tokenmill.ops.attention.kv_quant import QuantizedKVCache, quantized_paged_attention, write_kv_quantized
 from tokenmill.ops.attention.reference import paged_attention, write_kv
 from tokenmill.worker.forward_batch import ForwardBatch
 
@@ -28,5 +29,8 @@ class ReferenceAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 batch: ForwardBatch, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        if isinstance(kv_cache, QuantizedKVCache):  # int8 / fp8 cache: quantize on write, dequantize on read
+            write_kv_quantized(kv_cache, k, v, batch.slot_mapping)
+            return quantized_paged_attention(q, kv_cache, batch, scale, sliding_window)
         write_kv(kv_cache, k, v, batch.slot_mapping)
         return paged_attention(q, kv_cache, batch, scale, sliding_window)  # [T, H, D]

@@ -1,5 +1,8 @@
 """Launchers for the Triton paged-attention kernels and `TritonAttentionBackend`.
 
+A kv_quant.QuantizedKVCache (int8 / fp8) is accepted wherever a cache tensor is: quantized on write,
+read by the same kernels with the scales applied in the loop.
+
 The backend mirrors the reference backend: `forward(q, k, v, kv_cache, batch, scale, sliding_window)`
 writes this step's K/V at `batch.slot_mapping`, then attends q [T, H, D] over each request's cache and
 returns [T, H, D]. Decode-only batches take the split-K (flash-decoding) kernel; any batch with a
@@ -14,6 +17,7 @@ from typing import ClassVar, Optional
 import torch
 import triton
 
+from tokenmill.ops.attention.kv_quant import QuantizedKVCache
 from tokenmill.ops.attention.triton_kernels import (
     _decode_kernel,
     _decode_reduce_kernel,
@@ -36,6 +40,17 @@ def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int]:
     return kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
 
 
+def _quant_args(kv_cache) -> tuple[torch.Tensor, dict]:
+    """(data tensor, extra kernel kwargs) of a plain or quantized (kv_quant.QuantizedKVCache) cache."""
+    if not isinstance(kv_cache, QuantizedKVCache):
+        return kv_cache, {}
+    sc = kv_cache.scale
+    if kv_cache.per_token_scales:  # [2, NB, BS, Hkv], head stride 1
+        return kv_cache.data, dict(ks_ptr=sc[0], vs_ptr=sc[1], stride_sb=sc.stride(1), stride_so=sc.stride(2),
+                                   KV_QUANT=1)
+    return kv_cache.data, dict(ks_ptr=sc[0], vs_ptr=sc[1], stride_sb=0, stride_so=0, KV_QUANT=2)
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -53,13 +68,14 @@ def triton_write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
     t = k.shape[0]
     if t == 0:
         return
+    kv_cache, qargs = _quant_args(kv_cache)
     _, _, bs, hkv, d = kv_cache.shape
     k, v = _unit_last(k), _unit_last(v)
     sb, so, sh = _cache_strides(kv_cache)
     _write_kv_kernel[(t,)](
         k, v, kv_cache[0], kv_cache[1], slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), sb, so, sh,
-        NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_HKV=_pow2(hkv), BLOCK_D=_pow2(d),
+        NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_HKV=_pow2(hkv), BLOCK_D=_pow2(d), **qargs,
     )
 
 
@@ -71,6 +87,7 @@ def triton_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
     """Causal attention of packed queries q [T, H, D] (chunks at the end of their sequences) -> [T, H, D]."""
     q = _unit_last(q)
     t, h, d = q.shape
+    kv_cache, qargs = _quant_args(kv_cache)
     _, _, bs, hkv, _ = kv_cache.shape
     out = _empty_out(q, out)
     if t == 0 or max_query_len == 0:
@@ -83,7 +100,7 @@ def triton_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tabl
         scale * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), sb, so, sh, block_tables.stride(0),
         GROUP=h // hkv, HEAD_DIM=d, BLOCK_SIZE=bs, USE_WINDOW=sliding_window is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d, 16),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d, 16), **qargs,
     )
     return out
 
@@ -99,6 +116,7 @@ def triton_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     """
     q = _unit_last(q)
     b, h, d = q.shape
+    kv_cache, qargs = _quant_args(kv_cache)
     _, _, bs, hkv, _ = kv_cache.shape
     out = _empty_out(q, out)
     if b == 0:
@@ -117,7 +135,7 @@ def triton_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         scale * _LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), sb, so, sh, block_tables.stride(0),
         NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=bs, USE_WINDOW=sliding_window is not None,
-        NUM_SPLITS=num_splits, BLOCK_H=_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, BLOCK_H=_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=block_d, **qargs,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(b, h)](

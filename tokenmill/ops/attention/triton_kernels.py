@@ -10,6 +10,11 @@ Three kernels plus a split-K reduction:
   NUM_SPLITS slices of the context; partial (max, sum, unnormalized out) are combined by the reduction.
   Grid and slice sizes depend only on device tensors and constexprs, so the launch is CUDA-graph safe.
 
+Quantized caches (KV_QUANT constexpr; kv_quant.py): 1 = int8 with per-(token, head) float32 scales at
+ks/vs_ptr [NB, BS, Hkv] (strides stride_sb, stride_so, 1); 2 = fp8 e4m3 with per-head scales ks/vs_ptr [Hkv].
+K/V are quantized in the write kernel and loaded as is by the attention kernels, converted to q's dtype and
+the scales applied to the scores (K) and to the probabilities (V), so no dequantized copy is ever made.
+
 Dots use input_precision="ieee": exact for a float32 cache (no TF32), no effect on bf16/fp16 inputs.
 Online softmax runs in base 2 (scores pre-multiplied by scale * log2(e)). Running maxima start at a
 large finite negative so fully masked rows/tiles never produce inf - inf.
@@ -27,7 +32,8 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_co, stride_ch,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ks_ptr=None, vs_ptr=None, stride_sb=0, stride_so=0, KV_QUANT: tl.constexpr = 0):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     safe = tl.maximum(slot, 0)
@@ -42,8 +48,39 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     dst = blk * stride_cb + off * stride_co + h[:, None] * stride_ch + d[None, :]
     k = tl.load(src_k, mask=m, other=0.0)
     v = tl.load(src_v, mask=m, other=0.0)
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=m)
-    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=m)
+    if KV_QUANT == 1:  # int8, scale = absmax / 127 per (token, head), round half away from zero
+        h_ok = (h < NUM_KV_HEADS) & (tl.zeros([BLOCK_HKV], tl.int64) + slot >= 0)
+        sdst = blk * stride_sb + off * stride_so + h
+        kf = k.to(tl.float32)
+        vf = v.to(tl.float32)
+        ksc = tl.maximum(tl.max(tl.abs(kf), 1), 1e-12) / 127.0
+        vsc = tl.maximum(tl.max(tl.abs(vf), 1), 1e-12) / 127.0
+        kq = kf / ksc[:, None]
+        vq = vf / vsc[:, None]
+        kq = tl.minimum(tl.maximum(tl.where(kq >= 0, tl.floor(kq + 0.5), tl.ceil(kq - 0.5)), -127.0), 127.0)
+        vq = tl.minimum(tl.maximum(tl.where(vq >= 0, tl.floor(vq + 0.5), tl.ceil(vq - 0.5)), -127.0), 127.0)
+        tl.store(kc_ptr + dst, kq.to(tl.int8), mask=m)
+        tl.store(vc_ptr + dst, vq.to(tl.int8), mask=m)
+        tl.store(ks_ptr + sdst, ksc, mask=h_ok)
+        tl.store(vs_ptr + sdst, vsc, mask=h_ok)
+    elif KV_QUANT == 2:  # fp8 e4m3, static per-head scales, saturated at +-448
+        ksc = tl.load(ks_ptr + h, mask=h < NUM_KV_HEADS, other=1.0)
+        vsc = tl.load(vs_ptr + h, mask=h < NUM_KV_HEADS, other=1.0)
+        kq = tl.minimum(tl.maximum(k.to(tl.float32) / ksc[:, None], -448.0), 448.0)
+        vq = tl.minimum(tl.maximum(v.to(tl.float32) / vsc[:, None], -448.0), 448.0)
+        tl.store(kc_ptr + dst, kq.to(kc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + dst, vq.to(vc_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _kv_scale(s_ptr, blk, kpos, k_ok, kvh, stride_sb, stride_so, BLOCK_SIZE: tl.constexpr, KV_QUANT: tl.constexpr):
+    """Scales of the keys/values at positions kpos [BLOCK_N] (blocks blk) of KV head kvh -> [BLOCK_N] fp32."""
+    if KV_QUANT == 1:
+        return tl.load(s_ptr + blk * stride_sb + (kpos % BLOCK_SIZE) * stride_so + kvh, mask=k_ok, other=0.0)
+    return tl.zeros_like(kpos).to(tl.float32) + tl.load(s_ptr + kvh)
 
 
 @triton.jit
@@ -53,7 +90,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
                     stride_cb, stride_co, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     USE_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr,
+                    ks_ptr=None, vs_ptr=None, stride_sb=0, stride_so=0, KV_QUANT: tl.constexpr = 0):
     req = tl.program_id(0)
     head = tl.program_id(1)
     mblk = tl.program_id(2)
@@ -70,7 +108,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
         d_ok = d < HEAD_DIM
         q_ptrs = q_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        q = q.to(kc_ptr.dtype.element_ty)
+        if KV_QUANT == 0:
+            q = q.to(kc_ptr.dtype.element_ty)
 
         m_i = tl.full([BLOCK_M], NEG_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -91,7 +130,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
             base = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + kvh * stride_ch  # [BLOCK_N]
             kt = tl.load(kc_ptr + base[None, :] + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+            if KV_QUANT == 0:
+                s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+            else:
+                s = tl.dot(q, kt.to(q.dtype), input_precision="ieee") * sm_scale_log2
+                s = s * _kv_scale(ks_ptr, blk, kpos, k_ok, kvh, stride_sb, stride_so, BLOCK_SIZE, KV_QUANT)[None, :]
             vis = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
             if USE_WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
@@ -101,7 +144,11 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if KV_QUANT == 0:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = p * _kv_scale(vs_ptr, blk, kpos, k_ok, kvh, stride_sb, stride_so, BLOCK_SIZE, KV_QUANT)[None, :]
+                acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision="ieee")
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -116,7 +163,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, part_o_ptr, part_ml_ptr, bt_ptr
                    stride_cb, stride_co, stride_ch, stride_bt,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   ks_ptr=None, vs_ptr=None, stride_sb=0, stride_so=0, KV_QUANT: tl.constexpr = 0):
     """Query row of request r is row r of q. Partials: part_o [B, H, S, D] fp32, part_ml [B, H, S, 2]."""
     req = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -137,7 +185,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, part_o_ptr, part_ml_ptr, bt_ptr
     d_ok = d < HEAD_DIM
     q_ptrs = q_ptr + req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
-    q = q.to(kc_ptr.dtype.element_ty)
+    if KV_QUANT == 0:
+        q = q.to(kc_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_H], NEG_INIT, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -150,14 +199,22 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, part_o_ptr, part_ml_ptr, bt_ptr
         blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         base = blk * stride_cb + (kpos % BLOCK_SIZE) * stride_co + kvh * stride_ch
         kt = tl.load(kc_ptr + base[None, :] + d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_H, BLOCK_N]
+        if KV_QUANT == 0:
+            s = tl.dot(q, kt, input_precision="ieee") * sm_scale_log2  # [BLOCK_H, BLOCK_N]
+        else:
+            s = tl.dot(q, kt.to(q.dtype), input_precision="ieee") * sm_scale_log2
+            s = s * _kv_scale(ks_ptr, blk, kpos, k_ok, kvh, stride_sb, stride_so, BLOCK_SIZE, KV_QUANT)[None, :]
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + base[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if KV_QUANT == 0:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = p * _kv_scale(vs_ptr, blk, kpos, k_ok, kvh, stride_sb, stride_so, BLOCK_SIZE, KV_QUANT)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype), input_precision="ieee")
         m_i = m_new
 
     st_mask = g_ok[:, None] & d_ok[None, :]
