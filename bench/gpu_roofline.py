@@ -249,10 +249,10 @@ def run_transformers(cfg_path: str, num_prompts: int, prompt_len: int, max_token
 def run_tokenmill(cfg_path: str, num_prompts: int, prompt_len: int, max_tokens: int,
                   **engine_args: Any) -> dict[str, float]:
     """tokenmill's LLM on random (dummy) weights of the config's shape; engine_args go to LLM(...)
-    (e.g. max_num_seqs=256, max_model_len=33000, tokenizer=<folder> if the engine needs one)."""
+    (e.g. max_num_seqs=256, max_model_len=33000); prompts are token ids, so no tokenizer is loaded."""
     from tokenmill import LLM, SamplingParams
 
-    args = {"load_format": "dummy", "dtype": "bfloat16", **engine_args}
+    args = {"load_format": "dummy", "dtype": "bfloat16", "skip_tokenizer_init": True, **engine_args}
     llm = LLM(model=_model_folder(cfg_path), **args)
     with open(cfg_path) as f:
         vocab = json.load(f)["vocab_size"]

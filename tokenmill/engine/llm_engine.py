@@ -15,7 +15,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.engine.tokenizer import eos_token_ids, load_tokenizer
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, ModelLoadError
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -23,6 +23,19 @@ from tokenmill.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class _NoTokenizer:
+    """Stands in for the tokenizer with skip_tokenizer_init: text prompts are refused, outputs decode to ""."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise InvalidRequestError("the engine runs with skip_tokenizer_init: give prompts as token ids",
+                                  param="prompt")
+
+    def decode(self, ids, **kwargs) -> str:
+        return ""
 
 
 class LLMEngine:
@@ -46,15 +59,22 @@ class LLMEngine:
         self.core.load()
         runner = self.core.runner
         src = runner.source
-        if self.config.model.tokenizer:
+        if self.config.model.skip_tokenizer_init:  # like vLLM: token-id prompts only, outputs without text
+            self.tokenizer = None
+        elif self.config.model.tokenizer:
             self.tokenizer = load_tokenizer(self.config.model.tokenizer)
         else:
-            self.tokenizer = load_tokenizer(src.path, getattr(src, "gguf_file", None))
+            try:
+                self.tokenizer = load_tokenizer(src.path, getattr(src, "gguf_file", None))
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{e.message.splitlines()[0]} (pass tokenizer=<folder>, or "
+                                     "skip_tokenizer_init=True to run on token ids)") from None
         self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
         runner.eos_token_ids = self.eos_token_ids
         vocab = int(getattr(runner.model, "vocab_size", None) or runner.hf_config.vocab_size)
-        self.processor = Processor(self.tokenizer, runner.max_model_len, vocab)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        text_tokenizer = self.tokenizer if self.tokenizer is not None else _NoTokenizer()
+        self.processor = Processor(text_tokenizer, runner.max_model_len, vocab)
+        self.output_processor = OutputProcessor(text_tokenizer)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name

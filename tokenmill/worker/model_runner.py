@@ -18,6 +18,7 @@ from tokenmill.ops.attention.kv_quant import allocate_quantized_kv_cache, kv_byt
 from tokenmill.ops.attention.reference import allocate_kv_cache
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
+from tokenmill.worker.device_setup import DeviceSetup
 from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class ModelRunner:
         self.sampler = Sampler(seed=config.model.seed, device=self.device)
         self.proposer = None
         self.load_time_s = 0.0
+        self.device_setup = DeviceSetup(config, self.device)  # attention backend, KV plan, graphs
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -71,8 +73,10 @@ class ModelRunner:
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format)
+        self.device_setup.attach(self.model)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
+        self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
         if self.config.spec.speculative_method == "ngram":
             from tokenmill.spec.ngram import NgramProposer
 
@@ -104,10 +108,8 @@ class ModelRunner:
         else:
             if cc.kv_cache_memory is not None:
                 budget = cc.kv_cache_memory * (1 << 30)
-            elif self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                used_elsewhere = total - free
-                budget = total * cc.gpu_memory_utilization - used_elsewhere - 2 * (1 << 30)
+            elif self.device.type == "cuda":  # profile a peak forward, plan with memory_planner
+                budget = self.device_setup.plan_kv_budget(self)
             else:
                 budget = _DEFAULT_CPU_KV_GIB * (1 << 30)
             num_blocks = int(budget // per_block)
@@ -141,7 +143,7 @@ class ModelRunner:
             return ModelRunnerOutput()
         plan = plan_step(self.states, sched, self.block_size, self.device)
         b = plan.batch
-        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b)  # [T, hidden]
+        hidden = self.device_setup.forward(b)  # [T, hidden]: a CUDA graph replay or the eager forward
         logits = self.model.compute_logits(hidden.index_select(0, b.logits_indices)) if b.logits_indices.numel() \
             else None  # [N, vocab]
         return self._sample(plan, logits)
