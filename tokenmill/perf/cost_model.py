@@ -253,8 +253,8 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     samples: list[tuple[StepShape, float]] = []
     cfg = core.config.scheduler
     vocab = spec.vocab_size
-    for rep in range(repeats + 1):  # the first round warms up and is discarded
-        for case, (batch, n_in, n_out) in enumerate(plan):
+    for rep in range(repeats + 1):  # round 0 warms up on two cases and is discarded
+        for case, (batch, n_in, n_out) in enumerate(plan if rep else plan[:2]):
             n_in = min(n_in, runner.max_model_len - n_out - 1)
             sched = Scheduler(cfg, runner.num_blocks, core.config.cache.block_size, runner.max_model_len,
                               enable_prefix_caching=False)
@@ -263,14 +263,14 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
                 sched.add_request(Request(f"cal{rep}-{case}-{b}", ids, SamplingParams(
                     temperature=0.0, max_tokens=n_out, ignore_eos=True), (), time.monotonic(), n_out))
             steps = 0
-            while sched.has_work() and steps < max_steps_per_case * 8:
+            while sched.has_work() and steps < max_steps_per_case:
                 t0 = time.perf_counter()  # the whole step: schedule, forward + sample, bookkeeping
                 out = sched.schedule()
                 result = runner.execute_model(out)
                 sched.update_from_output(out, result)
                 dt = time.perf_counter() - t0
                 steps += 1
-                if rep > 0 and out.total_num_scheduled_tokens and steps <= max_steps_per_case:
+                if rep > 0 and out.total_num_scheduled_tokens:
                     samples.append((shape_of_schedule(out), dt))
             if sched.has_unfinished_requests():
                 sched.abort_requests(list(sched.requests))
