@@ -152,3 +152,13 @@ def test_online_model_learns_step_times_and_drives_budget():
         step(s, clock, LinearCost())
     sizes = [step(s, clock, LinearCost()) for _ in range(5)]
     assert all(30 <= sum(sz.values()) <= 42 for sz in sizes), sizes
+
+
+def test_late_requests_queue_behind_ones_that_can_still_make_it():
+    pol = SLOPolicy(default_ttft_ms=100)
+    late, fresh = req("late", 4, t=0.0), req("fresh", 4, t=0.95)
+    assert sorted([late, fresh], key=lambda r: pol.waiting_key(r, now=1.0))[0] is fresh
+    assert sorted([late, fresh], key=lambda r: SLOPolicy(default_ttft_ms=100, late_last=False).waiting_key(
+        r, now=1.0))[0] is late
+    # before anything is late, plain earliest deadline first
+    assert sorted([fresh, late], key=lambda r: pol.waiting_key(r, now=0.05))[0] is late

@@ -102,6 +102,8 @@ class SLOPolicy(Policy):
     size each step's token budget so running decodes keep their time-per-output-token target.
 
     A request's first-token deadline is arrival + ttft target (default_ttft_ms when it has none).
+    With late_last=True (default), waiting requests whose deadline has passed queue behind those that
+    can still make theirs (plain EDF collapses under overload: everyone ends up late).
     With reject=True, a waiting request whose deadline has already passed by more than its own target
     is rejected (it can no longer meet its SLO and would only delay others).
     Step budget: the largest budget whose predicted step time (cost_model, or a model learned online
@@ -112,8 +114,9 @@ class SLOPolicy(Policy):
 
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
-                 long_prefill_fraction: float = 0.25):
+                 long_prefill_fraction: float = 0.25, late_last: bool = True):
         self.default_ttft_ms = default_ttft_ms
+        self.late_last = late_last
         self.default_tpot_ms = default_tpot_ms
         self.reject = reject
         self.cost_model = cost_model
@@ -139,7 +142,9 @@ class SLOPolicy(Policy):
         return req.first_token_time + self._tpot_s(req) * req.num_output_tokens
 
     def waiting_key(self, req: Request, now: float) -> tuple:
-        return (self.deadline(req), req.arrival_time)
+        d = self.deadline(req)
+        late = self.late_last and req.first_token_time is None and d < now
+        return (late, d, req.arrival_time)
 
     def victim_key(self, req: Request, now: float) -> tuple:
         return (self.deadline(req) - now, req.arrival_time)
@@ -187,7 +192,8 @@ class SLOPolicy(Policy):
         if hi <= lo or step_time(hi) <= allowed:
             return budget
         if step_time(lo) > allowed:
-            return min(budget, n_dec + lo)
+            # the decodes alone use the step: admit no prefill until some finish (bounds concurrency)
+            return min(budget, n_dec) if step_time(0) > allowed else min(budget, n_dec + lo)
         while hi - lo > 1:  # largest prefill p with step_time(p) <= allowed
             mid = (lo + hi) // 2
             if step_time(mid) <= allowed:
