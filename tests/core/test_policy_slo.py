@@ -93,18 +93,24 @@ def test_slack_allows_bigger_chunks_and_tight_request_wins():
     assert got == 320
 
 
-def test_budget_never_starves_prefill_or_decodes():
+def test_budget_floor_and_concurrency_bound():
+    def decodes(n):
+        out = []
+        for i in range(n):
+            r = req(f"d{i}", 4)
+            r.append_output_token_ids([7])
+            r.num_computed_tokens = r.num_tokens - 1
+            r.first_token_time = 0.0
+            out.append(r)
+        return out
+
+    # 8 decodes take 18 ms: with a 20 ms target a prefill still gets the minimum chunk
+    pol = SLOPolicy(default_tpot_ms=20, cost_model=LinearCost(), min_prefill_chunk=32)
+    assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8 + 32
+    # with a 5 ms target the decodes alone overrun it: no prefill joins until some finish
     pol = SLOPolicy(default_tpot_ms=5, cost_model=LinearCost(), min_prefill_chunk=32)
-    running = []
-    for i in range(8):
-        r = req(f"d{i}", 4)
-        r.append_output_token_ids([7])
-        r.num_computed_tokens = r.num_tokens - 1
-        r.first_token_time = 0.0
-        running.append(r)
-    # even the decodes alone exceed 5 ms: all decodes + a minimum prefill chunk
-    assert pol.step_token_budget(running, 512, now=0.0) == 8 + 32
-    assert pol.step_token_budget(running, 20, now=0.0) == 20
+    assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8
+    assert pol.step_token_budget(decodes(8), 6, now=0.0) == 6
     assert pol.step_token_budget([], 512, now=0.0) == 512
 
 
