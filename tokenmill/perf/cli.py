@@ -103,8 +103,7 @@ def _cuda_total() -> int:
 
 
 def get_cost_model(args: argparse.Namespace, spec: ModelSpec, device: str) -> CostModel:
-    if args.calibration:
-        return CostModel.load(args.calibration)
+    """--calibrate: time the real engine (and save with --save-calibration); else the roofline prior."""
     if args.calibrate:
         from tokenmill.engine.llm import LLM
         from tokenmill.perf.cost_model import calibrate
@@ -162,13 +161,18 @@ def _plan(args: argparse.Namespace) -> int:
     if args.num_requests < 1:
         raise ConfigError(f"--num-requests must be at least 1, got {args.num_requests}")
     device = "cpu" if args.device in ("auto", "cpu") and not _has_cuda(args.device) else "cuda"
-    spec, weights, model_len = model_spec_for(args.model, args.dtype, device)
-    max_len = min(args.max_model_len or model_len, model_len)
-    mem = memory_report(spec, weights, device, args, max_len)
     probe = requests_from_workload(args.workload, args.num_requests, args.rate or 1.0, args.seed,
                                    chat_overhead=CHAT_TEMPLATE_TOKENS)
+    saved = CostModel.load(args.calibration) if args.calibration else None
+    if saved is not None and saved.info.get("model") == args.model and "weights_total_bytes" in saved.info:
+        # the calibration recorded the model: no need to read its file again
+        spec, weights, model_len = saved.spec, int(saved.info["weights_total_bytes"]), int(saved.info["max_model_len"])
+    else:
+        spec, weights, model_len = model_spec_for(args.model, args.dtype, device)
+    max_len = min(args.max_model_len or model_len, model_len)
+    mem = memory_report(spec, weights, device, args, max_len)
     typical = round(sum(r.prompt_len + r.output_len for r in probe) / len(probe))
-    cost = get_cost_model(args, spec, device)
+    cost = saved if saved is not None else get_cost_model(args, spec, device)
     out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token,
                                       "kv_cache_bytes": mem.kv_cache_bytes, "kv_tokens": mem.max_tokens,
                                       "max_requests_at_max_model_len": mem.max_requests(max_len),

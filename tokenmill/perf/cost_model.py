@@ -277,5 +277,19 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
                 out = sched.schedule()
                 runner.execute_model(out)
     model.fit(samples)
+    cfg_model = core.config.model
+    hf = runner.hf_config
+    tied = bool(getattr(hf, "tie_word_embeddings", False))
+    total_params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
+    model.info.update(model=cfg_model.model, dtype=str(runner.dtype).removeprefix("torch."),
+                      weights_total_bytes=total_params * spec.dtype_bytes,
+                      max_model_len=int(getattr(hf, "max_position_embeddings", None) or runner.max_model_len),
+                      num_threads=_num_threads())
     model.info["samples"] = [[s.num_tokens, s.num_reqs, s.kv_tokens_read, s.attn_pairs, t] for s, t in samples]
     return model
+
+
+def _num_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
