@@ -32,8 +32,8 @@ def _prompts(llm: Any, workload: Optional[str], input_len: int, output_len: int,
             out.append((tok.encode(text, add_special_tokens=False) or [0], t.max_tokens))
         return out
     rng = random.Random(seed)
-    vocab = len(tok)
-    return [([rng.randrange(100, vocab - 100) for _ in range(input_len)], output_len) for _ in range(num)]
+    vocab = _vocab(llm)
+    return [([rng.randrange(vocab // 8, vocab - vocab // 8) for _ in range(input_len)], output_len) for _ in range(num)]
 
 
 def run_throughput(llm_args: dict[str, Any], workload: Optional[str] = None, input_len: int = 256,
@@ -70,7 +70,7 @@ def run_latency(llm_args: dict[str, Any], input_len: int = 128, output_len: int 
     llm = llm or LLM(**llm_args)
     engine = llm.engine
     rng = random.Random(seed)
-    vocab = len(llm.get_tokenizer())
+    vocab = _vocab(llm)
     results = []
     rid = 0
     for bs in batch_sizes:
@@ -78,7 +78,7 @@ def run_latency(llm_args: dict[str, Any], input_len: int = 128, output_len: int 
         for it in range(num_warmup + num_iters):
             params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
             for _ in range(bs):
-                ids = [rng.randrange(100, vocab - 100) for _ in range(input_len)]
+                ids = [rng.randrange(vocab // 8, vocab - vocab // 8) for _ in range(input_len)]
                 engine.add_request(f"lat{rid}", None, params, prompt_token_ids=ids)
                 rid += 1
             t_start = time.perf_counter()
@@ -104,6 +104,11 @@ def run_latency(llm_args: dict[str, Any], input_len: int = 128, output_len: int 
                         "e2e_ms": _ms_stats(e2e),
                         "decode_tokens_per_s": bs / statistics.median(decode) if decode else None})
     return {"benchmark": "latency", "results": results, "engine_args": _jsonable(llm_args)}
+
+
+def _vocab(llm: Any) -> int:
+    """Token ids valid for both the tokenizer and the model."""
+    return min(len(llm.get_tokenizer()), int(llm.engine.core.runner.hf_config.vocab_size))
 
 
 def _ms_stats(xs: list[float]) -> dict[str, Optional[float]]:
