@@ -26,7 +26,7 @@ from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
 
 def start_server(policy: str, port: int, ttft: float, tpot: float, extra: list[str], log: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "bench" / "goodput_server.py"), "--slo-ttft-ms", str(ttft),
-           "--slo-tpot-ms", str(tpot), "--", "--policy", policy, "--port", str(port), "--log-level", "warning",
+           "--slo-tpot-ms", str(tpot), "--", "--policy", policy, "--port", str(port),
            *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -1,7 +1,7 @@
 """Step-time model: roofline terms plus fitted overheads, calibrated on the real engine.
 
     t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs
-              + max(bytes / bandwidth, flops / matmul_rate)
+              + max(bytes / bandwidth, flops / matmul_rate)      (a rate of 0 drops its term)
     bytes = weight bytes + kv_tokens_read * KV bytes per token
     flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
 
@@ -123,8 +123,10 @@ class CostModel:
         if num_tokens <= 0:
             return 0.0
         mem, flops = self.terms(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
+        t_mem = mem / self.bandwidth if self.bandwidth > 0 else 0.0  # 0: the fit found no such term
+        t_flops = flops / self.matmul_rate if self.matmul_rate > 0 else 0.0
         return (self.o_step + self.o_req * num_reqs + self.o_tok * num_tokens + self.o_pair * attn_pairs
-                + max(mem / self.bandwidth, flops / self.matmul_rate))
+                + max(t_mem, t_flops))
 
     def predict_shape(self, shape: StepShape) -> float:
         return self.predict(shape.num_tokens, shape.num_reqs, shape.kv_tokens_read, shape.attn_pairs)
@@ -158,10 +160,9 @@ class CostModel:
                 break
             compute_bound = new_cb
         self.o_step, self.o_req, self.o_tok, self.o_pair = (float(c) for c in coef[:4])
-        if coef[4] > 0:
-            self.bandwidth = float(1.0 / coef[4])
-        if coef[5] > 0:
-            self.matmul_rate = float(1.0 / coef[5])
+        # a roofline term the fit gave no weight (absorbed by the overheads) is dropped: 0 = absent
+        self.bandwidth = float(1.0 / coef[4]) if coef[4] > 0 else 0.0
+        self.matmul_rate = float(1.0 / coef[5]) if coef[5] > 0 else 0.0
         pred = np.asarray([self.predict_shape(sh) for sh, _ in samples])
         rel = np.abs(pred - y) / y
         stats = {"num_steps": len(samples), "median_rel_error": float(np.median(rel)),
