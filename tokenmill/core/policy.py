@@ -124,6 +124,8 @@ class SLOPolicy(Policy):
         self.min_prefill_chunk = min_prefill_chunk
         self.long_prefill_fraction = long_prefill_fraction
         self._last_now: Optional[float] = None
+        self._waiting_seen: list[tuple[float, int]] = []  # (deadline, tokens) of the waiting queue, last sort
+        self._waiting_seen_at: Optional[float] = None
         self._last_tokens = 0
         self._last_kv = 0
 
@@ -144,6 +146,10 @@ class SLOPolicy(Policy):
     def waiting_key(self, req: Request, now: float) -> tuple:
         d = self.deadline(req)
         late = self.late_last and req.first_token_time is None and d < now
+        if now != self._waiting_seen_at:  # the scheduler sorts the whole queue once per step
+            self._waiting_seen_at, self._waiting_seen = now, []
+        if not late and len(self._waiting_seen) < 64:
+            self._waiting_seen.append((d, req.num_tokens - req.num_computed_tokens))
         return (late, d, req.arrival_time)
 
     def victim_key(self, req: Request, now: float) -> tuple:
@@ -193,14 +199,48 @@ class SLOPolicy(Policy):
             return budget
         if step_time(lo) > allowed:
             # the decodes alone use the step: admit no prefill until some finish (bounds concurrency)
-            return min(budget, n_dec) if step_time(0) > allowed else min(budget, n_dec + lo)
-        while hi - lo > 1:  # largest prefill p with step_time(p) <= allowed
-            mid = (lo + hi) // 2
-            if step_time(mid) <= allowed:
-                lo = mid
-            else:
-                hi = mid
-        return min(budget, n_dec + lo)
+            p = 0 if step_time(0) > allowed else lo
+        else:
+            while hi - lo > 1:  # largest prefill p with step_time(p) <= allowed
+                mid = (lo + hi) // 2
+                if step_time(mid) <= allowed:
+                    lo = mid
+                else:
+                    hi = mid
+            p = lo
+        return min(budget, n_dec + max(p, self._ttft_chunk(running, budget - n_dec, p, now, step_time)))
+
+    def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:
+        """Smallest prefill chunk that lets the earliest-deadline prompts (running partial prefills, then
+        the waiting queue as last seen) still meet their first-token deadlines; 0 when none needs more
+        than p_tpot or they cannot make it anyway (then the decodes keep their target)."""
+        pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in running
+                          if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1]
+                         + self._waiting_seen, key=lambda x: x[0])
+        need, total = 0, 0
+        for deadline, remaining in pending[:8]:
+            total += remaining
+            slack = deadline - now
+            if slack <= 0:
+                continue
+
+            def in_time(q: int) -> bool:
+                q = min(q, total)
+                return -(-total // q) * step_time(q) <= slack
+
+            if max_p <= 0 or not in_time(min(max_p, total)):
+                continue  # hopeless: do not hurt the decodes for it
+            if p_tpot > 0 and in_time(p_tpot):
+                continue
+            lo, hi = max(1, p_tpot), max_p
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if in_time(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            need = max(need, hi)
+        return need
 
 
 class FairPolicy(Policy):
