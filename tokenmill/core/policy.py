@@ -114,9 +114,10 @@ class SLOPolicy(Policy):
 
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
-                 long_prefill_fraction: float = 0.25, late_last: bool = True):
+                 long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5):
         self.default_ttft_ms = default_ttft_ms
         self.late_last = late_last
+        self.ttft_stretch = ttft_stretch
         self.default_tpot_ms = default_tpot_ms
         self.reject = reject
         self.cost_model = cost_model
@@ -208,7 +209,12 @@ class SLOPolicy(Policy):
                 else:
                     hi = mid
             p = lo
-        return min(budget, n_dec + max(p, self._ttft_chunk(running, budget - n_dec, p, now, step_time)))
+        # a first-token deadline may stretch the step, to at most ttft_stretch x the decodes' allowance
+        cap = p
+        hi = max(0, budget - n_dec)
+        while cap < hi and step_time(min(hi, cap * 2 + 1)) <= self.ttft_stretch * allowed:
+            cap = min(hi, cap * 2 + 1)
+        return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))
 
     def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:
         """Smallest prefill chunk that lets the earliest-deadline prompts (running partial prefills, then
