@@ -6,10 +6,17 @@ Pure Python, driven by an injectable clock so tests run on simulated time.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 from tokenmill.request import Request, RequestStatus
+
+
+class StepCostModel(Protocol):
+    """Predicts the wall time of one engine step (see tokenmill.perf.cost_model.CostModel)."""
+
+    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float: ...
 
 
 class Policy:
@@ -35,6 +42,10 @@ class Policy:
         """Token budget of the next step (a policy may shrink it to protect running decodes)."""
         return budget
 
+    def adjust_config(self, config: Any) -> Any:
+        """The scheduler config this policy runs with (a policy may fill in its own defaults)."""
+        return config
+
 
 class FCFSPolicy(Policy):
     """First come, first served; the newest running request is preempted first."""
@@ -54,20 +65,70 @@ class PriorityPolicy(Policy):
         return (req.priority, req.arrival_time)
 
 
+class OnlineStepModel:
+    """Step time learned online: recursive least squares of t = a + b * tokens + c * kv_tokens_read.
+
+    Used by the SLO policy when no calibrated cost model is given. Samples are the wall time between
+    consecutive schedule() calls (what a decode actually waits); a sample much longer than predicted
+    (the engine was idle) is skipped once the model has seen enough steps.
+    """
+
+    def __init__(self, forget: float = 0.995, prior: tuple[float, float, float] = (0.02, 2e-4, 1e-6)):
+        self.theta = list(prior)
+        self.p = [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self.forget = forget
+        self.num_samples = 0
+
+    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
+        a, b, c = self.theta
+        return max(0.0, a) + max(0.0, b) * num_tokens + max(0.0, c) * kv_tokens_read
+
+    def observe(self, num_tokens: int, kv_tokens_read: int, seconds: float) -> None:
+        pred = self.predict(num_tokens, 0, kv_tokens_read, 0)
+        if self.num_samples >= 8 and seconds > 4.0 * pred + 0.05:
+            return  # idle gap, not a step
+        x = [1.0, float(num_tokens), float(kv_tokens_read)]
+        px = [sum(self.p[i][j] * x[j] for j in range(3)) for i in range(3)]
+        denom = self.forget + sum(x[i] * px[i] for i in range(3))
+        k = [v / denom for v in px]
+        err = seconds - sum(self.theta[i] * x[i] for i in range(3))
+        self.theta = [self.theta[i] + k[i] * err for i in range(3)]
+        self.p = [[(self.p[i][j] - k[i] * px[j]) / self.forget for j in range(3)] for i in range(3)]
+        self.num_samples += 1
+
+
 class SLOPolicy(Policy):
-    """Earliest deadline first on time-to-first-token; preempt the request with the most slack.
+    """Earliest deadline first on time-to-first-token; preempt the request with the most slack;
+    size each step's token budget so running decodes keep their time-per-output-token target.
 
     A request's first-token deadline is arrival + ttft target (default_ttft_ms when it has none).
+    With late_last=True (default), waiting requests whose deadline has passed queue behind those that
+    can still make theirs (plain EDF collapses under overload: everyone ends up late).
     With reject=True, a waiting request whose deadline has already passed by more than its own target
     is rejected (it can no longer meet its SLO and would only delay others).
+    Step budget: the largest budget whose predicted step time (cost_model, or a model learned online
+    from observed step times) fits the tightest decode's remaining slack (at least its TPOT target).
     """
 
     name = "slo"
 
-    def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False):
+    def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
+                 cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
+                 long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5):
         self.default_ttft_ms = default_ttft_ms
+        self.late_last = late_last
+        self.ttft_stretch = ttft_stretch
         self.default_tpot_ms = default_tpot_ms
         self.reject = reject
+        self.cost_model = cost_model
+        self.online = OnlineStepModel() if cost_model is None else None
+        self.min_prefill_chunk = min_prefill_chunk
+        self.long_prefill_fraction = long_prefill_fraction
+        self._last_now: Optional[float] = None
+        self._waiting_seen: list[tuple[float, int]] = []  # (deadline, tokens) of the waiting queue, last sort
+        self._waiting_seen_at: Optional[float] = None
+        self._last_tokens = 0
+        self._last_kv = 0
 
     def _ttft_s(self, req: Request) -> float:
         slo = req.sampling_params.slo
@@ -84,7 +145,13 @@ class SLOPolicy(Policy):
         return req.first_token_time + self._tpot_s(req) * req.num_output_tokens
 
     def waiting_key(self, req: Request, now: float) -> tuple:
-        return (self.deadline(req), req.arrival_time)
+        d = self.deadline(req)
+        late = self.late_last and req.first_token_time is None and d < now
+        if now != self._waiting_seen_at:  # the scheduler sorts the whole queue once per step
+            self._waiting_seen_at, self._waiting_seen = now, []
+        if not late and len(self._waiting_seen) < 64:
+            self._waiting_seen.append((d, req.num_tokens - req.num_computed_tokens))
+        return (late, d, req.arrival_time)
 
     def victim_key(self, req: Request, now: float) -> tuple:
         return (self.deadline(req) - now, req.arrival_time)
@@ -92,6 +159,94 @@ class SLOPolicy(Policy):
     def should_reject(self, req: Request, now: float) -> bool:
         return (self.reject and req.first_token_time is None and req.status == RequestStatus.WAITING
                 and now - req.arrival_time > 2 * self._ttft_s(req))
+
+    def adjust_config(self, config: Any) -> Any:
+        """Cap concurrent long prefills by default: one prompt over a quarter of the step budget at a time."""
+        if getattr(config, "long_prefill_token_threshold", None) == 0 and dataclasses.is_dataclass(config):
+            threshold = max(self.min_prefill_chunk, int(config.max_num_batched_tokens * self.long_prefill_fraction))
+            return dataclasses.replace(config, long_prefill_token_threshold=threshold, max_long_partial_prefills=1)
+        return config
+
+    def on_scheduled(self, req: Request, num_tokens: int) -> None:
+        self._last_tokens += num_tokens
+        self._last_kv += req.num_computed_tokens + num_tokens
+
+    def _model(self) -> StepCostModel:
+        return self.cost_model if self.cost_model is not None else self.online  # type: ignore[return-value]
+
+    def step_token_budget(self, running: list[Request], budget: int, now: float) -> int:
+        if self.online is not None:
+            if self._last_now is not None and self._last_tokens:
+                self.online.observe(self._last_tokens, self._last_kv, now - self._last_now)
+            self._last_now, self._last_tokens, self._last_kv = now, 0, 0
+        decodes = [r for r in running if r.num_tokens - r.num_computed_tokens <= 1 and r.first_token_time is not None]
+        if not decodes:
+            return budget
+        n_dec = sum(1 + len(r.spec_token_ids) for r in decodes)
+        dec_kv = sum(r.num_tokens for r in decodes)
+        allowed = min(max(self._tpot_s(r), self.deadline(r) - now) for r in decodes)
+        # context of a running partial prefill the chunk would continue (else a new prompt from 0)
+        ctx = max((r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1), default=0)
+        model = self._model()
+
+        def step_time(p: int) -> float:
+            kv = dec_kv + (ctx + p if p else 0)
+            pairs = dec_kv + p * (ctx + (p + 1) // 2)
+            return model.predict(n_dec + p, len(decodes) + (1 if p else 0), kv, pairs)
+
+        hi = max(0, budget - n_dec)
+        lo = min(self.min_prefill_chunk, hi)
+        if hi <= lo or step_time(hi) <= allowed:
+            return budget
+        if step_time(lo) > allowed:
+            # the decodes alone use the step: admit no prefill until some finish (bounds concurrency)
+            p = 0 if step_time(0) > allowed else lo
+        else:
+            while hi - lo > 1:  # largest prefill p with step_time(p) <= allowed
+                mid = (lo + hi) // 2
+                if step_time(mid) <= allowed:
+                    lo = mid
+                else:
+                    hi = mid
+            p = lo
+        # a first-token deadline may stretch the step, to at most ttft_stretch x the decodes' allowance
+        cap = p
+        hi = max(0, budget - n_dec)
+        while cap < hi and step_time(min(hi, cap * 2 + 1)) <= self.ttft_stretch * allowed:
+            cap = min(hi, cap * 2 + 1)
+        return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))
+
+    def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:
+        """Smallest prefill chunk that lets the earliest-deadline prompts (running partial prefills, then
+        the waiting queue as last seen) still meet their first-token deadlines; 0 when none needs more
+        than p_tpot or they cannot make it anyway (then the decodes keep their target)."""
+        pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in running
+                          if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1]
+                         + self._waiting_seen, key=lambda x: x[0])
+        need, total = 0, 0
+        for deadline, remaining in pending[:8]:
+            total += remaining
+            slack = deadline - now
+            if slack <= 0:
+                continue
+
+            def in_time(q: int) -> bool:
+                q = min(q, total)
+                return -(-total // q) * step_time(q) <= slack
+
+            if max_p <= 0 or not in_time(min(max_p, total)):
+                continue  # hopeless: do not hurt the decodes for it
+            if p_tpot > 0 and in_time(p_tpot):
+                continue
+            lo, hi = max(1, p_tpot), max_p
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if in_time(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            need = max(need, hi)
+        return need
 
 
 class FairPolicy(Policy):
@@ -140,7 +295,7 @@ class FairPolicy(Policy):
 
 
 def make_policy(name: str, slo_reject: bool = False, default_ttft_ms: Optional[float] = None,
-                default_tpot_ms: Optional[float] = None) -> Policy:
+                default_tpot_ms: Optional[float] = None, cost_model: Optional[StepCostModel] = None) -> Policy:
     if name == "fcfs":
         return FCFSPolicy()
     if name == "priority":
@@ -151,7 +306,15 @@ def make_policy(name: str, slo_reject: bool = False, default_ttft_ms: Optional[f
             kw["default_ttft_ms"] = default_ttft_ms
         if default_tpot_ms:
             kw["default_tpot_ms"] = default_tpot_ms
-        return SLOPolicy(reject=slo_reject, **kw)
+        return SLOPolicy(reject=slo_reject, cost_model=cost_model, **kw)
     if name == "fair":
         return FairPolicy()
     raise ValueError(f"unknown scheduling policy {name!r}; choose fcfs, priority, slo or fair")
+
+
+def make_policy_for_config(config: Any, cost_model: Optional[StepCostModel] = None) -> Policy:
+    """The policy a SchedulerConfig names; server-wide SLO targets come from its optional
+    `slo_ttft_ms` / `slo_tpot_ms` fields (absent fields: the policy's defaults)."""
+    return make_policy(config.policy, slo_reject=getattr(config, "slo_reject", False),
+                       default_ttft_ms=getattr(config, "slo_ttft_ms", None),
+                       default_tpot_ms=getattr(config, "slo_tpot_ms", None), cost_model=cost_model)

@@ -14,7 +14,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
-from tokenmill.core.policy import FairPolicy, Policy, make_policy
+from tokenmill.core.policy import FairPolicy, Policy, make_policy_for_config
 from tokenmill.errors import EngineOverloadedError, PromptTooLongError
 from tokenmill.request import Request, RequestStatus
 
@@ -23,11 +23,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
                  enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
                  clock: Callable[[], float] = time.monotonic):
-        self.config = config
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.policy = policy or make_policy(config.policy, slo_reject=config.slo_reject)
+        self.policy = policy or make_policy_for_config(config)
+        self.config = self.policy.adjust_config(config)  # e.g. the slo policy's long-prefill cap
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []

@@ -1,0 +1,105 @@
+"""Goodput of `--policy fcfs` vs `--policy slo` on the same server settings, workload and seed.
+
+Starts the server once per policy (bench/goodput_server.py, which passes the SLO targets to the slo
+policy), runs `bench serve` at the given rate(s), stops it, and prints/writes the comparison.
+
+  PYTHONPATH=. python bench/goodput_compare.py --workload long-prefill --rate 2 --num-requests 60 \
+      --slo-ttft 1000 --slo-tpot 60 --out goodput.json [-- extra serve flags]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
+
+
+def start_server(policy: str, port: int, ttft: float, tpot: float, extra: list[str], log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "bench" / "goodput_server.py"), "--slo-ttft-ms", str(ttft),
+           "--slo-tpot-ms", str(tpot), "--", "--policy", policy, "--port", str(port),
+           *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="long-prefill")
+    p.add_argument("--rate", default="2")
+    p.add_argument("--num-requests", type=int, default=60)
+    p.add_argument("--slo-ttft", type=float, required=True)
+    p.add_argument("--slo-tpot", type=float, required=True)
+    p.add_argument("--policies", default="fcfs,slo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rates = parse_rates(args.rate)
+    results: dict = {"workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+                     "num_requests": args.num_requests, "seed": args.seed, "serve_args": extra, "runs": {}}
+    for policy in args.policies.split(","):
+        log = Path(f"/tmp/goodput_server_{policy}.log")
+        proc = start_server(policy, args.port, args.slo_ttft, args.slo_tpot, extra, log)
+        try:
+            runs = run_serve_benchmark(f"http://127.0.0.1:{args.port}", args.workload, rates,
+                                       num_requests=args.num_requests, slo_ttft_ms=args.slo_ttft,
+                                       slo_tpot_ms=args.slo_tpot, seed=args.seed, progress=False)
+        finally:
+            stop_server(proc)
+        results["runs"][policy] = [{"rate": r.rate, **{k: r.summary[k] for k in (
+            "goodput", "slo_attainment", "request_throughput", "output_throughput", "ttft_ms", "tpot_ms",
+            "completed", "failed", "duration_s")}} for r in runs]
+        for r in runs:
+            s = r.summary
+            print(f"{policy:>5} rate {r.rate:g}: goodput {s['goodput']:.3f} req/s, attainment "
+                  f"{s['slo_attainment']:.2f}, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 "
+                  f"{s['tpot_ms']['p50']:.1f} ms, p90 {s['tpot_ms']['p90']:.1f} ms, {s['output_throughput']:.1f} tok/s",
+                  flush=True)
+    pols = list(results["runs"])
+    if len(pols) == 2:
+        a, b = (results["runs"][x] for x in pols)
+        for ra, rb in zip(a, b):
+            ratio = rb["goodput"] / ra["goodput"] if ra["goodput"] else float("inf")
+            print(f"rate {ra['rate']:g}: {pols[1]} / {pols[0]} goodput = {ratio:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

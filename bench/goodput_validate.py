@@ -1,0 +1,100 @@
+"""Predicted (calibrated cost model + simulator) vs measured (real `tokenmill serve` + `bench serve`).
+
+1. calibrate the cost model on this machine (or --calibration FILE), 2. start the server (fcfs),
+3. run `bench serve` at each rate, 4. simulate the same requests and arrivals, 5. print both.
+
+  PYTHONPATH=. python bench/goodput_validate.py --workload chat --rate 0.5,1,2 --num-requests 30 \
+      --save-calibration cal.json --out validate.json [-- extra serve flags]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from goodput_compare import start_server, stop_server  # noqa: E402
+
+from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
+from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS  # noqa: E402
+from tokenmill.perf.cost_model import CostModel  # noqa: E402
+from tokenmill.perf.simulator import SimConfig, requests_from_workload, simulate  # noqa: E402
+
+
+def calibrate_default(path: str, num_threads=None) -> CostModel:
+    from tokenmill.engine.llm import LLM
+    from tokenmill.perf.cost_model import calibrate
+
+    t0 = time.time()
+    model = calibrate(LLM(num_threads=num_threads))
+    model.info["calibration_s"] = time.time() - t0
+    model.save(path)
+    return model
+
+
+def compare(workload: str, rates: list[float], num: int, cost: CostModel, port: int, extra: list[str],
+            policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0) -> list[dict]:
+    proc = start_server(policy, port, slo_ttft or 10000, slo_tpot or 1000, extra, Path("/tmp/goodput_validate.log"))
+    try:
+        measured = run_serve_benchmark(f"http://127.0.0.1:{port}", workload, rates, num_requests=num,
+                                       slo_ttft_ms=slo_ttft, slo_tpot_ms=slo_tpot, seed=seed, progress=False)
+    finally:
+        stop_server(proc)
+    rows = []
+    for m in measured:
+        reqs = requests_from_workload(workload, num, m.rate, seed, chat_overhead=CHAT_TEMPLATE_TOKENS)
+        p = simulate(reqs, cost, SimConfig(policy=policy), slo_ttft, slo_tpot, m.rate).summary()
+        s = m.summary
+        rows.append({"rate": m.rate,
+                     "measured": {"ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"],
+                                  "output_tok_s": s["output_throughput"], "req_s": s["request_throughput"],
+                                  "goodput": s["goodput"]},
+                     "predicted": {"ttft_p50_ms": p["ttft_ms"]["p50"], "tpot_p50_ms": p["tpot_ms"]["p50"],
+                                   "output_tok_s": p["output_throughput"], "req_s": p["request_throughput"],
+                                   "goodput": p["goodput"]}})
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="chat")
+    ap.add_argument("--rate", default="0.5,1,2")
+    ap.add_argument("--num-requests", type=int, default=30)
+    ap.add_argument("--calibration", default=None, help="use this saved calibration instead of calibrating")
+    ap.add_argument("--save-calibration", default="/tmp/tokenmill_cpu_calibration.json")
+    ap.add_argument("--port", type=int, default=8124)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--num-threads", type=int, default=None, help="torch threads (calibration and server)")
+    args = ap.parse_args(argv)
+    if args.num_threads:
+        extra = ["--num-threads", str(args.num_threads), *extra]
+    load0 = os.getloadavg()[0]
+    cost = CostModel.load(args.calibration) if args.calibration else calibrate_default(args.save_calibration, args.num_threads)
+    print(f"cost model: median fit error {cost.info.get('median_rel_error', float('nan')):.1%}; decode step "
+          f"{cost.predict(1, 1, 300, 300) * 1e3:.1f} ms, 512-token prefill "
+          f"{cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3:.0f} ms", flush=True)
+    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, args.port, extra)
+    print(f"{'rate':>5} | {'TTFT p50 meas/pred':>20} | {'TPOT p50 meas/pred':>20} | {'out tok/s meas/pred':>20}")
+    for r in rows:
+        m, p = r["measured"], r["predicted"]
+        print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>9.0f} /{p['ttft_p50_ms']:>9.0f} | {m['tpot_p50_ms']:>9.1f} /"
+              f"{p['tpot_p50_ms']:>9.1f} | {m['output_tok_s']:>9.1f} /{p['output_tok_s']:>9.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"workload": args.workload, "num_requests": args.num_requests,
+                                              "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
+                                              "cost_model": cost.to_dict(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

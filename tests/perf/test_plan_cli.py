@@ -1,0 +1,66 @@
+"""`tokenmill plan` end to end with a saved calibration (no weights loaded), and its user errors."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tokenmill.perf.cli import add_plan_args
+from tokenmill.perf.cost_model import CostModel, ModelSpec
+
+SPEC = ModelSpec(30, 576, 9, 3, 64, 1536, 49152)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="tokenmill")
+    sub = parser.add_subparsers(dest="command")
+    add_plan_args(sub)
+    return parser.parse_args(["plan", *argv])
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "cpu.json"
+    CostModel(SPEC, bandwidth=20e9, matmul_rate=1.3e12, o_step=0.004, o_req=3e-4, o_tok=1e-4,
+              info={"calibrated": True, "model": None, "weights_total_bytes": 538057728,
+                    "max_model_len": 8192}).save(str(path))
+    return str(path)
+
+
+def test_plan_prints_memory_goodput_and_best_settings(calibration, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = parse(["--calibration", calibration, "--workload", "long-prefill", "--slo-ttft", "1000",
+                  "--slo-tpot", "60", "--rate", "3", "--num-requests", "25", "--out", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "KV per token" in text and "45.0 KiB" in text  # 30 layers x 2 x 3 heads x 64 x 4 bytes
+    assert "best: --max-num-batched-tokens" in text and "(current)" in text
+    plan = json.loads(out.read_text())
+    m = plan["memory"]
+    assert m["kv_bytes_per_token"] == 46080 and m["kv_tokens"] == (1 << 30) // 46080 // 16 * 16
+    assert m["weights_bytes"] == 538057728  # 134.5M parameters in float32
+    assert len(plan["grid"]) == 15
+    best = max(g["goodput"] for g in plan["grid"])
+    chosen = [g for g in plan["grid"] if g["max_num_batched_tokens"] == plan["best"]["max_num_batched_tokens"]
+              and g["max_num_seqs"] == plan["best"]["max_num_seqs"]]
+    assert chosen[0]["goodput"] == pytest.approx(best, abs=1e-6)
+
+
+def test_plan_user_errors_exit_2(calibration, tmp_path, capsys):
+    args = parse(["--calibration", str(tmp_path / "nope.json"), "--rate", "1"])
+    assert args.func(args) == 2
+    assert "calibration file not found" in capsys.readouterr().err
+    args = parse(["--calibration", calibration, "--rate", "-1"])
+    assert args.func(args) == 2
+    args = parse(["--calibration", calibration, "--workload", "nonsense", "--rate", "1"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("tokenmill plan: error:") for e in err)
+
+
+def test_plan_finds_max_rate_without_rate(calibration, capsys):
+    args = parse(["--calibration", calibration, "--workload", "fixed:64:16", "--slo-ttft", "500",
+                  "--slo-tpot", "80", "--num-requests", "30"])
+    assert args.func(args) == 0
+    assert "highest rate meeting the SLOs" in capsys.readouterr().out

@@ -1,0 +1,296 @@
+"""Step-time model: roofline terms plus fitted overheads, calibrated on the real engine.
+
+    t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs
+              + max(bytes / bandwidth, flops / matmul_rate)      (a rate of 0 drops its term)
+    bytes = weight bytes + kv_tokens_read * KV bytes per token
+    flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
+
+`tokens`: tokens computed this step; `reqs`: requests in it (each samples from its last position);
+`kv_tokens_read`: sum of each request's context after the step; `attn_pairs`: sum over the step's
+query tokens of the positions each attends to. `calibrate()` times real steps and fits the
+bandwidth, matmul rate and overheads by least squares (on relative error). Prediction is pure Python.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from tokenmill.errors import ConfigError
+
+# (bandwidth bytes/s, matmul flops/s): priors before calibration
+DEVICE_PRIORS = {"cpu": (15e9, 60e9), "cuda": (2.5e12, 4e14)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model dimensions the cost model needs."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 4
+    kv_dtype_bytes: int = 4
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any, dtype_bytes: int = 4, kv_dtype_bytes: Optional[int] = None) -> "ModelSpec":
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        return cls(num_layers=int(cfg.num_hidden_layers), hidden_size=int(cfg.hidden_size), num_heads=heads,
+                   num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
+                   intermediate_size=int(cfg.intermediate_size), vocab_size=int(cfg.vocab_size),
+                   dtype_bytes=dtype_bytes, kv_dtype_bytes=kv_dtype_bytes or dtype_bytes)
+
+    @property
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        return self.num_layers * per_layer
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per step: every layer's weights and the LM head (embeddings: a few rows only)."""
+        return (self.layer_params + self.lm_head_params) * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def attn_flops_per_pair(self) -> int:
+        return 4 * self.num_layers * self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_tokens: int
+    num_reqs: int
+    kv_tokens_read: int
+    attn_pairs: int
+
+    @classmethod
+    def of(cls, chunks: list[tuple[int, int]]) -> "StepShape":
+        """From (num_computed_before, num_scheduled) per request."""
+        return cls(num_tokens=sum(n for _, n in chunks), num_reqs=len(chunks),
+                   kv_tokens_read=sum(c + n for c, n in chunks),
+                   attn_pairs=sum(n * c + n * (n + 1) // 2 for c, n in chunks))
+
+
+def shape_of_schedule(sched: Any) -> StepShape:
+    """The StepShape of a tokenmill.core SchedulerOutput."""
+    computed = {r.req_id: r.num_computed_tokens for r in sched.scheduled_new_reqs}
+    computed.update({r.req_id: r.num_computed_tokens for r in sched.scheduled_cached_reqs})
+    return StepShape.of([(computed.get(rid, 0), n) for rid, n in sched.num_scheduled_tokens.items()])
+
+
+@dataclass
+class CostModel:
+    """Predicts one engine step's wall time in seconds (see the module doc)."""
+
+    spec: ModelSpec
+    bandwidth: float = 15e9
+    matmul_rate: float = 60e9
+    o_step: float = 0.0
+    o_req: float = 0.0
+    o_tok: float = 0.0
+    o_pair: float = 0.0
+    device: str = "cpu"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def prior(cls, spec: ModelSpec, device: str = "cpu") -> "CostModel":
+        bw, rate = DEVICE_PRIORS["cuda" if device.startswith("cuda") else "cpu"]
+        return cls(spec, bw, rate, o_step=2e-3, o_req=1e-4, device=device, info={"calibrated": False})
+
+    def terms(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> tuple[float, float]:
+        """(memory bytes, flops) of a step."""
+        s = self.spec
+        mem = s.weight_bytes + kv_tokens_read * s.kv_bytes_per_token
+        flops = (2 * s.layer_params * num_tokens + 2 * s.lm_head_params * num_reqs
+                 + s.attn_flops_per_pair * attn_pairs)
+        return float(mem), float(flops)
+
+    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
+        if num_tokens <= 0:
+            return 0.0
+        mem, flops = self.terms(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
+        t_mem = mem / self.bandwidth if self.bandwidth > 0 else 0.0  # 0: the fit found no such term
+        t_flops = flops / self.matmul_rate if self.matmul_rate > 0 else 0.0
+        return (self.o_step + self.o_req * num_reqs + self.o_tok * num_tokens + self.o_pair * attn_pairs
+                + max(t_mem, t_flops))
+
+    def predict_shape(self, shape: StepShape) -> float:
+        return self.predict(shape.num_tokens, shape.num_reqs, shape.kv_tokens_read, shape.attn_pairs)
+
+    # ---- fitting -------------------------------------------------------------------------------
+    def fit(self, samples: list[tuple[StepShape, float]], iters: int = 8) -> dict[str, float]:
+        """Least-squares fit (relative error, non-negative) of bandwidth, matmul rate and overheads."""
+        import numpy as np
+
+        if len(samples) < 6:
+            raise ConfigError(f"need at least 6 timed steps to fit the cost model, got {len(samples)}")
+        rows, times = [], []
+        for sh, t in samples:
+            mem, flops = self.terms(sh.num_tokens, sh.num_reqs, sh.kv_tokens_read, sh.attn_pairs)
+            rows.append((1.0, sh.num_reqs, sh.num_tokens, sh.attn_pairs, mem, flops))
+            times.append(t)
+        X = np.asarray(rows, dtype=np.float64)
+        y = np.asarray(times, dtype=np.float64)
+        w = 1.0 / np.maximum(y, 1e-6)
+        compute_bound = X[:, 5] / self.matmul_rate > X[:, 4] / self.bandwidth
+        coef = np.zeros(6)
+        for _ in range(iters):
+            # features: o_step, o_req, o_tok, o_pair, 1/bw (memory-bound rows), 1/rate (compute-bound rows)
+            A = np.column_stack([X[:, 0], X[:, 1], X[:, 2], X[:, 3], np.where(compute_bound, 0.0, X[:, 4]),
+                                 np.where(compute_bound, X[:, 5], 0.0)])
+            coef = _nnls(A * w[:, None], y * w)
+            inv_bw = coef[4] if coef[4] > 0 else 1.0 / self.bandwidth
+            inv_rate = coef[5] if coef[5] > 0 else 1.0 / self.matmul_rate
+            new_cb = X[:, 5] * inv_rate > X[:, 4] * inv_bw
+            if (new_cb == compute_bound).all():
+                break
+            compute_bound = new_cb
+        self.o_step, self.o_req, self.o_tok, self.o_pair = (float(c) for c in coef[:4])
+        # a roofline term the fit gave no weight (absorbed by the overheads) is dropped: 0 = absent
+        self.bandwidth = float(1.0 / coef[4]) if coef[4] > 0 else 0.0
+        self.matmul_rate = float(1.0 / coef[5]) if coef[5] > 0 else 0.0
+        pred = np.asarray([self.predict_shape(sh) for sh, _ in samples])
+        rel = np.abs(pred - y) / y
+        stats = {"num_steps": len(samples), "median_rel_error": float(np.median(rel)),
+                 "max_rel_error": float(rel.max())}
+        self.info.update(calibrated=True, **stats)
+        return stats
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = "tokenmill-cost-model-1"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CostModel":
+        if d.get("format") != "tokenmill-cost-model-1":
+            raise ConfigError("not a tokenmill cost model file (format tokenmill-cost-model-1)")
+        d = {k: v for k, v in d.items() if k != "format"}
+        return cls(spec=ModelSpec(**d.pop("spec")), **d)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "CostModel":
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"calibration file not found: {path}") from None
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ConfigError(f"bad calibration file {path}: {e}") from None
+
+
+def _nnls(A: Any, b: Any, iters: int = 50) -> Any:
+    """Non-negative least squares by dropping negative coefficients (small problems), columns scaled."""
+    import numpy as np
+
+    scale = np.maximum(np.abs(A).max(axis=0), 1e-30)
+    As = A / scale
+    active = np.ones(A.shape[1], dtype=bool)
+    active &= np.abs(A).max(axis=0) > 0
+    x = np.zeros(A.shape[1])
+    for _ in range(iters):
+        x[:] = 0.0
+        sol, *_ = np.linalg.lstsq(As[:, active], b, rcond=None)
+        x[active] = sol
+        if (x >= 0).all():
+            break
+        active &= x > 0
+    return np.maximum(x, 0.0) / scale
+
+
+# ---- calibration on the real engine ------------------------------------------------------------
+CALIBRATION_PLAN = (  # (batch size, prompt tokens, output tokens): prefills of many sizes, decodes of many batches
+    (1, 16, 4), (1, 64, 4), (1, 256, 4), (1, 512, 2), (1, 1024, 2), (2, 700, 2), (4, 128, 12),
+    (8, 32, 16), (16, 24, 12), (32, 16, 8), (12, 300, 6), (3, 1500, 2),
+)
+
+
+def spec_of_engine(engine: Any) -> ModelSpec:
+    """ModelSpec of a loaded LLMEngine / EngineCore / LLM."""
+    core = _core_of(engine)
+    runner = core.runner
+    import torch
+
+    elem = torch.tensor([], dtype=runner.dtype).element_size()
+    return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem)
+
+
+def _core_of(engine: Any) -> Any:
+    if hasattr(engine, "engine"):  # LLM facade
+        engine = engine.engine
+    return engine.core if hasattr(engine, "core") else engine
+
+
+def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_case: int = 12,
+              repeats: int = 1) -> CostModel:
+    """Time real steps of varied shape on the engine's device and fit a CostModel to them."""
+    from tokenmill.core.scheduler import Scheduler
+    from tokenmill.request import Request
+    from tokenmill.sampling_params import SamplingParams
+
+    core = _core_of(llm_or_engine)
+    runner = core.runner
+    spec = spec_of_engine(core)
+    model = CostModel.prior(spec, str(runner.device))
+    samples: list[tuple[StepShape, float]] = []
+    cfg = core.config.scheduler
+    vocab = spec.vocab_size
+    for rep in range(repeats + 1):  # round 0 warms up on two cases and is discarded
+        for case, (batch, n_in, n_out) in enumerate(plan if rep else plan[:2]):
+            n_in = min(n_in, runner.max_model_len - n_out - 1)
+            sched = Scheduler(cfg, runner.num_blocks, core.config.cache.block_size, runner.max_model_len,
+                              enable_prefix_caching=False)
+            for b in range(batch):
+                ids = [(1000 + 7919 * (b + 31 * case + 977 * rep) + 13 * i) % (vocab - 10) + 5 for i in range(n_in)]
+                sched.add_request(Request(f"cal{rep}-{case}-{b}", ids, SamplingParams(
+                    temperature=0.0, max_tokens=n_out, ignore_eos=True), (), time.monotonic(), n_out))
+            steps = 0
+            while sched.has_work() and steps < max_steps_per_case:
+                t0 = time.perf_counter()  # the whole step: schedule, forward + sample, bookkeeping
+                out = sched.schedule()
+                result = runner.execute_model(out)
+                sched.update_from_output(out, result)
+                dt = time.perf_counter() - t0
+                steps += 1
+                if rep > 0 and out.total_num_scheduled_tokens:
+                    samples.append((shape_of_schedule(out), dt))
+            if sched.has_unfinished_requests():
+                sched.abort_requests(list(sched.requests))
+                out = sched.schedule()
+                runner.execute_model(out)
+    model.fit(samples)
+    cfg_model = core.config.model
+    hf = runner.hf_config
+    tied = bool(getattr(hf, "tie_word_embeddings", False))
+    total_params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
+    model.info.update(model=cfg_model.model, dtype=str(runner.dtype).removeprefix("torch."),
+                      weights_total_bytes=total_params * spec.dtype_bytes,
+                      max_model_len=int(getattr(hf, "max_position_embeddings", None) or runner.max_model_len),
+                      num_threads=_num_threads())
+    model.info["samples"] = [[s.num_tokens, s.num_reqs, s.kv_tokens_read, s.attn_pairs, t] for s, t in samples]
+    return model
+
+
+def _num_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
