@@ -123,7 +123,7 @@ def test_cli_bad_input_is_one_line(argv, fragment, capsys):
     assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
 
 
-def test_reserved_subcommands_and_hook():
+def test_subcommands_and_hook():
     import argparse
 
     parser = argparse.ArgumentParser(prog="tokenmill")
@@ -134,4 +134,5 @@ def test_reserved_subcommands_and_hook():
     assert args.func.__name__ == "main_bench"
     for name in ("throughput", "latency"):
         assert parser.parse_args(["bench", name]).bench_command == name
-        assert main([name]) == 2
+        # a user mistake is one line and exit code 2, before any model loads
+        assert main([name, "--model", "/no/such/model"]) == 2

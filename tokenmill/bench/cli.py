@@ -1,7 +1,6 @@
 """`tokenmill bench ...` command line: `serve` (load an OpenAI-compatible server).
 
-`throughput` and `latency` (in-process engine benchmarks) are reserved names: their parsers exist so
-that the lead can fill them in (see RESERVED_COMMANDS), but they are not implemented here.
+`throughput` and `latency` (in-process engine benchmarks) live in tokenmill/perf/offline.py.
 Also runnable as `python -m tokenmill.bench serve ...`.
 """
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any, Optional
 
 from tokenmill.errors import TokenmillError
 
-RESERVED_COMMANDS = ("throughput", "latency")
 
 _SERVE_EPILOG = """workloads: chat | long-prefill | shared-prefix | multi-turn (each optionally NAME:key=value,...),
   fixed:IN:OUT, or a JSONL file (PATH.jsonl or jsonl:PATH) with one request per line:
@@ -58,15 +56,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_command", metavar="{serve}")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{serve,throughput,latency}")
     sub.required = True
     serve = sub.add_parser("serve", help="open-loop load against an OpenAI-compatible server",
                            description="Serving benchmark: open-loop streaming requests against any "
                                        "OpenAI-compatible server; TTFT/TPOT/ITL/E2E, SLO attainment, goodput.",
                            epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_args(serve)
-    for name in RESERVED_COMMANDS:  # hook for the in-process engine benchmarks
-        sub.add_parser(name, help=argparse.SUPPRESS, description=f"tokenmill bench {name} (not implemented yet)")
+    from tokenmill.perf.offline import add_offline_args
+
+    add_offline_args(sub)  # throughput, latency: the engine in-process
 
 
 def add_bench_args(subparsers: Any) -> argparse.ArgumentParser:
@@ -129,9 +128,9 @@ def main_bench(args: argparse.Namespace) -> int:
     try:
         if args.bench_command == "serve":
             return _run_serve(args)
-        from tokenmill.bench.types import BenchError
+        from tokenmill.perf.offline import main_offline
 
-        raise BenchError(f"tokenmill bench {args.bench_command} is not implemented yet")
+        return main_offline(args)
     except TokenmillError as e:
         print(f"tokenmill bench: error: {e}", file=sys.stderr)
         return 2
