@@ -3,6 +3,7 @@
 # the same harness (../shared/bench/cpu_peers/peers_bench.py) with the same prompts (prompts.json), 2 threads each,
 # one engine at a time. Prints the results table; JSONs and logs land in $OUT.
 #   usage: bash bench/cpu_peers.sh [engine ...]    engines: tokenmill tokenmill-bf16 server hf   (default: all)
+# transformers needs accelerate (GGUF loading) in $PY's venv.
 # Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,6 +39,7 @@ for e in $engines; do case $e in
   *) echo "unknown engine $e"; exit 2 ;;
 esac; done
 
+ok=(); for f in "${files[@]}"; do [ -f "$f" ] && ok+=("$f"); done; files=("${ok[@]}")
 $PY "$PEERS/peers_bench.py" table "${files[@]}" | tee "$OUT/table.md"
 for f in "${files[@]}"; do
   [ "$f" != "$OUT/transformers.json" ] && [ -f "$OUT/transformers.json" ] && \
