@@ -32,12 +32,13 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V of one sequence: [seq_len, Hkv, D] each."""
-    _, _, bs, hkv, d = kv_cache.shape
+    _, nb, bs, hkv, d = kv_cache.shape
     nblk = (seq_len + bs - 1) // bs
     ids = block_ids[:nblk].long()
-    k = kv_cache[0].index_select(0, ids).reshape(nblk * bs, hkv, d)[:seq_len]
-    v = kv_cache[1].index_select(0, ids).reshape(nblk * bs, hkv, d)[:seq_len]
-    return k, v
+    # one row-gather of flat blocks (index_select on a 2-D view is a plain memcpy per row; on the 4-D
+    # tensor it takes a much slower generic path)
+    kv = kv_cache.view(2, nb, bs * hkv * d).index_select(1, ids).view(2, nblk * bs, hkv, d)[:, :seq_len]
+    return kv[0], kv[1]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -95,31 +96,35 @@ def _causal_mask(n: int, seq_len: int, window: Optional[int], device) -> torch.T
 
 
 def _decode_batched(q, kv_cache, batch, rows, starts, scale, window, out) -> None:
-    """One query per sequence: padded gather + grouped matmuls (GQA heads share K/V, no copies)."""
-    _, _, bs, hkv, d = kv_cache.shape
+    """One query per sequence: one padded row-gather of K and V together, then one SDPA call with the
+    G = H / Hkv query heads of a KV head folded into the query-length dim (GQA without copying K/V heads)."""
+    _, nb, bs, hkv, d = kv_cache.shape
     lens = [batch.seq_lens_cpu[i] for i in rows]
     max_len = max(lens)
     nblk = (max_len + bs - 1) // bs
     b, h = len(rows), q.shape[1]
     if len(rows) == batch.num_reqs:
-        tables, tok = batch.block_tables[:, :nblk].long(), batch.query_start_loc[:-1].long()
+        tables, tok = batch.block_tables[:, :nblk], batch.query_start_loc[:-1].long()
     else:
         idx = torch.tensor(rows, device=q.device)
-        tables = batch.block_tables.index_select(0, idx)[:, :nblk].long()  # [B, nblk]
+        tables = batch.block_tables.index_select(0, idx)[:, :nblk]  # [B, nblk]
         tok = torch.tensor([starts[i] for i in rows], device=q.device)
-    k = kv_cache[0][tables].view(b, nblk * bs, hkv, d)[:, :max_len]  # [B, L, Hkv, D]
-    v = kv_cache[1][tables].view(b, nblk * bs, hkv, d)[:, :max_len]
+    flat = tables.reshape(-1).long()
+    kv = kv_cache.view(2, nb, bs * hkv * d).index_select(1, flat).view(2, b, nblk * bs, hkv, d)
+    if kv.dtype != q.dtype:
+        kv = kv.to(q.dtype)
+    k = kv[0, :, :max_len].transpose(1, 2)  # [B, Hkv, L, D] (a view)
+    v = kv[1, :, :max_len].transpose(1, 2)
     qb = q.index_select(0, tok).view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qb, k.permute(0, 2, 3, 1).to(q.dtype)) * scale  # [B, Hkv, G, L]
+    mask = None
     if min(lens) != max_len or window is not None:
         lens_t = torch.tensor(lens, device=q.device)
         kpos = torch.arange(max_len, device=q.device)[None, :]
-        mask = kpos < lens_t[:, None]
+        m = kpos < lens_t[:, None]
         if window is not None:
-            mask &= kpos > (lens_t[:, None] - 1 - window)
-        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    o = torch.matmul(probs, v.permute(0, 2, 1, 3).to(q.dtype))  # [B, Hkv, G, D]
+            m &= kpos > (lens_t[:, None] - 1 - window)
+        mask = m[:, None, None, :]  # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G, D]
     out.index_copy_(0, tok, o.reshape(b, h, d))
 
 
