@@ -30,16 +30,21 @@ SCRIPT = textwrap.dedent("""
         return c
 
     P = "*bf16"
-    build(K._write_kv_kernel, dict(k_ptr=P, v_ptr=P, kc_ptr=P, vc_ptr=P, slot_ptr="*i64"),
-          dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_HKV=8, BLOCK_D=128))
-    build(K._prefill_kernel, dict(q_ptr=P, kc_ptr=P, vc_ptr=P, o_ptr=P, bt_ptr="*i32", seq_lens_ptr="*i32",
-                                  qsl_ptr="*i32", sm_scale_log2="fp32"),
-          dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, USE_WINDOW=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128))
-    c = build(K._decode_kernel, dict(q_ptr=P, kc_ptr=P, vc_ptr=P, o_ptr=P, part_o_ptr="*fp32",
-                                     part_ml_ptr="*fp32", bt_ptr="*i32", seq_lens_ptr="*i32", sm_scale_log2="fp32"),
-              dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, USE_WINDOW=False, NUM_SPLITS=8,
-                   BLOCK_H=16, BLOCK_N=64, BLOCK_D=128))
-    assert c.asm["ttir"].count("tt.store") == 3  # partial out, max, sum
+    PLAIN = dict(KV_QUANT=0, ks_ptr=None, vs_ptr=None)  # unquantized KV: no scale tensors
+    INT8 = dict(KV_QUANT=1)  # int8 KV with per-(token, head) fp32 scales
+    Q8 = dict(kc_ptr="*i8", vc_ptr="*i8", ks_ptr="*fp32", vs_ptr="*fp32")
+    for quant, ctypes in ((PLAIN, dict(kc_ptr=P, vc_ptr=P)), (INT8, Q8)):
+        build(K._write_kv_kernel, dict(k_ptr=P, v_ptr=P, slot_ptr="*i64", **ctypes),
+              dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_HKV=8, BLOCK_D=128, **quant))
+        build(K._prefill_kernel, dict(q_ptr=P, o_ptr=P, bt_ptr="*i32", seq_lens_ptr="*i32",
+                                      qsl_ptr="*i32", sm_scale_log2="fp32", **ctypes),
+              dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, USE_WINDOW=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128,
+                   **quant))
+        c = build(K._decode_kernel, dict(q_ptr=P, o_ptr=P, part_o_ptr="*fp32", part_ml_ptr="*fp32",
+                                         bt_ptr="*i32", seq_lens_ptr="*i32", sm_scale_log2="fp32", **ctypes),
+                  dict(NUM_HEADS=32, GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, USE_WINDOW=False, NUM_SPLITS=8,
+                       BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, **quant))
+        assert c.asm["ttir"].count("tt.store") == 3  # partial out, max, sum
     build(K._decode_reduce_kernel, dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", o_ptr=P),
           dict(NUM_HEADS=32, HEAD_DIM=128, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128))
     print("compiled")

@@ -97,7 +97,7 @@ class OutputProcessor:
             parent, child = entry
             touched[parent.request_id] = parent
             parent.updated.add(child.index)
-            if o.prompt_logprobs:
+            if o.prompt_logprobs and child.index == 0:  # the n samples share one prompt
                 parent.prompt_logprobs = (parent.prompt_logprobs or []) + list(o.prompt_logprobs)
             if o.new_token_ids and parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
