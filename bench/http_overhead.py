@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
-import httpx
-
+from tokenmill.bench.launch import server_process
 from tokenmill.bench.serve import run_serve_benchmark
 from tokenmill.bench.workloads import get_workload
 from tokenmill.config import EngineConfig
@@ -51,32 +48,13 @@ def offline_tpot(args) -> tuple[float, float]:
 
 
 def http_tpot(args) -> tuple[float, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--dtype", args.dtype,
+    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", "{port}", "--dtype", args.dtype,
            "--num-threads", str(args.threads), "--max-num-seqs", str(max(args.concurrency, 1))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("server did not start")
+    with server_process(cmd) as base:
         t0 = time.perf_counter()
         res = run_serve_benchmark(base, f"fixed:{args.in_len}:{args.out_len}", [1e6],
                                   num_requests=args.concurrency, seed=args.seed, progress=False, warmup=True)
-        wall = time.perf_counter() - t0
-        return res[0].summary["tpot_ms"]["p50"], wall
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        return res[0].summary["tpot_ms"]["p50"], time.perf_counter() - t0
 
 
 def main() -> None:

@@ -13,35 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
-import httpx
-
+from tokenmill.bench.launch import server_process
 from tokenmill.bench.serve import run_serve_benchmark
 from tokenmill.model.loader import default_model_path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server did not become healthy")
 
 
 def _servers(args) -> dict[str, list[str]]:
@@ -69,21 +46,10 @@ def main() -> None:
     rates = [float(r) for r in args.rates.split(",")]
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "engines": {}}
     for name, cmd in _servers(args).items():
-        port = _free_port()
-        proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="2"))
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait(base, proc)
+        with server_process(cmd, env={"OMP_NUM_THREADS": "2"}) as base:
             res = run_serve_benchmark(base, args.workload, rates, num_requests=args.num_requests, seed=args.seed,
                                       progress=False)
             results["engines"][name] = {str(r.rate): r.summary for r in res}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     hdr = f"{'engine':<14}{'rate':>6}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'TPOT p50':>10}{'p90':>8}{'e2e p50':>9}" \
           f"{'out tok/s':>10}"
     print(hdr)
