@@ -267,7 +267,9 @@ def test_sampled_logprobs_are_raw_model_logprobs():
               SamplingParams(logprobs=5, top_k=2),
               SamplingParams(logprobs=1, temperature=0.0),
               SamplingParams(logprobs=20, presence_penalty=2.0)]
+    before = x.clone()
     out = Sampler()(x, make_batch(params, prompts=[[1, 2, 3]] * 6, outputs=[[4, 4]] * 6))
+    assert torch.equal(x, before)  # the caller's logits are not modified
     assert out.logprobs[2] is None
     assert out.token_ids[1] == 7 and out.token_ids[4] == int(x[4].argmax())
     for i, p in enumerate(params):
