@@ -1,7 +1,7 @@
 """Goodput of `--policy fcfs` vs `--policy slo` on the same server settings, workload and seed.
 
-Starts the server once per policy (bench/goodput_server.py, which passes the SLO targets to the slo
-policy), runs `bench serve` at the given rate(s), stops it, and prints/writes the comparison.
+Starts `tokenmill serve` once per policy (with the SLO targets as server-wide defaults,
+--slo-ttft-ms / --slo-tpot-ms), runs `bench serve` at the given rate(s), stops it, and prints/writes the comparison.
 
   PYTHONPATH=. python bench/goodput_compare.py --workload long-prefill --rate 2 --num-requests 60 \
       --slo-ttft 1000 --slo-tpot 60 --out goodput.json [-- extra serve flags]
@@ -10,47 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tokenmill.bench.launch import server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
 
 
-def start_server(policy: str, port: int, ttft: float, tpot: float, extra: list[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "bench" / "goodput_server.py"), "--slo-ttft-ms", str(ttft),
-           "--slo-tpot-ms", str(tpot), "--", "--policy", policy, "--port", str(port),
-           *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 300 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def serve_cmd(policy: str, ttft: float, tpot: float, extra: list[str]) -> list[str]:
+    """`tokenmill serve` with the policy and server-wide SLO targets ("{port}" filled in by server_process)."""
+    return [sys.executable, "-m", "tokenmill.cli", "serve", "--policy", policy, "--slo-ttft-ms", str(ttft),
+            "--slo-tpot-ms", str(tpot), "--port", "{port}", *extra]
 
 
 def main(argv: list[str]) -> int:
@@ -66,21 +39,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--slo-tpot", type=float, required=True)
     p.add_argument("--policies", default="fcfs,slo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rates = parse_rates(args.rate)
     results: dict = {"workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
                      "num_requests": args.num_requests, "seed": args.seed, "serve_args": extra, "runs": {}}
     for policy in args.policies.split(","):
-        log = Path(f"/tmp/goodput_server_{policy}.log")
-        proc = start_server(policy, args.port, args.slo_ttft, args.slo_tpot, extra, log)
-        try:
-            runs = run_serve_benchmark(f"http://127.0.0.1:{args.port}", args.workload, rates,
-                                       num_requests=args.num_requests, slo_ttft_ms=args.slo_ttft,
-                                       slo_tpot_ms=args.slo_tpot, seed=args.seed, progress=False)
-        finally:
-            stop_server(proc)
+        cmd = serve_cmd(policy, args.slo_ttft, args.slo_tpot, extra)
+        with server_process(cmd, log_path=f"/tmp/goodput_server_{policy}.log", env={"PYTHONPATH": str(ROOT)}) as base:
+            runs = run_serve_benchmark(base, args.workload, rates, num_requests=args.num_requests,
+                                       slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, seed=args.seed,
+                                       progress=False)
         results["runs"][policy] = [{"rate": r.rate, **{k: r.summary[k] for k in (
             "goodput", "slo_attainment", "request_throughput", "output_throughput", "ttft_ms", "tpot_ms",
             "completed", "failed", "duration_s")}} for r in runs]

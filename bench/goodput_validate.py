@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from goodput_compare import start_server, stop_server  # noqa: E402
+from goodput_compare import serve_cmd  # noqa: E402
 
+from tokenmill.bench.launch import server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
 from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS  # noqa: E402
 from tokenmill.perf.cost_model import CostModel  # noqa: E402
@@ -38,14 +39,12 @@ def calibrate_default(path: str, num_threads=None) -> CostModel:
     return model
 
 
-def compare(workload: str, rates: list[float], num: int, cost: CostModel, port: int, extra: list[str],
+def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
             policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0) -> list[dict]:
-    proc = start_server(policy, port, slo_ttft or 10000, slo_tpot or 1000, extra, Path("/tmp/goodput_validate.log"))
-    try:
-        measured = run_serve_benchmark(f"http://127.0.0.1:{port}", workload, rates, num_requests=num,
-                                       slo_ttft_ms=slo_ttft, slo_tpot_ms=slo_tpot, seed=seed, progress=False)
-    finally:
-        stop_server(proc)
+    cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000, extra)
+    with server_process(cmd, log_path="/tmp/goodput_validate.log", env={"PYTHONPATH": str(ROOT)}) as base:
+        measured = run_serve_benchmark(base, workload, rates, num_requests=num, slo_ttft_ms=slo_ttft,
+                                       slo_tpot_ms=slo_tpot, seed=seed, progress=False)
     rows = []
     for m in measured:
         reqs = requests_from_workload(workload, num, m.rate, seed, chat_overhead=CHAT_TEMPLATE_TOKENS)
@@ -72,7 +71,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-requests", type=int, default=30)
     ap.add_argument("--calibration", default=None, help="use this saved calibration instead of calibrating")
     ap.add_argument("--save-calibration", default="/tmp/tokenmill_cpu_calibration.json")
-    ap.add_argument("--port", type=int, default=8124)
     ap.add_argument("--out", default=None)
     ap.add_argument("--num-threads", type=int, default=None, help="torch threads (calibration and server)")
     args = ap.parse_args(argv)
@@ -83,7 +81,7 @@ def main(argv: list[str]) -> int:
     print(f"cost model: median fit error {cost.info.get('median_rel_error', float('nan')):.1%}; decode step "
           f"{cost.predict(1, 1, 300, 300) * 1e3:.1f} ms, 512-token prefill "
           f"{cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3:.0f} ms", flush=True)
-    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, args.port, extra)
+    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, extra)
     print(f"{'rate':>5} | {'TTFT p50 meas/pred':>20} | {'TPOT p50 meas/pred':>20} | {'out tok/s meas/pred':>20}")
     for r in rows:
         m, p = r["measured"], r["predicted"]

@@ -75,6 +75,9 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = _f(0, "a prompt longer than this counts as a long prefill (0: off)")
     max_long_partial_prefills: int = _f(1, "long prefills allowed to run at once (with the threshold set)")
     slo_reject: bool = _f(False, "with policy slo: reject requests that can no longer meet their target")
+    slo_ttft_ms: Optional[float] = _f(None, "server-wide time-to-first-token target (ms) for requests without "
+                                            "their own slo (used by policy slo)")
+    slo_tpot_ms: Optional[float] = _f(None, "server-wide time-per-output-token target (ms), likewise")
     prefix_aware_window: int = _f(16, "fcfs: admit first, among this many oldest waiting requests, the one with "
                                       "the longest cached prefix (1: strict FCFS)")
     prefix_aware_max_skips: int = _f(8, "a waiting request passed over this many times is admitted next")

@@ -130,9 +130,7 @@ def test_slo_policy_caps_long_prefills_by_default():
 
 
 def test_server_wide_targets_from_config_fields():
-    cfg = SchedulerConfig(policy="slo")
-    cfg.slo_ttft_ms = 250.0  # the field the lead adds to SchedulerConfig (read with getattr until then)
-    cfg.slo_tpot_ms = 40.0
+    cfg = SchedulerConfig(policy="slo", slo_ttft_ms=250.0, slo_tpot_ms=40.0)
     pol = make_policy_for_config(cfg)
     assert isinstance(pol, SLOPolicy) and pol.default_ttft_ms == 250.0 and pol.default_tpot_ms == 40.0
     assert make_policy_for_config(SchedulerConfig(policy="fcfs")).name == "fcfs"

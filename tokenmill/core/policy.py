@@ -313,8 +313,7 @@ def make_policy(name: str, slo_reject: bool = False, default_ttft_ms: Optional[f
 
 
 def make_policy_for_config(config: Any, cost_model: Optional[StepCostModel] = None) -> Policy:
-    """The policy a SchedulerConfig names; server-wide SLO targets come from its optional
-    `slo_ttft_ms` / `slo_tpot_ms` fields (absent fields: the policy's defaults)."""
-    return make_policy(config.policy, slo_reject=getattr(config, "slo_reject", False),
-                       default_ttft_ms=getattr(config, "slo_ttft_ms", None),
-                       default_tpot_ms=getattr(config, "slo_tpot_ms", None), cost_model=cost_model)
+    """The policy a SchedulerConfig names; server-wide SLO targets come from its `slo_ttft_ms` /
+    `slo_tpot_ms` fields (None: the policy's defaults)."""
+    return make_policy(config.policy, slo_reject=config.slo_reject, default_ttft_ms=config.slo_ttft_ms,
+                       default_tpot_ms=config.slo_tpot_ms, cost_model=cost_model)
