@@ -166,3 +166,44 @@ def test_late_requests_queue_behind_ones_that_can_still_make_it():
         r, now=1.0))[0] is late
     # before anything is late, plain earliest deadline first
     assert sorted([fresh, late], key=lambda r: pol.waiting_key(r, now=0.05))[0] is late
+
+
+def test_order_waiting_keeps_the_most_prompts_on_time():
+    """Moore-Hodgson: in deadline order, a long prompt that would make later ones miss is moved out."""
+    pol = SLOPolicy(default_ttft_ms=1000, cost_model=LinearCost())
+    # per prompt token ~ (10 ms + 1 ms * 512) / 512 ~ 1.02 ms: the long one takes ~0.82 s, each short ~0.05 s
+    long_ = req("long", 800, t=0.0)
+    shorts = [req(f"s{i}", 50, t=0.1 + 0.01 * i) for i in range(5)]
+    order = pol.order_waiting([long_, *shorts], now=0.1)
+    assert order[:5] == shorts and order[5] is long_
+    # when everything fits, plain earliest deadline first (here: arrival order)
+    order = pol.order_waiting([shorts[1], long_, shorts[0]], now=0.1)
+    assert order == [long_, shorts[0], shorts[1]]
+    # already late prompts come last; preempted requests that already produced tokens come first
+    late = req("late", 10, t=-5.0)
+    resumed = req("resumed", 10, t=-6.0)
+    resumed.first_token_time = -5.5
+    order = pol.order_waiting([late, shorts[0], resumed], now=0.1)
+    assert order == [resumed, shorts[0], late]
+
+
+def test_late_partial_prefill_yields_budget_to_prompts_that_can_still_make_it():
+    clock = Clock()
+    pol = SLOPolicy(default_ttft_ms=200, cost_model=LinearCost())
+    cfg = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, policy="slo", long_prefill_token_threshold=4096)
+    s = Scheduler(cfg, 1024, 16, 4096, False, policy=pol, clock=clock)
+    s.add_request(req("long", 1000))
+    for _ in range(3):
+        step(s, clock, LinearCost())  # the long prompt runs in chunks; after ~0.2 s it is late
+    assert clock.t > 0.2
+    s.add_request(req("short", 40, t=clock.t))
+    sizes = step(s, clock, LinearCost())
+    assert sizes["short"] == 40 and sizes.get("long", 0) == 24  # the late one gets only the leftover
+    # fcfs keeps giving the running prompt the budget first
+    clock = Clock()
+    s = make(FCFSPolicy(), budget=64, clock=clock)
+    s.add_request(req("long", 1000))
+    for _ in range(3):
+        step(s, clock, LinearCost())
+    s.add_request(req("short", 40, t=clock.t))
+    assert step(s, clock, LinearCost()) == {"long": 64}

@@ -7,6 +7,7 @@ Pure Python, driven by an injectable clock so tests run on simulated time.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections import defaultdict
 from typing import Any, Optional, Protocol
 
@@ -28,6 +29,15 @@ class Policy:
 
     def victim_key(self, req: Request, now: float) -> tuple:
         return (req.arrival_time,)
+
+    def order_waiting(self, waiting: list[Request], now: float) -> list[Request]:
+        """The waiting queue in admission order (default: sorted by waiting_key)."""
+        return sorted(waiting, key=lambda r: self.waiting_key(r, now))
+
+    def defer_prefill(self, req: Request, now: float) -> bool:
+        """True: this running, partly prefilled request continues only with the budget left after the
+        waiting queue has been admitted."""
+        return False
 
     def on_scheduled(self, req: Request, num_tokens: int) -> None:
         pass
@@ -129,6 +139,9 @@ class SLOPolicy(Policy):
         self._waiting_seen_at: Optional[float] = None
         self._last_tokens = 0
         self._last_kv = 0
+        self._last_prefill_allowance = 512  # prefill tokens the last step budget allowed
+        self._last_num_decodes = 0
+        self._pending_prefill_s = 0.0  # predicted time to finish the running prompts that are on time
 
     def _ttft_s(self, req: Request) -> float:
         slo = req.sampling_params.slo
@@ -147,11 +160,52 @@ class SLOPolicy(Policy):
     def waiting_key(self, req: Request, now: float) -> tuple:
         d = self.deadline(req)
         late = self.late_last and req.first_token_time is None and d < now
-        if now != self._waiting_seen_at:  # the scheduler sorts the whole queue once per step
-            self._waiting_seen_at, self._waiting_seen = now, []
-        if not late and len(self._waiting_seen) < 64:
-            self._waiting_seen.append((d, req.num_tokens - req.num_computed_tokens))
         return (late, d, req.arrival_time)
+
+    def order_waiting(self, waiting: list[Request], now: float) -> list[Request]:
+        """Earliest deadline first, trimmed so as many prompts as possible make their first-token
+        deadline (Moore-Hodgson): walking the queue in deadline order with each prompt's predicted
+        prefill time, whenever the running total misses a deadline the longest prompt so far is moved
+        out of the on-time set. Order: requests that already produced tokens (preempted), the on-time
+        set by deadline, then the rest (those moved out, then the already late) by deadline."""
+        resumed = sorted((r for r in waiting if r.first_token_time is not None), key=lambda r: self.deadline(r))
+        fresh = sorted((r for r in waiting if r.first_token_time is None), key=lambda r: (self.deadline(r), r.arrival_time))
+        if not self.late_last:
+            self._waiting_seen = [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in fresh[:64]]
+            return resumed + fresh
+        per_tok = self._prefill_seconds_per_token()
+        t = now + self._pending_prefill_s
+        heap: list[tuple[float, int]] = []
+        on_time: set[int] = set()
+        out_late: list[Request] = []
+        for k, r in enumerate(fresh):
+            d = self.deadline(r)
+            if d < now:
+                out_late.append(r)
+                continue
+            p = (r.num_tokens - r.num_computed_tokens) * per_tok
+            heapq.heappush(heap, (-p, k))
+            on_time.add(k)
+            t += p
+            if t > d:
+                neg_p, drop = heapq.heappop(heap)
+                on_time.discard(drop)
+                t += neg_p
+        kept = [r for k, r in enumerate(fresh) if k in on_time]
+        moved = [r for k, r in enumerate(fresh) if k not in on_time and self.deadline(r) >= now]
+        self._waiting_seen = [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in kept[:64]]
+        return resumed + kept + moved + out_late
+
+    def defer_prefill(self, req: Request, now: float) -> bool:
+        """A prompt already past its first-token deadline yields the budget to prompts that can still
+        make theirs (it has missed its target; finishing it first would make others miss too)."""
+        return self.late_last and req.first_token_time is None and self.deadline(req) < now
+
+    def _prefill_seconds_per_token(self) -> float:
+        """Predicted seconds per prompt token at the prefill rate the last step allowed."""
+        p = max(self.min_prefill_chunk, self._last_prefill_allowance)
+        model = self._model()
+        return max(1e-6, (model.predict(p + self._last_num_decodes, 1 + self._last_num_decodes, p, p * (p + 1) // 2)) / p)
 
     def victim_key(self, req: Request, now: float) -> tuple:
         return (self.deadline(req) - now, req.arrival_time)
@@ -180,9 +234,18 @@ class SLOPolicy(Policy):
                 self.online.observe(self._last_tokens, self._last_kv, now - self._last_now)
             self._last_now, self._last_tokens, self._last_kv = now, 0, 0
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens <= 1 and r.first_token_time is not None]
-        if not decodes:
-            return budget
         n_dec = sum(1 + len(r.spec_token_ids) for r in decodes)
+        self._last_num_decodes = n_dec
+        per_tok = self._prefill_seconds_per_token()
+        self._pending_prefill_s = sum((r.num_tokens - r.num_computed_tokens) * per_tok for r in running
+                                      if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
+                                      and self.deadline(r) >= now)
+        out = self._step_budget(running, decodes, n_dec, budget, now) if decodes else budget
+        self._last_prefill_allowance = max(1, out - n_dec)
+        return out
+
+    def _step_budget(self, running: list[Request], decodes: list[Request], n_dec: int, budget: int,
+                     now: float) -> int:
         dec_kv = sum(r.num_tokens for r in decodes)
         allowed = min(max(self._tpot_s(r), self.deadline(r) - now) for r in decodes)
         # context of a running partial prefill the chunk would continue (else a new prompt from 0)

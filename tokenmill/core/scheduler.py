@@ -117,11 +117,16 @@ class Scheduler:
         preempted: list[Request] = []
         num_long = 0
 
-        # 1. running requests, in admission order
+        # 1. running requests, in admission order (prefills the policy defers wait for step 3)
+        deferred: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens  # known tokens not yet computed
+            if remaining > 1 and self.policy.defer_prefill(req, now):
+                deferred.append(req)
+                i += 1
+                continue
             n = min(remaining + len(req.spec_token_ids), budget, self.max_model_len - req.num_computed_tokens)
             n, num_long = self._cap_long_prefill(remaining, n, num_long)
             if n <= 0:
@@ -158,7 +163,7 @@ class Scheduler:
                     self.waiting.remove(req)
                     self._finish(req, RequestStatus.FINISHED_ABORTED)
                     req.error = "rejected: the request can no longer meet its latency target"
-            self.waiting.sort(key=lambda r: self.policy.waiting_key(r, now))
+            self.waiting = self.policy.order_waiting(self.waiting, now)
             j = 0
             while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 self._prefer_cached_prefix(j)
@@ -187,6 +192,19 @@ class Scheduler:
                     self.kv.block_ids(req.request_id), num_hit))
                 self._account(out, req, n)
                 budget -= n
+
+        # 3. deferred prefills take what budget is left (no preemption on their behalf)
+        for req in deferred:
+            if budget <= 0 or req not in self.running:
+                break
+            remaining = req.num_tokens - req.num_computed_tokens
+            n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
+            new_blocks = self.kv.allocate_slots(req, n) if n > 0 else None
+            if new_blocks is None:
+                continue
+            out.scheduled_cached_reqs.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            self._account(out, req, n)
+            budget -= n
 
         out.preempted_req_ids = {r.request_id for r in preempted}
         out.finished_req_ids = self._finished_for_runner | out.preempted_req_ids
