@@ -45,5 +45,9 @@ class EngineOverloadedError(TokenmillError):
     error_type = "rate_limit_error"
 
 
+# the error text of a request the slo policy refused (--slo-reject); the server answers it with HTTP 429
+SLO_REJECTED_MESSAGE = "rejected: the request can no longer meet its latency target"
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop has died; no request can be served."""

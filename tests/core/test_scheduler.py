@@ -5,6 +5,7 @@ import pytest
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.errors import SLO_REJECTED_MESSAGE
 from tokenmill.core.policy import FairPolicy, PriorityPolicy, SLOPolicy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.errors import EngineOverloadedError, PromptTooLongError
@@ -187,9 +188,14 @@ def test_slo_reject_drops_hopeless_requests():
     s.add_request(req("b", 3, t=0.0, slo=SLO(ttft_ms=100)))
     run_step(s)
     clock.t = 1.0  # b has waited 10x its target
-    run_step(s)
+    out = s.schedule()
     assert "b" not in s.requests
     assert s.requests["a"].status == RequestStatus.RUNNING
+    # the rejection reaches the caller as a finished output (the server answers 429), not silence
+    outs = s.update_from_output(out, ModelRunnerOutput(req_ids=["a"], sampled_token_ids=[[7]], logprobs=[None]))
+    rej = [o for o in outs if o.req_id == "b"]
+    assert len(rej) == 1 and rej[0].finished and rej[0].error == SLO_REJECTED_MESSAGE
+    assert s.kv.num_used_blocks == len(s.kv.block_ids("a"))
 
 
 def test_fair_policy_interleaves_heavy_and_light_user():

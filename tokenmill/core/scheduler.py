@@ -15,7 +15,7 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
 from tokenmill.core.policy import FairPolicy, Policy, make_policy_for_config
-from tokenmill.errors import EngineOverloadedError, PromptTooLongError
+from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, PromptTooLongError
 from tokenmill.request import Request, RequestStatus
 
 
@@ -35,6 +35,7 @@ class Scheduler:
         self._in_runner: set[str] = set()  # requests the model runner holds state for
         self._finished_for_runner: set[str] = set()
         self._length_capped: list[Request] = []  # finished in schedule() for want of memory
+        self._rejected: list[Request] = []  # refused in schedule() by the policy (slo_reject)
         # cumulative statistics
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
@@ -106,7 +107,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def has_work(self) -> bool:
-        return self.has_unfinished_requests() or bool(self._finished_for_runner)
+        return self.has_unfinished_requests() or bool(self._finished_for_runner or self._rejected
+                                                          or self._length_capped)
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -162,7 +164,8 @@ class Scheduler:
                 for req in [r for r in self.waiting if self.policy.should_reject(r, now)]:
                     self.waiting.remove(req)
                     self._finish(req, RequestStatus.FINISHED_ABORTED)
-                    req.error = "rejected: the request can no longer meet its latency target"
+                    req.error = SLO_REJECTED_MESSAGE
+                    self._rejected.append(req)
             self.waiting = self.policy.order_waiting(self.waiting, now)
             j = 0
             while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
@@ -253,6 +256,9 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = [EngineCoreOutput(r.request_id, [], finish_reason="length")
                                            for r in self._length_capped]
         self._length_capped = []
+        outputs += [EngineCoreOutput(r.request_id, [], finish_reason="error", error=r.error)
+                    for r in self._rejected]
+        self._rejected = []
         for idx, req_id in enumerate(result.req_ids):
             req = self.requests.get(req_id)
             if req is None or req.is_finished:

@@ -45,7 +45,9 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
         if sched.total_num_scheduled_tokens == 0 and not sched.finished_req_ids:
-            return []
+            # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
+            return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
+                                                                              logprobs=[]))
         try:
             result = self.runner.execute_model(sched)
         except Exception as exc:  # a failed step fails only the requests in it

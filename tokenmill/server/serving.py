@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.core.outputs import Logprob
 from tokenmill.engine.protocol import EngineClient
-from tokenmill.errors import InvalidRequestError, TokenmillError
+from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import protocol as P
@@ -133,6 +133,10 @@ class _Generation:
                 out = _as_aborted(self.last)  # the engine's bare "aborted" marker: keep what we have
             self._observe(out)
             self.last = out
+            if out.error == SLO_REJECTED_MESSAGE:
+                self._done = True
+                self.s.metrics.requests.labels("rejected").inc()
+                raise EngineOverloadedError(out.error, code="slo_rejected")
             if out.error is not None or any(o.finish_reason == "error" for o in out.outputs):
                 self._done = True
                 self.s.metrics.requests.labels("error").inc()
