@@ -39,15 +39,24 @@ def calibrate_default(path: str, num_threads=None) -> CostModel:
     return model
 
 
+def default_tokenizer():
+    """The default model's tokenizer: the client then sends, and the simulator counts, the exact same prompts."""
+    from tokenmill.engine.tokenizer import load_tokenizer
+    from tokenmill.model.loader import default_model_path
+
+    return load_tokenizer(default_model_path())
+
+
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
-            policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0) -> list[dict]:
+            policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0, tokenizer=None) -> list[dict]:
     cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000, extra)
     with server_process(cmd, log_path="/tmp/goodput_validate.log", env={"PYTHONPATH": str(ROOT)}) as base:
         measured = run_serve_benchmark(base, workload, rates, num_requests=num, slo_ttft_ms=slo_ttft,
-                                       slo_tpot_ms=slo_tpot, seed=seed, progress=False)
+                                       slo_tpot_ms=slo_tpot, seed=seed, progress=False, tokenizer=tokenizer)
     rows = []
     for m in measured:
-        reqs = requests_from_workload(workload, num, m.rate, seed, chat_overhead=CHAT_TEMPLATE_TOKENS)
+        reqs = requests_from_workload(workload, num, m.rate, seed, chat_overhead=CHAT_TEMPLATE_TOKENS,
+                                      tokenizer=tokenizer)
         p = simulate(reqs, cost, SimConfig(policy=policy), slo_ttft, slo_tpot, m.rate).summary()
         s = m.summary
         rows.append({"rate": m.rate,
@@ -81,7 +90,7 @@ def main(argv: list[str]) -> int:
     print(f"cost model: median fit error {cost.info.get('median_rel_error', float('nan')):.1%}; decode step "
           f"{cost.predict(1, 1, 300, 300) * 1e3:.1f} ms, 512-token prefill "
           f"{cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3:.0f} ms", flush=True)
-    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, extra)
+    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, extra, tokenizer=default_tokenizer())
     print(f"{'rate':>5} | {'TTFT p50 meas/pred':>20} | {'TPOT p50 meas/pred':>20} | {'out tok/s meas/pred':>20}")
     for r in rows:
         m, p = r["measured"], r["predicted"]

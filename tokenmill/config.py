@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
 
@@ -78,6 +79,8 @@ class SchedulerConfig:
     slo_ttft_ms: Optional[float] = _f(None, "server-wide time-to-first-token target (ms) for requests without "
                                             "their own slo (used by policy slo)")
     slo_tpot_ms: Optional[float] = _f(None, "server-wide time-per-output-token target (ms), likewise")
+    slo_calibration: Optional[str] = _f(None, "policy slo: step-time model from `tokenmill plan --calibrate "
+                                              "--save-calibration FILE` (default: learned online)")
     prefix_aware_window: int = _f(16, "fcfs: admit first, among this many oldest waiting requests, the one with "
                                       "the longest cached prefix (1: strict FCFS)")
     prefix_aware_max_skips: int = _f(8, "a waiting request passed over this many times is admitted next")
@@ -87,6 +90,11 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.slo_calibration is not None:
+            if self.policy != "slo":
+                raise ConfigError("slo_calibration is used by policy slo only", param="slo_calibration")
+            if not os.path.isfile(self.slo_calibration):
+                raise ConfigError(f"calibration file not found: {self.slo_calibration}", param="slo_calibration")
 
 
 @dataclass

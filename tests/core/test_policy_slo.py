@@ -207,3 +207,15 @@ def test_late_partial_prefill_yields_budget_to_prompts_that_can_still_make_it():
         step(s, clock, LinearCost())
     s.add_request(req("short", 40, t=clock.t))
     assert step(s, clock, LinearCost()) == {"long": 64}
+
+
+def test_slo_calibration_setting_is_checked(tmp_path):
+    import pytest
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="policy slo only"):
+        EngineConfig.from_kwargs(policy="fcfs", slo_calibration=str(tmp_path / "x.json"))
+    with pytest.raises(ConfigError, match="not found"):
+        EngineConfig.from_kwargs(policy="slo", slo_calibration=str(tmp_path / "missing.json"))

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.model.tiny_models import save_tiny_model
+from tokenmill import SamplingParams
 from tokenmill.engine.llm import LLM
 from tokenmill.perf.cost_model import CostModel, calibrate
 from tokenmill.perf.offline import add_offline_args, main_offline, run_latency, run_throughput
@@ -30,6 +31,14 @@ def test_calibrate_fits_real_steps(tiny_llm, tmp_path):
     assert model.info["median_rel_error"] < 1.0
     model.save(str(tmp_path / "c.json"))
     assert CostModel.load(str(tmp_path / "c.json")).predict(64, 4, 300, 900) == model.predict(64, 4, 300, 900)
+    # the server's --slo-calibration hands the fit to the slo policy
+    _, path = tiny_llm
+    slo_llm = LLM(path, skip_tokenizer_init=True, dtype="float32", num_kv_blocks=64, policy="slo",
+                  slo_calibration=str(tmp_path / "c.json"))
+    pol = slo_llm.engine.core.scheduler.policy
+    assert pol.name == "slo" and pol.cost_model.predict(64, 4, 300, 900) == model.predict(64, 4, 300, 900)
+    out = slo_llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
 
 
 def test_offline_throughput_and_latency(tiny_llm):

@@ -26,8 +26,15 @@ class EngineCore:
     def load(self) -> None:
         if self.runner.model is None:
             self.runner.load()
-        self.scheduler = Scheduler(self.config.scheduler, self.runner.num_blocks, self.config.cache.block_size,
-                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching)
+        sc = self.config.scheduler
+        policy = None
+        if sc.slo_calibration:
+            from tokenmill.core.policy import make_policy_for_config
+            from tokenmill.perf.cost_model import CostModel
+
+            policy = make_policy_for_config(sc, cost_model=CostModel.load(sc.slo_calibration))
+        self.scheduler = Scheduler(sc, self.runner.num_blocks, self.config.cache.block_size,
+                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching, policy=policy)
 
     @property
     def max_model_len(self) -> int:
