@@ -27,7 +27,8 @@ class EngineCore:
         if self.runner.model is None:
             self.runner.load()
         self.scheduler = Scheduler(self.config.scheduler, self.runner.num_blocks, self.config.cache.block_size,
-                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching)
+                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching,
+                                   num_host_blocks=getattr(self.runner, "num_host_blocks", 0))
 
     @property
     def max_model_len(self) -> int:
@@ -66,4 +67,13 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic())
+                           last_step_time=time.monotonic(), **_offload_stats(kv.offload))
+
+
+def _offload_stats(offload) -> dict:
+    """The CPU offload tier's counters for EngineStats (zeros without the tier)."""
+    if offload is None:
+        return {}
+    return dict(kv_offload_swapped_out_blocks=offload.num_swapped_out_blocks,
+                kv_offload_swapped_in_blocks=offload.num_swapped_in_blocks,
+                kv_offload_prefix_hits=offload.num_prefix_hit_tokens)
