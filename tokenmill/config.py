@@ -55,6 +55,9 @@ class CacheConfig:
     enable_prefix_caching: bool = _f(True, "reuse the KV of identical prompt prefixes")
     kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), fp8, int8",
                              choices=["auto", "fp8", "int8"])
+    cpu_offload_gb: float = _f(0.0, "GiB of (pinned) host memory for a second KV tier: evicted prefix-cache blocks "
+                                    "and the KV of preempted requests are copied there and back instead of "
+                                    "recomputed (0: off; brings nothing on a CPU device)")
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -65,6 +68,8 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.cpu_offload_gb < 0:
+            raise ConfigError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
 
 
 @dataclass

@@ -7,7 +7,7 @@ block: never handed out, used as padding by device code.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 
 class KVBlock:
@@ -34,6 +34,8 @@ class BlockPool:
         self._cached: dict[Hashable, KVBlock] = {}
         self.null_block = self.blocks[0]
         self.null_block.ref_cnt = 1
+        # called with (block_id, key) when a cached free block is handed out again (the CPU offload tier)
+        self.on_evict: Optional[Callable[[int, Hashable], None]] = None
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -64,6 +66,8 @@ class BlockPool:
         for _ in range(n):
             _, blk = self._free.popitem(last=False)
             if blk.key is not None:
+                if self.on_evict is not None:
+                    self.on_evict(blk.block_id, blk.key)
                 del self._cached[blk.key]
                 blk.key = None
             blk.ref_cnt = 1

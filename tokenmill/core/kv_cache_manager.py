@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from tokenmill.core.block_pool import BlockPool, KVBlock
+from tokenmill.core.offload import KVOffloadManager
 from tokenmill.core.prefix_cache import extend_block_keys
 from tokenmill.request import Request
 
@@ -16,10 +17,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, num_host_blocks: int = 0):
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
+        # the CPU offload tier (host blocks), or None
+        self.offload = KVOffloadManager(num_host_blocks, block_size, enable_caching) if num_host_blocks else None
+        if self.offload is not None:
+            self.pool.on_evict = self.offload.on_device_evict
         self.req_blocks: dict[str, list[KVBlock]] = {}
         # prefix cache statistics, in tokens
         self.prefix_queries = 0
@@ -64,6 +69,13 @@ class KVCacheManager:
             hits.append(blk)
         return hits, len(hits) * self.block_size
 
+    def get_offloaded_hit_tokens(self, request: Request, num_device_hit_blocks: int) -> int:
+        """Tokens after the device hits the host tier restores by copy (0 without it). Pass them to
+        allocate_slots as num_offloaded_tokens."""
+        if self.offload is None:
+            return 0
+        return self.offload.num_hit_tokens(request, num_device_hit_blocks)
+
     def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted request's lookup (for the hit-rate metric)."""
         if self.enable_caching:
@@ -77,13 +89,13 @@ class KVCacheManager:
     # ---- allocation ----------------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Optional[list[KVBlock]] = None,
-                       num_lookahead_tokens: int = 0) -> Optional[list[int]]:
-        """Make room for num_new_tokens more tokens (after request.num_computed_tokens and the
-        prefix hits). Returns the ids of newly added blocks (hits first), or None if they do not fit
-        (nothing changes then)."""
+                       num_lookahead_tokens: int = 0, num_offloaded_tokens: int = 0) -> Optional[list[int]]:
+        """Make room for num_new_tokens more tokens (after request.num_computed_tokens, the prefix hits
+        and the num_offloaded_tokens the host tier restores into the first new blocks). Returns the ids
+        of newly added blocks (hits first), or None if they do not fit (nothing changes then)."""
         computed = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        num_computed = request.num_computed_tokens + len(computed) * self.block_size + num_offloaded_tokens
         need_total = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         num_new_blocks = max(0, need_total - len(blocks) - len(computed))
         # cached hits that sit in the free queue are taken out of it by touch()
@@ -93,7 +105,10 @@ class KVCacheManager:
                 del self.req_blocks[request.request_id]
             return None
         self.pool.touch(computed)
-        new_blocks = self.pool.allocate(num_new_blocks)
+        host = self.offload.acquire(request, len(computed), num_offloaded_tokens) if self.offload else []
+        new_blocks = self.pool.allocate(num_new_blocks)  # evictions may save blocks to the host tier
+        if host:
+            self.offload.swap_in(host, [b.block_id for b in new_blocks[:len(host)]])
         blocks.extend(computed)
         blocks.extend(new_blocks)
         if self.enable_caching:
@@ -115,6 +130,21 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free(list(reversed(blocks)))
+        if self.offload is not None:
+            self.offload.release(request.request_id)
+
+    def preempt(self, request: Request) -> bool:
+        """Free a preempted request's device blocks; with the host tier and room in it, its computed
+        KV is first swapped out (True: it resumes by swap-in, else it is recomputed)."""
+        swapped = False
+        if self.offload is not None:
+            swapped = self.offload.swap_out(request, self.block_ids(request.request_id),
+                                            request.num_computed_tokens)
+        blocks = self.req_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free(list(reversed(blocks)))
+        return swapped
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        ok = self.pool.reset_prefix_cache()
+        return ok and (self.offload is None or self.offload.reset_prefix_cache())

@@ -46,6 +46,9 @@ class SchedulerOutput:
     # requests whose runner-side state must be dropped (finished, aborted or preempted)
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # CPU offload tier copies, done by the runner before the forward: all swap-outs, then all swap-ins
+    kv_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    kv_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
     @property
     def is_empty(self) -> bool:

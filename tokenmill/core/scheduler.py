@@ -3,7 +3,8 @@
 Each step a request gets min(budget, num_tokens + num_spec_tokens - num_computed_tokens) tokens:
 prefill, chunked prefill, decode, prefix hits, recompute after preemption and speculative tokens
 are all this one rule. When blocks run out, the policy's victim is preempted (its KV freed, to be
-recomputed later). Pure Python over ints: no torch.
+recomputed later; or swapped out to the CPU offload tier, core/offload.py, when it has room).
+Pure Python over ints: no torch.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from tokenmill.request import Request, RequestStatus
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
                  enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0):
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         self.policy = policy or make_policy_for_config(config)
         self.config = self.policy.adjust_config(config)  # e.g. the slo policy's long-prefill cap
         self.clock = clock
@@ -85,7 +86,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.kv.free(req)
+        self.kv.preempt(req)  # swapped out to the CPU offload tier when it has room
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.spec_token_ids = []
@@ -172,12 +173,14 @@ class Scheduler:
                 self._prefer_cached_prefix(j)
                 req = self.waiting[j]
                 hits, num_hit = self.kv.get_computed_blocks(req)
+                num_host = self.kv.get_offloaded_hit_tokens(req, len(hits))  # restored by swap-in
+                num_hit += num_host
                 remaining = req.num_tokens - num_hit
                 n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
                 if n <= 0:
                     j += 1
                     continue
-                new_blocks = self.kv.allocate_slots(req, n, hits)
+                new_blocks = self.kv.allocate_slots(req, n, hits, num_offloaded_tokens=num_host)
                 if new_blocks is None:
                     break  # no room: stop admitting
                 self.kv.record_prefix_lookup(req.num_tokens, num_hit)
@@ -212,6 +215,8 @@ class Scheduler:
         out.preempted_req_ids = {r.request_id for r in preempted}
         out.finished_req_ids = self._finished_for_runner | out.preempted_req_ids
         self._finished_for_runner = set()
+        if self.kv.offload is not None:
+            out.kv_swap_out, out.kv_swap_in = self.kv.offload.take_swaps()
         # advance at schedule time; rejected speculative tokens are taken back in update_from_output
         for req_id, n in out.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
@@ -253,6 +258,8 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         now = self.clock()
+        if self.kv.offload is not None:
+            self.kv.offload.end_step()  # the runner has done this step's copies
         outputs: list[EngineCoreOutput] = [EngineCoreOutput(r.request_id, [], finish_reason="length")
                                            for r in self._length_capped]
         self._length_capped = []

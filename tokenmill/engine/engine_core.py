@@ -34,7 +34,8 @@ class EngineCore:
 
             policy = make_policy_for_config(sc, cost_model=CostModel.load(sc.slo_calibration))
         self.scheduler = Scheduler(sc, self.runner.num_blocks, self.config.cache.block_size,
-                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching, policy=policy)
+                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching, policy=policy,
+                                   num_host_blocks=getattr(self.runner, "num_host_blocks", 0))
 
     @property
     def max_model_len(self) -> int:
@@ -51,7 +52,7 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
-        if sched.total_num_scheduled_tokens == 0 and not sched.finished_req_ids:
+        if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
                                                                               logprobs=[]))
@@ -75,4 +76,13 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic())
+                           last_step_time=time.monotonic(), **_offload_stats(kv.offload))
+
+
+def _offload_stats(offload) -> dict:
+    """The CPU offload tier's counters for EngineStats (zeros without the tier)."""
+    if offload is None:
+        return {}
+    return dict(kv_offload_swapped_out_blocks=offload.num_swapped_out_blocks,
+                kv_offload_swapped_in_blocks=offload.num_swapped_in_blocks,
+                kv_offload_prefix_hits=offload.num_prefix_hit_tokens)

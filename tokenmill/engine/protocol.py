@@ -19,6 +19,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of those, tokens found (cumulative)
     num_preemptions: int = 0  # cumulative
+    kv_offload_swapped_out_blocks: int = 0  # KV blocks copied to the CPU offload tier (cumulative)
+    kv_offload_swapped_in_blocks: int = 0  # KV blocks copied back from it (cumulative)
+    kv_offload_prefix_hits: int = 0  # prompt tokens found in its prefix index (cumulative)
     prompt_tokens: int = 0  # cumulative prompt tokens computed
     generation_tokens: int = 0  # cumulative tokens generated
     steps: int = 0

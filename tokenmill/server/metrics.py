@@ -46,6 +46,12 @@ class _EngineStatsCollector(Collector):
         yield gauge("prefix_cache_hit_rate", "prefix-cache hit tokens / queried tokens (cumulative)", rate)
         yield counter("prefix_cache_queries", "prompt tokens looked up in the prefix cache", s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "prompt tokens found in the prefix cache", s.prefix_cache_hits)
+        yield counter("kv_offload_swapped_out_blocks", "KV blocks copied to the CPU offload tier",
+                      s.kv_offload_swapped_out_blocks)
+        yield counter("kv_offload_swapped_in_blocks", "KV blocks copied back from the CPU offload tier",
+                      s.kv_offload_swapped_in_blocks)
+        yield counter("kv_offload_prefix_hits", "prompt tokens found in the CPU offload tier's prefix index",
+                      s.kv_offload_prefix_hits)
         yield counter("num_preemptions", "requests preempted to free KV blocks", s.num_preemptions)
         yield counter("prompt_tokens", "prompt tokens computed", s.prompt_tokens)
         yield counter("generation_tokens", "tokens generated", s.generation_tokens)

@@ -20,6 +20,7 @@ from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
 from tokenmill.worker.device_setup import DeviceSetup
 from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
+from tokenmill.worker.kv_offload import HostKVTier
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ModelRunner:
         self.source = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.kv_offload: Optional[HostKVTier] = None  # the CPU offload tier (cpu_offload_gb > 0)
         self.max_model_len = 0
         self.states: dict[str, RunnerRequestState] = {}
         self.sampler = Sampler(seed=config.model.seed, device=self.device)
@@ -76,6 +78,8 @@ class ModelRunner:
         self.device_setup.attach(self.model)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
+        self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
+                                            self.kv_bytes_per_block(), self.device)
         self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
         if self.config.spec.speculative_method == "ngram":
             from tokenmill.spec.ngram import NgramProposer
@@ -92,6 +96,10 @@ class ModelRunner:
                 raise ConfigError(f"max_model_len {want} exceeds the model's max_position_embeddings {limit}")
             return want
         return int(limit)
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.kv_offload.num_host_blocks if self.kv_offload is not None else 0
 
     def kv_bytes_per_block(self) -> int:
         """K + V bytes of one block over all layers, per-token scales of a quantized cache included."""
@@ -139,6 +147,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched)
+        if sched.kv_swap_out or sched.kv_swap_in:  # before the forward: it may overwrite swapped-out blocks
+            self.kv_offload.apply(sched.kv_swap_out, sched.kv_swap_in)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput()
         plan = plan_step(self.states, sched, self.block_size, self.device)
