@@ -54,6 +54,10 @@ class CacheConfig:
     enable_prefix_caching: bool = _f(True, "reuse the KV of identical prompt prefixes")
     kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), fp8, int8",
                              choices=["auto", "fp8", "int8"])
+    streaming_sink_tokens: int = _f(4, "kv_eviction='streaming' requests: attention-sink tokens kept at the start "
+                                       "(rounded up to whole blocks)")
+    streaming_window_tokens: int = _f(1024, "kv_eviction='streaming' requests: most recent tokens kept (rounded up "
+                                            "to whole blocks, at least 2); a longer prompt is refused")
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -64,6 +68,11 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.streaming_sink_tokens < 0:
+            raise ConfigError(f"streaming_sink_tokens must be >= 0, got {self.streaming_sink_tokens}")
+        if -(-self.streaming_window_tokens // self.block_size) < 2:
+            raise ConfigError(f"streaming_window_tokens must span at least 2 blocks of {self.block_size}, "
+                              f"got {self.streaming_window_tokens}")
 
 
 @dataclass

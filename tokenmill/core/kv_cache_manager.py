@@ -8,6 +8,7 @@ from typing import Optional
 
 from tokenmill.core.block_pool import BlockPool, KVBlock
 from tokenmill.core.prefix_cache import extend_block_keys
+from tokenmill.core.streaming import StreamingTracker, is_streaming
 from tokenmill.request import Request
 
 
@@ -21,6 +22,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.streaming: Optional[StreamingTracker] = None  # set by the scheduler: kv_eviction="streaming"
         # prefix cache statistics, in tokens
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -55,6 +57,8 @@ class KVCacheManager:
             return [], 0
         # at most (num_tokens - 1) tokens may come from the cache
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if self.streaming is not None and is_streaming(request):  # only its sinks may be shared
+            max_blocks = min(max_blocks, self.streaming.spec.sink_blocks)
         extend_block_keys(request.block_hashes, request.all_token_ids, self.block_size, self._extra(request))
         hits: list[KVBlock] = []
         for key in request.block_hashes[:max_blocks]:
@@ -83,7 +87,7 @@ class KVCacheManager:
         (nothing changes then)."""
         computed = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        num_computed = self._cache_len(request) + len(computed) * self.block_size
         need_total = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         num_new_blocks = max(0, need_total - len(blocks) - len(computed))
         # cached hits that sit in the free queue are taken out of it by touch()
@@ -99,8 +103,16 @@ class KVCacheManager:
         if self.enable_caching:
             # cache the blocks that are full of known (non-speculative) tokens after this step
             num_known = min(num_computed + num_new_tokens, request.num_tokens)
+            if self.streaming is not None and is_streaming(request):  # register the sinks only
+                num_known = min(num_known, self.streaming.spec.sink_tokens)
             self._cache_full_blocks(request, blocks, num_known)
         return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+
+    def _cache_len(self, request: Request) -> int:
+        """Tokens of the request in its blocks (a streaming request's evicted ones excluded)."""
+        if self.streaming is not None and is_streaming(request):
+            return self.streaming.cache_len(request)
+        return request.num_computed_tokens
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         n_full = num_tokens // self.block_size

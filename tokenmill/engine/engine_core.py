@@ -9,6 +9,7 @@ from typing import Optional
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.request import Request, RequestStatus
 
@@ -26,8 +27,10 @@ class EngineCore:
     def load(self) -> None:
         if self.runner.model is None:
             self.runner.load()
-        self.scheduler = Scheduler(self.config.scheduler, self.runner.num_blocks, self.config.cache.block_size,
-                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching)
+        cc = self.config.cache
+        streaming = StreamingSpec.from_tokens(cc.streaming_sink_tokens, cc.streaming_window_tokens, cc.block_size)
+        self.scheduler = Scheduler(self.config.scheduler, self.runner.num_blocks, cc.block_size,
+                                   self.runner.max_model_len, cc.enable_prefix_caching, streaming=streaming)
 
     @property
     def max_model_len(self) -> int:
