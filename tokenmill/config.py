@@ -58,6 +58,10 @@ class CacheConfig:
     cpu_offload_gb: float = _f(0.0, "GiB of (pinned) host memory for a second KV tier: evicted prefix-cache blocks "
                                     "and the KV of preempted requests are copied there and back instead of "
                                     "recomputed (0: off; brings nothing on a CPU device)")
+    streaming_sink_tokens: int = _f(4, "kv_eviction='streaming' requests: attention-sink tokens kept at the start "
+                                       "(rounded up to whole blocks)")
+    streaming_window_tokens: int = _f(1024, "kv_eviction='streaming' requests: most recent tokens kept (rounded up "
+                                            "to whole blocks, at least 2); a longer prompt is refused")
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -70,6 +74,11 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.cpu_offload_gb < 0:
             raise ConfigError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
+        if self.streaming_sink_tokens < 0:
+            raise ConfigError(f"streaming_sink_tokens must be >= 0, got {self.streaming_sink_tokens}")
+        if -(-self.streaming_window_tokens // self.block_size) < 2:
+            raise ConfigError(f"streaming_window_tokens must span at least 2 blocks of {self.block_size}, "
+                              f"got {self.streaming_window_tokens}")
 
 
 @dataclass

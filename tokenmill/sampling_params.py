@@ -52,6 +52,9 @@ class SamplingParams:
     slo: Optional[SLO] = None
     user: Optional[str] = None
     cache_salt: Optional[str] = None
+    # long-context KV eviction: None (keep everything) or "streaming" (attention sinks + a recent window,
+    # StreamingLLM; sizes in CacheConfig.streaming_*_tokens): bounded memory, endless generation
+    kv_eviction: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,6 +115,8 @@ class SamplingParams:
                     bad("logit_bias", f"logit_bias values must be in [-100, 100], got {v} for token {k}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.kv_eviction not in (None, "streaming"):
+            bad("kv_eviction", f"kv_eviction must be null or 'streaming', got {self.kv_eviction!r}")
         if self.slo is not None:
             for name in ("ttft_ms", "tpot_ms"):
                 v = getattr(self.slo, name)

@@ -9,6 +9,7 @@ from typing import Optional
 from tokenmill.core.block_pool import BlockPool, KVBlock
 from tokenmill.core.offload import KVOffloadManager
 from tokenmill.core.prefix_cache import extend_block_keys
+from tokenmill.core.streaming import StreamingTracker, is_streaming
 from tokenmill.request import Request
 
 
@@ -26,6 +27,7 @@ class KVCacheManager:
         if self.offload is not None:
             self.pool.on_evict = self.offload.on_device_evict
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.streaming: Optional[StreamingTracker] = None  # set by the scheduler: kv_eviction="streaming"
         # prefix cache statistics, in tokens
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -60,6 +62,8 @@ class KVCacheManager:
             return [], 0
         # at most (num_tokens - 1) tokens may come from the cache
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if self.streaming is not None and is_streaming(request):  # only its sinks may be shared
+            max_blocks = min(max_blocks, self.streaming.spec.sink_blocks)
         extend_block_keys(request.block_hashes, request.all_token_ids, self.block_size, self._extra(request))
         hits: list[KVBlock] = []
         for key in request.block_hashes[:max_blocks]:
@@ -72,8 +76,8 @@ class KVCacheManager:
     def get_offloaded_hit_tokens(self, request: Request, num_device_hit_blocks: int) -> int:
         """Tokens after the device hits the host tier restores by copy (0 without it). Pass them to
         allocate_slots as num_offloaded_tokens."""
-        if self.offload is None:
-            return 0
+        if self.offload is None or (self.streaming is not None and is_streaming(request)):
+            return 0  # a streaming request shares only its sink blocks (device prefix cache)
         return self.offload.num_hit_tokens(request, num_device_hit_blocks)
 
     def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
@@ -95,7 +99,7 @@ class KVCacheManager:
         of newly added blocks (hits first), or None if they do not fit (nothing changes then)."""
         computed = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed) * self.block_size + num_offloaded_tokens
+        num_computed = self._cache_len(request) + len(computed) * self.block_size + num_offloaded_tokens
         need_total = cdiv(num_computed + num_new_tokens + num_lookahead_tokens, self.block_size)
         num_new_blocks = max(0, need_total - len(blocks) - len(computed))
         # cached hits that sit in the free queue are taken out of it by touch()
@@ -114,8 +118,16 @@ class KVCacheManager:
         if self.enable_caching:
             # cache the blocks that are full of known (non-speculative) tokens after this step
             num_known = min(num_computed + num_new_tokens, request.num_tokens)
+            if self.streaming is not None and is_streaming(request):  # register the sinks only
+                num_known = min(num_known, self.streaming.spec.sink_tokens)
             self._cache_full_blocks(request, blocks, num_known)
         return [b.block_id for b in computed] + [b.block_id for b in new_blocks]
+
+    def _cache_len(self, request: Request) -> int:
+        """Tokens of the request in its blocks (a streaming request's evicted ones excluded)."""
+        if self.streaming is not None and is_streaming(request):
+            return self.streaming.cache_len(request)
+        return request.num_computed_tokens
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         n_full = num_tokens // self.block_size
@@ -137,7 +149,8 @@ class KVCacheManager:
         """Free a preempted request's device blocks; with the host tier and room in it, its computed
         KV is first swapped out (True: it resumes by swap-in, else it is recomputed)."""
         swapped = False
-        if self.offload is not None:
+        # a streaming request resumes by recomputing its sink + window (core/streaming.py), never by swap-in
+        if self.offload is not None and not (self.streaming is not None and is_streaming(request)):
             swapped = self.offload.swap_out(request, self.block_ids(request.request_id),
                                             request.num_computed_tokens)
         blocks = self.req_blocks.pop(request.request_id, None)

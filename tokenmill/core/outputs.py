@@ -35,6 +35,19 @@ class CachedRequestData:
 
 
 @dataclass
+class KVStreamingStep:
+    """A kv_eviction="streaming" request's cache this step (see core/streaming.py); the runner applies it
+    before the forward: drop `num_evicted_blocks` block-table entries after the sinks, rotate the keys of
+    `shift_block_ids` by `shift` positions, and place tokens at cache indices (text index - evicted)."""
+
+    num_sink_tokens: int
+    num_evicted_tokens: int  # text tokens evicted so far, this step's included
+    num_evicted_blocks: int  # evicted this step
+    shift_block_ids: list[int]  # kept non-sink blocks whose keys are re-rotated
+    shift: int  # RoPE position delta (-evicted tokens this step)
+
+
+@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
     scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
@@ -49,6 +62,8 @@ class SchedulerOutput:
     # CPU offload tier copies, done by the runner before the forward: all swap-outs, then all swap-ins
     kv_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     kv_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    # req_id -> eviction / cache-position info of scheduled kv_eviction="streaming" requests
+    kv_streaming: dict[str, KVStreamingStep] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -16,17 +16,22 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
 from tokenmill.core.policy import FairPolicy, Policy, make_policy_for_config
-from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, PromptTooLongError
+from tokenmill.core.streaming import StreamingSpec, StreamingTracker, is_streaming
+from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from tokenmill.request import Request, RequestStatus
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
                  enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
-                 clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0):
+                 clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0,
+                 streaming: Optional[StreamingSpec] = None):
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
+        # kv_eviction="streaming" requests (sizes from CacheConfig.streaming_*_tokens)
+        self.streaming = StreamingTracker(streaming or StreamingSpec.from_tokens(4, 1024, block_size))
+        self.kv.streaming = self.streaming
         self.policy = policy or make_policy_for_config(config)
         self.config = self.policy.adjust_config(config)  # e.g. the slo policy's long-prefill cap
         self.clock = clock
@@ -48,7 +53,9 @@ class Scheduler:
         limit = self.config.max_waiting_requests
         if limit is not None and len(self.waiting) >= limit:
             raise EngineOverloadedError(f"too many waiting requests ({len(self.waiting)}); try again later")
-        if not self.kv.can_fit(req.num_tokens + 1):
+        if is_streaming(req):
+            self._check_streaming(req)
+        elif not self.kv.can_fit(req.num_tokens + 1):
             raise PromptTooLongError(
                 f"prompt of {req.num_prompt_tokens} tokens does not fit in the KV cache "
                 f"({self.kv.num_total_blocks * self.block_size} tokens); raise num_kv_blocks or kv_cache_memory")
@@ -58,6 +65,17 @@ class Scheduler:
         self.waiting.append(req)
         if isinstance(self.policy, FairPolicy):
             self.policy.on_arrival(req)
+
+    def _check_streaming(self, req: Request) -> None:
+        spec = self.streaming.spec
+        if req.num_tokens > spec.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"prompt of {req.num_prompt_tokens} tokens is longer than a kv_eviction='streaming' request keeps "
+                f"({spec.max_prompt_tokens}: streaming_sink_tokens + streaming_window_tokens)", param="prompt")
+        if spec.max_cache_tokens > self.max_model_len or not self.kv.can_fit(spec.max_cache_tokens):
+            raise InvalidRequestError(
+                f"kv_eviction='streaming' needs {spec.max_cache_tokens} cache positions (sinks + window + one "
+                f"block), more than max_model_len {self.max_model_len} or the KV cache", param="kv_eviction")
 
     def abort_requests(self, request_ids: Iterable[str],
                        status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
@@ -77,6 +95,7 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.kv.free(req)
+        self.streaming.drop(req)
         self.requests.pop(req.request_id, None)
         if req.request_id in self._in_runner:
             self._in_runner.discard(req.request_id)
@@ -125,17 +144,24 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            remaining = req.num_tokens - req.num_computed_tokens  # known tokens not yet computed
+            streaming = is_streaming(req)
+            if streaming:  # counted in its cache; max_model_len does not cap it, its cache size does
+                remaining, cap = self.streaming.remaining(req), self.streaming.cap(req)
+            else:
+                remaining = req.num_tokens - req.num_computed_tokens  # known tokens not yet computed
+                cap = self.max_model_len - req.num_computed_tokens
             if remaining > 1 and self.policy.defer_prefill(req, now):
                 deferred.append(req)
                 i += 1
                 continue
-            n = min(remaining + len(req.spec_token_ids), budget, self.max_model_len - req.num_computed_tokens)
+            n = min(remaining + len(req.spec_token_ids), budget, cap)
             n, num_long = self._cap_long_prefill(remaining, n, num_long)
             if n <= 0:
                 i += 1
                 continue
-            if not self.kv.can_fit(req.num_computed_tokens + n):
+            if streaming:
+                out.kv_streaming[req.request_id] = self.streaming.evict(self.kv, req, n)
+            elif not self.kv.can_fit(req.num_computed_tokens + n):
                 # even the whole cache cannot hold it: end it rather than preempt forever
                 self.running.pop(i)
                 self._finish(req, RequestStatus.FINISHED_LENGTH)
@@ -176,7 +202,11 @@ class Scheduler:
                 num_host = self.kv.get_offloaded_hit_tokens(req, len(hits))  # restored by swap-in
                 num_hit += num_host
                 remaining = req.num_tokens - num_hit
-                n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
+                budget_n = budget
+                if is_streaming(req):  # resumed after evictions: sinks + window only, in its cache
+                    remaining = self.streaming.to_cache(req, req.num_tokens) - num_hit
+                    budget_n = min(budget, self.streaming.spec.max_cache_tokens - num_hit)
+                n, num_long = self._cap_long_prefill(remaining, min(remaining, budget_n), num_long)
                 if n <= 0:
                     j += 1
                     continue
@@ -185,7 +215,7 @@ class Scheduler:
                     break  # no room: stop admitting
                 self.kv.record_prefix_lookup(req.num_tokens, num_hit)
                 self.waiting.pop(j)
-                req.num_computed_tokens = num_hit
+                req.num_computed_tokens = self.streaming.to_text(req, num_hit) if is_streaming(req) else num_hit
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_hit
                 if req.first_scheduled_time is None:
@@ -213,13 +243,22 @@ class Scheduler:
             budget -= n
 
         out.preempted_req_ids = {r.request_id for r in preempted}
+        for req_id in list(out.kv_streaming):
+            if req_id in out.preempted_req_ids:
+                del out.kv_streaming[req_id]  # its blocks are gone: nothing to shift
+        for new in out.scheduled_new_reqs:  # admitted (or resumed) streaming requests: no eviction, just E
+            if is_streaming(r := self.requests[new.req_id]):
+                out.kv_streaming[new.req_id] = self.streaming.step_info(r)
         out.finished_req_ids = self._finished_for_runner | out.preempted_req_ids
         self._finished_for_runner = set()
         if self.kv.offload is not None:
             out.kv_swap_out, out.kv_swap_in = self.kv.offload.take_swaps()
         # advance at schedule time; rejected speculative tokens are taken back in update_from_output
         for req_id, n in out.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += n
+            if req_id in out.kv_streaming:
+                self.streaming.advance(self.requests[req_id], n)
+            else:
+                self.requests[req_id].num_computed_tokens += n
         self.num_steps += 1
         return out
 
@@ -292,7 +331,9 @@ class Scheduler:
                 self.running.remove(req)
                 self._finish(req, status)
             elif result.draft_token_ids.get(req_id):
-                room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+                room = req.max_tokens - req.num_output_tokens - 1
+                if not is_streaming(req):
+                    room = min(room, self.max_model_len - req.num_tokens - 1)
                 req.spec_token_ids = result.draft_token_ids[req_id][:max(0, room)]
             plp = result.prompt_logprobs.get(req_id)
             if kept or status is not None or plp:
@@ -314,7 +355,7 @@ class Scheduler:
                     return kept, RequestStatus.FINISHED_STOPPED, None
                 if t in p.stop_token_ids:
                     return kept, RequestStatus.FINISHED_STOPPED, t
-            if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            if n_out >= req.max_tokens or (req.num_tokens >= self.max_model_len and not is_streaming(req)):
                 return kept, RequestStatus.FINISHED_LENGTH, None
         return kept, None, None
 

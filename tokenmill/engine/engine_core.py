@@ -9,6 +9,7 @@ from typing import Optional
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.request import Request, RequestStatus
 
@@ -26,16 +27,17 @@ class EngineCore:
     def load(self) -> None:
         if self.runner.model is None:
             self.runner.load()
-        sc = self.config.scheduler
+        sc, cc = self.config.scheduler, self.config.cache
         policy = None
         if sc.slo_calibration:
             from tokenmill.core.policy import make_policy_for_config
             from tokenmill.perf.cost_model import CostModel
 
             policy = make_policy_for_config(sc, cost_model=CostModel.load(sc.slo_calibration))
-        self.scheduler = Scheduler(sc, self.runner.num_blocks, self.config.cache.block_size,
-                                   self.runner.max_model_len, self.config.cache.enable_prefix_caching, policy=policy,
-                                   num_host_blocks=getattr(self.runner, "num_host_blocks", 0))
+        streaming = StreamingSpec.from_tokens(cc.streaming_sink_tokens, cc.streaming_window_tokens, cc.block_size)
+        self.scheduler = Scheduler(sc, self.runner.num_blocks, cc.block_size, self.runner.max_model_len,
+                                   cc.enable_prefix_caching, policy=policy,
+                                   num_host_blocks=getattr(self.runner, "num_host_blocks", 0), streaming=streaming)
 
     @property
     def max_model_len(self) -> int:

@@ -73,11 +73,18 @@ class LLMEngine:
         runner.eos_token_ids = self.eos_token_ids
         vocab = int(getattr(runner.model, "vocab_size", None) or runner.hf_config.vocab_size)
         text_tokenizer = self.tokenizer if self.tokenizer is not None else _NoTokenizer()
-        self.processor = Processor(text_tokenizer, runner.max_model_len, vocab)
+        self.processor = Processor(text_tokenizer, runner.max_model_len, vocab,
+                                   streaming_max_prompt=self._streaming_max_prompt())
         self.output_processor = OutputProcessor(text_tokenizer)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
+
+    def _streaming_max_prompt(self) -> Optional[int]:
+        """Longest prompt of a kv_eviction='streaming' request; None where the KV cache cannot re-rotate keys."""
+        if self.config.cache.kv_cache_dtype != "auto" or not self.core.runner.supports_kv_streaming():
+            return None
+        return self.core.scheduler.streaming.spec.max_prompt_tokens
 
     @property
     def max_model_len(self) -> int:

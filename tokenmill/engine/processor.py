@@ -57,10 +57,13 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
 class Processor:
     """Chat template + tokenization + request validation for one model."""
 
-    def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int):
+    def __init__(self, tokenizer: Any, max_model_len: int, vocab_size: int,
+                 streaming_max_prompt: Optional[int] = None):
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len)
         self.vocab_size = int(vocab_size)
+        # longest prompt of a kv_eviction="streaming" request (sinks + window); None: not available
+        self.streaming_max_prompt = streaming_max_prompt
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True, tools: Optional[list] = None,
                             chat_template: Optional[str] = None, **kwargs: Any) -> list[int]:
@@ -123,6 +126,8 @@ class Processor:
         for t in prompt_ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise _bad(f"prompt token id {t!r} is out of range [0, {self.vocab_size})", "prompt")
+        if params.kv_eviction == "streaming":
+            return self._validate_streaming(n, params)
         if n >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n} tokens but the model's context length is "
                                      f"{self.max_model_len} tokens (max_model_len); shorten the prompt")
@@ -136,3 +141,16 @@ class Processor:
                 f"were requested ({n} in the prompt, {params.max_tokens} for max_tokens); "
                 f"reduce the prompt or max_tokens", param="max_tokens")
         return params.max_tokens
+
+    def _validate_streaming(self, n: int, params: SamplingParams) -> int:
+        """A streaming request: the prompt fits sinks + window; max_tokens is not capped by max_model_len."""
+        if self.streaming_max_prompt is None:
+            raise _bad("kv_eviction='streaming' needs kv_cache_dtype auto (int8/fp8 keys cannot be re-rotated)",
+                       "kv_eviction")
+        if n > self.streaming_max_prompt:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens but a kv_eviction='streaming' request keeps at most "
+                f"{self.streaming_max_prompt} (streaming_sink_tokens + streaming_window_tokens); shorten the prompt",
+                param="prompt")
+        params.validate_vocab(self.vocab_size)
+        return params.max_tokens if params.max_tokens is not None else 1 << 30

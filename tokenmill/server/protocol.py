@@ -80,6 +80,7 @@ class SamplingFields(OpenAIModel):
     priority: int = 0
     slo: Optional[SLOSpec] = None
     cache_salt: Optional[str] = None
+    kv_eviction: Optional[Literal["streaming"]] = None  # tokenmill extra: StreamingLLM sinks + window
 
     @field_validator("logit_bias")
     @classmethod
@@ -141,6 +142,7 @@ class SamplingFields(OpenAIModel):
             slo=slo,
             user=self.user,
             cache_salt=self.cache_salt,
+            kv_eviction=self.kv_eviction,
         )
 
 

@@ -1,7 +1,7 @@
 """Persistent per-request state on the runner side, and the step's flat ForwardBatch built from it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -9,6 +9,7 @@ import torch
 from tokenmill.core.outputs import SchedulerOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.forward_batch import ForwardBatch
+from tokenmill.worker.streaming import cache_span
 
 
 @dataclass
@@ -20,6 +21,9 @@ class RunnerRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     num_prompt_tokens: int = 0
+    # kv_eviction="streaming": sinks and text tokens evicted so far (cache position = text index - evicted)
+    num_sink_tokens: int = 0
+    num_evicted_tokens: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -67,17 +71,19 @@ def plan_step(states: dict[str, RunnerRequestState], sched: SchedulerOutput, blo
         st = states[rid]
         spec = sched.scheduled_spec_decode_tokens.get(rid, [])
         start = st.num_computed_tokens
-        toks = st.token_ids[start:start + n - len(spec)] + spec
+        cstart, toks, end = cache_span(st, start, n - len(spec))  # cache positions: streaming evictions
+        toks = toks + spec
         input_ids.extend(toks)
-        positions.extend(range(start, start + n))
+        positions.extend(range(cstart, cstart + n))
         bids = st.block_ids
-        slots.extend(bids[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        slots.extend(bids[p // block_size] * block_size + p % block_size for p in range(cstart, cstart + n))
         tok0 = qsl[-1]
         qsl.append(tok0 + n)
-        seq_lens.append(start + n)
+        seq_lens.append(cstart + n)
         q_lens.append(n)
-        does_sample = start + n - len(spec) >= len(st.token_ids)
-        wants_plp = st.params.prompt_logprobs is not None and start < st.num_prompt_tokens
+        does_sample = end >= len(st.token_ids)
+        wants_plp = (st.params.prompt_logprobs is not None and start < st.num_prompt_tokens
+                     and not st.num_evicted_tokens)
         row0 = len(logits_idx)
         if wants_plp:
             # every row of the chunk: row k predicts position start + k + 1

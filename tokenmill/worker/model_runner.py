@@ -21,6 +21,7 @@ from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_genera
 from tokenmill.worker.device_setup import DeviceSetup
 from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
 from tokenmill.worker.kv_offload import HostKVTier
+from tokenmill.worker.streaming import apply_kv_streaming, find_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +144,18 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
                                            m.head_dim, self.dtype, self.device)
 
+    def supports_kv_streaming(self) -> bool:
+        """kv_eviction="streaming" re-rotates cached keys: it needs RoPE and an unquantized cache."""
+        return find_rotary(self.model) is not None and all(isinstance(c, torch.Tensor) for c in self.kv_caches)
+
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched)
         if sched.kv_swap_out or sched.kv_swap_in:  # before the forward: it may overwrite swapped-out blocks
             self.kv_offload.apply(sched.kv_swap_out, sched.kv_swap_in)
+        if sched.kv_streaming:  # evictions of kv_eviction="streaming" requests: block tables + K-shift
+            apply_kv_streaming(self.states, sched, self.kv_caches, find_rotary(self.model), self.block_size)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput()
         plan = plan_step(self.states, sched, self.block_size, self.device)

@@ -132,3 +132,23 @@ class RotaryEmbedding(nn.Module):
                 cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions)
         return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
+
+def shift_cos_sin(inv_freq: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [D] float32 of a pure rotation by `delta` positions (no attention scaling: the cached keys
+    carry it already). Rotations compose: a key rotated for position p, rotated by delta, equals the key
+    rotated for p + delta. Angles in float64, so large deltas lose nothing before the cast."""
+    freqs = float(delta) * inv_freq.detach().to("cpu", torch.float64)  # [D/2]
+    emb = torch.cat((freqs, freqs))  # [D]
+    return emb.cos().float(), emb.sin().float()
+
+
+def shift_cached_keys_(kv_cache: torch.Tensor, block_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate in place the keys of whole blocks of one layer's paged cache [2, NB, BS, Hkv, D] by cos/sin [D]
+    (from shift_cos_sin): the StreamingLLM / llama.cpp "K-shift" after tokens before them were evicted."""
+    keys = kv_cache[0]  # [NB, BS, Hkv, D]
+    k = keys.index_select(0, block_ids).float()  # [n, BS, Hkv, D]
+    half = k.shape[-1] // 2
+    rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)  # rotate_half
+    cos, sin = cos.to(k.device), sin.to(k.device)
+    keys.index_copy_(0, block_ids, (k * cos + rotated * sin).to(keys.dtype))
