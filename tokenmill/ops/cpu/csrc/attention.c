@@ -21,9 +21,16 @@
 #include <immintrin.h>
 #endif
 
-#define RMAX 32             /* rows (query tokens x heads of one KV head) per tile */
+#define RMAX 24             /* rows (query tokens x heads of one KV head) per tile */
 #define MIN_SPLIT_KEYS 128  /* fewest keys per split-K piece */
 #define ITEMS_PER_THREAD 4  /* split when there are fewer items than this per thread */
+#define CHUNK_KEYS 64       /* keys per online-softmax update (whole blocks) */
+#define MAX_CHUNK_BLOCKS 128
+
+static inline int chunk_blocks(int bs) {
+    int n = CHUNK_KEYS / bs;
+    return n < 1 ? 1 : (n > MAX_CHUNK_BLOCKS ? MAX_CHUNK_BLOCKS : n);
+}
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
 enum { OK = 0, E_NOMEM = -1, E_BLOCK = -2, E_DTYPE = -3, E_SHAPE = -4 };
@@ -102,84 +109,77 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* S[r, j] = Q[r] . K[j] for r < R, j < nk (Q rows contiguous, K row stride kst) */
-static void scores_avx2(float *S, int sst, const float *Q, int R, const float *K, int64_t kst, int nk, int D) {
-    for (int r = 0; r < R; r++) {
-        const float *qr = Q + (int64_t)r * D;
-        float *sr = S + (int64_t)r * sst;
-        int j = 0;
-        for (; j + 8 <= nk; j += 8) {
-            const float *k0 = K + j * kst;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int x = 0; x < D; x += 8) {
-                __m256 qv = _mm256_loadu_ps(qr + x);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + x), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + kst + x), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kst + x), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kst + x), a3);
-                a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * kst + x), a4);
-                a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * kst + x), a5);
-                a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * kst + x), a6);
-                a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * kst + x), a7);
+/* Scores of NR query rows x 4 keys: each K load feeds NR rows, each Q load 4 keys (NR constant after inlining) */
+static inline __attribute__((always_inline)) void scores_rows(const int NR, float *S, int sst, const float *Q,
+                                                              const float *K, int64_t kst, int nk, int D) {
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = K + j * kst;
+        __m256 c[3][4];
+        for (int i = 0; i < NR; i++)
+            for (int u = 0; u < 4; u++) c[i][u] = _mm256_setzero_ps();
+        for (int x = 0; x < D; x += 8) {
+            __m256 kv[4];
+            for (int u = 0; u < 4; u++) kv[u] = _mm256_loadu_ps(k0 + u * kst + x);
+            for (int i = 0; i < NR; i++) {
+                __m256 qv = _mm256_loadu_ps(Q + i * D + x);
+                for (int u = 0; u < 4; u++) c[i][u] = _mm256_fmadd_ps(qv, kv[u], c[i][u]);
             }
-            __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-            __m256 res = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
-            _mm256_storeu_ps(sr + j, res);
         }
-        for (; j < nk; j++) {
-            const float *kj = K + j * kst;
+        for (int i = 0; i < NR; i++) {
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(c[i][0], c[i][1]), _mm256_hadd_ps(c[i][2], c[i][3]));
+            _mm_storeu_ps(S + i * sst + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+    }
+    for (; j < nk; j++) {
+        const float *kj = K + j * kst;
+        for (int i = 0; i < NR; i++) {
             __m256 a = _mm256_setzero_ps();
-            for (int x = 0; x < D; x += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + x), _mm256_loadu_ps(kj + x), a);
-            sr[j] = hsum8(a);
+            for (int x = 0; x < D; x += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(Q + i * D + x), _mm256_loadu_ps(kj + x), a);
+            S[i * sst + j] = hsum8(a);
         }
     }
 }
 
-/* acc[i] += sum_j P[i, j] V[j] for NR rows (NR a constant after inlining: the accumulators stay in registers) */
+/* S[r, j] = Q[r] . K[j] for r < R, j < nk (Q rows contiguous, K row stride kst) */
+static void scores_avx2(float *S, int sst, const float *Q, int R, const float *K, int64_t kst, int nk, int D) {
+    int r = 0;
+    for (; r + 3 <= R; r += 3) scores_rows(3, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+    if (R - r == 2) scores_rows(2, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+    if (R - r == 1) scores_rows(1, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+}
+
+/* acc[i, x:x+8W] += sum_j P[i, j] V[j, x:x+8W] for NR rows (NR, W constants after inlining: registers only) */
+static inline __attribute__((always_inline)) void pv_tile(const int NR, const int W, float *acc, const float *P,
+                                                          int pst, const float *V, int64_t vst, int nk, int D, int x) {
+    __m256 c[3][4];
+    for (int i = 0; i < NR; i++)
+        for (int w = 0; w < W; w++) c[i][w] = _mm256_loadu_ps(acc + i * D + x + 8 * w);
+    for (int j = 0; j < nk; j++) {
+        __m256 v[4];
+        for (int w = 0; w < W; w++) v[w] = _mm256_loadu_ps(V + j * vst + x + 8 * w);
+        for (int i = 0; i < NR; i++) {
+            __m256 b = _mm256_broadcast_ss(P + i * pst + j);
+            for (int w = 0; w < W; w++) c[i][w] = _mm256_fmadd_ps(b, v[w], c[i][w]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int w = 0; w < W; w++) _mm256_storeu_ps(acc + i * D + x + 8 * w, c[i][w]);
+}
+
 static inline __attribute__((always_inline)) void pv_rows(const int NR, float *acc, const float *P, int pst,
                                                           const float *V, int64_t vst, int nk, int D) {
     int x = 0;
-    for (; x + 16 <= D; x += 16) {
-        __m256 c[4][2];
-        for (int i = 0; i < NR; i++) {
-            c[i][0] = _mm256_loadu_ps(acc + i * D + x);
-            c[i][1] = _mm256_loadu_ps(acc + i * D + x + 8);
-        }
-        for (int j = 0; j < nk; j++) {
-            __m256 v0 = _mm256_loadu_ps(V + j * vst + x), v1 = _mm256_loadu_ps(V + j * vst + x + 8);
-            for (int i = 0; i < NR; i++) {
-                __m256 b = _mm256_broadcast_ss(P + i * pst + j);
-                c[i][0] = _mm256_fmadd_ps(b, v0, c[i][0]);
-                c[i][1] = _mm256_fmadd_ps(b, v1, c[i][1]);
-            }
-        }
-        for (int i = 0; i < NR; i++) {
-            _mm256_storeu_ps(acc + i * D + x, c[i][0]);
-            _mm256_storeu_ps(acc + i * D + x + 8, c[i][1]);
-        }
-    }
-    if (x < D) { /* D % 16 == 8 */
-        __m256 c[4];
-        for (int i = 0; i < NR; i++) c[i] = _mm256_loadu_ps(acc + i * D + x);
-        for (int j = 0; j < nk; j++) {
-            __m256 v0 = _mm256_loadu_ps(V + j * vst + x);
-            for (int i = 0; i < NR; i++) c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(P + i * pst + j), v0, c[i]);
-        }
-        for (int i = 0; i < NR; i++) _mm256_storeu_ps(acc + i * D + x, c[i]);
-    }
+    for (; x + 32 <= D; x += 32) pv_tile(NR, 4, acc, P, pst, V, vst, nk, D, x);
+    if (x + 16 <= D) { pv_tile(NR, 2, acc, P, pst, V, vst, nk, D, x); x += 16; }
+    if (x + 8 <= D) pv_tile(NR, 1, acc, P, pst, V, vst, nk, D, x);
 }
 
 static void pv_avx2(float *acc, const float *P, int pst, int R, const float *V, int64_t vst, int nk, int D) {
     int r = 0;
-    for (; r + 4 <= R; r += 4) pv_rows(4, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
-    switch (R - r) {
-        case 3: pv_rows(3, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D); break;
-        case 2: pv_rows(2, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D); break;
-        case 1: pv_rows(1, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D); break;
-        default: break;
-    }
+    for (; r + 3 <= R; r += 3) pv_rows(3, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
+    if (R - r == 2) pv_rows(2, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
+    if (R - r == 1) pv_rows(1, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
 }
 #endif
 
@@ -209,7 +209,18 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
         return -1.f;
     }
     float mx = s[lo];
-    for (int j = lo + 1; j < hi; j++) mx = s[j] > mx ? s[j] : mx;
+    int j0 = lo;
+#ifdef __AVX2__
+    if (hi - lo >= 8) {
+        __m256 mv = _mm256_loadu_ps(s + lo);
+        for (j0 = lo + 8; j0 + 8 <= hi; j0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j0));
+        __m128 x = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        x = _mm_max_ss(x, _mm_movehdup_ps(x));
+        mx = _mm_cvtss_f32(x);
+    }
+#endif
+    for (int j = j0; j < hi; j++) mx = s[j] > mx ? s[j] : mx;
     float mnew = mx > *m ? mx : *m;
     float alpha = (*m == -INFINITY) ? 0.f : expf(*m - mnew);
     float sum = 0.f;
@@ -259,43 +270,59 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     for (int r = 0; r < R; r++) { sc->m[r] = -INFINITY; sc->l[r] = 0.f; }
     memset(sc->acc, 0, sizeof(float) * (size_t)R * D);
 
-    for (int kb = it->k0 / BS; kb * BS < it->k1; kb++) {
-        const int ks = kb * BS > it->k0 ? kb * BS : it->k0;
-        const int ke = kb * BS + BS < it->k1 ? kb * BS + BS : it->k1;
-        const int nk = ke - ks;
-        const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)it->kvh * D;
-        const float *K, *V;
-        int64_t kst;
-        if (a->kv_dtype == KV_F32) {
-            K = (const float *)a->kv + off;
-            V = (const float *)a->kv + plane + off;
-            kst = kst_pool;
-        } else {
-            to_f32(sc->kb, a->kv + off * esize, kst_pool, nk, D, a->kv_dtype);
-            to_f32(sc->vb, a->kv + (plane + off) * esize, kst_pool, nk, D, a->kv_dtype);
-            K = sc->kb; V = sc->vb; kst = D;
+    const int nbc = chunk_blocks(BS), sst = nbc * BS;
+    for (int kb0 = it->k0 / BS; kb0 * BS < it->k1; kb0 += nbc) {
+        /* one chunk of up to nbc blocks: scores of every block, one softmax update, then P V */
+        const float *Ks[MAX_CHUNK_BLOCKS], *Vs[MAX_CHUNK_BLOCKS];
+        int cols[MAX_CHUNK_BLOCKS + 1], nblk = 0;
+        const int cs = kb0 * BS > it->k0 ? kb0 * BS : it->k0;
+        int64_t kst = kst_pool;
+        cols[0] = 0;
+        for (int kb = kb0; kb < kb0 + nbc && kb * BS < it->k1; kb++, nblk++) {
+            const int ks = kb * BS > it->k0 ? kb * BS : it->k0;
+            const int ke = kb * BS + BS < it->k1 ? kb * BS + BS : it->k1;
+            const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)it->kvh * D;
+            cols[nblk + 1] = cols[nblk] + (ke - ks);
+            if (a->kv_dtype == KV_F32) {
+                Ks[nblk] = (const float *)a->kv + off;
+                Vs[nblk] = (const float *)a->kv + plane + off;
+            } else { /* convert into one contiguous [keys, D] chunk */
+                to_f32(sc->kb + (int64_t)cols[nblk] * D, a->kv + off * esize, kst_pool, ke - ks, D, a->kv_dtype);
+                to_f32(sc->vb + (int64_t)cols[nblk] * D, a->kv + (plane + off) * esize, kst_pool, ke - ks, D,
+                       a->kv_dtype);
+            }
         }
+        if (a->kv_dtype != KV_F32) {
+            Ks[0] = sc->kb; Vs[0] = sc->vb; kst = D;
+            cols[1] = cols[nblk];
+            nblk = 1;
+        }
+        const int nk = cols[nblk];
+        for (int b = 0; b < nblk; b++) {
 #ifdef __AVX2__
-        if (use_avx) scores_avx2(sc->s, BS, sc->qt, R, K, kst, nk, D);
-        else
+            if (use_avx) scores_avx2(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
+            else
 #endif
-            scores_c(sc->s, BS, sc->qt, R, K, kst, nk, D);
+                scores_c(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
+        }
         for (int r = 0; r < R; r++) {
             const int p = pos0 + r / G;
-            int lo = 0, hi = p - ks + 1; /* valid keys ks+lo .. ks+hi-1 */
+            int lo = 0, hi = p - cs + 1; /* valid keys cs+lo .. cs+hi-1 */
             if (hi > nk) hi = nk;
-            if (a->window > 0 && p - a->window + 1 - ks > 0) lo = p - a->window + 1 - ks;
-            float alpha = softmax_row(sc->s + (int64_t)r * BS, nk, lo, hi, &sc->m[r], &sc->l[r]);
+            if (a->window > 0 && p - a->window + 1 - cs > 0) lo = p - a->window + 1 - cs;
+            float alpha = softmax_row(sc->s + (int64_t)r * sst, nk, lo, hi, &sc->m[r], &sc->l[r]);
             if (alpha >= 0.f && alpha != 1.f) {
                 float *ar = sc->acc + (int64_t)r * D;
                 for (int x = 0; x < D; x++) ar[x] *= alpha;
             }
         }
+        for (int b = 0; b < nblk; b++) {
 #ifdef __AVX2__
-        if (use_avx) pv_avx2(sc->acc, sc->s, BS, R, V, kst, nk, D);
-        else
+            if (use_avx) pv_avx2(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
+            else
 #endif
-            pv_c(sc->acc, sc->s, BS, R, V, kst, nk, D);
+                pv_c(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
+        }
     }
 
     if (it->part < 0) {
@@ -416,13 +443,14 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
 #pragma omp parallel
     {
         Scratch sc = {0};
-        const size_t rd = (size_t)rows_alloc * d, bd = (size_t)block_size * d;
-        float *mem = malloc(sizeof(float) * (2 * rd + (size_t)rows_alloc * block_size + 2 * rows_alloc + 2 * bd));
+        const size_t sst = (size_t)chunk_blocks(block_size) * block_size;
+        const size_t rd = (size_t)rows_alloc * d, bd = sst * d;
+        float *mem = malloc(sizeof(float) * (2 * rd + (size_t)rows_alloc * sst + 2 * rows_alloc + 2 * bd));
         if (!mem) {
 #pragma omp atomic write
             err = E_NOMEM;
         } else {
-            sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + (size_t)rows_alloc * block_size;
+            sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + (size_t)rows_alloc * sst;
             sc.l = sc.m + rows_alloc; sc.kb = sc.l + rows_alloc; sc.vb = sc.kb + bd;
         }
 #pragma omp for schedule(dynamic, 1)
