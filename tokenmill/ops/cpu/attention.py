@@ -46,9 +46,12 @@ def supports_kv_dtype(dtype: torch.dtype) -> bool:
 
 
 def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as int32 on the CPU with a unit last stride (rows of a 2-D table may keep their stride)."""
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
-    return t.to(torch.int32).contiguous() if t.dtype != torch.int32 or not t.is_contiguous() else t
+    if t.dtype != torch.int32 or t.stride(-1) != 1 or (t.dim() == 1 and not t.is_contiguous()):
+        t = t.to(torch.int32).contiguous()
+    return t
 
 
 def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
