@@ -30,17 +30,18 @@ class ModelConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     served_model_name: Optional[str] = _f(None, "model name reported by the API (default: derived from --model)")
     num_threads: Optional[int] = _f(None, "CPU threads for torch (default: all cores)")
-    attention_backend: str = _f("auto", "attention kernels: auto (triton on GPU when importable, else reference), "
-                                        "reference (PyTorch), triton", choices=["auto", "reference", "triton"])
+    attention_backend: str = _f("auto", "attention kernels: auto (triton on GPU when importable; on CPU the "
+                                        "compiled cpu kernel when it builds; else reference), reference (PyTorch), "
+                                        "cpu (C/OpenMP kernel), triton", choices=["auto", "reference", "cpu", "triton"])
     enforce_eager: bool = _f(False, "disable CUDA graphs: run every forward eagerly")
     skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts must be token ids, outputs carry no text")
 
     def validate(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
-        if self.attention_backend not in ("auto", "reference", "triton"):
-            raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference "
-                              "or triton", param="attention_backend")
+        if self.attention_backend not in ("auto", "reference", "cpu", "triton"):
+            raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference, "
+                              "cpu or triton", param="attention_backend")
         if self.attention_backend == "triton" and importlib.util.find_spec("triton") is None:
             raise ConfigError("attention_backend 'triton' asked for, but the triton package is not installed",
                               param="attention_backend")

@@ -13,7 +13,8 @@ from tests.model.tiny_models import VOCAB, save_tiny_model, tiny_config
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ConfigError, InvalidRequestError, ModelLoadError
-from tokenmill.ops.attention.backend import ReferenceAttentionBackend
+from tokenmill.ops.attention.backend import CpuAttentionBackend, ReferenceAttentionBackend
+from tokenmill.ops.cpu.attention import cpu_attention_available
 from tokenmill.worker.device_setup import DeviceSetup, profile_batch, select_attention_backend
 from tokenmill.worker.forward_batch import build_forward_batch
 from tokenmill.worker.graphs import CUDAGraphRunner
@@ -43,15 +44,20 @@ def _greedy(llm: LLM, max_tokens: int = 5) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference_llm(tiny_dir, gguf_tokenizer_path) -> LLM:
-    return LLM(tiny_dir, tokenizer=gguf_tokenizer_path, **ENGINE_ARGS)  # attention_backend="auto"
+    return LLM(tiny_dir, tokenizer=gguf_tokenizer_path, attention_backend="reference", **ENGINE_ARGS)
 
 
-def test_auto_on_cpu_selects_reference(reference_llm):
+def test_reference_backend_is_installed(reference_llm):
     ds = reference_llm.engine.core.runner.device_setup
     assert ds.backend_name == "reference"
     model = reference_llm.engine.core.runner.model
     assert all(isinstance(a.backend, ReferenceAttentionBackend) for a in model.attention_layers())
-    assert isinstance(select_attention_backend("auto", CPU), ReferenceAttentionBackend)
+
+
+def test_auto_on_cpu_selects_cpu_kernel_when_it_builds():
+    want = CpuAttentionBackend if cpu_attention_available() else ReferenceAttentionBackend
+    assert isinstance(select_attention_backend("auto", CPU), want)
+    assert isinstance(select_attention_backend("reference", CPU), ReferenceAttentionBackend)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -8,8 +8,9 @@
     capture(kv_caches, ...)    after the KV cache is allocated: bind it, capture decode CUDA graphs
     forward(batch)             one step's forward: replay a graph when one fits, else run eagerly
 
-Backends: "reference" (PyTorch, runs anywhere), "triton" (Triton kernels; on CPU only in Triton's
-interpreter, used by tests), "auto" (triton on CUDA when importable, else reference). CUDA graphs need a
+Backends: "reference" (PyTorch, runs anywhere), "cpu" (compiled C/OpenMP kernel, CPU only), "triton"
+(Triton kernels; on CPU only in Triton's interpreter, used by tests), "auto" (triton on CUDA when
+importable; on CPU the cpu kernel when it builds; else reference). CUDA graphs need a
 backend that reads only device tensors, so they are captured only with triton, on CUDA, without
 enforce_eager; everywhere else `forward` is the plain eager call.
 """
@@ -24,8 +25,10 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ConfigError
-from tokenmill.ops.attention.backend import AttentionBackend, ReferenceAttentionBackend
+from tokenmill.ops.attention.backend import AttentionBackend, CpuAttentionBackend, ReferenceAttentionBackend
 from tokenmill.ops.attention.reference import allocate_kv_cache
+from tokenmill.ops.cpu.attention import cpu_attention_available
+from tokenmill.ops.cpu.build import build_error
 from tokenmill.worker.forward_batch import ForwardBatch, build_forward_batch
 from tokenmill.worker.graphs import CUDAGraphRunner
 from tokenmill.worker.memory_planner import DeviceMemory, MemoryPlan, measure_device_memory, plan_kv_cache
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton")
 GRAPH_POOL_MARGIN_BYTES = 256 << 20  # graph-private allocations beyond the scaled activations
 
 
@@ -60,14 +63,26 @@ def _load_triton_backend(device: torch.device) -> AttentionBackend:
 
 
 def select_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend for an attention_backend setting on `device` (auto: triton on CUDA when importable)."""
+    """The backend for an attention_backend setting on `device` (auto: triton on CUDA when importable,
+    the compiled cpu kernel on CPU when it builds, else reference)."""
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention_backend {name!r}; choose {', '.join(ATTENTION_BACKENDS)}",
                           param="attention_backend")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_importable() else "reference"
+        if device.type == "cuda":
+            name = "triton" if triton_importable() else "reference"
+        else:
+            name = "cpu" if device.type == "cpu" and cpu_attention_available() else "reference"
     if name == "triton":
         return _load_triton_backend(device)
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ConfigError(f"attention_backend 'cpu' runs on the CPU only, not {device.type}",
+                              param="attention_backend")
+        if not cpu_attention_available():
+            raise ConfigError(f"attention_backend 'cpu': the C kernel cannot be built ({build_error('attention')})",
+                              param="attention_backend")
+        return CpuAttentionBackend()
     return ReferenceAttentionBackend()
 
 

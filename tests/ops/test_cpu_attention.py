@@ -1,0 +1,143 @@
+"""Compiled CPU paged-attention kernel (tokenmill/ops/cpu/csrc/attention.c) vs reference.paged_attention.
+
+Random pools with shuffled block ids: decode batches of mixed lengths, GQA ratios, head dims, block sizes,
+sliding windows, prefill chunks over cached prefixes mixed with decodes, batch-1 long contexts (split-K),
+bf16/fp16 pools; plus greedy tokens of a tiny model with attention_backend="cpu" equal to "reference".
+Skipped only when the library cannot be built on this machine.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenmill.ops.attention import reference as R
+from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_paged_attention, supports_kv_dtype
+from tokenmill.ops.cpu.build import build_error
+from tokenmill.worker.forward_batch import ForwardBatch, build_forward_batch
+
+pytestmark = pytest.mark.skipif(not cpu_attention_available(),
+                                reason=f"CPU attention kernel cannot be built: {build_error('attention')}")
+
+
+def _make_batch(reqs: list[tuple[int, int]], block_size: int, num_blocks: int, seed: int) -> ForwardBatch:
+    """reqs: (tokens already cached, tokens computed now); blocks drawn at random from the pool."""
+    rng = random.Random(seed)
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables, toks, done = [], [], []
+    for cached, new in reqs:
+        tables.append([pool.pop() for _ in range(-(-(cached + new) // block_size))])
+        toks.append([0] * new)
+        done.append(cached)
+    return build_forward_batch(toks, done, tables, block_size)
+
+
+def _run(reqs, h, hkv, d, bs, window=None, kv_dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    nb = sum(-(-(c + n) // bs) for c, n in reqs) + 7  # a few blocks nobody owns
+    batch = _make_batch(reqs, bs, nb, seed)
+    kv = torch.randn((2, nb, bs, hkv, d)).to(kv_dtype)
+    q = torch.randn((batch.num_tokens, h, d))
+    scale = d ** -0.5
+    want = R.paged_attention(q, kv.float(), batch, scale, window)
+    got = cpu_paged_attention(q, kv, batch, scale, window)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    return got
+
+
+DECODE_LENS = [1, 2, 15, 16, 17, 33, 64, 100, 255, 257, 300]
+
+
+@pytest.mark.parametrize("h,hkv", [(4, 4), (9, 3), (8, 2)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_decode_batches_of_mixed_lengths(h, hkv, d, bs):
+    _run([(n - 1, 1) for n in DECODE_LENS], h, hkv, d, bs, seed=h + d + bs)
+
+
+@pytest.mark.parametrize("window", [1, 7, 40, 4096])
+def test_sliding_window(window):
+    _run([(n - 1, 1) for n in DECODE_LENS] + [(50, 37), (0, 45)], 8, 2, 64, 16, window=window)
+
+
+def test_prefill_chunks_over_cached_prefixes_mixed_with_decodes():
+    reqs = [(0, 70), (129, 1), (200, 45), (16, 16), (5, 1), (0, 1), (31, 80)]
+    _run(reqs, 9, 3, 64, 16)
+    _run(reqs, 8, 2, 128, 32, seed=1)
+
+
+def test_batch_one_long_context_split_k():
+    _run([(2999, 1)], 9, 3, 64, 16)  # decode: 3 items split over the key range
+    _run([(2048, 200)], 9, 3, 64, 16, seed=2)  # shared-prefix chunk
+    _run([(1500, 3)], 4, 1, 128, 32, window=1000, seed=3)
+
+
+def test_odd_head_dims_and_block_sizes_take_the_plain_path():
+    _run([(30, 5), (3, 1), (0, 9)], 4, 2, 20, 4)  # D % 8 != 0
+    _run([(30, 5), (3, 1), (90, 1)], 4, 1, 80, 8, window=8)  # D % 16 == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pools(dtype):
+    if not supports_kv_dtype(dtype):
+        pytest.skip(f"kernel built without {dtype} support")
+    _run([(n - 1, 1) for n in DECODE_LENS] + [(40, 20)], 9, 3, 64, 16, kv_dtype=dtype)
+
+
+def test_strided_query_and_bf16_query():
+    """q as a view of a packed qkv projection (token stride > H * D), and a bf16 q."""
+    torch.manual_seed(0)
+    batch = _make_batch([(10, 3), (40, 1)], 16, 12, 0)
+    kv = torch.randn((2, 12, 16, 2, 32))
+    qkv = torch.randn((batch.num_tokens, 8 * 32))
+    q = qkv[:, :4 * 32].view(-1, 4, 32)
+    want = R.paged_attention(q, kv, batch, 0.3, None)
+    torch.testing.assert_close(cpu_paged_attention(q, kv, batch, 0.3, None), want, rtol=1e-5, atol=2e-6)
+    got16 = cpu_paged_attention(q.bfloat16(), kv, batch, 0.3, None)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), R.paged_attention(q.bfloat16().float(), kv, batch, 0.3, None),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_bad_inputs_raise():
+    batch = _make_batch([(10, 1)], 16, 4, 0)
+    kv = torch.randn((2, 4, 16, 2, 32))
+    q = torch.randn((1, 4, 32))
+    with pytest.raises(ValueError, match="heads"):
+        cpu_paged_attention(torch.randn((1, 3, 32)), kv, batch)
+    with pytest.raises(ValueError, match="block size"):
+        cpu_paged_attention(q, torch.randn((2, 4, 8, 2, 32)), batch)
+    with pytest.raises(ValueError, match="tokens"):
+        cpu_paged_attention(torch.randn((2, 4, 32)), kv, batch)
+    with pytest.raises(ValueError, match="cannot read"):
+        cpu_paged_attention(q, kv.to(torch.int8), batch)
+    batch.block_tables[0, 0] = 99
+    with pytest.raises(ValueError, match="block id"):
+        cpu_paged_attention(q, kv, batch)
+
+
+def test_engine_greedy_tokens_match_reference(tmp_path, gguf_tokenizer_path):
+    """Tiny random-weight llama (GQA) and mistral (sliding window): chunked prefill, prefix caching, decode."""
+    from tests.model.tiny_models import VOCAB, save_tiny_model
+    from tokenmill import LLM, SamplingParams
+
+    rng = random.Random(0)
+    shared = [rng.randrange(3, VOCAB) for _ in range(24)]
+    prompts = [shared + [rng.randrange(3, VOCAB) for _ in range(n)] for n in (20, 3, 11)]
+    prompts.append([rng.randrange(3, VOCAB) for _ in range(9)])
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for arch in ("llama", "mistral"):
+        path = save_tiny_model(arch, str(tmp_path / arch))
+        toks = {}
+        for backend in ("reference", "cpu"):
+            llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", device="cpu", block_size=8,
+                      max_num_batched_tokens=32, max_num_seqs=4, attention_backend=backend)
+            assert llm.engine.core.runner.device_setup.backend_name == backend
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+            toks[backend] = [list(o.outputs[0].token_ids) for o in outs]
+        assert all(len(t) == 12 for t in toks["cpu"])
+        assert toks["cpu"] == toks["reference"], arch

@@ -1,0 +1,100 @@
+"""ctypes wrapper of the compiled CPU paged-attention kernel (`csrc/attention.c`).
+
+Same semantics as `reference.paged_attention`: causal attention of the packed queries over each request's
+cached K/V, read straight from the block pool (no gather copy), one pass with online softmax, GQA heads
+sharing each K/V load, split-K for long single requests. The K/V of this step must already be written.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from tokenmill.ops.cpu.build import build_error, load_library
+from tokenmill.worker.forward_batch import ForwardBatch
+
+KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
+           -4: "inconsistent shapes (seq_lens / query_start_loc / block tables)"}
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> Optional[ctypes.CDLL]:
+    lib = load_library("attention")
+    if lib is None:
+        return None
+    lib.tm_paged_attention.restype = _I
+    lib.tm_paged_attention.argtypes = [_P, _L, _L, _P, _I, _L, _I, _I, _I, _P, _L, _L, _P, _P, _I, _I, _F, _I, _P]
+    lib.tm_kv_dtype_supported.restype = _I
+    lib.tm_kv_dtype_supported.argtypes = [_I]
+    return lib
+
+
+def cpu_attention_available() -> bool:
+    """Whether the kernel library builds and loads on this machine."""
+    return _kernel() is not None
+
+
+def supports_kv_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernel reads a KV cache of this dtype (float32, bfloat16; float16 where the compiler has _Float16)."""
+    lib = _kernel()
+    return lib is not None and dtype in KV_DTYPE_CODES and bool(lib.tm_kv_dtype_supported(KV_DTYPE_CODES[dtype]))
+
+
+def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as int32 on the CPU with a unit last stride (rows of a 2-D table may keep their stride)."""
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.dtype != torch.int32 or t.stride(-1) != 1 or (t.dim() == 1 and not t.is_contiguous()):
+        t = t.to(torch.int32).contiguous()
+    return t
+
+
+def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
+                        sliding_window: Optional[int] = None) -> torch.Tensor:
+    """q [T, H, D], kv_cache [2, num_blocks, block_size, Hkv, D] -> [T, H, D] (q's dtype; computed in float32)."""
+    lib = _kernel()
+    if lib is None:
+        raise RuntimeError(f"CPU attention kernel unavailable: {build_error('attention')}")
+    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"expected q [T, H, D] and kv_cache [2, NB, BS, Hkv, D], got {tuple(q.shape)}, "
+                         f"{tuple(kv_cache.shape)}")
+    if q.device.type != "cpu" or kv_cache.device.type != "cpu":
+        raise ValueError("cpu_paged_attention needs CPU tensors")
+    t, h, d = q.shape
+    _, nb, bs, hkv, dk = kv_cache.shape
+    if dk != d or h % hkv:
+        raise ValueError(f"q heads/dim {h}/{d} do not fit the KV cache's {hkv}/{dk}")
+    if bs != batch.block_size:
+        raise ValueError(f"KV cache block size {bs} != batch block size {batch.block_size}")
+    if not supports_kv_dtype(kv_cache.dtype):
+        raise ValueError(f"the CPU attention kernel cannot read a {kv_cache.dtype} KV cache")
+    if not kv_cache.is_contiguous():
+        raise ValueError("the KV cache must be contiguous")
+    if sum(batch.query_lens_cpu) != t or len(batch.query_lens_cpu) + 1 != batch.query_start_loc.numel():
+        raise ValueError(f"batch covers {sum(batch.query_lens_cpu)} tokens, q has {t}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    qf = q if q.dtype == torch.float32 else q.float()
+    if qf.stride(2) != 1:
+        qf = qf.contiguous()
+    out = torch.empty((t, h, d), dtype=torch.float32)
+    if t == 0:
+        return out.to(q.dtype)
+    tables = _int32(batch.block_tables, "block_tables")
+    seq_lens = _int32(batch.seq_lens, "seq_lens")
+    qsl = _int32(batch.query_start_loc, "query_start_loc")
+    if tables.dim() != 2 or tables.shape[0] != batch.num_reqs or seq_lens.numel() != batch.num_reqs:
+        raise ValueError("block_tables / seq_lens do not match the batch's requests")
+    rc = lib.tm_paged_attention(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
+                                KV_DTYPE_CODES[kv_cache.dtype], nb, bs, hkv, d, tables.data_ptr(), tables.stride(0),
+                                tables.shape[1], seq_lens.data_ptr(), qsl.data_ptr(), batch.num_reqs, h, float(scale),
+                                int(sliding_window or 0), out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"cpu_paged_attention: {_ERRORS.get(rc, f'error {rc}')}")
+    return out if q.dtype == torch.float32 else out.to(q.dtype)

@@ -1,0 +1,467 @@
+/* Paged attention on CPU: reads K/V straight from the block pool, one pass with online softmax.
+ *
+ * Pool of one layer: [2, num_blocks, block_size, Hkv, D] (0 = keys, 1 = values), float32, bfloat16 or
+ * float16. Queries q [T, H, D] float32 (any token/head strides, contiguous D); out [T, H, D] float32.
+ * Request i owns tokens qsl[i]..qsl[i+1]-1 at positions seq_lens[i]-n..seq_lens[i]-1 (causal; optional
+ * sliding window: a query at p sees keys p-window+1..p).
+ *
+ * Work item = (request, KV head, query tile[, KV split]). A tile holds up to RMAX rows = query tokens x
+ * the G query heads sharing the KV head, so each K/V block is loaded once per tile: decode rows are one
+ * token x G heads. When there are too few items to keep the threads busy (batch 1, long context), the
+ * key range of each item is split and the partial (max, sum, acc) are merged afterwards (split-K).
+ * Per block: S = Q K^T (scaled), masked, online-softmax update, acc += P V. The AVX2 path needs D % 8 == 0;
+ * everything else runs the plain-C path.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define RMAX 24             /* rows (query tokens x heads of one KV head) per tile */
+#define MIN_SPLIT_KEYS 128  /* fewest keys per split-K piece */
+#define ITEMS_PER_THREAD 4  /* split when there are fewer items than this per thread */
+#define CHUNK_KEYS 64       /* keys per online-softmax update (whole blocks) */
+#define MAX_CHUNK_BLOCKS 128
+
+static inline int chunk_blocks(int bs) {
+    int n = CHUNK_KEYS / bs;
+    return n < 1 ? 1 : (n > MAX_CHUNK_BLOCKS ? MAX_CHUNK_BLOCKS : n);
+}
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+enum { OK = 0, E_NOMEM = -1, E_BLOCK = -2, E_DTYPE = -3, E_SHAPE = -4 };
+
+typedef struct {
+    const float *q; int64_t q_st, q_sh;
+    const char *kv; int kv_dtype; int64_t num_blocks; int bs, hkv, d;
+    const int32_t *bt; int64_t bt_stride; int64_t bt_cols;
+    const int32_t *seq_lens, *qsl; int num_reqs;
+    int h; float scale; int window;
+    float *out;
+} Args;
+
+typedef struct { int req, kvh, q0, nq, k0, k1, part; } Item;          /* part < 0: write out directly */
+typedef struct { int req, kvh, q0, nq, first, nsplit; } Group;       /* split-K pieces to merge */
+
+typedef struct { float *qt, *s, *acc, *m, *l, *kb, *vb; } Scratch;
+
+int tm_attention_abi_version(void) { return 1; }
+
+int tm_kv_dtype_supported(int kv_dtype) {
+    if (kv_dtype == KV_F32 || kv_dtype == KV_BF16) return 1;
+#ifdef __FLT16_MAX__
+    if (kv_dtype == KV_F16) return 1;
+#endif
+    return 0;
+}
+
+/* ---------------------------------------------------------------- element conversion */
+static void to_f32(float *dst, const char *src, int64_t src_stride, int nrows, int d, int dtype) {
+    /* nrows rows of d elements, row stride src_stride elements -> dst [nrows, d] */
+    for (int j = 0; j < nrows; j++) {
+        float *o = dst + (int64_t)j * d;
+        if (dtype == KV_BF16) {
+            const uint16_t *s = (const uint16_t *)src + j * src_stride;
+            for (int x = 0; x < d; x++) {
+                uint32_t u = (uint32_t)s[x] << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                o[x] = f;
+            }
+        }
+#ifdef __FLT16_MAX__
+        else if (dtype == KV_F16) {
+            const _Float16 *s = (const _Float16 *)src + j * src_stride;
+            for (int x = 0; x < d; x++) o[x] = (float)s[x];
+        }
+#endif
+    }
+}
+
+/* ---------------------------------------------------------------- AVX2 micro-kernels */
+#ifdef __AVX2__
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline __m256 exp8(__m256 x) {
+    /* Cephes-style expf: 2^n * p(r), |rel err| ~ 2e-7 for x in [-87, 88] */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* Scores of NR query rows x 4 keys: each K load feeds NR rows, each Q load 4 keys (NR constant after inlining) */
+static inline __attribute__((always_inline)) void scores_rows(const int NR, float *S, int sst, const float *Q,
+                                                              const float *K, int64_t kst, int nk, int D) {
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = K + j * kst;
+        __m256 c[3][4];
+        for (int i = 0; i < NR; i++)
+            for (int u = 0; u < 4; u++) c[i][u] = _mm256_setzero_ps();
+        for (int x = 0; x < D; x += 8) {
+            __m256 kv[4];
+            for (int u = 0; u < 4; u++) kv[u] = _mm256_loadu_ps(k0 + u * kst + x);
+            for (int i = 0; i < NR; i++) {
+                __m256 qv = _mm256_loadu_ps(Q + i * D + x);
+                for (int u = 0; u < 4; u++) c[i][u] = _mm256_fmadd_ps(qv, kv[u], c[i][u]);
+            }
+        }
+        for (int i = 0; i < NR; i++) {
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(c[i][0], c[i][1]), _mm256_hadd_ps(c[i][2], c[i][3]));
+            _mm_storeu_ps(S + i * sst + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        }
+    }
+    for (; j < nk; j++) {
+        const float *kj = K + j * kst;
+        for (int i = 0; i < NR; i++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int x = 0; x < D; x += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(Q + i * D + x), _mm256_loadu_ps(kj + x), a);
+            S[i * sst + j] = hsum8(a);
+        }
+    }
+}
+
+/* S[r, j] = Q[r] . K[j] for r < R, j < nk (Q rows contiguous, K row stride kst) */
+static void scores_avx2(float *S, int sst, const float *Q, int R, const float *K, int64_t kst, int nk, int D) {
+    int r = 0;
+    for (; r + 3 <= R; r += 3) scores_rows(3, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+    if (R - r == 2) scores_rows(2, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+    if (R - r == 1) scores_rows(1, S + (int64_t)r * sst, sst, Q + (int64_t)r * D, K, kst, nk, D);
+}
+
+/* acc[i, x:x+8W] += sum_j P[i, j] V[j, x:x+8W] for NR rows (NR, W constants after inlining: registers only) */
+static inline __attribute__((always_inline)) void pv_tile(const int NR, const int W, float *acc, const float *P,
+                                                          int pst, const float *V, int64_t vst, int nk, int D, int x) {
+    __m256 c[3][4];
+    for (int i = 0; i < NR; i++)
+        for (int w = 0; w < W; w++) c[i][w] = _mm256_loadu_ps(acc + i * D + x + 8 * w);
+    for (int j = 0; j < nk; j++) {
+        __m256 v[4];
+        for (int w = 0; w < W; w++) v[w] = _mm256_loadu_ps(V + j * vst + x + 8 * w);
+        for (int i = 0; i < NR; i++) {
+            __m256 b = _mm256_broadcast_ss(P + i * pst + j);
+            for (int w = 0; w < W; w++) c[i][w] = _mm256_fmadd_ps(b, v[w], c[i][w]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int w = 0; w < W; w++) _mm256_storeu_ps(acc + i * D + x + 8 * w, c[i][w]);
+}
+
+static inline __attribute__((always_inline)) void pv_rows(const int NR, float *acc, const float *P, int pst,
+                                                          const float *V, int64_t vst, int nk, int D) {
+    int x = 0;
+    for (; x + 32 <= D; x += 32) pv_tile(NR, 4, acc, P, pst, V, vst, nk, D, x);
+    if (x + 16 <= D) { pv_tile(NR, 2, acc, P, pst, V, vst, nk, D, x); x += 16; }
+    if (x + 8 <= D) pv_tile(NR, 1, acc, P, pst, V, vst, nk, D, x);
+}
+
+static void pv_avx2(float *acc, const float *P, int pst, int R, const float *V, int64_t vst, int nk, int D) {
+    int r = 0;
+    for (; r + 3 <= R; r += 3) pv_rows(3, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
+    if (R - r == 2) pv_rows(2, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
+    if (R - r == 1) pv_rows(1, acc + (int64_t)r * D, P + r * pst, pst, V, vst, nk, D);
+}
+#endif
+
+/* ---------------------------------------------------------------- plain-C micro-kernels */
+static void scores_c(float *S, int sst, const float *Q, int R, const float *K, int64_t kst, int nk, int D) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < nk; j++) {
+            float a = 0.f;
+            for (int x = 0; x < D; x++) a += Q[(int64_t)r * D + x] * K[j * kst + x];
+            S[(int64_t)r * sst + j] = a;
+        }
+}
+
+static void pv_c(float *acc, const float *P, int pst, int R, const float *V, int64_t vst, int nk, int D) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < nk; j++) {
+            float p = P[r * pst + j];
+            for (int x = 0; x < D; x++) acc[(int64_t)r * D + x] += p * V[j * vst + x];
+        }
+}
+
+/* Row softmax update over nk scores s (valid j in [lo, hi)); returns alpha = exp(m_old - m_new), or -1 when the
+ * row sees no key in this block (s zeroed, nothing else changed). */
+static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
+    if (lo >= hi) {
+        memset(s, 0, sizeof(float) * nk);
+        return -1.f;
+    }
+    float mx = s[lo];
+    int j0 = lo;
+#ifdef __AVX2__
+    if (hi - lo >= 8) {
+        __m256 mv = _mm256_loadu_ps(s + lo);
+        for (j0 = lo + 8; j0 + 8 <= hi; j0 += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j0));
+        __m128 x = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+        x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+        x = _mm_max_ss(x, _mm_movehdup_ps(x));
+        mx = _mm_cvtss_f32(x);
+    }
+#endif
+    for (int j = j0; j < hi; j++) mx = s[j] > mx ? s[j] : mx;
+    float mnew = mx > *m ? mx : *m;
+    float alpha = (*m == -INFINITY) ? 0.f : expf(*m - mnew);
+    float sum = 0.f;
+    int j = lo;
+#ifdef __AVX2__
+    __m256 mv = _mm256_set1_ps(mnew), acc = _mm256_setzero_ps();
+    for (; j + 8 <= hi; j += 8) {
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, p);
+        acc = _mm256_add_ps(acc, p);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; j < hi; j++) {
+        s[j] = expf(s[j] - mnew);
+        sum += s[j];
+    }
+    for (j = 0; j < lo; j++) s[j] = 0.f;
+    for (j = hi; j < nk; j++) s[j] = 0.f;
+    *l = *l * alpha + sum;
+    *m = mnew;
+    return alpha;
+}
+
+/* ---------------------------------------------------------------- one work item */
+static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, float *pm, float *pl, int rows_alloc) {
+    const int G = a->h / a->hkv, D = a->d, BS = a->bs;
+    const int n = a->qsl[it->req + 1] - a->qsl[it->req], L = a->seq_lens[it->req];
+    const int64_t t0 = a->qsl[it->req] + it->q0;
+    const int R = it->nq * G;
+    const int pos0 = L - n + it->q0; /* position of the tile's first query */
+    const int64_t kst_pool = (int64_t)a->hkv * D;
+    const int64_t plane = a->num_blocks * a->bs * kst_pool; /* elements of the K (or V) half */
+    const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    const int32_t *table = a->bt + (int64_t)it->req * a->bt_stride;
+    int use_avx = 0;
+#ifdef __AVX2__
+    use_avx = (D % 8) == 0;
+#endif
+
+    for (int jq = 0; jq < it->nq; jq++)
+        for (int g = 0; g < G; g++) {
+            const float *src = a->q + (t0 + jq) * a->q_st + (int64_t)(it->kvh * G + g) * a->q_sh;
+            float *dst = sc->qt + (int64_t)(jq * G + g) * D;
+            for (int x = 0; x < D; x++) dst[x] = src[x] * a->scale;
+        }
+    for (int r = 0; r < R; r++) { sc->m[r] = -INFINITY; sc->l[r] = 0.f; }
+    memset(sc->acc, 0, sizeof(float) * (size_t)R * D);
+
+    const int nbc = chunk_blocks(BS), sst = nbc * BS;
+    for (int kb0 = it->k0 / BS; kb0 * BS < it->k1; kb0 += nbc) {
+        /* one chunk of up to nbc blocks: scores of every block, one softmax update, then P V */
+        const float *Ks[MAX_CHUNK_BLOCKS], *Vs[MAX_CHUNK_BLOCKS];
+        int cols[MAX_CHUNK_BLOCKS + 1], nblk = 0;
+        const int cs = kb0 * BS > it->k0 ? kb0 * BS : it->k0;
+        int64_t kst = kst_pool;
+        cols[0] = 0;
+        for (int kb = kb0; kb < kb0 + nbc && kb * BS < it->k1; kb++, nblk++) {
+            const int ks = kb * BS > it->k0 ? kb * BS : it->k0;
+            const int ke = kb * BS + BS < it->k1 ? kb * BS + BS : it->k1;
+            const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)it->kvh * D;
+            cols[nblk + 1] = cols[nblk] + (ke - ks);
+            if (a->kv_dtype == KV_F32) {
+                Ks[nblk] = (const float *)a->kv + off;
+                Vs[nblk] = (const float *)a->kv + plane + off;
+            } else { /* convert into one contiguous [keys, D] chunk */
+                to_f32(sc->kb + (int64_t)cols[nblk] * D, a->kv + off * esize, kst_pool, ke - ks, D, a->kv_dtype);
+                to_f32(sc->vb + (int64_t)cols[nblk] * D, a->kv + (plane + off) * esize, kst_pool, ke - ks, D,
+                       a->kv_dtype);
+            }
+        }
+        if (a->kv_dtype != KV_F32) {
+            Ks[0] = sc->kb; Vs[0] = sc->vb; kst = D;
+            cols[1] = cols[nblk];
+            nblk = 1;
+        }
+        const int nk = cols[nblk];
+        for (int b = 0; b < nblk; b++) {
+#ifdef __AVX2__
+            if (use_avx) scores_avx2(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
+            else
+#endif
+                scores_c(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
+        }
+        for (int r = 0; r < R; r++) {
+            const int p = pos0 + r / G;
+            int lo = 0, hi = p - cs + 1; /* valid keys cs+lo .. cs+hi-1 */
+            if (hi > nk) hi = nk;
+            if (a->window > 0 && p - a->window + 1 - cs > 0) lo = p - a->window + 1 - cs;
+            float alpha = softmax_row(sc->s + (int64_t)r * sst, nk, lo, hi, &sc->m[r], &sc->l[r]);
+            if (alpha >= 0.f && alpha != 1.f) {
+                float *ar = sc->acc + (int64_t)r * D;
+                for (int x = 0; x < D; x++) ar[x] *= alpha;
+            }
+        }
+        for (int b = 0; b < nblk; b++) {
+#ifdef __AVX2__
+            if (use_avx) pv_avx2(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
+            else
+#endif
+                pv_c(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
+        }
+    }
+
+    if (it->part < 0) {
+        for (int jq = 0; jq < it->nq; jq++)
+            for (int g = 0; g < G; g++) {
+                const int r = jq * G + g;
+                float *o = a->out + ((t0 + jq) * a->h + it->kvh * G + g) * (int64_t)D;
+                const float inv = 1.f / sc->l[r];
+                for (int x = 0; x < D; x++) o[x] = sc->acc[(int64_t)r * D + x] * inv;
+            }
+    } else {
+        const int64_t base = (int64_t)it->part * rows_alloc;
+        memcpy(pacc + base * D, sc->acc, sizeof(float) * (size_t)R * D);
+        memcpy(pm + base, sc->m, sizeof(float) * R);
+        memcpy(pl + base, sc->l, sizeof(float) * R);
+    }
+}
+
+static void merge_group(const Args *a, const Group *g, const float *pacc, const float *pm, const float *pl,
+                        int rows_alloc) {
+    const int G = a->h / a->hkv, D = a->d;
+    const int64_t t0 = a->qsl[g->req] + g->q0;
+    for (int jq = 0; jq < g->nq; jq++)
+        for (int gg = 0; gg < G; gg++) {
+            const int r = jq * G + gg;
+            float M = -INFINITY;
+            for (int s = 0; s < g->nsplit; s++) {
+                float ms = pm[(int64_t)(g->first + s) * rows_alloc + r];
+                M = ms > M ? ms : M;
+            }
+            float *o = a->out + ((t0 + jq) * a->h + g->kvh * G + gg) * (int64_t)D;
+            float den = 0.f;
+            for (int x = 0; x < D; x++) o[x] = 0.f;
+            for (int s = 0; s < g->nsplit; s++) {
+                const int64_t idx = (int64_t)(g->first + s) * rows_alloc + r;
+                if (pm[idx] == -INFINITY) continue;
+                const float w = expf(pm[idx] - M);
+                den += w * pl[idx];
+                const float *ac = pacc + idx * D;
+                for (int x = 0; x < D; x++) o[x] += w * ac[x];
+            }
+            const float inv = 1.f / den;
+            for (int x = 0; x < D; x++) o[x] *= inv;
+        }
+}
+
+/* ---------------------------------------------------------------- entry point */
+int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
+                       const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
+                       const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
+                       const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                       int h, float scale, int window, float *out) {
+    if (!tm_kv_dtype_supported(kv_dtype)) return E_DTYPE;
+    if (hkv <= 0 || h % hkv || d <= 0 || block_size <= 0 || num_reqs < 0 || window < 0) return E_SHAPE;
+    Args a = {q, q_st, q_sh, (const char *)kv, kv_dtype, num_blocks, block_size, hkv, d, block_tables, bt_stride,
+              bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out};
+    const int G = h / hkv;
+    const int tq = RMAX / G > 1 ? RMAX / G : 1;
+    const int rows_alloc = tq * G;
+
+    /* validate and count base items (request x KV head x query tile) */
+    int64_t nbase = 0;
+    for (int i = 0; i < num_reqs; i++) {
+        const int n = qsl[i + 1] - qsl[i], L = seq_lens[i];
+        if (n < 0 || L < n) return E_SHAPE;
+        const int64_t nblk = ((int64_t)L + block_size - 1) / block_size;
+        if (nblk > bt_cols) return E_SHAPE;
+        for (int64_t b = 0; b < nblk; b++) {
+            const int32_t id = block_tables[i * bt_stride + b];
+            if (id < 0 || id >= num_blocks) return E_BLOCK;
+        }
+        nbase += (int64_t)hkv * ((n + tq - 1) / tq);
+    }
+    if (nbase == 0) return OK;
+    const int nthreads = omp_get_max_threads();
+    int target = 1;
+    if (nbase < (int64_t)ITEMS_PER_THREAD * nthreads) target = (int)((ITEMS_PER_THREAD * nthreads + nbase - 1) / nbase);
+
+    /* build the work list: prefill requests first (the long items), then decodes */
+    int64_t cap = nbase * target;
+    Item *items = malloc(sizeof(Item) * cap);
+    Group *groups = malloc(sizeof(Group) * nbase);
+    if (!items || !groups) { free(items); free(groups); return E_NOMEM; }
+    int64_t ni = 0, ng = 0, nparts = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < num_reqs; i++) {
+            const int n = qsl[i + 1] - qsl[i], L = seq_lens[i];
+            if (n == 0 || (pass == 0) != (n > 1)) continue;
+            for (int kvh = 0; kvh < hkv; kvh++)
+                for (int q0 = 0; q0 < n; q0 += tq) {
+                    const int nq = n - q0 < tq ? n - q0 : tq;
+                    const int p0 = L - n + q0, p1 = p0 + nq - 1;
+                    const int k0 = (window > 0 && p0 - window + 1 > 0) ? p0 - window + 1 : 0, k1 = p1 + 1;
+                    int ns = target;
+                    if (ns > (k1 - k0) / MIN_SPLIT_KEYS) ns = (k1 - k0) / MIN_SPLIT_KEYS;
+                    if (ns <= 1) {
+                        items[ni++] = (Item){i, kvh, q0, nq, k0, k1, -1};
+                        continue;
+                    }
+                    int chunk = (k1 - k0 + ns - 1) / ns;
+                    chunk = (chunk + block_size - 1) / block_size * block_size;
+                    ns = (k1 - k0 + chunk - 1) / chunk;
+                    groups[ng++] = (Group){i, kvh, q0, nq, (int)nparts, ns};
+                    for (int s = 0; s < ns; s++) {
+                        const int a0 = k0 + s * chunk, a1 = a0 + chunk < k1 ? a0 + chunk : k1;
+                        items[ni++] = (Item){i, kvh, q0, nq, a0, a1, (int)nparts++};
+                    }
+                }
+        }
+    float *pacc = NULL, *pm = NULL, *pl = NULL;
+    if (nparts) {
+        pacc = malloc(sizeof(float) * nparts * rows_alloc * d);
+        pm = malloc(sizeof(float) * nparts * rows_alloc);
+        pl = malloc(sizeof(float) * nparts * rows_alloc);
+        if (!pacc || !pm || !pl) { free(pacc); free(pm); free(pl); free(items); free(groups); return E_NOMEM; }
+    }
+    int err = OK;
+#pragma omp parallel
+    {
+        Scratch sc = {0};
+        const size_t sst = (size_t)chunk_blocks(block_size) * block_size;
+        const size_t rd = (size_t)rows_alloc * d, bd = sst * d;
+        float *mem = malloc(sizeof(float) * (2 * rd + (size_t)rows_alloc * sst + 2 * rows_alloc + 2 * bd));
+        if (!mem) {
+#pragma omp atomic write
+            err = E_NOMEM;
+        } else {
+            sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + (size_t)rows_alloc * sst;
+            sc.l = sc.m + rows_alloc; sc.kb = sc.l + rows_alloc; sc.vb = sc.kb + bd;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < ni; w++)
+            if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc);
+        free(mem);
+    }
+    if (err == OK && ng) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t w = 0; w < ng; w++) merge_group(&a, &groups[w], pacc, pm, pl, rows_alloc);
+    }
+    free(pacc); free(pm); free(pl); free(items); free(groups);
+    return err;
+}
