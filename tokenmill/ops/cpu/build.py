@@ -23,8 +23,10 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffast-math",
-         "-fno-finite-math-only", "-Wall"]
+# compile flags; the link step gets no -ffast-math: gcc would link crtfastmath.o, which turns on
+# flush-to-zero for the whole process when the library loads (changing torch's float results)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-ffast-math", "-fno-finite-math-only", "-Wall"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
 def cache_dir() -> Path:
@@ -65,14 +67,21 @@ def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256("\0".join([src.read_text(), " ".join(flags), version, _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([src.read_text(), " ".join(flags + LINK_FLAGS), version,
+                                     _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cc, *flags, str(src), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+            obj = tmp + ".o"
+            res = subprocess.run([cc, *flags, "-c", str(src), "-o", obj], capture_output=True, text=True, timeout=300)
+            if res.returncode == 0:
+                res = subprocess.run([cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"], capture_output=True, text=True,
+                                     timeout=300)
+            if os.path.exists(obj):
+                os.unlink(obj)
             if res.returncode != 0:
                 return None, f"compiling {src.name} failed: {res.stderr.strip().splitlines()[-1:] or res.returncode}"
             os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
