@@ -18,6 +18,8 @@ from tokenmill.ops.cpu.build import load_library
 QK = 32  # weights per block
 # name -> (kernel type id, bytes per block)
 QTYPES: dict[str, tuple[int, int]] = {"q4_0": (0, 18), "q4_1": (1, 20), "q8_0": (2, 34)}
+# up to this many rows the kernel unpacks each block into registers (no float buffer); measured crossover
+DIRECT_MAX_ROWS = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +28,7 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qlinear_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr]
+    lib.qlinear_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
     lib.qlinear_f32.restype = ctypes.c_int
     lib.qdequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qdequant_rows.restype = ctypes.c_int
@@ -63,8 +65,11 @@ def dequantize(qweight: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
     return (d * (q - 8.0)).reshape(n, k)
 
 
-def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [..., K] float32 @ dequantize(qweight).T (+ bias) -> [..., N] float32."""
+def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[torch.Tensor] = None,
+            direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
+    """x [..., K] float32 @ dequantize(qweight).T (+ bias) -> [..., N] float32.
+
+    Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one."""
     n = qweight.shape[0]
     k = x.shape[-1]
     lib = _lib()
@@ -80,7 +85,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
     rc = lib.qlinear_f32(QTYPES[qtype][0], x2.data_ptr(), x2.shape[0], k, qweight.data_ptr(), n,
-                         bias.data_ptr() if bias is not None else None, y.data_ptr())
+                         bias.data_ptr() if bias is not None else None, y.data_ptr(), direct_max_rows)
     if rc != 0:
         raise ValueError(f"qlinear kernel rejected its arguments ({qtype}, K={k})")
     return y.reshape(*x.shape[:-1], n)

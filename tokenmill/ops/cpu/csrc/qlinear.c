@@ -158,11 +158,94 @@ MICRO(1)
 MICRO(2)
 MICRO(3)
 
+// Few rows (decode): no float buffer. Each block is unpacked into registers once and used for R <= 3 rows:
+// sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i per block (Q4_0: m = -8d, Q8_0: m = 0), the block sums of x
+// (xs[r * nb + b]) precomputed. Same weights as dequant_row, summed in another order.
+#define DIRECT_MAX_ROWS 3
+static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
+                        float *y, int64_t ldy, float bias) {
+    const int bb = block_bytes(qtype);
+    const int64_t nb = K / QK;
+#ifdef __AVX2__
+    __m256 acc[DIRECT_MAX_ROWS];
+    float msum[DIRECT_MAX_ROWS];
+    for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wrow + b * bb;
+        const float d = f16_to_f32(blk);
+        __m256 q0, q1, q2, q3;
+        float m = 0.0f;
+        if (qtype == Q8_0) {
+            const int8_t *qs = (const int8_t *)(blk + 2);
+            q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qs)));
+            q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8))));
+            q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 16))));
+            q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 24))));
+        } else {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (qtype == Q4_1 ? 4 : 2)));
+            const __m128i lo = _mm_and_si128(raw, m4);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+            q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            m = qtype == Q4_1 ? f16_to_f32(blk + 2) : -8.0f * d;
+        }
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * K + b * QK;
+            __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
+            t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), t);
+            t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
+            t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
+            acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
+            msum[r] += m * xs[r * nb + b];
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) + msum[r] + bias;
+#else
+    float w[QK];
+    float acc[DIRECT_MAX_ROWS] = {0};
+    (void)xs;
+    for (int64_t b = 0; b < nb; b++) {
+        dequant_row(qtype, wrow + b * bb, QK, w);
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < QK; i++) acc[r] += w[i] * x[r * K + b * QK + i];
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = acc[r] + bias;
+#endif
+}
+
+static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                          const float *bias, float *y) {
+    const int64_t nb = K / QK, row_bytes = nb * block_bytes(qtype);
+    float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
+    if (!xs) return -1;
+    for (int64_t i = 0; i < M * nb; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < QK; j++) s += x[i * QK + j];
+        xs[i] = s;
+    }
+#pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
+            const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
+            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * N + n, N,
+                        bias ? bias[n] : 0.0f);
+        }
+    }
+    free(xs);
+    return 0;
+}
+
 // Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type).
+// M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
 int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                float *y) {
+                float *y, int64_t direct_max_m) {
     const int bb = block_bytes(qtype);
     if (bb == 0 || K % QK != 0 || M < 0 || N < 0) return -1;
+    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y);
     const int64_t row_bytes = (K / QK) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;
 #pragma omp parallel
