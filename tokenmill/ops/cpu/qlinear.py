@@ -70,25 +70,25 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
     """x [..., K] float32 @ dequantize(qweight).T (+ bias) -> [..., N] float32.
 
     Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one."""
-    n = qweight.shape[0]
+    n, nbytes = qweight.shape
     k = x.shape[-1]
     lib = _lib()
     if lib is None or x.device.type != "cpu":
         return torch.nn.functional.linear(x.float(), dequantize(qweight, qtype, k), bias)
-    if qweight.shape[1] != row_bytes(qtype, k):
-        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
-                         f"{row_bytes(qtype, k)}")
-    x2 = x.reshape(-1, k)
+    kind, block = QTYPES[qtype]
+    if k % QK or nbytes != k // QK * block:
+        raise ValueError(f"packed weight has {nbytes} bytes per row, {qtype} with K={k} needs {row_bytes(qtype, k)}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    rc = lib.qlinear_f32(QTYPES[qtype][0], x2.data_ptr(), x2.shape[0], k, qweight.data_ptr(), n,
-                         bias.data_ptr() if bias is not None else None, y.data_ptr(), direct_max_rows)
-    if rc != 0:
+    if lib.qlinear_f32(kind, x2.data_ptr(), m, k, qweight.data_ptr(), n, bias.data_ptr() if bias is not None else None,
+                       y.data_ptr(), direct_max_rows) != 0:
         raise ValueError(f"qlinear kernel rejected its arguments ({qtype}, K={k})")
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def dequantize_rows(qweight: torch.Tensor, qtype: str, k: int, ids: torch.Tensor) -> torch.Tensor:
