@@ -25,6 +25,9 @@ class ModelConfig:
                             "float32, bfloat16, float16", choices=["auto", "float32", "bfloat16", "float16"])
     load_format: str = _f("auto", "auto, safetensors, gguf, or dummy (random weights for the config)",
                           choices=["auto", "safetensors", "gguf", "dummy"])
+    quantization: str = _f("auto", "GGUF weights: auto (keep Q4_0/Q4_1/Q8_0 tensors packed and run them with the "
+                                   "compiled CPU kernels, float32 on CPU only), none (dequantize at load)",
+                           choices=["auto", "none"])
     max_model_len: Optional[int] = _f(None, "longest sequence (prompt + output); default: the model's")
     seed: int = _f(0, "seed of the engine's random generator (requests without their own seed)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -39,6 +42,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.quantization not in ("auto", "none"):
+            raise ConfigError(f"unknown quantization {self.quantization!r}; choose auto or none", param="quantization")
         if self.attention_backend not in ("auto", "reference", "cpu", "triton"):
             raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference, "
                               "cpu or triton", param="attention_backend")

