@@ -39,13 +39,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--slo-tpot", type=float, required=True)
     p.add_argument("--policies", default="fcfs,slo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-calibration", default=None,
+                   help="cost-model JSON (`tokenmill plan --calibrate --save-calibration F`) for the slo policy's "
+                        "step-time predictions (default: it learns them online)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rates = parse_rates(args.rate)
     results: dict = {"workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+                     "slo_calibration": args.slo_calibration,
                      "num_requests": args.num_requests, "seed": args.seed, "serve_args": extra, "runs": {}}
     for policy in args.policies.split(","):
-        cmd = serve_cmd(policy, args.slo_ttft, args.slo_tpot, extra)
+        own = ["--slo-calibration", args.slo_calibration] if (policy == "slo" and args.slo_calibration) else []
+        cmd = serve_cmd(policy, args.slo_ttft, args.slo_tpot, [*own, *extra])
         with server_process(cmd, log_path=f"/tmp/goodput_server_{policy}.log", env={"PYTHONPATH": str(ROOT)}) as base:
             runs = run_serve_benchmark(base, args.workload, rates, num_requests=args.num_requests,
                                        slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, seed=args.seed,

@@ -64,3 +64,16 @@ def test_plan_finds_max_rate_without_rate(calibration, capsys):
                   "--slo-tpot", "80", "--num-requests", "30"])
     assert args.func(args) == 0
     assert "highest rate meeting the SLOs" in capsys.readouterr().out
+
+
+def test_plan_without_slo_or_rate_predicts_near_capacity(calibration, capsys):
+    # no SLO: every rate "meets" it, so the rate search would run away; plan at 80% of the simulated capacity
+    args = parse(["--calibration", calibration, "--workload", "fixed:64:16", "--num-requests", "30"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "highest rate meeting the SLOs" not in text
+    m = __import__("re").search(r"capacity ([0-9.e+]+) req/s", text)
+    assert m, text
+    cap = float(m.group(1))
+    assert 0 < cap < 1000
+    assert f"predicted at {0.8 * cap:.3g} req/s" in text

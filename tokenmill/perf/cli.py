@@ -190,6 +190,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     base = cfg_for(args.max_num_batched_tokens, args.max_num_seqs)
     rate = args.rate
+    if rate is None and not (args.slo_ttft or args.slo_tpot):
+        # no SLO: every rate meets it; predict at 80% of the capacity (all requests arriving at once)
+        reqs = requests_from_workload(args.workload, args.num_requests, 1e9, args.seed,
+                                      chat_overhead=CHAT_TEMPLATE_TOKENS)
+        cap = simulate(reqs, cost, base, None, None, 1e9).summary()["request_throughput"]
+        print(f"no SLO given (--slo-ttft / --slo-tpot): capacity {cap:.3g} req/s; predicting at 80% of it")
+        out["capacity"] = cap
+        rate = 0.8 * cap
     if rate is None:
         rate = find_max_rate(args, cost, base)
         print(f"highest rate meeting the SLOs for >= 90% of requests (current settings): {rate:.3g} req/s")
