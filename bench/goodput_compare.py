@@ -1,5 +1,7 @@
 """Goodput of `--policy fcfs` vs `--policy slo` on the same server settings, workload and seed.
 
+Pass `-- --no-enable-prefix-caching` when giving several rates: each rate resends the same seeded prompts.
+
 Starts `tokenmill serve` once per policy (with the SLO targets as server-wide defaults,
 --slo-ttft-ms / --slo-tpot-ms), runs `bench serve` at the given rate(s), stops it, and prints/writes the comparison.
 

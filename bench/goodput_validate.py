@@ -49,7 +49,9 @@ def default_tokenizer():
 
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
             policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0, tokenizer=None) -> list[dict]:
-    cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000, extra)
+    # no prefix caching: every rate resends the same seeded prompts, so later rates would hit the cache
+    # (the simulator models no cache either)
+    cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000, ["--no-enable-prefix-caching", *extra])
     with server_process(cmd, log_path="/tmp/goodput_validate.log", env={"PYTHONPATH": str(ROOT)}) as base:
         measured = run_serve_benchmark(base, workload, rates, num_requests=num, slo_ttft_ms=slo_ttft,
                                        slo_tpot_ms=slo_tpot, seed=seed, progress=False, tokenizer=tokenizer)
