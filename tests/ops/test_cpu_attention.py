@@ -15,23 +15,15 @@ import torch
 from tokenmill.ops.attention import reference as R
 from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_paged_attention, supports_kv_dtype
 from tokenmill.ops.cpu.build import build_error
-from tokenmill.worker.forward_batch import ForwardBatch, build_forward_batch
+from tests.ops.paged_batch import random_paged_batch
+from tokenmill.worker.forward_batch import ForwardBatch
 
 pytestmark = pytest.mark.skipif(not cpu_attention_available(),
                                 reason=f"CPU attention kernel cannot be built: {build_error('attention')}")
 
 
 def _make_batch(reqs: list[tuple[int, int]], block_size: int, num_blocks: int, seed: int) -> ForwardBatch:
-    """reqs: (tokens already cached, tokens computed now); blocks drawn at random from the pool."""
-    rng = random.Random(seed)
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables, toks, done = [], [], []
-    for cached, new in reqs:
-        tables.append([pool.pop() for _ in range(-(-(cached + new) // block_size))])
-        toks.append([0] * new)
-        done.append(cached)
-    return build_forward_batch(toks, done, tables, block_size)
+    return random_paged_batch(reqs, block_size, num_blocks, seed)
 
 
 def _run(reqs, h, hkv, d, bs, window=None, kv_dtype=torch.float32, seed=0):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import random
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 from tokenmill.ops.attention import reference as R  # noqa: E402
 from tokenmill.worker.forward_batch import ForwardBatch, build_forward_batch  # noqa: E402
+from tests.ops.paged_batch import random_paged_batch  # noqa: E402
 
 
 def _load_triton_modules():
@@ -38,17 +38,7 @@ pytestmark = pytest.mark.kernel
 
 
 def _make_batch(reqs: list[tuple[int, int]], block_size: int, num_blocks: int, seed: int) -> ForwardBatch:
-    """reqs: (tokens already cached, tokens computed now); blocks drawn at random from the pool."""
-    rng = random.Random(seed)
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables, toks, done = [], [], []
-    for cached, new in reqs:
-        nblk = -(-(cached + new) // block_size)
-        tables.append([pool.pop() for _ in range(nblk)])
-        toks.append([rng.randrange(100) for _ in range(new)])
-        done.append(cached)
-    return build_forward_batch(toks, done, tables, block_size, device=DEVICE)
+    return random_paged_batch(reqs, block_size, num_blocks, seed, device=DEVICE)
 
 
 def _rand_cache(num_blocks, block_size, hkv, d, dtype=torch.float32) -> torch.Tensor:
