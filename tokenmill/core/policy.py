@@ -124,8 +124,12 @@ class SLOPolicy(Policy):
 
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
-                 long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5):
+                 long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5,
+                 tpot_margin: float = 0.8):
         self.default_ttft_ms = default_ttft_ms
+        # plan decodes at this fraction of their TPOT target: step times vary, and a request whose
+        # average lands exactly on the target misses it half the time
+        self.tpot_margin = tpot_margin
         self.late_last = late_last
         self.ttft_stretch = ttft_stretch
         self.default_tpot_ms = default_tpot_ms
@@ -148,8 +152,9 @@ class SLOPolicy(Policy):
         return (slo.ttft_ms if slo and slo.ttft_ms else self.default_ttft_ms) / 1000.0
 
     def _tpot_s(self, req: Request) -> float:
+        """The request's time-per-output-token target, less the safety margin the policy plans with."""
         slo = req.sampling_params.slo
-        return (slo.tpot_ms if slo and slo.tpot_ms else self.default_tpot_ms) / 1000.0
+        return (slo.tpot_ms if slo and slo.tpot_ms else self.default_tpot_ms) / 1000.0 * self.tpot_margin
 
     def deadline(self, req: Request) -> float:
         """When the request's next token is due."""
