@@ -139,8 +139,7 @@ class SLOPolicy(Policy):
         self.min_prefill_chunk = min_prefill_chunk
         self.long_prefill_fraction = long_prefill_fraction
         self._last_now: Optional[float] = None
-        self._waiting_seen: list[tuple[float, int]] = []  # (deadline, tokens) of the waiting queue, last sort
-        self._waiting_seen_at: Optional[float] = None
+        self._waiting_seen: list[Request] = []  # head of the waiting queue at its last ordering
         self._last_tokens = 0
         self._last_kv = 0
         self._last_prefill_allowance = 512  # prefill tokens the last step budget allowed
@@ -176,7 +175,7 @@ class SLOPolicy(Policy):
         resumed = sorted((r for r in waiting if r.first_token_time is not None), key=lambda r: self.deadline(r))
         fresh = sorted((r for r in waiting if r.first_token_time is None), key=lambda r: (self.deadline(r), r.arrival_time))
         if not self.late_last:
-            self._waiting_seen = [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in fresh[:64]]
+            self._waiting_seen = fresh[:64]
             return resumed + fresh
         per_tok = self._prefill_seconds_per_token()
         t = now + self._pending_prefill_s
@@ -198,7 +197,7 @@ class SLOPolicy(Policy):
                 t += neg_p
         kept = [r for k, r in enumerate(fresh) if k in on_time]
         moved = [r for k, r in enumerate(fresh) if k not in on_time and self.deadline(r) >= now]
-        self._waiting_seen = [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in kept[:64]]
+        self._waiting_seen = kept[:64]
         return resumed + kept + moved + out_late
 
     def defer_prefill(self, req: Request, now: float) -> bool:
@@ -290,7 +289,9 @@ class SLOPolicy(Policy):
         than p_tpot or they cannot make it anyway (then the decodes keep their target)."""
         pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in running
                           if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1]
-                         + self._waiting_seen, key=lambda x: x[0])
+                         + [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in self._waiting_seen
+                            if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)],  # not admitted since
+                         key=lambda x: x[0])
         need, total = 0, 0
         for deadline, remaining in pending[:8]:
             total += remaining
