@@ -2,10 +2,17 @@
 
 The event loop never runs model code: tokenization runs in a worker thread, steps and detokenization
 on the engine thread; outputs cross back with call_soon_threadsafe. Implements EngineClient.
+
+`from_config` loads the model on the engine thread itself, so one thread runs every torch / OpenMP
+parallel region of the process. libgomp keeps a worker pool per thread that starts parallel regions;
+once two pools exist it counts more busy threads than cores and stops spinning between regions, and
+every region then waits on a futex wake-up: loading on the main thread and stepping on another made
+each decode step 1.7-2x slower on a 2-core CPU (bench/http_overhead.py, tests/engine/test_async_engine.py).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -32,7 +39,7 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, thread: Optional[threading.Thread] = None):
         self.engine = engine
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
@@ -42,7 +49,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = thread
+        self._go = threading.Event()  # start() releases a thread that loaded the engine into the loop
         self._stopping = False
         self._accepting = True
         self._dead: Optional[str] = None
@@ -50,13 +58,30 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(LLMEngine.from_config(config))
+        """Load the engine on a new engine thread (blocks until loaded; load errors are raised here)."""
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=cls._load_and_run, args=(config, ready), name="tokenmill-engine",
+                         daemon=True).start()
+        return ready.result()
+
+    @classmethod
+    def _load_and_run(cls, config: EngineConfig, ready: concurrent.futures.Future) -> None:
+        try:
+            self = cls(LLMEngine.from_config(config), thread=threading.current_thread())
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(self)
+        self._go.wait()
+        if not self._stopping:
+            self._run()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "AsyncEngine":
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
             self._thread.start()
+        self._go.set()
         return self
 
     @property
@@ -73,6 +98,7 @@ class AsyncEngine:
             self._commands.put(("abort", rid, None))
         self._stopping = True
         self._wake.set()
+        self._go.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
 
@@ -88,7 +114,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine has stopped: {self._dead}")
         if not self._accepting:
             raise EngineOverloadedError("the server is shutting down")
-        if self._thread is None:
+        if not self._go.is_set():
             self.start()
         prepared = await asyncio.to_thread(self.engine.prepare, prompt, params, prompt_token_ids)
         loop = asyncio.get_running_loop()
