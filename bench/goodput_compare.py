@@ -67,6 +67,11 @@ def main(argv: list[str]) -> int:
                   f"{s['tpot_ms']['p50']:.1f} ms, p90 {s['tpot_ms']['p90']:.1f} ms, {s['output_throughput']:.1f} tok/s",
                   flush=True)
     pols = list(results["runs"])
+    results["distserve_goodput"] = {}
+    for pol in pols:  # DistServe's goodput: the highest swept rate at which >= 90% of requests met both SLOs
+        ok = [r["rate"] for r in results["runs"][pol] if r["slo_attainment"] >= 0.9]
+        results["distserve_goodput"][pol] = max(ok) if ok else 0.0
+        print(f"{pol:>5}: highest swept rate with >= 90% attainment: {results['distserve_goodput'][pol]:g} req/s")
     if len(pols) == 2:
         a, b = (results["runs"][x] for x in pols)
         for ra, rb in zip(a, b):

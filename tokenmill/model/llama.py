@@ -7,7 +7,7 @@ with `packed_modules_mapping`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -103,9 +103,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # installed from outside (tokenmill/ops/cpu/layer.py: the whole layer in one C call for small CPU
+        # batches); returns None for a step it cannot take, which then runs the per-op path below
+        self.fast_path: Optional[Callable[..., Optional[tuple[Tensor, Tensor]]]] = None
 
     def forward(self, h: Tensor, residual: Optional[Tensor], cos: Tensor, sin: Tensor, kv_cache: Tensor,
                 batch: ForwardBatch) -> tuple[Tensor, Tensor]:
+        if self.fast_path is not None:
+            out = self.fast_path(h, residual, cos, sin, kv_cache, batch)
+            if out is not None:
+                return out
         h, residual = self.input_layernorm(h, residual)  # residual += h; h = norm(residual)
         h = self.self_attn(h, cos, sin, kv_cache, batch)
         h, residual = self.post_attention_layernorm(h, residual)

@@ -129,6 +129,12 @@ class DeviceSetup:
         self._model = model
         model.set_attention_backend(self.backend)
         logger.info("attention backend: %s", self.backend_name)
+        if self.backend_name == "cpu":  # packed layers run whole in one C call for small batches
+            from tokenmill.ops.cpu.layer import fuse_cpu_layers
+
+            n = fuse_cpu_layers(model)
+            if n:
+                logger.info("fused CPU decoder layers: %d", n)
         return self.backend
 
     def plan_kv_budget(self, runner: "ModelRunner") -> int:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -52,6 +53,20 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _source_text(src: Path) -> str:
+    """The source with every local `#include "file"` it pulls in (recursively): what the build key hashes."""
+    parts, seen, todo = [], set(), [src]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.exists():
+            continue
+        seen.add(path)
+        text = path.read_text()
+        parts.append(text)
+        todo.extend(path.parent / name for name in re.findall(r'^#include "([^"]+)"', text, flags=re.M))
+    return "\0".join(parts)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
@@ -67,7 +82,7 @@ def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256("\0".join([src.read_text(), " ".join(flags + LINK_FLAGS), version,
+    key = hashlib.sha256("\0".join([_source_text(src), " ".join(flags + LINK_FLAGS), version,
                                      _cpu_signature()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if not out.exists():

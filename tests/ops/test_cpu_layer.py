@@ -1,0 +1,91 @@
+"""The fused CPU decoder layer (tokenmill/ops/cpu/layer.py, csrc/layer.c) against the per-op path it replaces,
+on the bundled SmolLM2 Q4_1 GGUF: hidden states of mixed batches (decodes + a short prefill chunk) within
+float tolerance, greedy tokens identical, every KV block back in the pool, and the per-op path taken for
+steps the kernel does not take (too many tokens, a quantized KV cache)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.ops.cpu.build import build_error
+from tokenmill.ops.cpu.layer import FusedCpuLayer, _lib, fuse_cpu_layers, unfuse_cpu_layers
+from tokenmill.worker.forward_batch import build_forward_batch
+
+pytestmark = pytest.mark.skipif(_lib() is None, reason=f"layer kernel not built: {build_error('layer')}")
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain."]
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(max_model_len=512, enable_prefix_caching=False, num_kv_blocks=64)
+
+
+def _layers(llm: LLM):
+    return llm.engine.core.runner.model.model.layers
+
+
+def test_installed_on_every_layer(llm):
+    assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in _layers(llm))
+
+
+def _forward(llm: LLM, fused: bool, kv_dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward of a mixed batch (two decodes over a cached context, one 5-token prefill chunk) on fresh
+    caches filled with the same random context."""
+    runner = llm.engine.core.runner
+    model = runner.model
+    if fused:
+        fuse_cpu_layers(model)
+    else:
+        unfuse_cpu_layers(model)
+    torch.manual_seed(0)
+    cfg = model.config
+    hkv, d, bs = model.num_kv_heads, model.head_dim, 16
+    caches = [torch.randn(2, 8, bs, hkv, d).to(kv_dtype) for _ in range(cfg.num_hidden_layers)]
+    batch = build_forward_batch([[11], [12], [13, 14, 15, 16, 17]], [20, 33, 3],
+                                [[0, 1], [2, 3, 4], [5]], bs)
+    with torch.inference_mode():
+        h = model(batch.input_ids, batch.positions, caches, batch)
+    return h, caches
+
+
+def test_fused_equals_per_op_forward(llm, monkeypatch):
+    ref, ref_caches = _forward(llm, fused=False)
+    taken = []
+    real_call = FusedCpuLayer.__call__
+    monkeypatch.setattr(FusedCpuLayer, "__call__", lambda self, *a: taken.append(real_call(self, *a)) or taken[-1])
+    out, caches = _forward(llm, fused=True)
+    assert len(taken) == len(_layers(llm)) and all(x is not None for x in taken)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(caches, ref_caches):  # K (rotated) and V written at the same slots
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tokens_fused_vs_per_op(llm):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    model = llm.engine.core.runner.model
+    fused = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+    unfuse_cpu_layers(model)
+    try:
+        ref = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+    finally:
+        fuse_cpu_layers(model)
+    assert fused == ref
+    assert llm.engine.core.scheduler.kv.num_used_blocks == 0
+
+
+def test_declines_what_it_cannot_take(llm):
+    layer = _layers(llm)[0]
+    fp = layer.fast_path
+    t = fp.max_tokens + 1
+    h = torch.randn(t, fp.hidden)
+    cos = torch.ones(t, fp.head_dim)
+    batch = build_forward_batch([list(range(t))], [0], [[0] * ((t + 15) // 16)], 16)
+    cache = torch.zeros(2, 8, 16, fp.num_kv_heads, fp.head_dim)
+    assert fp(h, None, cos, cos, cache, batch) is None  # more tokens than the packed path takes
+    h1 = torch.randn(1, fp.hidden)
+    one = build_forward_batch([[1]], [0], [[0]], 16)
+    assert fp(h1, None, cos[:1], cos[:1], cache.to(torch.bfloat16), one) is None  # not a float32 cache
+    assert fp(h1, None, cos[:1], cos[:1], cache, one) is not None

@@ -1,0 +1,86 @@
+// One Llama-family decoder layer in a single call, for small CPU batches (decode steps): packed GGUF
+// weights (Q4_0 / Q4_1 / Q8_0), float32 activations, a float32 paged KV cache.
+//
+//   residual = h + residual (or h);  x = rmsnorm(residual) * ln1
+//   q|k|v = x Wqkv^T (+ b);  rotate q, k ("rotate half" layout, cos/sin [T, D]);  store k, v at their slots
+//   a = paged attention(q) over each request's cache;  o = a Wo^T (+ b)
+//   residual = o + residual;  x = rmsnorm(residual) * ln2
+//   g|u = x Wgu^T (+ b);  out = (silu(g) * u) Wdown^T (+ b)
+//
+// The same kernels the per-op path calls (qlinear.c, attention.c, rmsnorm.c, included below), chained in C:
+// at batch 1 the per-op path spends most of a step in ~45 PyTorch dispatches and Python per layer. The
+// reference is that per-op path (tokenmill/model/llama.py), which the tests compare against.
+#include "rmsnorm.c"
+#include "qlinear.c"
+#include "attention.c"
+
+int tm_layer_abi_version(void) { return 1; }
+
+// x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).
+static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int hh = 0; hh < nh; hh++) {
+            float *v = x + t * st + (int64_t)hh * D;
+            for (int i = 0; i < half; i++) {
+                const float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c[i] - x2 * s[i];
+                v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    }
+}
+
+// Returns 0, or (attention.c's codes) -1 out of memory, -2 block id out of range, -3 KV dtype, -4 shapes;
+// -6 a slot outside the cache, -7 a linear rejected its arguments (K not a multiple of 32, unknown type).
+int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
+                   const float *ln1, const float *ln2, float eps,
+                   int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
+                   int qt_o, const uint8_t *w_o, const float *b_o,
+                   int qt_gu, const uint8_t *w_gu, const float *b_gu,
+                   int qt_dn, const uint8_t *w_dn, const float *b_dn,
+                   int H, int Hkv, int D, int64_t I,
+                   const float *cos, const float *sin,
+                   float *kv, int64_t nb, int bs, const int64_t *slots,
+                   const int32_t *tables, int64_t bt_stride, int64_t bt_cols,
+                   const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                   float scale, int window, int64_t direct_max_m, float *out) {
+    if (T <= 0) return 0;
+    if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0 || I <= 0) return -4;
+    const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
+    const size_t n = (size_t)T * (E + nqkv + nq + E + 2 * I + I);
+    float *buf = (float *)malloc(n * sizeof(float));
+    if (!buf) return -1;
+    float *x = buf, *qkv = x + T * E, *att = qkv + T * nqkv, *o = att + T * nq, *gu = o + T * E, *act = gu + T * 2 * I;
+    int rc = 0;
+
+    add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
+    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m) != 0) { rc = -7; goto done; }
+    rope_inplace(qkv, T, nqkv, H, D, cos, sin);
+    rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
+    const int64_t cache_rows = nb * bs;
+    float *kc = kv, *vc = kv + cache_rows * nkv;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;  // padding
+        if (s >= cache_rows) { rc = -6; goto done; }
+        memcpy(kc + s * nkv, qkv + t * nqkv + nq, nkv * sizeof(float));
+        memcpy(vc + s * nkv, qkv + t * nqkv + nq + nkv, nkv * sizeof(float));
+    }
+    rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
+                            num_reqs, H, scale, window, att);
+    if (rc != 0) goto done;
+    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m) != 0) { rc = -7; goto done; }
+    add_rmsnorm_f32(o, residual, ln2, T, E, eps, residual, x);
+    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m) != 0) { rc = -7; goto done; }
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *a = act + t * I;
+        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m) != 0) rc = -7;
+done:
+    free(buf);
+    return rc;
+}

@@ -1,0 +1,159 @@
+"""A whole Llama decoder layer in one C call (`csrc/layer.c`) for small CPU batches.
+
+At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
+call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
+all four linears packed (QuantizedLinear), float32, no q/k norm, a plain float32 KV cache. A step with more
+tokens than `max_tokens` (where the packed linears switch to MKL on a float32 copy), a quantized or
+non-float32 KV cache, or tensors the kernel cannot take returns None, and the layer runs its per-op
+path, which is the reference the tests compare against.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Optional
+
+import torch
+
+from tokenmill.ops.cpu.build import load_library
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
+from tokenmill.worker.forward_batch import ForwardBatch
+
+_ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
+           -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_ARGTYPES = [_P, _P, _I, _L, _L, _P, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _L,
+             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _P]
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> Optional[ctypes.CDLL]:
+    lib = load_library("layer")
+    if lib is not None:
+        lib.tm_llama_layer.argtypes = _ARGTYPES
+        lib.tm_llama_layer.restype = _I
+    return lib
+
+
+class _StepMeta:
+    """Pointers of one ForwardBatch's metadata as the kernel takes them, computed once per step."""
+
+    def __init__(self, batch: ForwardBatch):
+        self.batch = batch
+        self.slots = batch.slot_mapping.to(torch.int64).contiguous()
+        self.tables = batch.block_tables.to(torch.int32).contiguous()
+        self.seq_lens = batch.seq_lens.to(torch.int32).contiguous()
+        self.qsl = batch.query_start_loc.to(torch.int32).contiguous()
+        self.num_reqs = batch.num_reqs
+        self.ok = (self.tables.dim() == 2 and self.tables.shape[0] == self.num_reqs
+                   and self.qsl.numel() == self.num_reqs + 1)
+
+
+class FusedCpuLayer:
+    """The fast path of one LlamaDecoderLayer; `__call__` returns (h, residual) or None (use the per-op path)."""
+
+    def __init__(self, layer: Any, shared: "_Shared"):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.shared = shared
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.scale = float(attn.attn.scale)
+        self.window = int(attn.attn.sliding_window or 0)
+        self.hidden = layer.input_layernorm.weight.shape[0]
+        self.inter = mlp.down_proj.in_features
+        self.eps1, self.eps2 = float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps)
+        if self.eps1 != self.eps2:
+            raise ValueError("the two norms of a layer must share eps")
+        lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        self.max_tokens = min((m.f32_min_rows if m.f32_min_rows is not None else 1 << 30) for m in lin) - 1
+        # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
+        self.linears = []
+        for m in lin:
+            self.linears += [QTYPES[m.qtype][0], m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else None]
+        self.ln1, self.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
+
+    def __call__(self, h: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 kv_cache: Any, batch: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        t = h.shape[0]
+        if (t > self.max_tokens or type(kv_cache) is not torch.Tensor or kv_cache.dtype != torch.float32
+                or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
+                or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+        if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != self.num_kv_heads
+                or kv_cache.shape[4] != self.head_dim or cos.shape != (t, self.head_dim) or sin.shape != cos.shape):
+            return None
+        meta = self.shared.meta(batch)
+        if not meta.ok:
+            return None
+        if residual is None:
+            residual = torch.empty_like(h)
+            has_residual = 0
+        else:
+            if residual.dtype != torch.float32 or not residual.is_contiguous():
+                return None
+            has_residual = 1
+        out = torch.empty_like(h)
+        _, nb, bs, _, _ = kv_cache.shape
+        rc = self.shared.lib.tm_llama_layer(
+            h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps1,
+            *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
+            cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
+            meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
+            meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, out.data_ptr())
+        if rc != 0:
+            raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
+        return out, residual
+
+
+class _Shared:
+    """State shared by the fused layers of one model: the library and the current step's metadata."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self._meta: Optional[_StepMeta] = None
+
+    def meta(self, batch: ForwardBatch) -> _StepMeta:
+        if self._meta is None or self._meta.batch is not batch:
+            self._meta = _StepMeta(batch)
+        return self._meta
+
+
+def layer_qualifies(layer: Any) -> bool:
+    """Whether `layer` (a LlamaDecoderLayer) can run fused: packed linears, float32 norms, no q/k norm."""
+    from tokenmill.model.layers.quantized import QuantizedLinear
+
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or getattr(attn, "qk_norm", True):
+        return False
+    lin = [getattr(attn, "qkv_proj", None), getattr(attn, "o_proj", None), getattr(mlp, "gate_up_proj", None),
+           getattr(mlp, "down_proj", None)]
+    if not all(type(m) is QuantizedLinear and m.weight.device.type == "cpu" for m in lin):
+        return False
+    norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    if not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
+        return False
+    if layer.input_layernorm.eps != layer.post_attention_layernorm.eps or attn.head_dim % 2:
+        return False
+    return all(b is None or (b.dtype == torch.float32 and b.is_contiguous()) for b in (m.bias for m in lin))
+
+
+def fuse_cpu_layers(model: Any) -> int:
+    """Install the fused path on every qualifying decoder layer of `model`; returns how many."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not any(layer_qualifies(layer) for layer in layers):
+        return 0
+    lib = _lib()
+    if lib is None:
+        return 0
+    shared, n = _Shared(lib), 0
+    for layer in layers:
+        if layer_qualifies(layer):
+            layer.fast_path = FusedCpuLayer(layer, shared)
+            n += 1
+    return n
+
+
+def unfuse_cpu_layers(model: Any) -> None:
+    """Back to the per-op path (the reference) on every layer."""
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        layer.fast_path = None
