@@ -151,6 +151,17 @@ class AsyncEngine:
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _deliver_step(self, outs: list) -> None:
+        """A step's outputs, one wake-up of each event loop (not one per request: each wake-up costs the
+        engine's OpenMP threads a core for a moment on a small CPU)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _resolve(self, request_id: str, exc: Optional[BaseException]) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
@@ -193,8 +204,7 @@ class AsyncEngine:
                     self._wake.wait(0.25)
                     self._wake.clear()
                     continue
-                for out in eng.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_step(eng.step())
                 self._stats = eng.stats()
             self._drain()  # aborts queued by shutdown() still reach their streams
         except BaseException as exc:  # a bug outside a step: the engine cannot go on
@@ -204,6 +214,11 @@ class AsyncEngine:
             for rid in list(self._streams):
                 self._resolve(rid, err)
                 self._deliver(rid, err)
+
+
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _aborted(request_id: str) -> RequestOutput:
