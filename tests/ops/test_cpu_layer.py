@@ -1,7 +1,7 @@
 """The fused CPU decoder layer (tokenmill/ops/cpu/layer.py, csrc/layer.c) against the per-op path it replaces,
 on the bundled SmolLM2 Q4_1 GGUF: hidden states of mixed batches (decodes + a short prefill chunk) within
 float tolerance, greedy tokens identical, every KV block back in the pool, and the per-op path taken for
-steps the kernel does not take (too many tokens, a quantized KV cache)."""
+steps the kernel does not take (too many tokens, a KV cache that is not float32)."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +30,7 @@ def test_installed_on_every_layer(llm):
     assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in _layers(llm))
 
 
-def _forward(llm: LLM, fused: bool, kv_dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _forward(llm: LLM, fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward of a mixed batch (two decodes over a cached context, one 5-token prefill chunk) on fresh
     caches filled with the same random context."""
     runner = llm.engine.core.runner
@@ -42,7 +42,7 @@ def _forward(llm: LLM, fused: bool, kv_dtype=torch.float32) -> tuple[torch.Tenso
     torch.manual_seed(0)
     cfg = model.config
     hkv, d, bs = model.num_kv_heads, model.head_dim, 16
-    caches = [torch.randn(2, 8, bs, hkv, d).to(kv_dtype) for _ in range(cfg.num_hidden_layers)]
+    caches = [torch.randn(2, 8, bs, hkv, d) for _ in range(cfg.num_hidden_layers)]
     batch = build_forward_batch([[11], [12], [13, 14, 15, 16, 17]], [20, 33, 3],
                                 [[0, 1], [2, 3, 4], [5]], bs)
     with torch.inference_mode():

@@ -55,15 +55,12 @@ class FusedCpuLayer:
     def __init__(self, layer: Any, shared: "_Shared"):
         attn, mlp = layer.self_attn, layer.mlp
         self.shared = shared
-        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale = float(attn.attn.scale)
         self.window = int(attn.attn.sliding_window or 0)
         self.hidden = layer.input_layernorm.weight.shape[0]
         self.inter = mlp.down_proj.in_features
-        self.eps1, self.eps2 = float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps)
-        if self.eps1 != self.eps2:
-            raise ValueError("the two norms of a layer must share eps")
+        self.eps = float(layer.input_layernorm.eps)  # layer_qualifies: both norms share it
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         self.max_tokens = min((m.f32_min_rows if m.f32_min_rows is not None else 1 << 30) for m in lin) - 1
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
@@ -95,7 +92,7 @@ class FusedCpuLayer:
         out = torch.empty_like(h)
         _, nb, bs, _, _ = kv_cache.shape
         rc = self.shared.lib.tm_llama_layer(
-            h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps1,
+            h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps,
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
             cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
             meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
@@ -139,18 +136,14 @@ def layer_qualifies(layer: Any) -> bool:
 
 def fuse_cpu_layers(model: Any) -> int:
     """Install the fused path on every qualifying decoder layer of `model`; returns how many."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not any(layer_qualifies(layer) for layer in layers):
-        return 0
-    lib = _lib()
+    layers = [layer for layer in getattr(getattr(model, "model", None), "layers", []) if layer_qualifies(layer)]
+    lib = _lib() if layers else None
     if lib is None:
         return 0
-    shared, n = _Shared(lib), 0
+    shared = _Shared(lib)
     for layer in layers:
-        if layer_qualifies(layer):
-            layer.fast_path = FusedCpuLayer(layer, shared)
-            n += 1
-    return n
+        layer.fast_path = FusedCpuLayer(layer, shared)
+    return len(layers)
 
 
 def unfuse_cpu_layers(model: Any) -> None:

@@ -14,8 +14,6 @@
 #include "qlinear.c"
 #include "attention.c"
 
-int tm_layer_abi_version(void) { return 1; }
-
 // x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).
 static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const float *cos, const float *sin) {
     const int half = D / 2;
