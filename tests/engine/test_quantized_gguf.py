@@ -1,8 +1,10 @@
 """The bundled SmolLM2 Q4_1 GGUF kept packed (quantization auto, the CPU kernels) gives the same greedy tokens as
-dequantized at load (quantization none), single requests and a batch of concurrent ones."""
+dequantized at load (quantization none), single requests and a batch of concurrent ones; with bfloat16 GEMMs for
+the large calls (gemm_dtype, the default on CPUs with bf16 matrix instructions) the logits stay close."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.ops.cpu.build import build_error
@@ -16,7 +18,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 
 def _greedy(quantization: str) -> tuple[list[list[int]], list[list[int]], type]:
-    llm = LLM(max_model_len=1024, quantization=quantization, enable_prefix_caching=False)
+    llm = LLM(max_model_len=1024, quantization=quantization, enable_prefix_caching=False, gemm_dtype="float32")
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     one = [llm.chat(m, params, use_tqdm=False)[0].outputs[0].token_ids for m in msgs[:2]]  # batch 1: M = 1 rows
@@ -31,3 +33,28 @@ def test_auto_equals_none_greedy():
     assert head_q.__name__ == "QuantizedLMHead" and head_f.__name__ == "LMHead"
     assert one_q == one_f
     assert many_q == many_f
+
+
+def _prompt_logprobs(gemm_dtype: str, prompt: list[int]) -> list:
+    llm = LLM(max_model_len=1024, enable_prefix_caching=False, gemm_dtype=gemm_dtype)
+    w = llm.engine.core.runner.model.model.layers[0].mlp.down_proj.weight_dense
+    assert w is not None and w.dtype == getattr(torch, gemm_dtype)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
+    return out.prompt_logprobs[1:]  # one per prompt position after the first: a 300-row prefill (dense path)
+
+
+def test_bf16_gemm_logprobs_close_to_float32():
+    llm = LLM(max_model_len=1024, skip_tokenizer_init=False)
+    tok = llm.get_tokenizer()
+    text = " ".join(f"Sentence {i}: the quick brown fox jumps over the lazy dog near river {i}." for i in range(30))
+    prompt = tok.encode(text)[:300]
+    del llm
+    ref, bf = _prompt_logprobs("float32", prompt), _prompt_logprobs("bfloat16", prompt)
+    # the logprob each run gives the actual next prompt token: bf16 rounding of weights and activations moves it
+    # by ~1e-2 typically (llama.cpp's int8 activations move its logits ~0.2 from transformers' float32)
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, bf)]
+    assert len(diffs) == len(prompt) - 1
+    assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.05, (max(diffs), sum(diffs) / len(diffs))
+    assert sum(diffs) > 0  # really a different path
+    agree = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, bf)) / len(ref)
+    assert agree > 0.95, agree

@@ -15,7 +15,8 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(max_model_len=1024)
+    # float32 GEMMs for prefill: exact against transformers' float32 model (auto picks bf16 on AMX CPUs)
+    return LLM(max_model_len=1024, gemm_dtype="float32")
 
 
 @pytest.fixture(scope="module")

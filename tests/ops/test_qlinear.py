@@ -98,10 +98,26 @@ def test_quantized_linear_merged_shards_and_loader_errors():
         lin.weight_loader(lin.weight, pb, 0)
     with pytest.raises(ValueError, match="shard"):
         lin.weight_loader(lin.weight, pa, 2)
-    lin.f32_min_rows = 2  # the float32 copy serves calls with >= 2 rows, the kernel the rest: same result
+    lin.dense_min_rows = 2  # the float32 copy serves calls with >= 2 rows, the kernel the rest: same result
     lin.finalize()
     torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lin(x[:1]), ref[:1], rtol=1e-5, atol=1e-5)
+    lin.finalize(torch.bfloat16)  # bf16 copy (AMX / AVX512-BF16 GEMM): bf16 rounding, float32 out, bias kept
+    assert lin.weight_dense.dtype == torch.bfloat16
+    y = lin(x)
+    assert y.dtype == torch.float32 and not torch.equal(y, ref)  # really the bf16 path
+    torch.testing.assert_close(y, ref, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(lin(x[:1]), ref[:1], rtol=1e-5, atol=1e-5)  # 1 row: the exact packed kernel
+
+
+def test_resolve_gemm_dtype():
+    from tokenmill.model.layers.quantized import cpu_has_bf16_matmul, resolve_gemm_dtype
+
+    assert resolve_gemm_dtype("float32") == torch.float32
+    assert resolve_gemm_dtype("bfloat16") == torch.bfloat16
+    assert resolve_gemm_dtype("auto") == (torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32)
+    with pytest.raises(ValueError, match="gemm_dtype"):
+        resolve_gemm_dtype("int4")
 
 
 # GGUF tensor name -> type; blk.1.attn_k is Q8_0 while attn_q/attn_v are Q4_1, so layer 1's qkv stays float

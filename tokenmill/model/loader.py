@@ -106,13 +106,15 @@ def load_hf_config(source: ModelSource) -> Any:
 
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
-               quantization: str = "auto") -> nn.Module:
+               quantization: str = "auto", gemm_dtype: str = "auto") -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
     progress: show a tqdm bar (default: only for models with many tensors or large files).
     quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors packed (run by the compiled CPU kernel) for a float32
     model on the CPU when the kernel builds; none dequantizes every tensor at load.
+    gemm_dtype: dtype of the dense copy those packed weights use for calls of many rows (auto: bfloat16 where
+    the CPU has bf16 matrix instructions, else float32).
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
@@ -149,9 +151,9 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
                      _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
         source._reader = None  # release the memory map
         if raw:
-            from tokenmill.model.layers.quantized import finalize_quantized
+            from tokenmill.model.layers.quantized import finalize_quantized, resolve_gemm_dtype
 
-            finalize_quantized(model)
+            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype))
     model.to(device)  # non-parameter buffers (rotary inv_freq)
     return model.eval()
 

@@ -17,14 +17,36 @@ from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
 from tokenmill.ops.cpu.qlinear import QTYPES, dequantize, dequantize_rows, qlinear, row_bytes
 
-# Calls with at least this many rows (prefill chunks, 64+ decode batches) use a float32 copy of the weight and
-# MKL sgemm instead of the kernel (None: never, no copy kept). Measured on the 2-core AVX2 box, SmolLM2-135M,
-# 1 thread: 16 decoding requests 107 gen tok/s with the kernel vs 82 with sgemm; 64 requests 125.5 vs 126.3
-# (a tie); prefill of 16 x 200 tokens (2048-row chunks) 12.4 s with the kernel vs 9.1 s with sgemm.
-DEFAULT_F32_MIN_ROWS: Optional[int] = 64
-# The float32 copies are kept only while they total at most this much (a 7B model would need ~28 GB): above it
-# every call runs the kernel, and prefill is ~1.4x slower instead.
-F32_COPY_MAX_BYTES = 2 << 30
+# Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
+# for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
+# no copy kept). Measured on the 2-core AVX2 box, SmolLM2-135M, 1 thread: 16 decoding requests 107 gen tok/s
+# with the kernel vs 82 with sgemm; 64 requests 125.5 vs 126.3 (a tie); prefill of 16 x 200 tokens (2048-row
+# chunks) 12.4 s with the kernel vs 9.1 s with sgemm.
+DEFAULT_DENSE_MIN_ROWS: Optional[int] = 64
+# The dense copies are kept only while they total at most this much (a 7B model would need ~28 GB in float32):
+# above it every call runs the kernel, and prefill is slower instead.
+DENSE_COPY_MAX_BYTES = 2 << 30
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16) that oneDNN uses."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
+def resolve_gemm_dtype(name: str) -> torch.dtype:
+    """`gemm_dtype` config value -> the dense copy's torch dtype (auto: bfloat16 where the CPU runs it fast)."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    if name in ("float32", "bfloat16"):
+        return getattr(torch, name)
+    raise ValueError(f"unknown gemm_dtype {name!r}; choose auto, float32 or bfloat16")
 
 
 class QuantizedLinear(nn.Module):
@@ -34,14 +56,15 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, output_sizes: list[int], qtype: str, bias: bool = False,
-                 shard_names: Optional[list[ShardId]] = None, f32_min_rows: Optional[int] = DEFAULT_F32_MIN_ROWS):
+                 shard_names: Optional[list[ShardId]] = None,
+                 dense_min_rows: Optional[int] = DEFAULT_DENSE_MIN_ROWS):
         super().__init__()
         self.in_features = in_features
         self.out_features = sum(output_sizes)
         self.output_sizes = list(output_sizes)
         self.qtype = qtype
-        self.f32_min_rows = f32_min_rows
-        self.weight_f32: Optional[torch.Tensor] = None
+        self.dense_min_rows = dense_min_rows
+        self.weight_dense: Optional[torch.Tensor] = None  # [out, in] float32 or bfloat16, built by finalize()
         self.shard_names: Optional[list[ShardId]] = list(shard_names) if shard_names else None
         self.weight = nn.Parameter(torch.empty(self.out_features, row_bytes(qtype, in_features), dtype=torch.uint8),
                                    requires_grad=False)
@@ -72,14 +95,19 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(loaded)
 
-    def finalize(self) -> None:
-        """After loading: keep a float32 copy for large-M calls when f32_min_rows asks for one."""
-        if self.f32_min_rows is not None:
-            self.weight_f32 = dequantize(self.weight.data, self.qtype, self.in_features)
+    def finalize(self, dense_dtype: torch.dtype = torch.float32) -> None:
+        """After loading: keep a dense copy for large-M calls when dense_min_rows asks for one."""
+        self.weight_dense = None
+        if self.dense_min_rows is not None:
+            self.weight_dense = dequantize(self.weight.data, self.qtype, self.in_features).to(dense_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_f32 is not None and x.shape[0] >= self.f32_min_rows:
-            return F.linear(x, self.weight_f32, self.bias)
+        w = self.weight_dense
+        if w is not None and x.shape[0] >= self.dense_min_rows:
+            if w.dtype == x.dtype:
+                return F.linear(x, w, self.bias)
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bf16 inputs, fp32 accumulation, bf16 output
+            return y + self.bias if self.bias is not None else y
         return qlinear(x, self.weight, self.qtype, self.bias)  # [T, in] -> [T, out]
 
     def extra_repr(self) -> str:
@@ -148,7 +176,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_modules(model: nn.Module, types: dict[str, str],
-                     f32_min_rows: Optional[int] = DEFAULT_F32_MIN_ROWS) -> set[str]:
+                     dense_min_rows: Optional[int] = DEFAULT_DENSE_MIN_ROWS) -> set[str]:
     """Swap Linear / VocabEmbedding / LMHead modules whose checkpoint weights have a supported block type.
 
     types: checkpoint weight name -> GGUF type name in lower case (q4_1, q6_k, f32...).
@@ -166,7 +194,7 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
             shards = module.shard_names if isinstance(module, MergedLinear) else None
             _set_module(model, name, QuantizedLinear(module.in_features, sizes, next(iter(kinds)),
                                                      bias=module.bias is not None, shard_names=shards,
-                                                     f32_min_rows=f32_min_rows))
+                                                     dense_min_rows=dense_min_rows))
             raw.update(names.values())
         elif isinstance(module, VocabEmbedding):
             qtype = types.get(f"{name}.weight")
@@ -186,11 +214,13 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     return raw
 
 
-def finalize_quantized(model: nn.Module, max_copy_bytes: int = F32_COPY_MAX_BYTES) -> None:
-    """Call after the weights are loaded: builds the float32 copies for large-M calls when they fit the cap."""
+def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
+                       dense_dtype: torch.dtype = torch.float32) -> None:
+    """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    copy_bytes = sum(4 * m.in_features * m.out_features for m in linears if m.f32_min_rows is not None)
+    elem = torch.tensor([], dtype=dense_dtype).element_size()
+    copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)
     for module in linears:
         if copy_bytes > max_copy_bytes:
-            module.f32_min_rows = None
-        module.finalize()
+            module.dense_min_rows = None
+        module.finalize(dense_dtype)

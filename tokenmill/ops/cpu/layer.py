@@ -62,7 +62,7 @@ class FusedCpuLayer:
         self.inter = mlp.down_proj.in_features
         self.eps = float(layer.input_layernorm.eps)  # layer_qualifies: both norms share it
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        self.max_tokens = min((m.f32_min_rows if m.f32_min_rows is not None else 1 << 30) for m in lin) - 1
+        self.max_tokens = min((m.dense_min_rows if m.dense_min_rows is not None else 1 << 30) for m in lin) - 1
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
         self.linears = []
         for m in lin:
