@@ -6,14 +6,19 @@
 // buffer (L1/L2 resident) once, then runs an MR x NC register-blocked micro-kernel over all rows of x, so the
 // unpacking cost is paid once per weight per 64-row chunk of x and x stays in cache.
 //
+// With AVX-512 (F + BW) the kernels run 16-wide; otherwise AVX2 8-wide; otherwise scalar. Same math in each.
+//
 // Block layouts (little endian):  Q4_0: f16 d, u8 qs[16]      (18 bytes; weight j = qs[j] & 15, j+16 = qs[j] >> 4)
 //                                 Q4_1: f16 d, f16 m, u8 qs[16] (20 bytes; same nibble order)
 //                                 Q8_0: f16 d, i8 qs[32]       (34 bytes)
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TM_AVX512 1
 #endif
 
 #define QK 32
@@ -66,7 +71,13 @@ static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
         const float d = f16_to_f32(blk);
         if (qtype == Q8_0) {
             const int8_t *qs = (const int8_t *)(blk + 2);
-#ifdef __AVX2__
+#if defined(TM_AVX512)
+            const __m512 dv = _mm512_set1_ps(d);
+            for (int i = 0; i < 2; i++) {
+                __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16 * i)));
+                _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), dv));
+            }
+#elif defined(__AVX2__)
             const __m256 dv = _mm256_set1_ps(d);
             for (int i = 0; i < 4; i++) {
                 __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
@@ -78,7 +89,23 @@ static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
             continue;
         }
         const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2);
-#ifdef __AVX2__
+#if defined(TM_AVX512)
+        {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+            const __m128i m4 = _mm_set1_epi8(0x0f);
+            __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)));
+            __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)));
+            const __m512 dv = _mm512_set1_ps(d);
+            const __m512 mv = _mm512_set1_ps(qtype == Q4_1 ? f16_to_f32(blk + 2) : 0.0f);
+            if (qtype != Q4_1) {
+                const __m512 eight = _mm512_set1_ps(8.0f);
+                q0 = _mm512_sub_ps(q0, eight);
+                q1 = _mm512_sub_ps(q1, eight);
+            }
+            _mm512_storeu_ps(o, qtype == Q4_1 ? _mm512_fmadd_ps(q0, dv, mv) : _mm512_mul_ps(q0, dv));
+            _mm512_storeu_ps(o + 16, qtype == Q4_1 ? _mm512_fmadd_ps(q1, dv, mv) : _mm512_mul_ps(q1, dv));
+        }
+#elif defined(__AVX2__)
         const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
         const __m128i m4 = _mm_set1_epi8(0x0f);
         const __m128i lo = _mm_and_si128(raw, m4);
@@ -129,7 +156,22 @@ static inline float hsum(__m256 v) {
         MICRO_BODY(MR)                                                                                       \
     }
 
-#ifdef __AVX2__
+#if defined(TM_AVX512)
+#define MICRO_BODY(MR)                                                                                       \
+    __m512 acc[MR][NC];                                                                                      \
+    for (int r = 0; r < MR; r++)                                                                             \
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm512_setzero_ps();                                        \
+    for (int64_t k = 0; k < K; k += 16) {                                                                    \
+        __m512 xv[MR];                                                                                       \
+        for (int r = 0; r < MR; r++) xv[r] = _mm512_loadu_ps(x + r * ldx + k);                               \
+        for (int c = 0; c < NC; c++) {                                                                       \
+            const __m512 wv = _mm512_loadu_ps(w + c * K + k);                                                \
+            for (int r = 0; r < MR; r++) acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);                  \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int r = 0; r < MR; r++)                                                                             \
+        for (int c = 0; c < nc; c++) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]) + (bias ? bias[c] : 0.0f);
+#elif defined(__AVX2__)
 #define MICRO_BODY(MR)                                                                                       \
     __m256 acc[MR][NC];                                                                                      \
     for (int r = 0; r < MR; r++)                                                                             \
@@ -162,11 +204,95 @@ MICRO(3)
 // sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i per block (Q4_0: m = -8d, Q8_0: m = 0), the block sums of x
 // (xs[r * nb + b]) precomputed. Same weights as dequant_row, summed in another order.
 #define DIRECT_MAX_ROWS 3
+#if defined(TM_AVX512)
+// One block as two vectors of 16 integer weights (as floats), with its scale d and offset m (w = d*q + m).
+static inline __attribute__((always_inline)) void block512(const int qtype, const uint8_t *blk, __m512 *q0, __m512 *q1,
+                                                           float *d, float *m) {
+    if (qtype != Q4_1) *d = f16_to_f32(blk);
+    if (qtype == Q8_0) {
+        const int8_t *qs = (const int8_t *)(blk + 2);
+        *q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
+        *q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
+        *m = 0.0f;
+    } else {
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (qtype == Q4_1 ? 4 : 2)));
+        *q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)));
+        *q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)));
+        if (qtype == Q4_1) {  // d and m are adjacent: one conversion for both
+            int32_t dm;
+            memcpy(&dm, blk, 4);
+            const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+            *d = _mm_cvtss_f32(f);
+            *m = _mm_cvtss_f32(_mm_movehdup_ps(f));
+        } else {
+            *m = -8.0f * *d;
+        }
+    }
+}
+
+// direct_tile for a compile-time row count R and block type (always inlined into the dispatcher below, so the
+// accumulators live in registers). Blocks go in pairs into two accumulators per row: one FMA chain would bound
+// the loop by its latency.
+static inline __attribute__((always_inline)) void direct_tile512(const int R, const int qtype, const float *x,
+                                                                 const float *xs, int64_t K, const uint8_t *wrow,
+                                                                 float *y, int64_t ldy, float bias) {
+    const int bb = block_bytes(qtype);
+    const int64_t nb = K / QK;
+    __m512 a0[DIRECT_MAX_ROWS], a1[DIRECT_MAX_ROWS];
+    float s0[DIRECT_MAX_ROWS], s1[DIRECT_MAX_ROWS];
+    for (int r = 0; r < R; r++) { a0[r] = a1[r] = _mm512_setzero_ps(); s0[r] = s1[r] = 0.0f; }
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        __m512 q0, q1, p0, p1;
+        float d, m, e, n;
+        block512(qtype, wrow + b * bb, &q0, &q1, &d, &m);
+        block512(qtype, wrow + (b + 1) * bb, &p0, &p1, &e, &n);
+        const __m512 dv = _mm512_set1_ps(d), ev = _mm512_set1_ps(e);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * K + b * QK;
+            const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+            const __m512 u = _mm512_fmadd_ps(p1, _mm512_loadu_ps(xb + 48), _mm512_mul_ps(p0, _mm512_loadu_ps(xb + 32)));
+            a0[r] = _mm512_fmadd_ps(t, dv, a0[r]);
+            a1[r] = _mm512_fmadd_ps(u, ev, a1[r]);
+            s0[r] += m * xs[r * nb + b];
+            s1[r] += n * xs[r * nb + b + 1];
+        }
+    }
+    if (b < nb) {
+        __m512 q0, q1;
+        float d, m;
+        block512(qtype, wrow + b * bb, &q0, &q1, &d, &m);
+        const __m512 dv = _mm512_set1_ps(d);
+        for (int r = 0; r < R; r++) {
+            const float *xb = x + r * K + b * QK;
+            const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+            a0[r] = _mm512_fmadd_ps(t, dv, a0[r]);
+            s0[r] += m * xs[r * nb + b];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r])) + (s0[r] + s1[r]) + bias;
+}
+
+#define TILE512(R, QT) direct_tile512(R, QT, x, xs, K, wrow, y, ldy, bias)
+#define TILE512_ROWS(QT) (R == 1 ? TILE512(1, QT) : R == 2 ? TILE512(2, QT) : TILE512(3, QT))
+static void direct_tile512_dispatch(int qtype, const float *x, const float *xs, int R, int64_t K,
+                                    const uint8_t *wrow, float *y, int64_t ldy, float bias) {
+    if (qtype == Q4_1) TILE512_ROWS(Q4_1);
+    else if (qtype == Q4_0) TILE512_ROWS(Q4_0);
+    else TILE512_ROWS(Q8_0);
+}
+#endif
+
 static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
                         float *y, int64_t ldy, float bias) {
     const int bb = block_bytes(qtype);
     const int64_t nb = K / QK;
-#ifdef __AVX2__
+#if defined(TM_AVX512)
+    direct_tile512_dispatch(qtype, x, xs, R, K, wrow, y, ldy, bias);
+    (void)bb; (void)nb;
+#elif defined(__AVX2__)
     __m256 acc[DIRECT_MAX_ROWS];
     float msum[DIRECT_MAX_ROWS];
     for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
