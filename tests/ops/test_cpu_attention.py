@@ -62,6 +62,36 @@ def test_prefill_chunks_over_cached_prefixes_mixed_with_decodes():
     _run(reqs, 8, 2, 128, 32, seed=1)
 
 
+@pytest.mark.parametrize("window", [None, 50])
+def test_backend_bf16_prefill_split(window):
+    """CpuAttentionBackend(prefill_dtype=bf16): chunks of >= 64 queries go through bf16 SDPA, the rest of the
+    step through the kernel (bit-equal to the kernel alone); with prefill_dtype None it is the kernel alone."""
+    from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
+
+    reqs = [(0, 70), (129, 1), (200, 64), (16, 16), (5, 1), (31, 130), (0, 63)]
+    h, hkv, d, bs = 9, 3, 64, 16
+    torch.manual_seed(0)
+    nb = sum(-(-(c + n) // bs) for c, n in reqs) + 3
+    batch = _make_batch(reqs, bs, nb, seed=4)
+    q, k, v = torch.randn(batch.num_tokens, h, d), torch.randn(batch.num_tokens, hkv, d), torch.randn(batch.num_tokens, hkv, d)
+    kv0 = torch.randn((2, nb, bs, hkv, d))
+    want = R.paged_attention(q, _written(kv0, k, v, batch), batch, d ** -0.5, window)
+    kernel = CpuAttentionBackend().forward(q, k, v, kv0.clone(), batch, d ** -0.5, window)
+    got = CpuAttentionBackend(prefill_dtype=torch.bfloat16).forward(q, k, v, kv0.clone(), batch, d ** -0.5, window)
+    assert got.dtype == torch.float32
+    long = torch.cat([torch.full((n,), n >= PREFILL_MIN_TOKENS) for _, n in reqs])
+    assert torch.equal(got[~long], kernel[~long])  # short chunks and decodes: the kernel, untouched
+    assert not torch.equal(got[long], kernel[long])  # long chunks: really the bf16 path
+    torch.testing.assert_close(got[long], want[long], rtol=0.05, atol=0.03)
+    torch.testing.assert_close(kernel, want, rtol=1e-5, atol=2e-6)
+
+
+def _written(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    out = kv.clone()
+    R.write_kv(out, k, v, batch.slot_mapping)
+    return out
+
+
 def test_batch_one_long_context_split_k():
     _run([(2999, 1)], 9, 3, 64, 16)  # decode: 3 items split over the key range
     _run([(2048, 200)], 9, 3, 64, 16, seed=2)  # shared-prefix chunk

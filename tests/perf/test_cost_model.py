@@ -52,6 +52,25 @@ def test_fit_recovers_device_constants():
         assert fitted.predict_shape(s) == pytest.approx(truth.predict_shape(s), rel=0.06)
 
 
+def test_fit_recovers_two_kernel_regimes():
+    """Small steps (decodes: the packed kernel) and large ones (prefill: dense GEMM) at different matmul rates, as
+    on the CPU: the fit recovers both; one rate for both mispredicts one side badly."""
+    truth = CostModel(SPEC, bandwidth=20e9, matmul_rate=800e9, o_step=3e-3, o_req=1e-4, o_tok=2e-5,
+                      small_step_tokens=64, matmul_rate_small=90e9)
+    rng = random.Random(2)
+    samples = [(s, truth.predict_shape(s) * rng.uniform(0.98, 1.02)) for s in shapes(rng, 120)]
+    assert {s.num_tokens < 64 for s, _ in samples} == {True, False}
+    two = CostModel.prior(SPEC)
+    two.small_step_tokens = 64
+    assert two.fit(samples)["median_rel_error"] < 0.03
+    assert two.matmul_rate == pytest.approx(800e9, rel=0.2)
+    assert two.matmul_rate_small == pytest.approx(90e9, rel=0.2)
+    one = CostModel.prior(SPEC)
+    assert one.fit(samples)["max_rel_error"] > 0.3
+    for s in shapes(random.Random(3), 30):
+        assert two.predict_shape(s) == pytest.approx(truth.predict_shape(s), rel=0.08)
+
+
 def test_prediction_regimes():
     m = CostModel(SPEC, bandwidth=40e9, matmul_rate=300e9)
     one = m.predict(1, 1, 100, 100)
@@ -69,6 +88,10 @@ def test_save_load_roundtrip(tmp_path):
     m.save(str(p))
     back = CostModel.load(str(p))
     assert back == m and back.predict(100, 3, 500, 9000) == m.predict(100, 3, 500, 9000)
+    old = m.to_dict()  # a file from before the small-step regime existed still loads (one regime)
+    del old["small_step_tokens"], old["matmul_rate_small"]
+    p.write_text(json.dumps(old))
+    assert CostModel.load(str(p)) == m
     p.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError):
         CostModel.load(str(p))

@@ -1,7 +1,12 @@
 """Step-time model: roofline terms plus fitted overheads, calibrated on the real engine.
 
     t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs
-              + max(bytes / bandwidth, flops / matmul_rate)      (a rate of 0 drops its term)
+              + max(bytes / bandwidth, flops / rate)             (a rate of 0 drops its term)
+    rate = matmul_rate_small for steps of fewer than small_step_tokens tokens, else matmul_rate
+
+Two matmul rates because the engine runs two kinds of kernels: on the CPU, packed GGUF weights go through
+the packed kernel (fused per layer) below `small_step_tokens` rows and a dense bf16/f32 GEMM at or above
+it, whose throughput differs several-fold; one rate fit to both mispredicts decode-only steps or prefills.
     bytes = weight bytes + kv_tokens_read * KV bytes per token
     flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
 
@@ -103,6 +108,8 @@ class CostModel:
     o_req: float = 0.0
     o_tok: float = 0.0
     o_pair: float = 0.0
+    small_step_tokens: int = 0  # steps with fewer tokens use matmul_rate_small (0: one regime)
+    matmul_rate_small: float = 0.0
     device: str = "cpu"
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -124,16 +131,20 @@ class CostModel:
             return 0.0
         mem, flops = self.terms(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
         t_mem = mem / self.bandwidth if self.bandwidth > 0 else 0.0  # 0: the fit found no such term
-        t_flops = flops / self.matmul_rate if self.matmul_rate > 0 else 0.0
+        rate = self.matmul_rate_small if self._small(num_tokens) else self.matmul_rate
+        t_flops = flops / rate if rate > 0 else 0.0
         return (self.o_step + self.o_req * num_reqs + self.o_tok * num_tokens + self.o_pair * attn_pairs
                 + max(t_mem, t_flops))
+
+    def _small(self, num_tokens: int) -> bool:
+        return 0 < num_tokens < self.small_step_tokens
 
     def predict_shape(self, shape: StepShape) -> float:
         return self.predict(shape.num_tokens, shape.num_reqs, shape.kv_tokens_read, shape.attn_pairs)
 
     # ---- fitting -------------------------------------------------------------------------------
     def fit(self, samples: list[tuple[StepShape, float]], iters: int = 8) -> dict[str, float]:
-        """Least-squares fit (relative error, non-negative) of bandwidth, matmul rate and overheads."""
+        """Least-squares fit (relative error, non-negative) of bandwidth, matmul rate(s) and overheads."""
         import numpy as np
 
         if len(samples) < 6:
@@ -146,15 +157,21 @@ class CostModel:
         X = np.asarray(rows, dtype=np.float64)
         y = np.asarray(times, dtype=np.float64)
         w = 1.0 / np.maximum(y, 1e-6)
-        compute_bound = X[:, 5] / self.matmul_rate > X[:, 4] / self.bandwidth
-        coef = np.zeros(6)
+        small = np.asarray([self._small(sh.num_tokens) for sh, _ in samples])
+        prior_small = self.matmul_rate_small or self.matmul_rate
+        rate_of = np.where(small, prior_small, self.matmul_rate)
+        compute_bound = X[:, 5] / rate_of > X[:, 4] / self.bandwidth
+        coef = np.zeros(7)
         for _ in range(iters):
-            # features: o_step, o_req, o_tok, o_pair, 1/bw (memory-bound rows), 1/rate (compute-bound rows)
+            # features: o_step, o_req, o_tok, o_pair, 1/bw (memory-bound rows), 1/rate (compute-bound rows of
+            # large steps), 1/rate_small (compute-bound rows of small steps; all-zero without two regimes)
             A = np.column_stack([X[:, 0], X[:, 1], X[:, 2], X[:, 3], np.where(compute_bound, 0.0, X[:, 4]),
-                                 np.where(compute_bound, X[:, 5], 0.0)])
+                                 np.where(compute_bound & ~small, X[:, 5], 0.0),
+                                 np.where(compute_bound & small, X[:, 5], 0.0)])
             coef = _nnls(A * w[:, None], y * w)
             inv_bw = coef[4] if coef[4] > 0 else 1.0 / self.bandwidth
-            inv_rate = coef[5] if coef[5] > 0 else 1.0 / self.matmul_rate
+            inv_rate = np.where(small, coef[6] if coef[6] > 0 else 1.0 / prior_small,
+                                coef[5] if coef[5] > 0 else 1.0 / self.matmul_rate)
             new_cb = X[:, 5] * inv_rate > X[:, 4] * inv_bw
             if (new_cb == compute_bound).all():
                 break
@@ -163,6 +180,7 @@ class CostModel:
         # a roofline term the fit gave no weight (absorbed by the overheads) is dropped: 0 = absent
         self.bandwidth = float(1.0 / coef[4]) if coef[4] > 0 else 0.0
         self.matmul_rate = float(1.0 / coef[5]) if coef[5] > 0 else 0.0
+        self.matmul_rate_small = float(1.0 / coef[6]) if coef[6] > 0 else 0.0
         pred = np.asarray([self.predict_shape(sh) for sh, _ in samples])
         rel = np.abs(pred - y) / y
         stats = {"num_steps": len(samples), "median_rel_error": float(np.median(rel)),
@@ -220,7 +238,7 @@ def _nnls(A: Any, b: Any, iters: int = 50) -> Any:
 # ---- calibration on the real engine ------------------------------------------------------------
 CALIBRATION_PLAN = (  # (batch size, prompt tokens, output tokens): prefills of many sizes, decodes of many batches
     (1, 16, 4), (1, 64, 4), (1, 256, 4), (1, 512, 2), (1, 1024, 2), (2, 700, 2), (4, 128, 12),
-    (8, 32, 16), (16, 24, 12), (32, 16, 8), (12, 300, 6), (3, 1500, 2),
+    (8, 32, 16), (16, 24, 12), (32, 16, 8), (12, 300, 6), (3, 1500, 2), (8, 400, 12), (48, 24, 6),
 )
 
 
@@ -232,6 +250,15 @@ def spec_of_engine(engine: Any) -> ModelSpec:
 
     elem = torch.tensor([], dtype=runner.dtype).element_size()
     return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem)
+
+
+def small_step_tokens_of(model: Any) -> int:
+    """Rows from which the model's packed linears switch to their dense GEMM copy (0: no such switch)."""
+    from tokenmill.model.layers.quantized import QuantizedLinear
+
+    rows = [m.dense_min_rows for m in model.modules()
+            if isinstance(m, QuantizedLinear) and m.weight_dense is not None and m.dense_min_rows is not None]
+    return min(rows) if rows else 0
 
 
 def _core_of(engine: Any) -> Any:
@@ -251,6 +278,7 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     runner = core.runner
     spec = spec_of_engine(core)
     model = CostModel.prior(spec, str(runner.device))
+    model.small_step_tokens = small_step_tokens_of(runner.model)
     samples: list[tuple[StepShape, float]] = []
     cfg = core.config.scheduler
     vocab = spec.vocab_size

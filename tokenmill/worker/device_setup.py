@@ -130,7 +130,11 @@ class DeviceSetup:
         model.set_attention_backend(self.backend)
         logger.info("attention backend: %s", self.backend_name)
         if self.backend_name == "cpu":  # packed layers run whole in one C call for small batches
+            from tokenmill.model.layers.quantized import dense_gemm_dtype
             from tokenmill.ops.cpu.layer import fuse_cpu_layers
+
+            # prefill attention follows the packed linears' large-GEMM dtype (bf16 on AMX / AVX512-BF16 CPUs)
+            self.backend.prefill_dtype = dense_gemm_dtype(model)
 
             n = fuse_cpu_layers(model)
             if n:

@@ -95,3 +95,26 @@ def build_forward_batch(
         query_lens_cpu=q_lens,
         block_size=block_size,
     )
+
+
+def select_requests(batch: ForwardBatch, rows: list[int]) -> tuple[ForwardBatch, torch.Tensor]:
+    """The sub-batch of requests `rows` (attention metadata only: input ids / positions / slots / logits are
+    those of the selected tokens) and the indices of its tokens in `batch`'s packed token dim."""
+    qsl = batch.query_start_loc.tolist()
+    tok = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    q_lens = [batch.query_lens_cpu[i] for i in rows]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    idx = torch.tensor(rows, dtype=torch.long)
+    dev = batch.seq_lens.device
+    tok_dev = tok.to(dev)
+    sub = ForwardBatch(
+        input_ids=batch.input_ids.index_select(0, tok_dev), positions=batch.positions.index_select(0, tok_dev),
+        slot_mapping=batch.slot_mapping.index_select(0, tok_dev),
+        block_tables=batch.block_tables.index_select(0, idx.to(dev)),
+        seq_lens=batch.seq_lens.index_select(0, idx.to(dev)),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+        logits_indices=torch.tensor([s - 1 for s in starts[1:]], dtype=torch.long, device=dev),
+        seq_lens_cpu=[batch.seq_lens_cpu[i] for i in rows], query_lens_cpu=q_lens, block_size=batch.block_size)
+    return sub, tok

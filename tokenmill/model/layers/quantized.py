@@ -214,6 +214,12 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     return raw
 
 
+def dense_gemm_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the packed linears' dense copies (None: the model keeps none)."""
+    return next((m.weight_dense.dtype for m in model.modules()
+                 if isinstance(m, QuantizedLinear) and m.weight_dense is not None), None)
+
+
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
