@@ -107,6 +107,31 @@ class OnlineStepModel:
         self.num_samples += 1
 
 
+class CorrectedStepModel:
+    """A calibrated step model plus the serving overhead it does not see, learned online.
+
+    The calibration times bare engine steps; inside a server each step also pays for streaming, detokenizing
+    and the event loop sharing the cores. `offset` is an exponentially weighted mean of (observed - predicted)
+    wall time between consecutive schedule() calls (idle gaps skipped), added to every prediction.
+    """
+
+    def __init__(self, base: StepCostModel, weight: float = 0.05):
+        self.base = base
+        self.weight = weight
+        self.offset = 0.0
+        self.num_samples = 0
+
+    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
+        return self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs) + self.offset
+
+    def observe(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int, seconds: float) -> None:
+        pred = self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
+        if seconds > 4.0 * (pred + self.offset) + 0.05:
+            return  # idle gap, not a step
+        self.offset = max(0.0, self.offset + self.weight * (seconds - pred - self.offset))
+        self.num_samples += 1
+
+
 class SLOPolicy(Policy):
     """Earliest deadline first on time-to-first-token; preempt the request with the most slack;
     size each step's token budget so running decodes keep their time-per-output-token target.
@@ -118,6 +143,11 @@ class SLOPolicy(Policy):
     is rejected (it can no longer meet its SLO and would only delay others).
     Step budget: the largest budget whose predicted step time (cost_model, or a model learned online
     from observed step times) fits the tightest decode's remaining slack (at least its TPOT target).
+    TPOT is a request's average over its output, so a decode's slack also counts a share (`amortize`) of
+    what its remaining tokens (up to `amortize_tokens` of them, bounded by max_tokens) will save if the
+    steps after this one take the decode-only step time: a long prefill step early in a request is paid
+    back by its later, shorter steps. Where per-step costs are high (the CPU), fewer, larger prefill
+    steps then serve more requests within target than many small ones.
     """
 
     name = "slo"
@@ -125,23 +155,28 @@ class SLOPolicy(Policy):
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
                  long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5,
-                 tpot_margin: float = 0.8):
+                 tpot_margin: float = 0.8, amortize: float = 0.5, amortize_tokens: int = 32):
         self.default_ttft_ms = default_ttft_ms
         # plan decodes at this fraction of their TPOT target: step times vary, and a request whose
         # average lands exactly on the target misses it half the time
         self.tpot_margin = tpot_margin
         self.late_last = late_last
         self.ttft_stretch = ttft_stretch
+        self.amortize = amortize
+        self.amortize_tokens = amortize_tokens
         self.default_tpot_ms = default_tpot_ms
         self.reject = reject
         self.cost_model = cost_model
         self.online = OnlineStepModel() if cost_model is None else None
+        self.corrected = CorrectedStepModel(cost_model) if cost_model is not None else None
         self.min_prefill_chunk = min_prefill_chunk
         self.long_prefill_fraction = long_prefill_fraction
         self._last_now: Optional[float] = None
         self._waiting_seen: list[Request] = []  # head of the waiting queue at its last ordering
         self._last_tokens = 0
         self._last_kv = 0
+        self._last_reqs = 0
+        self._last_pairs = 0
         self._last_prefill_allowance = 512  # prefill tokens the last step budget allowed
         self._last_num_decodes = 0
         self._pending_prefill_s = 0.0  # predicted time to finish the running prompts that are on time
@@ -228,15 +263,20 @@ class SLOPolicy(Policy):
     def on_scheduled(self, req: Request, num_tokens: int) -> None:
         self._last_tokens += num_tokens
         self._last_kv += req.num_computed_tokens + num_tokens
+        self._last_reqs += 1
+        self._last_pairs += num_tokens * req.num_computed_tokens + num_tokens * (num_tokens + 1) // 2
 
     def _model(self) -> StepCostModel:
-        return self.cost_model if self.cost_model is not None else self.online  # type: ignore[return-value]
+        return self.corrected if self.corrected is not None else self.online  # type: ignore[return-value]
 
     def step_token_budget(self, running: list[Request], budget: int, now: float) -> int:
-        if self.online is not None:
-            if self._last_now is not None and self._last_tokens:
+        if self._last_now is not None and self._last_tokens:  # the wall time of the step just run
+            if self.online is not None:
                 self.online.observe(self._last_tokens, self._last_kv, now - self._last_now)
-            self._last_now, self._last_tokens, self._last_kv = now, 0, 0
+            else:
+                self.corrected.observe(self._last_tokens, self._last_reqs, self._last_kv, self._last_pairs,
+                                       now - self._last_now)
+        self._last_now, self._last_tokens, self._last_kv, self._last_reqs, self._last_pairs = now, 0, 0, 0, 0
         decodes = [r for r in running if r.num_tokens - r.num_computed_tokens <= 1 and r.first_token_time is not None]
         n_dec = sum(1 + len(r.spec_token_ids) for r in decodes)
         self._last_num_decodes = n_dec
@@ -251,7 +291,6 @@ class SLOPolicy(Policy):
     def _step_budget(self, running: list[Request], decodes: list[Request], n_dec: int, budget: int,
                      now: float) -> int:
         dec_kv = sum(r.num_tokens for r in decodes)
-        allowed = min(max(self._tpot_s(r), self.deadline(r) - now) for r in decodes)
         # context of a running partial prefill the chunk would continue (else a new prompt from 0)
         ctx = max((r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1), default=0)
         model = self._model()
@@ -260,6 +299,17 @@ class SLOPolicy(Policy):
             kv = dec_kv + (ctx + p if p else 0)
             pairs = dec_kv + p * (ctx + (p + 1) // 2)
             return model.predict(n_dec + p, len(decodes) + (1 if p else 0), kv, pairs)
+
+        decode_step = step_time(0)
+
+        def allowance(r: Request) -> float:
+            slack = self.deadline(r) - now
+            ahead = min(self.amortize_tokens, r.max_tokens - r.num_output_tokens) - 1
+            if self.amortize > 0 and ahead > 0:
+                slack += self.amortize * ahead * max(0.0, self._tpot_s(r) - decode_step)
+            return max(self._tpot_s(r), slack)
+
+        allowed = min(allowance(r) for r in decodes)
 
         hi = max(0, budget - n_dec)
         lo = min(self.min_prefill_chunk, hi)
