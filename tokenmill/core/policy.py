@@ -177,7 +177,8 @@ class SLOPolicy(Policy):
         self._last_kv = 0
         self._last_reqs = 0
         self._last_pairs = 0
-        self._last_prefill_allowance = 512  # prefill tokens the last step budget allowed
+        # prefill tokens a step could give prompts with a first-token deadline (the last step's stretch cap)
+        self._last_prefill_capacity = 512
         self._last_num_decodes = 0
         self._pending_prefill_s = 0.0  # predicted time to finish the running prompts that are on time
 
@@ -241,8 +242,10 @@ class SLOPolicy(Policy):
         return self.late_last and req.first_token_time is None and self.deadline(req) < now
 
     def _prefill_seconds_per_token(self) -> float:
-        """Predicted seconds per prompt token at the prefill rate the last step allowed."""
-        p = max(self.min_prefill_chunk, self._last_prefill_allowance)
+        """Predicted seconds per prompt token at the largest chunk a deadline could get (the last step's stretch
+        cap): the rate the TTFT chunk sizing can really give a prompt, not the TPOT-throttled allowance (which
+        made admission give up on long prompts that a first-come server serves in time)."""
+        p = max(self.min_prefill_chunk, self._last_prefill_capacity)
         model = self._model()
         return max(1e-6, (model.predict(p + self._last_num_decodes, 1 + self._last_num_decodes, p, p * (p + 1) // 2)) / p)
 
@@ -284,9 +287,8 @@ class SLOPolicy(Policy):
         self._pending_prefill_s = sum((r.num_tokens - r.num_computed_tokens) * per_tok for r in running
                                       if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
                                       and self.deadline(r) >= now)
-        out = self._step_budget(running, decodes, n_dec, budget, now) if decodes else budget
-        self._last_prefill_allowance = max(1, out - n_dec)
-        return out
+        self._last_prefill_capacity = budget  # lowered by _step_budget when decodes limit the step
+        return self._step_budget(running, decodes, n_dec, budget, now) if decodes else budget
 
     def _step_budget(self, running: list[Request], decodes: list[Request], n_dec: int, budget: int,
                      now: float) -> int:
@@ -331,6 +333,7 @@ class SLOPolicy(Policy):
         hi = max(0, budget - n_dec)
         while cap < hi and step_time(min(hi, cap * 2 + 1)) <= self.ttft_stretch * allowed:
             cap = min(hi, cap * 2 + 1)
+        self._last_prefill_capacity = max(1, cap)
         return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))
 
     def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:
