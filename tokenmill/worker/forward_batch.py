@@ -8,7 +8,7 @@ New K/V of token t are written at flat slot slot_mapping[t] = block_id * block_s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,8 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
     block_size: int
+    # what attention backends derive from the batch once per step rather than once per layer (masks, sub-batches)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -71,12 +71,16 @@ class CpuAttentionBackend:
     def _split(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
                sliding_window: Optional[int]) -> torch.Tensor:
         """Long prefill chunks through SDPA in prefill_dtype, the rest of the step through the kernel."""
-        long = [i for i, n in enumerate(batch.query_lens_cpu) if n >= PREFILL_MIN_TOKENS]
-        rest = [i for i, n in enumerate(batch.query_lens_cpu) if n < PREFILL_MIN_TOKENS]
+        parts = batch.memo.get("prefill_split")
+        if parts is None:  # the same for every layer of the step
+            long = [i for i, n in enumerate(batch.query_lens_cpu) if n >= PREFILL_MIN_TOKENS]
+            rest = [i for i, n in enumerate(batch.query_lens_cpu) if n < PREFILL_MIN_TOKENS]
+            parts = batch.memo["prefill_split"] = (select_requests(batch, long),
+                                                   select_requests(batch, rest) if rest else None)
+        (sub, tok), short = parts
         out = torch.empty_like(q)
-        sub, tok = select_requests(batch, long)
         out[tok] = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window).to(q.dtype)
-        if rest:
-            sub, tok = select_requests(batch, rest)
+        if short is not None:
+            sub, tok = short
             out[tok] = cpu_paged_attention(q[tok], kv_cache, sub, scale, sliding_window)
         return out

@@ -78,7 +78,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
         mask = None
         causal = False
         if sliding_window is not None or (n > 1 and n != seq_len):
-            mask = _causal_mask(n, seq_len, sliding_window, q.device)
+            key = ("mask", n, seq_len, sliding_window, q.dtype)
+            mask = batch.memo.get(key)
+            if mask is None:  # additive, in q's dtype: SDPA would convert a bool mask in every layer
+                allowed = _causal_mask(n, seq_len, sliding_window, q.device)
+                mask = batch.memo[key] = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                    ~allowed, float("-inf"))
         elif n > 1:
             causal = True
         out[s:s + n] = _sdpa(qi, ki, vi, mask, causal, scale)[0].transpose(0, 1)
