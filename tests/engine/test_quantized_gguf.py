@@ -35,25 +35,22 @@ def test_auto_equals_none_greedy():
     assert many_q == many_f
 
 
-def _prompt_logprobs(gemm_dtype: str, prompt: list[int]) -> list:
+def _prompt_logprobs(gemm_dtype: str, text: str) -> tuple[list, int]:
     llm = LLM(max_model_len=1024, enable_prefix_caching=False, gemm_dtype=gemm_dtype)
     w = llm.engine.core.runner.model.model.layers[0].mlp.down_proj.weight_dense
     assert w is not None and w.dtype == getattr(torch, gemm_dtype)
+    prompt = llm.get_tokenizer().encode(text)[:300]  # a 300-row prefill: the dense path
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
-    return out.prompt_logprobs[1:]  # one per prompt position after the first: a 300-row prefill (dense path)
+    return out.prompt_logprobs[1:], len(prompt)  # one per prompt position after the first
 
 
 def test_bf16_gemm_logprobs_close_to_float32():
-    llm = LLM(max_model_len=1024, skip_tokenizer_init=False)
-    tok = llm.get_tokenizer()
     text = " ".join(f"Sentence {i}: the quick brown fox jumps over the lazy dog near river {i}." for i in range(30))
-    prompt = tok.encode(text)[:300]
-    del llm
-    ref, bf = _prompt_logprobs("float32", prompt), _prompt_logprobs("bfloat16", prompt)
+    (ref, n), (bf, _) = _prompt_logprobs("float32", text), _prompt_logprobs("bfloat16", text)
     # the logprob each run gives the actual next prompt token: bf16 rounding of weights and activations moves it
     # by ~1e-2 typically (llama.cpp's int8 activations move its logits ~0.2 from transformers' float32)
     diffs = [abs(a.logprob - b.logprob) for a, b in zip(ref, bf)]
-    assert len(diffs) == len(prompt) - 1
+    assert len(diffs) == n - 1
     assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.05, (max(diffs), sum(diffs) / len(diffs))
     assert sum(diffs) > 0  # really a different path
     agree = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, bf)) / len(ref)

@@ -252,15 +252,6 @@ def spec_of_engine(engine: Any) -> ModelSpec:
     return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem)
 
 
-def small_step_tokens_of(model: Any) -> int:
-    """Rows from which the model's packed linears switch to their dense GEMM copy (0: no such switch)."""
-    from tokenmill.model.layers.quantized import QuantizedLinear
-
-    rows = [m.dense_min_rows for m in model.modules()
-            if isinstance(m, QuantizedLinear) and m.weight_dense is not None and m.dense_min_rows is not None]
-    return min(rows) if rows else 0
-
-
 def _core_of(engine: Any) -> Any:
     if hasattr(engine, "engine"):  # LLM facade
         engine = engine.engine
@@ -278,7 +269,9 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     runner = core.runner
     spec = spec_of_engine(core)
     model = CostModel.prior(spec, str(runner.device))
-    model.small_step_tokens = small_step_tokens_of(runner.model)
+    from tokenmill.model.layers.quantized import dense_switch_rows
+
+    model.small_step_tokens = dense_switch_rows(runner.model.modules()) or 0
     samples: list[tuple[StepShape, float]] = []
     cfg = core.config.scheduler
     vocab = spec.vocab_size

@@ -214,6 +214,13 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     return raw
 
 
+def dense_switch_rows(modules) -> Optional[int]:
+    """Fewest rows from which any of these modules (packed linears) runs its dense copy (None: none does)."""
+    rows = [m.dense_min_rows for m in modules
+            if isinstance(m, QuantizedLinear) and m.weight_dense is not None and m.dense_min_rows is not None]
+    return min(rows) if rows else None
+
+
 def dense_gemm_dtype(model: nn.Module) -> Optional[torch.dtype]:
     """The dtype of the packed linears' dense copies (None: the model keeps none)."""
     return next((m.weight_dense.dtype for m in model.modules()

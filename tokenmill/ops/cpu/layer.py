@@ -62,7 +62,9 @@ class FusedCpuLayer:
         self.inter = mlp.down_proj.in_features
         self.eps = float(layer.input_layernorm.eps)  # layer_qualifies: both norms share it
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        self.max_tokens = min((m.dense_min_rows if m.dense_min_rows is not None else 1 << 30) for m in lin) - 1
+        from tokenmill.model.layers.quantized import dense_switch_rows
+
+        self.max_tokens = (dense_switch_rows(lin) or 1 << 30) - 1  # larger steps: the dense GEMM copies
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
         self.linears = []
         for m in lin:

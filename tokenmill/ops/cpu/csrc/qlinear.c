@@ -277,22 +277,18 @@ static inline __attribute__((always_inline)) void direct_tile512(const int R, co
 
 #define TILE512(R, QT) direct_tile512(R, QT, x, xs, K, wrow, y, ldy, bias)
 #define TILE512_ROWS(QT) (R == 1 ? TILE512(1, QT) : R == 2 ? TILE512(2, QT) : TILE512(3, QT))
-static void direct_tile512_dispatch(int qtype, const float *x, const float *xs, int R, int64_t K,
-                                    const uint8_t *wrow, float *y, int64_t ldy, float bias) {
+static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
+                        float *y, int64_t ldy, float bias) {
     if (qtype == Q4_1) TILE512_ROWS(Q4_1);
     else if (qtype == Q4_0) TILE512_ROWS(Q4_0);
     else TILE512_ROWS(Q8_0);
 }
-#endif
-
+#else
 static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
                         float *y, int64_t ldy, float bias) {
     const int bb = block_bytes(qtype);
     const int64_t nb = K / QK;
-#if defined(TM_AVX512)
-    direct_tile512_dispatch(qtype, x, xs, R, K, wrow, y, ldy, bias);
-    (void)bb; (void)nb;
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
     __m256 acc[DIRECT_MAX_ROWS];
     float msum[DIRECT_MAX_ROWS];
     for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
@@ -342,6 +338,7 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
     for (int r = 0; r < R; r++) y[r * ldy] = acc[r] + bias;
 #endif
 }
+#endif  // TM_AVX512
 
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y) {
