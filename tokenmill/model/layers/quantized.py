@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import QTYPES, dequantize, dequantize_rows, qlinear, row_bytes
+from tokenmill.ops.cpu.qlinear import QTYPES, amx_available, dequantize, dequantize_rows, qlinear, row_bytes
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
 # for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
@@ -26,6 +26,11 @@ DEFAULT_DENSE_MIN_ROWS: Optional[int] = 64
 # The dense copies are kept only while they total at most this much (a 7B model would need ~28 GB in float32):
 # above it every call runs the kernel, and prefill is slower instead.
 DENSE_COPY_MAX_BYTES = 2 << 30
+# With `gemm_dtype` bfloat16 on a CPU with AMX, calls of at least this many rows run the kernel's AMX path
+# (weights dequantized to bf16 tiles on the fly) and no dense copy is kept: `bench/cpu_gemm.py` (SmolLM2 shapes,
+# 30 layers, 2 threads) 4 rows 15.5 vs 16.3 ms, 16 rows 16.3 vs 23.9 ms, 64 rows 35.9 vs 82.8 ms (packed float32
+# kernel), 512 rows 81 ms in C vs ~100-120 ms for oneDNN's bf16 GEMM on the dense copy.
+AMX_MIN_ROWS = 4
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -65,6 +70,7 @@ class QuantizedLinear(nn.Module):
         self.qtype = qtype
         self.dense_min_rows = dense_min_rows
         self.weight_dense: Optional[torch.Tensor] = None  # [out, in] float32 or bfloat16, built by finalize()
+        self.amx_min_rows = 0  # > 0: calls of at least this many rows take the kernel's AMX bf16 path
         self.shard_names: Optional[list[ShardId]] = list(shard_names) if shard_names else None
         self.weight = nn.Parameter(torch.empty(self.out_features, row_bytes(qtype, in_features), dtype=torch.uint8),
                                    requires_grad=False)
@@ -95,13 +101,19 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(loaded)
 
-    def finalize(self, dense_dtype: torch.dtype = torch.float32) -> None:
-        """After loading: keep a dense copy for large-M calls when dense_min_rows asks for one."""
+    def finalize(self, dense_dtype: torch.dtype = torch.float32, amx: bool = False) -> None:
+        """After loading: with amx (bf16 on an AMX CPU) the kernel's AMX path takes calls of AMX_MIN_ROWS+ rows and
+        no copy is kept; otherwise keep a dense copy for large-M calls when dense_min_rows asks for one."""
         self.weight_dense = None
-        if self.dense_min_rows is not None:
+        self.amx_min_rows = AMX_MIN_ROWS if amx else 0
+        if amx:
+            self.dense_min_rows = None
+        elif self.dense_min_rows is not None:
             self.weight_dense = dequantize(self.weight.data, self.qtype, self.in_features).to(dense_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx_min_rows:
+            return qlinear(x, self.weight, self.qtype, self.bias, amx_min_rows=self.amx_min_rows)
         w = self.weight_dense
         if w is not None and x.shape[0] >= self.dense_min_rows:
             if w.dtype == x.dtype:
@@ -222,15 +234,31 @@ def dense_switch_rows(modules) -> Optional[int]:
 
 
 def dense_gemm_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The dtype of the packed linears' dense copies (None: the model keeps none)."""
-    return next((m.weight_dense.dtype for m in model.modules()
-                 if isinstance(m, QuantizedLinear) and m.weight_dense is not None), None)
+    """The dtype large calls of the packed linears compute in: bfloat16 on the AMX path, else their dense copies'
+    dtype (None: neither, every call runs the float32 packed kernel)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            if m.amx_min_rows:
+                return torch.bfloat16
+            if m.weight_dense is not None:
+                return m.weight_dense.dtype
+    return None
+
+
+def amx_switch_rows(modules) -> Optional[int]:
+    """Fewest rows from which any of these modules (packed linears) runs the AMX path (None: none does)."""
+    rows = [m.amx_min_rows for m in modules if isinstance(m, QuantizedLinear) and m.amx_min_rows]
+    return min(rows) if rows else None
 
 
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if dense_dtype == torch.bfloat16 and linears and amx_available():
+        for module in linears:
+            module.finalize(dense_dtype, amx=True)
+        return
     elem = torch.tensor([], dtype=dense_dtype).element_size()
     copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)
     for module in linears:

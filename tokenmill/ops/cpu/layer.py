@@ -3,7 +3,7 @@
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
 all four linears packed (QuantizedLinear), float32, no q/k norm, a plain float32 KV cache. A step with more
-tokens than `max_tokens` (where the packed linears switch to MKL on a float32 copy), a quantized or
+tokens than `max_tokens` (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy), a quantized or
 non-float32 KV cache, or tensors the kernel cannot take returns None, and the layer runs its per-op
 path, which is the reference the tests compare against.
 """
@@ -19,11 +19,13 @@ from tokenmill.ops.cpu.build import load_library
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
+# Steps of this many tokens or more run the per-op path (prefill chunks: SDPA-grade attention, large GEMMs).
+FUSED_MAX_TOKENS = 64
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _ARGTYPES = [_P, _P, _I, _L, _L, _P, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _L,
-             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _P]
+             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P]
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,6 +34,8 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is not None:
         lib.tm_llama_layer.argtypes = _ARGTYPES
         lib.tm_llama_layer.restype = _I
+        lib.tm_amx_init.restype = _I
+        lib.tm_amx_init()  # this library's own AMX state (its layers are built with amx_min_rows only if granted)
     return lib
 
 
@@ -62,9 +66,11 @@ class FusedCpuLayer:
         self.inter = mlp.down_proj.in_features
         self.eps = float(layer.input_layernorm.eps)  # layer_qualifies: both norms share it
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
-        from tokenmill.model.layers.quantized import dense_switch_rows
+        from tokenmill.model.layers.quantized import amx_switch_rows, dense_switch_rows
 
-        self.max_tokens = (dense_switch_rows(lin) or 1 << 30) - 1  # larger steps: the dense GEMM copies
+        # larger steps take the per-op path: the dense GEMM copies or the AMX linears, and SDPA for prefill chunks
+        self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
+        self.amx_min_rows = amx_switch_rows(lin) or 0
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
         self.linears = []
         for m in lin:
@@ -98,7 +104,7 @@ class FusedCpuLayer:
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
             cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
             meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
-            meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, out.data_ptr())
+            meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows, out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual

@@ -28,8 +28,10 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qlinear_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.qlinear_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     lib.qlinear_f32.restype = ctypes.c_int
+    lib.tm_amx_init.argtypes = []
+    lib.tm_amx_init.restype = ctypes.c_int
     lib.qdequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qdequant_rows.restype = ctypes.c_int
     return lib
@@ -38,6 +40,13 @@ def _lib() -> Optional[ctypes.CDLL]:
 def available() -> bool:
     """True when the compiled kernel loads on this machine."""
     return _lib() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def amx_available() -> bool:
+    """True when the kernel was built with the AMX bf16 path and Linux grants this process the tile state."""
+    lib = _lib()
+    return lib is not None and bool(lib.tm_amx_init())
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -66,10 +75,12 @@ def dequantize(qweight: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[torch.Tensor] = None,
-            direct_max_rows: int = DIRECT_MAX_ROWS) -> torch.Tensor:
+            direct_max_rows: int = DIRECT_MAX_ROWS, amx_min_rows: int = 0) -> torch.Tensor:
     """x [..., K] float32 @ dequantize(qweight).T (+ bias) -> [..., N] float32.
 
-    Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one."""
+    Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one.
+    amx_min_rows > 0 (only where amx_available()): calls with at least that many rows use the AMX path, which
+    rounds weights and activations to bfloat16 (the `gemm_dtype` bfloat16 numerics), summing in float32."""
     n, nbytes = qweight.shape
     k = x.shape[-1]
     lib = _lib()
@@ -86,7 +97,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
     if lib.qlinear_f32(kind, x2.data_ptr(), m, k, qweight.data_ptr(), n, bias.data_ptr() if bias is not None else None,
-                       y.data_ptr(), direct_max_rows) != 0:
+                       y.data_ptr(), direct_max_rows, amx_min_rows) != 0:
         raise ValueError(f"qlinear kernel rejected its arguments ({qtype}, K={k})")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 

@@ -43,7 +43,7 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
                    float *kv, int64_t nb, int bs, const int64_t *slots,
                    const int32_t *tables, int64_t bt_stride, int64_t bt_cols,
                    const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
-                   float scale, int window, int64_t direct_max_m, float *out) {
+                   float scale, int window, int64_t direct_max_m, int64_t amx_min_m, float *out) {
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0 || I <= 0) return -4;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
@@ -54,7 +54,7 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     int rc = 0;
 
     add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
-    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m) != 0) { rc = -7; goto done; }
+    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
     rope_inplace(qkv, T, nqkv, H, D, cos, sin);
     rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
     const int64_t cache_rows = nb * bs;
@@ -69,15 +69,15 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
                             num_reqs, H, scale, window, att);
     if (rc != 0) goto done;
-    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m) != 0) { rc = -7; goto done; }
+    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
     add_rmsnorm_f32(o, residual, ln2, T, E, eps, residual, x);
-    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m) != 0) { rc = -7; goto done; }
+    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *a = act + t * I;
         for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
-    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m) != 0) rc = -7;
+    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m, amx_min_m) != 0) rc = -7;
 done:
     free(buf);
     return rc;

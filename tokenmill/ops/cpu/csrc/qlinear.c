@@ -362,12 +362,20 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     return 0;
 }
 
-// Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type).
+#include "qlinear_amx.c"
+
+// Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type) or out of memory.
+// M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init() enabled it; otherwise
 // M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
 int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                float *y, int64_t direct_max_m) {
+                float *y, int64_t direct_max_m, int64_t amx_min_m) {
     const int bb = block_bytes(qtype);
     if (bb == 0 || K % QK != 0 || M < 0 || N < 0) return -1;
+#if defined(TM_AMX)
+    if (amx_min_m > 0 && M >= amx_min_m && amx_ready) return qlinear_amx(qtype, x, M, K, w, N, bias, y);
+#else
+    (void)amx_min_m;
+#endif
     if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y);
     const int64_t row_bytes = (K / QK) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;

@@ -1,0 +1,236 @@
+// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) on Intel AMX (bf16 tiles), W kept as packed GGUF blocks.
+//
+// Included by qlinear.c; compiled only where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16 (-march=native
+// on Sapphire Rapids and later), and used only after tm_amx_init() has obtained the kernel's permission for tile
+// data (Linux arch_prctl). Numerics: each weight is dequantized exactly as dequant_row does, then rounded to bf16
+// (round to nearest even); activations are rounded to bf16; products are summed in float32 by the tile unit.
+// That is what the dense bf16 copy (`gemm_dtype` bfloat16) computes, without keeping the copy or reading it.
+//
+// The tile unit computes C[16 x 16] += A[16 x 32] . B[32 x 16] (bf16 pairs). A = 16 tokens x 32 k of x (bf16,
+// x's own layout); B = one block of 16 output rows in pair ("VNNI") layout, 16 k-pairs x 16 outputs x 2, made by
+// dequantizing the 16 blocks and transposing them as 16 x 16 words; C = 16 tokens x 16 outputs, stored straight
+// into y. Work: OpenMP over pairs of panels (32 output rows), each dequantized once per call into a buffer (2 x 48
+// KiB at K = 1536, L2-resident), then every 32 tokens run over it with 2 x 2 accumulator tiles. The weight stream
+// (4.5-8.5 bits a weight, prefetched ahead) is read once per call, whatever M is.
+#if defined(TM_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define TM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_ARCH_REQ_XCOMP_PERM 0x1023
+#define AMX_XFEATURE_XTILEDATA 18
+#ifndef AMX_MAX_M
+#define AMX_MAX_M 512  // rows of x per pass
+#endif
+
+static int amx_ready = 0;  // set once by tm_amx_init (process-wide capability, not configuration)
+
+// Asks Linux for the AMX tile-data state (needed once per process before any tile instruction). 1: usable.
+int tm_amx_init(void) {
+    if (!amx_ready) amx_ready = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
+    return amx_ready;
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+// Tiles: 0-3 accumulators C[i][j] (16 tokens x 16 outputs, f32) for token blocks i and output panels j in {0, 1};
+// 4-5: A, x rows (16 tokens x 32 k, bf16); 6-7: B, one k-block of a panel in pair layout (16 k-pairs x 16 x 2).
+static void amx_config(void) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// One block (32 weights) as 16 words, each a pair of bf16 (k = 2i, 2i + 1), dequantized as dequant_row.
+static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype, const uint8_t *blk) {
+    __m512 q0, q1;
+    float d, m;
+    block512(qtype, blk, &q0, &q1, &d, &m);
+    const __m512 dv = _mm512_set1_ps(d);
+    if (qtype == Q4_1) {
+        const __m512 mv = _mm512_set1_ps(m);
+        q0 = _mm512_fmadd_ps(q0, dv, mv);
+        q1 = _mm512_fmadd_ps(q1, dv, mv);
+    } else {
+        if (qtype == Q4_0) {  // d * (q - 8)
+            const __m512 eight = _mm512_set1_ps(8.0f);
+            q0 = _mm512_sub_ps(q0, eight);
+            q1 = _mm512_sub_ps(q1, eight);
+        }
+        q0 = _mm512_mul_ps(q0, dv);
+        q1 = _mm512_mul_ps(q1, dv);
+    }
+    // cvtne2ps gives [bf16(q0[0..15]), bf16(q1[0..15])] = k 0..31 in order; word i holds k = 2i, 2i + 1
+    return (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
+}
+
+// r[0..15] (16 x 16 32-bit words) transposed in place.
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {  // 128-bit lanes: rows i, i+4 and i+8, i+12
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+// Dequantizes output rows n0 .. n0+15 (rows >= N are zero) into pair layout: panel[b][p][j] = word p of row
+// n0 + j's block b, i.e. the B tile of k-block b.
+static inline __attribute__((always_inline)) void panel_pairs(const int qtype, const uint8_t *w, int64_t row_bytes,
+                                                              int64_t nkb, int64_t n0, int64_t N, uint32_t *panel) {
+    const int bb = block_bytes(qtype);
+    const int nr = (int)(N - n0 < 16 ? N - n0 : 16);
+    for (int64_t b = 0; b < nkb; b++) {
+        __m512i v[16];
+        for (int j = 0; j < 16; j++) {
+            if (j < nr) {
+                const uint8_t *blk = w + (n0 + j) * row_bytes + b * bb;
+                _mm_prefetch((const char *)blk + 8 * bb, _MM_HINT_T0);
+                v[j] = block_pairs(qtype, blk);
+            } else {
+                v[j] = _mm512_setzero_si512();
+            }
+        }
+        transpose16(v);
+        for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(panel + (b * 16 + p) * 16), v[p]);
+    }
+}
+
+#define AMX_STORE(T, I, J)                                                                                        \
+    do {                                                                                                          \
+        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * N + n0 + 16 * (J), N * 4);           \
+        else {                                                                                                    \
+            _tile_stored(T, cb, 64);                                                                              \
+            for (int t = 0; t < ms[I]; t++)                                                                       \
+                memcpy(y + (m0 + 16 * (I) + t) * N + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
+        }                                                                                                         \
+    } while (0)
+
+// Returns 0, -1 out of memory. K % 32 == 0 (checked by the caller).
+static int qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                       const float *bias, float *y) {
+    if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
+        for (int64_t m = 0; m < M; m += AMX_MAX_M) {
+            const int rc = qlinear_amx(qtype, x + m * K, M - m < AMX_MAX_M ? M - m : AMX_MAX_M, K, w, N, bias, y + m * N);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    const int bb = block_bytes(qtype);
+    const int64_t nkb = K / QK, row_bytes = nkb * bb;
+    const int64_t mpad = (M + 15) / 16 * 16, npairs = (N + 31) / 32;  // panel pairs: 32 outputs
+    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
+    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
+    if (!xb) return -1;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < mpad; m++) {
+        uint16_t *dst = xb + m * K;
+        if (m >= M) {
+            memset(dst, 0, (size_t)K * 2);
+            continue;
+        }
+        for (int64_t k = 0; k < K; k += 32)
+            _mm512_storeu_si512((void *)(dst + k), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + k + 16),
+                                                                               _mm512_loadu_ps(x + m * K + k)));
+    }
+    int rc = 0;
+#pragma omp parallel
+    {
+        // two panels in pair layout ([k-block][16 pairs][16 outputs] words each) and a 16 x 16 float scratch tile
+        uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
+        float *cb = (float *)aligned_alloc(64, 256 * sizeof(float));
+        if (!panel || !cb) {
+#pragma omp atomic write
+            rc = -1;
+        } else {
+            amx_config();
+            uint32_t *p0 = panel, *p1 = panel + nkb * 256;
+#pragma omp for schedule(static)
+            for (int64_t pp = 0; pp < npairs; pp++) {
+                const int64_t n0 = pp * 32;
+                int nr[2];
+                nr[0] = (int)(N - n0 < 16 ? N - n0 : 16);
+                nr[1] = (int)(N - n0 - 16 < 16 ? (N - n0 - 16 > 0 ? N - n0 - 16 : 0) : 16);
+                if (qtype == Q4_1) {
+                    panel_pairs(Q4_1, w, row_bytes, nkb, n0, N, p0);
+                    if (nr[1]) panel_pairs(Q4_1, w, row_bytes, nkb, n0 + 16, N, p1);
+                } else if (qtype == Q4_0) {
+                    panel_pairs(Q4_0, w, row_bytes, nkb, n0, N, p0);
+                    if (nr[1]) panel_pairs(Q4_0, w, row_bytes, nkb, n0 + 16, N, p1);
+                } else {
+                    panel_pairs(Q8_0, w, row_bytes, nkb, n0, N, p0);
+                    if (nr[1]) panel_pairs(Q8_0, w, row_bytes, nkb, n0 + 16, N, p1);
+                }
+                for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                    int ms[2];
+                    ms[0] = (int)(M - m0 < 16 ? M - m0 : 16);
+                    ms[1] = (int)(M - m0 - 16 < 16 ? (M - m0 - 16 > 0 ? M - m0 - 16 : 0) : 16);
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    const uint16_t *xa = xb + m0 * K;
+                    for (int64_t b = 0; b < nkb; b++) {
+                        _tile_loadd(4, xa + b * 32, K * 2);
+                        _tile_loadd(6, p0 + b * 256, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (nr[1]) {
+                            _tile_loadd(7, p1 + b * 256, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                        }
+                        if (ms[1]) {
+                            _tile_loadd(5, xa + 16 * K + b * 32, K * 2);
+                            _tile_dpbf16ps(2, 5, 6);
+                            if (nr[1]) _tile_dpbf16ps(3, 5, 7);
+                        }
+                    }
+                    AMX_STORE(0, 0, 0);
+                    if (nr[1]) AMX_STORE(1, 0, 1);
+                    if (ms[1]) AMX_STORE(2, 1, 0);
+                    if (ms[1] && nr[1]) AMX_STORE(3, 1, 1);
+                    if (bias) {
+                        const int nn = nr[0] + nr[1];
+                        for (int t = 0; t < ms[0] + ms[1]; t++) {
+                            float *yr = y + (m0 + t) * N + n0;
+                            for (int j = 0; j < nn; j++) yr[j] += bias[n0 + j];
+                        }
+                    }
+                }
+            }
+            _tile_release();
+        }
+        free(panel);
+        free(cb);
+    }
+    free(xb);
+    return rc;
+}
+#else
+int tm_amx_init(void) { return 0; }
+#endif
