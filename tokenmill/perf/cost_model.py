@@ -4,9 +4,10 @@
               + max(bytes / bandwidth, flops / rate)             (a rate of 0 drops its term)
     rate = matmul_rate_small for steps of fewer than small_step_tokens tokens, else matmul_rate
 
-Two matmul rates because the engine runs two kinds of kernels: on the CPU, packed GGUF weights go through
-the packed kernel (fused per layer) below `small_step_tokens` rows and a dense bf16/f32 GEMM at or above
-it, whose throughput differs several-fold; one rate fit to both mispredicts decode-only steps or prefills.
+Two matmul rates because the engine runs two kinds of step: on the CPU, steps below `small_step_tokens` run
+the fused decoder layer (one C call per layer, packed GGUF kernels) and larger ones the per-op path (dense or
+AMX GEMMs, SDPA), whose cost per token and fixed cost differ; one rate fit to both mispredicts decode-only
+steps or prefills.
     bytes = weight bytes + kv_tokens_read * KV bytes per token
     flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
 
@@ -270,8 +271,10 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     spec = spec_of_engine(core)
     model = CostModel.prior(spec, str(runner.device))
     from tokenmill.model.layers.quantized import dense_switch_rows
+    from tokenmill.ops.cpu.layer import fused_switch_tokens
 
-    model.small_step_tokens = dense_switch_rows(runner.model.modules()) or 0
+    # the step size where the kernels change: the fused CPU layer's cap, else the packed linears' dense switch
+    model.small_step_tokens = fused_switch_tokens(runner.model) or dense_switch_rows(runner.model.modules()) or 0
     samples: list[tuple[StepShape, float]] = []
     cfg = core.config.scheduler
     vocab = spec.vocab_size

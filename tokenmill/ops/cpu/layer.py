@@ -154,6 +154,13 @@ def fuse_cpu_layers(model: Any) -> int:
     return len(layers)
 
 
+def fused_switch_tokens(model: Any) -> Optional[int]:
+    """Fewest tokens a step needs to leave the fused path (None: no layer of `model` is fused)."""
+    caps = [layer.fast_path.max_tokens + 1 for layer in getattr(getattr(model, "model", None), "layers", [])
+            if isinstance(getattr(layer, "fast_path", None), FusedCpuLayer)]
+    return min(caps) if caps else None
+
+
 def unfuse_cpu_layers(model: Any) -> None:
     """Back to the per-op path (the reference) on every layer."""
     for layer in getattr(getattr(model, "model", None), "layers", []):
