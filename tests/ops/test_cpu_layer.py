@@ -85,8 +85,55 @@ def test_declines_what_it_cannot_take(llm):
     cos = torch.ones(t, fp.head_dim)
     batch = build_forward_batch([list(range(t))], [0], [[0] * ((t + 15) // 16)], 16)
     cache = torch.zeros(2, 8, 16, fp.num_kv_heads, fp.head_dim)
-    assert fp(h, None, cos, cos, cache, batch) is None  # more tokens than the packed path takes
+    assert fp(h, None, cos, cos, cache, batch) is None  # more tokens than one call takes (float32 GEMMs: no halves)
     h1 = torch.randn(1, fp.hidden)
     one = build_forward_batch([[1]], [0], [[0]], 16)
     assert fp(h1, None, cos[:1], cos[:1], cache.to(torch.bfloat16), one) is None  # not a float32 cache
     assert fp(h1, None, cos[:1], cos[:1], cache, one) is not None
+
+
+def _set_amx_rows(model, rows: int) -> None:
+    from tokenmill.model.layers.quantized import QuantizedLinear
+
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.amx_min_rows = rows
+    for layer in model.model.layers:
+        if layer.fast_path is not None:
+            layer.fast_path.amx_min_rows = rows
+
+
+def test_long_step_halves_equal_per_op(llm, monkeypatch):
+    """Steps over the single-call cap run the two C halves around the backend's attention (the AMX mode). With
+    the AMX threshold out of reach every linear stays float32, so the halves must match the per-op path."""
+    model = llm.engine.core.runner.model
+    backend = _layers(llm)[0].self_attn.attn.backend
+    fp = _layers(llm)[0].fast_path
+    n = fp.max_tokens + 8  # a prefill chunk past the single-call cap, beside two decodes
+    old_dtype = backend.prefill_dtype
+    backend.prefill_dtype = None  # float32 attention on both paths
+    halves = []
+    real_split = FusedCpuLayer._split
+    monkeypatch.setattr(FusedCpuLayer, "_split", lambda self, *a: halves.append(1) or real_split(self, *a))
+    try:
+        def forward(fused: bool):
+            (fuse_cpu_layers if fused else unfuse_cpu_layers)(model)
+            _set_amx_rows(model, 1 << 30)
+            torch.manual_seed(0)
+            caches = [torch.randn(2, 16, 16, model.num_kv_heads, model.head_dim)
+                      for _ in range(model.config.num_hidden_layers)]
+            batch = build_forward_batch([[11], [12], list(range(100, 100 + n))], [20, 33, 5],
+                                        [[0, 1], [2, 3, 4], list(range(5, 5 + (n + 5 + 15) // 16))], 16)
+            with torch.inference_mode():
+                return model(batch.input_ids, batch.positions, caches, batch), caches
+
+        ref, ref_caches = forward(False)
+        out, caches = forward(True)
+        assert len(halves) == len(_layers(llm))  # every layer ran the halves
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # 30 layers of float32 summed in other orders
+        for a, b in zip(caches, ref_caches):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    finally:
+        backend.prefill_dtype = old_dtype
+        fuse_cpu_layers(model)
+        _set_amx_rows(model, 0)

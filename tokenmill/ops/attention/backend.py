@@ -62,6 +62,11 @@ class CpuAttentionBackend:
             write_kv_quantized(kv_cache, k, v, batch.slot_mapping)
             return quantized_paged_attention(q, kv_cache, batch, scale, sliding_window)
         write_kv(kv_cache, k, v, batch.slot_mapping)
+        return self.attend(q, kv_cache, batch, scale, sliding_window)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+               sliding_window: Optional[int]) -> torch.Tensor:
+        """The attention of `forward` over a (non-quantized) cache that already holds this step's K/V."""
         if not supports_kv_dtype(kv_cache.dtype):
             return paged_attention(q, kv_cache, batch, scale, sliding_window)
         if self.prefill_dtype is not None and self.prefill_dtype != q.dtype and batch.max_query_len >= PREFILL_MIN_TOKENS:

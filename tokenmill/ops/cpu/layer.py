@@ -1,11 +1,14 @@
-"""A whole Llama decoder layer in one C call (`csrc/layer.c`) for small CPU batches.
+"""A whole Llama decoder layer in one C call (`csrc/layer.c`) for CPU steps.
 
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
-all four linears packed (QuantizedLinear), float32, no q/k norm, a plain float32 KV cache. A step with more
-tokens than `max_tokens` (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy), a quantized or
-non-float32 KV cache, or tensors the kernel cannot take returns None, and the layer runs its per-op
-path, which is the reference the tests compare against.
+all four linears packed (QuantizedLinear), float32, no q/k norm, a plain float32 KV cache. Steps of up to
+`max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy) run in one call
+with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
+calls around the attention backend's `attend` (bf16 SDPA for long chunks): the C linears then beat the dense
+GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
+cache or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
+reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from tokenmill.ops.attention.backend import CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
@@ -34,6 +38,12 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is not None:
         lib.tm_llama_layer.argtypes = _ARGTYPES
         lib.tm_llama_layer.restype = _I
+        lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _L, _I, _P,
+                                           _L, _L, _P]
+        lib.tm_llama_layer_pre.restype = _I
+        lib.tm_llama_layer_post.argtypes = [_P, _P, _L, _L, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _L, _L, _L, _L,
+                                            _P]
+        lib.tm_llama_layer_post.restype = _I
         lib.tm_amx_init.restype = _I
         lib.tm_amx_init()  # this library's own AMX state (its layers are built with amx_min_rows only if granted)
     return lib
@@ -76,11 +86,15 @@ class FusedCpuLayer:
         for m in lin:
             self.linears += [QTYPES[m.qtype][0], m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else None]
         self.ln1, self.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
+        self.attn = attn.attn  # its backend attends the long steps between the two halves
 
     def __call__(self, h: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                  kv_cache: Any, batch: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         t = h.shape[0]
-        if (t > self.max_tokens or type(kv_cache) is not torch.Tensor or kv_cache.dtype != torch.float32
+        split = t > self.max_tokens
+        if split and not (self.amx_min_rows and isinstance(self.attn.backend, CpuAttentionBackend)):
+            return None  # without the AMX path the C linears lose to the dense copies at these sizes
+        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype != torch.float32
                 or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
                 or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
             return None
@@ -99,12 +113,39 @@ class FusedCpuLayer:
             has_residual = 1
         out = torch.empty_like(h)
         _, nb, bs, _, _ = kv_cache.shape
+        if split:
+            return self._split(h, residual, has_residual, cos, sin, kv_cache, batch, meta, out)
         rc = self.shared.lib.tm_llama_layer(
             h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps,
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
             cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
             meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
             meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows, out.data_ptr())
+        if rc != 0:
+            raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
+        return out, residual
+
+
+    def _split(self, h: torch.Tensor, residual: torch.Tensor, has_residual: int, cos: torch.Tensor,
+               sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, meta: "_StepMeta",
+               out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A long step: the two C halves around the backend's attention (bf16 SDPA for long prefill chunks)."""
+        t, lib = h.shape[0], self.shared.lib
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = torch.empty(t, nq + 2 * nkv)
+        _, nb, bs, _, _ = kv_cache.shape
+        (qt, w, b), rest = self.linears[:3], self.linears[3:]
+        rc = lib.tm_llama_layer_pre(h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1,
+                                    self.eps, qt, w, b, self.num_heads, self.num_kv_heads, self.head_dim,
+                                    cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs,
+                                    meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, qkv.data_ptr())
+        if rc != 0:
+            raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
+        q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
+        att = self.attn.backend.attend(q, kv_cache, batch, self.scale, self.attn.sliding_window)
+        att = att.reshape(t, nq).contiguous()
+        rc = lib.tm_llama_layer_post(att.data_ptr(), residual.data_ptr(), t, self.hidden, self.ln2, self.eps, *rest,
+                                     nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual

@@ -14,9 +14,29 @@
 #include "qlinear.c"
 #include "attention.c"
 
+// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp on AVX2, threads for long steps.
+static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
+#pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *a = act + t * I;
+        int64_t i = 0;
+#ifdef __AVX2__
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
 // x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).
 static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const float *cos, const float *sin) {
     const int half = D / 2;
+#pragma omp parallel for schedule(static) if (T * nh * D >= (1 << 15))
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos + t * D, *s = sin + t * D;
         for (int hh = 0; hh < nh; hh++) {
@@ -30,8 +50,63 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
     }
 }
 
-// Returns 0, or (attention.c's codes) -1 out of memory, -2 block id out of range, -3 KV dtype, -4 shapes;
-// -6 a slot outside the cache, -7 a linear rejected its arguments (K not a multiple of 32, unknown type).
+// The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
+// through SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary, K/V written at their
+// slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
+// RMSNorm, MLP into out. tm_llama_layer chains them with the paged attention kernel in between.
+// Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
+// rejected its arguments (K not a multiple of 32, unknown type).
+int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
+                       const float *ln1, float eps, int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
+                       int H, int Hkv, int D, const float *cos, const float *sin,
+                       float *kv, int64_t nb, int bs, const int64_t *slots,
+                       int64_t direct_max_m, int64_t amx_min_m, float *qkv) {
+    if (T <= 0) return 0;
+    if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0) return -4;
+    const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
+    float *x = (float *)malloc((size_t)(T * E) * sizeof(float));
+    if (!x) return -1;
+    int rc = 0;
+    add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
+    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
+    rope_inplace(qkv, T, nqkv, H, D, cos, sin);
+    rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
+    const int64_t cache_rows = nb * bs;
+    float *kc = kv, *vc = kv + cache_rows * nkv;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;  // padding
+        if (s >= cache_rows) { rc = -6; goto done; }
+        memcpy(kc + s * nkv, qkv + t * nqkv + nq, nkv * sizeof(float));
+        memcpy(vc + s * nkv, qkv + t * nqkv + nq + nkv, nkv * sizeof(float));
+    }
+done:
+    free(x);
+    return rc;
+}
+
+int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E, const float *ln2, float eps,
+                        int qt_o, const uint8_t *w_o, const float *b_o, int qt_gu, const uint8_t *w_gu,
+                        const float *b_gu, int qt_dn, const uint8_t *w_dn, const float *b_dn, int64_t nq, int64_t I,
+                        int64_t direct_max_m, int64_t amx_min_m, float *out) {
+    if (T <= 0) return 0;
+    if (E <= 0 || I <= 0 || nq <= 0) return -4;
+    float *buf = (float *)malloc((size_t)(T * (E + E + 3 * I)) * sizeof(float));
+    if (!buf) return -1;
+    float *o = buf, *x = o + T * E, *gu = x + T * E, *act = gu + T * 2 * I;
+    int rc = 0;
+    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
+    add_rmsnorm_f32(o, residual, ln2, T, E, eps, residual, x);
+    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
+    silu_mul_rows(gu, T, I, act);
+    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m, amx_min_m) != 0) rc = -7;
+done:
+    free(buf);
+    return rc;
+}
+
+// The whole layer (see the top of the file). Returns as the halves, and -2 block id out of range, -3 KV dtype
+// from the attention.
 int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
                    const float *ln1, const float *ln2, float eps,
                    int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
@@ -47,38 +122,17 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0 || I <= 0) return -4;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
-    const size_t n = (size_t)T * (E + nqkv + nq + E + 2 * I + I);
-    float *buf = (float *)malloc(n * sizeof(float));
+    float *buf = (float *)malloc((size_t)(T * (nqkv + nq)) * sizeof(float));
     if (!buf) return -1;
-    float *x = buf, *qkv = x + T * E, *att = qkv + T * nqkv, *o = att + T * nq, *gu = o + T * E, *act = gu + T * 2 * I;
-    int rc = 0;
-
-    add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
-    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
-    rope_inplace(qkv, T, nqkv, H, D, cos, sin);
-    rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
-    const int64_t cache_rows = nb * bs;
-    float *kc = kv, *vc = kv + cache_rows * nkv;
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t s = slots[t];
-        if (s < 0) continue;  // padding
-        if (s >= cache_rows) { rc = -6; goto done; }
-        memcpy(kc + s * nkv, qkv + t * nqkv + nq, nkv * sizeof(float));
-        memcpy(vc + s * nkv, qkv + t * nqkv + nq + nkv, nkv * sizeof(float));
-    }
-    rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
-                            num_reqs, H, scale, window, att);
-    if (rc != 0) goto done;
-    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
-    add_rmsnorm_f32(o, residual, ln2, T, E, eps, residual, x);
-    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
-    for (int64_t t = 0; t < T; t++) {
-        const float *g = gu + t * 2 * I, *u = g + I;
-        float *a = act + t * I;
-        for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m, amx_min_m) != 0) rc = -7;
-done:
+    float *qkv = buf, *att = qkv + T * nqkv;
+    int rc = tm_llama_layer_pre(h, residual, has_residual, T, E, ln1, eps, qt_qkv, w_qkv, b_qkv, H, Hkv, D, cos, sin,
+                                kv, nb, bs, slots, direct_max_m, amx_min_m, qkv);
+    if (rc == 0)
+        rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
+                                num_reqs, H, scale, window, att);
+    if (rc == 0)
+        rc = tm_llama_layer_post(att, residual, T, E, ln2, eps, qt_o, w_o, b_o, qt_gu, w_gu, b_gu, qt_dn, w_dn, b_dn,
+                                 nq, I, direct_max_m, amx_min_m, out);
     free(buf);
     return rc;
 }

@@ -204,6 +204,7 @@ MICRO(3)
 // sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i per block (Q4_0: m = -8d, Q8_0: m = 0), the block sums of x
 // (xs[r * nb + b]) precomputed. Same weights as dequant_row, summed in another order.
 #define DIRECT_MAX_ROWS 3
+#define DIRECT_PREFETCH 4096  // bytes ahead in the weight stream (2-6 KiB measured alike)
 #if defined(TM_AVX512)
 // One block as two vectors of 16 integer weights (as floats), with its scale d and offset m (w = d*q + m).
 static inline __attribute__((always_inline)) void block512(const int qtype, const uint8_t *blk, __m512 *q0, __m512 *q1,
@@ -246,6 +247,8 @@ static inline __attribute__((always_inline)) void direct_tile512(const int R, co
     for (; b + 2 <= nb; b += 2) {
         __m512 q0, q1, p0, p1;
         float d, m, e, n;
+        // the weight stream runs ahead of the loads (rows are contiguous): without it one thread reads ~3 GB/s
+        _mm_prefetch((const char *)(wrow + b * bb) + DIRECT_PREFETCH, _MM_HINT_T0);
         block512(qtype, wrow + b * bb, &q0, &q1, &d, &m);
         block512(qtype, wrow + (b + 1) * bb, &p0, &p1, &e, &n);
         const __m512 dv = _mm512_set1_ps(d), ev = _mm512_set1_ps(e);
