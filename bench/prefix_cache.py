@@ -5,7 +5,8 @@ submitted at once: throughput (requests/s, prompt+generated tokens/s).
 multi-turn: conversations whose next turn resends the whole history, one turn at a time:
 TTFT of turns after the first.
 
-    PYTHONPATH=. python bench/prefix_cache.py [--dtype float32] [--num-requests 8] [--turns 4]
+    PYTHONPATH=. python bench/prefix_cache.py [--dtype float32] [--num-requests 8] [--turns 4] [--turn-len 200]
+        [--turn-out-len N]   (the multi-turn workload of `tokenmill bench`: --turn-len 100 --turn-out-len 100)
 Prints a table; --out writes JSON.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def shared_prefix(engine: LLMEngine, n: int, out_len: int, seed: int) -> dict:
             "mean_prompt_tokens": ptoks / n}
 
 
-def multi_turn(engine: LLMEngine, turns: int, out_len: int, seed: int, convs: int) -> dict:
+def multi_turn(engine: LLMEngine, turns: int, out_len: int, seed: int, convs: int, turn_len: int = 200) -> dict:
     import random
 
     text = TextSource(engine.tokenizer)
@@ -58,7 +59,7 @@ def multi_turn(engine: LLMEngine, turns: int, out_len: int, seed: int, convs: in
     for c in range(convs):
         history: list[dict] = [{"role": "system", "content": text.make(300, rng)[0]}]
         for t in range(turns):
-            history.append({"role": "user", "content": text.make(200, rng)[0]})
+            history.append({"role": "user", "content": text.make(turn_len, rng)[0]})
             ids = engine.processor.apply_chat_template(history)
             rid = f"mt-{c}-{t}"
             t0 = time.perf_counter()
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=8)
     ap.add_argument("--out-len", type=int, default=16)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--turn-len", type=int, default=200, help="multi-turn: tokens of each user message")
+    ap.add_argument("--turn-out-len", type=int, default=None, help="multi-turn: tokens of each reply (default --out-len)")
     ap.add_argument("--conversations", type=int, default=2)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +99,8 @@ def main() -> None:
         eng = _engine(args, caching)
         key = "on" if caching else "off"
         res[f"shared_prefix_{key}"] = shared_prefix(eng, args.num_requests, args.out_len, args.seed)
-        res[f"multi_turn_{key}"] = multi_turn(eng, args.turns, args.out_len, args.seed, args.conversations)
+        res[f"multi_turn_{key}"] = multi_turn(eng, args.turns, args.turn_out_len or args.out_len, args.seed,
+                                              args.conversations, args.turn_len)
         del eng
     sp = res["shared_prefix_on"]["req_per_s"] / res["shared_prefix_off"]["req_per_s"]
     mt = res["multi_turn_off"]["later_turn_ttft_p50_s"] / res["multi_turn_on"]["later_turn_ttft_p50_s"]

@@ -139,10 +139,10 @@ def test_budget_floor_and_concurrency_bound():
         return out
 
     # 8 decodes take 18 ms: with a 20 ms target a prefill still gets the minimum chunk
-    pol = SLOPolicy(default_tpot_ms=20, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0)
+    pol = SLOPolicy(default_tpot_ms=20, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0, amortize=0)
     assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8 + 32
     # with a 5 ms target the decodes alone overrun it: no prefill joins until some finish
-    pol = SLOPolicy(default_tpot_ms=5, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0)
+    pol = SLOPolicy(default_tpot_ms=5, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0, amortize=0)
     assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8
     assert pol.step_token_budget(decodes(8), 6, now=0.0) == 6
     assert pol.step_token_budget([], 512, now=0.0) == 512

@@ -86,6 +86,21 @@ def test_backend_bf16_prefill_split(window):
     torch.testing.assert_close(kernel, want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("seq_len", [1, 37, 48])
+def test_gather_kv_bf16_equals_reference_gather_then_conversion(seq_len):
+    from tokenmill.ops.cpu.attention import gather_kv_bf16
+
+    torch.manual_seed(seq_len)
+    kv = torch.randn(2, 9, 16, 3, 64)
+    ids = torch.tensor([7, 2, 5, 0], dtype=torch.int32)
+    k, v = gather_kv_bf16(kv, ids, seq_len)
+    rk, rv = R.gather_kv(kv, ids, seq_len)
+    assert k.dtype == torch.bfloat16 and k.shape == (seq_len, 3, 64)
+    assert torch.equal(k, rk.to(torch.bfloat16)) and torch.equal(v, rv.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="out of range"):
+        gather_kv_bf16(kv, torch.tensor([9, 0, 0, 0]), seq_len)
+
+
 def _written(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
     out = kv.clone()
     R.write_kv(out, k, v, batch.slot_mapping)

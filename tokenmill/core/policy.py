@@ -155,7 +155,7 @@ class SLOPolicy(Policy):
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
                  long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5,
-                 tpot_margin: float = 0.8, amortize: float = 0.5, amortize_tokens: int = 32):
+                 tpot_margin: float = 0.8, amortize: float = 1.0, amortize_tokens: int = 32):
         self.default_ttft_ms = default_ttft_ms
         # plan decodes at this fraction of their TPOT target: step times vary, and a request whose
         # average lands exactly on the target misses it half the time

@@ -13,7 +13,7 @@ import torch
 
 from tokenmill.ops.attention.kv_quant import QuantizedKVCache, quantized_paged_attention, write_kv_quantized
 from tokenmill.ops.attention.reference import paged_attention, write_kv
-from tokenmill.ops.cpu.attention import cpu_paged_attention, supports_kv_dtype
+from tokenmill.ops.cpu.attention import cpu_paged_attention, gather_kv_bf16, supports_kv_dtype
 from tokenmill.worker.forward_batch import ForwardBatch, select_requests
 
 # prefill chunks of at least this many query tokens may run in prefill_dtype (see CpuAttentionBackend)
@@ -84,7 +84,9 @@ class CpuAttentionBackend:
                                                    select_requests(batch, rest) if rest else None)
         (sub, tok), short = parts
         out = torch.empty_like(q)
-        out[tok] = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window).to(q.dtype)
+        gather = gather_kv_bf16 if self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32 else None
+        out[tok] = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window,
+                                   gather).to(q.dtype)
         if short is not None:
             sub, tok = short
             out[tok] = cpu_paged_attention(q[tok], kv_cache, sub, scale, sliding_window)

@@ -6,7 +6,7 @@ KV cache of one layer: a tensor [2, num_blocks, block_size, num_kv_heads, head_d
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+                    sliding_window: Optional[int] = None, gather: Optional[Callable] = None) -> torch.Tensor:
     """Causal attention of the packed queries q [T, H, D] over each request's cached K/V.
 
     The K/V of this step's tokens must already be written (write_kv). Returns [T, H, D].
-    Decode rows (one query) are batched into one padded call; prefill chunks run one by one.
+    Decode rows (one query) are batched into one padded call; prefill chunks run one by one, their K/V
+    gathered by `gather` (default gather_kv; a backend may pass one that also converts to q's dtype).
     """
+    gather = gather or gather_kv
     t, h, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     out = torch.empty_like(q)
@@ -71,7 +73,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
         if i in decode_set or n == 0:
             continue
         s = starts[i]
-        k, v = gather_kv(kv_cache, batch.block_tables[i], seq_len)
+        k, v = gather(kv_cache, batch.block_tables[i], seq_len)
         qi = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         ki = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, L, D]
         vi = v.transpose(0, 1).unsqueeze(0).to(q.dtype)

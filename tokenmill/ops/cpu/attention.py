@@ -31,6 +31,8 @@ def _kernel() -> Optional[ctypes.CDLL]:
     lib.tm_paged_attention.argtypes = [_P, _L, _L, _P, _I, _L, _I, _I, _I, _P, _L, _L, _P, _P, _I, _I, _F, _I, _P]
     lib.tm_kv_dtype_supported.restype = _I
     lib.tm_kv_dtype_supported.argtypes = [_I]
+    lib.tm_gather_kv_bf16.restype = _I
+    lib.tm_gather_kv_bf16.argtypes = [_P, _L, _I, _L, _P, _L, _P]
     return lib
 
 
@@ -98,3 +100,20 @@ def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
     if rc != 0:
         raise ValueError(f"cpu_paged_attention: {_ERRORS.get(rc, f'error {rc}')}")
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def gather_kv_bf16(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.gather_kv` of a float32 cache, converted to bfloat16 in the same pass (for bf16 SDPA):
+    K, V [seq_len, Hkv, D] each. Falls back to the reference gather + conversion without the kernel."""
+    lib = _kernel()
+    if lib is None or kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous():
+        from tokenmill.ops.attention.reference import gather_kv
+
+        k, v = gather_kv(kv_cache, block_ids, seq_len)
+        return k.to(torch.bfloat16), v.to(torch.bfloat16)
+    _, nb, bs, hkv, d = kv_cache.shape
+    ids = _int32(block_ids[:(seq_len + bs - 1) // bs], "block_ids")
+    out = torch.empty(2, seq_len, hkv, d, dtype=torch.bfloat16)
+    if lib.tm_gather_kv_bf16(kv_cache.data_ptr(), nb, bs, hkv * d, ids.data_ptr(), seq_len, out.data_ptr()) != 0:
+        raise ValueError("gather_kv_bf16: block id out of range")
+    return out[0], out[1]

@@ -465,3 +465,32 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
     free(pacc); free(pm); free(pl); free(items); free(groups);
     return err;
 }
+
+// K and V of one sequence, gathered from a float32 paged cache [2][nb][bs][row] (row = Hkv * D floats a token)
+// into bfloat16 [2][seq_len][row] in one pass (round to nearest even): what a bf16 SDPA over a cached prefix
+// reads, without a float32 gather copy and a second conversion pass. Returns 0, -2 block id out of range.
+int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
+                      uint16_t *out) {
+    const int64_t nblk = (seq_len + bs - 1) / bs;
+    for (int64_t b = 0; b < nblk; b++)
+        if (block_ids[b] < 0 || block_ids[b] >= nb) return -2;
+#pragma omp parallel for schedule(static) collapse(2) if (seq_len * row >= (1 << 15))
+    for (int64_t s = 0; s < 2; s++) {
+        for (int64_t t = 0; t < seq_len; t++) {
+            const float *src = kv + ((s * nb + block_ids[t / bs]) * bs + t % bs) * row;
+            uint16_t *dst = out + (s * seq_len + t) * row;
+            int64_t i = 0;
+#if defined(__AVX512BF16__)
+            for (; i + 32 <= row; i += 32)
+                _mm512_storeu_si512((void *)(dst + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16),
+                                                                                    _mm512_loadu_ps(src + i)));
+#endif
+            for (; i < row; i++) {
+                uint32_t u;
+                memcpy(&u, src + i, 4);
+                dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            }
+        }
+    }
+    return 0;
+}
