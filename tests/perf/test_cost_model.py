@@ -52,6 +52,24 @@ def test_fit_recovers_device_constants():
         assert fitted.predict_shape(s) == pytest.approx(truth.predict_shape(s), rel=0.06)
 
 
+def test_fit_recovers_the_kv_read_term():
+    """Decodes over long contexts pay per context token read (o_kv), on top of the overheads: the fit finds it,
+    and a model without it under-predicts those steps."""
+    truth = CostModel(SPEC, bandwidth=0.0, matmul_rate=0.0, o_step=10e-3, o_req=5e-4, o_tok=2.5e-4, o_pair=4e-7,
+                      o_kv=4e-6)
+    rng = random.Random(3)
+    samples = [(s, truth.predict_shape(s) * rng.uniform(0.98, 1.02)) for s in shapes(rng, 80)]
+    samples += [(StepShape.of([(rng.randint(300, 1500), 1) for _ in range(rng.randint(4, 16))]), 0.0)
+                for _ in range(20)]
+    samples = [(s, t or truth.predict_shape(s)) for s, t in samples]
+    fitted = CostModel.prior(SPEC)
+    fitted.fit(samples)
+    assert fitted.o_kv == pytest.approx(4e-6, rel=0.25)
+    long_decode = StepShape.of([(1000, 1)] * 8)
+    assert fitted.predict_shape(long_decode) == pytest.approx(truth.predict_shape(long_decode), rel=0.1)
+    assert CostModel.from_dict({k: v for k, v in fitted.to_dict().items() if k != "o_kv"}).o_kv == 0.0  # old files
+
+
 def test_fit_recovers_two_kernel_regimes():
     """Small steps (decodes: the packed kernel) and large ones (prefill: dense GEMM) at different matmul rates, as
     on the CPU: the fit recovers both; one rate for both mispredicts one side badly."""

@@ -1,6 +1,6 @@
 """Step-time model: roofline terms plus fitted overheads, calibrated on the real engine.
 
-    t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs
+    t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs + o_kv * kv_tokens_read
               + max(bytes / bandwidth, flops / rate)             (a rate of 0 drops its term)
     rate = matmul_rate_small for steps of fewer than small_step_tokens tokens, else matmul_rate
 
@@ -109,6 +109,7 @@ class CostModel:
     o_req: float = 0.0
     o_tok: float = 0.0
     o_pair: float = 0.0
+    o_kv: float = 0.0  # seconds per context token read (the KV stream of decodes over long contexts)
     small_step_tokens: int = 0  # steps with fewer tokens use matmul_rate_small (0: one regime)
     matmul_rate_small: float = 0.0
     device: str = "cpu"
@@ -135,7 +136,7 @@ class CostModel:
         rate = self.matmul_rate_small if self._small(num_tokens) else self.matmul_rate
         t_flops = flops / rate if rate > 0 else 0.0
         return (self.o_step + self.o_req * num_reqs + self.o_tok * num_tokens + self.o_pair * attn_pairs
-                + max(t_mem, t_flops))
+                + self.o_kv * kv_tokens_read + max(t_mem, t_flops))
 
     def _small(self, num_tokens: int) -> bool:
         return 0 < num_tokens < self.small_step_tokens
@@ -153,7 +154,7 @@ class CostModel:
         rows, times = [], []
         for sh, t in samples:
             mem, flops = self.terms(sh.num_tokens, sh.num_reqs, sh.kv_tokens_read, sh.attn_pairs)
-            rows.append((1.0, sh.num_reqs, sh.num_tokens, sh.attn_pairs, mem, flops))
+            rows.append((1.0, sh.num_reqs, sh.num_tokens, sh.attn_pairs, mem, flops, sh.kv_tokens_read))
             times.append(t)
         X = np.asarray(rows, dtype=np.float64)
         y = np.asarray(times, dtype=np.float64)
@@ -162,13 +163,14 @@ class CostModel:
         prior_small = self.matmul_rate_small or self.matmul_rate
         rate_of = np.where(small, prior_small, self.matmul_rate)
         compute_bound = X[:, 5] / rate_of > X[:, 4] / self.bandwidth
-        coef = np.zeros(7)
+        coef = np.zeros(8)
         for _ in range(iters):
             # features: o_step, o_req, o_tok, o_pair, 1/bw (memory-bound rows), 1/rate (compute-bound rows of
             # large steps), 1/rate_small (compute-bound rows of small steps; all-zero without two regimes)
+            # (last) o_kv: per context token read, whichever bound the step is
             A = np.column_stack([X[:, 0], X[:, 1], X[:, 2], X[:, 3], np.where(compute_bound, 0.0, X[:, 4]),
                                  np.where(compute_bound & ~small, X[:, 5], 0.0),
-                                 np.where(compute_bound & small, X[:, 5], 0.0)])
+                                 np.where(compute_bound & small, X[:, 5], 0.0), X[:, 6]])
             coef = _nnls(A * w[:, None], y * w)
             inv_bw = coef[4] if coef[4] > 0 else 1.0 / self.bandwidth
             inv_rate = np.where(small, coef[6] if coef[6] > 0 else 1.0 / prior_small,
@@ -178,6 +180,7 @@ class CostModel:
                 break
             compute_bound = new_cb
         self.o_step, self.o_req, self.o_tok, self.o_pair = (float(c) for c in coef[:4])
+        self.o_kv = float(coef[7])
         # a roofline term the fit gave no weight (absorbed by the overheads) is dropped: 0 = absent
         self.bandwidth = float(1.0 / coef[4]) if coef[4] > 0 else 0.0
         self.matmul_rate = float(1.0 / coef[5]) if coef[5] > 0 else 0.0
@@ -240,6 +243,9 @@ def _nnls(A: Any, b: Any, iters: int = 50) -> Any:
 CALIBRATION_PLAN = (  # (batch size, prompt tokens, output tokens): prefills of many sizes, decodes of many batches
     (1, 16, 4), (1, 64, 4), (1, 256, 4), (1, 512, 2), (1, 1024, 2), (2, 700, 2), (4, 128, 12),
     (8, 32, 16), (16, 24, 12), (32, 16, 8), (12, 300, 6), (3, 1500, 2), (8, 400, 12), (48, 24, 6),
+    # decodes over long contexts: the KV read (45 KiB a token for SmolLM2 in float32) is what grows a step as
+    # contexts grow; without these the fit found no bandwidth term and under-predicted loaded decode steps ~2x
+    (8, 900, 20), (16, 500, 16),
 )
 
 
