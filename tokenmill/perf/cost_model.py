@@ -5,9 +5,9 @@
     rate = matmul_rate_small for steps of fewer than small_step_tokens tokens, else matmul_rate
 
 Two matmul rates because the engine runs two kinds of step: on the CPU, steps below `small_step_tokens` run
-the fused decoder layer (one C call per layer, packed GGUF kernels) and larger ones the per-op path (dense or
-AMX GEMMs, SDPA), whose cost per token and fixed cost differ; one rate fit to both mispredicts decode-only
-steps or prefills.
+the fused decoder layer in one C call per layer (packed GGUF kernels, C attention) and larger ones either its
+two halves around SDPA (AMX linears) or the per-op path (dense GEMMs), whose cost per token and fixed cost
+differ; one rate fit to both mispredicts decode-only steps or prefills.
     bytes = weight bytes + kv_tokens_read * KV bytes per token
     flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
 

@@ -69,7 +69,8 @@ class CpuAttentionBackend:
         """The attention of `forward` over a (non-quantized) cache that already holds this step's K/V."""
         if not supports_kv_dtype(kv_cache.dtype):
             return paged_attention(q, kv_cache, batch, scale, sliding_window)
-        if self.prefill_dtype is not None and self.prefill_dtype != q.dtype and batch.max_query_len >= PREFILL_MIN_TOKENS:
+        if (self.prefill_dtype is not None and self.prefill_dtype != q.dtype
+                and batch.max_query_len >= PREFILL_MIN_TOKENS):
             return self._split(q, kv_cache, batch, scale, sliding_window)
         return cpu_paged_attention(q, kv_cache, batch, scale, sliding_window)  # [T, H, D]
 

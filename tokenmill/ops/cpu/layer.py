@@ -23,7 +23,8 @@ from tokenmill.ops.cpu.build import load_library
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
-# Steps of this many tokens or more run the per-op path (prefill chunks: SDPA-grade attention, large GEMMs).
+# Steps of this many tokens or more leave the single call: on the AMX path they run as two C halves around the
+# backend's attention (SDPA for long prefill chunks), otherwise the per-op path (dense GEMM copies).
 FUSED_MAX_TOKENS = 64
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
@@ -78,7 +79,7 @@ class FusedCpuLayer:
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         from tokenmill.model.layers.quantized import amx_switch_rows, dense_switch_rows
 
-        # larger steps take the per-op path: the dense GEMM copies or the AMX linears, and SDPA for prefill chunks
+        # larger steps: the two halves (AMX linears) or the per-op path (dense GEMM copies), SDPA for long chunks
         self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
         self.amx_min_rows = amx_switch_rows(lin) or 0
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
@@ -112,19 +113,19 @@ class FusedCpuLayer:
                 return None
             has_residual = 1
         out = torch.empty_like(h)
-        _, nb, bs, _, _ = kv_cache.shape
         if split:
             return self._split(h, residual, has_residual, cos, sin, kv_cache, batch, meta, out)
+        _, nb, bs, _, _ = kv_cache.shape
         rc = self.shared.lib.tm_llama_layer(
             h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps,
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
             cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
             meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
-            meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows, out.data_ptr())
+            meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows,
+            out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual
-
 
     def _split(self, h: torch.Tensor, residual: torch.Tensor, has_residual: int, cos: torch.Tensor,
                sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, meta: "_StepMeta",
