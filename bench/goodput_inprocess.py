@@ -25,10 +25,30 @@ from tokenmill.perf.simulator import requests_from_workload  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
 
 
+def traced(eng, trace: list) -> None:
+    """Record every step: its shape, the forward's wall time and the whole engine step's (set in the loop)."""
+    from tokenmill.perf.cost_model import shape_of_schedule
+
+    runner = eng.core.runner
+    inner = runner.execute_model
+
+    def execute_model(sched):
+        t0 = time.perf_counter()
+        out = inner(sched)
+        sh = shape_of_schedule(sched)
+        trace.append({"tokens": sh.num_tokens, "reqs": sh.num_reqs, "kv": sh.kv_tokens_read,
+                      "pairs": sh.attn_pairs, "forward_s": time.perf_counter() - t0})
+        return out
+
+    runner.execute_model = execute_model
+
+
 def run_policy(policy: str, workload: str, rate: float, num: int, ttft_ms: float, tpot_ms: float,
-               seed: int) -> dict:
+               seed: int, trace: list | None = None) -> dict:
     llm = LLM(policy=policy, slo_ttft_ms=ttft_ms, slo_tpot_ms=tpot_ms, enable_prefix_caching=False)
     eng = llm.engine
+    if trace is not None:
+        traced(eng, trace)
     reqs = requests_from_workload(workload, num, rate, seed=seed, chat_overhead=CHAT_TEMPLATE_TOKENS)
     vocab = int(eng.core.runner.hf_config.vocab_size)
     rng = random.Random(seed)
@@ -43,13 +63,18 @@ def run_policy(policy: str, workload: str, rate: float, num: int, ttft_ms: float
         while pending and t0 + pending[0][1].arrival_s <= now:
             i, r = pending.pop(0)
             ids = [rng.randrange(1000, vocab - 1000) for _ in range(r.prompt_len)]
-            eng.add_request(f"r{i}", None, SamplingParams(max_tokens=r.output_len, ignore_eos=True),
+            eng.add_request(f"r{i}", None, SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0),
                             prompt_token_ids=ids, arrival_time=t0 + r.arrival_s)
             arrive[f"r{i}"] = t0 + r.arrival_s
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, t0 + pending[0][1].arrival_s - time.monotonic()))
             continue
-        for out in eng.step():
+        n_before = len(trace) if trace is not None else 0
+        t_step = time.perf_counter()
+        outs = eng.step()
+        if trace is not None and len(trace) > n_before:
+            trace[-1]["step_s"] = time.perf_counter() - t_step
+        for out in outs:
             t = time.monotonic()
             if out.request_id not in first and out.outputs[0].token_ids:
                 first[out.request_id] = t
@@ -82,16 +107,24 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--policies", default="fcfs,slo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace", default=None, help="write every step's shape and wall times (JSON) here")
     args = ap.parse_args(argv)
     rows = []
+    traces = {}
     for pol in args.policies.split(","):
-        r = run_policy(pol, args.workload, args.rate, args.num_requests, args.slo_ttft, args.slo_tpot, args.seed)
+        trace = [] if args.trace else None
+        r = run_policy(pol, args.workload, args.rate, args.num_requests, args.slo_ttft, args.slo_tpot, args.seed,
+                       trace)
+        if trace is not None:
+            traces[pol] = trace
         rows.append(r)
         print(f"{pol:>5}: goodput {r['goodput']:.3f} req/s, attainment {r['attainment']:.2f}, TTFT p50/p90 "
               f"{r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p90']:.0f} ms, TPOT p50/p90 {r['tpot_ms']['p50']:.0f}/"
               f"{r['tpot_ms']['p90']:.0f} ms", flush=True)
     if len(rows) == 2 and rows[0]["goodput"]:
         print(f"{rows[1]['policy']} / {rows[0]['policy']} goodput = {rows[1]['goodput'] / rows[0]['goodput']:.2f}x")
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(traces))
     if args.out:
         Path(args.out).write_text(json.dumps({"workload": args.workload, "rate": args.rate, "slo_ttft_ms": args.slo_ttft,
                                               "slo_tpot_ms": args.slo_tpot, "num_requests": args.num_requests,

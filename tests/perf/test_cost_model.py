@@ -70,23 +70,38 @@ def test_fit_recovers_the_kv_read_term():
     assert CostModel.from_dict({k: v for k, v in fitted.to_dict().items() if k != "o_kv"}).o_kv == 0.0  # old files
 
 
-def test_fit_recovers_two_kernel_regimes():
-    """Small steps (decodes: the packed kernel) and large ones (prefill: dense GEMM) at different matmul rates, as
-    on the CPU: the fit recovers both; one rate for both mispredicts one side badly."""
+def test_fit_recovers_kernel_regimes():
+    """The CPU engine changes kernels at 4 and 64 tokens: each regime has its own fixed cost, cost per token and
+    matmul rate. With the bounds the fit recovers all three; one line through them mispredicts badly."""
     truth = CostModel(SPEC, bandwidth=20e9, matmul_rate=800e9, o_step=3e-3, o_req=1e-4, o_tok=2e-5,
-                      small_step_tokens=64, matmul_rate_small=90e9)
+                      small_regimes=((4, 1e-3, 1e-4, 0.0), (64, 9e-3, 5e-4, 90e9)))
     rng = random.Random(2)
     samples = [(s, truth.predict_shape(s) * rng.uniform(0.98, 1.02)) for s in shapes(rng, 120)]
-    assert {s.num_tokens < 64 for s, _ in samples} == {True, False}
-    two = CostModel.prior(SPEC)
-    two.small_step_tokens = 64
-    assert two.fit(samples)["median_rel_error"] < 0.03
-    assert two.matmul_rate == pytest.approx(800e9, rel=0.2)
-    assert two.matmul_rate_small == pytest.approx(90e9, rel=0.2)
+    samples += [(StepShape.of([(rng.randint(10, 900), 1)] * rng.randint(1, 3)), 0.0) for _ in range(12)]
+    samples = [(s, t or truth.predict_shape(s)) for s, t in samples]
+    assert {truth._regime_index(s.num_tokens) for s, _ in samples} == {0, 1, 2}
+    three = CostModel.prior(SPEC).with_switch_tokens([64, 4])
+    assert three.switch_tokens == (4, 64)
+    assert three.fit(samples)["median_rel_error"] < 0.03
+    assert three.matmul_rate == pytest.approx(800e9, rel=0.2)
+    assert three.small_regimes[1][3] == pytest.approx(90e9, rel=0.2)
+    assert three.small_regimes[1][1] == pytest.approx(9e-3, rel=0.3)
     one = CostModel.prior(SPEC)
     assert one.fit(samples)["max_rel_error"] > 0.3
-    for s in shapes(random.Random(3), 30):
-        assert two.predict_shape(s) == pytest.approx(truth.predict_shape(s), rel=0.08)
+    for s in shapes(random.Random(3), 30) + [StepShape.of([(500, 1)] * b) for b in (1, 2, 3, 4, 6)]:
+        assert three.predict_shape(s) == pytest.approx(truth.predict_shape(s), rel=0.08)
+
+
+def test_fit_merges_regimes_without_samples():
+    """A bound no timed step falls below (or above) is dropped rather than fit to nothing."""
+    truth = CostModel(SPEC, bandwidth=20e9, matmul_rate=800e9, o_step=3e-3, o_req=1e-4, o_tok=2e-5)
+    rng = random.Random(5)
+    samples = [(StepShape.of([(rng.randint(0, 500), rng.randint(100, 900))]), 0.0) for _ in range(20)]
+    samples = [(s, truth.predict_shape(s)) for s, _ in samples]
+    m = CostModel.prior(SPEC).with_switch_tokens([4, 64, 4096])
+    m.fit(samples)
+    assert m.switch_tokens == ()
+    assert m.predict(2, 2, 100, 100) > 0
 
 
 def test_prediction_regimes():
@@ -106,10 +121,18 @@ def test_save_load_roundtrip(tmp_path):
     m.save(str(p))
     back = CostModel.load(str(p))
     assert back == m and back.predict(100, 3, 500, 9000) == m.predict(100, 3, 500, 9000)
-    old = m.to_dict()  # a file from before the small-step regime existed still loads (one regime)
-    del old["small_step_tokens"], old["matmul_rate_small"]
+    old = m.to_dict()  # a file from before the kernel regimes existed still loads (one regime)
+    del old["small_regimes"]
     p.write_text(json.dumps(old))
     assert CostModel.load(str(p)) == m
+    s5 = {**old, "small_step_tokens": 64, "matmul_rate_small": 9e10}  # session 5's two-regime files
+    p.write_text(json.dumps(s5))
+    back = CostModel.load(str(p))
+    assert back.small_regimes == ((64, 1e-3, 0.0, 9e10),) and back.regime(10) == (1e-3, 0.0, 9e10)
+    assert back.regime(64) == (1e-3, 0.0, 2e11)
+    three = CostModel(SPEC, 1e10, 2e11, o_step=1e-3, small_regimes=((4, 1e-4, 2e-3, 0.0), (64, 5e-3, 1e-4, 5e10)))
+    three.save(str(p))
+    assert CostModel.load(str(p)) == three
     p.write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError):
         CostModel.load(str(p))

@@ -288,3 +288,28 @@ def test_compute_logprobs_for_prompt_tokens():
     per_row = Sampler().compute_logprobs(x[:3], ids[:3], [0, 2, 4])
     assert [len(lp.top) for lp in per_row] == [0, 2, 4]
     _check_logprob(per_row[2], x[2], int(ids[2]), 4)
+
+
+def test_inverse_cdf_never_picks_masked_tokens_and_handles_u_near_one():
+    from tokenmill.sample.logits_processors import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    for u in (0.0, 0.25, 0.5, 0.5 - 1e-12, 1.0 - 2.0 ** -53):
+        got = inverse_cdf(probs, torch.full((3,), u, dtype=torch.float64)).tolist()
+        assert got[0] in (1, 3) and got[1] == 4 and got[2] == 0
+    assert inverse_cdf(probs, torch.tensor([0.49, 0.0, 0.0], dtype=torch.float64)).tolist()[0] == 1
+    assert inverse_cdf(probs, torch.tensor([0.51, 0.0, 0.0], dtype=torch.float64)).tolist()[0] == 3
+
+
+def test_large_vocab_sampling_distribution(assert_fits):
+    """A real vocabulary size (49152) with top-k: mass only on the kept tokens, in their proportions."""
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal(49152).astype(np.float32) * 2
+    n = 6000
+    rows = torch.tensor(logits).expand(n, -1).contiguous()
+    out = Sampler(seed=1)(rows, make_batch([SamplingParams(temperature=0.8, top_k=8)] * n))
+    keep = np.argsort(-logits)[:8]
+    ids = np.array(out.token_ids)
+    assert np.isin(ids, keep).all()
+    p = softmax(logits[keep].astype(np.float64) / 0.8)
+    assert_fits(np.array([(ids == k).sum() for k in keep]), p)

@@ -1,20 +1,22 @@
 """Step-time model: roofline terms plus fitted overheads, calibrated on the real engine.
 
-    t(step) = o_step + o_req * reqs + o_tok * tokens + o_pair * attn_pairs + o_kv * kv_tokens_read
-              + max(bytes / bandwidth, flops / rate)             (a rate of 0 drops its term)
-    rate = matmul_rate_small for steps of fewer than small_step_tokens tokens, else matmul_rate
+    t(step) = o_step[k] + o_tok[k] * tokens + o_req * reqs + o_pair * attn_pairs + o_kv * kv_tokens_read
+              + max(bytes / bandwidth, flops / rate[k])             (a rate of 0 drops its term)
 
-Two matmul rates because the engine runs two kinds of step: on the CPU, steps below `small_step_tokens` run
-the fused decoder layer in one C call per layer (packed GGUF kernels, C attention) and larger ones either its
-two halves around SDPA (AMX linears) or the per-op path (dense GEMMs), whose cost per token and fixed cost
-differ; one rate fit to both mispredicts decode-only steps or prefills.
+k is the step's kernel regime. The engine changes kernels with a step's token count: on the CPU, 1-3 rows
+run the packed kernel's register path, 4-63 the fused decoder layer with AMX (or buffered) linears, 64+ its
+two halves around SDPA (or dense GEMMs). Each regime has its own fixed cost, cost per token and matmul rate:
+one line through all of them under-predicted 4-7 decodes by 40% and over-predicted 1000-token steps by 30%.
+`small_regimes` holds the regimes below the largest as (tokens bound, o_step, o_tok, matmul_rate): a step of
+fewer than `bound` tokens takes the first matching one; larger steps take the scalar o_step, o_tok and
+matmul_rate.
     bytes = weight bytes + kv_tokens_read * KV bytes per token
     flops = tokens * 2 * (layer params) + reqs * 2 * (lm-head params) + attn_pairs * 4 * layers * q_dim
 
 `tokens`: tokens computed this step; `reqs`: requests in it (each samples from its last position);
 `kv_tokens_read`: sum of each request's context after the step; `attn_pairs`: sum over the step's
 query tokens of the positions each attends to. `calibrate()` times real steps and fits the
-bandwidth, matmul rate and overheads by least squares (on relative error). Prediction is pure Python.
+bandwidth, matmul rates and overheads by least squares (on relative error). Prediction is pure Python.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ class CostModel:
     o_tok: float = 0.0
     o_pair: float = 0.0
     o_kv: float = 0.0  # seconds per context token read (the KV stream of decodes over long contexts)
-    small_step_tokens: int = 0  # steps with fewer tokens use matmul_rate_small (0: one regime)
-    matmul_rate_small: float = 0.0
+    # kernel regimes below the largest: (tokens bound, o_step, o_tok, matmul_rate), bounds ascending
+    small_regimes: tuple[tuple[int, float, float, float], ...] = ()
     device: str = "cpu"
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -128,63 +130,88 @@ class CostModel:
                  + s.attn_flops_per_pair * attn_pairs)
         return float(mem), float(flops)
 
+    @property
+    def switch_tokens(self) -> tuple[int, ...]:
+        """The token counts where the regime changes."""
+        return tuple(r[0] for r in self.small_regimes)
+
+    def regime(self, num_tokens: int) -> tuple[float, float, float]:
+        """(o_step, o_tok, matmul_rate) of a step of num_tokens tokens."""
+        for bound, o_step, o_tok, rate in self.small_regimes:
+            if num_tokens < bound:
+                return o_step, o_tok, rate
+        return self.o_step, self.o_tok, self.matmul_rate
+
+    def _regime_index(self, num_tokens: int) -> int:
+        return sum(1 for b in self.switch_tokens if num_tokens >= b)
+
     def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
         if num_tokens <= 0:
             return 0.0
         mem, flops = self.terms(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
         t_mem = mem / self.bandwidth if self.bandwidth > 0 else 0.0  # 0: the fit found no such term
-        rate = self.matmul_rate_small if self._small(num_tokens) else self.matmul_rate
+        o_step, o_tok, rate = self.regime(num_tokens)
         t_flops = flops / rate if rate > 0 else 0.0
-        return (self.o_step + self.o_req * num_reqs + self.o_tok * num_tokens + self.o_pair * attn_pairs
+        return (o_step + o_tok * num_tokens + self.o_req * num_reqs + self.o_pair * attn_pairs
                 + self.o_kv * kv_tokens_read + max(t_mem, t_flops))
-
-    def _small(self, num_tokens: int) -> bool:
-        return 0 < num_tokens < self.small_step_tokens
 
     def predict_shape(self, shape: StepShape) -> float:
         return self.predict(shape.num_tokens, shape.num_reqs, shape.kv_tokens_read, shape.attn_pairs)
 
     # ---- fitting -------------------------------------------------------------------------------
     def fit(self, samples: list[tuple[StepShape, float]], iters: int = 8) -> dict[str, float]:
-        """Least-squares fit (relative error, non-negative) of bandwidth, matmul rate(s) and overheads."""
+        """Least-squares fit (relative error, non-negative) of bandwidth, matmul rates and overheads.
+
+        The regimes are those of `switch_tokens` (set them before fitting); a regime with fewer than 3 timed steps
+        is merged into the next larger one."""
         import numpy as np
 
         if len(samples) < 6:
             raise ConfigError(f"need at least 6 timed steps to fit the cost model, got {len(samples)}")
+        bounds = [b for b in self.switch_tokens]
+        for b in list(bounds):  # merge regimes the samples do not cover
+            i = bounds.index(b)
+            lo = bounds[i - 1] if i else 0
+            if sum(1 for sh, _ in samples if lo <= sh.num_tokens < b) < 3:
+                bounds.remove(b)
+        if bounds and sum(1 for sh, _ in samples if sh.num_tokens >= bounds[-1]) < 3:
+            bounds.pop()
+        priors = [self.regime(b - 1)[2] or self.matmul_rate for b in bounds] + [self.matmul_rate]
+        priors = [p if p > 0 else DEVICE_PRIORS["cuda" if self.device.startswith("cuda") else "cpu"][1] for p in priors]
+        nreg = len(bounds) + 1
+        self.small_regimes = tuple((b, 0.0, 0.0, 0.0) for b in bounds)
+        reg = np.asarray([self._regime_index(sh.num_tokens) for sh, _ in samples])
         rows, times = [], []
         for sh, t in samples:
             mem, flops = self.terms(sh.num_tokens, sh.num_reqs, sh.kv_tokens_read, sh.attn_pairs)
-            rows.append((1.0, sh.num_reqs, sh.num_tokens, sh.attn_pairs, mem, flops, sh.kv_tokens_read))
+            rows.append((sh.num_reqs, sh.num_tokens, sh.attn_pairs, mem, flops, sh.kv_tokens_read))
             times.append(t)
         X = np.asarray(rows, dtype=np.float64)
         y = np.asarray(times, dtype=np.float64)
         w = 1.0 / np.maximum(y, 1e-6)
-        small = np.asarray([self._small(sh.num_tokens) for sh, _ in samples])
-        prior_small = self.matmul_rate_small or self.matmul_rate
-        rate_of = np.where(small, prior_small, self.matmul_rate)
-        compute_bound = X[:, 5] / rate_of > X[:, 4] / self.bandwidth
-        coef = np.zeros(8)
+        onehot = (reg[:, None] == np.arange(nreg)[None, :]).astype(np.float64)
+        rate_of = np.asarray(priors)[reg]
+        compute_bound = X[:, 4] / rate_of > X[:, 3] / self.bandwidth
+        # columns: o_req, o_pair, o_kv, 1/bw (memory-bound rows) | per regime: o_step, o_tok, 1/rate (compute-bound)
+        coef = np.zeros(4 + 3 * nreg)
         for _ in range(iters):
-            # features: o_step, o_req, o_tok, o_pair, 1/bw (memory-bound rows), 1/rate (compute-bound rows of
-            # large steps), 1/rate_small (compute-bound rows of small steps; all-zero without two regimes)
-            # (last) o_kv: per context token read, whichever bound the step is
-            A = np.column_stack([X[:, 0], X[:, 1], X[:, 2], X[:, 3], np.where(compute_bound, 0.0, X[:, 4]),
-                                 np.where(compute_bound & ~small, X[:, 5], 0.0),
-                                 np.where(compute_bound & small, X[:, 5], 0.0), X[:, 6]])
+            cb = compute_bound[:, None] * onehot
+            A = np.column_stack([X[:, 0], X[:, 2], X[:, 5], np.where(compute_bound, 0.0, X[:, 3]),
+                                 onehot, onehot * X[:, 1:2], cb * X[:, 4:5]])
             coef = _nnls(A * w[:, None], y * w)
-            inv_bw = coef[4] if coef[4] > 0 else 1.0 / self.bandwidth
-            inv_rate = np.where(small, coef[6] if coef[6] > 0 else 1.0 / prior_small,
-                                coef[5] if coef[5] > 0 else 1.0 / self.matmul_rate)
-            new_cb = X[:, 5] * inv_rate > X[:, 4] * inv_bw
+            inv_bw = coef[3] if coef[3] > 0 else 1.0 / self.bandwidth
+            inv_rates = np.asarray([c if c > 0 else 1.0 / p for c, p in zip(coef[4 + 2 * nreg:], priors)])
+            new_cb = X[:, 4] * inv_rates[reg] > X[:, 3] * inv_bw
             if (new_cb == compute_bound).all():
                 break
             compute_bound = new_cb
-        self.o_step, self.o_req, self.o_tok, self.o_pair = (float(c) for c in coef[:4])
-        self.o_kv = float(coef[7])
+        self.o_req, self.o_pair, self.o_kv = float(coef[0]), float(coef[1]), float(coef[2])
         # a roofline term the fit gave no weight (absorbed by the overheads) is dropped: 0 = absent
-        self.bandwidth = float(1.0 / coef[4]) if coef[4] > 0 else 0.0
-        self.matmul_rate = float(1.0 / coef[5]) if coef[5] > 0 else 0.0
-        self.matmul_rate_small = float(1.0 / coef[6]) if coef[6] > 0 else 0.0
+        self.bandwidth = float(1.0 / coef[3]) if coef[3] > 0 else 0.0
+        steps, toks, rates = coef[4:4 + nreg], coef[4 + nreg:4 + 2 * nreg], coef[4 + 2 * nreg:]
+        per = [(float(a), float(b), float(1.0 / c) if c > 0 else 0.0) for a, b, c in zip(steps, toks, rates)]
+        self.small_regimes = tuple((bd, *p) for bd, p in zip(bounds, per[:-1]))
+        self.o_step, self.o_tok, self.matmul_rate = per[-1]
         pred = np.asarray([self.predict_shape(sh) for sh, _ in samples])
         rel = np.abs(pred - y) / y
         stats = {"num_steps": len(samples), "median_rel_error": float(np.median(rel)),
@@ -192,9 +219,16 @@ class CostModel:
         self.info.update(calibrated=True, **stats)
         return stats
 
+    def with_switch_tokens(self, bounds: "list[int] | tuple[int, ...]") -> "CostModel":
+        """Set the regime bounds to fit (each regime starts from this model's large-step constants)."""
+        bs = sorted({int(b) for b in bounds if b and b > 1})
+        self.small_regimes = tuple((b, self.o_step, self.o_tok, self.matmul_rate) for b in bs)
+        return self
+
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["small_regimes"] = [list(r) for r in self.small_regimes]
         d["format"] = "tokenmill-cost-model-1"
         return d
 
@@ -203,6 +237,12 @@ class CostModel:
         if d.get("format") != "tokenmill-cost-model-1":
             raise ConfigError("not a tokenmill cost model file (format tokenmill-cost-model-1)")
         d = {k: v for k, v in d.items() if k != "format"}
+        small = d.pop("small_step_tokens", 0)  # files of session 5: one small-step regime, its own rate only
+        rate_small = d.pop("matmul_rate_small", 0.0)
+        if small and "small_regimes" not in d:
+            d["small_regimes"] = [[small, d.get("o_step", 0.0), d.get("o_tok", 0.0), rate_small]]
+        d["small_regimes"] = tuple((int(r[0]), float(r[1]), float(r[2]), float(r[3]))
+                                   for r in d.get("small_regimes", ()))
         return cls(spec=ModelSpec(**d.pop("spec")), **d)
 
     def save(self, path: str) -> None:
@@ -259,6 +299,20 @@ def spec_of_engine(engine: Any) -> ModelSpec:
     return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem)
 
 
+def kernel_switch_tokens(model: Any) -> list[int]:
+    """Step sizes (tokens) at which the engine's CPU kernels change: the packed linears' register path ends
+    (DIRECT_MAX_ROWS), their AMX path or dense copies start, the fused layer hands over to its halves."""
+    from tokenmill.model.layers.quantized import QuantizedLinear, amx_switch_rows, dense_switch_rows
+    from tokenmill.ops.cpu.layer import fused_switch_tokens
+    from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS
+
+    modules = list(model.modules())
+    if not any(isinstance(m, QuantizedLinear) for m in modules):
+        return []
+    cands = [DIRECT_MAX_ROWS + 1, amx_switch_rows(modules), dense_switch_rows(modules), fused_switch_tokens(model)]
+    return sorted({c for c in cands if c})
+
+
 def _core_of(engine: Any) -> Any:
     if hasattr(engine, "engine"):  # LLM facade
         engine = engine.engine
@@ -276,11 +330,7 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     runner = core.runner
     spec = spec_of_engine(core)
     model = CostModel.prior(spec, str(runner.device))
-    from tokenmill.model.layers.quantized import dense_switch_rows
-    from tokenmill.ops.cpu.layer import fused_switch_tokens
-
-    # the step size where the kernels change: the fused CPU layer's cap, else the packed linears' dense switch
-    model.small_step_tokens = fused_switch_tokens(runner.model) or dense_switch_rows(runner.model.modules()) or 0
+    model.with_switch_tokens(kernel_switch_tokens(runner.model))
     samples: list[tuple[StepShape, float]] = []
     cfg = core.config.scheduler
     vocab = spec.vocab_size

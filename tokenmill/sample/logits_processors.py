@@ -162,19 +162,53 @@ def apply_sampling_filters(logits: torch.Tensor, params: Sequence[SamplingParams
     return logits
 
 
-def exponential_race(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]],
-                     default_generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Sample one token per row of probs [B, V] as argmax(probs / q), q ~ Exp(1) i.i.d.
+_CDF_BLOCK = 256
 
-    Rows with their own generator draw their noise from it alone (so their result depends only on
-    their own probabilities and generator); the rest share `default_generator`. Returns [B] long.
+
+def _last_with_mass(mass: torch.Tensor) -> torch.Tensor:
+    """Index of the last positive entry of each row of mass [B, N] (0 for an all-zero row)."""
+    n = mass.shape[-1]
+    return ((mass > 0) * torch.arange(1, n + 1, device=mass.device)).argmax(dim=-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token per row of probs [B, V] (unnormalized, non-negative) for uniforms u [B] in [0, 1): the first index
+    whose cumulative mass exceeds u * total. A zero-probability token is never returned.
+
+    Two levels, so the sums are exact enough for the tail without a float64 copy of [B, V]: float64 running
+    sums over blocks of 256 tokens pick the block, then a float64 running sum inside that block the token."""
+    B, V = probs.shape
+    nb = -(-V // _CDF_BLOCK)
+    p = probs.float()
+    if nb * _CDF_BLOCK != V:
+        p = torch.nn.functional.pad(p, (0, nb * _CDF_BLOCK - V))
+    blocks = p.view(B, nb, _CDF_BLOCK)
+    bsum = blocks.sum(dim=-1).to(torch.float64)  # [B, nb]: float32 sums of 256 terms, then float64 across
+    bcdf = bsum.cumsum(dim=-1)
+    target = u.to(torch.float64) * bcdf[:, -1]
+    b = torch.searchsorted(bcdf, target[:, None], right=True).squeeze(1)
+    b = torch.where(b >= nb, _last_with_mass(bsum), b)  # u * total rounded up to the total
+    rows = torch.arange(B, device=probs.device)
+    before = torch.where(b > 0, bcdf[rows, (b - 1).clamp(min=0)], torch.zeros_like(target))
+    inner = blocks[rows, b]  # [B, 256]
+    j = torch.searchsorted(inner.to(torch.float64).cumsum(dim=-1), (target - before)[:, None], right=True).squeeze(1)
+    j = torch.where(j >= _CDF_BLOCK, _last_with_mass(inner), j)
+    return b * _CDF_BLOCK + j
+
+
+def sample_from_probs(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]],
+                      default_generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Sample one token per row of probs [B, V] by inverse CDF: one uniform per row.
+
+    Rows with their own generator draw their uniform from it alone (so their result depends only on their
+    own probabilities and generator); the rest share `default_generator`. Returns [B] long. (The exponential
+    race argmax(p / Exp(1)) draws V numbers a row: torch's CPU exponential_ took 1 ms per 49k-token row, 15 ms
+    a step at 16 sampled requests; this takes about 1 ms for all 16.)
     """
-    q = torch.empty_like(probs)
+    u = torch.empty(probs.shape[0], dtype=torch.float64, device=probs.device)
     if any(g is None for g in generators):
-        q.exponential_(generator=default_generator)
+        u.uniform_(generator=default_generator)
     for i, g in enumerate(generators):
         if g is not None:
-            q[i].exponential_(generator=g)
-    # Exp noise of exactly 0 would make 0/0 = NaN on a masked token; clamp it away.
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
+            u[i:i + 1].uniform_(generator=g)
+    return inverse_cdf(probs, u)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters,
+from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters, inverse_cdf,
                                                 needs_penalties_or_bias)
 from tokenmill.sampling_params import SamplingParams
 
@@ -39,8 +39,8 @@ def rejection_sample_probs(probs: torch.Tensor, draft: torch.Tensor,
     resid[:, :K].scatter_(2, draft[:, :, None], 0.0)  # max(p - onehot(d), 0) up to normalization
     empty = resid.sum(dim=2, keepdim=True) <= 0  # only if p(d) == 1, where rejection cannot happen
     resid = torch.where(empty, probs, resid)
-    q = torch.empty_like(resid).exponential_(generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-    recovered = (resid / q).argmax(dim=2)  # [N, K+1]; scaling-invariant, so no normalization needed
+    u = torch.rand(N * K1, generator=generator, device=probs.device, dtype=torch.float64)
+    recovered = inverse_cdf(resid.reshape(N * K1, V), u).reshape(N, K1)  # unnormalized mass is fine
     return _emit(draft, accept, recovered)
 
 

@@ -1,7 +1,7 @@
 """The sampler: logits [B, V] -> one token id per row (vLLM v1 semantics).
 
 Order: logit_bias -> min_tokens ban -> repetition penalty -> presence/frequency penalties ->
-(greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> exponential-race sampling.
+(greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> inverse-CDF sampling (a uniform per row).
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits).
 The only device -> host transfer is the final `.tolist()` of token ids (and logprobs when asked).
 """
@@ -14,7 +14,7 @@ import torch
 
 from tokenmill.core.outputs import Logprob
 from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters,
-                                                exponential_race, needs_penalties_or_bias)
+                                                needs_penalties_or_bias, sample_from_probs)
 from tokenmill.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -94,15 +94,16 @@ class Sampler:
         if stage1:
             x = apply_penalties_and_bias(x, params, batch.prompt_token_ids, batch.output_token_ids,
                                          batch.eos_token_ids)
-        greedy_tokens = x.argmax(dim=-1)  # [B]
         if all_greedy:
-            tokens = greedy_tokens
+            tokens = x.argmax(dim=-1)  # [B]
         else:
+            greedy = [p.greedy for p in params]
+            greedy_tokens = x.argmax(dim=-1) if any(greedy) else None
             probs = apply_sampling_filters(x, params).softmax(dim=-1)  # [B, V]
             gens = [None if p.greedy else g for p, g in zip(params, batch.generators)]
-            sampled = exponential_race(probs, gens, self.generator)
-            greedy_mask = torch.tensor([p.greedy for p in params], device=logits.device)
-            tokens = torch.where(greedy_mask, greedy_tokens, sampled)
+            tokens = sample_from_probs(probs, gens, self.generator)
+            if greedy_tokens is not None:
+                tokens = torch.where(torch.tensor(greedy, device=logits.device), greedy_tokens, tokens)
 
         lp_tensors = None
         if want_lp:

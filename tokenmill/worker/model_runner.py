@@ -83,6 +83,11 @@ class ModelRunner:
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
                                             self.kv_bytes_per_block(), self.device)
         self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
+        if self.device.type == "cpu":
+            from tokenmill.ops.cpu.host import freeze_startup_objects, tune_allocator
+
+            tune_allocator()
+            freeze_startup_objects()
         if self.config.spec.speculative_method == "ngram":
             from tokenmill.spec.ngram import NgramProposer
 

@@ -43,7 +43,7 @@ def _lib() -> Optional[ctypes.CDLL]:
                                            _L, _L, _P]
         lib.tm_llama_layer_pre.restype = _I
         lib.tm_llama_layer_post.argtypes = [_P, _P, _L, _L, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _L, _L, _L, _L,
-                                            _P]
+                                            _P, _P]
         lib.tm_llama_layer_post.restype = _I
         lib.tm_amx_init.restype = _I
         lib.tm_amx_init()  # this library's own AMX state (its layers are built with amx_min_rows only if granted)
@@ -145,8 +145,10 @@ class FusedCpuLayer:
         q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
         att = self.attn.backend.attend(q, kv_cache, batch, self.scale, self.attn.sliding_window)
         att = att.reshape(t, nq).contiguous()
+        work = self.shared.work(t * (2 * self.hidden + 3 * self.inter))
         rc = lib.tm_llama_layer_post(att.data_ptr(), residual.data_ptr(), t, self.hidden, self.ln2, self.eps, *rest,
-                                     nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, out.data_ptr())
+                                     nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, work.data_ptr(),
+                                     out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual
@@ -158,6 +160,13 @@ class _Shared:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         self._meta: Optional[_StepMeta] = None
+        self._work = torch.empty(0)
+
+    def work(self, numel: int) -> torch.Tensor:
+        """Scratch floats for the layers' intermediates, kept (at the largest size asked) across layers and steps."""
+        if self._work.numel() < numel:
+            self._work = torch.empty(numel)
+        return self._work
 
     def meta(self, batch: ForwardBatch) -> _StepMeta:
         if self._meta is None or self._meta.batch is not batch:

@@ -53,7 +53,9 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
 // through SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary, K/V written at their
 // slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
-// RMSNorm, MLP into out. tm_llama_layer chains them with the paged attention kernel in between.
+// RMSNorm, MLP into out, its intermediates in `work` (T * (2E + 3I) floats; NULL: allocated here). Long steps
+// pass a buffer kept across layers and steps: a fresh one of over 32 MiB (2048 tokens) is mmapped by malloc
+// and page-faulted in on every call, which cost 40% of a 2048-token step. tm_llama_layer chains them with the paged attention kernel in between.
 // Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
 // rejected its arguments (K not a multiple of 32, unknown type).
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
@@ -88,10 +90,10 @@ done:
 int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E, const float *ln2, float eps,
                         int qt_o, const uint8_t *w_o, const float *b_o, int qt_gu, const uint8_t *w_gu,
                         const float *b_gu, int qt_dn, const uint8_t *w_dn, const float *b_dn, int64_t nq, int64_t I,
-                        int64_t direct_max_m, int64_t amx_min_m, float *out) {
+                        int64_t direct_max_m, int64_t amx_min_m, float *work, float *out) {
     if (T <= 0) return 0;
     if (E <= 0 || I <= 0 || nq <= 0) return -4;
-    float *buf = (float *)malloc((size_t)(T * (E + E + 3 * I)) * sizeof(float));
+    float *buf = work ? work : (float *)malloc((size_t)(T * (E + E + 3 * I)) * sizeof(float));
     if (!buf) return -1;
     float *o = buf, *x = o + T * E, *gu = x + T * E, *act = gu + T * 2 * I;
     int rc = 0;
@@ -101,7 +103,7 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
     silu_mul_rows(gu, T, I, act);
     if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m, amx_min_m) != 0) rc = -7;
 done:
-    free(buf);
+    if (!work) free(buf);
     return rc;
 }
 
@@ -132,7 +134,7 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
                                 num_reqs, H, scale, window, att);
     if (rc == 0)
         rc = tm_llama_layer_post(att, residual, T, E, ln2, eps, qt_o, w_o, b_o, qt_gu, w_gu, b_gu, qt_dn, w_dn, b_dn,
-                                 nq, I, direct_max_m, amx_min_m, out);
+                                 nq, I, direct_max_m, amx_min_m, NULL, out);
     free(buf);
     return rc;
 }

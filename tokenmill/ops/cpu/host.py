@@ -1,0 +1,42 @@
+"""Host-process settings for CPU serving: the allocator and the garbage collector.
+
+glibc's malloc hands blocks above its mmap threshold (dynamic, 128 KiB up to 32 MiB) to fresh mmaps and gives
+freed heap tops back to the kernel past a trim threshold; every engine step allocates the same few-MiB
+activations and logits again, so each one is page-faulted and zeroed anew. That cost a 16-row sampling step
+4 ms instead of 2.7 and a 2048-token prefill a third of its time (bench/cpu_step_grid.py; session 6 in
+docs/PERFORMANCE.md). Fixing both thresholds keeps freed blocks in the heap for the next step.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's upper limit: larger requests are still mmapped
+TRIM_THRESHOLD = 512 << 20  # heap bytes kept past the top before returning them to the kernel
+
+
+def tune_allocator() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for this process; False where libc is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not ok:
+        log.debug("mallopt refused the thresholds")
+    return ok
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (modules, the model's Python objects) out of the collector's view, so
+    the collections that steps trigger do not walk them again (Python's gc was 5% of a long prefill's time)."""
+    gc.collect()
+    gc.freeze()
