@@ -26,6 +26,7 @@ from tokenmill.worker.forward_batch import ForwardBatch
 # Steps of this many tokens or more leave the single call: on the AMX path they run as two C halves around the
 # backend's attention (SDPA for long prefill chunks), otherwise the per-op path (dense GEMM copies).
 FUSED_MAX_TOKENS = 64
+POST_BLOCK = 512  # rows per block of the C post-attention half (csrc/layer.c POST_BLOCK): its workspace size
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -145,7 +146,7 @@ class FusedCpuLayer:
         q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
         att = self.attn.backend.attend(q, kv_cache, batch, self.scale, self.attn.sliding_window)
         att = att.reshape(t, nq).contiguous()
-        work = self.shared.work(t * (2 * self.hidden + 3 * self.inter))
+        work = self.shared.work(min(t, POST_BLOCK) * (2 * self.hidden + 3 * self.inter))
         rc = lib.tm_llama_layer_post(att.data_ptr(), residual.data_ptr(), t, self.hidden, self.ln2, self.eps, *rest,
                                      nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, work.data_ptr(),
                                      out.data_ptr())

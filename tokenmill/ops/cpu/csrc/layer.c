@@ -15,6 +15,8 @@
 #include "attention.c"
 
 // act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp on AVX2, threads for long steps.
+#define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
+
 static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
     for (int64_t t = 0; t < T; t++) {
@@ -53,9 +55,9 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
 // through SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary, K/V written at their
 // slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
-// RMSNorm, MLP into out, its intermediates in `work` (T * (2E + 3I) floats; NULL: allocated here). Long steps
-// pass a buffer kept across layers and steps: a fresh one of over 32 MiB (2048 tokens) is mmapped by malloc
-// and page-faulted in on every call, which cost 40% of a 2048-token step. tm_llama_layer chains them with the paged attention kernel in between.
+// RMSNorm, MLP into out, in blocks of POST_BLOCK rows, the intermediates in `work` (min(T, POST_BLOCK) * (2E + 3I)
+// floats; NULL: allocated here). Long steps pass a buffer kept across layers and steps: a fresh one of over
+// 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step. tm_llama_layer chains them with the paged attention kernel in between.
 // Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
 // rejected its arguments (K not a multiple of 32, unknown type).
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
@@ -93,16 +95,22 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
                         int64_t direct_max_m, int64_t amx_min_m, float *work, float *out) {
     if (T <= 0) return 0;
     if (E <= 0 || I <= 0 || nq <= 0) return -4;
-    float *buf = work ? work : (float *)malloc((size_t)(T * (E + E + 3 * I)) * sizeof(float));
+    const int64_t tb = T < POST_BLOCK ? T : POST_BLOCK;
+    float *buf = work ? work : (float *)malloc((size_t)(tb * (E + E + 3 * I)) * sizeof(float));
     if (!buf) return -1;
-    float *o = buf, *x = o + T * E, *gu = x + T * E, *act = gu + T * 2 * I;
+    float *o = buf, *x = o + tb * E, *gu = x + tb * E, *act = gu + tb * 2 * I;
     int rc = 0;
-    if (qlinear_f32(qt_o, att, T, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
-    add_rmsnorm_f32(o, residual, ln2, T, E, eps, residual, x);
-    if (qlinear_f32(qt_gu, x, T, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
-    silu_mul_rows(gu, T, I, act);
-    if (qlinear_f32(qt_dn, act, T, I, w_dn, E, b_dn, out, direct_max_m, amx_min_m) != 0) rc = -7;
-done:
+    // row blocks: one block's intermediates (12 MiB at 512 rows for SmolLM2) stay in cache
+    // through the MLP; a 2048-token step's (47 MiB) did not, and its per-token cost was 1.5x a 512-token step's
+    for (int64_t t0 = 0; t0 < T && rc == 0; t0 += tb) {
+        const int64_t m = T - t0 < tb ? T - t0 : tb;
+        float *res = residual + t0 * E, *y = out + t0 * E;
+        if (qlinear_f32(qt_o, att + t0 * nq, m, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        add_rmsnorm_f32(o, res, ln2, m, E, eps, res, x);
+        if (qlinear_f32(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        silu_mul_rows(gu, m, I, act);
+        if (qlinear_f32(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) rc = -7;
+    }
     if (!work) free(buf);
     return rc;
 }
