@@ -22,6 +22,14 @@ from tokenmill.bench.launch import server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
 
 
+def default_tokenizer():
+    """The default model's tokenizer (the client then sends prompts of exact token counts)."""
+    from tokenmill.engine.tokenizer import load_tokenizer
+    from tokenmill.model.loader import default_model_path
+
+    return load_tokenizer(default_model_path())
+
+
 def serve_cmd(policy: str, ttft: float, tpot: float, extra: list[str]) -> list[str]:
     """`tokenmill serve` with the policy and server-wide SLO targets ("{port}" filled in by server_process)."""
     return [sys.executable, "-m", "tokenmill.cli", "serve", "--policy", policy, "--slo-ttft-ms", str(ttft),
@@ -47,7 +55,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rates = parse_rates(args.rate)
-    results: dict = {"workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+    # the default model's tokenizer: prompts of exactly the workload's token counts (as goodput_validate.py sends
+    # them); with --model in the serve args the client estimates counts from words (0.75 a token)
+    tokenizer = None if "--model" in extra else default_tokenizer()
+    results: dict = {"exact_token_counts": tokenizer is not None, "workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
                      "slo_calibration": args.slo_calibration,
                      "num_requests": args.num_requests, "seed": args.seed, "serve_args": extra, "runs": {}}
     for policy in args.policies.split(","):
@@ -56,7 +67,7 @@ def main(argv: list[str]) -> int:
         with server_process(cmd, log_path=f"/tmp/goodput_server_{policy}.log", env={"PYTHONPATH": str(ROOT)}) as base:
             runs = run_serve_benchmark(base, args.workload, rates, num_requests=args.num_requests,
                                        slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, seed=args.seed,
-                                       progress=False)
+                                       progress=False, tokenizer=tokenizer)
         results["runs"][policy] = [{"rate": r.rate, **{k: r.summary[k] for k in (
             "goodput", "slo_attainment", "request_throughput", "output_throughput", "ttft_ms", "tpot_ms",
             "completed", "failed", "duration_s")}} for r in runs]

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from goodput_compare import serve_cmd  # noqa: E402
+from goodput_compare import default_tokenizer, serve_cmd  # noqa: E402
 
 from tokenmill.bench.launch import server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
@@ -37,14 +37,6 @@ def calibrate_default(path: str, num_threads=None) -> CostModel:
     model.info["calibration_s"] = time.time() - t0
     model.save(path)
     return model
-
-
-def default_tokenizer():
-    """The default model's tokenizer: the client then sends, and the simulator counts, the exact same prompts."""
-    from tokenmill.engine.tokenizer import load_tokenizer
-    from tokenmill.model.loader import default_model_path
-
-    return load_tokenizer(default_model_path())
 
 
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
