@@ -53,30 +53,44 @@ def main(argv: list[str]) -> int:
                    help="cost-model JSON (`tokenmill plan --calibrate --save-calibration F`) for the slo policy's "
                         "step-time predictions (default: it learns them online)")
     p.add_argument("--out", default=None)
+    p.add_argument("--interleave", action="store_true",
+                   help="a fresh server per (rate, policy), the policies alternating at each rate: drift of the "
+                        "machine's speed during the sweep then hits both policies alike")
     args = p.parse_args(argv)
     rates = parse_rates(args.rate)
     # the default model's tokenizer: prompts of exactly the workload's token counts (as goodput_validate.py sends
     # them); with --model in the serve args the client estimates counts from words (0.75 a token)
     tokenizer = None if "--model" in extra else default_tokenizer()
-    results: dict = {"exact_token_counts": tokenizer is not None, "workload": args.workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
-                     "slo_calibration": args.slo_calibration,
+    results: dict = {"exact_token_counts": tokenizer is not None, "workload": args.workload,
+                     "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot, "slo_calibration": args.slo_calibration,
                      "num_requests": args.num_requests, "seed": args.seed, "serve_args": extra, "runs": {}}
-    for policy in args.policies.split(","):
+    policies = args.policies.split(",")
+
+    def run(policy: str, rs: list[float]) -> None:
         own = ["--slo-calibration", args.slo_calibration] if (policy == "slo" and args.slo_calibration) else []
         cmd = serve_cmd(policy, args.slo_ttft, args.slo_tpot, [*own, *extra])
         with server_process(cmd, log_path=f"/tmp/goodput_server_{policy}.log", env={"PYTHONPATH": str(ROOT)}) as base:
-            runs = run_serve_benchmark(base, args.workload, rates, num_requests=args.num_requests,
+            runs = run_serve_benchmark(base, args.workload, rs, num_requests=args.num_requests,
                                        slo_ttft_ms=args.slo_ttft, slo_tpot_ms=args.slo_tpot, seed=args.seed,
                                        progress=False, tokenizer=tokenizer)
-        results["runs"][policy] = [{"rate": r.rate, **{k: r.summary[k] for k in (
+        results["runs"].setdefault(policy, []).extend([{"rate": r.rate, **{k: r.summary[k] for k in (
             "goodput", "slo_attainment", "request_throughput", "output_throughput", "ttft_ms", "tpot_ms",
-            "completed", "failed", "duration_s")}} for r in runs]
+            "completed", "failed", "duration_s")}} for r in runs])
         for r in runs:
             s = r.summary
             print(f"{policy:>5} rate {r.rate:g}: goodput {s['goodput']:.3f} req/s, attainment "
                   f"{s['slo_attainment']:.2f}, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 "
                   f"{s['tpot_ms']['p50']:.1f} ms, p90 {s['tpot_ms']['p90']:.1f} ms, {s['output_throughput']:.1f} tok/s",
                   flush=True)
+
+    results["interleaved"] = args.interleave
+    if args.interleave:
+        for rate in rates:
+            for policy in policies:
+                run(policy, [rate])
+    else:
+        for policy in policies:
+            run(policy, rates)
     pols = list(results["runs"])
     results["distserve_goodput"] = {}
     for pol in pols:  # DistServe's goodput: the highest swept rate at which >= 90% of requests met both SLOs
