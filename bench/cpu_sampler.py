@@ -8,8 +8,8 @@ stay (every step's few-MiB tensors are then page-faulted in anew; see tokenmill/
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -18,15 +18,13 @@ from tokenmill.sample.logits_processors import apply_sampling_filters
 from tokenmill.sample.sampler import Sampler, SamplingBatch
 from tokenmill.sampling_params import SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_gemm import timeit as _median_s  # noqa: E402
+
 
 def timeit(fn, iters: int = 30) -> float:
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    """Median ms of fn over iters calls (after one warm-up)."""
+    return _median_s(fn, iters) * 1e3
 
 
 def main() -> None:
