@@ -45,7 +45,7 @@ def test_sigterm_graceful_shutdown():
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
-                             "--max-model-len", "512", "--shutdown-grace-s", "4"],
+                             "--max-model-len", "2048", "--shutdown-grace-s", "4"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(1200):
@@ -60,7 +60,9 @@ def test_sigterm_graceful_shutdown():
         ev_s, ev_l = threading.Event(), threading.Event()
         ts = threading.Thread(target=_stream, args=(url, {"prompt": "Once upon a time", "max_tokens": 12,
                                                           "stream": True, "ignore_eos": True}, short, ev_s))
-        tl = threading.Thread(target=_stream, args=(url, {"prompt": "A long story:", "max_tokens": 480,
+        # 2000 tokens: well past the 4 s grace period at any CPU speed (480 finished inside it once decode passed
+        # 120 tok/s)
+        tl = threading.Thread(target=_stream, args=(url, {"prompt": "A long story:", "max_tokens": 2000,
                                                           "stream": True, "ignore_eos": True}, long_, ev_l))
         ts.start(), tl.start()
         assert ev_s.wait(60) and ev_l.wait(60)
