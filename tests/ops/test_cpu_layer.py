@@ -103,13 +103,14 @@ def _set_amx_rows(model, rows: int) -> None:
             layer.fast_path.amx_min_rows = rows
 
 
-def test_long_step_halves_equal_per_op(llm, monkeypatch):
+@pytest.mark.parametrize("extra", [8, 600])  # 600: the post-attention half runs two 512-row blocks
+def test_long_step_halves_equal_per_op(llm, monkeypatch, extra):
     """Steps over the single-call cap run the two C halves around the backend's attention (the AMX mode). With
     the AMX threshold out of reach every linear stays float32, so the halves must match the per-op path."""
     model = llm.engine.core.runner.model
     backend = _layers(llm)[0].self_attn.attn.backend
     fp = _layers(llm)[0].fast_path
-    n = fp.max_tokens + 8  # a prefill chunk past the single-call cap, beside two decodes
+    n = fp.max_tokens + extra  # a prefill chunk past the single-call cap, beside two decodes
     old_dtype = backend.prefill_dtype
     backend.prefill_dtype = None  # float32 attention on both paths
     halves = []
@@ -120,7 +121,7 @@ def test_long_step_halves_equal_per_op(llm, monkeypatch):
             (fuse_cpu_layers if fused else unfuse_cpu_layers)(model)
             _set_amx_rows(model, 1 << 30)
             torch.manual_seed(0)
-            caches = [torch.randn(2, 16, 16, model.num_kv_heads, model.head_dim)
+            caches = [torch.randn(2, 64, 16, model.num_kv_heads, model.head_dim)
                       for _ in range(model.config.num_hidden_layers)]
             batch = build_forward_batch([[11], [12], list(range(100, 100 + n))], [20, 33, 5],
                                         [[0, 1], [2, 3, 4], list(range(5, 5 + (n + 5 + 15) // 16))], 16)

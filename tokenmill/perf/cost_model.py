@@ -168,7 +168,7 @@ class CostModel:
 
         if len(samples) < 6:
             raise ConfigError(f"need at least 6 timed steps to fit the cost model, got {len(samples)}")
-        bounds = [b for b in self.switch_tokens]
+        bounds = list(self.switch_tokens)
         for b in list(bounds):  # merge regimes the samples do not cover
             i = bounds.index(b)
             lo = bounds[i - 1] if i else 0

@@ -2,9 +2,9 @@
 
 glibc's malloc hands blocks above its mmap threshold (dynamic, 128 KiB up to 32 MiB) to fresh mmaps and gives
 freed heap tops back to the kernel past a trim threshold; every engine step allocates the same few-MiB
-activations and logits again, so each one is page-faulted and zeroed anew. That cost a 16-row sampling step
-4 ms instead of 2.7 and a 2048-token prefill a third of its time (bench/cpu_step_grid.py; session 6 in
-docs/PERFORMANCE.md). Fixing both thresholds keeps freed blocks in the heap for the next step.
+activations and logits again, so each one is page-faulted and zeroed anew: a 16-row sampling step took 2.2 ms
+instead of 1.0 (bench/cpu_sampler.py with and without --no-tune-allocator; session 6 in docs/PERFORMANCE.md).
+Fixing both thresholds keeps freed blocks in the heap for the next step.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@
 #include "qlinear.c"
 #include "attention.c"
 
-// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp on AVX2, threads for long steps.
 #define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
 
+// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp on AVX2, threads for long steps.
 static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
     for (int64_t t = 0; t < T; t++) {
@@ -57,7 +57,8 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 // slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
 // RMSNorm, MLP into out, in blocks of POST_BLOCK rows, the intermediates in `work` (min(T, POST_BLOCK) * (2E + 3I)
 // floats; NULL: allocated here). Long steps pass a buffer kept across layers and steps: a fresh one of over
-// 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step. tm_llama_layer chains them with the paged attention kernel in between.
+// 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step.
+// tm_llama_layer chains them with the paged attention kernel in between.
 // Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
 // rejected its arguments (K not a multiple of 32, unknown type).
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
@@ -100,8 +101,8 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
     if (!buf) return -1;
     float *o = buf, *x = o + tb * E, *gu = x + tb * E, *act = gu + tb * 2 * I;
     int rc = 0;
-    // row blocks: one block's intermediates (12 MiB at 512 rows for SmolLM2) stay in cache
-    // through the MLP; a 2048-token step's (47 MiB) did not, and its per-token cost was 1.5x a 512-token step's
+    // row blocks: the workspace is 12 MiB at 512 rows for SmolLM2 whatever the step's length (47 MiB at 2048
+    // tokens otherwise); the AMX linears re-dequantize their weights per 512 rows anyway, so blocks cost no more
     for (int64_t t0 = 0; t0 < T && rc == 0; t0 += tb) {
         const int64_t m = T - t0 < tb ? T - t0 : tb;
         float *res = residual + t0 * E, *y = out + t0 * E;
