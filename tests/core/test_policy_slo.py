@@ -128,19 +128,24 @@ def test_slack_allows_bigger_chunks_and_tight_request_wins():
 
 
 def test_budget_floor_and_concurrency_bound():
-    def decodes(n):
+    def decodes(n, max_tokens=50):
         out = []
         for i in range(n):
-            r = req(f"d{i}", 4)
+            r = req(f"d{i}", 4, max_tokens=max_tokens)
             r.append_output_token_ids([7])
             r.num_computed_tokens = r.num_tokens - 1
             r.first_token_time = 0.0
             out.append(r)
         return out
 
-    # 8 decodes take 18 ms: with a 20 ms target a prefill still gets the minimum chunk
-    pol = SLOPolicy(default_tpot_ms=20, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0, amortize=0)
+    # 8 decodes take 18 ms: with a 25 ms target the minimum chunk (50 ms) overruns the plan, but the decodes
+    # can absorb it (48 tokens ahead of them at 18 ms instead of 23.75) -> the prefill gets the minimum chunk
+    pol = SLOPolicy(default_tpot_ms=25, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0, amortize=0)
     assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8 + 32
+    # one of them has a single token left: a 50 ms step makes it miss -> no prefill this step
+    tight = decodes(8)
+    tight[0].max_tokens = 2
+    assert pol.step_token_budget(tight, 512, now=0.0) == 8
     # with a 5 ms target the decodes alone overrun it: no prefill joins until some finish
     pol = SLOPolicy(default_tpot_ms=5, cost_model=LinearCost(), min_prefill_chunk=32, tpot_margin=1.0, amortize=0)
     assert pol.step_token_budget(decodes(8), 512, now=0.0) == 8

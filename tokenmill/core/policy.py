@@ -148,20 +148,25 @@ class SLOPolicy(Policy):
     steps after this one take the decode-only step time: a long prefill step early in a request is paid
     back by its later, shorter steps. Where per-step costs are high (the CPU), fewer, larger prefill
     steps then serve more requests within target than many small ones.
+    A prompt that needs a larger chunk to make its first-token deadline may get one as long as every
+    running decode could still meet `stretch_margin` of its real target (no planning margin) afterwards;
+    past that point the prompt waits rather than cost the decodes their targets.
     """
 
     name = "slo"
 
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
-                 long_prefill_fraction: float = 0.25, late_last: bool = True, ttft_stretch: float = 1.5,
+                 long_prefill_fraction: float = 0.25, late_last: bool = True, stretch_margin: float = 0.95,
                  tpot_margin: float = 0.8, amortize: float = 1.0, amortize_tokens: int = 32):
         self.default_ttft_ms = default_ttft_ms
         # plan decodes at this fraction of their TPOT target: step times vary, and a request whose
         # average lands exactly on the target misses it half the time
         self.tpot_margin = tpot_margin
         self.late_last = late_last
-        self.ttft_stretch = ttft_stretch
+        # a first-token deadline may stretch a step as far as every running decode can absorb and still
+        # meet this fraction of its real TPOT target (no planning margin)
+        self.stretch_margin = stretch_margin
         self.amortize = amortize
         self.amortize_tokens = amortize_tokens
         self.default_tpot_ms = default_tpot_ms
@@ -186,10 +191,14 @@ class SLOPolicy(Policy):
         slo = req.sampling_params.slo
         return (slo.ttft_ms if slo and slo.ttft_ms else self.default_ttft_ms) / 1000.0
 
+    def _tpot_target_s(self, req: Request) -> float:
+        """The request's time-per-output-token target."""
+        slo = req.sampling_params.slo
+        return (slo.tpot_ms if slo and slo.tpot_ms else self.default_tpot_ms) / 1000.0
+
     def _tpot_s(self, req: Request) -> float:
         """The request's time-per-output-token target, less the safety margin the policy plans with."""
-        slo = req.sampling_params.slo
-        return (slo.tpot_ms if slo and slo.tpot_ms else self.default_tpot_ms) / 1000.0 * self.tpot_margin
+        return self._tpot_target_s(req) * self.tpot_margin
 
     def deadline(self, req: Request) -> float:
         """When the request's next token is due."""
@@ -304,22 +313,29 @@ class SLOPolicy(Policy):
 
         decode_step = step_time(0)
 
-        def allowance(r: Request) -> float:
-            slack = self.deadline(r) - now
+        def allowance(r: Request, target: float, amortize: float) -> float:
+            # the longest step after which r's next token is still on time at `target` per token, counting
+            # (a share `amortize` of) what its next tokens save if their steps take the decode-only time
+            slack = r.first_token_time + target * r.num_output_tokens - now
             ahead = min(self.amortize_tokens, r.max_tokens - r.num_output_tokens) - 1
-            if self.amortize > 0 and ahead > 0:
-                slack += self.amortize * ahead * max(0.0, self._tpot_s(r) - decode_step)
-            return max(self._tpot_s(r), slack)
+            if amortize > 0 and ahead > 0:
+                slack += amortize * ahead * max(0.0, target - decode_step)
+            return slack
 
-        allowed = min(allowance(r) for r in decodes)
+        # what the decodes plan with (never below their margined target: a late decode keeps its pace) ...
+        allowed = min(max(self._tpot_s(r), allowance(r, self._tpot_s(r), self.amortize)) for r in decodes)
+        # ... and the most they can absorb for a prompt's first-token deadline and still meet their targets
+        stretch_to = min(allowance(r, self._tpot_target_s(r) * self.stretch_margin, 1.0) for r in decodes)
 
         hi = max(0, budget - n_dec)
         lo = min(self.min_prefill_chunk, hi)
         if hi <= lo or step_time(hi) <= allowed:
             return budget
         if step_time(lo) > allowed:
-            # the decodes alone use the step: admit no prefill until some finish (bounds concurrency)
-            p = 0 if step_time(0) > allowed else lo
+            # the smallest chunk overruns the plan: give it only if the decodes can absorb it, else admit no
+            # prefill until some decodes finish (bounds concurrency; a forced small chunk at a long context cost
+            # the decodes their targets and still left the prompt late)
+            p = 0 if (step_time(0) > allowed or step_time(lo) > stretch_to) else lo
         else:
             while hi - lo > 1:  # largest prefill p with step_time(p) <= allowed
                 mid = (lo + hi) // 2
@@ -328,10 +344,10 @@ class SLOPolicy(Policy):
                 else:
                     hi = mid
             p = lo
-        # a first-token deadline may stretch the step, to at most ttft_stretch x the decodes' allowance
+        # a first-token deadline may stretch the step, as far as the decodes can absorb (stretch_to)
         cap = p
         hi = max(0, budget - n_dec)
-        while cap < hi and step_time(min(hi, cap * 2 + 1)) <= self.ttft_stretch * allowed:
+        while cap < hi and step_time(min(hi, cap * 2 + 1)) <= stretch_to:
             cap = min(hi, cap * 2 + 1)
         self._last_prefill_capacity = max(1, cap)
         return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))

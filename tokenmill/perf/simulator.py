@@ -50,6 +50,8 @@ class SimResult:
     output_tokens: int = 0
     num_steps: int = 0
     num_preemptions: int = 0
+    # per completed request: (prompt tokens, output tokens, ttft s, tpot s or None, met both SLOs)
+    records: list[tuple[int, int, float, Optional[float], bool]] = field(default_factory=list)
 
     @property
     def goodput(self) -> float:
@@ -220,6 +222,7 @@ def simulate(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, slo_tt
             res.tpot_s.append(tpot)
         ok = (t_ttft is None or ttft * 1e3 <= t_ttft) and (t_tpot is None or tpot is None or tpot * 1e3 <= t_tpot)
         res.good += ok
+        res.records.append((req.num_prompt_tokens, req.num_output_tokens, ttft, tpot, ok))
     res.rejected = len(requests) - res.completed
     res.duration_s = max(end, 1e-9)  # from the run's start (t = 0), as `bench serve` measures
     return res
