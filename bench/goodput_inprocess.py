@@ -31,21 +31,26 @@ def traced(eng, trace: list) -> None:
 
     runner = eng.core.runner
     inner = runner.execute_model
+    policy = eng.core.scheduler.policy
+    model = policy._model() if hasattr(policy, "_model") else None  # the slo policy's step-time model
 
     def execute_model(sched):
         t0 = time.perf_counter()
         out = inner(sched)
         sh = shape_of_schedule(sched)
-        trace.append({"tokens": sh.num_tokens, "reqs": sh.num_reqs, "kv": sh.kv_tokens_read,
-                      "pairs": sh.attn_pairs, "forward_s": time.perf_counter() - t0})
+        trace.append({"t": t0, "tokens": sh.num_tokens, "reqs": sh.num_reqs, "kv": sh.kv_tokens_read,
+                      "pairs": sh.attn_pairs, "forward_s": time.perf_counter() - t0,
+                      "pred_s": model.predict(sh.num_tokens, sh.num_reqs, sh.kv_tokens_read, sh.attn_pairs)
+                      if model is not None else None})
         return out
 
     runner.execute_model = execute_model
 
 
 def run_policy(policy: str, workload: str, rate: float, num: int, ttft_ms: float, tpot_ms: float,
-               seed: int, trace: list | None = None) -> dict:
-    llm = LLM(policy=policy, slo_ttft_ms=ttft_ms, slo_tpot_ms=tpot_ms, enable_prefix_caching=False)
+               seed: int, trace: list | None = None, calibration: str | None = None) -> dict:
+    cal = {"slo_calibration": calibration} if (calibration and policy == "slo") else {}
+    llm = LLM(policy=policy, slo_ttft_ms=ttft_ms, slo_tpot_ms=tpot_ms, enable_prefix_caching=False, **cal)
     eng = llm.engine
     if trace is not None:
         traced(eng, trace)
@@ -107,6 +112,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--policies", default="fcfs,slo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--slo-calibration", default=None, help="cost-model JSON for the slo policy (as `serve`)")
     ap.add_argument("--trace", default=None, help="write every step's shape and wall times (JSON) here")
     args = ap.parse_args(argv)
     rows = []
@@ -114,7 +120,7 @@ def main(argv: list[str]) -> int:
     for pol in args.policies.split(","):
         trace = [] if args.trace else None
         r = run_policy(pol, args.workload, args.rate, args.num_requests, args.slo_ttft, args.slo_tpot, args.seed,
-                       trace)
+                       trace, args.slo_calibration)
         if trace is not None:
             traces[pol] = trace
         rows.append(r)

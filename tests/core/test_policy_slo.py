@@ -90,13 +90,28 @@ def test_served_model_learns_the_serving_overhead():
     """With a calibrated model, the policy adds what real steps take beyond its predictions (serving overhead)."""
     from tokenmill.core.policy import CorrectedStepModel
 
-    m = CorrectedStepModel(LinearCost(), weight=0.2)
+    m = CorrectedStepModel(LinearCost())
     for _ in range(60):
         m.observe(100, 2, 300, 5000, LinearCost().predict(100, 2, 300, 5000) + 0.008)
-    assert abs(m.offset - 0.008) < 5e-4
-    assert abs(m.predict(10, 1, 10, 10) - (0.020 + 0.008)) < 5e-4
+    assert abs(m.predict(100, 2, 300, 5000) - (0.110 + 0.008)) < 5e-4
+    before = m.predict(100, 2, 300, 5000)
     m.observe(100, 2, 300, 5000, 3.0)  # an idle gap between steps, not a step
-    assert abs(m.offset - 0.008) < 5e-4
+    assert m.predict(100, 2, 300, 5000) == before
+
+
+def test_served_model_learns_a_slowdown_of_long_steps():
+    """Server threads sharing the cores slow the step's own work: observed = 1.3 x predicted + 5 ms is learned
+    from decode steps and long prefill steps, and predicts a step size it has not seen (an offset alone would
+    under-predict long steps by ~30%)."""
+    from tokenmill.core.policy import CorrectedStepModel
+
+    m = CorrectedStepModel(LinearCost())
+    for i in range(400):
+        n = 8 if i % 5 else 500  # mostly decode steps, now and then a long prefill
+        m.observe(n, 8, 0, 0, 1.3 * LinearCost().predict(n, 8, 0, 0) + 0.005)
+    assert abs(m.scale - 1.3) < 0.02 and abs(m.offset - 0.005) < 2e-3
+    want = 1.3 * LinearCost().predict(1000, 1, 0, 0) + 0.005
+    assert abs(m.predict(1000, 1, 0, 0) - want) < 0.02 * want
 
 
 def test_fcfs_gives_the_whole_budget_and_breaks_tpot():

@@ -108,27 +108,49 @@ class OnlineStepModel:
 
 
 class CorrectedStepModel:
-    """A calibrated step model plus the serving overhead it does not see, learned online.
+    """A calibrated step model corrected online for what it does not see: observed = scale * predicted + offset.
 
     The calibration times bare engine steps; inside a server each step also pays for streaming, detokenizing
-    and the event loop sharing the cores. `offset` is an exponentially weighted mean of (observed - predicted)
-    wall time between consecutive schedule() calls (idle gaps skipped), added to every prediction.
+    and the event loop sharing the cores: a fixed part per step (`offset`) and a slowdown of the step's own
+    work (`scale`: on a 2-core CPU the server's threads take cycles from the forward, so long steps overran an
+    offset-only correction by ~30%). Both are fitted by recursive least squares with forgetting on the wall time
+    between consecutive schedule() calls (idle gaps skipped); the covariance is bounded so that a run of
+    same-sized steps cannot wind it up.
     """
 
-    def __init__(self, base: StepCostModel, weight: float = 0.05):
+    def __init__(self, base: StepCostModel, forget: float = 0.98, max_scale: float = 4.0):
         self.base = base
-        self.weight = weight
-        self.offset = 0.0
+        self.forget = forget
+        self.max_scale = max_scale
+        self.scale, self.offset = 1.0, 0.0
+        # prior variances over the noise variance of a step time (taken as (10 ms)^2): scale within ~0.2, offset
+        # within ~10 ms
+        self._p0 = (0.05 / 1e-4, 1e-4 / 1e-4)
+        self._p = [[self._p0[0], 0.0], [0.0, self._p0[1]]]
         self.num_samples = 0
 
+    def _correct(self, pred: float) -> float:
+        return min(self.max_scale, max(0.5, self.scale)) * pred + max(0.0, self.offset)
+
     def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
-        return self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs) + self.offset
+        return self._correct(self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs))
 
     def observe(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int, seconds: float) -> None:
         pred = self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
-        if seconds > 4.0 * (pred + self.offset) + 0.05:
+        if seconds > 4.0 * self._correct(pred) + 0.05:
             return  # idle gap, not a step
-        self.offset = max(0.0, self.offset + self.weight * (seconds - pred - self.offset))
+        x = (pred, 1.0)
+        p = self._p
+        px = (p[0][0] * x[0] + p[0][1] * x[1], p[1][0] * x[0] + p[1][1] * x[1])
+        denom = self.forget + x[0] * px[0] + x[1] * px[1]
+        k = (px[0] / denom, px[1] / denom)
+        err = seconds - (self.scale * pred + self.offset)
+        self.scale += k[0] * err
+        self.offset += k[1] * err
+        p = [[(p[i][j] - k[i] * px[j]) / self.forget for j in range(2)] for i in range(2)]
+        # bounded covariance, D P D with D <= 1 (stays positive definite): no wind-up while the steps look alike
+        d = [min(1.0, (self._p0[i] / p[i][i]) ** 0.5) if p[i][i] > 0 else 1.0 for i in range(2)]
+        self._p = [[p[i][j] * d[i] * d[j] for j in range(2)] for i in range(2)]
         self.num_samples += 1
 
 

@@ -139,11 +139,13 @@ class _Clock:
 
 def simulate(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, slo_ttft_ms: Optional[float] = None,
              slo_tpot_ms: Optional[float] = None, rate: float = 0.0, policy: Optional[Policy] = None,
-             step_overhead_s: float = 0.0, max_sim_s: float = 1e6) -> SimResult:
+             step_overhead_s: float = 0.0, max_sim_s: float = 1e6, step_scale: float = 1.0) -> SimResult:
     """Run the requests through the real Scheduler with step times from `cost`; returns measured latencies.
 
     slo_*: global targets (per-request targets win), used for goodput and given to the slo policy.
     step_overhead_s: extra seconds per step (serving-layer cost not in the calibration).
+    step_scale: the device runs this many times slower than `cost` predicts (a stale calibration, or a server
+    whose own threads share the cores); the slo policy still plans with `cost`, as a server would.
     """
     sched_cfg = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                                 policy=cfg.policy, long_prefill_token_threshold=cfg.long_prefill_token_threshold,
@@ -191,7 +193,7 @@ def simulate(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, slo_tt
             if not sched.has_unfinished_requests():
                 continue
             raise RuntimeError("simulation stalled: the scheduler scheduled nothing with requests left")
-        clock.t += cost.predict_shape(shape_of_schedule(out)) + step_overhead_s
+        clock.t += cost.predict_shape(shape_of_schedule(out)) * step_scale + step_overhead_s
         steps += 1
         ids, toks = [], []
         for rid, _n in out.num_scheduled_tokens.items():
