@@ -123,9 +123,9 @@ class CorrectedStepModel:
         self.forget = forget
         self.max_scale = max_scale
         self.scale, self.offset = 1.0, 0.0
-        # prior variances over the noise variance of a step time (taken as (10 ms)^2): scale within ~0.2, offset
-        # within ~10 ms
-        self._p0 = (0.05 / 1e-4, 1e-4 / 1e-4)
+        # step times vary by a share of their length (~20%), so each sample is weighted by 1 / (pred + 10 ms)
+        # and the prior variances are over that relative noise (0.2^2): scale within ~0.2, offset within ~10 ms
+        self._p0 = (0.05 / 0.04, 1e-4 / 0.04)
         self._p = [[self._p0[0], 0.0], [0.0, self._p0[1]]]
         self.num_samples = 0
 
@@ -139,12 +139,13 @@ class CorrectedStepModel:
         pred = self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
         if seconds > 4.0 * self._correct(pred) + 0.05:
             return  # idle gap, not a step
-        x = (pred, 1.0)
+        w = 1.0 / (pred + 0.01)
+        x = (pred * w, w)
         p = self._p
         px = (p[0][0] * x[0] + p[0][1] * x[1], p[1][0] * x[0] + p[1][1] * x[1])
         denom = self.forget + x[0] * px[0] + x[1] * px[1]
         k = (px[0] / denom, px[1] / denom)
-        err = seconds - (self.scale * pred + self.offset)
+        err = (seconds - (self.scale * pred + self.offset)) * w
         self.scale += k[0] * err
         self.offset += k[1] * err
         p = [[(p[i][j] - k[i] * px[j]) / self.forget for j in range(2)] for i in range(2)]
