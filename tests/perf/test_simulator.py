@@ -21,6 +21,11 @@ def test_single_request_latencies_match_the_model():
     decodes = sum(CPU.predict(1, 1, 200 + k, 200 + k) for k in range(1, 10))
     assert r.e2e_s[0] == pytest.approx(prefill + decodes)
     assert r.tpot_s[0] == pytest.approx(decodes / 9)
+    assert r.records == [(200, 10, r.ttft_s[0], r.tpot_s[0], True)]
+    # a device 1.5x slower than the model the policy plans with
+    slow = simulate([SimRequest(200, 10, 0.0)], CPU, SimConfig(), slo_tpot_ms=decodes / 9 * 1e3 * 1.2, step_scale=1.5)
+    assert slow.ttft_s[0] == pytest.approx(1.5 * prefill) and slow.tpot_s[0] == pytest.approx(1.5 * decodes / 9)
+    assert slow.records[0][4] is False  # 1.5x the model's TPOT misses a target 1.2x it
 
 
 def test_all_requests_complete_and_tokens_are_conserved():
