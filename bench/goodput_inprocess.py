@@ -32,7 +32,7 @@ def traced(eng, trace: list) -> None:
     runner = eng.core.runner
     inner = runner.execute_model
     policy = eng.core.scheduler.policy
-    model = policy._model() if hasattr(policy, "_model") else None  # the slo policy's step-time model
+    model = policy.step_model() if hasattr(policy, "step_model") else None  # the slo policy's step-time model
 
     def execute_model(sched):
         t0 = time.perf_counter()

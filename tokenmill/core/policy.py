@@ -278,7 +278,7 @@ class SLOPolicy(Policy):
         cap): the rate the TTFT chunk sizing can really give a prompt, not the TPOT-throttled allowance (which
         made admission give up on long prompts that a first-come server serves in time)."""
         p = max(self.min_prefill_chunk, self._last_prefill_capacity)
-        model = self._model()
+        model = self.step_model()
         return max(1e-6, (model.predict(p + self._last_num_decodes, 1 + self._last_num_decodes, p, p * (p + 1) // 2)) / p)
 
     def victim_key(self, req: Request, now: float) -> tuple:
@@ -301,7 +301,8 @@ class SLOPolicy(Policy):
         self._last_reqs += 1
         self._last_pairs += num_tokens * req.num_computed_tokens + num_tokens * (num_tokens + 1) // 2
 
-    def _model(self) -> StepCostModel:
+    def step_model(self) -> StepCostModel:
+        """The step-time model the policy plans with (calibrated and corrected online, or learned online)."""
         return self.corrected if self.corrected is not None else self.online  # type: ignore[return-value]
 
     def step_token_budget(self, running: list[Request], budget: int, now: float) -> int:
@@ -327,7 +328,7 @@ class SLOPolicy(Policy):
         dec_kv = sum(r.num_tokens for r in decodes)
         # context of a running partial prefill the chunk would continue (else a new prompt from 0)
         ctx = max((r.num_computed_tokens for r in running if r.num_tokens - r.num_computed_tokens > 1), default=0)
-        model = self._model()
+        model = self.step_model()
 
         def step_time(p: int) -> float:
             kv = dec_kv + (ctx + p if p else 0)
