@@ -3,6 +3,9 @@
 1. calibrate the cost model on this machine (or --calibration FILE), 2. start the server (fcfs),
 3. run `bench serve` at each rate, 4. simulate the same requests and arrivals, 5. print both.
 
+--recalibrate-each-rate calibrates again right before each rate (a fresh server each time): on a shared VM whose
+speed drifts by 10-20% within minutes, that separates the model's error from the machine's drift.
+
   PYTHONPATH=. python bench/goodput_validate.py --workload chat --rate 0.5,1,2 --num-requests 30 \
       --save-calibration cal.json --out validate.json [-- extra serve flags]
 """
@@ -39,6 +42,12 @@ def calibrate_default(path: str, num_threads=None) -> CostModel:
     return model
 
 
+def reference_times(cost: CostModel) -> dict:
+    """The calibration's decode step (batch 1, 300-token context) and 512-token prefill, in ms."""
+    return {"decode_ms": cost.predict(1, 1, 300, 300) * 1e3, "prefill_512_ms": cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3,
+            "median_fit_error": cost.info.get("median_rel_error")}
+
+
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
             policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0, tokenizer=None) -> list[dict]:
     # no prefix caching: every rate resends the same seeded prompts, so later rates would hit the cache
@@ -59,7 +68,8 @@ def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra:
                                   "goodput": s["goodput"]},
                      "predicted": {"ttft_p50_ms": p["ttft_ms"]["p50"], "tpot_p50_ms": p["tpot_ms"]["p50"],
                                    "output_tok_s": p["output_throughput"], "req_s": p["request_throughput"],
-                                   "goodput": p["goodput"]}})
+                                   "goodput": p["goodput"]},
+                     "calibration": reference_times(cost)})
     return rows
 
 
@@ -76,15 +86,31 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--save-calibration", default="/tmp/tokenmill_cpu_calibration.json")
     ap.add_argument("--out", default=None)
     ap.add_argument("--num-threads", type=int, default=None, help="torch threads (calibration and server)")
+    ap.add_argument("--recalibrate-each-rate", action="store_true",
+                    help="calibrate again right before each rate (the machine's drift out of the comparison)")
     args = ap.parse_args(argv)
     if args.num_threads:
         extra = ["--num-threads", str(args.num_threads), *extra]
     load0 = os.getloadavg()[0]
-    cost = CostModel.load(args.calibration) if args.calibration else calibrate_default(args.save_calibration, args.num_threads)
-    print(f"cost model: median fit error {cost.info.get('median_rel_error', float('nan')):.1%}; decode step "
-          f"{cost.predict(1, 1, 300, 300) * 1e3:.1f} ms, 512-token prefill "
-          f"{cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3:.0f} ms", flush=True)
-    rows = compare(args.workload, parse_rates(args.rate), args.num_requests, cost, extra, tokenizer=default_tokenizer())
+    if args.recalibrate_each_rate and args.calibration:
+        ap.error("--recalibrate-each-rate calibrates; drop --calibration")
+    tok = default_tokenizer()
+
+    def fresh() -> CostModel:
+        cost = CostModel.load(args.calibration) if args.calibration else calibrate_default(args.save_calibration,
+                                                                                          args.num_threads)
+        ref = reference_times(cost)
+        print(f"cost model: median fit error {cost.info.get('median_rel_error', float('nan')):.1%}; decode step "
+              f"{ref['decode_ms']:.1f} ms, 512-token prefill {ref['prefill_512_ms']:.0f} ms", flush=True)
+        return cost
+
+    rates = parse_rates(args.rate)
+    cost = fresh()
+    rows = compare(args.workload, rates[:1] if args.recalibrate_each_rate else rates, args.num_requests, cost, extra,
+                   tokenizer=tok)
+    for rate in (rates[1:] if args.recalibrate_each_rate else []):
+        cost = fresh()
+        rows += compare(args.workload, [rate], args.num_requests, cost, extra, tokenizer=tok)
     print(f"{'rate':>5} | {'TTFT p50 meas/pred':>20} | {'TPOT p50 meas/pred':>20} | {'out tok/s meas/pred':>20}")
     for r in rows:
         m, p = r["measured"], r["predicted"]
@@ -93,6 +119,7 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"workload": args.workload, "num_requests": args.num_requests,
                                               "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
+                                              "recalibrated_each_rate": args.recalibrate_each_rate,
                                               "cost_model": cost.to_dict(), "rows": rows}, indent=1))
     return 0
 
