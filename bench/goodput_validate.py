@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,33 +46,60 @@ def calibrate_default(path: str, num_threads=None) -> CostModel:
 
 def reference_times(cost: CostModel) -> dict:
     """The calibration's decode step (batch 1, 300-token context) and 512-token prefill, in ms."""
-    return {"decode_ms": cost.predict(1, 1, 300, 300) * 1e3, "prefill_512_ms": cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3,
+    return {"decode_ms": cost.predict(1, 1, 300, 300) * 1e3,
+            "prefill_512_ms": cost.predict(512, 1, 512, 512 * 513 // 2) * 1e3,
             "median_fit_error": cost.info.get("median_rel_error")}
+
+
+def drift_of_trace(trace: Path, t0: float, t1: float, cost: CostModel) -> Optional[float]:
+    """The server's speed during [t0, t1] against the calibration: sum of measured step times over sum of
+    predicted (time-weighted: what latencies see). None without steps in the window."""
+    meas = pred = 0.0
+    if trace.exists():
+        for line in trace.read_text().splitlines():
+            r = json.loads(line)
+            if t0 <= r["t"] <= t1:
+                meas += r["s"]
+                pred += cost.predict(r["tokens"], r["reqs"], r["kv"], r["pairs"])
+    return meas / pred if pred > 0 else None
 
 
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
             policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0, tokenizer=None) -> list[dict]:
+    """Measure each rate on one fcfs server that writes a step trace, then simulate the same requests twice:
+    with the calibration as it is ("predicted"), and with its step times scaled by the server's measured speed
+    during that rate ("at run speed": the model's error with the machine's drift since calibration taken out)."""
     # no prefix caching: every rate resends the same seeded prompts, so later rates would hit the cache
     # (the simulator models no cache either)
-    cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000, ["--no-enable-prefix-caching", *extra])
-    with server_process(cmd, log_path="/tmp/goodput_validate.log", env={"PYTHONPATH": str(ROOT)}) as base:
-        measured = run_serve_benchmark(base, workload, rates, num_requests=num, slo_ttft_ms=slo_ttft,
-                                       slo_tpot_ms=slo_tpot, seed=seed, progress=False, tokenizer=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "steps.jsonl"
+        cmd = serve_cmd(policy, slo_ttft or 10000, slo_tpot or 1000,
+                        ["--no-enable-prefix-caching", "--step-trace", str(trace), *extra])
+        measured = []
+        with server_process(cmd, log_path="/tmp/goodput_validate.log", env={"PYTHONPATH": str(ROOT)}) as base:
+            for i, rate in enumerate(rates):
+                t0 = time.time()
+                m = run_serve_benchmark(base, workload, [rate], num_requests=num, slo_ttft_ms=slo_ttft,
+                                        slo_tpot_ms=slo_tpot, seed=seed, progress=False, tokenizer=tokenizer,
+                                        warmup=i == 0)[0]
+                measured.append((m, drift_of_trace(trace, t0, time.time(), cost)))
     rows = []
-    for m in measured:
+    for m, drift in measured:
         reqs = requests_from_workload(workload, num, m.rate, seed, chat_overhead=CHAT_TEMPLATE_TOKENS,
                                       tokenizer=tokenizer)
-        p = simulate(reqs, cost, SimConfig(policy=policy), slo_ttft, slo_tpot, m.rate).summary()
-        s = m.summary
-        rows.append({"rate": m.rate,
-                     "measured": {"ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"],
-                                  "output_tok_s": s["output_throughput"], "req_s": s["request_throughput"],
-                                  "goodput": s["goodput"]},
-                     "predicted": {"ttft_p50_ms": p["ttft_ms"]["p50"], "tpot_p50_ms": p["tpot_ms"]["p50"],
-                                   "output_tok_s": p["output_throughput"], "req_s": p["request_throughput"],
-                                   "goodput": p["goodput"]},
-                     "calibration": reference_times(cost)})
+        sims = {"predicted": 1.0, "predicted_at_run_speed": drift or 1.0}
+        row = {"rate": m.rate, "measured": _pick(m.summary), "run_speed_vs_calibration": drift,
+               "calibration": reference_times(cost)}
+        for key, scale in sims.items():
+            row[key] = _pick(simulate(reqs, cost, SimConfig(policy=policy), slo_ttft, slo_tpot, m.rate,
+                                      step_scale=scale).summary())
+        rows.append(row)
     return rows
+
+
+def _pick(s: dict) -> dict:
+    return {"ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"],
+            "output_tok_s": s["output_throughput"], "req_s": s["request_throughput"], "goodput": s["goodput"]}
 
 
 def main(argv: list[str]) -> int:
@@ -111,11 +140,17 @@ def main(argv: list[str]) -> int:
     for rate in (rates[1:] if args.recalibrate_each_rate else []):
         cost = fresh()
         rows += compare(args.workload, [rate], args.num_requests, cost, extra, tokenizer=tok)
-    print(f"{'rate':>5} | {'TTFT p50 meas/pred':>20} | {'TPOT p50 meas/pred':>20} | {'out tok/s meas/pred':>20}")
+    print("pred: the calibration as it is; at speed: its step times x 'step x', the server's step times over "
+          "the calibration's predictions during that rate (from the server's --step-trace)")
+    print(f"{'rate':>5} | {'step x':>6} | {'TTFT p50 meas / pred / at speed':>31} | "
+          f"{'TPOT p50 meas / pred / at speed':>31} | {'out tok/s meas / pred':>21}")
     for r in rows:
-        m, p = r["measured"], r["predicted"]
-        print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>9.0f} /{p['ttft_p50_ms']:>9.0f} | {m['tpot_p50_ms']:>9.1f} /"
-              f"{p['tpot_p50_ms']:>9.1f} | {m['output_tok_s']:>9.1f} /{p['output_tok_s']:>9.1f}")
+        m, p, q = r["measured"], r["predicted"], r["predicted_at_run_speed"]
+        speed = r["run_speed_vs_calibration"]
+        print(f"{r['rate']:>5g} | {speed or float('nan'):>6.2f} | {m['ttft_p50_ms']:>9.0f} / "
+              f"{p['ttft_p50_ms']:>7.0f} / {q['ttft_p50_ms']:>7.0f} | {m['tpot_p50_ms']:>9.1f} / "
+              f"{p['tpot_p50_ms']:>7.1f} / {q['tpot_p50_ms']:>7.1f} | {m['output_tok_s']:>9.1f} / "
+              f"{p['output_tok_s']:>9.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"workload": args.workload, "num_requests": args.num_requests,
                                               "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],

@@ -112,6 +112,9 @@ class SchedulerConfig:
     prefix_aware_window: int = _f(16, "fcfs: admit first, among this many oldest waiting requests, the one with "
                                       "the longest cached prefix (1: strict FCFS)")
     prefix_aware_max_skips: int = _f(8, "a waiting request passed over this many times is admitted next")
+    step_trace: Optional[str] = _f(None, "append one JSON line per engine step to this file (wall-clock start, "
+                                         "seconds, scheduled tokens, requests, KV tokens read, attention pairs): "
+                                         "what `bench/goodput_validate.py` compares with the cost model")
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -123,6 +126,10 @@ class SchedulerConfig:
                 raise ConfigError("slo_calibration is used by policy slo only", param="slo_calibration")
             if not os.path.isfile(self.slo_calibration):
                 raise ConfigError(f"calibration file not found: {self.slo_calibration}", param="slo_calibration")
+        if self.step_trace is not None:
+            folder = os.path.dirname(os.path.abspath(self.step_trace))
+            if os.path.isdir(self.step_trace) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ConfigError(f"step_trace: cannot write a file at {self.step_trace}", param="step_trace")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """EngineCore: step() = schedule -> execute_model -> update_from_output."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -11,6 +12,7 @@ from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
+from tokenmill.perf.cost_model import shape_of_schedule
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ class EngineCore:
         self.config = config
         self.runner = runner if runner is not None else ModelRunner(config)
         self.scheduler: Optional[Scheduler] = None
+        self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
+        self._last_sched = None
 
     def load(self) -> None:
         if self.runner.model is None:
@@ -38,6 +42,8 @@ class EngineCore:
         self.scheduler = Scheduler(sc, self.runner.num_blocks, cc.block_size, self.runner.max_model_len,
                                    cc.enable_prefix_caching, policy=policy,
                                    num_host_blocks=getattr(self.runner, "num_host_blocks", 0), streaming=streaming)
+        if sc.step_trace:
+            self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
 
     @property
     def max_model_len(self) -> int:
@@ -53,7 +59,16 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[EngineCoreOutput]:
+        if self._trace is None:
+            return self._step()
+        wall, t0 = time.time(), time.perf_counter()
+        out = self._step()
+        _write_trace(self._trace, wall, time.perf_counter() - t0, self._last_sched)
+        return out
+
+    def _step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
+        self._last_sched = sched
         if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
@@ -79,6 +94,15 @@ class EngineCore:
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
                            last_step_time=time.monotonic(), **_offload_stats(kv.offload))
+
+
+def _write_trace(f, wall: float, seconds: float, sched) -> None:
+    """One line of the step trace; steps that ran nothing are left out."""
+    if not sched.total_num_scheduled_tokens:
+        return
+    sh = shape_of_schedule(sched)
+    f.write(json.dumps({"t": round(wall, 6), "s": round(seconds, 6), "tokens": sh.num_tokens, "reqs": sh.num_reqs,
+                        "kv": sh.kv_tokens_read, "pairs": sh.attn_pairs}) + "\n")
 
 
 def _offload_stats(offload) -> dict:
