@@ -66,7 +66,7 @@ def drift_of_trace(trace: Path, t0: float, t1: float, cost: CostModel) -> Option
 
 def compare(workload: str, rates: list[float], num: int, cost: CostModel, extra: list[str],
             policy: str = "fcfs", slo_ttft=None, slo_tpot=None, seed: int = 0, tokenizer=None) -> list[dict]:
-    """Measure each rate on one fcfs server that writes a step trace, then simulate the same requests twice:
+    """Measure each rate on one server (of `policy`) that writes a step trace, then simulate the same requests twice:
     with the calibration as it is ("predicted"), and with its step times scaled by the server's measured speed
     during that rate ("at run speed": the model's error with the machine's drift since calibration taken out)."""
     # no prefix caching: every rate resends the same seeded prompts, so later rates would hit the cache

@@ -26,7 +26,6 @@ class EngineCore:
         self.runner = runner if runner is not None else ModelRunner(config)
         self.scheduler: Optional[Scheduler] = None
         self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
-        self._last_sched = None
 
     def load(self) -> None:
         if self.runner.model is None:
@@ -60,15 +59,15 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         if self._trace is None:
-            return self._step()
+            return self._run(self.scheduler.schedule())
         wall, t0 = time.time(), time.perf_counter()
-        out = self._step()
-        _write_trace(self._trace, wall, time.perf_counter() - t0, self._last_sched)
+        sched = self.scheduler.schedule()
+        out = self._run(sched)
+        _write_trace(self._trace, wall, time.perf_counter() - t0, sched)
         return out
 
-    def _step(self) -> list[EngineCoreOutput]:
-        sched = self.scheduler.schedule()
-        self._last_sched = sched
+    def _run(self, sched) -> list[EngineCoreOutput]:
+        """execute_model -> update_from_output for one schedule."""
         if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
