@@ -114,6 +114,31 @@ def test_served_model_learns_a_slowdown_of_long_steps():
     assert abs(m.predict(1000, 1, 0, 0) - want) < 0.02 * want
 
 
+def test_served_model_stays_stable_over_long_runs_of_alike_steps():
+    """Regression: minutes of alike decode steps with a prefill now and then (a chat server at low load) left the
+    forgetting RLS covariance indefinite; the fit then diverged (scale 1e6, offset -6e4 s in a simulated chat run),
+    its clamped prediction became 4x every step, and the slo policy starved prompts for 10-20 s. The fit must stay
+    bounded and converge to the true 1.2x slowdown for both short and long steps."""
+    import random
+
+    from tokenmill.core.policy import CorrectedStepModel
+
+    cost = LinearCost()
+    m = CorrectedStepModel(cost)
+    rng = random.Random(0)
+    for cycle in range(20):
+        for _ in range(1500):
+            m.observe(1, 1, 400, 400, 1.2 * cost.predict(1, 1, 0, 0) * (1 + 0.002 * rng.random()))
+        m.observe(246, 1, 246, 30000, 1.2 * cost.predict(246, 1, 0, 0))
+        for _ in range(3):
+            m.observe(1, 1, 400, 400, 1.2 * cost.predict(1, 1, 0, 0))
+        assert 0.5 <= m.scale <= 4.0 and abs(m.offset) < 0.05, (cycle, m.scale, m.offset)
+        if cycle >= 2:  # a few long steps seen: the slowdown of long steps is known
+            for n in (1, 1000):
+                want = 1.2 * cost.predict(n, 1, 0, 0)
+                assert abs(m.predict(n, 1, 0, 0) - want) < 0.03 * want, (cycle, n, m.scale, m.offset)
+
+
 def test_fcfs_gives_the_whole_budget_and_breaks_tpot():
     clock = Clock()
     s = make(FCFSPolicy(), clock=clock)
