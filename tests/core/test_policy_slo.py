@@ -237,6 +237,29 @@ def test_online_model_learns_step_times_and_drives_budget():
     assert all(30 <= sum(sz.values()) <= 42 for sz in sizes), sizes
 
 
+def test_online_model_covariance_stays_bounded_over_long_runs_of_alike_steps():
+    """Without a calibration the policy fits t = a + b tokens + c kv by RLS with forgetting; thousands of alike
+    decode steps wound its covariance up to ~1e11 in a simulated chat run and to 1e42 here, diverging the fit.
+    It stays positive definite and within its prior, and the fit stays right for short and long steps."""
+    import random
+
+    from tokenmill.core.policy import _symmetric_eigen
+
+    m = OnlineStepModel()
+    rng = random.Random(0)
+    true = lambda n, kv: 0.005 + 0.0002 * n + 1e-6 * kv  # noqa: E731
+    for cycle in range(6):
+        for _ in range(2000):
+            m.observe(4, 1600, true(4, 1600) * (1 + 0.002 * rng.random()))
+        for i in range(5):
+            n = 100 + 200 * i
+            m.observe(n, 1600 + n, true(n, 1600 + n))
+        lam, _ = _symmetric_eigen([[m.p[i][j] / (m._p0[i] * m._p0[j]) ** 0.5 for j in range(3)] for i in range(3)])
+        assert 0 < min(lam) and max(lam) <= 1 + 1e-9, (cycle, lam)
+        for n, kv in ((4, 1600), (1500, 3000)):
+            assert abs(m.predict(n, 1, kv, 0) - true(n, kv)) < 0.03 * true(n, kv), (cycle, n, m.theta)
+
+
 def test_late_requests_queue_behind_ones_that_can_still_make_it():
     pol = SLOPolicy(default_ttft_ms=100)
     late, fresh = req("late", 4, t=0.0), req("fresh", 4, t=0.95)

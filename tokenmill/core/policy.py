@@ -80,30 +80,39 @@ class OnlineStepModel:
 
     Used by the SLO policy when no calibrated cost model is given. Samples are the wall time between
     consecutive schedule() calls (what a decode actually waits); a sample much longer than predicted
-    (the engine was idle) is skipped once the model has seen enough steps.
+    (the engine was idle) is skipped once the model has seen enough steps. The fit runs on features of alike
+    size (tokens per thousand, KV reads per 100k), keeps its coefficients non-negative (what a step time
+    is made of; and intercept and KV reads are collinear over alike decode steps, where an unconstrained fit
+    leans on a negative coefficient) and its covariance bounded (see _bounded_covariance).
     """
 
+    _UNITS = (1.0, 1e3, 1e5)
+
     def __init__(self, forget: float = 0.995, prior: tuple[float, float, float] = (0.02, 2e-4, 1e-6)):
-        self.theta = list(prior)
-        self.p = [[1e2 if i == j else 0.0 for j in range(3)] for i in range(3)]
+        self.theta = [max(0.0, v) for v in prior]
+        self._p0 = (1e4, 1e4, 1e4)  # prior variances of the scaled coefficients: uninformative
+        self.p = [[self._p0[i] if i == j else 0.0 for j in range(3)] for i in range(3)]
         self.forget = forget
         self.num_samples = 0
 
     def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
         a, b, c = self.theta
-        return max(0.0, a) + max(0.0, b) * num_tokens + max(0.0, c) * kv_tokens_read
+        return a + b * num_tokens + c * kv_tokens_read
 
     def observe(self, num_tokens: int, kv_tokens_read: int, seconds: float) -> None:
         pred = self.predict(num_tokens, 0, kv_tokens_read, 0)
         if self.num_samples >= 8 and seconds > 4.0 * pred + 0.05:
             return  # idle gap, not a step
-        x = [1.0, float(num_tokens), float(kv_tokens_read)]
+        u = self._UNITS
+        x = [1.0, num_tokens / u[1], kv_tokens_read / u[2]]
+        th = [self.theta[i] * u[i] for i in range(3)]
         px = [sum(self.p[i][j] * x[j] for j in range(3)) for i in range(3)]
         denom = self.forget + sum(x[i] * px[i] for i in range(3))
         k = [v / denom for v in px]
-        err = seconds - sum(self.theta[i] * x[i] for i in range(3))
-        self.theta = [self.theta[i] + k[i] * err for i in range(3)]
-        self.p = [[(self.p[i][j] - k[i] * px[j]) / self.forget for j in range(3)] for i in range(3)]
+        err = seconds - sum(th[i] * x[i] for i in range(3))
+        self.theta = [max(0.0, th[i] + k[i] * err) / u[i] for i in range(3)]
+        self.p = _bounded_covariance([[(self.p[i][j] - k[i] * px[j]) / self.forget for j in range(3)] for i in range(3)],
+                                     self._p0)
         self.num_samples += 1
 
 
