@@ -139,7 +139,7 @@ class CorrectedStepModel:
         self.num_samples = 0
 
     def _correct(self, pred: float) -> float:
-        return min(self.max_scale, max(0.5, self.scale)) * pred + max(0.0, self.offset)
+        return self.scale * pred + max(0.0, self.offset)  # scale is kept within [0.5, max_scale] by observe()
 
     def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
         return self._correct(self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs))
@@ -197,7 +197,7 @@ def _bounded_covariance(p: list[list[float]], p0: tuple[float, ...]) -> list[lis
 
     Forgetting divides the covariance by the forgetting factor at every step, so in a direction the steps do
     not excite (a long run of alike decode steps) it grows without bound, and rounding there can leave it
-    indefinite: the estimate then diverges (it reached scale 1e6 in a simulated hour of chat). The
+    indefinite: the estimate then diverges (it reached scale 1e6 ten simulated minutes into a chat run). The
     eigenvalues, in coordinates scaled by the prior variances, are kept within [1e-12, 1].
     """
     n = len(p0)
