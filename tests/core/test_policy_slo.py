@@ -336,3 +336,41 @@ def test_decodes_are_planned_below_their_target():
     assert SLOPolicy(default_tpot_ms=50, cost_model=LinearCost(), min_prefill_chunk=8, tpot_margin=1.0,
                      amortize=0).step_token_budget(
         [r], 512, now=0.0) == 40
+
+
+def test_running_decodes_take_the_budget_before_a_running_prompt():
+    """A prompt admitted before a short request that is now decoding must not take the whole (TPOT-sized)
+    budget: the decode would skip the step (found in the simulator: 16 skipped decode steps in one run)."""
+    clock = Clock()
+    pol = SLOPolicy(default_tpot_ms=50, cost_model=LinearCost(), tpot_margin=1.0, amortize=0)
+    cfg = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, policy="slo", long_prefill_token_threshold=256)
+    s = Scheduler(cfg, 1024, 16, 4096, False, policy=pol, clock=clock)
+    s.add_request(req("long", 2000))
+    assert step(s, clock, LinearCost()) == {"long": 256}
+    s.add_request(req("short", 8, t=clock.t))
+    assert step(s, clock, LinearCost()) == {"long": 256, "short": 8}  # short's first token
+    for _ in range(3):
+        sizes = step(s, clock, LinearCost())
+        # 10 ms + 1 ms/token <= 50 ms: 40 tokens, the decode's one included
+        assert sizes["short"] == 1 and 38 <= sizes["long"] <= 39
+
+
+def test_prompts_are_priced_at_the_chunk_the_decodes_leave_them():
+    """Admission prices prompt tokens at the chunk size the running decodes' TPOT plan gives a step, not at
+    the largest chunk a deadline could stretch to: priced at 1.02 ms a token the long prompt and five short ones
+    all look on time, but with one decode at a 50 ms target the steps carry 29 prompt tokens (1.38 ms a token),
+    so serving the long one first would make every short one miss."""
+    def policy():
+        return SLOPolicy(default_ttft_ms=1000, default_tpot_ms=50, cost_model=LinearCost(), amortize=0,
+                         min_prefill_chunk=8)
+
+    long_ = req("long", 700, t=0.0)
+    shorts = [req(f"s{i}", 50, t=0.01 * (i + 1)) for i in range(5)]
+    assert policy().order_waiting([long_, *shorts], now=0.0)[0] is long_  # nothing running: 512-token chunks
+    pol = policy()
+    dec = req("d", 4)
+    dec.append_output_token_ids([7])
+    dec.num_computed_tokens = dec.num_tokens - 1
+    dec.first_token_time = 0.0
+    assert pol.step_token_budget([dec], 512, now=0.0) == 30
+    assert pol.order_waiting([long_, *shorts], now=0.0) == [*shorts, long_]

@@ -34,6 +34,10 @@ class Policy:
         """The waiting queue in admission order (default: sorted by waiting_key)."""
         return sorted(waiting, key=lambda r: self.waiting_key(r, now))
 
+    def order_running(self, running: list[Request], now: float) -> list[Request]:
+        """The order in which running requests take the step's token budget (default: admission order)."""
+        return running
+
     def defer_prefill(self, req: Request, now: float) -> bool:
         """True: this running, partly prefilled request continues only with the budget left after the
         waiting queue has been admitted."""
@@ -258,8 +262,8 @@ class SLOPolicy(Policy):
         self._last_kv = 0
         self._last_reqs = 0
         self._last_pairs = 0
-        # prefill tokens a step could give prompts with a first-token deadline (the last step's stretch cap)
-        self._last_prefill_capacity = 512
+        # prefill tokens the running decodes' TPOT plan left the last step (what admission prices prompts at)
+        self._last_prefill_chunk = 512
         self._last_num_decodes = 0
         self._pending_prefill_s = 0.0  # predicted time to finish the running prompts that are on time
 
@@ -321,16 +325,30 @@ class SLOPolicy(Policy):
         self._waiting_seen = kept[:64]
         return resumed + kept + moved + out_late
 
+    def order_running(self, running: list[Request], now: float) -> list[Request]:
+        """Decodes first (the budget was sized for them: a prompt admitted earlier must not take their share),
+        then prompts by first-token deadline, the shortest first among equal deadlines, the late ones last."""
+        def key(r: Request) -> tuple:
+            remaining = r.num_tokens - r.num_computed_tokens
+            if remaining <= 1 + len(r.spec_token_ids):
+                return (0, 0.0, 0)
+            d = self.deadline(r)
+            return (1 if d >= now else 2, d, remaining)
+
+        return sorted(running, key=key)
+
     def defer_prefill(self, req: Request, now: float) -> bool:
         """A prompt already past its first-token deadline yields the budget to prompts that can still
         make theirs (it has missed its target; finishing it first would make others miss too)."""
         return self.late_last and req.first_token_time is None and self.deadline(req) < now
 
     def _prefill_seconds_per_token(self) -> float:
-        """Predicted seconds per prompt token at the largest chunk a deadline could get (the last step's stretch
-        cap): the rate the TTFT chunk sizing can really give a prompt, not the TPOT-throttled allowance (which
-        made admission give up on long prompts that a first-come server serves in time)."""
-        p = max(self.min_prefill_chunk, self._last_prefill_capacity)
+        """Predicted seconds per prompt token at the chunk the running decodes' TPOT plan left the last step
+        (the whole budget when nothing decodes), the step's decodes included: the rate prompts really get.
+        A deadline may stretch a step further, but only while the decodes can absorb it; priced at that largest
+        chunk, admission kept long prompts first that then made the short ones behind them miss (simulated
+        long-prefill runs at 0.4-0.8 req/s)."""
+        p = max(self.min_prefill_chunk, self._last_prefill_chunk)
         model = self.step_model()
         return max(1e-6, (model.predict(p + self._last_num_decodes, 1 + self._last_num_decodes, p, p * (p + 1) // 2)) / p)
 
@@ -373,7 +391,7 @@ class SLOPolicy(Policy):
         self._pending_prefill_s = sum((r.num_tokens - r.num_computed_tokens) * per_tok for r in running
                                       if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
                                       and self.deadline(r) >= now)
-        self._last_prefill_capacity = budget  # lowered by _step_budget when decodes limit the step
+        self._last_prefill_chunk = budget  # lowered by _step_budget when decodes limit the step
         return self._step_budget(running, decodes, n_dec, budget, now) if decodes else budget
 
     def _step_budget(self, running: list[Request], decodes: list[Request], n_dec: int, budget: int,
@@ -421,12 +439,12 @@ class SLOPolicy(Policy):
                 else:
                     hi = mid
             p = lo
+        self._last_prefill_chunk = p
         # a first-token deadline may stretch the step, as far as the decodes can absorb (stretch_to)
         cap = p
         hi = max(0, budget - n_dec)
         while cap < hi and step_time(min(hi, cap * 2 + 1)) <= stretch_to:
             cap = min(hi, cap * 2 + 1)
-        self._last_prefill_capacity = max(1, cap)
         return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))
 
     def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:

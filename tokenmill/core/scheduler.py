@@ -135,11 +135,12 @@ class Scheduler:
         now = self.clock()
         cfg = self.config
         budget = self.policy.step_token_budget(self.running, cfg.max_num_batched_tokens, now)
+        self.running = self.policy.order_running(self.running, now)
         out = SchedulerOutput()
         preempted: list[Request] = []
         num_long = 0
 
-        # 1. running requests, in admission order (prefills the policy defers wait for step 3)
+        # 1. running requests, in the policy's order (admission order by default; prefills it defers wait for step 3)
         deferred: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
