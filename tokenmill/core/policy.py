@@ -1,7 +1,8 @@
-"""Queue policies. Each orders waiting requests (admission) and running ones (preemption victims).
+"""Queue policies. Each orders waiting requests (admission) and running ones (budget order, preemption victims).
 
-One interface, small classes: `waiting_key` (smaller is admitted first), `victim_key` (larger is
-preempted first), `on_scheduled` (accounting after each step), `should_reject` (early rejection).
+One interface, small classes: `waiting_key` / `order_waiting` (admission order), `order_running` (which running
+request takes the step's budget first), `victim_key` (larger is preempted first), `step_token_budget` (the step's
+size), `on_scheduled` (accounting after each step), `should_reject` (early rejection).
 Pure Python, driven by an injectable clock so tests run on simulated time.
 """
 from __future__ import annotations
@@ -231,6 +232,7 @@ class SLOPolicy(Policy):
     A prompt that needs a larger chunk to make its first-token deadline may get one as long as every
     running decode could still meet `stretch_margin` of its real target (no planning margin) afterwards;
     past that point the prompt waits rather than cost the decodes their targets.
+    Within a step, running decodes take the budget first (it was sized for them), then prompts by deadline.
     """
 
     name = "slo"
