@@ -213,6 +213,11 @@ def _bounded_covariance(p: list[list[float]], p0: tuple[float, ...]) -> list[lis
     return [[r[i] * r[j] * sum(lam[k] * v[i][k] * v[j][k] for k in range(n)) for j in range(n)] for i in range(n)]
 
 
+def _is_decode(r: Request) -> bool:
+    """A running request past its prompt: one known token (plus any drafts) to compute this step."""
+    return r.num_tokens - r.num_computed_tokens <= 1 and r.first_token_time is not None
+
+
 class SLOPolicy(Policy):
     """Earliest deadline first on time-to-first-token; preempt the request with the most slack;
     size each step's token budget so running decodes keep their time-per-output-token target.
@@ -331,11 +336,10 @@ class SLOPolicy(Policy):
         """Decodes first (the budget was sized for them: a prompt admitted earlier must not take their share),
         then prompts by first-token deadline, the shortest first among equal deadlines, the late ones last."""
         def key(r: Request) -> tuple:
-            remaining = r.num_tokens - r.num_computed_tokens
-            if remaining <= 1 + len(r.spec_token_ids):
+            if _is_decode(r):
                 return (0, 0.0, 0)
             d = self.deadline(r)
-            return (1 if d >= now else 2, d, remaining)
+            return (1 if d >= now else 2, d, r.num_tokens - r.num_computed_tokens)
 
         return sorted(running, key=key)
 
@@ -386,7 +390,7 @@ class SLOPolicy(Policy):
                 self.corrected.observe(self._last_tokens, self._last_reqs, self._last_kv, self._last_pairs,
                                        now - self._last_now)
         self._last_now, self._last_tokens, self._last_kv, self._last_reqs, self._last_pairs = now, 0, 0, 0, 0
-        decodes = [r for r in running if r.num_tokens - r.num_computed_tokens <= 1 and r.first_token_time is not None]
+        decodes = [r for r in running if _is_decode(r)]
         n_dec = sum(1 + len(r.spec_token_ids) for r in decodes)
         self._last_num_decodes = n_dec
         per_tok = self._prefill_seconds_per_token()
