@@ -311,6 +311,31 @@ def test_late_partial_prefill_yields_budget_to_prompts_that_can_still_make_it():
     assert step(s, clock, LinearCost()) == {"long": 64}
 
 
+def test_running_prompt_that_would_make_a_burst_miss_yields_to_it():
+    """Moore-Hodgson over running and waiting prompts: a long prompt admitted just before a burst of short ones,
+    still on time itself, yields the budget when finishing it first would make the short ones miss."""
+    def run(policy):
+        clock = Clock()
+        cfg = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, policy=policy.name,
+                              long_prefill_token_threshold=4096)
+        s = Scheduler(cfg, 1024, 16, 4096, False, policy=policy, clock=clock)
+        long_ = req("long", 800, max_tokens=1)
+        s.add_request(long_)
+        for _ in range(2):
+            step(s, clock, LinearCost())  # ~0.15 s in: 672 prompt tokens (~0.78 s) left, 0.85 s to its deadline
+        shorts = [req(f"s{i}", 50, max_tokens=1, t=clock.t) for i in range(5)]
+        for r in shorts:
+            s.add_request(r)
+        while s.has_unfinished_requests():
+            step(s, clock, LinearCost())
+        ttft = {r.request_id: r.first_token_time - r.arrival_time for r in [long_, *shorts]}
+        return sorted(k for k, v in ttft.items() if v <= 1.0)
+
+    # the long prompt finishing first (~0.93 s) leaves time for only two short ones
+    assert run(SLOPolicy(default_ttft_ms=1000, cost_model=LinearCost())) == ["s0", "s1", "s2", "s3", "s4"]
+    assert run(FCFSPolicy()) == ["long", "s0", "s1", "s2"]
+
+
 def test_slo_calibration_setting_is_checked(tmp_path):
     import pytest
 

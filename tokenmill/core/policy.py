@@ -272,7 +272,10 @@ class SLOPolicy(Policy):
         # prefill tokens the running decodes' TPOT plan left the last step (what admission prices prompts at)
         self._last_prefill_chunk = 512
         self._last_num_decodes = 0
-        self._pending_prefill_s = 0.0  # predicted time to finish the running prompts that are on time
+        self._running_prompts: list[Request] = []  # running, partly prefilled, as of the last step_token_budget
+        # running prompts moved out of the on-time set: they yield the budget (set by order_waiting for the next step)
+        self._deferred: set[str] = set()
+        self._next_deferred: set[str] = set()
 
     def _ttft_s(self, req: Request) -> float:
         slo = req.sampling_params.slo
@@ -300,24 +303,27 @@ class SLOPolicy(Policy):
 
     def order_waiting(self, waiting: list[Request], now: float) -> list[Request]:
         """Earliest deadline first, trimmed so as many prompts as possible make their first-token
-        deadline (Moore-Hodgson): walking the queue in deadline order with each prompt's predicted
-        prefill time, whenever the running total misses a deadline the longest prompt so far is moved
-        out of the on-time set. Order: requests that already produced tokens (preempted), the on-time
-        set by deadline, then the rest (those moved out, then the already late) by deadline."""
+        deadline (Moore-Hodgson): walking the unfinished prompts (the running, partly prefilled ones and the
+        waiting ones) in deadline order with each one's predicted prefill time, whenever the running total
+        misses a deadline the longest prompt so far is moved out of the on-time set. Order: requests that
+        already produced tokens (preempted), the on-time set by deadline, then the rest (those moved out,
+        then the already late) by deadline. A running prompt moved out yields the budget from the next step
+        on (defer_prefill): a long prompt admitted a moment before a burst of short ones no longer makes
+        them all miss."""
         resumed = sorted((r for r in waiting if r.first_token_time is not None), key=lambda r: self.deadline(r))
         fresh = sorted((r for r in waiting if r.first_token_time is None), key=lambda r: (self.deadline(r), r.arrival_time))
         if not self.late_last:
             self._waiting_seen = fresh[:64]
             return resumed + fresh
         per_tok = self._prefill_seconds_per_token()
-        t = now + self._pending_prefill_s
+        prompts = sorted([r for r in self._running_prompts if self.deadline(r) >= now] + fresh,
+                         key=lambda r: (self.deadline(r), r.arrival_time))
+        t = now
         heap: list[tuple[float, int]] = []
         on_time: set[int] = set()
-        out_late: list[Request] = []
-        for k, r in enumerate(fresh):
+        for k, r in enumerate(prompts):
             d = self.deadline(r)
             if d < now:
-                out_late.append(r)
                 continue
             p = (r.num_tokens - r.num_computed_tokens) * per_tok
             heapq.heappush(heap, (-p, k))
@@ -327,8 +333,11 @@ class SLOPolicy(Policy):
                 neg_p, drop = heapq.heappop(heap)
                 on_time.discard(drop)
                 t += neg_p
-        kept = [r for k, r in enumerate(fresh) if k in on_time]
-        moved = [r for k, r in enumerate(fresh) if k not in on_time and self.deadline(r) >= now]
+        moved_out = {id(r) for k, r in enumerate(prompts) if k not in on_time}
+        self._next_deferred = {r.request_id for r in self._running_prompts if id(r) in moved_out}
+        kept = [r for r in fresh if id(r) not in moved_out and self.deadline(r) >= now]
+        moved = [r for r in fresh if id(r) in moved_out and self.deadline(r) >= now]
+        out_late = [r for r in fresh if self.deadline(r) < now]
         self._waiting_seen = kept[:64]
         return resumed + kept + moved + out_late
 
@@ -339,14 +348,15 @@ class SLOPolicy(Policy):
             if _is_decode(r):
                 return (0, 0.0, 0)
             d = self.deadline(r)
-            return (1 if d >= now else 2, d, r.num_tokens - r.num_computed_tokens)
+            return (1 if d >= now and r.request_id not in self._deferred else 2, d, r.num_tokens - r.num_computed_tokens)
 
         return sorted(running, key=key)
 
     def defer_prefill(self, req: Request, now: float) -> bool:
         """A prompt already past its first-token deadline yields the budget to prompts that can still
         make theirs (it has missed its target; finishing it first would make others miss too)."""
-        return self.late_last and req.first_token_time is None and self.deadline(req) < now
+        return self.late_last and req.first_token_time is None and (self.deadline(req) < now
+                                                                    or req.request_id in self._deferred)
 
     def _prefill_seconds_per_token(self) -> float:
         """Predicted seconds per prompt token at the chunk the running decodes' TPOT plan left the last step
@@ -393,10 +403,9 @@ class SLOPolicy(Policy):
         decodes = [r for r in running if _is_decode(r)]
         n_dec = sum(1 + len(r.spec_token_ids) for r in decodes)
         self._last_num_decodes = n_dec
-        per_tok = self._prefill_seconds_per_token()
-        self._pending_prefill_s = sum((r.num_tokens - r.num_computed_tokens) * per_tok for r in running
-                                      if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
-                                      and self.deadline(r) >= now)
+        self._running_prompts = [r for r in running
+                                 if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1]
+        self._deferred, self._next_deferred = self._next_deferred, set()
         self._last_prefill_chunk = budget  # lowered by _step_budget when decodes limit the step
         return self._step_budget(running, decodes, n_dec, budget, now) if decodes else budget
 
@@ -458,7 +467,8 @@ class SLOPolicy(Policy):
         the waiting queue as last seen) still meet their first-token deadlines; 0 when none needs more
         than p_tpot or they cannot make it anyway (then the decodes keep their target)."""
         pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in running
-                          if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1]
+                          if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
+                          and r.request_id not in self._deferred]
                          + [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in self._waiting_seen
                             if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)],  # not admitted since
                          key=lambda x: x[0])
