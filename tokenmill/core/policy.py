@@ -233,7 +233,10 @@ class SLOPolicy(Policy):
     what its remaining tokens (up to `amortize_tokens` of them, bounded by max_tokens) will save if the
     steps after this one take the decode-only step time: a long prefill step early in a request is paid
     back by its later, shorter steps. Where per-step costs are high (the CPU), fewer, larger prefill
-    steps then serve more requests within target than many small ones.
+    steps then serve more requests within target than many small ones. The window is short (8 tokens) because it
+    slides: every step counts the same future savings again, so a long window let one request absorb a run of long
+    steps that only its last tokens could pay back (on a fast CPU, with steps 1.3x their prediction, long-prefill
+    requests missed their TPOT at 32).
     A prompt that needs a larger chunk to make its first-token deadline may get one as long as every
     running decode could still meet `stretch_margin` of its real target (no planning margin) afterwards;
     past that point the prompt waits rather than cost the decodes their targets.
@@ -245,7 +248,7 @@ class SLOPolicy(Policy):
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
                  long_prefill_fraction: float = 0.25, late_last: bool = True, stretch_margin: float = 0.95,
-                 tpot_margin: float = 0.8, amortize: float = 1.0, amortize_tokens: int = 32):
+                 tpot_margin: float = 0.8, amortize: float = 1.0, amortize_tokens: int = 8):
         self.default_ttft_ms = default_ttft_ms
         # plan decodes at this fraction of their TPOT target: step times vary, and a request whose
         # average lands exactly on the target misses it half the time
