@@ -358,7 +358,7 @@ def test_running_prompt_that_would_make_a_burst_miss_yields_to_it():
         ttft = {r.request_id: r.first_token_time - r.arrival_time for r in [long_, *shorts]}
         return sorted(k for k, v in ttft.items() if v <= 1.0)
 
-    # the long prompt finishing first (~0.93 s) leaves time for only two short ones
+    # the long prompt finishing first (~0.93 s) leaves time for only three of the short ones
     assert run(SLOPolicy(default_ttft_ms=1000, cost_model=LinearCost())) == ["s0", "s1", "s2", "s3", "s4"]
     assert run(FCFSPolicy()) == ["long", "s0", "s1", "s2"]
 

@@ -463,15 +463,14 @@ class SLOPolicy(Policy):
         hi = max(0, budget - n_dec)
         while cap < hi and step_time(min(hi, cap * 2 + 1)) <= stretch_to:
             cap = min(hi, cap * 2 + 1)
-        return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(running, hi, p, now, step_time))))
+        return min(budget, n_dec + max(p, min(cap, self._ttft_chunk(hi, p, now, step_time))))
 
-    def _ttft_chunk(self, running: list[Request], max_p: int, p_tpot: int, now: float, step_time) -> int:
+    def _ttft_chunk(self, max_p: int, p_tpot: int, now: float, step_time) -> int:
         """Smallest prefill chunk that lets the earliest-deadline prompts (running partial prefills, then
         the waiting queue as last seen) still meet their first-token deadlines; 0 when none needs more
         than p_tpot or they cannot make it anyway (then the decodes keep their target)."""
-        pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in running
-                          if r.first_token_time is None and r.num_tokens - r.num_computed_tokens > 1
-                          and r.request_id not in self._deferred]
+        pending = sorted([(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in self._running_prompts
+                          if r.request_id not in self._deferred]
                          + [(self.deadline(r), r.num_tokens - r.num_computed_tokens) for r in self._waiting_seen
                             if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)],  # not admitted since
                          key=lambda x: x[0])
