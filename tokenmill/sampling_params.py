@@ -1,12 +1,27 @@
 """SamplingParams: how one request picks its tokens (vLLM-compatible names)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 from tokenmill.errors import InvalidRequestError
 
 _EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a stream holds (vLLM's names).
+
+    CUMULATIVE: everything so far (text, token ids, logprobs) plus the delta_* fields of this update.
+    DELTA: only what is new since the previous output (text, token_ids and logprobs are the delta).
+    FINAL_ONLY: a single output, when the request has finished, with everything.
+    A slow consumer of DELTA outputs gets the pending ones merged into one (memory stays linear in the
+    output length)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -55,6 +70,7 @@ class SamplingParams:
     # long-context KV eviction: None (keep everything) or "streaming" (attention sinks + a recent window,
     # StreamingLLM; sizes in CacheConfig.streaming_*_tokens): bounded memory, endless generation
     kv_eviction: Optional[str] = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -71,3 +71,35 @@ def test_shutdown_before_start_ends_the_thread(tiny_dir):
     assert engine.is_alive  # loaded, waiting for start()
     asyncio.run(engine.shutdown(grace_s=0.1))
     assert not engine.is_alive
+
+
+def test_slow_consumer_gets_merged_deltas_not_a_queue_of_copies(tiny_dir):
+    """A consumer that stops reading a DELTA stream finds one pending output holding everything since
+    its last read (memory linear in the output), not one cumulative copy per step."""
+    from tokenmill.sampling_params import RequestOutputKind
+
+    engine = AsyncEngine.from_config(_config(tiny_dir))
+
+    async def run() -> tuple[int, list[int], list[int]]:
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        gen = engine.generate(None, params, "slow", prompt_token_ids=[5, 6, 7, 8, 9])
+        first = await gen.__anext__()
+        ids = list(first.outputs[0].token_ids)
+        while engine.engine.has_unfinished_requests():  # the client reads nothing while the rest runs
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        items = 0
+        async for out in gen:
+            items += 1
+            ids += out.outputs[0].token_ids
+            assert out.outputs[0].text == out.outputs[0].delta_text
+        cumulative = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        full = None
+        async for out in engine.generate(None, cumulative, "full", prompt_token_ids=[5, 6, 7, 8, 9]):
+            full = out
+        await engine.shutdown(grace_s=1.0)
+        return items, ids, full.outputs[0].token_ids
+
+    items, ids, full = asyncio.run(run())
+    assert items == 1
+    assert ids == full and len(ids) == 40

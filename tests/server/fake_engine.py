@@ -1,7 +1,7 @@
 """A small in-process EngineClient for fast tests of the HTTP layer (byte-level tokenizer, fake sampler).
 
-It follows the EngineClient contract (cumulative outputs + deltas, abort on cancel, errors before the
-first yield) so the server code paths are exercised; the real-engine tests live in test_openai_live.py.
+It follows the EngineClient contract (outputs as params.output_kind asks, abort on cancel, errors before
+the first yield) so the server code paths are exercised; the real-engine tests live in test_openai_live.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tokenmill.core.outputs import Logprob
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.errors import EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 IM_START, IM_END = 256, 257
 
@@ -119,34 +119,42 @@ class FakeEngine:
         return ord(rng.choice("abcdefgh ")) if rng.random() > 0.02 else IM_END
 
     async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
-                       prompt_token_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: Optional[list[int]] = None,
+                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
         ids = list(prompt_token_ids if prompt_token_ids is not None else self.tokenizer.encode(prompt or ""))
         if self.max_waiting is not None and len(self.blocks) >= self.max_waiting:
             raise EngineOverloadedError("too many requests waiting")
         if any(t >= 258 for t in ids):
             raise InvalidRequestError("token id out of range", param="prompt")
         max_tokens = self.processor.validate(ids, params)
-        metrics = RequestMetrics(arrival_time=time.monotonic(), first_scheduled_time=time.monotonic())
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        metrics = RequestMetrics(arrival_time=arrival)
         self._rng_counter += 1
         rngs = [random.Random((params.seed if params.seed is not None else self._rng_counter) * 131 + i)
                 for i in range(params.n)]
         outs = [CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
                 for i in range(params.n)]
         self.blocks[request_id] = math.ceil(len(ids) / 16) * params.n
+        sent_plps = False
         try:
             while True:
                 while self.stuck:
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(self.step_s)
-                if request_id not in self.blocks:
-                    return  # aborted
+                if request_id not in self.blocks:  # aborted: like the AsyncEngine, a final "abort" marker
+                    yield RequestOutput(request_id, None, [], [CompletionOutput(index=0, finish_reason="abort")],
+                                        finished=True)
+                    return
                 self.stats.steps += 1
                 self.stats.last_step_time = time.monotonic()
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = time.monotonic()
                 if any(request_id.startswith(f) for f in self.fail_ids):
                     self.blocks.pop(request_id, None)
                     for o in outs:
                         o.finish_reason = "error"
-                    yield RequestOutput(request_id, prompt, ids, outs, True, error="injected step failure")
+                    yield _as_kind(RequestOutput(request_id, prompt, ids, outs, True, error="injected step failure"),
+                                   params.output_kind)
                     return
                 for i, o in enumerate(outs):
                     o.delta_text, o.delta_token_ids, o.delta_logprobs = "", [], None
@@ -181,12 +189,35 @@ class FakeEngine:
                 plps = None
                 if params.prompt_logprobs is not None:
                     plps = [None] + [Logprob(t, -1.0, 1, [(t, -1.0)]) for t in ids[1:]]
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = time.monotonic()
                 if done:
                     self.blocks.pop(request_id, None)
                     metrics.finished_time = time.monotonic()
-                yield RequestOutput(request_id, prompt, ids, outs, done, prompt_logprobs=plps, metrics=metrics)
+                if params.output_kind == RequestOutputKind.DELTA and sent_plps:
+                    plps = None
+                sent_plps = True
+                if params.output_kind != RequestOutputKind.FINAL_ONLY or done:
+                    yield _as_kind(RequestOutput(request_id, prompt, ids, outs, done, prompt_logprobs=plps,
+                                                 metrics=metrics), params.output_kind)
                 if done:
                     return
         finally:
             if request_id in self.blocks:
                 await self.abort(request_id)
+
+
+def _as_kind(out: RequestOutput, kind: RequestOutputKind) -> RequestOutput:
+    """The engine's output in the shape the request asked for (DELTA: only the new part; else a copy)."""
+    import dataclasses
+
+    if kind == RequestOutputKind.DELTA:
+        outs = [CompletionOutput(index=o.index, text=o.delta_text, token_ids=list(o.delta_token_ids),
+                                 logprobs=list(o.delta_logprobs or []) if o.logprobs is not None else None,
+                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason, delta_text=o.delta_text,
+                                 delta_token_ids=list(o.delta_token_ids), delta_logprobs=o.delta_logprobs)
+                for o in out.outputs if o.delta_token_ids or o.finish_reason]
+        return dataclasses.replace(out, outputs=outs)
+    outs = [dataclasses.replace(o, token_ids=list(o.token_ids),
+                                logprobs=list(o.logprobs) if o.logprobs is not None else None) for o in out.outputs]
+    return dataclasses.replace(out, outputs=outs)

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable, Optional
 import uvicorn
 
 from tokenmill.server.app import build_app
+from tokenmill.server.guards import header_timeout_protocol
 from tokenmill.server.config import ServerConfig
 
 
@@ -31,18 +32,23 @@ class LiveServers:
         fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
         return fut.result(timeout)
 
-    def add_app(self, config: Optional[ServerConfig] = None) -> str:
-        """Serve a new app over the shared engine; returns its base URL."""
+    def add_app(self, config: Optional[ServerConfig] = None, sndbuf: Optional[int] = None) -> str:
+        """Serve a new app over the shared engine (with the server's header read timeout); returns its base
+        URL. sndbuf: a small kernel send buffer for accepted connections (a client that stops reading
+        blocks the server's writes sooner)."""
         config = config or ServerConfig()
 
         async def start() -> str:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sndbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
             app = build_app(self.engine, config)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                                   timeout_graceful_shutdown=1, access_log=False))
+                                                   timeout_graceful_shutdown=1, access_log=False,
+                                                   http=header_timeout_protocol(config.read_timeout_s)))
             self._servers.append(server)
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
             while not server.started:

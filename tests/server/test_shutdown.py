@@ -1,5 +1,6 @@
-"""`tokenmill serve` in a subprocess: SIGTERM lets in-flight requests finish within the grace period,
-aborts the rest, refuses new connections, and exits."""
+"""`tokenmill serve` in a subprocess: it prints where it listens; SIGTERM lets in-flight requests finish
+within the grace period, ends the rest with an error event (never a 200 with partial text), refuses new
+connections, and exits 0."""
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def test_sigterm_graceful_shutdown():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
                              "--max-model-len", "2048", "--shutdown-grace-s", "4"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for _ in range(1200):
             try:
@@ -71,13 +72,15 @@ def test_sigterm_graceful_shutdown():
         # the short request finished normally inside the grace period
         assert short["events"][-1] == "[DONE]", short
         assert json.loads(short["events"][-2])["choices"][0]["finish_reason"] == "length"
-        # the long one was aborted when the grace period ended, and its stream closed cleanly
+        # the long one was aborted when the grace period ended: an error event, then the stream closed cleanly
         assert long_["events"][-1] == "[DONE]", long_
-        finishes = [json.loads(e)["choices"][0].get("finish_reason") for e in long_["events"][:-1]
+        assert json.loads(long_["events"][-2])["error"]["code"] == "aborted", long_["events"][-3:]
+        finishes = [json.loads(e)["choices"][0].get("finish_reason") for e in long_["events"][:-2]
                     if json.loads(e).get("choices")]
-        assert finishes[-1] == "abort" and "length" not in finishes, long_["events"][-3:]
-        proc.wait(60)
+        assert not any(finishes), long_["events"][-3:]
+        assert proc.wait(60) == 0
         assert "Traceback" not in proc.stderr.read().decode()
+        assert f"tokenmill serving SmolLM2-135M-Instruct on http://127.0.0.1:{port}" in proc.stdout.read().decode()
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
     finally:

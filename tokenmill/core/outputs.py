@@ -107,6 +107,9 @@ class EngineCoreOutput:
     stop_reason: Optional[int | str] = None
     prompt_logprobs: Optional[list[Optional[Logprob]]] = None
     error: Optional[str] = None
+    # when the scheduler first gave the request a step (time.monotonic()), and its prefix-cache hit then
+    first_scheduled_time: Optional[float] = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

@@ -340,7 +340,8 @@ class Scheduler:
             if kept or status is not None or plp:
                 outputs.append(EngineCoreOutput(
                     req_id, kept, logprobs[:len(kept)] if logprobs else None,
-                    req.finish_reason.value if status is not None else None, stop_reason, plp))
+                    req.finish_reason.value if status is not None else None, stop_reason, plp,
+                    first_scheduled_time=req.first_scheduled_time, num_cached_tokens=max(0, req.num_cached_tokens)))
         return outputs
 
     def _append_and_check(self, req: Request, tokens: list[int]):

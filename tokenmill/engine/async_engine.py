@@ -25,16 +25,49 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.errors import EngineDeadError, EngineOverloadedError
-from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.outputs import CompletionOutput, RequestOutput, merge_delta_outputs
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class _OutputBox:
+    """A request's pending output, on its event loop: at most one item. An output that arrives before the
+    consumer took the previous one replaces it (CUMULATIVE, FINAL_ONLY) or is merged into it (DELTA),
+    so a client that stops reading costs memory linear in its output, never a queue of copies."""
+
+    def __init__(self, kind: RequestOutputKind):
+        self.kind = kind
+        self.item: Optional[RequestOutput] = None
+        self.error: Optional[BaseException] = None
+        self.ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        elif self.item is None:
+            self.item = item
+        elif self.kind == RequestOutputKind.DELTA:
+            self.item = merge_delta_outputs(self.item, item)
+        else:
+            self.item = _merge_cumulative(self.item, item)
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        self.ready.clear()
+        if self.item is not None:  # outputs that made it before an error still reach the consumer
+            item, self.item = self.item, None
+            if self.error is not None:
+                self.ready.set()
+            return item
+        raise self.error  # type: ignore[misc]
 
 
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    box: _OutputBox
     added: asyncio.Future
 
 
@@ -109,7 +142,10 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
-                       prompt_token_ids: Optional[list[int]] = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: Optional[list[int]] = None,
+                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+        """Outputs as params.output_kind says; arrival_time (time.monotonic()) defaults to now."""
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self._dead}")
         if not self._accepting:
@@ -118,19 +154,17 @@ class AsyncEngine:
             self.start()
         prepared = await asyncio.to_thread(self.engine.prepare, prompt, params, prompt_token_ids)
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        stream = _Stream(loop, _OutputBox(params.output_kind), loop.create_future())
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, (prompt, params, prepared, time.monotonic())))
+        self._commands.put(("add", request_id, (prompt, params, prepared, arrival)))
         self._wake.set()
         finished = False
         try:
             await stream.added  # raises EngineOverloadedError etc.
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.box.get()
                 finished = item.finished
                 yield item
                 if finished:
@@ -149,7 +183,7 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.box.put, item)
 
     def _deliver_step(self, outs: list) -> None:
         """A step's outputs, one wake-up of each event loop (not one per request: each wake-up costs the
@@ -158,7 +192,7 @@ class AsyncEngine:
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                by_loop.setdefault(stream.loop, []).append((stream.box, out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
@@ -217,8 +251,23 @@ class AsyncEngine:
 
 
 def _put_all(items: list) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+    for box, item in items:
+        box.put(item)
+
+
+def _merge_cumulative(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """`new` (which holds everything so far) with the delta_* fields of `old` in front of its own."""
+    if not new.prompt_token_ids:  # the bare "aborted" marker: keep what the consumer has not seen
+        return new
+    olds = {o.index: o for o in old.outputs}
+    for o in new.outputs:
+        prev = olds.get(o.index)
+        if prev is not None:
+            o.delta_text = prev.delta_text + o.delta_text
+            o.delta_token_ids = list(prev.delta_token_ids) + list(o.delta_token_ids)
+            if prev.delta_logprobs is not None:
+                o.delta_logprobs = list(prev.delta_logprobs) + list(o.delta_logprobs or [])
+    return new
 
 
 def _aborted(request_id: str) -> RequestOutput:

@@ -13,7 +13,7 @@ from typing import Optional
 from tokenmill.core.outputs import EngineCoreOutput, Logprob
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -34,6 +34,8 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[_Child]
     metrics: RequestMetrics
+    kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    new_prompt_logprobs: Optional[list[Optional[Logprob]]] = None  # since the last DELTA output
     prompt_logprobs: Optional[list[Optional[Logprob]]] = None
     num_finished: int = 0
     error: Optional[str] = None
@@ -72,7 +74,8 @@ class OutputProcessor:
                 StopChecker(p.stop, p.include_stop_str_in_output),
                 CompletionOutput(index=i, logprobs=[] if p.logprobs is not None else None,
                                  cumulative_logprob=0.0 if p.logprobs is not None else None)))
-        parent = _Parent(request_id, prompt, list(prompt_token_ids), children, RequestMetrics(arrival_time))
+        parent = _Parent(request_id, prompt, list(prompt_token_ids), children, RequestMetrics(arrival_time),
+                         kind=params.output_kind)
         self.parents[request_id] = parent
         for c in children:
             self.child_to_parent[c.engine_id] = (parent, c)
@@ -99,8 +102,13 @@ class OutputProcessor:
             parent.updated.add(child.index)
             if o.prompt_logprobs and child.index == 0:  # the n samples share one prompt
                 parent.prompt_logprobs = (parent.prompt_logprobs or []) + list(o.prompt_logprobs)
-            if o.new_token_ids and parent.metrics.first_token_time is None:
-                parent.metrics.first_token_time = now
+                parent.new_prompt_logprobs = (parent.new_prompt_logprobs or []) + list(o.prompt_logprobs)
+            m = parent.metrics
+            if o.first_scheduled_time is not None and m.first_scheduled_time is None:
+                m.first_scheduled_time = o.first_scheduled_time
+                m.num_cached_tokens = max(m.num_cached_tokens, o.num_cached_tokens)
+            if o.new_token_ids and m.first_token_time is None:
+                m.first_token_time = now
             if self._apply(child, o) and o.finish_reason is None:
                 to_abort.append(child.engine_id)
             if o.error:
@@ -114,7 +122,8 @@ class OutputProcessor:
             if done:
                 parent.metrics.finished_time = now
                 del self.parents[parent.request_id]
-            results.append(self._snapshot(parent, done))
+            if parent.kind != RequestOutputKind.FINAL_ONLY or done:
+                results.append(self._snapshot(parent, done))
         return results, to_abort
 
     def _apply(self, child: _Child, o: EngineCoreOutput) -> bool:
@@ -148,6 +157,8 @@ class OutputProcessor:
         return False
 
     def _snapshot(self, parent: _Parent, done: bool) -> RequestOutput:
+        if parent.kind == RequestOutputKind.DELTA:
+            return self._delta(parent, done)
         outs = []
         for c in parent.children:
             o = c.out
@@ -162,6 +173,24 @@ class OutputProcessor:
         parent.updated.clear()
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished=done,
                              prompt_logprobs=parent.prompt_logprobs, metrics=parent.metrics, error=parent.error)
+
+    def _delta(self, parent: _Parent, done: bool) -> RequestOutput:
+        """Only what changed since the previous output (no copy of what was sent before)."""
+        outs = []
+        for c in parent.children:
+            if c.index not in parent.updated:
+                continue
+            o = c.out
+            outs.append(CompletionOutput(
+                index=o.index, text=o.delta_text, token_ids=o.delta_token_ids,
+                logprobs=(o.delta_logprobs or []) if o.logprobs is not None else None,
+                cumulative_logprob=o.cumulative_logprob, finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                delta_text=o.delta_text, delta_token_ids=o.delta_token_ids, delta_logprobs=o.delta_logprobs))
+            o.delta_text, o.delta_token_ids, o.delta_logprobs = "", [], None
+        parent.updated.clear()
+        plps, parent.new_prompt_logprobs = parent.new_prompt_logprobs, None
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outs, finished=done,
+                             prompt_logprobs=plps, metrics=parent.metrics, error=parent.error)
 
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its unfinished engine ids (to abort in the engine)."""

@@ -13,6 +13,14 @@ def _bad(message: str, param: str = "messages") -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
+def _check_unicode(text: str, param: str) -> None:
+    """A lone surrogate ("\\ud800", which JSON can carry) cannot be encoded: a clear 400, not a crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{param} is not valid Unicode (it contains a lone surrogate such as \\ud800)", param) from None
+
+
 def _normalize_content(content: Any, index: int) -> Any:
     """OpenAI content: a string, None, or a list of parts; text parts are joined with newlines."""
     if content is None or isinstance(content, str):
@@ -21,11 +29,14 @@ def _normalize_content(content: Any, index: int) -> Any:
         texts = []
         for part in content:
             if not isinstance(part, Mapping) or "type" not in part:
-                raise _bad(f"messages[{index}].content parts must be objects with a 'type'")
+                raise _bad(f"messages[{index}].content parts must be objects with a 'type'",
+                           f"messages[{index}].content")
             if part["type"] != "text":
-                raise _bad(f"messages[{index}].content part type {part['type']!r} is not supported (text only)")
+                raise _bad(f"messages[{index}].content part type {part['type']!r} is not supported: this server "
+                           "serves a text-only model (send text parts)", f"messages[{index}].content")
             if not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{index}].content text part needs a string 'text'")
+                raise _bad(f"messages[{index}].content text part needs a string 'text'",
+                           f"messages[{index}].content")
             texts.append(part["text"])
         return "\n".join(texts)
     raise _bad(f"messages[{index}].content must be a string or a list of parts, got {type(content).__name__}")
@@ -46,7 +57,8 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
         msg = dict(m)
         if "content" not in msg or msg["content"] is None:
             if not (role in _ROLES_NEEDING_NO_CONTENT and msg.get("tool_calls")):
-                raise _bad(f"messages[{i}] needs a 'content'")
+                raise _bad(f"messages[{i}].content: a {role} message needs a content (null is allowed only "
+                           "for an assistant message with tool_calls)", f"messages[{i}].content")
             msg["content"] = None
         else:
             msg["content"] = _normalize_content(msg["content"], i)
@@ -77,6 +89,9 @@ class Processor:
         template.
         """
         msgs = _normalize_messages(messages)
+        for i, m in enumerate(msgs):
+            if isinstance(m.get("content"), str):
+                _check_unicode(m["content"], f"messages[{i}].content")
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise _bad("the model's tokenizer has no chat template; pass a chat_template or use completions",
                        param="chat_template")
@@ -100,6 +115,7 @@ class Processor:
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's BOS if it adds one, never twice) or a checked id list."""
         if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
             bos, bos_text = getattr(self.tokenizer, "bos_token_id", None), getattr(self.tokenizer, "bos_token", None)
             if (bos is not None and bos_text and len(ids) >= 2 and ids[0] == ids[1] == bos
@@ -153,4 +169,5 @@ class Processor:
                 f"{self.streaming_max_prompt} (streaming_sink_tokens + streaming_window_tokens); shorten the prompt",
                 param="prompt")
         params.validate_vocab(self.vocab_size)
-        return params.max_tokens if params.max_tokens is not None else 1 << 30
+        # endless generation is what streaming eviction allows, not what a request without max_tokens gets
+        return params.max_tokens if params.max_tokens is not None else self.max_model_len

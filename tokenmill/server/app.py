@@ -7,24 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import importlib.resources
-import json
+import ipaddress
 import logging
+import signal
 import time
 from typing import Any, AsyncIterator, Optional
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.protocol import EngineClient
 from tokenmill.errors import EngineDeadError, TokenmillError
 from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
+from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
 
@@ -49,89 +50,6 @@ def _error_response(status: int, message: str, err_type: Optional[str] = None, p
                     code: Optional[Any] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
     err_type = err_type or _STATUS_TYPES.get(status, "internal_server_error" if status >= 500 else "error")
     return JSONResponse(error_body(message, err_type, param, code), status_code=status, headers=headers)
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": data})
-
-
-class _GuardMiddleware:
-    """Bearer auth on /v1, request-body size limit (413), and response counting, before any routing."""
-
-    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: ServerMetrics):
-        self.app = app
-        self.key = config.api_key.encode() if config.api_key else None
-        self.limit = config.max_request_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        route = path if path in _ROUTES else "other"
-        status_seen: list[int] = []
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_seen.append(message["status"])
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, counting_send, path)
-        finally:
-            if status_seen:
-                self.metrics.http_responses.labels(route, str(status_seen[0])).inc()
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        headers = dict(scope.get("headers") or [])
-        if self.key is not None and (path == "/v1" or path.startswith("/v1/")):
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                await _send_json(send, 401, error_body("invalid or missing API key (use Authorization: Bearer "
-                                                       "<key>)", "authentication_error", None, "invalid_api_key"),
-                                 ((b"www-authenticate", b"Bearer"),))
-                return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        too_big = error_body(f"request body exceeds {self.limit} bytes", "invalid_request_error", None,
-                             "request_too_large")
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > self.limit:
-            await _send_json(send, 413, too_big)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                await _send_json(send, 413, too_big)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -175,7 +93,8 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     config.validate()
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine.get_stats)
-    serving = OpenAIServing(engine, model_name, metrics, config.request_timeout_s)
+    serving = OpenAIServing(engine, model_name, metrics, config.request_timeout_s, config.stream_stall_timeout_s,
+                            config.max_tokens_default)
     health = _Health(engine, serving, config.watchdog_s)
 
     @contextlib.asynccontextmanager
@@ -239,6 +158,10 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
             return JSONResponse({"status": "ok"})
         return _error_response(503, why, "service_unavailable", None, "unhealthy")
 
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        return Response(status_code=200 if health.check()[0] else 503)
+
     @app.get("/version", response_model=P.VersionResponse)
     async def version() -> P.VersionResponse:
         return P.VersionResponse(version=_version())
@@ -253,15 +176,34 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    app.add_middleware(_GuardMiddleware, config=config, metrics=metrics)
+    app.add_middleware(GuardMiddleware, config=config, metrics=metrics, routes=_ROUTES)
     return app
+
+
+def startup_lines(host: str, port: int, model_name: str, api_key: Optional[str]) -> list[str]:
+    """What `tokenmill serve` prints once it listens: the address, and a warning when it listens beyond
+    this machine without an API key."""
+    shown = f"[{host}]" if ":" in host else host
+    lines = [f"tokenmill serving {model_name} on http://{shown}:{port}"]
+    if api_key is None and not _is_loopback(host):
+        lines.append(f"WARNING: listening on {host} without --api-key: anyone who can reach this port can use "
+                     "the server (pass --api-key, or bind to 127.0.0.1)")
+    return lines
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     """Build the engine, serve until SIGINT/SIGTERM, then drain: stop accepting, let in-flight requests
-    finish for up to shutdown_grace_s, abort the rest, shut the engine down."""
-    import uvicorn
-
+    finish for up to shutdown_grace_s, abort the rest (HTTP 503 / an SSE error event), shut the engine
+    down, and return (the process exits 0)."""
     from tokenmill.engine.async_engine import AsyncEngine
 
     server_config.validate()
@@ -275,15 +217,27 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
         # period, so uvicorn's own (longer) timeout only backs it up
         uv = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level, lifespan="on", access_log=False,
+                            http=header_timeout_protocol(server_config.read_timeout_s),
                             timeout_graceful_shutdown=server_config.shutdown_grace_s + 5.0)
-        server = uvicorn.Server(uv)
+        server = _Server(uv)
 
-        async def drain_on_exit() -> None:
+        async def announce_and_drain() -> None:
+            while not server.started and not server.should_exit:
+                await asyncio.sleep(0.05)
+            if server.started:
+                name = server_config.served_model_name or engine.model_name
+                for line in startup_lines(server_config.host, _bound_port(server, server_config.port), name,
+                                          server_config.api_key):
+                    print(line, flush=True)
             while not server.should_exit:
                 await asyncio.sleep(0.1)
             await app.state.serving.drain(server_config.shutdown_grace_s)
 
-        drainer = asyncio.create_task(drain_on_exit())
+        drainer = asyncio.create_task(announce_and_drain())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, server.handle_exit, sig, None)
         try:
             await server.serve()
         finally:
@@ -291,6 +245,22 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
     finally:
         if engine.is_alive:
             await engine.shutdown(grace_s=0.0)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server without its signal capture: uvicorn re-raises a captured SIGTERM after shutting
+    down, which would kill the process (exit -15) after a clean drain; `serve` installs its own handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _bound_port(server: Any, default: int) -> int:
+    try:
+        return int(server.servers[0].sockets[0].getsockname()[1])
+    except (AttributeError, IndexError, TypeError):
+        return default
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:

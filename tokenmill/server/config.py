@@ -22,6 +22,12 @@ class ServerConfig:
     max_request_body_bytes: int = _f(4 * 1024 * 1024, "largest accepted request body (larger: HTTP 413)")
     request_timeout_s: Optional[float] = _f(600.0, "per-request time limit; on expiry the request is aborted "
                                                    "(HTTP 408 or an SSE error event)")
+    read_timeout_s: float = _f(30.0, "time a client has to send its request headers, and then its body "
+                                     "(else HTTP 408 and the connection is closed)")
+    stream_stall_timeout_s: float = _f(30.0, "a streaming client that reads nothing for this long has its request "
+                                             "aborted and its connection closed")
+    max_tokens_default: Optional[int] = _f(None, "max_tokens of a request that sets none (default: the context "
+                                                 "left; max_model_len for kv_eviction=streaming)")
     shutdown_grace_s: float = _f(10.0, "on SIGTERM: seconds in-flight requests may finish before they are aborted")
     watchdog_s: float = _f(60.0, "/health fails when requests are pending and the engine loop has not "
                                  "completed a step for this long")
@@ -37,6 +43,12 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.read_timeout_s <= 0:
+            raise ConfigError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
+        if self.stream_stall_timeout_s <= 0:
+            raise ConfigError(f"stream_stall_timeout_s must be positive, got {self.stream_stall_timeout_s}")
+        if self.max_tokens_default is not None and self.max_tokens_default < 1:
+            raise ConfigError(f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"watchdog_s must be positive, got {self.watchdog_s}")
         if self.api_key is not None and not self.api_key:

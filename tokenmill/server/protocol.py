@@ -8,17 +8,19 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SLO, SamplingParams
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+INT32_MAX = 2 ** 31 - 1
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Infinity / NaN (which Python's JSON parser accepts) are a 400 in every float field
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -69,15 +71,15 @@ class SamplingFields(OpenAIModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # vLLM extras
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT32_MAX)
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(None, gt=0.0, le=2.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[StrictInt]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: int = Field(0, ge=-INT32_MAX - 1, le=INT32_MAX)
     slo: Optional[SLOSpec] = None
     cache_salt: Optional[str] = None
     kv_eviction: Optional[Literal["streaming"]] = None  # tokenmill extra: StreamingLLM sinks + window
@@ -157,18 +159,15 @@ class TextContentPart(OpenAIModel):
 class ChatMessage(BaseModel):
     """One message; content is text or a list of text parts. Extra keys (tool_calls, ...) reach the template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
 
     def to_template_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            d["content"] = "".join(p.text for p in self.content)
-        elif self.content is None:
-            d["content"] = ""
-        return d
+        """The message as the processor takes it: text parts stay a list (the processor joins them with
+        newlines); a missing content stays missing (only an assistant turn with tool_calls may omit it)."""
+        return self.model_dump(exclude_none=True)
 
 
 class FunctionDef(OpenAIModel):
@@ -263,7 +262,7 @@ class ChatCompletionChunk(OpenAIModel):
 
 # ----------------------------------------------------------------------------------------- completions
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+PromptType = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionRequest(SamplingFields):

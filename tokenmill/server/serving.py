@@ -8,253 +8,91 @@ EngineRequestError (HTTP 500, or an SSE error event once streaming has begun).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import json
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tokenmill.core.outputs import Logprob
 from tokenmill.engine.protocol import EngineClient
-from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, InvalidRequestError, TokenmillError
+from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import protocol as P
+from tokenmill.server.generation import (EngineRequestError, Generation, ModelNotFoundError, RequestTimeoutError,
+                                         ServerShuttingDownError, SSEResponse, error_body, merge_generations,
+                                         sse, stream_error, until_disconnect, usage_of)
 from tokenmill.server.metrics import ServerMetrics
 
-
-class ModelNotFoundError(InvalidRequestError):
-    """The request names a model this server does not serve (HTTP 404)."""
-
-    http_status = 404
-
-    def __init__(self, message: str):
-        super().__init__(message, param="model", code="model_not_found")
+__all__ = ["OpenAIServing", "EngineRequestError", "ModelNotFoundError", "RequestTimeoutError",
+           "ServerShuttingDownError", "error_body"]
 
 
-class RequestTimeoutError(TokenmillError):
-    """The request ran past the server's per-request time limit (HTTP 408); it was aborted."""
-
-    http_status = 408
-    error_type = "timeout_error"
-
-
-class ServerShuttingDownError(TokenmillError):
-    """The server is draining for shutdown and takes no new requests (HTTP 503)."""
-
-    http_status = 503
-    error_type = "service_unavailable"
-
-
-class EngineRequestError(RuntimeError):
-    """The engine failed while serving this request (HTTP 500)."""
-
-
-def error_body(message: str, err_type: str, param: Optional[str] = None,
-               code: Optional[Union[str, int]] = None) -> dict[str, Any]:
-    return P.ErrorResponse(error=P.ErrorInfo(message=message, type=err_type, param=param, code=code)).model_dump()
-
-
-def _sse(obj: Any) -> str:
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-@dataclass
-class _Timing:
-    """Per-request timestamps measured in the handler (time.monotonic())."""
-
-    arrival: float = field(default_factory=time.monotonic)
-    first_token: Optional[float] = None
-    num_tokens: int = 0
-
-
-class _Generation:
-    """One engine request: prefetches the first output (so input errors surface before any response
-    byte), enforces the deadline, records metrics, and aborts the request when closed early."""
-
-    def __init__(self, serving: "OpenAIServing", request_id: str, prompt_ids: list[int],
-                 params: SamplingParams, deadline: Optional[float]):
-        self.s = serving
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.deadline = deadline
-        self.timing = _Timing()
-        self.last: Optional[RequestOutput] = None
-        self._gen: Optional[AsyncIterator[RequestOutput]] = None
-        self._pending: Optional[RequestOutput] = None
-        self._done = False
-
-    async def _next(self) -> RequestOutput:
-        assert self._gen is not None
-        if self.deadline is None:
-            return await self._gen.__anext__()
+def find_bad_text(value: Any, path: str = "") -> Optional[str]:
+    """The path of the first string in a request body that is not valid Unicode (a lone surrogate such as
+    "\\ud800", which JSON can carry but no tokenizer can encode), or None."""
+    if isinstance(value, str):
         try:
-            if hasattr(asyncio, "timeout_at"):  # Python >= 3.11: no extra task per token
-                async with asyncio.timeout_at(self.deadline):
-                    return await self._gen.__anext__()
-            return await asyncio.wait_for(self._gen.__anext__(), max(0.0, self.deadline - time.monotonic()))
-        except (TimeoutError, asyncio.TimeoutError):
-            self._done = True
-            self.s.metrics.requests.labels("timeout").inc()
-            raise RequestTimeoutError(f"request timed out after {self.s.request_timeout_s:g} s and was aborted",
-                                      code="timeout") from None
-
-    async def start(self) -> None:
-        if self.s.draining:
-            raise ServerShuttingDownError("the server is shutting down", code="shutting_down")
-        self.s.begin_request(self)
-        try:
-            self._gen = self.s.engine.generate(None, self.params, self.request_id,
-                                               prompt_token_ids=self.prompt_ids)
-            self._pending = await self._next()
-        except BaseException:
-            self._done = True
-            await self.close()
-            raise
-
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Yields the engine's outputs until the finished one; raises EngineRequestError on engine failure."""
-        while True:
-            if self._pending is not None:
-                out, self._pending = self._pending, None
-            else:
-                try:
-                    out = await self._next()
-                except StopAsyncIteration:
-                    raise EngineRequestError(f"engine stream of {self.request_id} ended without a final output")
-            if out.finished and self.last is not None and not out.prompt_token_ids:
-                out = _as_aborted(self.last)  # the engine's bare "aborted" marker: keep what we have
-            self._observe(out)
-            self.last = out
-            if out.error == SLO_REJECTED_MESSAGE:
-                self._done = True
-                self.s.metrics.requests.labels("rejected").inc()
-                raise EngineOverloadedError(out.error, code="slo_rejected")
-            if out.error is not None or any(o.finish_reason == "error" for o in out.outputs):
-                self._done = True
-                self.s.metrics.requests.labels("error").inc()
-                raise EngineRequestError(out.error or "the engine failed while running this request")
-            yield out
-            if out.finished:
-                self._done = True
-                self._finish(out)
-                return
-
-    def _observe(self, out: RequestOutput) -> None:
-        n_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
-        if n_tokens > 0 and self.timing.first_token is None:
-            self.timing.first_token = time.monotonic()
-            self.s.metrics.ttft.observe(self.timing.first_token - self.timing.arrival)
-        self.timing.num_tokens = n_tokens
-
-    def _finish(self, out: RequestOutput) -> None:
-        m, now, t = self.s.metrics, time.monotonic(), self.timing
-        m.e2e.observe(now - t.arrival)
-        if t.first_token is not None and t.num_tokens > 1:
-            m.tpot.observe((now - t.first_token) / (t.num_tokens - 1))
-        rm = out.metrics
-        if rm is not None and rm.first_scheduled_time is not None:
-            m.queue_time.observe(max(0.0, rm.first_scheduled_time - rm.arrival_time))
-        reason = out.outputs[0].finish_reason if out.outputs else None
-        m.requests.labels(reason or "unknown").inc()
-        m.prompt_tokens.inc(len(out.prompt_token_ids))
-        m.completion_tokens.inc(sum(len(o.token_ids) for o in out.outputs))
-
-    async def close(self) -> None:
-        """Release the engine stream; a request that has not finished is aborted (its KV freed)."""
-        gen, self._gen = self._gen, None
-        unfinished = not (self.last is not None and self.last.finished)
-        try:
-            if gen is not None and hasattr(gen, "aclose"):
-                await gen.aclose()  # type: ignore[attr-defined]
-            if unfinished and gen is not None:
-                await self.s.engine.abort(self.request_id)
-                if not self._done:
-                    self.s.metrics.requests.labels("abort").inc()
-        finally:
-            self._done = True
-            self.s.end_request(self)
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            bad = find_bad_text(k, path) or find_bad_text(v, f"{path}.{k}" if path else str(k))
+            if bad:
+                return bad
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = find_bad_text(v, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
 
 
-async def _merge(gens: list[_Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the outputs of several generations as they arrive: (index into gens, output)."""
-    if len(gens) == 1:
-        async for out in gens[0].outputs():
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, g: _Generation) -> None:
-        try:
-            async for out in g.outputs():
-                await queue.put((i, out, None))
-        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-            await queue.put((i, None, e))
-            return
-        await queue.put((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    live = len(gens)
-    try:
-        while live:
-            i, out, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if out is None:
-                live -= 1
-                continue
-            yield i, out
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_disconnect(raw: Request) -> None:
-    """Returns when the client has gone away (the body was already read)."""
-    while True:
-        message = await raw.receive()
-        if message["type"] == "http.disconnect":
-            return
+def check_text(req: Any) -> None:
+    bad = find_bad_text(req.model_dump(exclude_none=True))
+    if bad is not None:
+        raise InvalidRequestError(f"{bad}: the text is not valid Unicode (it contains a lone surrogate such as "
+                                  "\\ud800)", param=bad)
 
 
 class OpenAIServing:
     """The chat and completions handlers of one server."""
 
     def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics,
-                 request_timeout_s: Optional[float]):
+                 request_timeout_s: Optional[float], stall_timeout_s: float = 30.0,
+                 max_tokens_default: Optional[int] = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.max_tokens_default = max_tokens_default
         self.in_flight = 0
         self.draining = False
-        self._live: dict[str, _Generation] = {}
+        self._live: dict[str, Generation] = {}
         self.busy_since = time.monotonic()
         self._token_str: Callable[[int], str] = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
 
     # ------------------------------------------------------------------------------------- bookkeeping
 
-    def begin_request(self, gen: _Generation) -> None:
+    def begin_request(self, gen: Generation) -> None:
         if self.in_flight == 0:
             self.busy_since = time.monotonic()
         self.in_flight += 1
         self._live[gen.request_id] = gen
 
-    def end_request(self, gen: _Generation) -> None:
+    def end_request(self, gen: Generation) -> None:
         if self._live.pop(gen.request_id, None) is not None:
             self.in_flight -= 1
 
     async def drain(self, grace_s: float) -> None:
         """Shutdown: refuse new requests, let in-flight ones finish for up to grace_s, abort the rest
-        (their streams end with finish_reason "abort")."""
+        (they end with HTTP 503, or an SSE error event when streaming)."""
         self.draining = True
         deadline = time.monotonic() + grace_s
         while self._live and time.monotonic() < deadline:
@@ -271,8 +109,11 @@ class OpenAIServing:
 
     def _prepare(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Validate a tokenized request (runs in a worker thread); returns params with the effective
-        max_tokens."""
+        max_tokens: the request's, else the context left (for kv_eviction="streaming": max_model_len),
+        capped by --max-tokens-default."""
         max_tokens = self.engine.processor.validate(prompt_ids, params)
+        if params.max_tokens is None and self.max_tokens_default is not None:
+            max_tokens = min(max_tokens, self.max_tokens_default)
         if max_tokens is not None and max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)
         return params
@@ -280,9 +121,14 @@ class OpenAIServing:
     def _deadline(self) -> Optional[float]:
         return None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
 
-    async def _start_all(self, gens: list[_Generation]) -> None:
+    def _sse(self, content: AsyncIterator[str], gens: list[Generation]) -> SSEResponse:
+        deadlines = [g.deadline for g in gens if g.deadline is not None]
+        return SSEResponse(content, self.stall_timeout_s, min(deadlines) if deadlines else None,
+                           on_stall=lambda why: self.metrics.requests.labels("stalled").inc())
+
+    async def _start_all(self, gens: list[Generation]) -> None:
         """Start every generation; if one is refused, abort the ones already started."""
-        started: list[_Generation] = []
+        started: list[Generation] = []
         try:
             for g in gens:
                 await g.start()
@@ -292,16 +138,16 @@ class OpenAIServing:
                 await g.close()
             raise
 
-    async def _collect(self, gens: list[_Generation], raw: Request) -> Optional[list[RequestOutput]]:
+    async def _collect(self, gens: list[Generation], raw: Request) -> Optional[list[RequestOutput]]:
         """Run to completion (non-streaming); None if the client disconnected (the requests are aborted)."""
 
         async def run() -> list[RequestOutput]:
-            async for _ in _merge(gens):
+            async for _ in merge_generations(gens):
                 pass
             return [g.last for g in gens]  # type: ignore[misc]
 
         task = asyncio.create_task(run())
-        watcher = asyncio.create_task(_until_disconnect(raw))
+        watcher = asyncio.create_task(until_disconnect(raw))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
@@ -350,7 +196,9 @@ class OpenAIServing:
     # -------------------------------------------------------------------------------------------- chat
 
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
         self.check_model(req.model)
+        check_text(req)
         params = req.to_sampling_params()
         messages = [m.to_template_dict() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -368,13 +216,11 @@ class OpenAIServing:
 
         prompt_ids, params = await asyncio.to_thread(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = _Generation(self, rid, prompt_ids, params, self._deadline())
+        gen = Generation(self, rid, prompt_ids, params, self._deadline(), bool(req.stream), arrival)
         await gen.start()
         top_n = req.top_logprobs or 0
         if req.stream:
-            return StreamingResponse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return self._sse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage), [gen])
         finals = await self._collect([gen], raw)
         if finals is None:
             return Response(status_code=499)
@@ -383,11 +229,10 @@ class OpenAIServing:
                                 logprobs=self._chat_logprobs(o.logprobs, top_n) if req.logprobs else None,
                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                    for o in sorted(final.outputs, key=lambda o: o.index)]
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices,
-                                        usage=_usage([final]))
+        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage())
         return JSONResponse(body.model_dump(exclude_none=True))
 
-    async def _chat_stream(self, gen: _Generation, rid: str, n: int, top_n: int,
+    async def _chat_stream(self, gen: Generation, rid: str, n: int, top_n: int,
                            include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
 
@@ -396,7 +241,7 @@ class OpenAIServing:
                                     "model": self.model_name, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
-            return _sse(body)
+            return sse(body)
 
         try:
             for i in range(n):
@@ -412,18 +257,20 @@ class OpenAIServing:
                     if finish is not None:
                         choice["stop_reason"] = stop_reason
                     yield chunk([choice])
-            if include_usage and gen.last is not None:
-                yield chunk([], _usage([gen.last]))
+            if include_usage:
+                yield chunk([], gen.usage())
         except (TokenmillError, EngineRequestError) as e:
-            yield _sse(_stream_error(e))
+            yield sse(stream_error(e))
         finally:
             await gen.close()
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
     # ------------------------------------------------------------------------------------- completions
 
     async def completion(self, req: P.CompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
         self.check_model(req.model)
+        check_text(req)
         params = req.to_sampling_params()
         score_only = req.max_tokens == 0
         if score_only and req.stream:
@@ -433,6 +280,7 @@ class OpenAIServing:
             raise InvalidRequestError(f"at most {P.MAX_N} completions (prompts x n) per request, "
                                       f"got {len(prompts) * params.n}", param="n")
         rid = f"cmpl-{uuid.uuid4().hex}"
+
         def tokenize_all() -> list[tuple[list[int], SamplingParams]]:
             out = []
             for p in prompts:
@@ -441,13 +289,12 @@ class OpenAIServing:
             return out
 
         prepared = await asyncio.to_thread(tokenize_all)
-        gens = [_Generation(self, f"{rid}-{i}", ids, prm, self._deadline()) for i, (ids, prm) in enumerate(prepared)]
+        gens = [Generation(self, f"{rid}-{i}", ids, prm, self._deadline(), bool(req.stream), arrival)
+                for i, (ids, prm) in enumerate(prepared)]
         texts = [p if isinstance(p, str) else None for p in prompts]
         await self._start_all(gens)
         if req.stream:
-            return StreamingResponse(self._completion_stream(gens, texts, rid, req),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return self._sse(self._completion_stream(gens, texts, rid, req), gens)
         finals = await self._collect(gens, raw)
         if finals is None:
             return Response(status_code=499)
@@ -468,7 +315,7 @@ class OpenAIServing:
                 choices.append(P.CompletionChoice(
                     index=pi * params.n + o.index, text=prompt_text + text, logprobs=logprobs,
                     finish_reason="length" if score_only else o.finish_reason, stop_reason=o.stop_reason))
-        usage = _usage(finals)
+        usage = usage_of(gens)
         if score_only:
             usage = P.UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
                                 total_tokens=usage.prompt_tokens)
@@ -478,7 +325,7 @@ class OpenAIServing:
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:
         return text if text is not None else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
-    async def _completion_stream(self, gens: list[_Generation], texts: list[Optional[str]], rid: str,
+    async def _completion_stream(self, gens: list[Generation], texts: list[Optional[str]], rid: str,
                                  req: P.CompletionRequest) -> AsyncIterator[str]:
         created, n, include_usage = int(time.time()), req.n, req.include_usage
 
@@ -487,7 +334,7 @@ class OpenAIServing:
                                     "model": self.model_name, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
-            return _sse(body)
+            return sse(body)
 
         offsets: dict[int, int] = {}  # choice index -> characters sent so far (logprobs text_offset)
         try:
@@ -498,14 +345,14 @@ class OpenAIServing:
                         choice: dict[str, Any] = {"index": pi * n + s, "text": ptext, "logprobs": None,
                                                   "finish_reason": None}
                         if req.logprobs is not None:
-                            plps = list((g._pending.prompt_logprobs if g._pending else None)
+                            plps = list((g.pending.prompt_logprobs if g.pending else None)
                                         or [None] * len(g.prompt_ids))
                             choice["logprobs"] = self._completion_logprobs(
                                 plps, g.prompt_ids, req.logprobs, 0).model_dump()
                         offsets[pi * n + s] = len(ptext)
                         yield chunk([choice])
             sent = _Sent()
-            async for pi, out in _merge(gens):
+            async for pi, out in merge_generations(gens):
                 for idx, text, ids, lps, finish, stop_reason in sent.deltas(pi * n, out):
                     choice = {"index": idx, "text": text, "logprobs": None, "finish_reason": finish}
                     if req.logprobs is not None and lps is not None:
@@ -516,22 +363,19 @@ class OpenAIServing:
                         choice["stop_reason"] = stop_reason
                     yield chunk([choice])
             if include_usage:
-                yield chunk([], _usage([g.last for g in gens if g.last is not None]))
+                yield chunk([], usage_of(gens))
         except (TokenmillError, EngineRequestError) as e:
-            yield _sse(_stream_error(e))
+            yield sse(stream_error(e))
         finally:
             for g in gens:
                 await g.close()
-        yield _sse("[DONE]")
+        yield sse("[DONE]")
 
 
 class _Sent:
-    """What a stream has sent per choice, so each update yields exactly the new part (from the
-    cumulative fields, whatever the engine puts in delta_*)."""
+    """Which choices of a stream have finished, so each DELTA output yields exactly its new part."""
 
     def __init__(self) -> None:
-        self.chars: dict[int, int] = {}
-        self.tokens: dict[int, int] = {}
         self.finished: set[int] = set()
 
     def deltas(self, base: int, out: RequestOutput):
@@ -541,32 +385,10 @@ class _Sent:
             idx = base + o.index
             if idx in self.finished:
                 continue
-            c, t = self.chars.get(idx, 0), self.tokens.get(idx, 0)
-            text, ids = o.text[c:], list(o.token_ids[t:])
             finish = o.finish_reason
-            if not text and not ids and finish is None:
+            if not o.text and not o.token_ids and finish is None:
                 continue
-            lps = list(o.logprobs[t:]) if o.logprobs is not None else None
-            self.chars[idx], self.tokens[idx] = len(o.text), len(o.token_ids)
             if finish is not None:
                 self.finished.add(idx)
-            yield idx, text, ids, lps, finish, o.stop_reason
-
-
-def _as_aborted(last: RequestOutput) -> RequestOutput:
-    """`last` with every unfinished sample marked aborted and no new deltas."""
-    outs = [dataclasses.replace(o, delta_text="", delta_token_ids=[], delta_logprobs=None,
-                                finish_reason=o.finish_reason or "abort") for o in last.outputs]
-    return dataclasses.replace(last, outputs=outs, finished=True)
-
-
-def _usage(finals: list[RequestOutput]) -> P.UsageInfo:
-    prompt = sum(len(f.prompt_token_ids) for f in finals)
-    completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
-    return P.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _stream_error(e: Exception) -> dict[str, Any]:
-    if isinstance(e, TokenmillError):
-        return error_body(e.message, e.error_type, e.param, e.code or e.http_status)
-    return error_body(str(e) or "internal error", "internal_server_error", None, 500)
+            lps = list(o.logprobs) if o.logprobs is not None else None
+            yield idx, o.text, list(o.token_ids), lps, finish, o.stop_reason
