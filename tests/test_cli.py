@@ -52,3 +52,10 @@ def test_chat_streams_and_keeps_history(tiny_llama, gguf_tokenizer_path, capsys,
     assert rc == 0
     out = capsys.readouterr().out
     assert len([ln for ln in out.splitlines() if ln.strip()]) >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_serve_rejects_nonpositive_max_waiting_requests(value, capsys):
+    assert main(["serve", "--max-waiting-requests", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_waiting_requests" in err and len(err.splitlines()) == 1 and "Traceback" not in err

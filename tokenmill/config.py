@@ -100,7 +100,8 @@ class SchedulerConfig:
     max_num_seqs: int = _f(128, "most requests in one step")
     max_num_batched_tokens: int = _f(2048, "token budget of one step (prefill chunks + decodes)")
     policy: str = _f("fcfs", "queue policy: fcfs, priority, slo, fair", choices=["fcfs", "priority", "slo", "fair"])
-    max_waiting_requests: Optional[int] = _f(None, "reject new requests (429) beyond this many waiting")
+    max_waiting_requests: Optional[int] = _f(None, "reject new requests (429) when this many are queued beyond "
+                                                   "the free seats of max_num_seqs (default: no limit)")
     long_prefill_token_threshold: int = _f(0, "a prompt longer than this counts as a long prefill (0: off)")
     max_long_partial_prefills: int = _f(1, "long prefills allowed to run at once (with the threshold set)")
     slo_reject: bool = _f(False, "with policy slo: reject requests that can no longer meet their target")
@@ -121,6 +122,9 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ConfigError(f"max_waiting_requests must be at least 1 (or unset for no limit), got "
+                              f"{self.max_waiting_requests}", param="max_waiting_requests")
         if self.slo_calibration is not None:
             if self.policy != "slo":
                 raise ConfigError("slo_calibration is used by policy slo only", param="slo_calibration")

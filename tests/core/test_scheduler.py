@@ -126,11 +126,38 @@ def test_preemption_newest_first_and_resume_with_outputs():
 
 
 def test_max_waiting_requests_overload():
-    s = make(max_waiting_requests=2)
-    s.add_request(req("a", 3))
-    s.add_request(req("b", 3))
+    s = make(max_seqs=1, max_waiting_requests=2)
+    for rid in "abc":  # one takes the free seat, two queue
+        s.add_request(req(rid, 3))
     with pytest.raises(EngineOverloadedError):
-        s.add_request(req("c", 3))
+        s.add_request(req("d", 3))
+
+
+def test_max_waiting_requests_counts_only_requests_without_a_seat():
+    """Requests that the next schedule() will admit (free seats under max_num_seqs) are not 'waiting'."""
+    s = make(max_seqs=8, budget=64, max_waiting_requests=4)
+    for i in range(12):  # 8 fill the free seats, 4 queue: none rejected
+        s.add_request(req(f"r{i}", 3))
+    with pytest.raises(EngineOverloadedError):
+        s.add_request(req("r12", 3))
+    run_step(s)
+    assert s.num_running == 8 and s.num_waiting == 4
+    with pytest.raises(EngineOverloadedError):  # no free seat: the queue is full
+        s.add_request(req("late", 3))
+
+
+def test_max_waiting_requests_idle_server_takes_a_full_batch():
+    s = make(max_seqs=8, budget=64, max_waiting_requests=4)
+    for i in range(8):
+        s.add_request(req(f"r{i}", 3))
+    assert len(run_step(s).scheduled_new_reqs) == 8
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_waiting_requests_must_be_positive(bad):
+    from tokenmill.config import EngineConfig
+    with pytest.raises(ValueError, match="max_waiting_requests"):
+        EngineConfig.from_kwargs(max_waiting_requests=bad)
 
 
 def test_prompt_larger_than_cache_rejected():

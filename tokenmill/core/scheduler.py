@@ -51,8 +51,8 @@ class Scheduler:
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         limit = self.config.max_waiting_requests
-        if limit is not None and len(self.waiting) >= limit:
-            raise EngineOverloadedError(f"too many waiting requests ({len(self.waiting)}); try again later")
+        if limit is not None and self.num_queued >= limit:
+            raise EngineOverloadedError(f"too many waiting requests ({self.num_queued}); try again later")
         if is_streaming(req):
             self._check_streaming(req)
         elif not self.kv.can_fit(req.num_tokens + 1):
@@ -118,6 +118,12 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests beyond the free seats (max_num_seqs - running): those the next schedule() cannot
+        admit. What max_waiting_requests limits; requests about to take a free seat do not count."""
+        return max(0, len(self.waiting) - max(0, self.config.max_num_seqs - len(self.running)))
 
     @property
     def num_running(self) -> int:
