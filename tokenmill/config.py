@@ -181,25 +181,30 @@ class EngineConfig:
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig}
 
 
+def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of the config dataclass `cls` to an argparse parser or group (underscores
+    become dashes; help and choices from the field metadata; bools get --flag/--no-flag). Flags default to
+    argparse.SUPPRESS, so only flags given on the command line reach the config. The one flag generator:
+    the engine sections here and ServerConfig (server/config.py) both use it."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        typ = hints[f.name]
+        if typ is bool or typ == Optional[bool]:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
 def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per config field (underscores become dashes)."""
+    """Add one --flag per engine config field, one argument group per section."""
     for name, sec in _SECTIONS.items():
-        group = parser.add_argument_group(f"{name} options")
-        hints = get_type_hints(sec)
-        for f in fields(sec):
-            if f.name in skip:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-            typ = hints[f.name]
-            if typ is bool or typ == Optional[bool]:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                base = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
-                kw["type"] = base
-                if "choices" in f.metadata:
-                    kw["choices"] = f.metadata["choices"]
-            group.add_argument(flag, **kw)
+        add_dataclass_args(parser.add_argument_group(f"{name} options"), sec, skip)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
