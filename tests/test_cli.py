@@ -52,3 +52,28 @@ def test_chat_streams_and_keeps_history(tiny_llama, gguf_tokenizer_path, capsys,
     assert rc == 0
     out = capsys.readouterr().out
     assert len([ln for ln in out.splitlines() if ln.strip()]) >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_serve_rejects_nonpositive_max_waiting_requests(value, capsys):
+    assert main(["serve", "--max-waiting-requests", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_waiting_requests" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_serve_flags_are_generated_from_the_config_dataclasses():
+    """One generator makes the engine and server flags: types, bool --no- forms, choices, unset = default."""
+    from tokenmill.cli import build_parser
+    from tokenmill.config import config_from_args
+    from tokenmill.server.config import ServerConfig, server_config_from_args
+
+    args = build_parser().parse_args(["serve", "--port", "9001", "--request-timeout-s", "3.5", "--api-key", "k",
+                                      "--no-enable-prefix-caching", "--max-waiting-requests", "5",
+                                      "--policy", "fair", "--served-model-name", "m"])
+    engine, server = config_from_args(args), server_config_from_args(args)
+    assert (server.port, server.request_timeout_s, server.api_key) == (9001, 3.5, "k")
+    assert server.watchdog_s == ServerConfig().watchdog_s  # not given: the dataclass default
+    assert engine.cache.enable_prefix_caching is False and engine.scheduler.max_waiting_requests == 5
+    assert engine.scheduler.policy == "fair" and engine.model.served_model_name == "m"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--policy", "random"])

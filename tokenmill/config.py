@@ -100,7 +100,8 @@ class SchedulerConfig:
     max_num_seqs: int = _f(128, "most requests in one step")
     max_num_batched_tokens: int = _f(2048, "token budget of one step (prefill chunks + decodes)")
     policy: str = _f("fcfs", "queue policy: fcfs, priority, slo, fair", choices=["fcfs", "priority", "slo", "fair"])
-    max_waiting_requests: Optional[int] = _f(None, "reject new requests (429) beyond this many waiting")
+    max_waiting_requests: Optional[int] = _f(None, "reject new requests (429) when this many are queued beyond "
+                                                   "the free seats of max_num_seqs (default: no limit)")
     long_prefill_token_threshold: int = _f(0, "a prompt longer than this counts as a long prefill (0: off)")
     max_long_partial_prefills: int = _f(1, "long prefills allowed to run at once (with the threshold set)")
     slo_reject: bool = _f(False, "with policy slo: reject requests that can no longer meet their target")
@@ -121,6 +122,9 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ConfigError(f"max_waiting_requests must be at least 1 (or unset for no limit), got "
+                              f"{self.max_waiting_requests}", param="max_waiting_requests")
         if self.slo_calibration is not None:
             if self.policy != "slo":
                 raise ConfigError("slo_calibration is used by policy slo only", param="slo_calibration")
@@ -177,25 +181,30 @@ class EngineConfig:
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig}
 
 
+def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per field of the config dataclass `cls` to an argparse parser or group (underscores
+    become dashes; help and choices from the field metadata; bools get --flag/--no-flag). Flags default to
+    argparse.SUPPRESS, so only flags given on the command line reach the config. The one flag generator:
+    the engine sections here and ServerConfig (server/config.py) both use it."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        typ = hints[f.name]
+        if typ is bool or typ == Optional[bool]:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
 def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per config field (underscores become dashes)."""
+    """Add one --flag per engine config field, one argument group per section."""
     for name, sec in _SECTIONS.items():
-        group = parser.add_argument_group(f"{name} options")
-        hints = get_type_hints(sec)
-        for f in fields(sec):
-            if f.name in skip:
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-            typ = hints[f.name]
-            if typ is bool or typ == Optional[bool]:
-                kw["action"] = argparse.BooleanOptionalAction
-            else:
-                base = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
-                kw["type"] = base
-                if "choices" in f.metadata:
-                    kw["choices"] = f.metadata["choices"]
-            group.add_argument(flag, **kw)
+        add_dataclass_args(parser.add_argument_group(f"{name} options"), sec, skip)
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:

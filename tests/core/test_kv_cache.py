@@ -19,7 +19,7 @@ def req(rid: str, tokens: list[int], salt=None) -> Request:
 
 def test_core_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import tokenmill.core.scheduler, tokenmill.core.kv_cache_manager, tokenmill.core.policy\n"
+            "import tokenmill.core.scheduler, tokenmill.core.kv_cache_manager, tokenmill.core.policies\n"
             "import tokenmill.core.outputs, tokenmill.core.block_pool, tokenmill.core.prefix_cache\n"
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

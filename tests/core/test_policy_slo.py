@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.outputs import ModelRunnerOutput
-from tokenmill.core.policy import FCFSPolicy, OnlineStepModel, SLOPolicy, make_policy_for_config
+from tokenmill.core.policies import FCFSPolicy, SLOPolicy, make_policy_for_config
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.perf.step_models import CorrectedStepModel, OnlineStepModel
 from tokenmill.request import Request
 from tokenmill.sampling_params import SLO, SamplingParams
 
@@ -115,8 +116,6 @@ def test_amortized_slack_keeps_the_average_when_steps_overrun():
 
 def test_served_model_learns_the_serving_overhead():
     """With a calibrated model, the policy adds what real steps take beyond its predictions (serving overhead)."""
-    from tokenmill.core.policy import CorrectedStepModel
-
     m = CorrectedStepModel(LinearCost())
     for _ in range(60):
         m.observe(100, 2, 300, 5000, LinearCost().predict(100, 2, 300, 5000) + 0.008)
@@ -130,8 +129,6 @@ def test_served_model_learns_a_slowdown_of_long_steps():
     """Server threads sharing the cores slow the step's own work: observed = 1.3 x predicted + 5 ms is learned
     from decode steps and long prefill steps, and predicts a step size it has not seen (an offset alone would
     under-predict long steps by ~30%)."""
-    from tokenmill.core.policy import CorrectedStepModel
-
     m = CorrectedStepModel(LinearCost())
     for i in range(400):
         n = 8 if i % 5 else 500  # mostly decode steps, now and then a long prefill
@@ -147,8 +144,6 @@ def test_served_model_stays_stable_over_long_runs_of_alike_steps():
     its clamped prediction became 4x every step, and the slo policy starved prompts for 10-20 s. The fit must stay
     bounded and converge to the true 1.2x slowdown for both short and long steps."""
     import random
-
-    from tokenmill.core.policy import CorrectedStepModel
 
     cost = LinearCost()
     m = CorrectedStepModel(cost)
@@ -270,7 +265,7 @@ def test_online_model_covariance_stays_bounded_over_long_runs_of_alike_steps():
     It stays positive definite and within its prior, and the fit stays right for short and long steps."""
     import random
 
-    from tokenmill.core.policy import _symmetric_eigen
+    from tokenmill.perf.linalg import symmetric_eigen
 
     m = OnlineStepModel()
     rng = random.Random(0)
@@ -281,7 +276,7 @@ def test_online_model_covariance_stays_bounded_over_long_runs_of_alike_steps():
         for i in range(5):
             n = 100 + 200 * i
             m.observe(n, 1600 + n, true(n, 1600 + n))
-        lam, _ = _symmetric_eigen([[m.p[i][j] / (m._p0[i] * m._p0[j]) ** 0.5 for j in range(3)] for i in range(3)])
+        lam, _ = symmetric_eigen([[m.p[i][j] / (m._p0[i] * m._p0[j]) ** 0.5 for j in range(3)] for i in range(3)])
         assert 0 < min(lam) and max(lam) <= 1 + 1e-9, (cycle, lam)
         for n, kv in ((4, 1600), (1500, 3000)):
             assert abs(m.predict(n, 1, kv, 0) - true(n, kv)) < 0.03 * true(n, kv), (cycle, n, m.theta)

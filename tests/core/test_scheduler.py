@@ -6,7 +6,7 @@ import pytest
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.errors import SLO_REJECTED_MESSAGE
-from tokenmill.core.policy import FairPolicy, PriorityPolicy, SLOPolicy
+from tokenmill.core.policies import FairPolicy, PriorityPolicy, SLOPolicy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.errors import EngineOverloadedError, PromptTooLongError
 from tokenmill.request import Request, RequestStatus
@@ -126,11 +126,38 @@ def test_preemption_newest_first_and_resume_with_outputs():
 
 
 def test_max_waiting_requests_overload():
-    s = make(max_waiting_requests=2)
-    s.add_request(req("a", 3))
-    s.add_request(req("b", 3))
+    s = make(max_seqs=1, max_waiting_requests=2)
+    for rid in "abc":  # one takes the free seat, two queue
+        s.add_request(req(rid, 3))
     with pytest.raises(EngineOverloadedError):
-        s.add_request(req("c", 3))
+        s.add_request(req("d", 3))
+
+
+def test_max_waiting_requests_counts_only_requests_without_a_seat():
+    """Requests that the next schedule() will admit (free seats under max_num_seqs) are not 'waiting'."""
+    s = make(max_seqs=8, budget=64, max_waiting_requests=4)
+    for i in range(12):  # 8 fill the free seats, 4 queue: none rejected
+        s.add_request(req(f"r{i}", 3))
+    with pytest.raises(EngineOverloadedError):
+        s.add_request(req("r12", 3))
+    run_step(s)
+    assert s.num_running == 8 and s.num_waiting == 4
+    with pytest.raises(EngineOverloadedError):  # no free seat: the queue is full
+        s.add_request(req("late", 3))
+
+
+def test_max_waiting_requests_idle_server_takes_a_full_batch():
+    s = make(max_seqs=8, budget=64, max_waiting_requests=4)
+    for i in range(8):
+        s.add_request(req(f"r{i}", 3))
+    assert len(run_step(s).scheduled_new_reqs) == 8
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_waiting_requests_must_be_positive(bad):
+    from tokenmill.config import EngineConfig
+    with pytest.raises(ValueError, match="max_waiting_requests"):
+        EngineConfig.from_kwargs(max_waiting_requests=bad)
 
 
 def test_prompt_larger_than_cache_rejected():
@@ -276,3 +303,50 @@ def test_strict_fcfs_when_window_is_one():
     s.add_request(Request("cold", list(range(900, 917)), SamplingParams(max_tokens=1), (EOS,), arrival_time=0.0))
     s.add_request(Request("hit", shared + [2], SamplingParams(max_tokens=1), (EOS,), arrival_time=1.0))
     assert [n.req_id for n in s.schedule().scheduled_new_reqs] == ["cold"]
+
+
+def test_policy_interface_replaces_type_checks():
+    """The scheduler reads hooks and attributes of any Policy, not its type or name: a new policy gets the
+    arrival / finish hooks, and prefix-aware admission where it asks for it (priority does not)."""
+    from tokenmill.core.policies import Policy
+
+    class Recording(Policy):
+        name = "recording"
+        prefix_aware_admission = True
+
+        def __init__(self):
+            self.events = []
+
+        def on_arrival(self, req):
+            self.events.append(("arrive", req.request_id))
+
+        def on_finish(self, req):
+            self.events.append(("finish", req.request_id))
+
+    def first_admitted(policy):
+        s = make(max_seqs=1, bs=4, budget=64, policy=policy)
+        shared = list(range(500, 516))
+        _fill_cache(s, "warm", shared + [1])
+        s.add_request(Request("cold", list(range(900, 917)), SamplingParams(max_tokens=1), (EOS,), arrival_time=0.0))
+        s.add_request(Request("hit", shared + [2], SamplingParams(max_tokens=1), (EOS,), arrival_time=1.0))
+        first = [n.req_id for n in s.schedule().scheduled_new_reqs]
+        s.abort_requests(["cold", "hit"])
+        return first
+
+    rec = Recording()
+    assert first_admitted(rec) == ["hit"]
+    assert first_admitted(PriorityPolicy()) == ["cold"]
+    assert ("arrive", "cold") in rec.events and ("finish", "cold") in rec.events
+    assert rec.events.index(("arrive", "hit")) < rec.events.index(("finish", "hit"))
+
+
+def test_policy_factory_by_name():
+    from tokenmill.core.policies import FCFSPolicy, make_policy, policy_class
+
+    assert [policy_class(n) for n in ("fcfs", "priority", "slo", "fair")] == [FCFSPolicy, PriorityPolicy, SLOPolicy,
+                                                                            FairPolicy]
+    pol = make_policy("slo", slo_reject=True, default_ttft_ms=300.0)
+    assert isinstance(pol, SLOPolicy) and pol.rejects_requests and pol.default_ttft_ms == 300.0
+    assert not make_policy("slo").rejects_requests and not make_policy("fair").rejects_requests
+    with pytest.raises(ValueError, match="choose fcfs, priority, slo or fair"):
+        policy_class("random")

@@ -15,7 +15,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
-from tokenmill.core.policy import FairPolicy, Policy, make_policy_for_config
+from tokenmill.core.policies import Policy, make_policy_for_config
 from tokenmill.core.streaming import StreamingSpec, StreamingTracker, is_streaming
 from tokenmill.errors import SLO_REJECTED_MESSAGE, EngineOverloadedError, InvalidRequestError, PromptTooLongError
 from tokenmill.request import Request, RequestStatus
@@ -51,8 +51,8 @@ class Scheduler:
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         limit = self.config.max_waiting_requests
-        if limit is not None and len(self.waiting) >= limit:
-            raise EngineOverloadedError(f"too many waiting requests ({len(self.waiting)}); try again later")
+        if limit is not None and self.num_queued >= limit:
+            raise EngineOverloadedError(f"too many waiting requests ({self.num_queued}); try again later")
         if is_streaming(req):
             self._check_streaming(req)
         elif not self.kv.can_fit(req.num_tokens + 1):
@@ -63,8 +63,7 @@ class Scheduler:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
-        if isinstance(self.policy, FairPolicy):
-            self.policy.on_arrival(req)
+        self.policy.on_arrival(req)
 
     def _check_streaming(self, req: Request) -> None:
         spec = self.streaming.spec
@@ -100,8 +99,7 @@ class Scheduler:
         if req.request_id in self._in_runner:
             self._in_runner.discard(req.request_id)
             self._finished_for_runner.add(req.request_id)
-        if isinstance(self.policy, FairPolicy):
-            self.policy.on_finish(req)
+        self.policy.on_finish(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -118,6 +116,12 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests beyond the free seats (max_num_seqs - running): those the next schedule() cannot
+        admit. What max_waiting_requests limits; requests about to take a free seat do not count."""
+        return max(0, len(self.waiting) - max(0, self.config.max_num_seqs - len(self.running)))
 
     @property
     def num_running(self) -> int:
@@ -188,7 +192,7 @@ class Scheduler:
 
         # 2. waiting requests, unless this step had to preempt (memory is tight)
         if not preempted and self.waiting:
-            if self.policy.should_reject is not Policy.should_reject:
+            if self.policy.rejects_requests:
                 for req in [r for r in self.waiting if self.policy.should_reject(r, now)]:
                     self.waiting.remove(req)
                     self._finish(req, RequestStatus.FINISHED_ABORTED)
@@ -274,11 +278,11 @@ class Scheduler:
         return min(n, threshold), num_long + 1
 
     def _prefer_cached_prefix(self, j: int) -> None:
-        """Prefix-aware admission (fcfs only): move to position j the request, among the next
-        `prefix_aware_window` waiting ones, with the longest cached prefix, so cached blocks are used
-        before they are evicted. A request passed over `prefix_aware_max_skips` times goes first."""
+        """Prefix-aware admission (where the policy has prefix_aware_admission: fcfs): move to position j the
+        request, among the next `prefix_aware_window` waiting ones, with the longest cached prefix, so cached
+        blocks are used before they are evicted. A request passed over `prefix_aware_max_skips` times goes first."""
         window = self.config.prefix_aware_window
-        if window <= 1 or self.policy.name != "fcfs" or not self.kv.enable_caching:
+        if window <= 1 or not self.policy.prefix_aware_admission or not self.kv.enable_caching:
             return
         cands = self.waiting[j:j + window]
         if len(cands) < 2 or cands[0].num_skips >= self.config.prefix_aware_max_skips:

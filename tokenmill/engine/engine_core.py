@@ -33,7 +33,7 @@ class EngineCore:
         sc, cc = self.config.scheduler, self.config.cache
         policy = None
         if sc.slo_calibration:
-            from tokenmill.core.policy import make_policy_for_config
+            from tokenmill.core.policies import make_policy_for_config
             from tokenmill.perf.cost_model import CostModel
 
             policy = make_policy_for_config(sc, cost_model=CostModel.load(sc.slo_calibration))

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.outputs import ModelRunnerOutput
-from tokenmill.core.policy import Policy, make_policy
+from tokenmill.core.policies import Policy, make_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.errors import ConfigError, TokenmillError
 from tokenmill.perf.cost_model import CostModel, shape_of_schedule

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional
 
+from tokenmill.config import add_dataclass_args
 from tokenmill.errors import ConfigError
 
 
@@ -59,17 +60,7 @@ def add_server_args(parser: argparse.ArgumentParser,
                     skip: tuple[str, ...] = ("served_model_name", "log_level")) -> None:
     """Add one --flag per ServerConfig field (underscores become dashes). By default served_model_name and
     log_level are skipped: the engine flags (ModelConfig) and the top-level --log-level define them."""
-    group = parser.add_argument_group("server options")
-    hints = get_type_hints(ServerConfig)
-    for f in fields(ServerConfig):
-        if f.name in skip:
-            continue
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
-        typ = hints[f.name]
-        kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    add_dataclass_args(parser.add_argument_group("server options"), ServerConfig, skip)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -1,7 +1,9 @@
 """Build-on-first-use of the C kernels in `csrc/`, cached per source, compiler and CPU.
 
-The shared object is compiled with the host's gcc (`-O3 -march=native -fopenmp`) into
-`~/.cache/tokenmill/kernels/` the first time it is needed (about a second), then loaded with ctypes.
+A kernel library is one shared object linked from one or more translation units (`LIBRARIES`: `layer` chains
+the rmsnorm, qlinear and attention units); the units share only headers (`simd.h`, `quant.h`, `kernels.h`).
+It is compiled with the host's gcc (`-O3 -march=native -fopenmp`) into `~/.cache/tokenmill/kernels/` the
+first time it is needed (a few seconds), then loaded with ctypes.
 OpenMP resolves to the libgomp torch has already loaded, so the kernels share torch's thread pool.
 When no compiler is found or the build fails, `load_library` returns None and the callers use their
 PyTorch reference; `build_error` says why.
@@ -28,6 +30,15 @@ CSRC = Path(__file__).parent / "csrc"
 # flush-to-zero for the whole process when the library loads (changing torch's float results)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-ffast-math", "-fno-finite-math-only", "-Wall"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
+# the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
+LIBRARIES = {
+    "qlinear": ("qlinear", "qlinear_amx"),
+    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_amx", "attention"),
+}
+
+
+def library_units(name: str) -> tuple[str, ...]:
+    return LIBRARIES.get(name, (name,))
 
 
 def cache_dir() -> Path:
@@ -67,11 +78,38 @@ def _source_text(src: Path) -> str:
     return "\0".join(parts)
 
 
+def _compile(cc: str, flags: list[str], srcs: list[Path], out: Path) -> str:
+    """Compile each unit to an object (in parallel), link them into `out`; '' or why it failed."""
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+        objs = [os.path.join(tmpdir, f"{src.stem}.o") for src in srcs]
+        procs = [subprocess.Popen([cc, *flags, "-c", str(src), "-o", obj], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(srcs, objs)]
+        failed = ""
+        for src, proc in zip(srcs, procs):
+            try:
+                _, err = proc.communicate(timeout=300)
+                why = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                why = "timed out"
+            if proc.returncode != 0 and not failed:
+                failed = f"compiling {src.name} failed: {why}"
+        if failed:
+            return failed
+        tmp = os.path.join(tmpdir, out.name)
+        res = subprocess.run([cc, *LINK_FLAGS, *objs, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            return f"linking {out.name} failed: {(res.stderr.strip().splitlines() or [res.returncode])[-1]}"
+        os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         return None, f"C kernels are built for Linux x86_64/aarch64 only (this is {platform.system()} {platform.machine()})"
-    src = CSRC / f"{name}.c"
+    srcs = [CSRC / f"{unit}.c" for unit in library_units(name)]
     cc = _compiler()
     if cc is None:
         return None, "no C compiler (gcc/cc/clang) found"
@@ -82,29 +120,17 @@ def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc} --version failed: {e}"
-    key = hashlib.sha256("\0".join([_source_text(src), " ".join(flags + LINK_FLAGS), version,
-                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"{name}-{key}.so"
+    parts = [src.name + "\0" + _source_text(src) for src in srcs]
+    key = hashlib.sha256("\0".join([*parts, " ".join(flags + LINK_FLAGS), version, _cpu_signature()]).encode())
+    out = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
         try:
-            obj = tmp + ".o"
-            res = subprocess.run([cc, *flags, "-c", str(src), "-o", obj], capture_output=True, text=True, timeout=300)
-            if res.returncode == 0:
-                res = subprocess.run([cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"], capture_output=True, text=True,
-                                     timeout=300)
-            if os.path.exists(obj):
-                os.unlink(obj)
-            if res.returncode != 0:
-                return None, f"compiling {src.name} failed: {res.stderr.strip().splitlines()[-1:] or res.returncode}"
-            os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
+            out.parent.mkdir(parents=True, exist_ok=True)
+            err = _compile(cc, flags, srcs, out)
         except (OSError, subprocess.SubprocessError) as e:
-            return None, f"compiling {src.name} failed: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            err = f"building {out.name} failed: {e}"
+        if err:
+            return None, err
     try:
         import torch  # noqa: F401  (load torch's libgomp first, so the kernels share its OpenMP runtime)
         return ctypes.CDLL(str(out)), ""
@@ -113,7 +139,8 @@ def _build(name: str) -> tuple[Optional[ctypes.CDLL], str]:
 
 
 def load_library(name: str) -> Optional[ctypes.CDLL]:
-    """The compiled `csrc/<name>.c`, or None (with a one-time warning) when it cannot be built."""
+    """The compiled library `name` (linked from `library_units(name)`), or None (with a one-time warning) when
+    it cannot be built."""
     lib, err = _build(name)
     if lib is None:
         log.warning("CPU kernels %r unavailable (%s); using the PyTorch reference", name, err)

@@ -17,9 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "kernels.h"
+#include "simd.h"
 
 #define RMAX 24             /* rows (query tokens x heads of one KV head) per tile */
 #define MIN_SPLIT_KEYS 128  /* fewest keys per split-K piece */
@@ -84,31 +83,6 @@ static void to_f32(float *dst, const char *src, int64_t src_stride, int nrows, i
 
 /* ---------------------------------------------------------------- AVX2 micro-kernels */
 #ifdef __AVX2__
-static inline float hsum8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-
-static inline __m256 exp8(__m256 x) {
-    /* Cephes-style expf: 2^n * p(r), |rel err| ~ 2e-7 for x in [-87, 88] */
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
-    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 /* Scores of NR query rows x 4 keys: each K load feeds NR rows, each Q load 4 keys (NR constant after inlining) */
 static inline __attribute__((always_inline)) void scores_rows(const int NR, float *S, int sst, const float *Q,
                                                               const float *K, int64_t kst, int nk, int D) {

@@ -7,12 +7,15 @@
 //   residual = o + residual;  x = rmsnorm(residual) * ln2
 //   g|u = x Wgu^T (+ b);  out = (silu(g) * u) Wdown^T (+ b)
 //
-// The same kernels the per-op path calls (qlinear.c, attention.c, rmsnorm.c, included below), chained in C:
-// at batch 1 the per-op path spends most of a step in ~45 PyTorch dispatches and Python per layer. The
-// reference is that per-op path (tokenmill/model/llama.py), which the tests compare against.
-#include "rmsnorm.c"
-#include "qlinear.c"
-#include "attention.c"
+// The same kernels the per-op path calls (qlinear.c, attention.c, rmsnorm.c, linked into this library; see
+// kernels.h), chained in C: at batch 1 the per-op path spends most of a step in ~45 PyTorch dispatches and Python
+// per layer. The reference is that per-op path (tokenmill/model/llama.py), which the tests compare against.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "simd.h"
 
 #define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
 

@@ -7,59 +7,15 @@
 // unpacking cost is paid once per weight per 64-row chunk of x and x stays in cache.
 //
 // With AVX-512 (F + BW) the kernels run 16-wide; otherwise AVX2 8-wide; otherwise scalar. Same math in each.
-//
-// Block layouts (little endian):  Q4_0: f16 d, u8 qs[16]      (18 bytes; weight j = qs[j] & 15, j+16 = qs[j] >> 4)
-//                                 Q4_1: f16 d, f16 m, u8 qs[16] (20 bytes; same nibble order)
-//                                 Q8_0: f16 d, i8 qs[32]       (34 bytes)
+// Large M may take the AMX path (qlinear_amx.c). Block layouts and the block helpers: quant.h.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define TM_AVX512 1
-#endif
+#include "kernels.h"
+#include "quant.h"
 
-#define QK 32
 #define NC 4      // output columns per tile
 #define MCHUNK 64 // rows of x per pass (keeps the x chunk in L2)
-
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
-
-static int block_bytes(int qtype) {
-    switch (qtype) {
-        case Q4_0: return 18;
-        case Q4_1: return 20;
-        case Q8_0: return 34;
-        default: return 0;
-    }
-}
-
-static inline float f16_to_f32(const uint8_t *p) {
-    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  // subnormal: normalize
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
 
 // Dequantize one row of K weights (K/32 blocks) into out[K].
 static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
@@ -140,15 +96,6 @@ static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
     }
 }
 
-#ifdef __AVX2__
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
 // acc over rows x[0..MR) and the NC dequantized columns in w (w[c*K + k]); writes y[r*ldy + c] for c < nc.
 #define MICRO(MR)                                                                                            \
     static void micro_##MR(const float *x, int64_t ldx, const float *w, int64_t K, float *y, int64_t ldy,  \
@@ -185,7 +132,7 @@ static inline float hsum(__m256 v) {
         }                                                                                                    \
     }                                                                                                        \
     for (int r = 0; r < MR; r++)                                                                             \
-        for (int c = 0; c < nc; c++) y[r * ldy + c] = hsum(acc[r][c]) + (bias ? bias[c] : 0.0f);
+        for (int c = 0; c < nc; c++) y[r * ldy + c] = hsum8(acc[r][c]) + (bias ? bias[c] : 0.0f);
 #else
 #define MICRO_BODY(MR)                                                                                       \
     float acc[MR][NC] = {{0}};                                                                               \
@@ -206,32 +153,6 @@ MICRO(3)
 #define DIRECT_MAX_ROWS 3
 #define DIRECT_PREFETCH 4096  // bytes ahead in the weight stream (2-6 KiB measured alike)
 #if defined(TM_AVX512)
-// One block as two vectors of 16 integer weights (as floats), with its scale d and offset m (w = d*q + m).
-static inline __attribute__((always_inline)) void block512(const int qtype, const uint8_t *blk, __m512 *q0, __m512 *q1,
-                                                           float *d, float *m) {
-    if (qtype != Q4_1) *d = f16_to_f32(blk);
-    if (qtype == Q8_0) {
-        const int8_t *qs = (const int8_t *)(blk + 2);
-        *q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
-        *q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
-        *m = 0.0f;
-    } else {
-        const __m128i m4 = _mm_set1_epi8(0x0f);
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (qtype == Q4_1 ? 4 : 2)));
-        *q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, m4)));
-        *q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4)));
-        if (qtype == Q4_1) {  // d and m are adjacent: one conversion for both
-            int32_t dm;
-            memcpy(&dm, blk, 4);
-            const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-            *d = _mm_cvtss_f32(f);
-            *m = _mm_cvtss_f32(_mm_movehdup_ps(f));
-        } else {
-            *m = -8.0f * *d;
-        }
-    }
-}
-
 // direct_tile for a compile-time row count R and block type (always inlined into the dispatcher below, so the
 // accumulators live in registers). Blocks go in pairs into two accumulators per row: one FMA chain would bound
 // the loop by its latency.
@@ -328,7 +249,7 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
             msum[r] += m * xs[r * nb + b];
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum(acc[r]) + msum[r] + bias;
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum8(acc[r]) + msum[r] + bias;
 #else
     float w[QK];
     float acc[DIRECT_MAX_ROWS] = {0};
@@ -365,8 +286,6 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     return 0;
 }
 
-#include "qlinear_amx.c"
-
 // Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type) or out of memory.
 // M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init() enabled it; otherwise
 // M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
@@ -375,7 +294,7 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
     const int bb = block_bytes(qtype);
     if (bb == 0 || K % QK != 0 || M < 0 || N < 0) return -1;
 #if defined(TM_AMX)
-    if (amx_min_m > 0 && M >= amx_min_m && amx_ready) return qlinear_amx(qtype, x, M, K, w, N, bias, y);
+    if (amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled()) return tm_qlinear_amx(qtype, x, M, K, w, N, bias, y);
 #else
     (void)amx_min_m;
 #endif

@@ -1,7 +1,8 @@
 // y[M,N] = x[M,K] @ W[N,K]^T (+ bias) on Intel AMX (bf16 tiles), W kept as packed GGUF blocks.
 //
-// Included by qlinear.c; compiled only where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16 (-march=native
-// on Sapphire Rapids and later), and used only after tm_amx_init() has obtained the kernel's permission for tile
+// Called by qlinear_f32 (qlinear.c); compiled only where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16
+// (-march=native on Sapphire Rapids and later: TM_AMX, quant.h), and used only after tm_amx_init() has obtained the
+// kernel's permission for tile
 // data (Linux arch_prctl). Numerics: each weight is dequantized exactly as dequant_row does, then rounded to bf16
 // (round to nearest even); activations are rounded to bf16; products are summed in float32 by the tile unit.
 // That is what the dense bf16 copy (`gemm_dtype` bfloat16) computes, without keeping the copy or reading it.
@@ -12,8 +13,13 @@
 // into y. Work: OpenMP over pairs of panels (32 output rows), each dequantized once per call into a buffer (2 x 48
 // KiB at K = 1536, L2-resident), then every 32 tokens run over it with 2 x 2 accumulator tiles. The weight stream
 // (4.5-8.5 bits a weight, prefetched ahead) is read once per call, whatever M is.
-#if defined(TM_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define TM_AMX 1
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "quant.h"
+
+#if defined(TM_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -30,6 +36,8 @@ int tm_amx_init(void) {
     if (!amx_ready) amx_ready = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
     return amx_ready;
 }
+
+int tm_amx_enabled(void) { return amx_ready; }
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -133,11 +141,12 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
     } while (0)
 
 // Returns 0, -1 out of memory. K % 32 == 0 (checked by the caller).
-static int qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                       const float *bias, float *y) {
+int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   const float *bias, float *y) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
-            const int rc = qlinear_amx(qtype, x + m * K, M - m < AMX_MAX_M ? M - m : AMX_MAX_M, K, w, N, bias, y + m * N);
+            const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
+            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * N);
             if (rc) return rc;
         }
         return 0;

@@ -2,6 +2,7 @@
 // One call replaces ~7 tiny PyTorch ops per norm at batch 1 (each costs several microseconds of dispatch).
 #include <math.h>
 #include <stdint.h>
+#include "kernels.h"
 
 // x, r (may be NULL), sum_out (may be NULL: then s is not stored), out: [M, D]; w: [D].
 void add_rmsnorm_f32(const float *x, const float *r, const float *w, int64_t M, int64_t D, float eps,

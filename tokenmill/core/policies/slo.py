@@ -1,216 +1,14 @@
-"""Queue policies. Each orders waiting requests (admission) and running ones (budget order, preemption victims).
-
-One interface, small classes: `waiting_key` / `order_waiting` (admission order), `order_running` (which running
-request takes the step's budget first), `victim_key` (larger is preempted first), `step_token_budget` (the step's
-size), `on_scheduled` (accounting after each step), `should_reject` (early rejection).
-Pure Python, driven by an injectable clock so tests run on simulated time.
-"""
+"""Service-level objectives: earliest first-token deadline first, step budgets sized for the running decodes'
+time-per-output-token targets. Step times come from tokenmill.perf.step_models (pure Python)."""
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections import defaultdict
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
+from tokenmill.core.policies.base import Policy
+from tokenmill.perf.step_models import CorrectedStepModel, OnlineStepModel, StepCostModel
 from tokenmill.request import Request, RequestStatus
-
-
-class StepCostModel(Protocol):
-    """Predicts the wall time of one engine step (see tokenmill.perf.cost_model.CostModel)."""
-
-    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float: ...
-
-
-class Policy:
-    name = "base"
-
-    def waiting_key(self, req: Request, now: float) -> tuple:
-        # preempted requests go back to the head of the queue: they already waited
-        return (req.status != RequestStatus.PREEMPTED, req.arrival_time)
-
-    def victim_key(self, req: Request, now: float) -> tuple:
-        return (req.arrival_time,)
-
-    def order_waiting(self, waiting: list[Request], now: float) -> list[Request]:
-        """The waiting queue in admission order (default: sorted by waiting_key)."""
-        return sorted(waiting, key=lambda r: self.waiting_key(r, now))
-
-    def order_running(self, running: list[Request], now: float) -> list[Request]:
-        """The order in which running requests take the step's token budget (default: admission order)."""
-        return running
-
-    def defer_prefill(self, req: Request, now: float) -> bool:
-        """True: this running, partly prefilled request continues only with the budget left after the
-        waiting queue has been admitted."""
-        return False
-
-    def on_scheduled(self, req: Request, num_tokens: int) -> None:
-        pass
-
-    def on_output(self, req: Request, num_tokens: int) -> None:
-        pass
-
-    def should_reject(self, req: Request, now: float) -> bool:
-        return False
-
-    def step_token_budget(self, running: list[Request], budget: int, now: float) -> int:
-        """Token budget of the next step (a policy may shrink it to protect running decodes)."""
-        return budget
-
-    def adjust_config(self, config: Any) -> Any:
-        """The scheduler config this policy runs with (a policy may fill in its own defaults)."""
-        return config
-
-
-class FCFSPolicy(Policy):
-    """First come, first served; the newest running request is preempted first."""
-
-    name = "fcfs"
-
-
-class PriorityPolicy(Policy):
-    """Lower `priority` value first (vLLM convention), then arrival; victims: highest value, newest."""
-
-    name = "priority"
-
-    def waiting_key(self, req: Request, now: float) -> tuple:
-        return (req.priority, req.status != RequestStatus.PREEMPTED, req.arrival_time)
-
-    def victim_key(self, req: Request, now: float) -> tuple:
-        return (req.priority, req.arrival_time)
-
-
-class OnlineStepModel:
-    """Step time learned online: recursive least squares of t = a + b * tokens + c * kv_tokens_read.
-
-    Used by the SLO policy when no calibrated cost model is given. Samples are the wall time between
-    consecutive schedule() calls (what a decode actually waits); a sample much longer than predicted
-    (the engine was idle) is skipped once the model has seen enough steps. The fit runs on features of alike
-    size (tokens per thousand, KV reads per 100k), keeps its coefficients non-negative (what a step time
-    is made of; and intercept and KV reads are collinear over alike decode steps, where an unconstrained fit
-    leans on a negative coefficient) and its covariance bounded (see _bounded_covariance).
-    """
-
-    _UNITS = (1.0, 1e3, 1e5)
-
-    def __init__(self, forget: float = 0.995, prior: tuple[float, float, float] = (0.02, 2e-4, 1e-6)):
-        self.theta = [max(0.0, v) for v in prior]
-        self._p0 = (1e4, 1e4, 1e4)  # prior variances of the scaled coefficients: uninformative
-        self.p = [[self._p0[i] if i == j else 0.0 for j in range(3)] for i in range(3)]
-        self.forget = forget
-        self.num_samples = 0
-
-    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
-        a, b, c = self.theta
-        return a + b * num_tokens + c * kv_tokens_read
-
-    def observe(self, num_tokens: int, kv_tokens_read: int, seconds: float) -> None:
-        pred = self.predict(num_tokens, 0, kv_tokens_read, 0)
-        if self.num_samples >= 8 and seconds > 4.0 * pred + 0.05:
-            return  # idle gap, not a step
-        u = self._UNITS
-        x = [1.0, num_tokens / u[1], kv_tokens_read / u[2]]
-        th = [self.theta[i] * u[i] for i in range(3)]
-        px = [sum(self.p[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denom = self.forget + sum(x[i] * px[i] for i in range(3))
-        k = [v / denom for v in px]
-        err = seconds - sum(th[i] * x[i] for i in range(3))
-        self.theta = [max(0.0, th[i] + k[i] * err) / u[i] for i in range(3)]
-        self.p = _bounded_covariance([[(self.p[i][j] - k[i] * px[j]) / self.forget for j in range(3)] for i in range(3)],
-                                     self._p0)
-        self.num_samples += 1
-
-
-class CorrectedStepModel:
-    """A calibrated step model corrected online for what it does not see: observed = scale * predicted + offset.
-
-    The calibration times bare engine steps; inside a server each step also pays for streaming, detokenizing
-    and the event loop sharing the cores: a fixed part per step (`offset`) and a slowdown of the step's own
-    work (`scale`: on a 2-core CPU the server's threads take cycles from the forward, so long steps overran an
-    offset-only correction by ~30%). Both are fitted by recursive least squares with forgetting on the wall time
-    between consecutive schedule() calls (idle gaps skipped); the covariance is bounded so that a run of
-    same-sized steps cannot wind it up.
-    """
-
-    def __init__(self, base: StepCostModel, forget: float = 0.98, max_scale: float = 4.0):
-        self.base = base
-        self.forget = forget
-        self.max_scale = max_scale
-        self.scale, self.offset = 1.0, 0.0
-        # step times vary by a share of their length (~20%), so each sample is weighted by 1 / (pred + 10 ms)
-        # and the prior variances are over that relative noise (0.2^2): scale within ~0.2, offset within ~10 ms
-        self._p0 = (0.05 / 0.04, 1e-4 / 0.04)
-        self._p = [[self._p0[0], 0.0], [0.0, self._p0[1]]]
-        self.num_samples = 0
-
-    def _correct(self, pred: float) -> float:
-        return self.scale * pred + max(0.0, self.offset)  # scale is kept within [0.5, max_scale] by observe()
-
-    def predict(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int) -> float:
-        return self._correct(self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs))
-
-    def observe(self, num_tokens: int, num_reqs: int, kv_tokens_read: int, attn_pairs: int, seconds: float) -> None:
-        pred = self.base.predict(num_tokens, num_reqs, kv_tokens_read, attn_pairs)
-        if seconds > 4.0 * self._correct(pred) + 0.05:
-            return  # idle gap, not a step
-        w = 1.0 / (pred + 0.01)
-        x = (pred * w, w)
-        p = self._p
-        px = (p[0][0] * x[0] + p[0][1] * x[1], p[1][0] * x[0] + p[1][1] * x[1])
-        denom = self.forget + x[0] * px[0] + x[1] * px[1]
-        k = (px[0] / denom, px[1] / denom)
-        err = (seconds - (self.scale * pred + self.offset)) * w
-        self.scale += k[0] * err
-        self.offset += k[1] * err
-        p = [[(p[i][j] - k[i] * px[j]) / self.forget for j in range(2)] for i in range(2)]
-        self._p = _bounded_covariance(p, self._p0)
-        # projected estimate: outside these bounds the fit has drifted along a direction the steps do not excite
-        self.scale = min(self.max_scale, max(0.5, self.scale))
-        self.offset = min(1.0, max(-0.05, self.offset))
-        self.num_samples += 1
-
-
-def _symmetric_eigen(a: list[list[float]]) -> tuple[list[float], list[list[float]]]:
-    """Eigenvalues and eigenvectors (the columns of the second result) of a small symmetric matrix (Jacobi)."""
-    n = len(a)
-    a = [row[:] for row in a]
-    v = [[float(i == j) for j in range(n)] for i in range(n)]
-    for _ in range(64):
-        off = sum(a[i][j] ** 2 for i in range(n) for j in range(i + 1, n))
-        if off <= 1e-30 * sum(a[i][i] ** 2 for i in range(n)) or off == 0.0:
-            break
-        for p in range(n):
-            for q in range(p + 1, n):
-                if a[p][q] == 0.0:
-                    continue
-                theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q])
-                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + (theta * theta + 1.0) ** 0.5)
-                c = 1.0 / (t * t + 1.0) ** 0.5
-                s = t * c
-                for m in (a, v):  # columns p, q of A J and of V J
-                    for k in range(n):
-                        x, y = m[k][p], m[k][q]
-                        m[k][p], m[k][q] = c * x - s * y, s * x + c * y
-                for k in range(n):  # rows p, q of J^T (A J)
-                    x, y = a[p][k], a[q][k]
-                    a[p][k], a[q][k] = c * x - s * y, s * x + c * y
-    return [a[i][i] for i in range(n)], v
-
-
-def _bounded_covariance(p: list[list[float]], p0: tuple[float, ...]) -> list[list[float]]:
-    """An RLS covariance made symmetric, positive definite and no larger than diag(p0).
-
-    Forgetting divides the covariance by the forgetting factor at every step, so in a direction the steps do
-    not excite (a long run of alike decode steps) it grows without bound, and rounding there can leave it
-    indefinite: the estimate then diverges (it reached scale 1e6 ten simulated minutes into a chat run). The
-    eigenvalues, in coordinates scaled by the prior variances, are kept within [1e-12, 1].
-    """
-    n = len(p0)
-    r = [x ** 0.5 for x in p0]
-    q = [[0.5 * (p[i][j] + p[j][i]) / (r[i] * r[j]) for j in range(n)] for i in range(n)]
-    lam, v = _symmetric_eigen(q)
-    lam = [min(1.0, max(1e-12, x)) for x in lam]
-    return [[r[i] * r[j] * sum(lam[k] * v[i][k] * v[j][k] for k in range(n)) for j in range(n)] for i in range(n)]
 
 
 def _is_decode(r: Request) -> bool:
@@ -244,6 +42,16 @@ class SLOPolicy(Policy):
     """
 
     name = "slo"
+
+    @classmethod
+    def from_config(cls, config: Any, cost_model: Optional[StepCostModel] = None) -> "SLOPolicy":
+        """Server-wide targets from `slo_ttft_ms` / `slo_tpot_ms` (None: the defaults), rejection from `slo_reject`."""
+        kw: dict[str, Any] = {}
+        if getattr(config, "slo_ttft_ms", None):
+            kw["default_ttft_ms"] = config.slo_ttft_ms
+        if getattr(config, "slo_tpot_ms", None):
+            kw["default_tpot_ms"] = config.slo_tpot_ms
+        return cls(reject=bool(getattr(config, "slo_reject", False)), cost_model=cost_model, **kw)
 
     def __init__(self, default_ttft_ms: float = 10_000.0, default_tpot_ms: float = 1_000.0, reject: bool = False,
                  cost_model: Optional[StepCostModel] = None, min_prefill_chunk: int = 32,
@@ -374,6 +182,10 @@ class SLOPolicy(Policy):
     def victim_key(self, req: Request, now: float) -> tuple:
         return (self.deadline(req) - now, req.arrival_time)
 
+    @property
+    def rejects_requests(self) -> bool:  # type: ignore[override]
+        return self.reject
+
     def should_reject(self, req: Request, now: float) -> bool:
         return (self.reject and req.first_token_time is None and req.status == RequestStatus.WAITING
                 and now - req.arrival_time > 2 * self._ttft_s(req))
@@ -498,73 +310,3 @@ class SLOPolicy(Policy):
                     lo = mid
             need = max(need, hi)
         return need
-
-
-class FairPolicy(Policy):
-    """Virtual token counter (VTC): the user served least so far goes first.
-
-    Prompt tokens count 1, generated tokens `output_weight`. A user who (re)joins the queue is lifted
-    to the smallest counter among users with queued or running work, so idle time earns no credit.
-    """
-
-    name = "fair"
-
-    def __init__(self, output_weight: float = 2.0):
-        self.output_weight = output_weight
-        self.counters: dict[str, float] = defaultdict(float)
-        self.active: dict[str, int] = defaultdict(int)
-
-    @staticmethod
-    def user(req: Request) -> str:
-        return req.sampling_params.user or ""
-
-    def on_arrival(self, req: Request) -> None:
-        u = self.user(req)
-        if self.active[u] == 0:
-            others = [self.counters[v] for v, n in self.active.items() if n > 0 and v != u]
-            if others:
-                self.counters[u] = max(self.counters[u], min(others))
-        self.active[u] += 1
-
-    def on_finish(self, req: Request) -> None:
-        u = self.user(req)
-        self.active[u] = max(0, self.active[u] - 1)
-
-    def waiting_key(self, req: Request, now: float) -> tuple:
-        return (self.counters[self.user(req)], req.arrival_time)
-
-    def victim_key(self, req: Request, now: float) -> tuple:
-        return (self.counters[self.user(req)], req.arrival_time)
-
-    def on_scheduled(self, req: Request, num_tokens: int) -> None:
-        # prefill tokens (not yet part of the output) are charged when scheduled
-        prompt_part = max(0, min(num_tokens, req.num_prompt_tokens - req.num_computed_tokens))
-        self.counters[self.user(req)] += prompt_part
-
-    def on_output(self, req: Request, num_tokens: int) -> None:
-        self.counters[self.user(req)] += self.output_weight * num_tokens
-
-
-def make_policy(name: str, slo_reject: bool = False, default_ttft_ms: Optional[float] = None,
-                default_tpot_ms: Optional[float] = None, cost_model: Optional[StepCostModel] = None) -> Policy:
-    if name == "fcfs":
-        return FCFSPolicy()
-    if name == "priority":
-        return PriorityPolicy()
-    if name == "slo":
-        kw = {}
-        if default_ttft_ms:
-            kw["default_ttft_ms"] = default_ttft_ms
-        if default_tpot_ms:
-            kw["default_tpot_ms"] = default_tpot_ms
-        return SLOPolicy(reject=slo_reject, cost_model=cost_model, **kw)
-    if name == "fair":
-        return FairPolicy()
-    raise ValueError(f"unknown scheduling policy {name!r}; choose fcfs, priority, slo or fair")
-
-
-def make_policy_for_config(config: Any, cost_model: Optional[StepCostModel] = None) -> Policy:
-    """The policy a SchedulerConfig names; server-wide SLO targets come from its `slo_ttft_ms` /
-    `slo_tpot_ms` fields (None: the policy's defaults)."""
-    return make_policy(config.policy, slo_reject=config.slo_reject, default_ttft_ms=config.slo_ttft_ms,
-                       default_tpot_ms=config.slo_tpot_ms, cost_model=cost_model)

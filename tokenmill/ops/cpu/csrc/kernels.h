@@ -1,0 +1,31 @@
+// The functions the kernel translation units export to each other (layer.c chains rmsnorm.c, qlinear.c and
+// attention.c) and to Python (ctypes, tokenmill/ops/cpu/*.py; layer.c's entry points are called from Python only).
+// Each library tokenmill/ops/cpu/build.py builds links the units it needs; every unit includes this header, so a
+// definition that drifts from its declaration fails to compile.
+#ifndef TM_KERNELS_H
+#define TM_KERNELS_H
+
+#include <stdint.h>
+
+// rmsnorm.c: s = x (+ r); out = w * s / sqrt(mean(s^2) + eps), rows of D.
+void add_rmsnorm_f32(const float *x, const float *r, const float *w, int64_t M, int64_t D, float eps,
+                     float *sum_out, float *out);
+
+// qlinear.c (+ qlinear_amx.c): y[M,N] = x[M,K] @ W[N,K]^T (+ bias), W packed GGUF blocks.
+int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m);
+int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out);
+int tm_amx_init(void);
+
+// attention.c: paged attention over a block pool; bf16 gather of one request's K/V.
+int tm_attention_abi_version(void);
+int tm_kv_dtype_supported(int kv_dtype);
+int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
+                       const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
+                       const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
+                       const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                       int h, float scale, int window, float *out);
+int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
+                      uint16_t *out);
+
+#endif  // TM_KERNELS_H

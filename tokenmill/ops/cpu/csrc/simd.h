@@ -1,0 +1,41 @@
+// SIMD helpers shared by the kernel translation units (static inline: each unit that includes this header gets
+// its own inlinable copy, so hot loops keep them in registers as when they were written in each file).
+#ifndef TM_SIMD_H
+#define TM_SIMD_H
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TM_AVX512 1
+#endif
+
+#ifdef __AVX2__
+// The sum of the 8 lanes of v.
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+// exp of 8 lanes. Cephes-style expf: 2^n * p(r), |rel err| ~ 2e-7 for x in [-87, 88].
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif  // __AVX2__
+
+#endif  // TM_SIMD_H
