@@ -1,6 +1,6 @@
 """GPU roofline: measure the device, compute what the workloads could reach, time transformers (and tokenmill).
 
-Run on a GPU machine (results go in docs/PERFORMANCE.md with date, device and command):
+Run on a GPU machine (results go in a bench/results/ folder with date, device and command, and the GPU table of docs/PERFORMANCE.md):
 
     python bench/gpu_roofline.py --config bench/configs/llama-3-8b.json --measure --hf --out roofline.json
     python bench/gpu_roofline.py --config bench/configs/llama-3-8b.json --tokenmill   # once the engine runs

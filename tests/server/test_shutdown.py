@@ -46,7 +46,7 @@ def test_sigterm_graceful_shutdown():
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
-                             "--max-model-len", "2048", "--shutdown-grace-s", "4"],
+                             "--max-model-len", "2048", "--shutdown-grace-s", "6"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for _ in range(1200):
@@ -59,7 +59,7 @@ def test_sigterm_graceful_shutdown():
             time.sleep(0.1)
         short, long_ = {}, {}
         ev_s, ev_l = threading.Event(), threading.Event()
-        ts = threading.Thread(target=_stream, args=(url, {"prompt": "Once upon a time", "max_tokens": 12,
+        ts = threading.Thread(target=_stream, args=(url, {"prompt": "Once upon a time", "max_tokens": 4,
                                                           "stream": True, "ignore_eos": True}, short, ev_s))
         # 2000 tokens: well past the 4 s grace period at any CPU speed (480 finished inside it once decode passed
         # 120 tok/s)

@@ -3,7 +3,7 @@
 glibc's malloc hands blocks above its mmap threshold (dynamic, 128 KiB up to 32 MiB) to fresh mmaps and gives
 freed heap tops back to the kernel past a trim threshold; every engine step allocates the same few-MiB
 activations and logits again, so each one is page-faulted and zeroed anew: a 16-row sampling step took 2.2 ms
-instead of 1.0 (bench/cpu_sampler.py with and without --no-tune-allocator; session 6 in docs/PERFORMANCE.md).
+instead of 1.0 (bench/cpu_sampler.py with and without --no-tune-allocator; bench/results/s6/README.md).
 Fixing both thresholds keeps freed blocks in the heap for the next step.
 """
 from __future__ import annotations
