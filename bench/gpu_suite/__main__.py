@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
@@ -26,20 +27,28 @@ def _runner(name: str) -> Callable:
 
 
 def run_step(name: str, work: str, dry: bool, t0: float, limit_s: float, seed: int = 0) -> int:
-    from bench.gpu_suite.common import SKIPPED_NO_CUDA, Ctx, Step, cuda_available
+    from bench.gpu_suite.common import SKIPPED_NO_CUDA, Ctx, Step, StepTimeout, cuda_available
     from bench.gpu_suite.sizes import sizes_for
 
     ctx = Ctx(dry=dry, cuda=cuda_available(), work=work, t0=t0, seed=seed)
     step = Step(name, ctx)
+
+    def _stop(signum, frame):  # the driver's `timeout` sends SIGTERM at the step's limit
+        raise StepTimeout()
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if not ctx.cuda and not dry and name not in CUDA_ONLY:
             step.skip(SKIPPED_NO_CUDA)  # the full shapes are for a GPU; --dry-run runs tiny ones here
         else:
             _runner(name)(ctx, step, sizes_for(dry), limit_s)
+    except StepTimeout:
+        step.errors.append(f"stopped at the time limit ({limit_s:.0f} s)")
     except Exception as e:  # a bug outside the guarded measurements: record it, keep the suite going
         traceback.print_exc()
         step.errors.append(f"{type(e).__name__}: {e}"[:300])
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         res = step.save()
     print(f"[gpu_suite] {name}: {res['status']}")
     return 0 if res["status"] == "ok" or res["status"].startswith("skipped") else 1

@@ -46,6 +46,10 @@ TINY_1B = dict(TINY_8B, tie_word_embeddings=True, head_dim=32, num_hidden_layers
                              "original_max_position_embeddings": 64, "rope_type": "llama3"})
 
 
+class StepTimeout(BaseException):
+    """Raised in a step when the driver's `timeout` sends SIGTERM: the step saves what it has and exits."""
+
+
 @dataclass
 class Ctx:
     """What a step knows about its run: dry or real, CUDA or not, where results go, when it was launched."""
@@ -130,15 +134,21 @@ class Step:
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Run one measurement; an exception becomes an error row (with the traceback in the log)."""
+        """Run one measurement; an exception becomes an error row (with the traceback in the log). The rows
+        so far are saved after each measurement, so a step stopped at its time limit keeps them."""
         try:
             yield
+        except StepTimeout:
+            self.rows.append(row(what, None, note="stopped at the step's time limit"))
+            raise
         except Exception as e:  # a measurement failing must not stop the step's other measurements
             traceback.print_exc()
             msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
             self.errors.append(f"{what}: {msg}")
-            self.rows.append(dict(row(what, None, note=f"error: {msg}")))
+            self.rows.append(row(what, None, note=f"error: {msg}"))
             release()
+        finally:
+            self.save()
 
     def skip(self, reason: str) -> None:
         self.skipped = reason
@@ -207,6 +217,24 @@ def make_llm(ctx: Ctx, folder: str, **engine_args: Any):
     args = dict(load_format="dummy", dtype=ctx.dtype, device=ctx.device, skip_tokenizer_init=True, seed=ctx.seed)
     args.update(engine_args)
     return LLM(model=folder, **args)
+
+
+def build_llm(ctx: Ctx, step: Step, what: str, folder: str, **engine_args: Any) -> tuple[Any, str]:
+    """make_llm; when that fails on CUDA with CUDA graphs on, record the error and build once more eagerly
+    (numbers without graphs beat no numbers). Returns (llm, a note suffix naming the fallback)."""
+    try:
+        return make_llm(ctx, folder, **engine_args), ""
+    except StepTimeout:
+        raise
+    except Exception as e:
+        if not ctx.cuda or engine_args.get("enforce_eager"):
+            raise
+        traceback.print_exc()
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        step.errors.append(f"{what} with CUDA graphs: {msg}")
+        step.rows.append(row(f"{what} with CUDA graphs", None, note=f"error: {msg}; retried with enforce_eager"))
+        release()
+        return make_llm(ctx, folder, enforce_eager=True, **engine_args), " [eager: the graph build failed]"
 
 
 def release() -> None:

@@ -110,7 +110,8 @@ def write_report(work: str, out: str, steps: list[str], dry: bool, started: Opti
     entries = collect(work, steps)
     dev = next((e.get("details", {}).get("device") for e in entries if e.get("name") == "device"), None)
     versions = next((e.get("details", {}).get("versions") for e in entries if e.get("name") == "device"), None)
-    meta = {"suite": "tokenmill GPU suite (bench/gpu_suite.sh)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"suite": "tokenmill GPU suite (bench/gpu_suite.sh)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "dry_run": dry, "device": dev or f"no CUDA ({platform.machine()})", "versions": versions,
             "seconds": time.time() - started if started else 0.0}
     os.makedirs(out, exist_ok=True)

@@ -94,6 +94,7 @@ def run_gpu_tests(ctx: Ctx, step: Step, limit_s: float) -> None:
         step.add(row("GPU + kernel tests passed", passed, "tests", ref=ran or None, ref_label="tests run",
                      target=1.0, note=f"{skipped} skipped" + ("; cut off by the time limit" if rc is None else "")))
         if failed:
-            step.errors.append(f"{failed} tests failed: " + ", ".join((res.get("FAILED", []) + res.get("ERROR", []))[:5]))
+            bad = res.get("FAILED", []) + res.get("ERROR", [])
+            step.errors.append(f"{failed} tests failed: " + ", ".join(bad[:5]))
         elif rc not in (0,):
             step.errors.append(f"pytest exited {rc}")

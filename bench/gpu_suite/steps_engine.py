@@ -7,9 +7,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from bench.gpu_suite.common import (HF_8B_ANCHORS, Ctx, Step, decode_timing, engine_facts, generate_throughput,
-                                    graph_replays, kv_cache_bytes, load_config, make_llm, model_folder, num,
-                                    random_prompts, release, row, shape_of)
+from bench.gpu_suite.common import (HF_8B_ANCHORS, Ctx, Step, build_llm, decode_timing, engine_facts,
+                                    generate_throughput, graph_replays, kv_cache_bytes, load_config, model_folder,
+                                    num, random_prompts, release, row, shape_of)
 from bench.gpu_suite.sizes import Sizes
 
 
@@ -102,13 +102,13 @@ def run_llama8b(ctx: Ctx, step: Step, sz: Sizes) -> None:
                         weight_gb=shape.weight_bytes(_dtype_bytes(ctx)) / 1e9, args=llama8b_args(sz))
     llm = None
     with step.guard("start to ready"):
-        llm = make_llm(ctx, model_folder(cfg), **llama8b_args(sz))
+        llm, fb = build_llm(ctx, step, "8B engine", model_folder(cfg), **llama8b_args(sz))
         ready = time.time() - ctx.t0
         facts = engine_facts(llm)
         step.details["engine"] = facts
         print(facts["plan"] or "no memory plan (CPU)")
         step.add(row("start to ready (process start -> LLM built)", ready, "s", target=60.0, higher_is_better=False,
-                     note=f"engine load {facts['load_time_s']:.1f} s, {len(facts['graph_sizes'])} graphs"))
+                     note=f"engine load {facts['load_time_s']:.1f} s, {len(facts['graph_sizes'])} graphs{fb}"))
     if llm is None:
         return
     with step.guard("KV capacity plan"):
@@ -122,14 +122,14 @@ def run_llama8b(ctx: Ctx, step: Step, sz: Sizes) -> None:
         step.add(row(f"batch-1 decode {sz.batch1_prompt}/{sz.batch1_new}", r["decode_tokens_per_s"], "tok/s",
                      ref=roof.tokens_per_s, ref_label=f"bandwidth roofline ({src})", target=0.9,
                      note=f"step p50 {num(r['step_ms_p50'])} ms, TTFT {num(r['ttft_s'], '.0f', 1e3)} ms, "
-                          f"graph replays {graph_replays(llm)}"))
+                          f"graph replays {graph_replays(llm)}{fb}"))
     with step.guard("offline"):
         n, p, o = sz.offline_requests, sz.offline_prompt, sz.offline_new
         r = generate_throughput(llm, random_prompts(n, p, vocab, ctx.seed + 2), o)
         step.details["offline"] = r
         roof = offline_roofline(shape, bw, mm, n, p, o, _dtype_bytes(ctx))
         tps = r["output_tokens_per_s"]
-        note = f"{r['seconds']:.1f} s, {r['preemptions']} preemptions"
+        note = f"{r['seconds']:.1f} s, {r['preemptions']} preemptions{fb}"
         step.add(row(f"offline {n} x {p}/{o}", tps, "tok/s", ref=roof.tokens_per_s,
                      ref_label=f"workload roofline ({src})", target=0.7, note=note))
         step.add(row(f"offline {n} x {p}/{o} vs transformers batched", tps, "tok/s",
@@ -153,7 +153,7 @@ def run_long32k(ctx: Ctx, step: Step, sz: Sizes) -> None:
     step.details.update(ceilings={"bandwidth": bw, "matmul_flops": mm, "source": src}, args=long_args(sz))
     llm = None
     with step.guard("load"):
-        llm = make_llm(ctx, model_folder(cfg), **long_args(sz))
+        llm, fb = build_llm(ctx, step, "32k engine", model_folder(cfg), **long_args(sz))
         step.details["engine"] = engine_facts(llm)
     if llm is None:
         return
@@ -166,7 +166,7 @@ def run_long32k(ctx: Ctx, step: Step, sz: Sizes) -> None:
                                      dtype_bytes=_dtype_bytes(ctx))
         step.add(row(f"batch-1 decode at {sz.long_context} context", r["decode_tokens_per_s"], "tok/s",
                      ref=roof.tokens_per_s, ref_label=f"roofline with KV reads ({src})", target=0.75,
-                     note=f"step p50 {num(r['step_ms_p50'])} ms, graph replays {graph_replays(llm)}"))
+                     note=f"step p50 {num(r['step_ms_p50'])} ms, graph replays {graph_replays(llm)}{fb}"))
         prefill_s = shape.prefill_flops(sz.long_context) / mm
         step.add(row(f"{sz.long_context}-token prefill (time to first token)", r["ttft_s"], "s", ref=prefill_s,
                      ref_label=f"FLOPs / matmul rate ({src})", higher_is_better=False))
@@ -190,10 +190,10 @@ def run_fp8kv(ctx: Ctx, step: Step, sz: Sizes) -> None:
     for kind in ("auto", "fp8"):
         llm = None
         with step.guard(f"{kind} KV load"):
-            llm = make_llm(ctx, folder, **fp8_args(sz, kind, kv_gib))
+            llm, fb = build_llm(ctx, step, f"{kind} KV engine", folder, **fp8_args(sz, kind, kv_gib))
             runner = llm.engine.core.runner
             res[kind] = {"usable_tokens": (runner.num_blocks - 1) * runner.block_size,
-                         "kv_cache_bytes": kv_cache_bytes(llm), "engine": engine_facts(llm)}
+                         "kv_cache_bytes": kv_cache_bytes(llm), "engine": engine_facts(llm), "fallback": fb}
         if llm is None:
             continue
         with step.guard(f"{kind} KV offline"):
@@ -236,9 +236,9 @@ def run_prefix(ctx: Ctx, step: Step, sz: Sizes) -> None:
         key = "on" if caching else "off"
         llm = None
         with step.guard(f"prefix caching {key}"):
-            llm = make_llm(ctx, folder, **prefix_args(sz, caching))
+            llm, fb = build_llm(ctx, step, f"prefix caching {key} engine", folder, **prefix_args(sz, caching))
             _warm_up(llm, vocab, ctx.seed)
-            res[key] = generate_throughput(llm, prompts, sz.prefix_new)
+            res[key] = {**generate_throughput(llm, prompts, sz.prefix_new), "fallback": fb}
         llm = None
         release()
     if "on" in res and "off" in res:

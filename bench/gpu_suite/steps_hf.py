@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any, Optional
 
-from bench.gpu_suite.common import (HF_8B_ANCHORS, Ctx, Step, generate_throughput, load_config, make_llm,
+from bench.gpu_suite.common import (HF_8B_ANCHORS, Ctx, Step, build_llm, generate_throughput, load_config,
                                     model_folder, random_prompts, release, row, sync)
 from bench.gpu_suite.sizes import Sizes
 
@@ -93,8 +93,8 @@ def run_hf_equal(ctx: Ctx, step: Step, sz: Sizes) -> None:
     if not hf_out:
         return
     with step.guard("tokenmill greedy"):
-        llm = make_llm(ctx, folder, load_format="safetensors", max_model_len=max(sz.eq_prompt_lens) + sz.eq_new + 16,
-                       max_num_seqs=len(prompts))
+        llm, fb = build_llm(ctx, step, "1B engine", folder, load_format="safetensors",
+                            max_model_len=max(sz.eq_prompt_lens) + sz.eq_new + 16, max_num_seqs=len(prompts))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0.0, max_tokens=sz.eq_new, ignore_eos=True, logprobs=2),
                             use_tqdm=False)
@@ -108,7 +108,7 @@ def run_hf_equal(ctx: Ctx, step: Step, sz: Sizes) -> None:
                            f"{r['first_divergence']} (gap {r['hf_top2_gap']:.3g})" for r in results)
         step.add(row(f"greedy tokens equal to transformers ({len(prompts)} prompts x {sz.eq_new}, {ctx.dtype})", ok,
                      "prompts", ref=len(prompts), ref_label="prompts compared", target=1.0,
-                     note=f"first divergence: {firsts}"))
+                     note=f"first divergence: {firsts}{fb}"))
         diffs = [r["max_logprob_diff"] for r in results if r["max_logprob_diff"] is not None]
         if diffs:
             step.add(row("max |logprob difference| of the agreed tokens", max(diffs), "nats"))
@@ -155,8 +155,9 @@ def run_hf_peer(ctx: Ctx, step: Step, sz: Sizes) -> None:
     model = None
     release()
     with step.guard("tokenmill generate"):
-        llm = make_llm(ctx, folder, max_model_len=sz.peer_max_model_len, max_num_seqs=sz.peer_requests,
-                       max_num_batched_tokens=sz.max_batched_tokens)
+        llm, fb = build_llm(ctx, step, "1B engine", folder, max_model_len=sz.peer_max_model_len,
+                            max_num_seqs=sz.peer_requests, max_num_batched_tokens=sz.max_batched_tokens)
+        tm["fallback"] = fb
         generate_throughput(llm, random_prompts(4, 48, vocab, ctx.seed + 99), 6)  # warm-up
         tm["batch1"] = generate_throughput(llm, b1, sz.peer_b1_new)
         tm["batched"] = generate_throughput(llm, batched, sz.peer_new)

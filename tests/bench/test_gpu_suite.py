@@ -84,7 +84,8 @@ def test_full_sizes_fit_the_h100_and_the_issue():
     # FP8 KV: both get the memory of 32k bf16 tokens = 4 GiB on the 8B shape; the workload cannot fit in bf16
     assert kv_gib_for(cfg, FULL, 2) == pytest.approx(4.0)
     need = FULL.fp8_requests * (FULL.fp8_prompt + FULL.fp8_new)
-    assert need > 2 * FULL.fp8_kv_tokens and fp8_args(FULL, "fp8", 4.0)["max_num_seqs"] * FULL.fp8_max_model_len > 2 * FULL.fp8_kv_tokens
+    assert need > 2 * FULL.fp8_kv_tokens  # memory-bound even for fp8; max_num_seqs does not cap the batch first
+    assert fp8_args(FULL, "fp8", 4.0)["max_num_seqs"] * FULL.fp8_max_model_len > 2 * FULL.fp8_kv_tokens
     assert FULL.prefix_max_model_len >= FULL.prefix_len + FULL.question_len + FULL.prefix_new
     assert max(FULL.eq_prompt_lens) + FULL.eq_new + 16 <= load_config("1b", False)["max_position_embeddings"]
     assert FULL.eq_new > FULL.eq_min_match == 32 and FULL.eq_tie_tol == 1e-2
@@ -182,3 +183,22 @@ def test_script_rejects_bad_arguments(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not os.listdir(tmp_path) or "gpu_suite.json" not in os.listdir(tmp_path)
+
+
+def test_guard_keeps_rows_of_a_step_stopped_at_its_limit(tmp_path):
+    from bench.gpu_suite.common import Ctx, Step, StepTimeout, row
+
+    step = Step("llama8b", Ctx(dry=False, cuda=False, work=str(tmp_path), t0=0.0))
+    with step.guard("batch-1 decode"):
+        step.add(row("batch-1 decode", 150.0, "tok/s", ref=187.0, target=0.9))
+    with step.guard("broken"):
+        raise RuntimeError("CUDA error: an illegal memory access\nmore")
+    with pytest.raises(StepTimeout):
+        with step.guard("offline"):
+            raise StepTimeout()
+    saved = json.loads((tmp_path / "llama8b.json").read_text())  # written after every measurement
+    assert [r["metric"] for r in saved["rows"]] == ["batch-1 decode", "broken", "offline"]
+    assert saved["rows"][0]["met"] is False and saved["rows"][0]["ratio"] == pytest.approx(150 / 187)
+    assert saved["rows"][1]["note"] == "error: RuntimeError: CUDA error: an illegal memory access"
+    assert saved["rows"][2]["note"] == "stopped at the step's time limit"
+    assert saved["status"].startswith("error: 1 failed (broken: RuntimeError")
