@@ -31,6 +31,10 @@ def run_step(name: str, work: str, dry: bool, t0: float, limit_s: float, seed: i
     from bench.gpu_suite.sizes import sizes_for
 
     ctx = Ctx(dry=dry, cuda=cuda_available(), work=work, t0=t0, seed=seed)
+    if dry and not ctx.cuda:  # tiny models: one thread is faster, and steadier on a busy machine
+        import torch
+
+        torch.set_num_threads(1)
     step = Step(name, ctx)
 
     def _stop(signum, frame):  # the driver's `timeout` sends SIGTERM at the step's limit

@@ -4,6 +4,7 @@ batched) and `hf_8b` (transformers batch-1 on the 8B shape, run only when time i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -21,8 +22,12 @@ def build_hf(ctx: Ctx, folder: str, seed: int = 0) -> Any:
 
     cfg = AutoConfig.from_pretrained(folder)
     torch.manual_seed(seed)
+    dtype = getattr(torch, ctx.dtype)
     with torch.device(ctx.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, ctx.dtype), attn_implementation="sdpa")
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        except TypeError:  # transformers before `dtype` replaced `torch_dtype`
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype, attn_implementation="sdpa")
     model.to(ctx.device).eval()  # a no-op when the device context placed it already
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -48,6 +53,11 @@ def hf_greedy(model: Any, prompt: list[int], new: int) -> dict[str, Any]:
     return {"tokens": toks, "top2": top2, "logprobs": lps}
 
 
+def bf16_ulp(x: float) -> float:
+    """Spacing of bfloat16 numbers at |x| (8 significant bits): a logit gap of one ulp is a rounding tie."""
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 2.0 ** -133
+
+
 def compare_greedy(tm_tokens: list[int], tm_logprobs: Optional[list[Any]], hf: dict[str, Any], min_match: int,
                    tie_tol: float) -> dict[str, Any]:
     """First divergence of tokenmill's greedy tokens from transformers'; allowed only at or after min_match tokens
@@ -65,7 +75,8 @@ def compare_greedy(tm_tokens: list[int], tm_logprobs: Optional[list[Any]], hf: d
         return out
     ids, vals = hf["top2"][first]
     gap = vals[0] - vals[1]
-    out.update(hf_top2_gap=gap, tokenmill_token=tm_tokens[first], hf_token=hf["tokens"][first])
+    out.update(hf_top2_gap=gap, hf_top1_logit=vals[0], tokenmill_token=tm_tokens[first], hf_token=hf["tokens"][first],
+               hf_top2_gap_bf16_ulps=gap / bf16_ulp(vals[0]))
     if tm_logprobs and tm_logprobs[first] is not None and len(tm_logprobs[first].top) >= 2:
         top = tm_logprobs[first].top
         out["tokenmill_top2_gap"] = top[0][1] - top[1][1]
@@ -105,7 +116,8 @@ def run_hf_equal(ctx: Ctx, step: Step, sz: Sizes) -> None:
         step.details["prompts"] = [{"prompt_len": len(p), **r} for p, r in zip(prompts, results)]
         ok = sum(1 for r in results if r["ok"])
         firsts = ", ".join("all" if r["first_divergence"] is None else
-                           f"{r['first_divergence']} (gap {r['hf_top2_gap']:.3g})" for r in results)
+                           f"{r['first_divergence']} (HF top-2 gap {r['hf_top2_gap']:.3g} = "
+                           f"{r['hf_top2_gap_bf16_ulps']:.1f} bf16 ulp)" for r in results)
         step.add(row(f"greedy tokens equal to transformers ({len(prompts)} prompts x {sz.eq_new}, {ctx.dtype})", ok,
                      "prompts", ref=len(prompts), ref_label="prompts compared", target=1.0,
                      note=f"first divergence: {firsts}{fb}"))

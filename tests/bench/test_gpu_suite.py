@@ -202,3 +202,9 @@ def test_guard_keeps_rows_of_a_step_stopped_at_its_limit(tmp_path):
     assert saved["rows"][1]["note"] == "error: RuntimeError: CUDA error: an illegal memory access"
     assert saved["rows"][2]["note"] == "stopped at the step's time limit"
     assert saved["status"].startswith("error: 1 failed (broken: RuntimeError")
+
+
+def test_bf16_ulp():
+    from bench.gpu_suite.steps_hf import bf16_ulp
+
+    assert bf16_ulp(3.9) == 2 ** -6 and bf16_ulp(-1.0) == 2 ** -7 and bf16_ulp(300.0) == 2.0
