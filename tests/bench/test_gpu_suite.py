@@ -208,3 +208,30 @@ def test_bf16_ulp():
     from bench.gpu_suite.steps_hf import bf16_ulp
 
     assert bf16_ulp(3.9) == 2 ** -6 and bf16_ulp(-1.0) == 2 ** -7 and bf16_ulp(300.0) == 2.0
+
+
+def test_gpu_tests_step_parses_a_real_pytest_run(tmp_path, monkeypatch):
+    """The device branch of the gpu_tests step (pytest -v, parse, rows) on a CPU-only test file."""
+    from bench.gpu_suite import steps_basic
+    from bench.gpu_suite.common import Ctx, Step
+
+    monkeypatch.setattr(steps_basic, "GPU_TEST_PATHS", ("tests/gpu/test_memory_planner.py",))
+    step = Step("gpu_tests", Ctx(dry=False, cuda=True, work=str(tmp_path), t0=0.0))
+    steps_basic.run_gpu_tests(step.ctx, step, limit_s=120)
+    (r,) = step.rows
+    assert r["metric"] == "GPU + kernel tests passed" and r["value"] >= 7 and r["ratio"] == 1.0 and r["met"] is True
+    assert step.status == "ok" and len(step.details["tests"]["PASSED"]) == r["value"]
+    import torch
+
+    assert r["note"] == ("0 skipped" if torch.cuda.is_available() else "1 skipped")  # its CUDA-only test
+
+
+def test_parse_pytest_outcomes():
+    from bench.gpu_suite.steps_basic import parse_pytest
+
+    text = ("tests/gpu/a.py::test_x PASSED                 [ 10%]\n"
+            "tests/ops/b.py::test_y[bf16-1] FAILED         [ 20%]\n"
+            "tests/gpu/c.py::test_z SKIPPED (needs CUDA)   [ 30%]\n"
+            "FAILED tests/ops/b.py::test_y[bf16-1] - AssertionError\n")
+    assert parse_pytest(text) == {"PASSED": ["tests/gpu/a.py::test_x"], "FAILED": ["tests/ops/b.py::test_y[bf16-1]"],
+                                  "SKIPPED": ["tests/gpu/c.py::test_z"]}
