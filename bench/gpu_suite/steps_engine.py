@@ -67,29 +67,35 @@ def _warm_up(llm: Any, vocab: int, seed: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def capacity_rows(ctx: Ctx, step: Step, llm: Any, cfg: dict[str, Any]) -> None:
-    """Max concurrent tokens in bf16 and fp8 KV from the same memory measurement (the engine's plan on CUDA,
-    a simulated H100 on the CPU), at the engine's gpu_memory_utilization."""
+def plan_capacity(plan: Any, shape: Any, dtype: Any, block_size: int, max_model_len: int) -> dict[str, Any]:
+    """Max concurrent tokens with bf16 (model dtype) and fp8 KV from one memory measurement: the engine's
+    MemoryPlan on CUDA, or (plan None) a simulated H100 with this shape's weights."""
     from tokenmill.ops.attention.kv_quant import kv_bytes_per_token_per_layer
     from tokenmill.worker.memory_planner import DeviceMemory, plan_kv_cache
 
-    runner = llm.engine.core.runner
-    plan = runner.device_setup.plan
-    shape = shape_of(cfg)
-    if plan is None:  # no CUDA: the same arithmetic on a simulated H100
-        dev = DeviceMemory(total_bytes=80 * 10**9, weights_bytes=shape.weight_bytes(2), peak_activation_bytes=2 * 10**9,
-                           other_bytes=5 * 10**8, name="simulated H100 (no CUDA)")
-        util, graphs, max_len = 0.9, 3 * 10**8, runner.max_model_len
+    if plan is None:
+        dev = DeviceMemory(total_bytes=80 * 10**9, weights_bytes=shape.weight_bytes(2),
+                           peak_activation_bytes=2 * 10**9, other_bytes=5 * 10**8, name="simulated H100 (no CUDA)")
+        util, graphs = 0.9, 3 * 10**8
     else:
-        dev, util, graphs, max_len = plan.device, plan.gpu_memory_utilization, plan.cuda_graph_bytes, plan.max_model_len
-    tokens = {}
+        dev, util, graphs, max_model_len = (plan.device, plan.gpu_memory_utilization, plan.cuda_graph_bytes,
+                                            plan.max_model_len)
+    out: dict[str, Any] = {"device": dev.name, "gpu_memory_utilization": util}
     for kind in ("auto", "fp8"):
-        per_tok = shape.layers * kv_bytes_per_token_per_layer(kind, shape.kv_heads, shape.head_dim, runner.dtype)
-        p = plan_kv_cache(dev, util, per_tok, runner.block_size, max_len, cuda_graph_bytes=graphs)
-        tokens[kind] = p.max_concurrent_tokens
-    step.details["capacity_plan"] = {"device": dev.name, "gpu_memory_utilization": util, **tokens}
-    step.add(row(f"max concurrent tokens, fp8 vs {_kv_label(ctx)} KV (plan, {dev.name})", tokens["fp8"], "tokens",
-                 ref=tokens["auto"], ref_label=f"{_kv_label(ctx)} KV, same memory", target=1.8))
+        per_tok = shape.layers * kv_bytes_per_token_per_layer(kind, shape.kv_heads, shape.head_dim, dtype)
+        out[kind] = plan_kv_cache(dev, util, per_tok, block_size, max_model_len,
+                                  cuda_graph_bytes=graphs).max_concurrent_tokens
+    return out
+
+
+def capacity_rows(ctx: Ctx, step: Step, llm: Any, cfg: dict[str, Any]) -> None:
+    """The fp8 / bf16 capacity row at the engine's gpu_memory_utilization (see plan_capacity)."""
+    runner = llm.engine.core.runner
+    cap = plan_capacity(runner.device_setup.plan, shape_of(cfg), runner.dtype, runner.block_size,
+                        runner.max_model_len)
+    step.details["capacity_plan"] = cap
+    step.add(row(f"max concurrent tokens, fp8 vs {_kv_label(ctx)} KV (plan, {cap['device']})", cap["fp8"], "tokens",
+                 ref=cap["auto"], ref_label=f"{_kv_label(ctx)} KV, same memory", target=1.8))
 
 
 def run_llama8b(ctx: Ctx, step: Step, sz: Sizes) -> None:

@@ -235,3 +235,22 @@ def test_parse_pytest_outcomes():
             "FAILED tests/ops/b.py::test_y[bf16-1] - AssertionError\n")
     assert parse_pytest(text) == {"PASSED": ["tests/gpu/a.py::test_x"], "FAILED": ["tests/ops/b.py::test_y[bf16-1]"],
                                   "SKIPPED": ["tests/gpu/c.py::test_z"]}
+
+
+def test_plan_capacity_from_a_measured_plan():
+    """The CUDA branch: the engine's plan (here from the planner test's simulated H100) re-planned for fp8."""
+    import torch
+
+    from bench.gpu_suite.steps_engine import plan_capacity
+    from tokenmill.worker.memory_planner import DeviceMemory, plan_kv_cache
+
+    dev = DeviceMemory(total_bytes=80 * 10**9, weights_bytes=16_060_000_000, peak_activation_bytes=2 * 10**9,
+                       other_bytes=500_000_000, name="simulated H100")
+    plan = plan_kv_cache(dev, 0.9, 131072, block_size=16, max_model_len=8192, cuda_graph_bytes=300_000_000)
+    shape = shape_of(load_config("8b", False))
+    cap = plan_capacity(plan, shape, torch.bfloat16, 16, 1024)
+    room = 72 * 10**9 - 16_060_000_000 - 2 * 10**9 - 500_000_000 - 300_000_000
+    assert cap["auto"] == plan.max_concurrent_tokens == 405_424
+    assert cap["fp8"] == room // (16 * 65536) * 16 and cap["fp8"] / cap["auto"] > 1.99
+    sim = plan_capacity(None, shape, torch.bfloat16, 16, 1024)  # no CUDA: a simulated H100
+    assert sim["device"] == "simulated H100 (no CUDA)" and sim["fp8"] > 1.99 * sim["auto"]
