@@ -61,3 +61,18 @@ def test_roofline_run_tokenmill_on_a_config_only_folder():
     r = mod.run_tokenmill(str(ROOT / "bench" / "configs" / "llama-3.2-1b.json"), num_prompts=4, prompt_len=64,
                           max_tokens=16, max_model_len=96, max_num_seqs=8)
     assert r["output_tokens"] == 64 and r["tokens_per_s"] > 0
+
+
+def test_seeded_sampling_on_cuda(tiny_dir):
+    """Requests with their own seed draw from a per-request generator: it must live on the logits' device
+    (a CPU generator fails on CUDA tensors). Same seed -> same tokens, whatever else is in the batch."""
+    llm = LLM(tiny_dir, dtype="float32", **ARGS)
+    prompt = {"prompt_token_ids": list(range(3, 40))}
+
+    def sample(seed: int, n: int = 1) -> list[list[int]]:
+        sp = SamplingParams(temperature=1.0, max_tokens=16, seed=seed, ignore_eos=True)
+        return [list(o.outputs[0].token_ids) for o in llm.generate([prompt] * n, sp, use_tqdm=False)]
+
+    a = sample(7)[0]
+    assert sample(7, n=3) == [a, a, a]
+    assert sample(8)[0] != a
