@@ -92,7 +92,8 @@ def format_table(meta: dict[str, Any], steps: list[dict[str, Any]]) -> str:
             ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ""
             met = "" if r.get("met") is None else ("yes" if r["met"] else "NO")
             note = str(r.get("note", "")).replace("|", "/")
-            lines.append(f"| {s['name']} | {r['metric']} | {value} | {ref} | {ratio} | {_target(r)} | {met} | {note} |")
+            metric = str(r["metric"]).replace("|", "/")
+            lines.append(f"| {s['name']} | {metric} | {value} | {ref} | {ratio} | {_target(r)} | {met} | {note} |")
     n_ok = sum(1 for s in steps if step_passed(s))
     lines.append("")
     lines.append(f"{n_ok}/{len(steps)} steps ok or skipped; total {meta['seconds']:.0f} s")

@@ -85,45 +85,55 @@ def compare_greedy(tm_tokens: list[int], tm_logprobs: Optional[list[Any]], hf: d
 
 
 def run_hf_equal(ctx: Ctx, step: Step, sz: Sizes) -> None:
-    from tokenmill import SamplingParams
-
+    """Greedy equality in the run's dtype (bf16 on the device), then in float32 on the same weights (the bf16
+    checkpoint upcast on both sides): a bf16-only divergence at a small gap is rounding, one in float32 a bug."""
     cfg = load_config("1b", ctx.dry)
     vocab = int(cfg["vocab_size"])
     folder = model_folder(cfg)
     prompts = [random_prompts(1, n, vocab, ctx.seed + 10 + i)[0] for i, n in enumerate(sz.eq_prompt_lens)]
-    hf_out: list[dict[str, Any]] = []
+    dtypes = (ctx.dtype, "float32")
+    hf_out: dict[str, list[dict[str, Any]]] = {}
     model = None
     with step.guard("transformers greedy"):
         model = build_hf(ctx, folder, ctx.seed)
         t = time.perf_counter()
         model.save_pretrained(folder)  # the same weights for tokenmill, through its safetensors loader
         step.details["save_s"] = time.perf_counter() - t
-        hf_out = [hf_greedy(model, p, sz.eq_new) for p in prompts]
+        for dt in dtypes:
+            model = model.float() if dt == "float32" else model
+            hf_out[dt] = [hf_greedy(model, p, sz.eq_new) for p in prompts]
     model = None
     release()
-    if not hf_out:
-        return
-    with step.guard("tokenmill greedy"):
-        llm, fb = build_llm(ctx, step, "1B engine", folder, load_format="safetensors",
-                            max_model_len=max(sz.eq_prompt_lens) + sz.eq_new + 16, max_num_seqs=len(prompts))
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=sz.eq_new, ignore_eos=True, logprobs=2),
-                            use_tqdm=False)
-        llm = None
-        release()
-        results = [compare_greedy(list(o.outputs[0].token_ids), o.outputs[0].logprobs, h, sz.eq_min_match,
-                                  sz.eq_tie_tol) for o, h in zip(outs, hf_out)]
-        step.details["prompts"] = [{"prompt_len": len(p), **r} for p, r in zip(prompts, results)]
-        ok = sum(1 for r in results if r["ok"])
-        firsts = ", ".join("all" if r["first_divergence"] is None else
-                           f"{r['first_divergence']} (HF top-2 gap {r['hf_top2_gap']:.3g} = "
-                           f"{r['hf_top2_gap_bf16_ulps']:.1f} bf16 ulp)" for r in results)
-        step.add(row(f"greedy tokens equal to transformers ({len(prompts)} prompts x {sz.eq_new}, {ctx.dtype})", ok,
-                     "prompts", ref=len(prompts), ref_label="prompts compared", target=1.0,
-                     note=f"first divergence: {firsts}{fb}"))
-        diffs = [r["max_logprob_diff"] for r in results if r["max_logprob_diff"] is not None]
-        if diffs:
-            step.add(row("max |logprob difference| of the agreed tokens", max(diffs), "nats"))
+    for dt in dtypes:
+        if dt in hf_out:
+            with step.guard(f"tokenmill greedy {dt}"):
+                _tokenmill_vs_hf(ctx, step, sz, folder, prompts, hf_out[dt], dt)
+
+
+def _tokenmill_vs_hf(ctx: Ctx, step: Step, sz: Sizes, folder: str, prompts: list[list[int]],
+                     hf_out: list[dict[str, Any]], dtype: str) -> None:
+    from tokenmill import SamplingParams
+
+    llm, fb = build_llm(ctx, step, f"1B engine {dtype}", folder, load_format="safetensors", dtype=dtype,
+                        max_model_len=max(sz.eq_prompt_lens) + sz.eq_new + 16, max_num_seqs=len(prompts))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=sz.eq_new, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)
+    llm = None
+    release()
+    results = [compare_greedy(list(o.outputs[0].token_ids), o.outputs[0].logprobs, h, sz.eq_min_match,
+                              sz.eq_tie_tol) for o, h in zip(outs, hf_out)]
+    step.details[f"prompts_{dtype}"] = [{"prompt_len": len(p), **r} for p, r in zip(prompts, results)]
+    ok = sum(1 for r in results if r["ok"])
+    firsts = ", ".join("all" if r["first_divergence"] is None else
+                       f"{r['first_divergence']} (HF top-2 gap {r['hf_top2_gap']:.3g} = "
+                       f"{r['hf_top2_gap_bf16_ulps']:.1f} bf16 ulp)" for r in results)
+    step.add(row(f"greedy tokens equal to transformers ({len(prompts)} prompts x {sz.eq_new}, {dtype})", ok,
+                 "prompts", ref=len(prompts), ref_label="prompts compared", target=1.0,
+                 note=f"first divergence: {firsts}{fb}"))
+    diffs = [r["max_logprob_diff"] for r in results if r["max_logprob_diff"] is not None]
+    if diffs:
+        step.add(row(f"max abs logprob difference of the agreed tokens ({dtype})", max(diffs), "nats"))
 
 
 def hf_generate_timing(model: Any, prompts: list[list[int]], new: int, batch: int) -> dict[str, Any]:
