@@ -15,8 +15,9 @@ from tokenmill import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = dict(device="cuda", block_size=16, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
-            gpu_memory_utilization=0.5)
+# token-id prompts only: no tokenizer, so the tests need nothing beyond torch, triton and transformers
+ARGS = dict(device="cuda", skip_tokenizer_init=True, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
+            max_model_len=256, gpu_memory_utilization=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +34,21 @@ def _greedy(llm: LLM, n: int = 6, max_tokens: int = 24) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_graphs_on_and_off_give_the_same_tokens(tiny_dir, gguf_tokenizer_path):
-    graphs = LLM(tiny_dir, tokenizer=gguf_tokenizer_path, dtype="bfloat16", **ARGS)
+def test_graphs_on_and_off_give_the_same_tokens(tiny_dir):
+    graphs = LLM(tiny_dir, dtype="bfloat16", **ARGS)
     ds = graphs.engine.core.runner.device_setup
     assert ds.backend_name == "triton" and ds.graphs.captured_sizes == [1, 2, 4, 8]
     assert ds.plan is not None and ds.plan.num_blocks >= graphs.engine.core.runner.num_blocks
     got = _greedy(graphs)
     assert ds.num_graph_replays > 0
-    eager = LLM(tiny_dir, tokenizer=gguf_tokenizer_path, dtype="bfloat16", enforce_eager=True, **ARGS)
+    eager = LLM(tiny_dir, dtype="bfloat16", enforce_eager=True, **ARGS)
     assert eager.engine.core.runner.device_setup.graphs.captured_sizes == []
     assert _greedy(eager) == got
 
 
-def test_triton_matches_reference_on_cuda_fp32(tiny_dir, gguf_tokenizer_path):
-    tri = LLM(tiny_dir, tokenizer=gguf_tokenizer_path, dtype="float32", **ARGS)
-    ref = LLM(tiny_dir, tokenizer=gguf_tokenizer_path, dtype="float32", attention_backend="reference", **ARGS)
+def test_triton_matches_reference_on_cuda_fp32(tiny_dir):
+    tri = LLM(tiny_dir, dtype="float32", **ARGS)
+    ref = LLM(tiny_dir, dtype="float32", attention_backend="reference", **ARGS)
     assert ref.engine.core.runner.device_setup.graphs.captured_sizes == []  # reference is never captured
     assert _greedy(tri) == _greedy(ref)
 
@@ -60,3 +61,18 @@ def test_roofline_run_tokenmill_on_a_config_only_folder():
     r = mod.run_tokenmill(str(ROOT / "bench" / "configs" / "llama-3.2-1b.json"), num_prompts=4, prompt_len=64,
                           max_tokens=16, max_model_len=96, max_num_seqs=8)
     assert r["output_tokens"] == 64 and r["tokens_per_s"] > 0
+
+
+def test_seeded_sampling_on_cuda(tiny_dir):
+    """Requests with their own seed draw from a per-request generator: it must live on the logits' device
+    (a CPU generator fails on CUDA tensors). Same seed -> same tokens, whatever else is in the batch."""
+    llm = LLM(tiny_dir, dtype="float32", **ARGS)
+    prompt = {"prompt_token_ids": list(range(3, 40))}
+
+    def sample(seed: int, n: int = 1) -> list[list[int]]:
+        sp = SamplingParams(temperature=1.0, max_tokens=16, seed=seed, ignore_eos=True)
+        return [list(o.outputs[0].token_ids) for o in llm.generate([prompt] * n, sp, use_tqdm=False)]
+
+    a = sample(7)[0]
+    assert sample(7, n=3) == [a, a, a]
+    assert sample(8)[0] != a

@@ -225,7 +225,8 @@ class ModelRunner:
     def _generator(self, st: RunnerRequestState) -> Optional[torch.Generator]:
         if st.params.seed is None or st.params.greedy:
             return None
-        return make_request_generator(st.params.seed, len(st.token_ids) - st.num_prompt_tokens)
+        # on the runner's device: a CPU generator cannot draw into the CUDA tensors of the sampler
+        return make_request_generator(st.params.seed, len(st.token_ids) - st.num_prompt_tokens, self.device)
 
     def _prompt_logprobs(self, st: RunnerRequestState, start: int, rows: torch.Tensor) -> list[Optional[Logprob]]:
         """Logprobs of prompt positions start+1 .. (rows predict the next position); None for position 0."""
