@@ -36,15 +36,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 if TYPE_CHECKING:
     from tokenmill.tools.stream import StreamingToolParser
 
-from tokenmill.tools.json_scan import NEED, scan_string, skip_ws
+from tokenmill.tools.json_scan import NEED, compact, members, scan_string, skip_ws
 from tokenmill.tools.types import random_call_id, random_mistral_call_id
 
 _MISMATCH = "mismatch"
 _ARG_KEYS = ("arguments", "parameters")
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _match_lit(s: str, i: int, lit: str) -> Any:
@@ -70,12 +66,15 @@ def _json_string_at(s: str, i: int) -> Any:
 
 
 def parse_call_header(s: str, i: int, names: Optional[frozenset]) -> Any:
-    """`s[i]` is `{`. Match `{"name": "<f>", "arguments"|"parameters": {` (any JSON whitespace).
+    """`s[i]` is `{`. Match `{"name": "<f>", "arguments"|"parameters": {` (any JSON whitespace; a
+    leading `"type": "function",` pair, as Llama 3.2 writes, is allowed).
     Returns (name, index of the arguments' `{`), NEED, or _MISMATCH."""
-    steps: list[Any] = ["key:name", ":", "name", ",", "key:args", ":"]
-    j = i + 1
+    steps: list[str] = ["key:name", ":", "name", ",", "key:args", ":"]
+    j, k = i + 1, 0
     name = None
-    for step in steps:
+    while k < len(steps):
+        step = steps[k]
+        k += 1
         j = skip_ws(s, j)
         if j >= len(s):
             return NEED
@@ -88,6 +87,11 @@ def parse_call_header(s: str, i: int, names: Optional[frozenset]) -> Any:
         if not isinstance(r, tuple):
             return r
         value, j = r
+        if step == "key:name" and value == "type" and k == 1:
+            steps[1:1] = [":", "type", ",", "key:name"]  # `"type": "function",` first
+            continue
+        if step == "type" and value != "function":
+            return _MISMATCH
         if step == "key:name" and value != "name":
             return _MISMATCH
         if step == "key:args" and value not in _ARG_KEYS:
@@ -102,23 +106,24 @@ def parse_call_header(s: str, i: int, names: Optional[frozenset]) -> Any:
     return (name, j) if s[j] == "{" else _MISMATCH
 
 
-def _call_from_object(obj: Any, names: Optional[frozenset]) -> Optional[tuple[str, str]]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+def _call_from_object(text: str, names: Optional[frozenset]) -> Optional[tuple[str, str]]:
+    """(name, compact arguments) from a compact call object's text, or None when it is not a call."""
+    if not text.startswith("{"):
         return None
-    if names is not None and obj["name"] not in names:
+    fields = dict(members(text))
+    name = json.loads(fields["name"]) if "name" in fields else None
+    if not isinstance(name, str) or not name or (names is not None and name not in names):
         return None
-    keys = [k for k in _ARG_KEYS if k in obj]
+    keys = [k for k in _ARG_KEYS if k in fields]
     if len(keys) != 1:
         return None
-    args = obj[keys[0]]
-    if isinstance(args, str):  # arguments sent as a JSON-encoded string
+    args = fields[keys[0]]
+    if args.startswith('"'):  # arguments sent as a JSON-encoded string
         try:
-            args = json.loads(args)
+            args = compact(json.loads(args))
         except ValueError:
             return None
-    if not isinstance(args, dict):
-        return None
-    return obj["name"], _compact(args)
+    return (name, args) if args.startswith("{") else None
 
 
 class _Format:
@@ -136,8 +141,9 @@ class _Format:
     def close(self, p: "StreamingToolParser", s: str, i: int, eof: bool) -> tuple:
         raise NotImplementedError
 
-    def calls_from_value(self, value: Any, names: Optional[frozenset]) -> Optional[list[tuple[str, str]]]:
-        items = value if isinstance(value, list) else [value]
+    def calls_from_text(self, text: str, names: Optional[frozenset]) -> Optional[list[tuple[str, str]]]:
+        """The calls in a complete compact JSON value read whole (a call object or a list of them)."""
+        items = [v for _, v in members(text)] if text.startswith("[") else [text]
         calls = [_call_from_object(v, names) for v in items]
         return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
 

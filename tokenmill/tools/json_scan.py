@@ -7,6 +7,7 @@ where a value closes or goes wrong without waiting for more text.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional, Union
 
 WS = " \t\n\r"
@@ -189,3 +190,40 @@ def skip_ws(s: str, i: int) -> int:
     while i < n and s[i] in WS:
         i += 1
     return i
+
+
+def compact(text: str) -> str:
+    """A complete JSON object or array with its insignificant whitespace removed (everything else,
+    escapes and number spellings included, stays as written: the same text streaming sends)."""
+    sc = JsonScanner()
+    out = []
+    for c in text.strip(WS):
+        r = sc.feed(c)
+        if r == ERR:
+            raise ValueError("invalid JSON")
+        if r == OK:
+            out.append(c)
+    if not sc.done:
+        raise ValueError("not one complete JSON object or array")
+    return "".join(out)
+
+
+def members(compact_text: str) -> list[tuple[Optional[str], str]]:
+    """The top-level members of a compact JSON object ((key, value text)) or array ((None, value text))."""
+    dec = json.JSONDecoder()
+    is_obj = compact_text[0] == "{"
+    out: list[tuple[Optional[str], str]] = []
+    i = 1
+    if compact_text[i] in "}]":
+        return out
+    while True:
+        key = None
+        if is_obj:
+            key, i = dec.raw_decode(compact_text, i)
+            i += 1  # ':'
+        start = i
+        _, i = dec.raw_decode(compact_text, i)
+        out.append((key, compact_text[start:i]))
+        if compact_text[i] != ",":
+            return out
+        i += 1

@@ -1,11 +1,10 @@
 """The streaming tool-call state machine shared by every format (rules in `tools/formats.py`)."""
 from __future__ import annotations
 
-import json
 from typing import Callable, Optional
 
-from tokenmill.tools.formats import NEED, _compact, _Format, parse_call_header
-from tokenmill.tools.json_scan import ERR, OK, WS, JsonScanner
+from tokenmill.tools.formats import NEED, _Format, parse_call_header
+from tokenmill.tools.json_scan import ERR, OK, WS, JsonScanner, compact
 from tokenmill.tools.types import ContentDelta, Delta, ToolCallDelta
 
 _TEXT, _OPEN, _HEADER, _ARGS, _OBJ_TAIL, _AFTER_CALL, _BUFFERED = range(7)
@@ -258,11 +257,11 @@ class StreamingToolParser:
                 return self._fail(self._obj)
             i += 1
             if sc.done:
-                value = json.loads(s[self._obj:i])
+                text = compact(s[self._obj:i])
                 if self._named is not None:
-                    calls = [(self._named, _compact(value))] if isinstance(value, dict) else None
+                    calls = [(self._named, text)] if text.startswith("{") else None
                 else:
-                    calls = self._fmt.calls_from_value(value, self._names)
+                    calls = self._fmt.calls_from_text(text, self._names)
                 if calls is None:
                     return self._fail(self._obj)
                 for name, args in calls:
