@@ -63,7 +63,8 @@ def _check_schema(schema: Any, param: str) -> None:
     try:  # the schema must also be one the constrained decoder can enforce
         xgr.Grammar.from_json_schema(schema)
     except Exception as e:  # xgrammar raises RuntimeError / ValueError with its reason
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0]) if lines else type(e).__name__
         raise ToolValidationError(f"unsupported JSON schema: {reason}", param=param) from None
 
 
