@@ -1,8 +1,6 @@
 """Chat templates for the tool tests: shortened Jinja templates written after the tool parts of the
-Qwen2.5, Llama 3.1 and Mistral (v3) templates, and SmolLM2's real one read from the bundled GGUF."""
+Qwen2.5, Llama 3.1 and Mistral (v3, v11) templates (SmolLM2's real one is the `smollm2_template` fixture)."""
 from __future__ import annotations
-
-import functools
 
 QWEN25 = """{%- if tools %}
 {{- '<|im_start|>system\\n' }}
@@ -68,17 +66,6 @@ MISTRAL_V3 = """{%- if messages[0]["role"] == "system" %}{%- set loop_messages =
 
 # a Mistral Small 3.2-style (v11) template renders calls as name[ARGS]{...}
 MISTRAL_V11 = """{%- for message in messages %}{%- if message.role == "user" %}{%- if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}[INST]{{ message.content }}[/INST]{%- elif message.tool_calls %}{%- for tc in message.tool_calls %}[TOOL_CALLS]{{ tc.function.name }}[ARGS]{{ tc.function.arguments | tojson }}{%- endfor %}{%- endif %}{%- endfor %}"""
-
-
-@functools.lru_cache(maxsize=1)
-def smollm2_template() -> str:
-    """The chat template stored in the bundled SmolLM2-135M-Instruct GGUF (tokenizer.chat_template)."""
-    import gguf
-
-    from tests.conftest import smollm2_gguf_path
-
-    field = gguf.GGUFReader(smollm2_gguf_path()).fields["tokenizer.chat_template"]
-    return bytes(field.parts[field.data[0]]).decode()
 
 
 def render(template: str, messages, tools=None, add_generation_prompt=True) -> str:

@@ -3,7 +3,6 @@ calls, and what they accept parses back into those calls."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -160,14 +159,10 @@ def test_auto_leaves_text_free_and_constrains_triggered_calls(compiler, fmt):
     assert content == "Let me check." and [x.name for x in calls] == ["get_weather"]
 
 
-def test_token_level_with_the_smollm2_tokenizer():
+def test_token_level_with_the_smollm2_tokenizer(smollm2_tokenizer):
     """With the real tokenizer, `required` masks the end-of-sequence token until a call is complete,
     and the model's tokens of a valid call are accepted one by one."""
-    from tests.conftest import smollm2_gguf_path
-    from tokenmill.engine.tokenizer import load_tokenizer
-
-    path = smollm2_gguf_path()
-    tok = load_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok = smollm2_tokenizer
     info = xgr.TokenizerInfo.from_huggingface(tok, stop_token_ids=[tok.eos_token_id])
     c = build_tool_constraint(validate_tools(TOOLS, "required", False), "generic")
     matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(c.grammar()))

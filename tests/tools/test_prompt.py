@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.tools.templates import LLAMA31, MISTRAL_V3, QWEN25, render, smollm2_template
+from tests.tools.templates import LLAMA31, MISTRAL_V3, QWEN25, render
 from tokenmill.tools.parsers import get_tool_parser
 from tokenmill.tools.prompt import (format_call, generic_messages, needs_generic_prompt, render_tool_prompt,
                                     template_messages)
@@ -42,7 +42,7 @@ def test_tool_prompt_lists_tools_and_format():
     assert "[TOOL_CALLS]" in render_tool_prompt([WEATHER], parser_name="mistral")
 
 
-def test_generic_messages_render_with_smollm2_template():
+def test_generic_messages_render_with_smollm2_template(smollm2_template):
     before = copy.deepcopy(HISTORY)
     msgs = generic_messages(HISTORY, [WEATHER, TIME])
     assert HISTORY == before  # not modified
@@ -50,7 +50,7 @@ def test_generic_messages_render_with_smollm2_template():
     assert all(isinstance(m["content"], str) and "tool_calls" not in m for m in msgs)
     assert msgs[3]["content"] == ("Tool result for call call_1 (get_weather): 18°C, cloudy\n"
                                   "Tool result for call call_2 (get_time): 21:04")
-    text = render(smollm2_template(), msgs)
+    text = render(smollm2_template, msgs)
     assert text.startswith("<|im_start|>system\nYou can call the following tools")
     assert "You are a helpful AI assistant named SmolLM" not in text  # our system message replaces it
     assert text.endswith("<|im_start|>assistant\n")
@@ -98,8 +98,8 @@ def test_template_messages_decode_arguments_for_tool_templates():
     assert "[AVAILABLE_TOOLS]" in mistral and "get_weather" in mistral
 
 
-def test_needs_generic_prompt():
-    assert needs_generic_prompt(smollm2_template(), "hermes")
+def test_needs_generic_prompt(smollm2_template):
+    assert needs_generic_prompt(smollm2_template, "hermes")
     assert needs_generic_prompt(QWEN25, "generic")
     assert not needs_generic_prompt(QWEN25, "hermes")
     assert needs_generic_prompt(None, "hermes")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tools.templates import LLAMA31, MISTRAL_V3, MISTRAL_V11, QWEN25, smollm2_template
+from tests.tools.templates import LLAMA31, MISTRAL_V3, MISTRAL_V11, QWEN25
 from tokenmill.tools.select import detect_parser, template_supports_tools
 
 
@@ -16,8 +16,8 @@ def test_tool_templates(template, expected):
     assert detect_parser(template, "some_other_type") == expected  # the template wins over the model type
 
 
-def test_smollm2_template_has_no_tool_support():
-    t = smollm2_template()
+def test_smollm2_template_has_no_tool_support(smollm2_template):
+    t = smollm2_template
     assert "im_start" in t
     assert not template_supports_tools(t)
     assert detect_parser(t, "llama") == "generic"
