@@ -166,3 +166,52 @@ def test_long_output_streams_in_linear_time_buffers():
         assert len(sp._buf) < 16
     out += sp.finish()
     assert "".join(d.text for d in out) == "".join(f"word{i} " for i in range(2000))
+
+
+_PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{", "}", "[", "]", '"',
+           '"name"', '"arguments"', '"parameters"', ":", ",", ";", " ", "\n", "f", "1", "-", "e", ".", "true",
+           "nul", "\\", "\\u00e9", "é", "x", '{"name": "f", "arguments": {', '{"name": "f", "parameters": {',
+           "f[ARGS]{", '"a": [1, {"b": null}]', "}}", "<tool_", "[TOOL_"]
+
+
+@pytest.mark.parametrize("fmt", TOOL_PARSER_NAMES)
+@pytest.mark.parametrize("stream_arguments", [True, False])
+def test_fuzz_never_crashes_and_is_chunking_independent(fmt, stream_arguments):
+    rng = random.Random(f"{fmt}-{stream_arguments}")
+    parser = get_tool_parser(fmt, stream_arguments=stream_arguments)
+    for _ in range(150):
+        text = "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 30)))
+        expected = _shape(parser.parse(text))
+        for c in get_tool_parser(fmt).parse(text).tool_calls:
+            assert c.name and c.arguments.startswith("{")
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 8))))
+        pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        assert _shape(assemble(_stream(parser, pieces))) == expected, (text, cuts)
+        assert _shape(assemble(_stream(parser, list(text)))) == expected, text
+        if not expected[1]:  # no call: the text comes back untouched
+            assert expected[0] == (text or None), text
+
+
+@pytest.mark.parametrize("stream_arguments", [True, False])
+def test_fuzz_mutated_samples(stream_arguments):
+    """Recorded outputs with a few random cuts, insertions and repeats: near-valid, mostly malformed."""
+    rng = random.Random(stream_arguments)
+    with_calls = 0
+    for _ in range(400):
+        fmt, text, _, _ = rng.choice(SAMPLES)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randint(0, len(text))
+            j = min(len(text), i + rng.randint(0, 6))
+            op = rng.random()
+            text = (text[:i] + text[j:] if op < 0.4 else text[:i] + rng.choice(_PIECES) + text[i:] if op < 0.8
+                    else text[:j] + text[i:])
+        parser = get_tool_parser(fmt, stream_arguments=stream_arguments)
+        expected = _shape(parser.parse(text))
+        with_calls += bool(expected[1])
+        if not stream_arguments:
+            for _, args in expected[1]:
+                json.loads(args)  # calls sent whole are always valid JSON
+        cut = rng.randint(0, len(text))
+        assert _shape(assemble(_stream(parser, [text[:cut], text[cut:]]))) == expected, (text, cut)
+        assert _shape(assemble(_stream(parser, list(text)))) == expected, text
+    assert with_calls > 60  # the mutations leave many calls intact
