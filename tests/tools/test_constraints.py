@@ -60,6 +60,7 @@ def test_validation_errors_name_the_field():
 
 def test_validation_accepts_and_normalizes():
     assert validate_tools(None) is None and validate_tools(None, "none") is None and validate_tools([], None) is None
+    assert validate_tools([], "auto") is None
     req = validate_tools(TOOLS)
     assert req.choice == "auto" and req.parallel and req.names == ("get_weather", "get_time", "ping")
     assert req.tools[2].parameters == {"type": "object", "properties": {}}

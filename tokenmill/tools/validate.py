@@ -102,7 +102,7 @@ def _parse_tools(tools: Any) -> tuple[FunctionTool, ...]:
 
 def validate_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = None) -> Optional[ToolRequest]:
     """Check the tool fields of a chat request (plain JSON values, as sent). Returns None when the
-    request uses no tools (no `tools`, and `tool_choice` absent or "none"); raises ToolValidationError
+    request uses no tools (no or empty `tools`, and `tool_choice` absent, "none" or "auto"); raises ToolValidationError
     (an InvalidRequestError: HTTP 400) naming the bad field otherwise."""
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise ToolValidationError("parallel_tool_calls must be true or false", param="parallel_tool_calls")
@@ -125,7 +125,7 @@ def validate_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any
     else:
         raise ToolValidationError("tool_choice must be a string or an object", param="tool_choice")
     if not parsed:
-        if choice == "none":
+        if choice in ("none", "auto"):
             return None
         raise ToolValidationError(f"tool_choice {tool_choice!r} needs a non-empty tools list", param="tool_choice")
     if function is not None and function not in {t.name for t in parsed}:
