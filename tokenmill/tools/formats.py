@@ -25,7 +25,10 @@ Rules it follows:
   trigger. When the keys come in another order (or the arguments are a JSON string), a `hermes`,
   `generic` or `mistral` call is read whole first and sent at once if it is valid.
 - After the commit the call stays. If its JSON then breaks or the output ends (max_tokens), the call
-  keeps the arguments sent so far and the rest of the text is content again.
+  keeps the arguments sent so far and the rest of the text is content again. With
+  `stream_arguments=False` a call is instead sent whole once its JSON is complete and valid, so a call
+  with malformed arguments is content too (the choice for unconstrained output).
+- Compact arguments drop only insignificant whitespace; escapes and numbers stay as the model wrote them.
 - Whitespace next to a call is dropped; content is None when an output has only calls.
 """
 from __future__ import annotations
