@@ -83,8 +83,13 @@ def compiler():
 
 
 def _accepts(compiler, constraint, text):
-    m = xgr.GrammarMatcher(compiler.compile_grammar(constraint.grammar()))
-    return m.accept_string(text) and m.accept_token(len(VOCAB) - 1) and m.is_terminated()
+    """Whether the constraint takes `text` then the end token; its EBNF form must agree."""
+    results = []
+    for grammar in (constraint.grammar(), xgr.Grammar.from_ebnf(constraint.ebnf())):
+        m = xgr.GrammarMatcher(compiler.compile_grammar(grammar))
+        results.append(m.accept_string(text) and m.accept_token(len(VOCAB) - 1) and m.is_terminated())
+    assert results[0] == results[1], text
+    return results[0]
 
 
 def _call(fmt, name, args):
@@ -110,7 +115,6 @@ BAD = [("get_weather", {"town": "Paris"}), ("get_weather", {"city": 3}), ("get_t
 def test_required_accepts_valid_calls_only(compiler, fmt):
     one = build_tool_constraint(validate_tools(TOOLS, "required", False), fmt)
     many = build_tool_constraint(validate_tools(TOOLS, "required", True), fmt)
-    xgr.Grammar.from_ebnf(one.ebnf())  # the EBNF form reads back
     parser = get_tool_parser(fmt, tool_names=[t["function"]["name"] for t in TOOLS])
     for name, args in GOOD:
         text = _call(fmt, name, args)
