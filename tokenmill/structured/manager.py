@@ -136,6 +136,8 @@ class StructuredOutputManager:
                 if not e.matcher.accept_token(int(t)):
                     break
                 accepted += 1
+                if e.matcher.is_terminated():  # a stop-token draft: nothing after it is kept
+                    break
                 e.matcher.fill_next_token_bitmask(bm, r + k + 1)
             if accepted:
                 e.matcher.rollback(accepted)
