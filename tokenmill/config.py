@@ -142,17 +142,19 @@ class SpecConfig:
 
 @dataclass
 class StructuredOutputsConfig:
-    jump_forward: str = _f("tokens", "constrained decoding: append the tokens a grammar forces without sampling "
-                                     "them. tokens: where exactly one token is allowed (output identical to "
-                                     "token-by-token decoding); string: also xgrammar's tokenization of a forced "
-                                     "string (fewer steps; the text after it can differ); off",
-                           choices=["off", "tokens", "string"])
+    jump_forward: str = _f("draft", "constrained decoding: skip the steps of tokens a grammar forces. tokens: "
+                                    "append, unsampled, a token that is the only one allowed; draft: that, and "
+                                    "propose the forced string's tokens as draft tokens the next step verifies "
+                                    "(both exact: the same output as token-by-token decoding); string: append "
+                                    "the forced string's tokens unverified (fewest steps, but the text after "
+                                    "them can differ); off",
+                           choices=["off", "tokens", "draft", "string"])
     grammar_cache_size: int = _f(256, "compiled grammars kept for reuse (LRU)")
     grammar_compile_threads: int = _f(1, "threads that compile grammars, off the engine's step loop")
 
     def validate(self) -> None:
-        if self.jump_forward not in ("off", "tokens", "string"):
-            raise ConfigError(f"unknown jump_forward {self.jump_forward!r}; choose off, tokens or string",
+        if self.jump_forward not in ("off", "tokens", "draft", "string"):
+            raise ConfigError(f"unknown jump_forward {self.jump_forward!r}; choose off, tokens, draft or string",
                               param="jump_forward")
         if self.grammar_cache_size < 1:
             raise ConfigError(f"grammar_cache_size must be at least 1, got {self.grammar_cache_size}",

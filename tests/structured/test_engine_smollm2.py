@@ -141,19 +141,38 @@ def test_jump_forward_keeps_greedy_output_and_saves_steps(llm):
     schemas = SCHEMAS[:30]
     prompts = [_schema_prompt(llm, s) for s in schemas]
     results, steps = {}, {}
-    for mode in ("off", "tokens", "string"):
+    for mode in ("off", "tokens", "draft", "string"):
         _jf(llm, mode)
         params = [SamplingParams(temperature=0, max_tokens=160, structured_outputs=SO(json=s, disable_any_whitespace=True))
                   for s in schemas]
         s0 = llm.engine.core.scheduler.num_steps
         results[mode] = _generate(llm, prompts, params)
         steps[mode] = llm.engine.core.scheduler.num_steps - s0
-    _jf(llm, "tokens")
-    _check_json(results["tokens"], schemas)
-    assert [o.text for o in results["tokens"]] == [o.text for o in results["off"]]
-    assert [o.token_ids for o in results["tokens"]] == [o.token_ids for o in results["off"]]
-    assert steps["tokens"] < steps["off"]
-    _check_json(results["string"], schemas)
+    _jf(llm, "draft")
+    for mode in ("tokens", "draft"):  # the exact modes
+        _check_json(results[mode], schemas)
+        assert [o.token_ids for o in results[mode]] == [o.token_ids for o in results["off"]], mode
+    assert steps["draft"] < steps["tokens"] < steps["off"]
+    _check_json(results["string"], schemas)  # valid, but its text may differ (not asserted)
+
+
+def test_jump_forward_one_request_fixed_keys(llm):
+    schema = {"type": "object", "additionalProperties": False, "properties": {
+        "customer_name": {"type": "string", "maxLength": 16}, "account_status": {"enum": ["active", "suspended"]},
+        "is_verified": {"type": "boolean"}, "number_of_devices": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["customer_name", "account_status", "is_verified", "number_of_devices"]}
+    prompt = _prompt(llm, "Create the account record of Alice as JSON.")
+    steps, outs = {}, {}
+    for mode in ("off", "draft"):
+        _jf(llm, mode)
+        s0 = llm.engine.core.scheduler.num_steps
+        outs[mode] = _generate(llm, [prompt], SamplingParams(temperature=0, max_tokens=120, structured_outputs=SO(
+            json=schema, disable_any_whitespace=True)))[0]
+        steps[mode] = llm.engine.core.scheduler.num_steps - s0
+    _jf(llm, "draft")
+    assert outs["draft"].token_ids == outs["off"].token_ids
+    _check_json([outs["draft"]], [schema])
+    assert steps["off"] >= 1.3 * steps["draft"], steps
 
 
 def test_speculation_with_a_grammar_gives_the_same_greedy_text(llm):

@@ -96,6 +96,19 @@ def test_jump_forward_string_covers_the_forced_text(tok):
     assert m.jump_forward("r", limit=100) == []
 
 
+def test_draft_mode_proposes_the_forced_string_without_advancing(tok):
+    m = StructuredOutputManager(tok, VOCAB, [EOS], jump_forward="draft")
+    m.add_request("r", SO(json=SCHEMA, disable_any_whitespace=True))
+    _ready(m, "r")
+    assert m.jump_forward("r", limit=100) == []  # '{' is not the only allowed token ('{"' is one too)
+    drafts = m.forced_drafts("r", limit=100)
+    assert tok.decode(drafts) == '{"name":'
+    assert m.forced_drafts("r", limit=1) == drafts[:1]
+    assert m.valid_draft_prefix("r", drafts) == drafts  # the matcher did not move
+    m.jump_forward_mode = "tokens"
+    assert m.forced_drafts("r", limit=100) == []
+
+
 def test_termination_and_stop_tokens(tok):
     m = StructuredOutputManager(tok, VOCAB, [EOS], jump_forward="tokens")
     m.add_request("r", SO(choice=["yes", "no"]))

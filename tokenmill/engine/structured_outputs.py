@@ -90,7 +90,10 @@ class StructuredOutputs:
                     self._pending_forced.setdefault(rid, []).extend(forced)
                     spec = req.spec_token_ids
                     req.spec_token_ids = spec[len(forced):] if spec[:len(forced)] == forced else []
-            if req.spec_token_ids:
+            drafts = m.forced_drafts(rid, self._room(req), exclude=p.stop_token_ids)  # "draft" mode
+            if drafts:  # verified next step like speculative drafts (replacing the n-gram proposer's)
+                req.spec_token_ids = drafts
+            elif req.spec_token_ids:
                 req.spec_token_ids = m.valid_draft_prefix(rid, req.spec_token_ids)[:max(0, self._room(req))]
 
     def _room(self, req: Request) -> int:

@@ -5,14 +5,18 @@ The engine (tokenmill/engine/engine_core.py) drives it around each step:
   fill_bitmask for the scheduled rows (one row per sampled position, every draft position included)
   -> the runner masks the logits -> accept_tokens with what was kept -> is_terminated / jump_forward.
 
-Jump-forward modes ("tokens" is exact, "string" is not in general):
+Jump-forward modes ("tokens" and "draft" are exact, "string" is not in general):
   tokens  where the grammar allows exactly one token (one bit set in the mask), that token is appended
           without sampling: every sampler would have picked it, so the output is distributed exactly as
           with token-by-token constrained decoding.
-  string  first xgrammar's forced-string tokenization (find_jump_forward_tokens: the longest vocabulary
-          tokens covering the string the grammar forces, keys and punctuation of a fixed schema), then the
-          exact rule. Fewer steps, but the model might have tokenized the forced text differently, so the
-          text after it can differ from token-by-token decoding.
+  draft   "tokens", then the tokenization of the string the grammar forces next (xgrammar's
+          find_jump_forward_tokens: the longest vocabulary tokens covering keys and punctuation of a fixed
+          schema) is proposed as draft tokens, which the next step verifies like speculative drafts
+          (rejection sampling on the masked logits): exact, and one step covers a whole forced span where
+          the model agrees with that tokenization.
+  string  "tokens" after appending that forced-string tokenization unverified. Fewest steps, but the model
+          might have tokenized the forced text differently, so the text after it can differ from
+          token-by-token decoding.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import numpy as np
 from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.structured.grammar import GrammarCache, compile_error
 
-JUMP_FORWARD_MODES = ("off", "tokens", "string")
+JUMP_FORWARD_MODES = ("off", "tokens", "draft", "string")
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -57,7 +61,7 @@ class StructuredOutputManager:
     thread calls it (compilation runs on GrammarCache's threads)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
-                 jump_forward: str = "tokens", cache_size: int = 256, num_threads: int = 1):
+                 jump_forward: str = "draft", cache_size: int = 256, num_threads: int = 1):
         if jump_forward not in JUMP_FORWARD_MODES:
             raise ValueError(f"jump_forward must be one of {JUMP_FORWARD_MODES}, got {jump_forward!r}")
         self.cache = GrammarCache(tokenizer, vocab_size, stop_token_ids, cache_size, num_threads)
@@ -201,6 +205,22 @@ class StructuredOutputManager:
             forced.append(t)
         self.num_forced_tokens += len(forced)
         return forced
+
+    def forced_drafts(self, req_id: str, limit: int, exclude: Iterable[int] = ()) -> list[int]:
+        """"draft" mode: the tokenization of the string the grammar forces next, as draft tokens (at most
+        `limit`; the matcher is not advanced). [] in the other modes."""
+        if self.jump_forward_mode != "draft" or limit <= 0:
+            return []
+        m = self._reqs[req_id].matcher
+        if m.is_terminated():
+            return []
+        stop = self.stop_token_ids.union(exclude)
+        out = []
+        for t in m.find_jump_forward_tokens()[:limit]:
+            if t in stop:
+                break
+            out.append(int(t))
+        return out
 
     def shutdown(self) -> None:
         self.cache.shutdown()
