@@ -119,3 +119,16 @@ def test_termination_and_stop_tokens(tok):
     assert _allowed(bm, 0) == {EOS}
     assert not m.is_terminated("r")
     assert m.accept_tokens("r", [EOS]) and m.is_terminated("r")
+
+
+def test_a_grammar_that_fails_to_compile_is_reported_not_hung():
+    # a tokenizer xgrammar cannot read: compiling (on the worker thread) fails, the request is reported
+    m = StructuredOutputManager(object(), VOCAB, [EOS])
+    m.add_request("r", SO(regex="a+"))
+    for _ in range(100):
+        m.wait_for_compile(0.1)
+        errors = m.take_errors()
+        if errors:
+            break
+    assert [rid for rid, _ in errors] == ["r"] and errors[0][1].startswith("grammar compilation failed")
+    assert "r" not in m and m.is_ready("r")  # dropped: nothing left to wait for

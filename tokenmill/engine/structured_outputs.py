@@ -86,6 +86,7 @@ class StructuredOutputs:
                 forced = m.jump_forward(rid, self._room(req), exclude=p.stop_token_ids)
                 if forced:
                     req.append_output_token_ids(forced)
+                    self.scheduler.num_generated_tokens += len(forced)
                     o.new_token_ids = list(o.new_token_ids) + forced
                     self._pending_forced.setdefault(rid, []).extend(forced)
                     spec = req.spec_token_ids
