@@ -128,7 +128,10 @@ def bench_tpot(engine: LLMEngine, conc: int, max_tokens: int) -> dict:
         reqs = [(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                    structured_outputs=so if constrained else None))
                 for p, so in zip(prompts, schemas)]
+        rows0, secs0 = mgr.num_filled_rows, mgr.fill_seconds
         info = _run(engine, reqs, f"tpot-{conc}-{name}")
+        if constrained:
+            res[f"fill_us_per_row_{name}"] = (mgr.fill_seconds - secs0) / max(1, mgr.num_filled_rows - rows0) * 1e6
         tpots = [(r["end"] - r["first"]) / (r["tokens"] - 1) * 1e3 for r in info.values() if r["tokens"] > 1]
         res[f"tpot_ms_p50_{name}"] = statistics.median(tpots)
         res[f"finish_{name}"] = sorted({r["finish"] for r in info.values()})

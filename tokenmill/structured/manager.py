@@ -20,6 +20,7 @@ Jump-forward modes ("tokens" and "draft" are exact, "string" is not in general):
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class StructuredOutputManager:
         self.jump_forward_mode = jump_forward
         self._reqs: dict[str, _Entry] = {}
         self.num_forced_tokens = 0  # tokens appended by jump-forward, all requests
+        self.num_filled_rows = 0  # bitmask rows filled for the runner, and the seconds it took
+        self.fill_seconds = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, so: StructuredOutputsParams) -> None:
@@ -124,6 +127,7 @@ class StructuredOutputManager:
         """Bitmask [sum(1 + len(drafts)), words] int32 for (request id, draft tokens) pairs, and each request's
         first row. Row k of a request is the mask after its drafts[:k]; rows after a draft the grammar
         rejects stay all-ones (that draft is masked out at its own row, so verification stops there)."""
+        t0 = time.perf_counter()
         n = sum(1 + len(d) for _, d in rows)
         bm = np.full((n, self.words), -1, dtype=np.int32)
         index: dict[str, int] = {}
@@ -146,6 +150,8 @@ class StructuredOutputManager:
             if accepted:
                 e.matcher.rollback(accepted)
             r += 1 + len(drafts)
+        self.num_filled_rows += n
+        self.fill_seconds += time.perf_counter() - t0
         return bm, index
 
     def accept_tokens(self, req_id: str, tokens: Sequence[int]) -> bool:
