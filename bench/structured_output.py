@@ -6,9 +6,10 @@ ttft         time to first token of one request: unconstrained, constrained with
              with a schema never seen (compiled off the step loop while the request waits).
 tpot         TPOT p50 with 16 and 64 concurrent requests, each with its own JSON schema (all kept running to
              max_tokens: arrays with more required items than fit), against the same load unconstrained;
-             constrained with jump-forward off (the mask's cost alone) and with the default (tokens).
+             constrained with jump-forward off (the mask's cost alone) and with the default (draft).
 jump         a fixed-key schema, one request at a time: model steps per response and end-to-end latency with
-             jump-forward off, tokens (exact) and string (xgrammar's forced-string tokenization).
+             jump-forward off, tokens and draft (exact), string (xgrammar's forced-string tokenization,
+             unverified); whether each mode's greedy tokens equal those of off.
 
     PYTHONPATH=. python bench/structured_output.py [--parts compile,ttft,tpot,jump] [--concurrency 16,64]
         [--max-tokens 64] [--repeats 5] [--out results.json]
@@ -66,6 +67,7 @@ def _run(engine: LLMEngine, reqs: list[tuple[list[int], SamplingParams]], tag: s
                 r["first"] = now
             if out.finished:
                 r["end"], r["tokens"], r["finish"] = now, n, out.outputs[0].finish_reason
+                r["ids"] = list(out.outputs[0].token_ids)
     return info
 
 
@@ -122,6 +124,7 @@ def bench_tpot(engine: LLMEngine, conc: int, max_tokens: int) -> dict:
     res = {}
     mgr = engine.core.structured.manager
     mode0 = mgr.jump_forward_mode
+    _run(engine, [(p, SamplingParams(temperature=0, max_tokens=8)) for p in prompts], f"warm-{conc}")
     runs = [("unconstrained", None, mode0), ("constrained_jump_off", True, "off"), ("constrained", True, mode0)]
     for name, constrained, mode in runs:
         mgr.jump_forward_mode = mode
@@ -152,7 +155,7 @@ def bench_jump(engine: LLMEngine, repeats: int) -> dict:
         so = StructuredOutputsParams(json=FIXED_KEYS, disable_any_whitespace=ws)
         mgr.validate(so)
         texts = {}
-        for mode in ("off", "tokens", "string"):
+        for mode in ("off", "tokens", "draft", "string"):
             mgr.jump_forward_mode = mode
             steps, lat, outs = [], [], []
             for k, p in enumerate(prompts):
@@ -162,14 +165,15 @@ def bench_jump(engine: LLMEngine, repeats: int) -> dict:
                 r = next(iter(info.values()))
                 steps.append(engine.core.scheduler.num_steps - s0)
                 lat.append((r["end"] - r["submit"]) * 1e3)
-                outs.append(r["tokens"])
+                outs.append(r["ids"])
             texts[mode] = outs
             tag = f"{'compact' if ws else 'any_ws'}_{mode}"
             res[f"steps_per_response_{tag}"] = statistics.mean(steps)
             res[f"latency_ms_p50_{tag}"] = statistics.median(lat)
-        for mode in ("tokens", "string"):
+        for mode in ("tokens", "draft", "string"):
             tag = "compact" if ws else "any_ws"
             res[f"step_ratio_{tag}_{mode}"] = res[f"steps_per_response_{tag}_off"] / res[f"steps_per_response_{tag}_{mode}"]
+            res[f"same_tokens_as_off_{tag}_{mode}"] = texts[mode] == texts["off"]
     mgr.jump_forward_mode = mode0
     return res
 
@@ -182,14 +186,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gemm-dtype", default="auto", help="float32: greedy tokens independent of step shape")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = EngineConfig.from_kwargs(model=args.model, max_num_seqs=64, num_threads=args.threads,
-                                   max_model_len=2048)
+                                   max_model_len=2048, gemm_dtype=args.gemm_dtype)
     engine = LLMEngine.from_config(cfg)
     parts = args.parts.split(",")
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                    "model": engine.model_name}
+                    "model": engine.model_name, "gemm_dtype": args.gemm_dtype}
     if "compile" in parts:
         result["compile"] = bench_compile(engine)
     if "ttft" in parts:

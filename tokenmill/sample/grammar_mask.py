@@ -14,31 +14,38 @@ import torch
 
 
 def unpack_bitmask(bitmask: Union[np.ndarray, torch.Tensor], vocab_size: int,
-                   device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """int32 bitmask [R, W] -> bool allowed [R, vocab_size] on `device` (ids past 32 W are disallowed)."""
+                   device: Union[str, torch.device] = "cpu", banned: bool = False) -> torch.Tensor:
+    """int32 bitmask [R, W] -> bool [R, vocab_size] on `device`: allowed tokens (banned=True: disallowed
+    ones). Ids past 32 W are disallowed."""
     if isinstance(bitmask, np.ndarray) and torch.device(device).type == "cpu":
-        bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8), axis=1,
-                             bitorder="little")  # [R, 32 W]: little-endian words, low bit first
-        allowed = torch.from_numpy(bits).view(torch.bool)
+        packed = np.ascontiguousarray(bitmask, dtype=np.int32)
+        if banned:
+            packed = ~packed
+        bits = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")  # [R, 32 W]: low bit first
+        out = torch.from_numpy(bits).view(torch.bool)
     else:
         bm = torch.as_tensor(bitmask, dtype=torch.int32).to(device)
+        if banned:
+            bm = ~bm
         shifts = torch.arange(32, dtype=torch.int32, device=bm.device)
-        allowed = ((bm[:, :, None] >> shifts) & 1).bool().reshape(bm.shape[0], -1)  # [R, 32 W]
-    R, n = allowed.shape
+        out = ((bm[:, :, None] >> shifts) & 1).bool().reshape(bm.shape[0], -1)  # [R, 32 W]
+    R, n = out.shape
     if n >= vocab_size:
-        return allowed[:, :vocab_size]
-    return torch.cat([allowed, allowed.new_zeros(R, vocab_size - n)], dim=1)
+        return out[:, :vocab_size]
+    return torch.cat([out, out.new_full((R, vocab_size - n), banned)], dim=1)
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: Union[np.ndarray, torch.Tensor],
                          rows: Sequence[int]) -> torch.Tensor:
     """In place: logits[rows[i], t] = -inf where bitmask row i disallows token t. logits [N, V]."""
-    if len(rows) == 0:
+    rows = list(rows)
+    if not rows:
         return logits
-    allowed = unpack_bitmask(bitmask, logits.shape[1], logits.device)  # [R, V]
-    idx = torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)
-    sel = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, idx, sel)
+    banned = unpack_bitmask(bitmask, logits.shape[1], logits.device, banned=True)  # [R, V]
+    if rows == list(range(logits.shape[0])):  # every row, in order: one op
+        return logits.masked_fill_(banned, float("-inf"))
+    for i, r in enumerate(rows):  # row views: no gather / scatter copies of the logits
+        logits[r].masked_fill_(banned[i], float("-inf"))
     return logits
 
 
