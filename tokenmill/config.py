@@ -145,7 +145,7 @@ class StructuredOutputsConfig:
     jump_forward: str = _f("draft", "constrained decoding: skip the steps of tokens a grammar forces. tokens: "
                                     "append, unsampled, a token that is the only one allowed; draft: that, and "
                                     "propose the forced string's tokens as draft tokens the next step verifies "
-                                    "(both exact: the same output as token-by-token decoding); string: append "
+                                    "(both exact: distributed as token-by-token decoding); string: append "
                                     "the forced string's tokens unverified (fewest steps, but the text after "
                                     "them can differ); off",
                            choices=["off", "tokens", "draft", "string"])

@@ -19,3 +19,17 @@ def test_not_ready_request_waits_without_blocking_others():
     ready["a"] = True
     out = s.schedule()
     assert out.num_scheduled_tokens == {"a": 3}  # (b sampled nothing: no runner in this test)
+
+
+def test_scheduler_output_with_a_grammar_bitmask_pickles():
+    import pickle
+
+    import numpy as np
+
+    from tokenmill.core.outputs import SchedulerOutput
+
+    out = SchedulerOutput(num_scheduled_tokens={"a": 3}, grammar_bitmask=np.arange(6, dtype=np.int32).reshape(2, 3),
+                          grammar_rows={"a": 0}, forced_token_ids={"a": [5, 6]})
+    back = pickle.loads(pickle.dumps(out))
+    assert (back.grammar_bitmask == out.grammar_bitmask).all() and back.grammar_rows == {"a": 0}
+    assert back.forced_token_ids == {"a": [5, 6]}
