@@ -2,10 +2,11 @@
 
 `from tokenmill import LLM, SamplingParams` (heavy modules are imported on first use, so that
 `tokenmill.core` stays importable without torch)."""
-from tokenmill.sampling_params import SLO, SamplingParams
+from tokenmill.sampling_params import SLO, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "SLO", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "SLO", "RequestOutput", "CompletionOutput",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -145,16 +145,42 @@ class SpecConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    jump_forward: str = _f("draft", "constrained decoding: skip the steps of tokens a grammar forces. tokens: "
+                                    "append, unsampled, a token that is the only one allowed; draft: that, and "
+                                    "propose the forced string's tokens as draft tokens the next step verifies "
+                                    "(both exact: distributed as token-by-token decoding); string: append "
+                                    "the forced string's tokens unverified (fewest steps, but the text after "
+                                    "them can differ); off",
+                           choices=["off", "tokens", "draft", "string"])
+    grammar_cache_size: int = _f(256, "compiled grammars kept for reuse (LRU)")
+    grammar_compile_threads: int = _f(1, "threads that compile grammars, off the engine's step loop")
+
+    def validate(self) -> None:
+        if self.jump_forward not in ("off", "tokens", "draft", "string"):
+            raise ConfigError(f"unknown jump_forward {self.jump_forward!r}; choose off, tokens, draft or string",
+                              param="jump_forward")
+        if self.grammar_cache_size < 1:
+            raise ConfigError(f"grammar_cache_size must be at least 1, got {self.grammar_cache_size}",
+                              param="grammar_cache_size")
+        if self.grammar_compile_threads < 1:
+            raise ConfigError(f"grammar_compile_threads must be at least 1, got {self.grammar_compile_threads}",
+                              param="grammar_compile_threads")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.structured.validate()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -178,7 +204,8 @@ class EngineConfig:
         return out
 
 
-_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig}
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
+             "structured": StructuredOutputsConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import enum
+import json as _json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 from tokenmill.errors import InvalidRequestError
 
 _EPS = 1e-5
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -33,6 +35,83 @@ class SLO:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrained decoding (vLLM's names): exactly one of
+    `json` (a JSON schema, as a dict or a JSON string), `regex`, `choice` (the output is one of these strings),
+    `grammar` (EBNF, xgrammar's dialect: `root ::= ...`) or `json_object=True` (any JSON object).
+    `disable_any_whitespace`: JSON without free whitespace between tokens (compact output; small models can
+    otherwise emit runs of newlines). The grammar itself is built and compiled by tokenmill/structured
+    (xgrammar), where a schema, regex or grammar that does not compile is an InvalidRequestError naming
+    `structured_outputs.<field>`."""
+
+    json: Optional[Union[dict, str]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: bool = False
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object; got "
+                + (", ".join(given) if given else "none"), param="structured_outputs")
+        if self.json is not None:
+            spec = self.json
+            if isinstance(spec, str):
+                try:
+                    spec = _json.loads(spec)
+                except ValueError as e:
+                    raise InvalidRequestError(f"structured_outputs.json is not valid JSON: {e}",
+                                              param="structured_outputs.json") from None
+            if not isinstance(spec, (dict, bool)):
+                raise InvalidRequestError("structured_outputs.json must be a JSON schema (an object), got "
+                                          f"{type(spec).__name__}", param="structured_outputs.json")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"structured_outputs.{name} must be a non-empty string",
+                                          param=f"structured_outputs.{name}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise InvalidRequestError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                                          param="structured_outputs.choice")
+            self.choice = list(self.choice)
+        if not isinstance(self.json_object, bool) or not isinstance(self.disable_any_whitespace, bool):
+            raise InvalidRequestError("structured_outputs.json_object and disable_any_whitespace must be booleans",
+                                      param="structured_outputs")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: json, regex, choice, grammar or json_object."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def spec(self) -> str:
+        """The constraint as one string (a schema re-serialized compactly; key order is kept, since it is the
+        order of the output's properties): with `kind`, the grammar's key."""
+        kind = self.kind
+        if kind == "json":
+            value: Any = _json.loads(self.json) if isinstance(self.json, str) else self.json
+            return _json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if kind == "choice":
+            return _json.dumps(self.choice, ensure_ascii=False)
+        if kind == "json_object":
+            return ""
+        return getattr(self, kind)
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, spec, disable_any_whitespace): what the compiled-grammar cache is keyed by."""
+        return self.kind, self.spec, self.disable_any_whitespace
+
+
+@dataclass
 class SamplingParams:
     """Sampling settings of one request.
 
@@ -41,6 +120,8 @@ class SamplingParams:
     `seed` makes a request's sampled tokens reproducible whatever else is in the batch.
     `logprobs` = number of top logprobs returned per generated token (0 = only the sampled one);
     `prompt_logprobs` likewise for prompt tokens.
+    `structured_outputs` constrains the output to a JSON schema, regex, choice or grammar (a dict is taken as
+    StructuredOutputsParams' fields).
     """
 
     n: int = 1
@@ -71,6 +152,8 @@ class SamplingParams:
     # StreamingLLM; sizes in CacheConfig.streaming_*_tokens): bounded memory, endless generation
     kv_eviction: Optional[str] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # constrained decoding (tokenmill/structured): JSON schema, regex, choice or EBNF grammar
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +164,11 @@ class SamplingParams:
             self.top_k = 0
         if isinstance(self.slo, dict):
             self.slo = SLO(**self.slo)
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise InvalidRequestError(f"structured_outputs: {e}", param="structured_outputs") from None
         self.validate()
 
     @property
@@ -138,6 +226,10 @@ class SamplingParams:
                 v = getattr(self.slo, name)
                 if v is not None and v <= 0:
                     bad(f"slo.{name}", f"slo.{name} must be positive, got {v}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                bad("structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict")
+            self.structured_outputs.validate()
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Checks that need the model: token ids in range."""

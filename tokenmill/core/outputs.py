@@ -5,7 +5,7 @@ SchedulerOutput goes in; ModelRunnerOutput comes back. Nothing else crosses. No 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -64,6 +64,15 @@ class SchedulerOutput:
     kv_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
     # req_id -> eviction / cache-position info of scheduled kv_eviction="streaming" requests
     kv_streaming: dict[str, KVStreamingStep] = field(default_factory=dict)
+    # constrained decoding, filled by the engine after schedule() (tokenmill/structured): an int32 numpy array
+    # [rows, ceil(vocab / 32)], bit t % 32 of word t // 32 set = token t allowed; a constrained request has
+    # 1 + len(its scheduled spec tokens) consecutive rows from grammar_rows[req_id], one per position it
+    # samples or verifies. The runner masks those logits rows before sampling (only where it samples).
+    grammar_bitmask: Optional[Any] = None
+    grammar_rows: dict[str, int] = field(default_factory=dict)
+    # req_id -> tokens appended to a running request outside sampling (grammar jump-forward) since the runner
+    # last saw it; they are computed like prompt tokens (they are in num_scheduled_tokens)
+    forced_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -42,6 +42,8 @@ class Scheduler:
         self._finished_for_runner: set[str] = set()
         self._length_capped: list[Request] = []  # finished in schedule() for want of memory
         self._rejected: list[Request] = []  # refused in schedule() by the policy (slo_reject)
+        # a waiting request this returns False for is passed over (its grammar is still compiling); None: all ready
+        self.is_ready: Optional[Callable[[Request], bool]] = None
         # cumulative statistics
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
@@ -203,6 +205,9 @@ class Scheduler:
             while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 self._prefer_cached_prefix(j)
                 req = self.waiting[j]
+                if self.is_ready is not None and not self.is_ready(req):
+                    j += 1
+                    continue
                 hits, num_hit = self.kv.get_computed_blocks(req)
                 num_host = self.kv.get_offloaded_hit_tokens(req, len(hits))  # restored by swap-in
                 num_hit += num_host

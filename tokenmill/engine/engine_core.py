@@ -26,6 +26,7 @@ class EngineCore:
         self.runner = runner if runner is not None else ModelRunner(config)
         self.scheduler: Optional[Scheduler] = None
         self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
+        self.structured = None  # StructuredOutputs (constrained decoding), set by init_structured_outputs()
 
     def load(self) -> None:
         if self.runner.model is None:
@@ -44,29 +45,54 @@ class EngineCore:
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
 
+    def init_structured_outputs(self, tokenizer, vocab_size: int, stop_token_ids) -> None:
+        """Constrained decoding over this tokenizer; `vocab_size` is the width of the model's logits."""
+        from tokenmill.engine.structured_outputs import StructuredOutputs
+        from tokenmill.structured.manager import StructuredOutputManager
+
+        c = self.config.structured
+        manager = StructuredOutputManager(tokenizer, vocab_size, stop_token_ids, jump_forward=c.jump_forward,
+                                          cache_size=c.grammar_cache_size, num_threads=c.grammar_compile_threads)
+        self.structured = StructuredOutputs(manager, self.scheduler)
+
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
 
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)
+        if self.structured is not None:
+            self.structured.add_request(req)
 
     def abort_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
-        self.scheduler.abort_requests(request_ids, status)
+        done = self.scheduler.abort_requests(request_ids, status)
+        if self.structured is not None:
+            self.structured.remove(r.request_id for r in done)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> list[EngineCoreOutput]:
+        errors = self.structured.take_errors() if self.structured is not None else []  # grammars that failed
         if self._trace is None:
-            return self._run(self.scheduler.schedule())
+            return errors + self._run(self.scheduler.schedule())
         wall, t0 = time.time(), time.perf_counter()
         sched = self.scheduler.schedule()
         out = self._run(sched)
         _write_trace(self._trace, wall, time.perf_counter() - t0, sched)
-        return out
+        return errors + out
 
     def _run(self, sched) -> list[EngineCoreOutput]:
+        if self.structured is None:
+            return self._execute(sched)
+        if sched.total_num_scheduled_tokens == 0:  # only requests whose grammar compiles: wait for one
+            self.structured.manager.wait_for_compile(0.05)
+        self.structured.before_run(sched)  # grammar bitmask, jump-forward tokens
+        outs = self._execute(sched)
+        self.structured.after_run(outs)
+        return outs
+
+    def _execute(self, sched) -> list[EngineCoreOutput]:
         """execute_model -> update_from_output for one schedule."""
         if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report

@@ -76,6 +76,8 @@ class LLMEngine:
         self.processor = Processor(text_tokenizer, runner.max_model_len, vocab,
                                    streaming_max_prompt=self._streaming_max_prompt())
         self.output_processor = OutputProcessor(text_tokenizer)
+        if self.tokenizer is not None:  # constrained decoding needs the vocabulary's strings
+            self.core.init_structured_outputs(self.tokenizer, vocab, self.eos_token_ids)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
@@ -102,6 +104,11 @@ class LLMEngine:
             prompt_token_ids = self.processor.tokenize(prompt)
         ids = list(prompt_token_ids)
         max_tokens = self.processor.validate(ids, params)
+        if params.structured_outputs is not None:
+            if self.core.structured is None:
+                raise InvalidRequestError("structured_outputs needs the tokenizer; the engine runs with "
+                                          "skip_tokenizer_init", param="structured_outputs")
+            self.core.structured.manager.validate(params.structured_outputs)  # parses; compiling starts
         return ids, max_tokens
 
     def add_request(self, request_id: str, prompt: Optional[str], params: SamplingParams,

@@ -55,6 +55,7 @@ def update_states(states: dict[str, RunnerRequestState], sched: SchedulerOutput)
         st = states[cached.req_id]
         st.block_ids.extend(cached.new_block_ids)
         st.num_computed_tokens = cached.num_computed_tokens
+        st.token_ids.extend(sched.forced_token_ids.get(cached.req_id, ()))  # grammar jump-forward
 
 
 def plan_step(states: dict[str, RunnerRequestState], sched: SchedulerOutput, block_size: int,

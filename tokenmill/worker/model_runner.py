@@ -16,6 +16,7 @@ from tokenmill.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
 from tokenmill.ops.attention.kv_quant import allocate_quantized_kv_cache, kv_bytes_per_token_per_layer
 from tokenmill.ops.attention.reference import allocate_kv_cache
+from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
 from tokenmill.worker.device_setup import DeviceSetup
@@ -169,7 +170,26 @@ class ModelRunner:
         hidden = self.device_setup.forward(b)  # [T, hidden]: a CUDA graph replay or the eager forward
         logits = self.model.compute_logits(hidden.index_select(0, b.logits_indices)) if b.logits_indices.numel() \
             else None  # [N, vocab]
+        if sched.grammar_rows and logits is not None:
+            self._apply_grammar(plan, sched, logits)
         return self._sample(plan, logits)
+
+    def _apply_grammar(self, plan: StepPlan, sched: SchedulerOutput, logits: torch.Tensor) -> None:
+        """Constrained decoding: mask, in place, the logits rows a constrained request samples or verifies
+        (its last 1 + len(spec) rows) with its grammar bitmask rows."""
+        logit_rows: list[int] = []
+        mask_rows: list[int] = []
+        for i, rid in enumerate(plan.req_ids):
+            g0 = sched.grammar_rows.get(rid)
+            if g0 is None or not plan.sample[i]:
+                continue
+            row0, nrows = plan.logits_rows[i]
+            k1 = len(plan.spec_tokens[i]) + 1
+            logit_rows.extend(range(row0 + nrows - k1, row0 + nrows))
+            mask_rows.extend(range(g0, g0 + k1))
+        if logit_rows:
+            bm = sched.grammar_bitmask
+            apply_token_bitmask_(logits, bm if mask_rows == list(range(len(bm))) else bm[mask_rows], logit_rows)
 
     def _sample(self, plan: StepPlan, logits: Optional[torch.Tensor]) -> ModelRunnerOutput:
         out = ModelRunnerOutput(req_ids=plan.req_ids)
