@@ -1,4 +1,4 @@
-"""Hugging Face `architectures` name -> our model class."""
+"""Hugging Face `architectures` name -> our model class (one file per family under tokenmill/model/)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,12 +7,14 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.qwen2 import Qwen2ForCausalLM
+from tokenmill.model.qwen3 import Qwen3ForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 # configs without `architectures` (built in code) fall back on their model_type
@@ -23,9 +25,31 @@ _BY_MODEL_TYPE: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM",
 }
 
+# GGUF general.architecture (+ whether the file has experts) -> (transformers model_type, architectures entry)
+_GGUF: dict[tuple[str, bool], tuple[str, str]] = {
+    ("llama", False): ("llama", "LlamaForCausalLM"),
+    ("mistral", False): ("mistral", "MistralForCausalLM"),
+    ("qwen2", False): ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", False): ("qwen3", "Qwen3ForCausalLM"),
+}
+
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
+
+
+def supported_gguf_architectures() -> list[str]:
+    return sorted({arch for arch, _ in _GGUF})
+
+
+def gguf_architecture(arch: str, has_experts: bool) -> tuple[str, str, type[nn.Module]]:
+    """(model_type, HF architecture, our class) for a GGUF general.architecture; ModelLoadError if unsupported."""
+    entry = _GGUF.get((arch, has_experts))
+    if entry is None:
+        kind = "mixture-of-experts " if has_experts else ""
+        raise ModelLoadError(f"unsupported {kind}GGUF architecture {arch!r}; supported: "
+                             f"{', '.join(supported_gguf_architectures())}")
+    return entry[0], entry[1], _MODELS[entry[1]]
 
 
 def get_model_class(config: Any) -> type[nn.Module]:
