@@ -54,12 +54,61 @@ def _qwen3_config() -> Any:
         architectures=["Qwen3ForCausalLM"])
 
 
+def _mixtral_config() -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_theta=10000.0, num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+        architectures=["MixtralForCausalLM"])
+
+
+def _qwen2_moe_config() -> Any:
+    """A shared expert, norm_topk_prob off, layer 0 dense (mlp_only_layers)."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[0],
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0,
+        bos_token_id=1, eos_token_id=2, architectures=["Qwen2MoeForCausalLM"])
+
+
+def _qwen3_moe_config() -> Any:
+    """norm_topk_prob on; top-k = number of experts on this tiny config would hide routing bugs, so 2 of 8."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=1000000.0, bos_token_id=1, eos_token_id=2, architectures=["Qwen3MoeForCausalLM"])
+
+
+def _olmoe_config() -> Any:
+    """q/k norm over the whole projection, clip_qkv, norm_topk_prob off."""
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=2.0,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["OlmoeForCausalLM"])
+
+
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
     "mistral": _mistral_config,
     "qwen3": _qwen3_config,
+    "mixtral": _mixtral_config,
+    "qwen2_moe": _qwen2_moe_config,
+    "qwen3_moe": _qwen3_moe_config,
+    "olmoe": _olmoe_config,
 }
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 def tiny_config(name: str) -> Any:

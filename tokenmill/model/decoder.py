@@ -5,7 +5,7 @@ A family file (llama.py, qwen2.py, mixtral.py, ...) subclasses `CausalLM` and se
   make_layer(config, idx, dtype)  its attention and MLP / MoE choices for layer idx
   checkpoint_rules                regex rules checkpoint name -> (our parameter name, shard) for names that differ
   packed_modules_mapping          checkpoint module -> (our packed module, shard) (q|k|v, gate|up)
-  gguf_archs, gguf_block_names    the GGUF architectures it loads and its blk.N.<name> -> checkpoint module map
+  gguf_block_names                its blk.N.<name> -> checkpoint module map
 Plain eager PyTorch over a flat batch: T = tokens of all requests packed together, no padding.
 """
 from __future__ import annotations
@@ -103,7 +103,6 @@ class CausalLM(nn.Module):
     packed_modules_mapping: ClassVar[dict[str, tuple[str, ShardId]]] = DENSE_PACKED
     # (regex on the checkpoint name, replacement, shard from the match or None), tried before the packed mapping
     checkpoint_rules: ClassVar[tuple[Rule, ...]] = ()
-    gguf_archs: ClassVar[tuple[str, ...]] = ()
     gguf_block_names: ClassVar[dict[str, str]] = GGUF_DENSE_BLOCK
     gguf_permuted_qk: ClassVar[bool] = False  # llama.cpp permuted attn_q / attn_k rows (llama-arch converters)
 
@@ -154,6 +153,27 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         return self.lm_head(hidden).float()
+
+    # ---- mixture of experts ------------------------------------------------------------------------------
+    def set_moe_op(self, op: Callable[..., Tensor]) -> None:
+        """Swap the fused MoE op of every MoE layer (tokenmill.ops.moe.select_moe_op); no-op for dense models."""
+        from tokenmill.model.layers.moe import moe_blocks
+
+        for _, block in moe_blocks(self):
+            block.op = op
+
+    def expert_counts(self) -> dict[int, list[int]]:
+        """Routing statistics: layer index -> tokens routed to each expert since the last reset (each token counts
+        once per chosen expert; profiling and graph-capture forwards count too). Empty for dense models."""
+        from tokenmill.model.layers.moe import moe_blocks
+
+        return {i: block.expert_counts.tolist() for i, block in moe_blocks(self)}
+
+    def reset_expert_counts(self) -> None:
+        from tokenmill.model.layers.moe import moe_blocks
+
+        for _, block in moe_blocks(self):
+            block.expert_counts.zero_()
 
     # ---- weights -------------------------------------------------------------------------------------
     def map_weight_name(self, name: str) -> Optional[tuple[str, ShardId]]:

@@ -12,7 +12,6 @@ from tokenmill.model.layers.mlp import GatedMLP
 
 
 class LlamaForCausalLM(CausalLM):
-    gguf_archs = ("llama", "mistral")
     gguf_permuted_qk = True
 
     def make_layer(self, config: Any, layer_idx: int, dtype: torch.dtype) -> DecoderLayer:

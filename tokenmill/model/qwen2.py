@@ -11,7 +11,6 @@ from tokenmill.model.layers.mlp import GatedMLP
 
 
 class Qwen2ForCausalLM(CausalLM):
-    gguf_archs = ("qwen2",)
 
     def make_layer(self, config: Any, layer_idx: int, dtype: torch.dtype) -> DecoderLayer:
         attn = SelfAttention(config, layer_idx, dtype, qkv_bias=True,

@@ -18,7 +18,6 @@ def qwen3_attention(config: Any, layer_idx: int, dtype: torch.dtype) -> SelfAtte
 
 
 class Qwen3ForCausalLM(CausalLM):
-    gguf_archs = ("qwen3",)
     gguf_block_names = {**GGUF_DENSE_BLOCK, **GGUF_QK_NORM}
 
     def make_layer(self, config: Any, layer_idx: int, dtype: torch.dtype) -> DecoderLayer:

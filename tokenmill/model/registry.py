@@ -7,14 +7,22 @@ from torch import nn
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.mixtral import MixtralForCausalLM
+from tokenmill.model.olmoe import OlmoeForCausalLM
 from tokenmill.model.qwen2 import Qwen2ForCausalLM
+from tokenmill.model.qwen2_moe import Qwen2MoeForCausalLM
 from tokenmill.model.qwen3 import Qwen3ForCausalLM
+from tokenmill.model.qwen3_moe import Qwen3MoeForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
 }
 
 # configs without `architectures` (built in code) fall back on their model_type
@@ -23,6 +31,10 @@ _BY_MODEL_TYPE: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 # GGUF general.architecture (+ whether the file has experts) -> (transformers model_type, architectures entry)
@@ -31,6 +43,10 @@ _GGUF: dict[tuple[str, bool], tuple[str, str]] = {
     ("mistral", False): ("mistral", "MistralForCausalLM"),
     ("qwen2", False): ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", False): ("qwen3", "Qwen3ForCausalLM"),
+    ("llama", True): ("mixtral", "MixtralForCausalLM"),
+    ("qwen2moe", True): ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("qwen3moe", True): ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("olmoe", True): ("olmoe", "OlmoeForCausalLM"),
 }
 
 

@@ -56,7 +56,7 @@ class SelfAttention(nn.Module):
     """The decoder's attention block: packed q|k|v projection, optional q/k RMSNorm, rotary, paged attention, o_proj.
 
     qk_norm: None; "head" (Qwen3: one RMSNorm over each head's D values); "full" (OLMoE: over the whole q / k
-    projection, before the split into heads). clip_qkv (OLMoE): q, k, v clamped to [-clip, clip].
+    projection, before the split into heads). clip_qkv (OLMoE): q, k, v clamped to [-clip, clip] (after a full q/k norm).
     """
 
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool = False,
@@ -91,12 +91,12 @@ class SelfAttention(nn.Module):
 
         t = h.shape[0]
         qkv = self.qkv_proj(h)  # [T, (H + 2 Hkv) * D]
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, _ = self.q_norm(q.contiguous())  # [T, H * D]
             k, _ = self.k_norm(k.contiguous())  # [T, Hkv * D]
+        if self.clip_qkv is not None:  # after the full q/k norm, like OLMoE
+            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
