@@ -109,7 +109,7 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
     progress: show a tqdm bar (default: only for models with many tensors or large files).
-    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors packed (run by the compiled CPU kernel) for a float32
+    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors (linears and MoE experts) packed (run by the compiled CPU kernel) for a float32
     model on the CPU when the kernel builds; none dequantizes every tensor at load.
     gemm_dtype: dtype of the dense copy those packed weights use for calls of many rows (auto: bfloat16 where
     the CPU has bf16 matrix instructions, else float32).
@@ -144,7 +144,10 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
             from tokenmill.ops.cpu.qlinear import available
 
             if available():
-                raw = quantize_modules(model, gguf_tensor_types(reader))
+                from tokenmill.model.layers.moe import quantize_experts
+
+                types = gguf_tensor_types(reader)
+                raw = quantize_modules(model, types) | quantize_experts(model, types)
         load_weights(model, iter_gguf_weights(reader, hf_config, source.gguf_path, raw),
                      _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
         source._reader = None  # release the memory map

@@ -12,7 +12,7 @@ import torch
 
 from tokenmill.model.decoder import GGUF_DENSE_BLOCK, CausalLM, DecoderLayer
 from tokenmill.model.layers.attention import SelfAttention, layer_sliding_window
-from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock
+from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock, gguf_moe_kwargs
 
 
 def _expert(j: Any) -> Callable:
@@ -38,4 +38,6 @@ class MixtralForCausalLM(CausalLM):
 
     @classmethod
     def gguf_config_kwargs(cls, meta: Callable[[str], Any]) -> dict[str, Any]:
-        return {"num_local_experts": int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count"))}
+        kwargs = gguf_moe_kwargs(meta, "num_local_experts")
+        del kwargs["norm_topk_prob"]  # Mixtral always renormalizes
+        return kwargs

@@ -8,7 +8,7 @@ import torch
 
 from tokenmill.model.decoder import GGUF_DENSE_BLOCK, GGUF_QK_NORM, CausalLM, DecoderLayer
 from tokenmill.model.layers.attention import SelfAttention
-from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock
+from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock, gguf_moe_kwargs
 
 
 class OlmoeForCausalLM(CausalLM):
@@ -27,5 +27,5 @@ class OlmoeForCausalLM(CausalLM):
 
     @classmethod
     def gguf_config_kwargs(cls, meta: Callable[[str], Any]) -> dict[str, Any]:
-        return {"num_experts": int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count")),
-                "norm_topk_prob": bool(meta("expert_weights_norm") or False)}
+        clip = meta("attention.clamp_kqv")
+        return {**gguf_moe_kwargs(meta), "clip_qkv": float(clip) if clip else None}

@@ -11,7 +11,7 @@ from torch import nn
 from tokenmill.model.decoder import GGUF_DENSE_BLOCK, CausalLM, DecoderLayer
 from tokenmill.model.layers.attention import SelfAttention, layer_sliding_window
 from tokenmill.model.layers.mlp import GatedMLP
-from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock
+from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, MoEBlock, gguf_moe_kwargs
 
 GGUF_SHARED_EXPERT = {
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
@@ -50,7 +50,5 @@ class Qwen2MoeForCausalLM(CausalLM):
 
     @classmethod
     def gguf_config_kwargs(cls, meta: Callable[[str], Any]) -> dict[str, Any]:
-        return {"num_experts": int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count")),
-                "moe_intermediate_size": int(meta("expert_feed_forward_length")),
-                "shared_expert_intermediate_size": int(meta("expert_shared_feed_forward_length") or 0),
-                "norm_topk_prob": bool(meta("expert_weights_norm") or False)}
+        return {**gguf_moe_kwargs(meta), "moe_intermediate_size": int(meta("expert_feed_forward_length")),
+                "shared_expert_intermediate_size": int(meta("expert_shared_feed_forward_length") or 0)}

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from tokenmill.model.decoder import GGUF_DENSE_BLOCK, GGUF_QK_NORM, CausalLM, DecoderLayer
-from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK
+from tokenmill.model.layers.moe import EXPERT_RULES, GGUF_MOE_BLOCK, gguf_moe_kwargs
 from tokenmill.model.qwen2_moe import qwen_moe_mlp
 from tokenmill.model.qwen3 import qwen3_attention
 
@@ -22,7 +22,6 @@ class Qwen3MoeForCausalLM(CausalLM):
 
     @classmethod
     def gguf_config_kwargs(cls, meta: Callable[[str], Any]) -> dict[str, Any]:
-        norm = meta("expert_weights_norm")
-        return {"num_experts": int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count")),
-                "moe_intermediate_size": int(meta("expert_feed_forward_length")),
-                "norm_topk_prob": True if norm is None else bool(norm)}  # llama.cpp's qwen3moe always normalizes
+        # llama.cpp's qwen3moe normalizes unless the file says otherwise
+        return {**gguf_moe_kwargs(meta, norm_default=True),
+                "moe_intermediate_size": int(meta("expert_feed_forward_length"))}

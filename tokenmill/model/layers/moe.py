@@ -203,10 +203,14 @@ def quantize_experts(model: nn.Module, types: dict[str, str]) -> set[str]:
     return raw
 
 
-def moe_config_value(config: Any, *names: str, default: Any = None) -> Any:
-    """The first of `names` the config has (configs spell the same field differently)."""
-    for n in names:
-        v = getattr(config, n, None)
-        if v is not None:
-            return v
-    return default
+def gguf_moe_kwargs(meta: Any, experts_field: str = "num_experts", norm_default: bool = False) -> dict[str, Any]:
+    """The routing fields of a MoE config from GGUF metadata: expert counts and norm_topk_prob (from
+    expert_weights_norm, else the family's llama.cpp default). Only softmax gating is supported."""
+    from tokenmill.errors import ModelLoadError
+
+    gating = meta("expert_gating_func")
+    if gating is not None and int(gating) != 1:  # llama.cpp: 1 softmax, 2 sigmoid
+        raise ModelLoadError(f"unsupported expert gating function {int(gating)} (only softmax, 1)")
+    norm = meta("expert_weights_norm")
+    return {experts_field: int(meta("expert_count")), "num_experts_per_tok": int(meta("expert_used_count")),
+            "norm_topk_prob": norm_default if norm is None else bool(norm)}
