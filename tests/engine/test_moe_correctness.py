@@ -1,6 +1,7 @@
 """MoE architectures (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) through the engine vs transformers on tiny random
-models: greedy tokens identical with batching, chunked prefill, preemption and prefix caching, with the
-device's fused MoE op installed (the grouped CPU path here), and routing counted per layer."""
+models: greedy tokens identical with batching, chunked prefill, preemption and prefix caching, with the device's
+fused MoE op installed (fused_moe_cpu: float experts take its grouped path, packed GGUF experts its C kernel),
+and routing counted per layer."""
 from __future__ import annotations
 
 import random
@@ -8,10 +9,10 @@ import random
 import pytest
 import torch
 
-from tests.model.tiny_models import MOE_ARCHS, VOCAB, build_tiny_model, save_tiny_model
+from tests.model.tiny_models import MOE_ARCHS, VOCAB, build_tiny_model, fake_quantize_, save_tiny_gguf, save_tiny_model
 from tokenmill import LLM, SamplingParams
-from tokenmill.model.layers.moe import moe_blocks
-from tokenmill.ops.moe.cpu import fused_moe_grouped
+from tokenmill.model.layers.moe import PackedExperts, moe_blocks
+from tokenmill.ops.moe.cpu import fused_moe_cpu
 
 NEW_TOKENS = 10
 SCENARIOS = {
@@ -54,7 +55,7 @@ def test_greedy_matches_transformers(tiny, gguf_tokenizer_path, arch, scenario):
     prompts = _prompts()
     llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", **SCENARIOS[scenario])
     model = llm.engine.core.runner.model
-    assert all(block.op is fused_moe_grouped for _, block in moe_blocks(model))
+    assert all(block.op is fused_moe_cpu for _, block in moe_blocks(model))
     model.reset_expert_counts()
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -84,3 +85,30 @@ def test_prefix_cache_hits_give_same_tokens(tiny, gguf_tokenizer_path, arch):
     for prompt, out in zip(prompts, first + rest):
         assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, cache)
     assert kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("arch,qname", [("mixtral", "Q8_0"), ("qwen3_moe", "Q4_0")])
+def test_quantized_gguf_greedy_matches_dequantized_transformers(tmp_path, gguf_tokenizer_path, arch, qname):
+    """A GGUF with llama.cpp's 3-D expert tensors stored quantized: the engine keeps them packed (the C MoE kernel)
+    and its greedy tokens equal transformers holding the dequantized weights, batched and chunked."""
+    import gguf
+
+    from tokenmill.ops.cpu.qlinear import available
+
+    qtype = getattr(gguf.GGMLQuantizationType, qname)
+    hf = build_tiny_model(arch)
+    fake_quantize_(hf, "mlp.experts.", qtype)
+    qtypes = {f"blk.{i}.ffn_{p}_exps.weight": qtype for i in range(hf.config.num_hidden_layers)
+              for p in ("gate", "up", "down")}
+    path = save_tiny_gguf(hf, str(tmp_path / f"{arch}.gguf"), qtypes=qtypes)
+    llm = LLM(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4)
+    blocks = moe_blocks(llm.engine.core.runner.model)
+    assert all(block.op is fused_moe_cpu for _, block in blocks)
+    if available():
+        assert all(isinstance(block.experts, PackedExperts) for _, block in blocks)
+    prompts = _prompts(5)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    cache: dict = {}
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, cache)

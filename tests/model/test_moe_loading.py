@@ -12,7 +12,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.model.layers.moe import FusedExperts, PackedExperts, moe_blocks
 from tokenmill.model.loader import ModelSource, load_hf_config, load_model, resolve_model_source
 from tokenmill.ops.attention.reference import allocate_kv_cache
-from tokenmill.ops.moe.cpu import fused_moe_grouped
+from tokenmill.ops.moe.cpu import fused_moe_cpu, fused_moe_grouped
 from tokenmill.worker.forward_batch import build_forward_batch
 
 IDS = [1, 17, 300, 42, 5, 99, 410, 7, 250, 8, 61, 3, 77, 128]
@@ -62,7 +62,8 @@ def test_missing_expert_is_reported(tmp_path):
     del state["model.layers.1.mlp.experts.5.up_proj.weight"]
     save_file(state, os.path.join(tmp_path, "model.safetensors"))
     src = resolve_model_source(str(tmp_path))
-    with pytest.raises(ModelLoadError, match=r"lacks 1 tensor\(s\): model.layers.1.mlp.experts.gate_up_proj\[\(5, 1\)\]"):
+    missing = r"lacks 1 tensor\(s\): model.layers.1.mlp.experts.gate_up_proj\[\(5, 1\)\]"
+    with pytest.raises(ModelLoadError, match=missing):
         load_model(src, load_hf_config(src), torch.float32, "cpu")
 
 
@@ -108,8 +109,9 @@ def test_quantized_expert_gguf_stays_packed(arch, qname, tmp_path):
         assert all(isinstance(b.experts, PackedExperts) and b.experts.qtype == qname.lower() for _, b in blocks)
         assert all(b.experts.gate_up_proj.dtype == torch.uint8 for _, b in blocks)
     assert (_logits(packed) - ref).abs().max().item() < 1e-4
-    packed.set_moe_op(fused_moe_grouped)  # the CPU path on packed experts (qlinear per expert)
-    assert (_logits(packed) - ref).abs().max().item() < 1e-4
+    for op in (fused_moe_grouped, fused_moe_cpu):  # qlinear per expert; one C call per layer
+        packed.set_moe_op(op)
+        assert (_logits(packed) - ref).abs().max().item() < 1e-4
     dense = load_model(src, load_hf_config(src), torch.float32, "cpu", quantization="none")
     assert all(isinstance(b.experts, FusedExperts) for _, b in moe_blocks(dense))
     assert (_logits(dense) - ref).abs().max().item() < 1e-4

@@ -10,7 +10,8 @@ import torch
 
 from tokenmill.model.layers.moe import FusedExperts, PackedExperts
 from tokenmill.ops.moe import select_experts
-from tokenmill.ops.moe.cpu import fused_moe_grouped
+from tokenmill.ops.cpu.build import build_error
+from tokenmill.ops.moe.cpu import fused_moe_cpu, fused_moe_grouped, moe_kernel_available
 from tokenmill.ops.moe.reference import expert_mlp, fused_moe_reference
 
 H, I = 64, 32
@@ -113,6 +114,34 @@ def test_packed_experts_match_reference_on_dequantized(qtype, name, t, e, k, mod
     got = fused_moe_grouped(x, packed, w, ids)
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
     assert not torch.allclose(ref, fused_moe_reference(x, dense, w, ids), atol=1e-6)
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("name,t,e,k,mode", _cases() + [("prefill", 70, 8, 2, None)])
+def test_c_kernel_matches_reference(qtype, name, t, e, k, mode):
+    """One C call per layer over packed experts (csrc/moe.c), vs the reference on the dequantized weights."""
+    packed = _packed(_experts(e), qtype)
+    x, w, ids = _case(t, e, k, mode)
+    ref = fused_moe_reference(x, packed, w, ids)
+    got = fused_moe_cpu(x, packed, w, ids)
+    assert got.shape == (t, H) and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+def test_cpu_op_takes_dense_experts_to_the_grouped_path():
+    ex = _experts(4)
+    x, w, ids = _routing(9, 4, 2)
+    assert torch.equal(fused_moe_cpu(x, ex, w, ids), fused_moe_grouped(x, ex, w, ids))
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+def test_c_kernel_rejects_bad_expert_id():
+    packed = _packed(_experts(4), "q8_0")
+    x, w, ids = _routing(3, 4, 2)
+    ids[1, 0] = 4
+    with pytest.raises(ValueError, match="expert id out of range"):
+        fused_moe_cpu(x, packed, w, ids)
 
 
 # ---- Triton (in the interpreter without CUDA) ---------------------------------------------------------------

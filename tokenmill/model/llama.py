@@ -18,6 +18,6 @@ class LlamaForCausalLM(CausalLM):
         bias = bool(getattr(config, "attention_bias", False))
         attn = SelfAttention(config, layer_idx, dtype, qkv_bias=bias, o_bias=bias,
                              sliding_window=layer_sliding_window(config, layer_idx))
-        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, bias=bool(getattr(config, "mlp_bias", False)),
-                       hidden_act=getattr(config, "hidden_act", "silu"))
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype,
+                       bias=bool(getattr(config, "mlp_bias", False)), hidden_act=getattr(config, "hidden_act", "silu"))
         return DecoderLayer(config, attn, mlp, dtype)

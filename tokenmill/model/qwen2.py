@@ -15,5 +15,6 @@ class Qwen2ForCausalLM(CausalLM):
     def make_layer(self, config: Any, layer_idx: int, dtype: torch.dtype) -> DecoderLayer:
         attn = SelfAttention(config, layer_idx, dtype, qkv_bias=True,
                              sliding_window=layer_sliding_window(config, layer_idx))
-        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, hidden_act=getattr(config, "hidden_act", "silu"))
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype,
+                       hidden_act=getattr(config, "hidden_act", "silu"))
         return DecoderLayer(config, attn, mlp, dtype)

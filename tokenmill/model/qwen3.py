@@ -21,5 +21,6 @@ class Qwen3ForCausalLM(CausalLM):
     gguf_block_names = {**GGUF_DENSE_BLOCK, **GGUF_QK_NORM}
 
     def make_layer(self, config: Any, layer_idx: int, dtype: torch.dtype) -> DecoderLayer:
-        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype, hidden_act=getattr(config, "hidden_act", "silu"))
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype,
+                       hidden_act=getattr(config, "hidden_act", "silu"))
         return DecoderLayer(config, qwen3_attention(config, layer_idx, dtype), mlp, dtype)

@@ -56,7 +56,8 @@ class SelfAttention(nn.Module):
     """The decoder's attention block: packed q|k|v projection, optional q/k RMSNorm, rotary, paged attention, o_proj.
 
     qk_norm: None; "head" (Qwen3: one RMSNorm over each head's D values); "full" (OLMoE: over the whole q / k
-    projection, before the split into heads). clip_qkv (OLMoE): q, k, v clamped to [-clip, clip] (after a full q/k norm).
+    projection, before the split into heads). clip_qkv (OLMoE): q, k, v clamped to [-clip, clip] (after a full
+    q/k norm).
     """
 
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool = False,

@@ -135,7 +135,8 @@ class PackedExperts(_ExpertStore):
         return qlinear(x, self.down_proj[e], self.qtype)  # [n, I] -> [n, H]
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}, qtype={self.qtype}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}, "
+                f"qtype={self.qtype}")
 
 
 class SharedExpertGate(Linear):

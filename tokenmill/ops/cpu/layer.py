@@ -66,7 +66,8 @@ class _StepMeta:
 
 
 class FusedCpuLayer:
-    """The fast path of one dense DecoderLayer (see layer_qualifies); `__call__` returns (h, residual) or None (use the per-op path)."""
+    """The fast path of one dense DecoderLayer (see layer_qualifies); `__call__` returns (h, residual) or None
+    (use the per-op path)."""
 
     def __init__(self, layer: Any, shared: "_Shared"):
         attn, mlp = layer.self_attn, layer.mlp

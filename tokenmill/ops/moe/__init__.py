@@ -7,7 +7,8 @@
 grouped CPU path, `gate_up(e, x)` / `down(e, x)` (tokenmill/model/layers/moe.py: FusedExperts, PackedExperts).
 Implementations: reference.fused_moe_reference (pure PyTorch, every expert on every token: the oracle),
 cpu.fused_moe_grouped (tokens sorted by expert, one matmul per active expert, packed GGUF experts run by the
-qlinear kernel without dense copies), triton_moe.fused_moe_triton (CUDA; block-aligned sorted token ids).
+qlinear kernel without dense copies), cpu.fused_moe_cpu (packed experts in one C call per layer, threads over
+experts and rows; else grouped), triton_moe.fused_moe_triton (CUDA; block-aligned sorted token ids).
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 
 def select_moe_op(device: torch.device) -> MoEOp:
-    """The op for a device: Triton on CUDA when importable, else the grouped PyTorch path (CPU kernel for packed
-    experts)."""
-    from tokenmill.ops.moe.cpu import fused_moe_grouped
+    """The op for a device: Triton on CUDA when importable, else the CPU op (one C call per layer for packed
+    experts, the grouped PyTorch path otherwise)."""
+    from tokenmill.ops.moe.cpu import fused_moe_cpu, fused_moe_grouped
 
     if device.type == "cuda":
         import importlib.util
@@ -44,4 +45,5 @@ def select_moe_op(device: torch.device) -> MoEOp:
             from tokenmill.ops.moe.triton_moe import fused_moe_triton
 
             return fused_moe_triton
-    return fused_moe_grouped
+        return fused_moe_grouped
+    return fused_moe_cpu
