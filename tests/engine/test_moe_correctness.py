@@ -101,7 +101,7 @@ def test_quantized_gguf_greedy_matches_dequantized_transformers(tmp_path, gguf_t
     qtypes = {f"blk.{i}.ffn_{p}_exps.weight": qtype for i in range(hf.config.num_hidden_layers)
               for p in ("gate", "up", "down")}
     path = save_tiny_gguf(hf, str(tmp_path / f"{arch}.gguf"), qtypes=qtypes)
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4)
+    llm = LLM(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4, gemm_dtype="float32")
     blocks = moe_blocks(llm.engine.core.runner.model)
     assert all(block.op is fused_moe_cpu for _, block in blocks)
     if available():

@@ -12,6 +12,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.model.layers.moe import FusedExperts, PackedExperts, moe_blocks
 from tokenmill.model.loader import ModelSource, load_hf_config, load_model, resolve_model_source
 from tokenmill.ops.attention.reference import allocate_kv_cache
+from tokenmill.ops.cpu.layer import fuse_cpu_layers
 from tokenmill.ops.moe.cpu import fused_moe_cpu, fused_moe_grouped
 from tokenmill.worker.forward_batch import build_forward_batch
 
@@ -100,14 +101,18 @@ def test_quantized_expert_gguf_stays_packed(arch, qname, tmp_path):
     hf = _gguf_model(arch)
     fake_quantize_(hf, "mlp.experts.", qtype)
     n = hf.config.num_hidden_layers
-    qtypes = {f"blk.{i}.ffn_{p}_exps.weight": qtype for i in range(n) for p in ("gate", "up", "down")}
+    fake_quantize_(hf, "self_attn.", qtype)  # packed attention too: the layers still must not take the dense path
+    attn = [f"blk.{i}.attn_{p}.weight" for i in range(n) for p in ("q", "k", "v", "output")]
+    qtypes = {name: qtype for name in attn}
+    qtypes.update({f"blk.{i}.ffn_{p}_exps.weight": qtype for i in range(n) for p in ("gate", "up", "down")})
     src = resolve_model_source(save_tiny_gguf(hf, str(tmp_path / f"{arch}.gguf"), qtypes=qtypes))
     ref = _hf_logits(hf)
-    packed = load_model(src, load_hf_config(src), torch.float32, "cpu")
+    packed = load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")  # exact linears
     blocks = moe_blocks(packed)
     if available():
         assert all(isinstance(b.experts, PackedExperts) and b.experts.qtype == qname.lower() for _, b in blocks)
         assert all(b.experts.gate_up_proj.dtype == torch.uint8 for _, b in blocks)
+        assert fuse_cpu_layers(packed) == 0  # the fused C layer takes dense layers only
     assert (_logits(packed) - ref).abs().max().item() < 1e-4
     for op in (fused_moe_grouped, fused_moe_cpu):  # qlinear per expert; one C call per layer
         packed.set_moe_op(op)

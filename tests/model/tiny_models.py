@@ -250,12 +250,12 @@ def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None) 
 
 @torch.no_grad()
 def fake_quantize_(model: Any, substring: str, qtype: Any) -> None:
-    """Round every parameter whose name contains `substring` through GGUF quantization (rows of the last dim), so
+    """Round every matrix whose name contains `substring` through GGUF quantization (rows of the last dim), so
     the float model equals what a file storing those tensors as `qtype` dequantizes to (re-quantizing such values
     gives the same blocks)."""
     from gguf.quants import dequantize, quantize
 
     for name, p in model.named_parameters():
-        if substring in name:
+        if substring in name and p.dim() >= 2:
             arr = p.detach().float().numpy()
             p.copy_(torch.from_numpy(dequantize(quantize(arr, qtype), qtype).reshape(arr.shape)))
