@@ -131,3 +131,36 @@ def test_expert_counts_accumulate_and_reset():
     assert list(counts) == [1] and sum(counts[1]) == len(IDS) * 2  # top-2: every token counted twice
     model.reset_expert_counts()
     assert model.expert_counts() == {1: [0, 0, 0, 0]}
+
+
+def _meta_only_gguf(path: str, arch: str, gating: int | None = None) -> str:
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(32)
+    w.add_head_count(4)
+    w.add_vocab_size(512)
+    w.add_expert_count(4)
+    w.add_expert_used_count(2)
+    w.add_expert_feed_forward_length(32)
+    if gating is not None:
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType(gating))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_moe_errors(tmp_path):
+    src = resolve_model_source(_meta_only_gguf(str(tmp_path / "a.gguf"), "qwen2"))
+    with pytest.raises(ModelLoadError, match="unsupported mixture-of-experts GGUF architecture 'qwen2'.*qwen3moe"):
+        load_hf_config(src)
+    src = resolve_model_source(_meta_only_gguf(str(tmp_path / "b.gguf"), "qwen3moe", gating=2))
+    with pytest.raises(ModelLoadError, match=r"unsupported expert gating function 2 \(only softmax, 1\)"):
+        load_hf_config(src)
+    src = resolve_model_source(_meta_only_gguf(str(tmp_path / "c.gguf"), "qwen3moe", gating=1))
+    config = load_hf_config(src)
+    assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, 2, True)

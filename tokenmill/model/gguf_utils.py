@@ -121,8 +121,13 @@ def _family(reader: Any, path: str) -> tuple[str, str, str, Any]:
     return arch, model_type, hf_arch, cls
 
 
-def gguf_to_hf_name(name: str, block_names: dict[str, str]) -> Optional[str]:
-    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight by the family's block map; None if unknown."""
+def gguf_to_hf_name(name: str, block_names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight by the family's block map (default: the
+    dense one with q/k norms); None if unknown."""
+    if block_names is None:
+        from tokenmill.model.decoder import GGUF_DENSE_BLOCK, GGUF_QK_NORM
+
+        block_names = {**GGUF_DENSE_BLOCK, **GGUF_QK_NORM}
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK_RE.match(name)
