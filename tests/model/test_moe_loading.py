@@ -122,6 +122,27 @@ def test_quantized_expert_gguf_stays_packed(arch, qname, tmp_path):
     assert (_logits(dense) - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_per_expert_gguf_layout(quantized, tmp_path):
+    """Older Mixtral GGUFs store blk.N.ffn_gate.E.weight, one 2-D tensor per expert (packed when quantized)."""
+    import gguf
+
+    from tokenmill.ops.cpu.qlinear import available
+
+    hf = build_tiny_model("mixtral")
+    qtypes = None
+    if quantized:
+        fake_quantize_(hf, "mlp.experts.", gguf.GGMLQuantizationType.Q8_0)
+        qtypes = {f"blk.{i}.ffn_{p}.{e}.weight": gguf.GGMLQuantizationType.Q8_0 for i in range(2) for e in range(8)
+                  for p in ("gate", "up", "down")}
+    src = resolve_model_source(save_tiny_gguf(hf, str(tmp_path / "m.gguf"), qtypes=qtypes, per_expert=True))
+    model = load_model(src, load_hf_config(src), torch.float32, "cpu")
+    want = PackedExperts if quantized and available() else FusedExperts
+    assert all(type(b.experts) is want for _, b in moe_blocks(model))
+    model.set_moe_op(fused_moe_cpu)
+    assert (_logits(model) - _hf_logits(hf)).abs().max().item() < 1e-4
+
+
 def test_expert_counts_accumulate_and_reset():
     model = load_model(ModelSource("hf", "unused"), tiny_config("qwen2_moe"), torch.float32, "cpu",
                        load_format="dummy")

@@ -173,9 +173,10 @@ def _llamacpp_permute(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(model: Any) -> Any:
+def _gguf_tensors(model: Any, per_expert: bool = False) -> Any:
     """(GGUF name, float32 array) of a transformers model laid out like llama.cpp's converter: q/k rows permuted
-    for the llama arch, experts as 3-D ffn_{gate,up,down}_exps [E, rows, cols], the shared expert gate 1-D."""
+    for the llama arch, experts as 3-D ffn_{gate,up,down}_exps [E, rows, cols] (per_expert: the older layout,
+    blk.N.ffn_gate.E.weight one per expert), the shared expert gate 1-D."""
     cfg = model.config
     permute = _GGUF_ARCH[cfg.model_type] == "llama"
     for name, p in model.state_dict().items():
@@ -190,10 +191,18 @@ def _gguf_tensors(model: Any) -> Any:
             yield "output_norm.weight", arr
         elif name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]
             idx, half = name.split(".")[2], arr.shape[1] // 2
-            yield f"blk.{idx}.ffn_gate_exps.weight", arr[:, :half].copy()
-            yield f"blk.{idx}.ffn_up_exps.weight", arr[:, half:].copy()
+            parts = {"gate": arr[:, :half], "up": arr[:, half:]}
+            for p, a in parts.items():
+                if per_expert:
+                    yield from ((f"blk.{idx}.ffn_{p}.{e}.weight", a[e].copy()) for e in range(a.shape[0]))
+                else:
+                    yield f"blk.{idx}.ffn_{p}_exps.weight", a.copy()
         elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
-            yield f"blk.{name.split('.')[2]}.ffn_down_exps.weight", arr
+            idx = name.split(".")[2]
+            if per_expert:
+                yield from ((f"blk.{idx}.ffn_down.{e}.weight", arr[e].copy()) for e in range(arr.shape[0]))
+            else:
+                yield f"blk.{idx}.ffn_down_exps.weight", arr
         else:
             _, _, idx, rest = name.split(".", 3)
             module, kind = rest.rsplit(".", 1)
@@ -206,9 +215,10 @@ def _gguf_tensors(model: Any) -> Any:
             yield f"blk.{idx}.{_GGUF_BLOCK[module]}.{kind}", arr
 
 
-def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None) -> str:
+def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None, per_expert: bool = False) -> str:
     """Write a transformers model (llama, qwen2/3, mixtral, qwen2/3-moe, olmoe) as a GGUF file the way llama.cpp's
-    converter lays it out, F32 unless qtypes (GGUF tensor name -> gguf.GGMLQuantizationType) says otherwise."""
+    converter lays it out, F32 unless qtypes (GGUF tensor name -> gguf.GGMLQuantizationType) says otherwise;
+    per_expert: experts in the older one-tensor-per-expert layout."""
     import gguf
 
     cfg = model.config
@@ -235,7 +245,7 @@ def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None) 
             w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
     if getattr(cfg, "clip_qkv", None):
         w.add_clamp_kqv(float(cfg.clip_qkv))
-    for gname, arr in _gguf_tensors(model):
+    for gname, arr in _gguf_tensors(model, per_expert):
         qtype = (qtypes or {}).get(gname)
         if qtype is not None:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)

@@ -23,6 +23,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# llama.cpp's older MoE layout (Mixtral GGUFs before the 3-D ffn_*_exps): one 2-D tensor per expert
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # tensors llama.cpp adds that have no Hugging Face counterpart
 _SKIP = {"rope_freqs.weight"}
 
@@ -133,6 +135,9 @@ def gguf_to_hf_name(name: str, block_names: Optional[dict[str, str]] = None) -> 
     m = _BLOCK_RE.match(name)
     if m and m.group(2) in block_names:
         return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+    m = _EXPERT_RE.match(name)
+    if m and "ffn_gate_exps" in block_names:  # a MoE family
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     return None
 
 

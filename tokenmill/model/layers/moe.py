@@ -195,7 +195,10 @@ def quantize_experts(model: nn.Module, types: dict[str, str]) -> set[str]:
         if not isinstance(module, MoEBlock) or not isinstance(module.experts, FusedExperts):
             continue
         ex = module.experts
-        names = [f"{name}.experts.{p}_proj.weight" for p in ("gate", "up", "down")]
+        names = [f"{name}.experts.{p}_proj.weight" for p in ("gate", "up", "down")]  # 3-D ffn_*_exps
+        if not any(n in types for n in names):  # the older layout: one tensor per expert
+            names = [f"{name}.experts.{e}.{p}_proj.weight" for e in range(ex.num_experts)
+                     for p in ("gate", "up", "down")]
         kinds = {types.get(n) for n in names}
         if len(kinds) != 1 or next(iter(kinds)) not in QTYPES or ex.hidden_size % 32 or ex.intermediate_size % 32:
             continue
