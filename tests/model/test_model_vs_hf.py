@@ -34,7 +34,8 @@ def _block_tables(seqs: list[list[int]]) -> list[list[int]]:
     return tables
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3", "smollm"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3", "smollm", "mixtral", "qwen2_moe",
+                                              "qwen3_moe", "olmoe"])
 def models(request, tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 

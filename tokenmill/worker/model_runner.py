@@ -84,6 +84,9 @@ class ModelRunner:
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
                                             self.kv_bytes_per_block(), self.device)
         self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
+        reset = getattr(self.model, "reset_expert_counts", None)
+        if reset is not None:
+            reset()  # MoE routing statistics start at serving, not at profiling / graph capture
         if self.device.type == "cpu":
             from tokenmill.ops.cpu.host import freeze_startup_objects, tune_allocator
 

@@ -34,6 +34,7 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 LIBRARIES = {
     "qlinear": ("qlinear", "qlinear_amx"),
     "layer": ("layer", "rmsnorm", "qlinear", "qlinear_amx", "attention"),
+    "moe": ("moe", "qlinear", "qlinear_amx"),
 }
 
 

@@ -1,4 +1,4 @@
-"""A whole Llama decoder layer in one C call (`csrc/layer.c`) for CPU steps.
+"""A whole dense (Llama-shaped) decoder layer in one C call (`csrc/layer.c`) for CPU steps.
 
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
@@ -66,7 +66,8 @@ class _StepMeta:
 
 
 class FusedCpuLayer:
-    """The fast path of one LlamaDecoderLayer; `__call__` returns (h, residual) or None (use the per-op path)."""
+    """The fast path of one dense DecoderLayer (see layer_qualifies); `__call__` returns (h, residual) or None
+    (use the per-op path)."""
 
     def __init__(self, layer: Any, shared: "_Shared"):
         attn, mlp = layer.self_attn, layer.mlp
@@ -176,11 +177,16 @@ class _Shared:
 
 
 def layer_qualifies(layer: Any) -> bool:
-    """Whether `layer` (a LlamaDecoderLayer) can run fused: packed linears, float32 norms, no q/k norm."""
+    """Whether `layer` can run fused, asked of what the layer is: a dense decoder layer (SelfAttention without
+    q/k norm or clipping, a GatedMLP), packed linears, float32 norms. MoE layers never qualify."""
+    from tokenmill.model.layers.attention import SelfAttention
+    from tokenmill.model.layers.mlp import GatedMLP
     from tokenmill.model.layers.quantized import QuantizedLinear
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or getattr(attn, "qk_norm", True):
+    if not isinstance(attn, SelfAttention) or not isinstance(mlp, GatedMLP):
+        return False
+    if attn.qk_norm is not None or attn.clip_qkv is not None:
         return False
     lin = [getattr(attn, "qkv_proj", None), getattr(attn, "o_proj", None), getattr(mlp, "gate_up_proj", None),
            getattr(mlp, "down_proj", None)]

@@ -1,0 +1,187 @@
+"""The fused MoE op: routing, the grouped CPU path (dense and packed GGUF experts) and the Triton kernel, each
+against the reference (every expert on every token) on random inputs, with edge-case routings."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from tokenmill.model.layers.moe import FusedExperts, PackedExperts
+from tokenmill.ops.moe import select_experts
+from tokenmill.ops.cpu.build import build_error
+from tokenmill.ops.moe.cpu import fused_moe_cpu, fused_moe_grouped, moe_kernel_available
+from tokenmill.ops.moe.reference import expert_mlp, fused_moe_reference
+
+H, I = 64, 32
+
+
+def _experts(num_experts: int, seed: int = 0, dtype=torch.float32) -> FusedExperts:
+    g = torch.Generator().manual_seed(seed)
+    ex = FusedExperts(num_experts, H, I, dtype)
+    ex.gate_up_proj.data.copy_(torch.randn(num_experts, 2 * I, H, generator=g) * 0.2)
+    ex.down_proj.data.copy_(torch.randn(num_experts, H, I, generator=g) * 0.2)
+    return ex
+
+
+def _routing(t: int, num_experts: int, top_k: int, seed: int = 1, renormalize: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, H, generator=g)
+    logits = torch.randn(t, num_experts, generator=g)
+    w, ids = select_experts(logits, top_k, renormalize)
+    return x, w, ids
+
+
+def _naive(x, ex, w, ids):
+    """Token by token, pair by pair: the plainest statement of the op."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            out[t] += w[t, k] * expert_mlp(x[t:t + 1], ex.gate_up_proj[e], ex.down_proj[e])[0]
+    return out
+
+
+def test_select_experts_softmax_topk_renormalize():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]])
+    w, ids = select_experts(logits, 2, renormalize=False)
+    p = torch.softmax(logits, -1)
+    assert ids.tolist() == [[1, 2], [2, 3]]
+    assert torch.allclose(w, torch.stack([p[0, [1, 2]], p[1, [2, 3]]]))
+    wn, _ = select_experts(logits, 2, renormalize=True)
+    assert torch.allclose(wn.sum(-1), torch.ones(2))
+    assert torch.allclose(wn, w / w.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="top_k 5"):
+        select_experts(logits, 5, True)
+
+
+def test_reference_equals_naive():
+    ex = _experts(4)
+    x, w, ids = _routing(7, 4, 2)
+    assert torch.allclose(fused_moe_reference(x, ex, w, ids), _naive(x, ex, w, ids), atol=1e-5)
+
+
+def _cases():
+    """(name, T, E, K, ids override): random; experts left without tokens; all tokens to one expert; K = E."""
+    return [("random", 13, 8, 2, None), ("idle_experts", 5, 8, 2, "idle"), ("one_expert", 9, 4, 1, "one"),
+            ("topk_all", 6, 4, 4, None), ("single_token", 1, 8, 2, None), ("no_tokens", 0, 4, 2, None)]
+
+
+def _case(t, e, k, mode):
+    x, w, ids = _routing(t, e, k)
+    if mode == "idle":  # only experts 0 and 5 get tokens
+        ids = torch.tensor([[0, 5], [5, 0]] * t)[:t]
+    elif mode == "one":
+        ids = torch.full((t, k), 3, dtype=torch.int64)
+    return x, w, ids
+
+
+@pytest.mark.parametrize("name,t,e,k,mode", _cases())
+def test_grouped_matches_reference(name, t, e, k, mode):
+    ex = _experts(e)
+    x, w, ids = _case(t, e, k, mode)
+    ref = fused_moe_reference(x, ex, w, ids)
+    got = fused_moe_grouped(x, ex, w, ids)
+    assert got.shape == (t, H)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+    if mode == "idle":
+        assert set(ids.unique().tolist()) == {0, 5}
+
+
+def _packed(ex: FusedExperts, qtype: str) -> PackedExperts:
+    import gguf
+    import numpy as np
+
+    gq = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+          "q4_1": gguf.GGMLQuantizationType.Q4_1}[qtype]
+    p = PackedExperts(ex.num_experts, H, I, qtype)
+    for src, dst in ((ex.gate_up_proj, p.gate_up_proj), (ex.down_proj, p.down_proj)):
+        q = gguf.quants.quantize(src.detach().numpy().reshape(-1, src.shape[-1]), gq)  # [E*N, bytes]
+        dst.weight_loader(dst, torch.from_numpy(np.ascontiguousarray(q)), None)
+    return p
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("name,t,e,k,mode", _cases()[:4])
+def test_packed_experts_match_reference_on_dequantized(qtype, name, t, e, k, mode):
+    """Packed GGUF experts through the qlinear kernel, no dense copy, vs the reference on their dequantized
+    weights (which differ from the float ones: the quantization is real)."""
+    dense = _experts(e)
+    packed = _packed(dense, qtype)
+    x, w, ids = _case(t, e, k, mode)
+    ref = fused_moe_reference(x, packed, w, ids)  # dequantized weights
+    got = fused_moe_grouped(x, packed, w, ids)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    assert not torch.allclose(ref, fused_moe_reference(x, dense, w, ids), atol=1e-6)
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("name,t,e,k,mode", _cases() + [("prefill", 70, 8, 2, None)])
+def test_c_kernel_matches_reference(qtype, name, t, e, k, mode):
+    """One C call per layer over packed experts (csrc/moe.c), vs the reference on the dequantized weights."""
+    packed = _packed(_experts(e), qtype)
+    x, w, ids = _case(t, e, k, mode)
+    ref = fused_moe_reference(x, packed, w, ids)
+    got = fused_moe_cpu(x, packed, w, ids)
+    assert got.shape == (t, H) and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+def test_cpu_op_takes_dense_experts_to_the_grouped_path():
+    ex = _experts(4)
+    x, w, ids = _routing(9, 4, 2)
+    assert torch.equal(fused_moe_cpu(x, ex, w, ids), fused_moe_grouped(x, ex, w, ids))
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+def test_c_kernel_rejects_bad_expert_id():
+    packed = _packed(_experts(4), "q8_0")
+    x, w, ids = _routing(3, 4, 2)
+    ids[1, 0] = 4
+    with pytest.raises(ValueError, match="expert id out of range"):
+        fused_moe_cpu(x, packed, w, ids)
+
+
+# ---- Triton (in the interpreter without CUDA) ---------------------------------------------------------------
+
+def _triton_module():
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton")
+    mod = importlib.import_module("tokenmill.ops.moe.triton_moe")
+    if os.environ.get("TRITON_INTERPRET") == "1" and type(mod._moe_gemm_kernel).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    return mod
+
+
+@pytest.mark.parametrize("t,e,k", [(13, 8, 2), (40, 4, 4), (3, 8, 1)])
+def test_align_block_size(t, e, k):
+    mod = _triton_module()
+    _, _, ids = _routing(t, e, k)
+    sorted_ids, block_expert = mod.align_block_size(ids, e, block_m=4)
+    n = t * k
+    real = sorted_ids[sorted_ids < n]
+    assert sorted(real.tolist()) == list(range(n))  # every pair exactly once
+    flat = ids.reshape(-1)
+    for b, ex in enumerate(block_expert.tolist()):
+        rows = sorted_ids[b * 4:(b + 1) * 4]
+        rows = rows[rows < n]
+        if ex < 0:
+            assert rows.numel() == 0
+        else:
+            assert (flat[rows.long()] == ex).all()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name,t,e,k,mode", _cases())
+def test_triton_matches_reference(name, t, e, k, mode):
+    mod = _triton_module()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ex = _experts(e).to(dev)
+    x, w, ids = (a.to(dev) for a in _case(t, e, k, mode))
+    ref = fused_moe_reference(x, ex, w, ids)
+    got = mod.fused_moe_triton(x, ex, w, ids)
+    assert got.shape == (t, H)
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()

@@ -1,0 +1,119 @@
+// Fused mixture-of-experts over packed GGUF experts, one call per layer (tokenmill/ops/moe/cpu.py). The reference
+// is tokenmill/ops/moe/reference.py; the grouped PyTorch path (ops/moe/cpu.py) computes the same thing per expert.
+//
+//   pairs (t, k) sorted by expert (counting sort, stable) -> xs = x[t] gathered per pair
+//   g = xs @ gate_up[e]^T   for each expert's run of pairs      [P, 2I]
+//   a = silu(g[:, :I]) * g[:, I:]                               [P, I]
+//   y = a @ down[e]^T                                           [P, H]
+//   out[t] = sum_k w[t, k] * y[pair (t, k)]                     [T, H]
+//
+// The GEMMs run as tasks (expert, tile of output rows) spread over the threads, each task one qlinear_f32 call on
+// the expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts
+// and rows, no dense copy of any weight. Any block type qlinear_f32 takes works here.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+
+#define TILE_N 64
+
+typedef struct {
+    int64_t e, n0, nc;
+} task_t;
+
+// tasks (expert, n0, nc) over the active experts' output rows [0, N) in tiles of TILE_N; returns the count
+static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, task_t *tasks) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (count[e] == 0) continue;
+        for (int64_t n0 = 0; n0 < N; n0 += TILE_N) {
+            tasks[n].e = e;
+            tasks[n].n0 = n0;
+            tasks[n].nc = N - n0 < TILE_N ? N - n0 : TILE_N;
+            n++;
+        }
+    }
+    return n;
+}
+
+// y[start_e + m, n0 + c] = a[start_e + m, :] @ W_e[n0 + c, :]^T for every task; W_e = w + e * N * row_bytes
+static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *w, int64_t N, int64_t row_bytes,
+                        const int64_t *start, const int64_t *count, const task_t *tasks, int64_t ntasks,
+                        int64_t max_rows, int64_t direct_max_m, float *y) {
+    int err = 0;
+#pragma omp parallel
+    {
+        float *tmp = (float *)malloc((size_t)(max_rows * TILE_N + 1) * sizeof(float));
+        if (!tmp) {
+#pragma omp atomic write
+            err = -1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntasks; i++) {
+            if (!tmp) continue;
+            const task_t t = tasks[i];
+            const int64_t m = count[t.e], s = start[t.e];
+            const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
+            if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, 0) != 0) {
+#pragma omp atomic write
+                err = -7;
+                continue;
+            }
+            for (int64_t r = 0; r < m; r++) memcpy(y + (s + r) * N + t.n0, tmp + r * t.nc, (size_t)t.nc * sizeof(float));
+        }
+        free(tmp);
+    }
+    return err;
+}
+
+// x [T, H] float32, topk_ids [T, K] int64 in [0, E), topk_w [T, K] float32, w13 packed [E, 2I] rows of
+// row_bytes_h, w2 packed [E, H] rows of row_bytes_i; out [T, H]. Returns 0; -1 out of memory; -2 an expert id
+// out of range; -7 qlinear rejected its arguments (K not a multiple of 32, unknown type).
+int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
+                  const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
+                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, float *out) {
+    const int64_t P = T * K;
+    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    if (P == 0) return 0;
+    for (int64_t p = 0; p < P; p++)
+        if (topk_ids[p] < 0 || topk_ids[p] >= E) return -2;
+    int64_t *count = (int64_t *)calloc((size_t)E, sizeof(int64_t)), *start = (int64_t *)malloc((size_t)E * sizeof(int64_t));
+    int64_t *pos = (int64_t *)malloc((size_t)P * sizeof(int64_t)), *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
+    const int64_t max_tasks = E * ((2 * I + TILE_N - 1) / TILE_N + (H + TILE_N - 1) / TILE_N);
+    task_t *tasks = (task_t *)malloc((size_t)(max_tasks + 1) * sizeof(task_t));
+    float *xs = (float *)malloc((size_t)(P * H) * sizeof(float)), *g = (float *)malloc((size_t)(P * 2 * I) * sizeof(float));
+    float *act = (float *)malloc((size_t)(P * I) * sizeof(float)), *y = (float *)malloc((size_t)(P * H) * sizeof(float));
+    int rc = -1;
+    if (!count || !start || !pos || !fill || !tasks || !xs || !g || !act || !y) goto done;
+    for (int64_t p = 0; p < P; p++) count[topk_ids[p]]++;
+    int64_t max_rows = 0;
+    for (int64_t e = 0, s = 0; e < E; e++) {
+        start[e] = fill[e] = s;
+        s += count[e];
+        if (count[e] > max_rows) max_rows = count[e];
+    }
+    for (int64_t p = 0; p < P; p++) pos[p] = fill[topk_ids[p]]++;  // sorted slot of pair p (stable)
+#pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
+    for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
+    int64_t nt = make_tasks(count, E, 2 * I, tasks);
+    rc = grouped_gemm(qtype, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, g);
+    if (rc != 0) goto done;
+#pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
+    for (int64_t p = 0; p < P; p++) {
+        const float *gp = g + p * 2 * I;
+        for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
+    }
+    nt = make_tasks(count, E, H, tasks);
+    rc = grouped_gemm(qtype, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, y);
+    if (rc != 0) goto done;
+#pragma omp parallel for schedule(static) if (T * H >= (1 << 15))
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++) {
+            const float wk = topk_w[t * K + k], *yp = y + pos[t * K + k] * H;
+            for (int64_t h = 0; h < H; h++) out[t * H + h] += wk * yp[h];
+        }
+done:
+    free(count); free(start); free(pos); free(fill); free(tasks); free(xs); free(g); free(act); free(y);
+    return rc;
+}

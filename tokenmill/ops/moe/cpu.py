@@ -1,0 +1,88 @@
+"""The CPU fused MoE: grouped PyTorch ops, and one C call per layer for packed GGUF experts.
+
+`fused_moe_grouped` (also correct on any device): token-expert pairs are sorted by expert (a stable argsort of
+the flat expert ids); each active expert runs its gate|up and down projections once over its rows; the weighted
+rows are scatter-added into the output. Experts with no tokens cost nothing. For PackedExperts the projections
+are the qlinear kernel on the packed blocks, so no dense copy of the experts is ever made.
+`fused_moe_cpu` runs packed experts in one C call per layer (csrc/moe.c: counting sort, tasks of (expert, output
+rows) over the threads, each a qlinear_f32 call); dense experts, and any case the kernel cannot take, go to the
+grouped path. Any block type the qlinear kernel learns (K-quants) works in both unchanged.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.ops.cpu.build import load_library
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
+
+_P, _L = ctypes.c_void_p, ctypes.c_int64
+_ERRORS = {-1: "out of memory", -2: "expert id out of range", -7: "qlinear rejected its arguments"}
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> Optional[ctypes.CDLL]:
+    lib = load_library("moe")
+    if lib is not None:
+        lib.tm_moe_packed.argtypes = [ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L, _P]
+        lib.tm_moe_packed.restype = ctypes.c_int
+    return lib
+
+
+def moe_kernel_available() -> bool:
+    return _lib() is not None
+
+
+def group_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """topk_ids [T, K] -> (order [T*K]: flat pair indices sorted by expert, token of each sorted pair [T*K],
+    number of pairs per expert [E])."""
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # [T*K]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, order // topk_ids.shape[1], counts
+
+
+def fused_moe_grouped(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H], topk_weights / topk_ids [T, K] -> [T, H] (x's dtype), summed in float32."""
+    t, hidden = x.shape
+    out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out.to(x.dtype)
+    order, tokens, counts = group_by_expert(topk_ids, experts.num_experts)
+    weights = topk_weights.reshape(-1).float()[order]  # [T*K] in sorted order
+    xs = x.index_select(0, tokens)  # [T*K, H]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gate, up = experts.gate_up(e, xs[rows]).chunk(2, dim=-1)  # [n, I] each
+        y = experts.down(e, F.silu(gate) * up)  # [n, H]
+        out.index_add_(0, tokens[rows], y.float() * weights[rows, None])
+        start += n
+    return out.to(x.dtype)
+
+
+def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The CPU op: packed experts (float32 activations on the CPU) in one C call, everything else grouped."""
+    qtype = getattr(experts, "qtype", None)
+    lib = _lib() if qtype in QTYPES else None
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        return fused_moe_grouped(x, experts, topk_weights, topk_ids)
+    t, hidden = x.shape
+    x = x.contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    w = topk_weights.to(torch.float32).contiguous()
+    w13, w2 = experts.gate_up_proj, experts.down_proj  # uint8 [E, 2I, rb(H)], [E, H, rb(I)]
+    out = torch.empty(t, hidden, dtype=torch.float32)
+    rc = lib.tm_moe_packed(QTYPES[qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
+                           experts.num_experts, ids.shape[1], ids.data_ptr(), w.data_ptr(), w13.data_ptr(),
+                           w13.shape[-1], w2.data_ptr(), w2.shape[-1], DIRECT_MAX_ROWS, out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"fused MoE kernel: {_ERRORS.get(rc, f'error {rc}')}")
+    return out
