@@ -94,7 +94,7 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine.get_stats)
     serving = OpenAIServing(engine, model_name, metrics, config.request_timeout_s, config.stream_stall_timeout_s,
-                            config.max_tokens_default)
+                            config.max_tokens_default, config.tool_call_parser)
     health = _Health(engine, serving, config.watchdog_s)
 
     @contextlib.asynccontextmanager

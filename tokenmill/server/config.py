@@ -29,6 +29,9 @@ class ServerConfig:
                                              "aborted and its connection closed")
     max_tokens_default: Optional[int] = _f(None, "max_tokens of a request that sets none (default: the context "
                                                  "left; max_model_len for kv_eviction=streaming)")
+    tool_call_parser: Optional[str] = _f(None, "how model output becomes tool_calls (default: chosen from the "
+                                               "chat template)",
+                                         choices=["hermes", "llama3_json", "mistral", "generic"])
     shutdown_grace_s: float = _f(10.0, "on SIGTERM: seconds in-flight requests may finish before they are aborted")
     watchdog_s: float = _f(60.0, "/health fails when requests are pending and the engine loop has not "
                                  "completed a step for this long")

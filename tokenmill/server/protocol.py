@@ -11,7 +11,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.sampling_params import SLO, SamplingParams
+from tokenmill.sampling_params import SLO, SamplingParams, StructuredOutputsParams
+from tokenmill.server.constraints import constraint_from_fields
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -83,6 +84,19 @@ class SamplingFields(OpenAIModel):
     slo: Optional[SLOSpec] = None
     cache_salt: Optional[str] = None
     kv_eviction: Optional[Literal["streaming"]] = None  # tokenmill extra: StreamingLLM sinks + window
+    # output constraints (one at most): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+
+    def constraint(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
+        """The request's output constraint and the field it came from (InvalidRequestError when bad)."""
+        return constraint_from_fields({k: getattr(self, k) for k in (
+            "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+            "structured_outputs")})
 
     @field_validator("logit_bias")
     @classmethod
@@ -145,6 +159,7 @@ class SamplingFields(OpenAIModel):
             user=self.user,
             cache_salt=self.cache_salt,
             kv_eviction=self.kv_eviction,
+            structured_outputs=self.constraint()[0],
         )
 
 
@@ -189,6 +204,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[ToolDef]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
@@ -218,6 +235,7 @@ class ChatLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatChoice(OpenAIModel):

@@ -22,6 +22,8 @@ from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server import protocol as P
+from tokenmill.server.chat_tools import ChatTools, ToolStream, finish_reason, prepare_tools
+from tokenmill.server.constraints import check_grammar
 from tokenmill.server.generation import (EngineRequestError, Generation, ModelNotFoundError, RequestTimeoutError,
                                          ServerShuttingDownError, SSEResponse, error_body, merge_generations,
                                          sse, stream_error, until_disconnect, usage_of)
@@ -65,13 +67,14 @@ class OpenAIServing:
 
     def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics,
                  request_timeout_s: Optional[float], stall_timeout_s: float = 30.0,
-                 max_tokens_default: Optional[int] = None):
+                 max_tokens_default: Optional[int] = None, tool_call_parser: Optional[str] = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens_default = max_tokens_default
+        self.tool_call_parser = tool_call_parser
         self.in_flight = 0
         self.draining = False
         self._live: dict[str, Generation] = {}
@@ -107,11 +110,14 @@ class OpenAIServing:
     def _decode_one(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _prepare(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+    def _prepare(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint_source: Optional[str] = None) -> SamplingParams:
         """Validate a tokenized request (runs in a worker thread); returns params with the effective
         max_tokens: the request's, else the context left (for kv_eviction="streaming": max_model_len),
         capped by --max-tokens-default."""
         max_tokens = self.engine.processor.validate(prompt_ids, params)
+        if params.structured_outputs is not None:
+            check_grammar(params.structured_outputs, constraint_source)
         if params.max_tokens is None and self.max_tokens_default is not None:
             max_tokens = min(max_tokens, self.max_tokens_default)
         if max_tokens is not None and max_tokens != params.max_tokens:
@@ -200,19 +206,31 @@ class OpenAIServing:
         self.check_model(req.model)
         check_text(req)
         params = req.to_sampling_params()
+        source = req.constraint()[1]
         messages = [m.to_template_dict() for m in req.messages]
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        tools_in = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        template = getattr(self.engine.tokenizer, "chat_template", None)
+        tools = prepare_tools(messages, tools_in, req.tool_choice, req.parallel_tool_calls,
+                              template if isinstance(template, str) else None, None, self.tool_call_parser)
+        if tools.constraint is not None:
+            if params.structured_outputs is not None:
+                raise InvalidRequestError(f"{source} cannot be combined with a required tool call "
+                                          "(tool_choice required or a named function)", param=source)
+            params, source = params.clone(structured_outputs=tools.constraint), "tools"
+        if tools.active and tools.parser_name == "mistral":
+            params = params.clone(skip_special_tokens=False)  # [TOOL_CALLS] is a special token
         add_gen = req.add_generation_prompt and not req.continue_final_message
+        kwargs = dict(req.chat_template_kwargs or {})
 
         def render() -> tuple[list[int], SamplingParams]:  # tokenizer work stays off the event loop
             try:
-                ids = list(self.engine.processor.apply_chat_template(messages, add_generation_prompt=add_gen,
-                                                                     tools=tools))
+                ids = list(self.engine.processor.apply_chat_template(
+                    tools.messages, add_generation_prompt=add_gen, tools=tools.template_tools, **kwargs))
             except TokenmillError:
                 raise
             except Exception as e:  # errors the model's template raises on odd input
                 raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
-            return ids, self._prepare(ids, params)
+            return ids, self._prepare(ids, params, source)
 
         prompt_ids, params = await asyncio.to_thread(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -220,20 +238,27 @@ class OpenAIServing:
         await gen.start()
         top_n = req.top_logprobs or 0
         if req.stream:
-            return self._sse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage), [gen])
+            return self._sse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage, tools), [gen])
         finals = await self._collect([gen], raw)
         if finals is None:
             return Response(status_code=499)
         final = finals[0]
-        choices = [P.ChatChoice(index=o.index, message=P.ChatResponseMessage(content=o.text),
-                                logprobs=self._chat_logprobs(o.logprobs, top_n) if req.logprobs else None,
-                                finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                   for o in sorted(final.outputs, key=lambda o: o.index)]
+        choices = []
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            message, reason = P.ChatResponseMessage(content=o.text), o.finish_reason
+            if tools.active:
+                parsed = tools.parser().parse(o.text)
+                calls = [c.to_openai() for c in parsed.tool_calls]
+                message = P.ChatResponseMessage(content=parsed.content, tool_calls=calls or None)
+                reason = finish_reason(reason, len(calls))
+            choices.append(P.ChatChoice(index=o.index, message=message,
+                                        logprobs=self._chat_logprobs(o.logprobs, top_n) if req.logprobs else None,
+                                        finish_reason=reason, stop_reason=o.stop_reason))
         body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage())
         return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _chat_stream(self, gen: Generation, rid: str, n: int, top_n: int,
-                           include_usage: bool) -> AsyncIterator[str]:
+                           include_usage: bool, tools: Optional[ChatTools] = None) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
@@ -243,6 +268,7 @@ class OpenAIServing:
                 body["usage"] = usage.model_dump() if usage else None
             return sse(body)
 
+        parsers = {i: ToolStream(tools) for i in range(n)} if tools is not None and tools.active else {}
         try:
             for i in range(n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -251,12 +277,22 @@ class OpenAIServing:
             async for out in gen.outputs():
                 for idx, text, _ids, lps, finish, stop_reason in sent.deltas(0, out):
                     clp = self._chat_logprobs(lps, top_n) if lps is not None else None
-                    choice: dict[str, Any] = {"index": idx, "delta": {"content": text},
-                                              "logprobs": clp.model_dump() if clp else None,
-                                              "finish_reason": finish}
-                    if finish is not None:
-                        choice["stop_reason"] = stop_reason
-                    yield chunk([choice])
+                    if idx in parsers:
+                        deltas = parsers[idx].feed(text) + (parsers[idx].finish() if finish is not None else [])
+                        finish = finish_reason(finish, parsers[idx].num_calls)
+                    else:
+                        deltas = [{"content": text}]
+                    if finish is not None or not deltas:
+                        deltas.append({})  # the finish reason (and logprobs) go in a chunk of their own
+                    for k, delta in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        choice: dict[str, Any] = {"index": idx, "delta": delta,
+                                                  "logprobs": clp.model_dump() if (clp and last) else None,
+                                                  "finish_reason": finish if last else None}
+                        if finish is not None and last:
+                            choice["stop_reason"] = stop_reason
+                        if delta or last:
+                            yield chunk([choice])
             if include_usage:
                 yield chunk([], gen.usage())
         except (TokenmillError, EngineRequestError) as e:
@@ -272,6 +308,7 @@ class OpenAIServing:
         self.check_model(req.model)
         check_text(req)
         params = req.to_sampling_params()
+        source = req.constraint()[1]
         score_only = req.max_tokens == 0
         if score_only and req.stream:
             raise InvalidRequestError("max_tokens=0 is not supported with stream=true", param="max_tokens")
@@ -285,7 +322,7 @@ class OpenAIServing:
             out = []
             for p in prompts:
                 ids = list(self.engine.processor.tokenize(p)) if isinstance(p, str) else list(p)
-                out.append((ids, self._prepare(ids, params.clone())))
+                out.append((ids, self._prepare(ids, params.clone(), source)))
             return out
 
         prepared = await asyncio.to_thread(tokenize_all)
