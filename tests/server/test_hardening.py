@@ -264,3 +264,49 @@ def test_requests_aborted_by_shutdown_are_errors_not_200(fake):
 
 def _servings(live):
     return [s.config.app.state.serving for s in live._servers]
+
+
+# ---- API surface (#20 section 3) --------------------------------------------------------------------------------
+
+def test_tokenize_detokenize_and_model_card(real_url):
+    r = httpx.post(real_url + "/tokenize", json={"prompt": "Hello world"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] > 0
+    d = httpx.post(real_url + "/detokenize", json={"tokens": body["tokens"]}, timeout=30)
+    assert d.status_code == 200 and "Hello world" in d.json()["prompt"]
+    chat = httpx.post(real_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert chat.status_code == 200 and chat.json()["count"] > 2
+    bad = httpx.post(real_url + "/detokenize", json={"tokens": [10 ** 9]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens[0]"
+    models = httpx.get(real_url + "/v1/models", timeout=30).json()["data"]
+    card = httpx.get(real_url + "/v1/models/" + models[0]["id"], timeout=30)
+    assert card.status_code == 200 and card.json()["id"] == models[0]["id"]
+    assert httpx.get(real_url + "/v1/models/nope", timeout=30).status_code == 404
+
+
+def test_unknown_route_is_a_404_that_says_so(fake_url):
+    r = httpx.post(fake_url + "/v1/nonexistent", json={}, timeout=10)
+    assert r.status_code == 404
+    assert "no route POST /v1/nonexistent" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field, value", [("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["audio"]),
+                                          ("functions", [{"name": "f"}]), ("prediction", {"type": "content"})])
+def test_fields_the_server_cannot_honour_are_400(fake_url, field, value):
+    r = httpx.post(fake_url + "/v1/chat/completions", timeout=10,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_unknown_fields_are_accepted_and_logged_once(fake_url, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tokenmill.server"):
+        for _ in range(2):
+            r = httpx.post(fake_url + "/v1/chat/completions", timeout=10,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                 "some_new_field": 1})
+            assert r.status_code == 200, r.text
+    assert sum("some_new_field" in m for m in caplog.messages) == 1

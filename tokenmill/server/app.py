@@ -31,7 +31,8 @@ from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_bo
 
 logger = logging.getLogger("tokenmill.server")
 
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/version", "/metrics", "/")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/version",
+           "/metrics", "/")
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                  413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
@@ -115,9 +116,15 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
         return _error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = 400 if exc.status_code == 422 else exc.status_code
-        return _error_response(status, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if status == 404 and message == "Not Found":
+            message = (f"no route {request.method} {request.url.path} on this server (routes: "
+                       f"{', '.join(r for r in _ROUTES if r != '/')}; /docs lists them)")
+        elif status == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error_response(status, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(TokenmillError)
     async def _on_tokenmill(_: Request, exc: TokenmillError) -> JSONResponse:
@@ -150,6 +157,19 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     @app.get("/v1/models", response_model=P.ModelList, responses={401: {"model": P.ErrorResponse}})
     async def models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=model_name, max_model_len=engine.max_model_len)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=errors)
+    async def model_card(model_id: str) -> P.ModelCard:
+        serving.check_model(model_id)
+        return P.ModelCard(id=model_name, max_model_len=engine.max_model_len)
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=errors)
+    async def tokenize(request: P.TokenizeRequest) -> P.TokenizeResponse:
+        return await serving.tokenize(request)
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=errors)
+    async def detokenize(request: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        return await serving.detokenize(request)
 
     @app.get("/health", responses={503: {"model": P.ErrorResponse}})
     async def health_route() -> Response:

@@ -14,6 +14,15 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import SLO, SamplingParams, StructuredOutputsParams
 from tokenmill.server.constraints import constraint_from_fields
 
+# OpenAI fields this server cannot honour: a 400 naming them, never silently dropped
+UNSUPPORTED = {
+    "audio": "audio output is not supported: this server serves a text-only model",
+    "prediction": "predicted outputs (`prediction`) are not supported",
+    "web_search_options": "web search is not supported",
+    "functions": "the legacy `functions` field is not supported: use `tools`",
+    "function_call": "the legacy `function_call` field is not supported: use `tool_choice`",
+}
+
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 INT32_MAX = 2 ** 31 - 1
@@ -57,7 +66,10 @@ class UsageInfo(OpenAIModel):
 
 
 class SamplingFields(OpenAIModel):
-    """Fields both endpoints share (OpenAI + vLLM extras)."""
+    """Fields both endpoints share (OpenAI + vLLM extras). Unknown fields are kept (`model_extra`): the
+    server refuses those it cannot honour (UNSUPPORTED) and logs the others once."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -382,3 +394,31 @@ class ModelList(OpenAIModel):
 
 class VersionResponse(OpenAIModel):
     version: str
+
+
+# ------------------------------------------------------------------------------- tokenize / detokenize (vLLM)
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a text prompt, or chat `messages` rendered with the chat template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Optional[str] = None
+    tokens: list[StrictInt]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str

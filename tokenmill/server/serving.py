@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Optional
@@ -28,6 +29,8 @@ from tokenmill.server.generation import (EngineRequestError, Generation, ModelNo
                                          ServerShuttingDownError, SSEResponse, error_body, merge_generations,
                                          sse, stream_error, until_disconnect, usage_of)
 from tokenmill.server.metrics import ServerMetrics
+
+logger = logging.getLogger("tokenmill.server")
 
 __all__ = ["OpenAIServing", "EngineRequestError", "ModelNotFoundError", "RequestTimeoutError",
            "ServerShuttingDownError", "error_body"]
@@ -75,6 +78,7 @@ class OpenAIServing:
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens_default = max_tokens_default
         self.tool_call_parser = tool_call_parser
+        self._ignored_fields: set[str] = set()  # unknown request fields already logged
         self.in_flight = 0
         self.draining = False
         self._live: dict[str, Generation] = {}
@@ -106,6 +110,18 @@ class OpenAIServing:
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in (self.model_name, self.engine.model_name):
             raise ModelNotFoundError(f"the model `{model}` does not exist; this server serves `{self.model_name}`")
+
+    def check_fields(self, req: Any) -> None:
+        """Refuse fields this server cannot honour; log any other unknown field once (as vLLM does)."""
+        extra = getattr(req, "model_extra", None) or {}
+        for name, value in extra.items():
+            if name in P.UNSUPPORTED and value is not None:
+                raise InvalidRequestError(P.UNSUPPORTED[name], param=name)
+            if name == "modalities" and value is not None and list(value) != ["text"]:
+                raise InvalidRequestError("only the text modality is supported", param="modalities")
+            if name not in self._ignored_fields:
+                self._ignored_fields.add(name)
+                logger.warning("ignoring the request field %r (not used by tokenmill)", name)
 
     def _decode_one(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -204,10 +220,16 @@ class OpenAIServing:
     async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         self.check_model(req.model)
+        self.check_fields(req)
         check_text(req)
         params = req.to_sampling_params()
         source = req.constraint()[1]
         messages = [m.to_template_dict() for m in req.messages]
+        for i, m in enumerate(messages):
+            if m.get("content") is None and not (m.get("role") == "assistant" and m.get("tool_calls")):
+                raise InvalidRequestError(f"messages[{i}].content: a {m.get('role')} message needs a content "
+                                          "(null is allowed only for an assistant message with tool_calls)",
+                                          param=f"messages[{i}].content")
         tools_in = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         template = getattr(self.engine.tokenizer, "chat_template", None)
         tools = prepare_tools(messages, tools_in, req.tool_choice, req.parallel_tool_calls,
@@ -301,11 +323,41 @@ class OpenAIServing:
             await gen.close()
         yield sse("[DONE]")
 
+    # ------------------------------------------------------------------------------ tokenize / detokenize
+
+    async def tokenize(self, req: P.TokenizeRequest) -> P.TokenizeResponse:
+        self.check_model(req.model)
+        check_text(req)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages", param="prompt")
+        proc = self.engine.processor
+
+        def run() -> list[int]:
+            if req.messages is not None:
+                return list(proc.apply_chat_template([m.to_template_dict() for m in req.messages],
+                                                     add_generation_prompt=req.add_generation_prompt))
+            if req.add_special_tokens:
+                return list(proc.tokenize(req.prompt))
+            return list(self.engine.tokenizer.encode(req.prompt, add_special_tokens=False))
+
+        ids = await asyncio.to_thread(run)
+        return P.TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids)
+
+    async def detokenize(self, req: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        self.check_model(req.model)
+        vocab = self.engine.processor.vocab_size if hasattr(self.engine.processor, "vocab_size") else None
+        for i, t in enumerate(req.tokens):
+            if t < 0 or (vocab is not None and t >= vocab):
+                raise InvalidRequestError(f"tokens[{i}] = {t} is not a token id of this model", param=f"tokens[{i}]")
+        text = await asyncio.to_thread(self.engine.tokenizer.decode, req.tokens)
+        return P.DetokenizeResponse(prompt=text)
+
     # ------------------------------------------------------------------------------------- completions
 
     async def completion(self, req: P.CompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         self.check_model(req.model)
+        self.check_fields(req)
         check_text(req)
         params = req.to_sampling_params()
         source = req.constraint()[1]
