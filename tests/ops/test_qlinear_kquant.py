@@ -176,7 +176,7 @@ def test_mixed_quantized_linear():
     parts["x"] = (torch.from_numpy(q8.copy()), torch.from_numpy(gguf_dequantize(q8, G.Q8_0).reshape(5, k).copy()))
     lin = MixedQuantizedLinear(k, [8, 4, 4, 5], ["q4_k", "q4_k", "q6_k", "q8_0"], bias=True,
                                shard_names=["q", "k", "v", "x"])
-    assert isinstance(lin, QuantizedLinear) and type(lin) is not QuantizedLinear  # not taken by the fused C layer
+    assert isinstance(lin, QuantizedLinear)
     assert lin.weight.numel() == 12 * QL.row_bytes("q4_k", k) + 4 * QL.row_bytes("q6_k", k) + 5 * 272
     for name in ["v", "q", "x", "k"]:
         lin.weight_loader(lin.weight, parts[name][0], name)
@@ -198,6 +198,24 @@ def test_mixed_quantized_linear():
     assert lin.weight_dense is not None
     _check(lin(x), x, w, torch.full((21,), 0.5))
     _check(lin(x[:1]), x[:1], w, torch.full((21,), 0.5))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 5, 70])  # register path, buffered path (column slices of a wider output)
+def test_qlinear_parts_writes_each_group_into_its_columns(m):
+    k = 512
+    parts = [("q6_k", *_packed("q6_k", 7, k, 1)), ("q4_k", *_packed("q4_k", 9, k, 2)),
+             ("q5_k", *_packed("q5_k", 3, k, 3))]
+    groups = [(qt, p) for qt, p, _ in parts]
+    w = torch.cat([ref for *_, ref in parts])
+    x, b = torch.randn(m, k), torch.randn(19)
+    _check(QL.qlinear_parts(x, groups, bias=b), x, w, b)
+    if QL.amx_available():
+        _check(QL.qlinear_parts(x, groups, bias=b, amx_min_rows=1), x, w, b, bf16=True)
+    with pytest.raises(ValueError, match="row groups"):
+        QL.make_qparts(groups * 2)
+    with pytest.raises(ValueError, match="bytes per row"):
+        QL.qlinear_parts(torch.randn(1, 256), groups)
 
 
 def _tiny_kquant_model():
@@ -267,3 +285,29 @@ def test_tiny_kquant_gguf_auto_equals_none(tmp_path):
                 out.append(model.compute_logits(h))
     for got, ref in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_tiny_kquant_gguf_engine_fused_equals_dequantized(tmp_path, gguf_tokenizer_path):
+    """Through the engine: every layer fused in C (layer 0's q|k|v as row groups of two types), greedy tokens equal
+    the file dequantized at load."""
+    from tests.model.tiny_models import save_tiny_gguf
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.ops.cpu.layer import FusedCpuLayer, _lib
+
+    if _lib() is None:
+        pytest.skip(f"layer kernel not built: {build_error('layer')}")
+    f32 = save_tiny_gguf(_tiny_kquant_model(), str(tmp_path / "f32.gguf"))
+    path = requantize_gguf(f32, str(tmp_path / "kq.gguf"), _KQ_TYPES)
+    prompts = [[1, 17, 300, 5, 42], [9, 400, 3], [7, 8, 9, 10, 11, 12, 13]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    out = {}
+    for quant in ("auto", "none"):
+        llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", quantization=quant, gemm_dtype="float32",
+                  enable_prefix_caching=False, skip_tokenizer_init=True)
+        layers = llm.engine.core.runner.model.model.layers
+        assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in layers) == (quant == "auto")
+        out[quant] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        one = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids  # batch of 1: 1-row steps
+        assert one == out[quant][0]
+    assert out["auto"] == out["none"]

@@ -17,8 +17,8 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import (QTYPES, amx_available, block_size, dequantize, dequantize_rows, qlinear,
-                                      row_bytes)
+from tokenmill.ops.cpu.qlinear import (QTYPES, QParts, amx_available, block_size, dequantize, dequantize_rows,
+                                      make_qparts, qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
 # for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
@@ -136,8 +136,8 @@ class QuantizedLinear(nn.Module):
 class MixedQuantizedLinear(QuantizedLinear):
     """A merged linear (q|k|v, gate|up) whose shards have different block types: `weight` is the shards' packed
     rows back to back, flat uint8 [sum of rows_i * row_bytes(qtype_i, in)]; each shard runs the kernel on its own
-    rows and the outputs are concatenated (the dense copy / AMX choices as QuantizedLinear). Not fused into the C
-    decoder layer (tokenmill/ops/cpu/layer.py takes one type per linear): such layers run the per-op path."""
+    rows into its columns of the output, in one kernel call (`qparts`: the groups as the C kernels take them, also
+    by the fused C decoder layer); the dense copy / AMX choices as QuantizedLinear."""
 
     def __init__(self, in_features: int, output_sizes: list[int], qtypes: list[str], bias: bool = False,
                  shard_names: Optional[list[ShardId]] = None,
@@ -158,6 +158,19 @@ class MixedQuantizedLinear(QuantizedLinear):
         self.weight.weight_loader = self.weight_loader
         if self.shard_names is not None:
             self.weight.shard_ids = list(self.shard_names)
+        self._qparts: Optional[tuple[int, QParts]] = None  # (weight's data_ptr, struct): rebuilt if it moves
+
+    def groups(self) -> list[tuple[str, torch.Tensor]]:
+        """(qtype, packed rows [rows, row_bytes]) per shard, views of `weight`."""
+        return [(qt, self._packed(i)) for i, (qt, *_) in enumerate(self.parts)]
+
+    @property
+    def qparts(self) -> QParts:
+        """The shards as csrc/kernels.h's tm_qparts (raw pointers into `weight`)."""
+        ptr = self.weight.data_ptr()
+        if self._qparts is None or self._qparts[0] != ptr:
+            self._qparts = (ptr, make_qparts(self.groups()))
+        return self._qparts[1]
 
     def _packed(self, i: int) -> torch.Tensor:
         _, start, rows, rb, _ = self.parts[i]
@@ -183,11 +196,7 @@ class MixedQuantizedLinear(QuantizedLinear):
         w = self.weight_dense
         if w is not None and not self.amx_min_rows and x.shape[0] >= self.dense_min_rows:
             return super().forward(x)  # the dense copy
-        outs = []
-        for i, (qt, _, rows, _, out) in enumerate(self.parts):
-            b = self.bias[out:out + rows] if self.bias is not None else None
-            outs.append(qlinear(x, self._packed(i), qt, b, amx_min_rows=self.amx_min_rows))
-        return torch.cat(outs, dim=-1)  # [T, in] -> [T, out]
+        return qlinear_parts(x, self.groups(), self.qparts, self.bias, amx_min_rows=self.amx_min_rows)  # [T, out]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, qtypes={self.qtypes}"

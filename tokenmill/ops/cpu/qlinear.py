@@ -40,7 +40,61 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.tm_amx_init.restype = ctypes.c_int
     lib.qdequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qdequant_rows.restype = ctypes.c_int
+    lib.qlinear_any.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
+    lib.qlinear_any.restype = ctypes.c_int
     return lib
+
+
+QPARTS = -1  # qlinear_any's type for a QParts weight (csrc/kernels.h TM_QPARTS)
+QPARTS_MAX = 4
+
+
+class QParts(ctypes.Structure):
+    """csrc/kernels.h tm_qparts: up to 4 packed row groups of different block types, outputs back to back."""
+    _fields_ = [("n", ctypes.c_int64), ("qtype", ctypes.c_int64 * QPARTS_MAX), ("rows", ctypes.c_int64 * QPARTS_MAX),
+                ("w", ctypes.c_void_p * QPARTS_MAX)]
+
+
+def make_qparts(parts: list[tuple[str, torch.Tensor]]) -> QParts:
+    """(qtype, packed uint8 [rows, row_bytes]) per group -> the struct the kernels take. It holds raw pointers:
+    the caller keeps the tensors alive (and in place) while it is used."""
+    if not 1 <= len(parts) <= QPARTS_MAX:
+        raise ValueError(f"{len(parts)} row groups; the kernel takes 1 to {QPARTS_MAX}")
+    st = QParts()
+    st.n = len(parts)
+    for i, (qtype, packed) in enumerate(parts):
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
+            raise ValueError("row groups must be contiguous uint8 [rows, row_bytes] tensors")
+        st.qtype[i], st.rows[i], st.w[i] = QTYPES[qtype][0], packed.shape[0], packed.data_ptr()
+    return st
+
+
+def qlinear_parts(x: torch.Tensor, parts: list[tuple[str, torch.Tensor]], qparts: Optional[QParts] = None,
+                  bias: Optional[torch.Tensor] = None, direct_max_rows: int = DIRECT_MAX_ROWS,
+                  amx_min_rows: int = 0) -> torch.Tensor:
+    """x [..., K] @ [dequantize(p) for p in parts].T concatenated (+ bias) -> [..., sum of rows]: one kernel call
+    writing each group's columns (`qparts`: make_qparts(parts), built once by the caller)."""
+    k = x.shape[-1]
+    n = sum(p.shape[0] for _, p in parts)
+    lib = _lib()
+    if lib is None or x.device.type != "cpu":
+        w = torch.cat([dequantize(p, qt, k) for qt, p in parts])
+        return torch.nn.functional.linear(x.float(), w, bias)
+    for qt, p in parts:
+        if k % QTYPES[qt][2] or p.shape[1] != row_bytes(qt, k):
+            raise ValueError(f"packed weight has {p.shape[1]} bytes per row, {qt} with K={k} needs "
+                             f"{row_bytes(qt, k) if k % QTYPES[qt][2] == 0 else 'whole blocks'}")
+    st = qparts if qparts is not None else make_qparts(parts)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    if lib.qlinear_any(QPARTS, x2.data_ptr(), x2.shape[0], k, ctypes.addressof(st), n,
+                       bias.data_ptr() if bias is not None else None, y.data_ptr(), direct_max_rows, amx_min_rows) != 0:
+        raise ValueError(f"qlinear kernel rejected its arguments ({[qt for qt, _ in parts]}, K={k})")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def available() -> bool:

@@ -274,7 +274,7 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
 #endif  // TM_AVX512
 
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                          const float *bias, float *y) {
+                          const float *bias, float *y, int64_t ldy) {
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
     float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
     if (!xs) return -1;
@@ -287,7 +287,7 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
             const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
-            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * N + n, N,
+            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * ldy + n, ldy,
                         bias ? bias[n] : 0.0f);
         }
     }
@@ -295,19 +295,21 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     return 0;
 }
 
-// Returns 0 on success, -1 on bad arguments (K not a multiple of the block, unknown type) or out of memory.
-// M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init() enabled it; otherwise
-// M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
-int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+// y[M, N] with row stride ldy (>= N). Returns 0 on success, -1 on bad arguments (K not a multiple of the block,
+// unknown type) or out of memory. M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init()
+// enabled it; otherwise M <= direct_max_m rows take the register path (no float buffer), larger M the buffered
+// micro-kernel.
+static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                      float *y, int64_t ldy, int64_t direct_max_m, int64_t amx_min_m) {
     const int bb = block_bytes(qtype);
-    if (bb == 0 || K % block_weights(qtype) != 0 || M < 0 || N < 0) return -1;
+    if (bb == 0 || K % block_weights(qtype) != 0 || M < 0 || N < 0 || ldy < N) return -1;
 #if defined(TM_AMX)
-    if (amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled()) return tm_qlinear_amx(qtype, x, M, K, w, N, bias, y);
+    if (amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
+        return tm_qlinear_amx(qtype, x, M, K, w, N, bias, y, ldy);
 #else
     (void)amx_min_m;
 #endif
-    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y);
+    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y, ldy);
     const int64_t row_bytes = (K / block_weights(qtype)) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;
 #pragma omp parallel
@@ -323,12 +325,33 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
                 if (nc < NC) memset(wbuf + nc * K, 0, (size_t)(NC - nc) * K * sizeof(float));
                 const float *bt = bias ? bias + n0 : NULL;
                 int64_t m = m0;
-                for (; m + 3 <= mend; m += 3) micro_3(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
-                if (mend - m == 2) micro_2(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
-                else if (mend - m == 1) micro_1(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
+                for (; m + 3 <= mend; m += 3) micro_3(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
+                if (mend - m == 2) micro_2(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
+                else if (mend - m == 1) micro_1(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
             }
         }
         free(wbuf);
+    }
+    return 0;
+}
+
+int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+    return qlinear_ld(qtype, x, M, K, w, N, bias, y, N, direct_max_m, amx_min_m);
+}
+
+int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+    if (qtype != TM_QPARTS) return qlinear_ld(qtype, x, M, K, (const uint8_t *)w, N, bias, y, N, direct_max_m, amx_min_m);
+    const tm_qparts *p = (const tm_qparts *)w;
+    int64_t total = 0;
+    if (p->n < 1 || p->n > TM_QPARTS_MAX) return -1;
+    for (int64_t i = 0; i < p->n; i++) total += p->rows[i];
+    if (total != N) return -1;
+    for (int64_t i = 0, off = 0; i < p->n; off += p->rows[i], i++) {
+        const int rc = qlinear_ld((int)p->qtype[i], x, M, K, p->w[i], p->rows[i], bias ? bias + off : NULL, y + off, N,
+                                  direct_max_m, amx_min_m);
+        if (rc) return rc;
     }
     return 0;
 }

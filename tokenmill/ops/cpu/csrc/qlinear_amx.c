@@ -144,11 +144,11 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
 
 #define AMX_STORE(T, I, J)                                                                                        \
     do {                                                                                                          \
-        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * N + n0 + 16 * (J), N * 4);           \
+        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * ldy + n0 + 16 * (J), ldy * 4);         \
         else {                                                                                                    \
             _tile_stored(T, cb, 64);                                                                              \
             for (int t = 0; t < ms[I]; t++)                                                                       \
-                memcpy(y + (m0 + 16 * (I) + t) * N + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
+                memcpy(y + (m0 + 16 * (I) + t) * ldy + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
         }                                                                                                         \
     } while (0)
 
@@ -161,11 +161,11 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
 
 // Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                   const float *bias, float *y) {
+                   const float *bias, float *y, int64_t ldy) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
             const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
-            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * N);
+            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * ldy, ldy);
             if (rc) return rc;
         }
         return 0;
@@ -239,7 +239,7 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                     if (bias) {
                         const int nn = nr[0] + nr[1];
                         for (int t = 0; t < ms[0] + ms[1]; t++) {
-                            float *yr = y + (m0 + t) * N + n0;
+                            float *yr = y + (m0 + t) * ldy + n0;
                             for (int j = 0; j < nn; j++) yr[j] += bias[n0 + j];
                         }
                     }

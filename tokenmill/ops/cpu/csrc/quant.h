@@ -213,9 +213,10 @@ void tm_direct_tile_gen(int qtype, const float *x, const float *xs, int R, int64
 #define TM_AMX 1
 // 1 once tm_amx_init() has obtained the kernel's permission for tile data.
 int tm_amx_enabled(void);
-// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) on the tile unit; K % 32 == 0 (checked by qlinear_f32). 0, -1 out of memory.
+// y[M,N] (row stride ldy) = x[M,K] @ W[N,K]^T (+ bias) on the tile unit; K a multiple of the block (checked by
+// qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                   float *y);
+                   float *y, int64_t ldy);
 #endif
 
 #endif  // TM_QUANT_H
