@@ -86,20 +86,26 @@ static inline __attribute__((always_inline)) void gen_tile(const int R, const in
         const uint8_t *blk = wrow + b * bb;
         // the weight stream runs ahead of the loads (rows are contiguous), one prefetch per cache line
         for (int off = 0; off < bb; off += 64) __builtin_prefetch(blk + GEN_PREFETCH + off, 0, 3);
+        float dlo[QK_K / QK], dhi[QK_K / QK], mv[QK_K / QK];  // the block's scales, decoded once
+        for (int s = 0; s < nsub; s++) gen_sub_scales(qtype, blk, s, &dlo[s], &dhi[s], &mv[s]);
         for (int s = 0; s < nsub; s++) {
-            float dlo, dhi, m;
-            gen_sub_scales(qtype, blk, s, &dlo, &dhi, &m);
             const int64_t g = b * nsub + s;
 #if defined(TM_AVX512)
             const __m256i q = gen_sub_q256(qtype, blk, s);
             const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
             const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-            const __m512 dl = _mm512_set1_ps(dlo), dh = _mm512_set1_ps(dhi);
+            const __m512 dl = _mm512_set1_ps(dlo[s]);
             for (int r = 0; r < R; r++) {
                 const float *xb = x + r * K + g * QK;
-                a0[r] = _mm512_fmadd_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(xb)), dl, a0[r]);
-                a1[r] = _mm512_fmadd_ps(_mm512_mul_ps(q1, _mm512_loadu_ps(xb + 16)), dh, a1[r]);
-                if (has_m) msum[r] += m * xs[r * ng + g];
+                if (qtype == Q6_K) {  // a scale per 16 weights
+                    a0[r] = _mm512_fmadd_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(xb)), dl, a0[r]);
+                    a1[r] = _mm512_fmadd_ps(_mm512_mul_ps(q1, _mm512_loadu_ps(xb + 16)), _mm512_set1_ps(dhi[s]), a1[r]);
+                } else {  // one per 32: sub-blocks alternate between the two accumulators
+                    const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+                    if (s & 1) a1[r] = _mm512_fmadd_ps(t, dl, a1[r]);
+                    else a0[r] = _mm512_fmadd_ps(t, dl, a0[r]);
+                }
+                if (has_m) msum[r] += mv[s] * xs[r * ng + g];
             }
 #elif defined(__AVX2__)
             const __m256i q = gen_sub_q256(qtype, blk, s);
@@ -108,7 +114,7 @@ static inline __attribute__((always_inline)) void gen_tile(const int R, const in
             const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
             const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
             const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-            const __m256 dl = _mm256_set1_ps(dlo), dh = _mm256_set1_ps(dhi);
+            const __m256 dl = _mm256_set1_ps(dlo[s]), dh = _mm256_set1_ps(dhi[s]);
             for (int r = 0; r < R; r++) {
                 const float *xb = x + r * K + g * QK;
                 const __m256 t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xb)));
@@ -116,7 +122,7 @@ static inline __attribute__((always_inline)) void gen_tile(const int R, const in
                                                  _mm256_mul_ps(q2, _mm256_loadu_ps(xb + 16)));
                 a0[r] = _mm256_fmadd_ps(t, dl, a0[r]);
                 a1[r] = _mm256_fmadd_ps(u, dh, a1[r]);
-                if (has_m) msum[r] += m * xs[r * ng + g];
+                if (has_m) msum[r] += mv[s] * xs[r * ng + g];
             }
 #else
             int8_t q[QK];
@@ -128,8 +134,8 @@ static inline __attribute__((always_inline)) void gen_tile(const int R, const in
                     t += (float)q[l] * xb[l];
                     u += (float)q[l + 16] * xb[l + 16];
                 }
-                a0[r] += dlo * t + dhi * u;
-                if (has_m) msum[r] += m * xs[r * ng + g];
+                a0[r] += dlo[s] * t + dhi[s] * u;
+                if (has_m) msum[r] += mv[s] * xs[r * ng + g];
             }
 #endif
         }
