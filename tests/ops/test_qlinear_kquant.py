@@ -90,7 +90,7 @@ def test_kernel_matches_dequantized_matmul(qtype, m, bias):
     _check(QL.qlinear(x, packed, qtype, b), x, w, b)
 
 
-@pytest.mark.skipif(not QL.amx_available(), reason="no AMX (bf16 tiles) on this CPU, or the kernel was built without it")
+@pytest.mark.skipif(not QL.amx_available(), reason="no AMX (bf16 tiles) on this CPU, or a kernel built without it")
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("m", [4, 33, 530])  # one partial token tile; 2 x 2 tiles with tails; past a 512-row pass
 def test_amx_path_matches_bf16_rounded_matmul(qtype, m):
@@ -157,7 +157,8 @@ def test_avx2_and_scalar_builds(tmp_path, march):
         for m in (1, 3, 5, 9):  # direct path (1, 3 rows; 5 = 3 + 2), buffered path (9 rows > direct_max 3)
             x, b = torch.randn(m, k), torch.randn(n)
             y = torch.empty(m, n)
-            assert lib.qlinear_f32(kind, x.data_ptr(), m, k, packed.data_ptr(), n, b.data_ptr(), y.data_ptr(), 3, 0) == 0
+            rc = lib.qlinear_f32(kind, x.data_ptr(), m, k, packed.data_ptr(), n, b.data_ptr(), y.data_ptr(), 3, 0)
+            assert rc == 0
             _check(y, x, w, b)
         ids = torch.tensor([5, 0, 12])
         rows = torch.empty(3, k)
@@ -240,7 +241,8 @@ def _tiny_kquant_model():
 # a Q4_K_M-like mix: Q4_K q/k/gate/up/o, Q6_K v and down (layer 0) or Q5_K (layer 1), Q8_0 embedding, Q6_K head
 _KQ_TYPES = {
     "token_embd.weight": G.Q8_0, "output.weight": G.Q6_K,
-    **{f"blk.{i}.{t}.weight": G.Q4_K for i in range(2) for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")},
+    **{f"blk.{i}.{t}.weight": G.Q4_K
+       for i in range(2) for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")},
     "blk.0.attn_v.weight": G.Q6_K, "blk.0.ffn_down.weight": G.Q6_K,
     "blk.1.attn_v.weight": G.Q4_K, "blk.1.ffn_down.weight": G.Q5_K,
 }

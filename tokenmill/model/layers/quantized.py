@@ -17,8 +17,8 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import (QTYPES, QParts, amx_available, block_size, dequantize, dequantize_rows,
-                                      make_qparts, qlinear, qlinear_parts, row_bytes)
+from tokenmill.ops.cpu.qlinear import (QPARTS_MAX, QTYPES, QParts, amx_available, block_size, dequantize,
+                                      dequantize_rows, make_qparts, qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
 # for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
@@ -142,8 +142,9 @@ class MixedQuantizedLinear(QuantizedLinear):
     def __init__(self, in_features: int, output_sizes: list[int], qtypes: list[str], bias: bool = False,
                  shard_names: Optional[list[ShardId]] = None,
                  dense_min_rows: Optional[int] = DEFAULT_DENSE_MIN_ROWS):
-        if len(qtypes) != len(output_sizes) or len(qtypes) < 2:
-            raise ValueError(f"need one block type per shard, got {qtypes} for {len(output_sizes)} shards")
+        if len(qtypes) != len(output_sizes) or not 2 <= len(qtypes) <= QPARTS_MAX:
+            raise ValueError(f"need one block type per shard (2 to {QPARTS_MAX} shards), got {qtypes} for "
+                             f"{len(output_sizes)} shards")
         super().__init__(in_features, output_sizes, qtypes[0], bias, shard_names, dense_min_rows)
         self.qtype = "mixed"
         self.qtypes = list(qtypes)
@@ -282,12 +283,13 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
             names = _checkpoint_names(model, name, module)
             shards = module.shard_names if isinstance(module, MergedLinear) else None
             kinds = [types.get(names.get(s, "")) for s in (shards or [None])]
-            if not names or not all(_packable(k, module.in_features) for k in kinds):
+            if not names or not all(_packable(k, module.in_features) for k in kinds) or len(kinds) > QPARTS_MAX:
                 continue
             sizes = module.output_sizes if isinstance(module, MergedLinear) else [module.out_features]
             if len(set(kinds)) == 1:
-                new: QuantizedLinear = QuantizedLinear(module.in_features, sizes, kinds[0], bias=module.bias is not None,
-                                                       shard_names=shards, dense_min_rows=dense_min_rows)
+                new: QuantizedLinear = QuantizedLinear(module.in_features, sizes, kinds[0],
+                                                       bias=module.bias is not None, shard_names=shards,
+                                                       dense_min_rows=dense_min_rows)
             else:
                 new = MixedQuantizedLinear(module.in_features, sizes, kinds, bias=module.bias is not None,
                                            shard_names=shards, dense_min_rows=dense_min_rows)

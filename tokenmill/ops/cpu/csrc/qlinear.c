@@ -342,7 +342,8 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
 
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m) {
-    if (qtype != TM_QPARTS) return qlinear_ld(qtype, x, M, K, (const uint8_t *)w, N, bias, y, N, direct_max_m, amx_min_m);
+    if (qtype != TM_QPARTS)
+        return qlinear_ld(qtype, x, M, K, (const uint8_t *)w, N, bias, y, N, direct_max_m, amx_min_m);
     const tm_qparts *p = (const tm_qparts *)w;
     int64_t total = 0;
     if (p->n < 1 || p->n > TM_QPARTS_MAX) return -1;

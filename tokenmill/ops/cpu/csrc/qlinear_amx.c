@@ -69,7 +69,8 @@ static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype
         gen_sub_scales(qtype, blk, s, &dlo, &dhi, &m);
         const __m256i q = gen_sub_q256(qtype, blk, s);
         const __m512 mv = _mm512_set1_ps(m);
-        q0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_set1_ps(dlo), mv);
+        q0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_set1_ps(dlo),
+                             mv);
         q1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
                              _mm512_set1_ps(dhi), mv);
         return (__m512i)_mm512_cvtne2ps_pbh(q1, q0);

@@ -101,7 +101,8 @@ static inline __attribute__((always_inline)) void gen_tile(const int R, const in
                     a0[r] = _mm512_fmadd_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(xb)), dl, a0[r]);
                     a1[r] = _mm512_fmadd_ps(_mm512_mul_ps(q1, _mm512_loadu_ps(xb + 16)), _mm512_set1_ps(dhi[s]), a1[r]);
                 } else {  // one per 32: sub-blocks alternate between the two accumulators
-                    const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+                    const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                                     _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
                     if (s & 1) a1[r] = _mm512_fmadd_ps(t, dl, a1[r]);
                     else a0[r] = _mm512_fmadd_ps(t, dl, a0[r]);
                 }

@@ -156,7 +156,8 @@ static inline __attribute__((always_inline)) __m256i gen_sub_q256(const int qtyp
         __m256i q = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s & 1)), m4);
         if (qtype == Q5_K) {
             const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-            q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1)), 4));
+            const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1));
+            q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
         }
         return q;
     }
