@@ -95,6 +95,10 @@ def test_q4_k_m_packed_equals_dequantized_greedy(q4km):
     assert {"q4_k", "q6_k"} <= qtypes, qtypes
     assert any(type(m) is MixedQuantizedLinear for m in model.modules())  # Q5_0 q/k + Q8_0 v layers
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    from tokenmill.ops.cpu.layer import FusedCpuLayer, _lib
+
+    if _lib() is not None:  # every layer runs in C, the mixed q|k|v ones included
+        assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in model.model.layers)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights <= os.path.getsize(q4km)  # the parameters are the file's blocks (and its float32 norms)
     del llm
