@@ -38,7 +38,8 @@ for e in $engines; do case $e in
   tokenmill-bf16) run tokenmill-bf16 "$ROOT/bench/peers_engine.py:TokenmillEngine" --engine-arg dtype=bfloat16 \
                     --scenarios latency,sanity; files+=("$OUT/tokenmill-bf16.json") ;;
   server)         run llama-server llama-server --engine-arg binary="$PEERS_DIR/lcpp-build/bin/llama-server" \
-                    --engine-arg extra="$SERVER_EXTRA" --scenarios "$SCEN"; files+=("$OUT/llama-server.json") ;;
+                    --engine-arg extra="$SERVER_EXTRA" --engine-arg log_dir="$OUT" --scenarios "$SCEN"
+                  files+=("$OUT/llama-server.json") ;;
   hf)             run transformers hf --scenarios "$SCEN"; files+=("$OUT/transformers.json") ;;
   *) echo "unknown engine $e"; exit 2 ;;
 esac; done
