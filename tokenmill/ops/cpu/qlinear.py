@@ -1,6 +1,8 @@
-"""Matmul against GGUF-quantized weights kept packed (Q4_0, Q4_1, Q8_0): `qlinear(x, qweight, qtype, bias)`.
+"""Matmul against GGUF-quantized weights kept packed: `qlinear(x, qweight, qtype, bias)`.
 
-A weight [N, K] is held as its raw GGUF bytes, a uint8 tensor [N, K/32 * block_bytes] (row n = the blocks of
+Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32 weights) and the k-quants Q4_K, Q5_K, Q6_K (super-blocks of 256
+weights, 8 or 16 sub-blocks with 6- or 8-bit scales), the tensors of Q4_K_M / Q5_K_M / Q6_K files.
+A weight [N, K] is held as its raw GGUF bytes, a uint8 tensor [N, K/QK * block_bytes] (row n = the blocks of
 output n). The C kernel (csrc/qlinear.c) dequantizes tiles of it on the fly and multiplies with float32
 activations, so the result equals `x @ dequantize(qweight).T` up to summation order. `dequantize` is the
 pure-PyTorch reference (and the fallback when the kernel cannot be built).
@@ -15,9 +17,13 @@ import torch
 
 from tokenmill.ops.cpu.build import load_library
 
-QK = 32  # weights per block
-# name -> (kernel type id, bytes per block)
-QTYPES: dict[str, tuple[int, int]] = {"q4_0": (0, 18), "q4_1": (1, 20), "q8_0": (2, 34)}
+QK = 32  # weights per block of the legacy types (and per sub-block of the k-quants' scales/mins)
+QK_K = 256  # weights per k-quant super-block
+# name -> (kernel type id, bytes per block, weights per block); the ids are csrc/quant.h's enum
+QTYPES: dict[str, tuple[int, int, int]] = {
+    "q4_0": (0, 18, QK), "q4_1": (1, 20, QK), "q8_0": (2, 34, QK), "q5_0": (3, 22, QK), "q5_1": (4, 24, QK),
+    "q4_k": (5, 144, QK_K), "q5_k": (6, 176, QK_K), "q6_k": (7, 210, QK_K),
+}
 # up to this many rows the kernel unpacks each block into registers (no float buffer); measured crossover
 DIRECT_MAX_ROWS = 3
 
@@ -34,7 +40,61 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.tm_amx_init.restype = ctypes.c_int
     lib.qdequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
     lib.qdequant_rows.restype = ctypes.c_int
+    lib.qlinear_any.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
+    lib.qlinear_any.restype = ctypes.c_int
     return lib
+
+
+QPARTS = -1  # qlinear_any's type for a QParts weight (csrc/kernels.h TM_QPARTS)
+QPARTS_MAX = 4
+
+
+class QParts(ctypes.Structure):
+    """csrc/kernels.h tm_qparts: up to 4 packed row groups of different block types, outputs back to back."""
+    _fields_ = [("n", ctypes.c_int64), ("qtype", ctypes.c_int64 * QPARTS_MAX), ("rows", ctypes.c_int64 * QPARTS_MAX),
+                ("w", ctypes.c_void_p * QPARTS_MAX)]
+
+
+def make_qparts(parts: list[tuple[str, torch.Tensor]]) -> QParts:
+    """(qtype, packed uint8 [rows, row_bytes]) per group -> the struct the kernels take. It holds raw pointers:
+    the caller keeps the tensors alive (and in place) while it is used."""
+    if not 1 <= len(parts) <= QPARTS_MAX:
+        raise ValueError(f"{len(parts)} row groups; the kernel takes 1 to {QPARTS_MAX}")
+    st = QParts()
+    st.n = len(parts)
+    for i, (qtype, packed) in enumerate(parts):
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
+            raise ValueError("row groups must be contiguous uint8 [rows, row_bytes] tensors")
+        st.qtype[i], st.rows[i], st.w[i] = QTYPES[qtype][0], packed.shape[0], packed.data_ptr()
+    return st
+
+
+def qlinear_parts(x: torch.Tensor, parts: list[tuple[str, torch.Tensor]], qparts: Optional[QParts] = None,
+                  bias: Optional[torch.Tensor] = None, direct_max_rows: int = DIRECT_MAX_ROWS,
+                  amx_min_rows: int = 0) -> torch.Tensor:
+    """x [..., K] @ [dequantize(p) for p in parts].T concatenated (+ bias) -> [..., sum of rows]: one kernel call
+    writing each group's columns (`qparts`: make_qparts(parts), built once by the caller)."""
+    k = x.shape[-1]
+    n = sum(p.shape[0] for _, p in parts)
+    lib = _lib()
+    if lib is None or x.device.type != "cpu":
+        w = torch.cat([dequantize(p, qt, k) for qt, p in parts])
+        return torch.nn.functional.linear(x.float(), w, bias)
+    for qt, p in parts:
+        if k % QTYPES[qt][2] or p.shape[1] != row_bytes(qt, k):
+            raise ValueError(f"packed weight has {p.shape[1]} bytes per row, {qt} with K={k} needs "
+                             f"{row_bytes(qt, k) if k % QTYPES[qt][2] == 0 else 'whole blocks'}")
+    st = qparts if qparts is not None else make_qparts(parts)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    if lib.qlinear_any(QPARTS, x2.data_ptr(), x2.shape[0], k, ctypes.addressof(st), n,
+                       bias.data_ptr() if bias is not None else None, y.data_ptr(), direct_max_rows, amx_min_rows) != 0:
+        raise ValueError(f"qlinear kernel rejected its arguments ({[qt for qt, _ in parts]}, K={k})")
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def available() -> bool:
@@ -49,29 +109,91 @@ def amx_available() -> bool:
     return lib is not None and bool(lib.tm_amx_init())
 
 
-def row_bytes(qtype: str, k: int) -> int:
-    """Bytes of one packed row of k weights."""
+def block_size(qtype: str) -> int:
+    """Weights per block of qtype (32, or 256 for the k-quants): row lengths must be a multiple of it."""
     if qtype not in QTYPES:
         raise ValueError(f"unsupported quantization type {qtype!r}; expected one of {', '.join(QTYPES)}")
-    if k % QK:
-        raise ValueError(f"row length {k} is not a multiple of the block size {QK}")
-    return k // QK * QTYPES[qtype][1]
+    return QTYPES[qtype][2]
+
+
+def row_bytes(qtype: str, k: int) -> int:
+    """Bytes of one packed row of k weights."""
+    qk = block_size(qtype)
+    if k % qk:
+        raise ValueError(f"row length {k} is not a multiple of the block size {qk}")
+    return k // qk * QTYPES[qtype][1]
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian float16 fields (last dim 2 bytes) -> float32, the last dim kept as 1."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _bits(b: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 [..., n] -> its fields of `width` bits, lowest first: [..., n, 8 // width] (as uint8)."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    return (b.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+
+
+def _k_scale_min(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: the 12 packed bytes [..., 12] -> 8 six-bit scales and 8 six-bit mins, each [..., 8] float."""
+    d, m, md = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
+    scale = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return scale.float(), mins.float()
 
 
 def dequantize(qweight: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
-    """Reference: packed uint8 [N, row_bytes] -> float32 [N, k] (the gguf package's math, in torch)."""
+    """Reference: packed uint8 [N, row_bytes] -> float32 [N, k] (the gguf package's math and float32 operation
+    order, in torch: equal to gguf.quants.dequantize bit for bit)."""
     n = qweight.shape[0]
-    blocks = qweight.reshape(n, k // QK, QTYPES[qtype][1])
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
+    qk = block_size(qtype)
+    blocks = qweight.reshape(n, k // qk, QTYPES[qtype][1])  # [N, nb, bytes]
+    if qtype in ("q4_k", "q5_k", "q6_k"):
+        return _dequantize_k(blocks, qtype).reshape(n, k)
+    d = _f16(blocks[..., 0:2])  # [N, nb, 1]
     if qtype == "q8_0":
         q = blocks[..., 2:].contiguous().view(torch.int8).float()
         return (q * d).reshape(n, k)
-    qs = blocks[..., 4:] if qtype == "q4_1" else blocks[..., 2:]
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # [N, nb, 32]: low nibbles, then high
-    if qtype == "q4_1":
-        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
-        return (d * q + m).reshape(n, k)
-    return (d * (q - 8.0)).reshape(n, k)
+    qs = blocks[..., {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[qtype]:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, nb, 32] uint8: low nibbles, then high
+    if qtype in ("q5_0", "q5_1"):  # weight j's fifth bit: bit j of the little-endian 32-bit qh
+        qh = blocks[..., (2 if qtype == "q5_0" else 4):][..., :4]
+        q = q | (_bits(qh, 1).reshape(n, -1, QK) << 4)
+    q = q.float()
+    if qtype in ("q4_1", "q5_1"):
+        return (d * q + _f16(blocks[..., 2:4])).reshape(n, k)
+    return (d * (q - (8.0 if qtype == "q4_0" else 16.0))).reshape(n, k)
+
+
+def _dequantize_k(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """Super-blocks [N, nb, bytes] -> float32 [N, nb, 256].
+
+    Q4_K (144 B): f16 d, f16 dmin, 12 B of 6-bit scales/mins, 128 B nibbles: 32 bytes hold sub-blocks 2j (low
+      nibbles) and 2j+1 (high); w = d*sc[s] * q - dmin*m[s].
+    Q5_K (176 B): as Q4_K with 32 B qh between scales and nibbles: bit s of qh[l] is the fifth bit of sub-block s's
+      weight l.
+    Q6_K (210 B): 128 B low nibbles, 64 B two-bit highs, 16 int8 scales (one per 16 weights), f16 d at the end;
+      each 128-weight half h: weight 32t + l (t < 4) has low nibble (ql[64h + 32(t&1) + l] >> 4(t>>1)) and high
+      bits (qh[32h + l] >> 2t) & 3; w = d*scale * (q - 32)."""
+    n, nb, _ = blocks.shape
+    if qtype == "q6_k":
+        ql = blocks[..., :128].reshape(n, nb, 2, 1, 2, 32)  # [half, shift, c, l]
+        ql = (ql >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 1, 2, 1, 1)) & 0x0F
+        qh = _bits(blocks[..., 128:192].reshape(n, nb, 2, 32), 2).permute(0, 1, 2, 4, 3)  # [half, t, l]
+        q = (ql.reshape(n, nb, 2, 4, 32) | (qh << 4)).to(torch.int8) - 32  # [N, nb, half, t, l]
+        scale = blocks[..., 192:208].contiguous().view(torch.int8).float()  # [N, nb, 16]
+        dl = (_f16(blocks[..., 208:210]) * scale).reshape(n, nb, 16, 1)
+        return (dl * q.reshape(n, nb, 16, 16).float()).reshape(n, nb, QK_K)
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])  # [N, nb, 1]
+    sc, mn = _k_scale_min(blocks[..., 4:16])
+    qs = blocks[..., -128:].reshape(n, nb, 4, 32)
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, nb, 8, 32)  # sub-block 2j: low nibbles, 2j+1: high
+    if qtype == "q5_k":
+        q = q | (_bits(blocks[..., 16:48], 1).transpose(-1, -2) << 4)  # [N, nb, 32 l, 8 s] -> [N, nb, 8, 32]
+    dl = (d * sc).reshape(n, nb, 8, 1)
+    ml = (dmin * mn).reshape(n, nb, 8, 1)
+    return (dl * q.float() - ml).reshape(n, nb, QK_K)
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[torch.Tensor] = None,
@@ -86,8 +208,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
     lib = _lib()
     if lib is None or x.device.type != "cpu":
         return torch.nn.functional.linear(x.float(), dequantize(qweight, qtype, k), bias)
-    kind, block = QTYPES[qtype]
-    if k % QK or nbytes != k // QK * block:
+    kind, block, qk = QTYPES[qtype]
+    if k % qk or nbytes != k // qk * block:
         raise ValueError(f"packed weight has {nbytes} bytes per row, {qtype} with K={k} needs {row_bytes(qtype, k)}")
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32 or not x2.is_contiguous():

@@ -14,6 +14,19 @@ void add_rmsnorm_f32(const float *x, const float *r, const float *w, int64_t M, 
 // qlinear.c (+ qlinear_amx.c): y[M,N] = x[M,K] @ W[N,K]^T (+ bias), W packed GGUF blocks.
 int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m);
+// A packed weight of up to 4 row groups of different block types, their outputs back to back (a merged q|k|v whose
+// shards differ): the weight pointer of qlinear_any's type TM_QPARTS. 8-byte fields (ctypes: layer.py).
+#define TM_QPARTS (-1)
+#define TM_QPARTS_MAX 4
+typedef struct {
+    int64_t n;                        // row groups
+    int64_t qtype[TM_QPARTS_MAX];     // their block types
+    int64_t rows[TM_QPARTS_MAX];      // their output rows (summing to N)
+    const uint8_t *w[TM_QPARTS_MAX];  // their packed rows
+} tm_qparts;
+// qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y.
+int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m);
 int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out);
 int tm_amx_init(void);
 

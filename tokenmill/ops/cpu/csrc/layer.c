@@ -1,5 +1,6 @@
 // One Llama-family decoder layer in a single call, for small CPU batches (decode steps): packed GGUF
-// weights (Q4_0 / Q4_1 / Q8_0), float32 activations, a float32 paged KV cache.
+// weights (any type of quant.h; a linear of type TM_QPARTS is row groups of several types, kernels.h), float32
+// activations, a float32 paged KV cache.
 //
 //   residual = h + residual (or h);  x = rmsnorm(residual) * ln1
 //   q|k|v = x Wqkv^T (+ b);  rotate q, k ("rotate half" layout, cos/sin [T, D]);  store k, v at their slots
@@ -63,7 +64,7 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 // 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step.
 // tm_llama_layer chains them with the paged attention kernel in between.
 // Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
-// rejected its arguments (K not a multiple of 32, unknown type).
+// rejected its arguments (K not a multiple of the block, unknown type).
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
                        const float *ln1, float eps, int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
                        int H, int Hkv, int D, const float *cos, const float *sin,
@@ -76,7 +77,7 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
     if (!x) return -1;
     int rc = 0;
     add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
-    if (qlinear_f32(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
+    if (qlinear_any(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
     rope_inplace(qkv, T, nqkv, H, D, cos, sin);
     rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
     const int64_t cache_rows = nb * bs;
@@ -109,11 +110,11 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
     for (int64_t t0 = 0; t0 < T && rc == 0; t0 += tb) {
         const int64_t m = T - t0 < tb ? T - t0 : tb;
         float *res = residual + t0 * E, *y = out + t0 * E;
-        if (qlinear_f32(qt_o, att + t0 * nq, m, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        if (qlinear_any(qt_o, att + t0 * nq, m, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
         add_rmsnorm_f32(o, res, ln2, m, E, eps, res, x);
-        if (qlinear_f32(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        if (qlinear_any(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
         silu_mul_rows(gu, m, I, act);
-        if (qlinear_f32(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) rc = -7;
+        if (qlinear_any(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) rc = -7;
     }
     if (!work) free(buf);
     return rc;

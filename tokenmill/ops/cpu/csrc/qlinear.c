@@ -1,4 +1,5 @@
-// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with W stored as raw GGUF blocks (Q4_0, Q4_1, Q8_0; 32 weights per block).
+// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with W stored as raw GGUF blocks (Q4_0, Q4_1, Q8_0 here; Q5_0, Q5_1, Q4_K,
+// Q5_K, Q6_K through qlinear_k.c's inner loops).
 //
 // Same math as dequantize-then-matmul: each weight is dequantized to float32 exactly as gguf's dequantizer does
 // (Q4_0: d*(q-8), Q4_1: d*q+m, Q8_0: d*q), activations stay float32; only the summation order differs.
@@ -19,6 +20,10 @@
 
 // Dequantize one row of K weights (K/32 blocks) into out[K].
 static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
+    if (generic_type(qtype)) {
+        tm_dequant_row_gen(qtype, row, K, out);
+        return;
+    }
     const int bb = block_bytes(qtype);
     const int64_t nb = K / QK;
     for (int64_t b = 0; b < nb; b++) {
@@ -150,7 +155,6 @@ MICRO(3)
 // Few rows (decode): no float buffer. Each block is unpacked into registers once and used for R <= 3 rows:
 // sum_i w_i x_i = d * sum_i q_i x_i + m * sum_i x_i per block (Q4_0: m = -8d, Q8_0: m = 0), the block sums of x
 // (xs[r * nb + b]) precomputed. Same weights as dequant_row, summed in another order.
-#define DIRECT_MAX_ROWS 3
 #define DIRECT_PREFETCH 4096  // bytes ahead in the weight stream (2-6 KiB measured alike)
 #if defined(TM_AVX512)
 // direct_tile for a compile-time row count R and block type (always inlined into the dispatcher below, so the
@@ -203,13 +207,18 @@ static inline __attribute__((always_inline)) void direct_tile512(const int R, co
 #define TILE512_ROWS(QT) (R == 1 ? TILE512(1, QT) : R == 2 ? TILE512(2, QT) : TILE512(3, QT))
 static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
                         float *y, int64_t ldy, float bias) {
-    if (qtype == Q4_1) TILE512_ROWS(Q4_1);
+    if (generic_type(qtype)) tm_direct_tile_gen(qtype, x, xs, R, K, wrow, y, ldy, bias);
+    else if (qtype == Q4_1) TILE512_ROWS(Q4_1);
     else if (qtype == Q4_0) TILE512_ROWS(Q4_0);
     else TILE512_ROWS(Q8_0);
 }
 #else
 static void direct_tile(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow,
                         float *y, int64_t ldy, float bias) {
+    if (generic_type(qtype)) {
+        tm_direct_tile_gen(qtype, x, xs, R, K, wrow, y, ldy, bias);
+        return;
+    }
     const int bb = block_bytes(qtype);
     const int64_t nb = K / QK;
 #if defined(__AVX2__)
@@ -265,8 +274,8 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
 #endif  // TM_AVX512
 
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                          const float *bias, float *y) {
-    const int64_t nb = K / QK, row_bytes = nb * block_bytes(qtype);
+                          const float *bias, float *y, int64_t ldy) {
+    const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
     float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
     if (!xs) return -1;
     for (int64_t i = 0; i < M * nb; i++) {
@@ -278,7 +287,7 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
             const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
-            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * N + n, N,
+            direct_tile(qtype, x + m * K, xs + m * nb, R, K, w + n * row_bytes, y + m * ldy + n, ldy,
                         bias ? bias[n] : 0.0f);
         }
     }
@@ -286,20 +295,22 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     return 0;
 }
 
-// Returns 0 on success, -1 on bad arguments (K not a multiple of 32, unknown type) or out of memory.
-// M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init() enabled it; otherwise
-// M <= direct_max_m rows take the register path (no float buffer), larger M the buffered micro-kernel.
-int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+// y[M, N] with row stride ldy (>= N). Returns 0 on success, -1 on bad arguments (K not a multiple of the block,
+// unknown type) or out of memory. M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init()
+// enabled it; otherwise M <= direct_max_m rows take the register path (no float buffer), larger M the buffered
+// micro-kernel.
+static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                      float *y, int64_t ldy, int64_t direct_max_m, int64_t amx_min_m) {
     const int bb = block_bytes(qtype);
-    if (bb == 0 || K % QK != 0 || M < 0 || N < 0) return -1;
+    if (bb == 0 || K % block_weights(qtype) != 0 || M < 0 || N < 0 || ldy < N) return -1;
 #if defined(TM_AMX)
-    if (amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled()) return tm_qlinear_amx(qtype, x, M, K, w, N, bias, y);
+    if (amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
+        return tm_qlinear_amx(qtype, x, M, K, w, N, bias, y, ldy);
 #else
     (void)amx_min_m;
 #endif
-    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y);
-    const int64_t row_bytes = (K / QK) * bb;
+    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y, ldy);
+    const int64_t row_bytes = (K / block_weights(qtype)) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;
 #pragma omp parallel
     {
@@ -314,12 +325,34 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
                 if (nc < NC) memset(wbuf + nc * K, 0, (size_t)(NC - nc) * K * sizeof(float));
                 const float *bt = bias ? bias + n0 : NULL;
                 int64_t m = m0;
-                for (; m + 3 <= mend; m += 3) micro_3(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
-                if (mend - m == 2) micro_2(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
-                else if (mend - m == 1) micro_1(x + m * K, K, wbuf, K, y + m * N + n0, N, nc, bt);
+                for (; m + 3 <= mend; m += 3) micro_3(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
+                if (mend - m == 2) micro_2(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
+                else if (mend - m == 1) micro_1(x + m * K, K, wbuf, K, y + m * ldy + n0, ldy, nc, bt);
             }
         }
         free(wbuf);
+    }
+    return 0;
+}
+
+int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+    return qlinear_ld(qtype, x, M, K, w, N, bias, y, N, direct_max_m, amx_min_m);
+}
+
+int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
+                float *y, int64_t direct_max_m, int64_t amx_min_m) {
+    if (qtype != TM_QPARTS)
+        return qlinear_ld(qtype, x, M, K, (const uint8_t *)w, N, bias, y, N, direct_max_m, amx_min_m);
+    const tm_qparts *p = (const tm_qparts *)w;
+    int64_t total = 0;
+    if (p->n < 1 || p->n > TM_QPARTS_MAX) return -1;
+    for (int64_t i = 0; i < p->n; i++) total += p->rows[i];
+    if (total != N) return -1;
+    for (int64_t i = 0, off = 0; i < p->n; off += p->rows[i], i++) {
+        const int rc = qlinear_ld((int)p->qtype[i], x, M, K, p->w[i], p->rows[i], bias ? bias + off : NULL, y + off, N,
+                                  direct_max_m, amx_min_m);
+        if (rc) return rc;
     }
     return 0;
 }
@@ -328,10 +361,10 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
 // -2 when a row index is outside [0, N).
 int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out) {
     const int bb = block_bytes(qtype);
-    if (bb == 0 || K % QK != 0) return -1;
+    if (bb == 0 || K % block_weights(qtype) != 0) return -1;
     for (int64_t r = 0; r < R; r++)
         if (rows[r] < 0 || rows[r] >= N) return -2;
-    const int64_t row_bytes = (K / QK) * bb;
+    const int64_t row_bytes = (K / block_weights(qtype)) * bb;
 #pragma omp parallel for schedule(static) if (R > 16)
     for (int64_t r = 0; r < R; r++) dequant_row(qtype, w + rows[r] * row_bytes, K, out + r * K);
     return 0;

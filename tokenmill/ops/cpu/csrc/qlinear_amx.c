@@ -58,11 +58,25 @@ static void amx_config(void) {
     _tile_loadconfig(&cfg);
 }
 
-// One block (32 weights) as 16 words, each a pair of bf16 (k = 2i, 2i + 1), dequantized as dequant_row.
-static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype, const uint8_t *blk) {
+// Block b (weights 32b .. 32b + 31) of a packed row as 16 words, each a pair of bf16 (k = 2i, 2i + 1), dequantized
+// as dequant_row (generic types: sub-block b % nsub of super-block b / nsub).
+static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype, const uint8_t *row, int64_t b) {
     __m512 q0, q1;
+    if (generic_type(qtype)) {
+        const int nsub = block_weights(qtype) / QK, s = (int)(b % nsub);
+        const uint8_t *blk = row + (b / nsub) * block_bytes(qtype);
+        float dlo, dhi, m;
+        gen_sub_scales(qtype, blk, s, &dlo, &dhi, &m);
+        const __m256i q = gen_sub_q256(qtype, blk, s);
+        const __m512 mv = _mm512_set1_ps(m);
+        q0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_set1_ps(dlo),
+                             mv);
+        q1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
+                             _mm512_set1_ps(dhi), mv);
+        return (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
+    }
     float d, m;
-    block512(qtype, blk, &q0, &q1, &d, &m);
+    block512(qtype, row + b * block_bytes(qtype), &q0, &q1, &d, &m);
     const __m512 dv = _mm512_set1_ps(d);
     if (qtype == Q4_1) {
         const __m512 mv = _mm512_set1_ps(m);
@@ -112,15 +126,14 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
 // n0 + j's block b, i.e. the B tile of k-block b.
 static inline __attribute__((always_inline)) void panel_pairs(const int qtype, const uint8_t *w, int64_t row_bytes,
                                                               int64_t nkb, int64_t n0, int64_t N, uint32_t *panel) {
-    const int bb = block_bytes(qtype);
     const int nr = (int)(N - n0 < 16 ? N - n0 : 16);
     for (int64_t b = 0; b < nkb; b++) {
         __m512i v[16];
         for (int j = 0; j < 16; j++) {
             if (j < nr) {
-                const uint8_t *blk = w + (n0 + j) * row_bytes + b * bb;
-                _mm_prefetch((const char *)blk + 8 * bb, _MM_HINT_T0);
-                v[j] = block_pairs(qtype, blk);
+                const uint8_t *row = w + (n0 + j) * row_bytes;
+                _mm_prefetch((const char *)row + (b + 8) * row_bytes / nkb, _MM_HINT_T0);  // 8 blocks ahead
+                v[j] = block_pairs(qtype, row, b);
             } else {
                 v[j] = _mm512_setzero_si512();
             }
@@ -132,27 +145,33 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
 
 #define AMX_STORE(T, I, J)                                                                                        \
     do {                                                                                                          \
-        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * N + n0 + 16 * (J), N * 4);           \
+        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * ldy + n0 + 16 * (J), ldy * 4);         \
         else {                                                                                                    \
             _tile_stored(T, cb, 64);                                                                              \
             for (int t = 0; t < ms[I]; t++)                                                                       \
-                memcpy(y + (m0 + 16 * (I) + t) * N + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
+                memcpy(y + (m0 + 16 * (I) + t) * ldy + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
         }                                                                                                         \
     } while (0)
 
-// Returns 0, -1 out of memory. K % 32 == 0 (checked by the caller).
+// The two panels of a pair for a compile-time type (a case of the dispatch below).
+#define PANELS(QT)                                                                   \
+    case QT:                                                                         \
+        panel_pairs(QT, w, row_bytes, nkb, n0, N, p0);                               \
+        if (nr[1]) panel_pairs(QT, w, row_bytes, nkb, n0 + 16, N, p1);               \
+        break
+
+// Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                   const float *bias, float *y) {
+                   const float *bias, float *y, int64_t ldy) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
             const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
-            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * N);
+            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * ldy, ldy);
             if (rc) return rc;
         }
         return 0;
     }
-    const int bb = block_bytes(qtype);
-    const int64_t nkb = K / QK, row_bytes = nkb * bb;
+    const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
     const int64_t mpad = (M + 15) / 16 * 16, npairs = (N + 31) / 32;  // panel pairs: 32 outputs
     // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
     uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
@@ -186,15 +205,10 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                 int nr[2];
                 nr[0] = (int)(N - n0 < 16 ? N - n0 : 16);
                 nr[1] = (int)(N - n0 - 16 < 16 ? (N - n0 - 16 > 0 ? N - n0 - 16 : 0) : 16);
-                if (qtype == Q4_1) {
-                    panel_pairs(Q4_1, w, row_bytes, nkb, n0, N, p0);
-                    if (nr[1]) panel_pairs(Q4_1, w, row_bytes, nkb, n0 + 16, N, p1);
-                } else if (qtype == Q4_0) {
-                    panel_pairs(Q4_0, w, row_bytes, nkb, n0, N, p0);
-                    if (nr[1]) panel_pairs(Q4_0, w, row_bytes, nkb, n0 + 16, N, p1);
-                } else {
-                    panel_pairs(Q8_0, w, row_bytes, nkb, n0, N, p0);
-                    if (nr[1]) panel_pairs(Q8_0, w, row_bytes, nkb, n0 + 16, N, p1);
+                switch (qtype) {
+                    PANELS(Q4_0); PANELS(Q4_1); PANELS(Q8_0); PANELS(Q5_0); PANELS(Q5_1); PANELS(Q4_K); PANELS(Q5_K);
+                    PANELS(Q6_K);
+                    default: break;
                 }
                 for (int64_t m0 = 0; m0 < M; m0 += 32) {
                     int ms[2];
@@ -226,7 +240,7 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                     if (bias) {
                         const int nn = nr[0] + nr[1];
                         for (int t = 0; t < ms[0] + ms[1]; t++) {
-                            float *yr = y + (m0 + t) * N + n0;
+                            float *yr = y + (m0 + t) * ldy + n0;
                             for (int j = 0; j < nn; j++) yr[j] += bias[n0 + j];
                         }
                     }

