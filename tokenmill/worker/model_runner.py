@@ -95,6 +95,19 @@ class ModelRunner:
             self.proposer = NgramProposer(sc.ngram_min, sc.ngram_max, sc.num_speculative_tokens)
         self.load_time_s = time.perf_counter() - t0
 
+    def model_info(self):
+        """The load handshake (see tokenmill/executor/base.py)."""
+        from tokenmill.engine.tokenizer import eos_token_ids
+        from tokenmill.executor.base import ModelInfo
+
+        vocab = int(getattr(self.model, "vocab_size", None) or self.hf_config.vocab_size)
+        return ModelInfo(max_model_len=self.max_model_len, num_kv_blocks=self.num_blocks,
+                         num_host_blocks=self.num_host_blocks, vocab_size=vocab,
+                         eos_token_ids=eos_token_ids(None, self.hf_config),
+                         supports_kv_streaming=self.supports_kv_streaming(), model_path=self.source.path,
+                         gguf_file=self.source.gguf_file, dtype=str(self.dtype).removeprefix("torch."),
+                         device=str(self.device), load_time_s=self.load_time_s)
+
     def _resolve_max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         want = self.config.model.max_model_len
@@ -201,7 +214,7 @@ class ModelRunner:
                 params=[s.params for s in states],
                 prompt_token_ids=[s.prompt_token_ids for s in states],
                 output_token_ids=[s.output_token_ids for s in states],
-                eos_token_ids=[self.eos_token_ids for _ in states],
+                eos_token_ids=[s.eos_token_ids for s in states],
                 generators=[self._generator(s) for s in states])
             idx = torch.tensor(rows, device=logits.device)
             res = self.sampler(logits.index_select(0, idx) if len(rows) != logits.shape[0] else logits, sb)
@@ -219,8 +232,6 @@ class ModelRunner:
                     if drafts:
                         out.draft_token_ids[rid] = drafts
         return out
-
-    eos_token_ids: tuple[int, ...] = ()
 
     def _generator(self, st: RunnerRequestState) -> Optional[torch.Generator]:
         if st.params.seed is None or st.params.greedy:
