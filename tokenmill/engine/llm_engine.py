@@ -39,10 +39,11 @@ class _NoTokenizer:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, core=None):
+        """core: the EngineCore by default; the engine-process client passes its stand-in (core_client.py)."""
         config.validate()
         self.config = config
-        self.core = EngineCore(config)
+        self.core = core if core is not None else EngineCore(config)
         self.tokenizer = None
         self.processor: Optional[Processor] = None
         self.output_processor: Optional[OutputProcessor] = None
