@@ -47,9 +47,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp=None):
+        """tp: this rank's tokenmill.distributed.group.TPGroup (None: one rank). Rank r of a CUDA group runs on
+        cuda:r."""
         self.config = config
+        self.tp = tp
         self.device = resolve_device(config.model.device)
+        if tp is not None and tp.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", tp.rank)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.model = None
@@ -76,7 +81,7 @@ class ModelRunner:
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
-                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype)
+                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp)
         self.device_setup.attach(self.model)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
@@ -106,7 +111,8 @@ class ModelRunner:
                          eos_token_ids=eos_token_ids(None, self.hf_config),
                          supports_kv_streaming=self.supports_kv_streaming(), model_path=self.source.path,
                          gguf_file=self.source.gguf_file, dtype=str(self.dtype).removeprefix("torch."),
-                         device=str(self.device), load_time_s=self.load_time_s)
+                         device=str(self.device), load_time_s=self.load_time_s,
+                         world_size=self.tp.world_size if self.tp is not None else 1)
 
     def _resolve_max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -144,6 +150,8 @@ class ModelRunner:
             # never more than every slot at full length needs (+1 for the null block)
             need = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
             num_blocks = min(num_blocks, need)
+        if self.tp is not None and self.tp.world_size > 1:  # every rank must hold the same blocks
+            num_blocks = self.tp.min_int(num_blocks, self.device)
         if num_blocks < 2:
             raise ConfigError(f"the KV cache gets {num_blocks} blocks of {per_block} bytes: too few; "
                               "raise kv_cache_memory / gpu_memory_utilization or num_kv_blocks")
