@@ -17,6 +17,7 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: Any = None  # the torch.distributed process group (None: the default group)
+    local_device: int = 0  # this rank's CUDA device index in its process (Ray shows each actor one GPU: 0)
 
     @classmethod
     def single(cls) -> "TPGroup":
@@ -24,14 +25,14 @@ class TPGroup:
 
     @classmethod
     def init(cls, rank: int, world_size: int, init_method: str, device: torch.device,
-             timeout_s: float = 600.0) -> "TPGroup":
+             timeout_s: float = 600.0, local_device: int = 0) -> "TPGroup":
         """Join the group (every rank calls this): gloo on the CPU, NCCL on CUDA."""
         import torch.distributed as dist
 
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, None)
+        return cls(rank, world_size, None, local_device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks (in place when there is more than one rank)."""

@@ -15,8 +15,11 @@ from tokenmill.executor.base import ModelInfo
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int, world_size: int, init_method: str):
+    def __init__(self, config: EngineConfig, rank: int, world_size: int, init_method: str,
+                 local_device: Optional[int] = None):
+        """local_device: the CUDA device index this rank uses (default: its rank, as on one machine)."""
         self.config, self.rank, self.world_size, self.init_method = config, rank, world_size, init_method
+        self.local_device = rank if local_device is None else local_device
         self.tp = None
         self.runner = None
 
@@ -30,9 +33,9 @@ class Worker:
         if device.type == "cpu" and not self.config.model.num_threads:  # the ranks share the cores
             torch.set_num_threads(max(1, (len(os.sched_getaffinity(0)) or 1) // self.world_size))
         if device.type == "cuda":
-            torch.cuda.set_device(self.rank)
-            device = torch.device("cuda", self.rank)
-        self.tp = TPGroup.init(self.rank, self.world_size, self.init_method, device)
+            torch.cuda.set_device(self.local_device)
+            device = torch.device("cuda", self.local_device)
+        self.tp = TPGroup.init(self.rank, self.world_size, self.init_method, device, local_device=self.local_device)
         self.runner = ModelRunner(self.config, tp=self.tp)
         self.runner.load()
         return self.runner.model_info()

@@ -48,13 +48,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp=None):
-        """tp: this rank's tokenmill.distributed.group.TPGroup (None: one rank). Rank r of a CUDA group runs on
-        cuda:r."""
+        """tp: this rank's tokenmill.distributed.group.TPGroup (None: one rank); on CUDA a rank runs on
+        cuda:tp.local_device."""
         self.config = config
         self.tp = tp
         self.device = resolve_device(config.model.device)
         if tp is not None and tp.world_size > 1 and self.device.type == "cuda":
-            self.device = torch.device("cuda", tp.rank)
+            self.device = torch.device("cuda", tp.local_device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.model = None
