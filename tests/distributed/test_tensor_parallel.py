@@ -1,13 +1,14 @@
 """Tensor parallelism on the CPU (gloo, one worker process per rank), float32: greedy tokens of TP=2 equal
-TP=1 for tiny Llama and Qwen2 models, with chunked prefill, preemption and prefix-cache hits in the same run,
-and for a model with fewer KV heads than ranks (the KV head replicated, an odd vocabulary padded)."""
+TP=1 for tiny Llama and Qwen2 models (safetensors and GGUF), with chunked prefill, preemption and prefix-cache
+hits in the same run, and for a model with fewer KV heads than ranks (the KV head replicated, an odd
+vocabulary padded)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from tests.model.tiny_models import VOCAB, save_tiny_model
+from tests.model.tiny_models import VOCAB, build_tiny_model, save_tiny_gguf, save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.executor.multiproc import MultiprocExecutor
 
@@ -36,9 +37,12 @@ def _generate(path, tokenizer, prompts, **kw):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_mqa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama_mqa", "qwen2_gguf"])
 def test_tp2_greedy_equals_tp1(tmp_path, gguf_tokenizer_path, arch):
-    path = save_tiny_model(arch, str(tmp_path / arch))
+    if arch.endswith("_gguf"):  # an F32 GGUF: every rank reads the file and keeps its slices
+        path = save_tiny_gguf(build_tiny_model(arch[:-5]), str(tmp_path / f"{arch}.gguf"))
+    else:  # safetensors: every rank reads only its slices
+        path = save_tiny_model(arch, str(tmp_path / arch))
     prompts = _prompts(len(arch))
     ref, ref_stats = _generate(path, gguf_tokenizer_path, prompts)
     got, stats = _generate(path, gguf_tokenizer_path, prompts, tensor_parallel_size=2)

@@ -232,31 +232,40 @@ class EngineProcClient:
         self.engine.core.abort_requests(ids)
 
     async def _read_loop(self) -> None:
+        try:
+            while True:
+                self._handle(pickle.loads(await self._out.recv(copy=False)))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here would leave every stream waiting: fail them instead
+            logger.exception("engine output processing failed")
+            self._fail_all(f"output processing failed: {type(exc).__name__}: {exc}")
+
+    def _handle(self, msg: tuple) -> None:
+        """One message from the engine process (see core_proc.py)."""
         op = self.engine.output_processor
-        while True:
-            msg = pickle.loads(await self._out.recv(copy=False))
-            kind = msg[0]
-            if kind == "out":
-                _, outs, stats = msg
-                self._stats = stats
-                if not outs:
-                    continue
-                ros, stopped = op.process(outs)
-                if stopped:
-                    self.engine.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
-                for ro in ros:
-                    box = self._streams.get(ro.request_id)
-                    if box is not None:
-                        box.put(ro)
-            elif kind == "added":
-                _, rid, err = msg
-                fut = self._adds.get(rid)
-                if err is not None:
-                    op.abort(rid)
-                if fut is not None and not fut.done():
-                    fut.set_exception(decode_error(err)) if err is not None else fut.set_result(None)
-            elif kind == "dead":
-                self._fail_all(msg[1])
+        kind = msg[0]
+        if kind == "out":
+            _, outs, stats = msg
+            self._stats = stats
+            if not outs:
+                return
+            ros, stopped = op.process(outs)
+            if stopped:
+                self.engine.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            for ro in ros:
+                box = self._streams.get(ro.request_id)
+                if box is not None:
+                    box.put(ro)
+        elif kind == "added":
+            _, rid, err = msg
+            fut = self._adds.get(rid)
+            if err is not None:
+                op.abort(rid)
+            if fut is not None and not fut.done():
+                fut.set_exception(decode_error(err)) if err is not None else fut.set_result(None)
+        elif kind == "dead":
+            self._fail_all(msg[1])
 
     def _on_exit(self) -> None:
         """The engine process has exited (the event loop saw its sentinel)."""
@@ -273,8 +282,8 @@ class EngineProcClient:
         (what a failed step gives), so a stream that has started ends with an error event."""
         if self._dead is not None and not self._streams:
             return
-        self._dead = why
-        msg = f"the engine has stopped: {why}"
+        self._dead = self._dead or why
+        msg = f"the engine has stopped: {self._dead}"
         op = self.engine.output_processor
         failed = []
         for rid in list(self._streams):
