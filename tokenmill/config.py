@@ -169,18 +169,47 @@ class StructuredOutputsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = _f(1, "tensor parallelism: ranks (processes or Ray actors) that each hold a 1/N "
+                                      "slice of every layer; gloo on CPU, NCCL on CUDA")
+    distributed_executor_backend: str = _f("auto", "how the ranks run: auto (in the engine process for one rank, "
+                                                   "else mp), uni (in the engine process, one rank only), mp (one "
+                                                   "worker process per rank on this machine), ray (one Ray actor "
+                                                   "per rank, on an existing Ray cluster)",
+                                           choices=["auto", "uni", "mp", "ray"])
+    ray_address: Optional[str] = _f(None, "backend ray: the cluster to join, e.g. 10.0.0.1:6379 (default: "
+                                          "what ray.init() finds, else a local Ray started for the engine)")
+
+    @property
+    def backend(self) -> str:
+        """The executor backend actually used (auto resolved)."""
+        if self.distributed_executor_backend == "auto":
+            return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return self.distributed_executor_backend
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.backend == "uni" and self.tensor_parallel_size > 1:
+            raise ConfigError("distributed_executor_backend uni runs one rank: use mp or ray for "
+                              f"tensor_parallel_size {self.tensor_parallel_size}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
         self.structured.validate()
+        self.parallel.validate()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -205,7 +234,7 @@ class EngineConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
-             "structured": StructuredOutputsConfig}
+             "structured": StructuredOutputsConfig, "parallel": ParallelConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:

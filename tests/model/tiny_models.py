@@ -34,6 +34,16 @@ def _qwen2_config() -> Any:
         rope_theta=1000000.0, bos_token_id=1, eos_token_id=2, architectures=["Qwen2ForCausalLM"])
 
 
+def _llama_mqa_config() -> Any:
+    """One KV head (fewer than tensor-parallel ranks), tied embeddings, an odd vocabulary (padded when split)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB - 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+
+
 def _mistral_config() -> Any:
     from transformers import MistralConfig
 
@@ -102,6 +112,7 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
     "mistral": _mistral_config,
+    "llama_mqa": _llama_mqa_config,
     "qwen3": _qwen3_config,
     "mixtral": _mixtral_config,
     "qwen2_moe": _qwen2_moe_config,

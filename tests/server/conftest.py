@@ -31,15 +31,20 @@ def fake_url(fake: LiveServers) -> str:
     return fake.add_app(ServerConfig(max_request_body_bytes=64 * 1024, request_timeout_s=1.0, watchdog_s=0.3))
 
 
+def _real_config():
+    from tokenmill.config import EngineConfig
+
+    # a small context and queue so limits are reachable
+    return EngineConfig.from_kwargs(max_model_len=512, max_num_seqs=16, max_waiting_requests=32)
+
+
 @pytest.fixture(scope="session")
 def real() -> Iterator[LiveServers]:
-    """The real AsyncEngine with the default model (small context and queue so limits are reachable)."""
-    from tokenmill.config import EngineConfig
-    from tokenmill.engine.async_engine import AsyncEngine
+    """The default model served as `tokenmill serve` does: the engine core in its own process (EngineProcClient)."""
+    from tokenmill.engine.core_client import EngineProcClient
 
-    async def make() -> AsyncEngine:
-        cfg = EngineConfig.from_kwargs(max_model_len=512, max_num_seqs=16, max_waiting_requests=32)
-        engine = await asyncio.to_thread(AsyncEngine.from_config, cfg)
+    async def make() -> EngineProcClient:
+        engine = await asyncio.to_thread(EngineProcClient.from_config, _real_config())
         engine.start()
         return engine
 
@@ -51,3 +56,23 @@ def real() -> Iterator[LiveServers]:
 @pytest.fixture(scope="session")
 def real_url(real: LiveServers) -> str:
     return real.add_app(ServerConfig(request_timeout_s=120.0))
+
+
+@pytest.fixture(scope="session")
+def real_inproc() -> Iterator[LiveServers]:
+    """The engine on a thread of this process (--no-engine-process): for tests that reach into the runner."""
+    from tokenmill.engine.async_engine import AsyncEngine
+
+    async def make() -> AsyncEngine:
+        engine = await asyncio.to_thread(AsyncEngine.from_config, _real_config())
+        engine.start()
+        return engine
+
+    servers = LiveServers(make)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="session")
+def real_inproc_url(real_inproc: LiveServers) -> str:
+    return real_inproc.add_app(ServerConfig(request_timeout_s=120.0))

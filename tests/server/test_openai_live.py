@@ -192,8 +192,9 @@ def test_overload_300_streams(real, real_url):
     assert r.usage.completion_tokens == 2
 
 
-def test_step_failure_fails_only_its_request(real, real_url, monkeypatch):
-    runner = real.engine.engine.core.runner
+def test_step_failure_fails_only_its_request(real_inproc, real_inproc_url, monkeypatch):
+    real_url = real_inproc_url
+    runner = real_inproc.engine.engine.core.runner
     real_execute = runner.execute_model
     fail = {"left": 0}
 

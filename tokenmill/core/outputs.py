@@ -23,6 +23,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    eos_token_ids: tuple[int, ...] = ()  # the request's EOS ids (the sampler bans them before min_tokens)
 
 
 @dataclass

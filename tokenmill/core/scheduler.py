@@ -235,7 +235,7 @@ class Scheduler:
                 self._in_runner.add(req.request_id)
                 out.scheduled_new_reqs.append(NewRequestData(
                     req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                    self.kv.block_ids(req.request_id), num_hit))
+                    self.kv.block_ids(req.request_id), num_hit, req.eos_token_ids))
                 self._account(out, req, n)
                 budget -= n
 

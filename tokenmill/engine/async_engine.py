@@ -241,6 +241,7 @@ class AsyncEngine:
                 self._deliver_step(eng.step())
                 self._stats = eng.stats()
             self._drain()  # aborts queued by shutdown() still reach their streams
+            eng.shutdown()
         except BaseException as exc:  # a bug outside a step: the engine cannot go on
             self._dead = f"{type(exc).__name__}: {exc}"
             logger.error("engine loop died: %s\n%s", exc, traceback.format_exc())
@@ -248,6 +249,10 @@ class AsyncEngine:
             for rid in list(self._streams):
                 self._resolve(rid, err)
                 self._deliver(rid, err)
+            try:
+                eng.shutdown()
+            except Exception:  # noqa: BLE001 - already dead: stopping the ranks is best effort
+                logger.exception("executor shutdown failed")
 
 
 def _put_all(items: list) -> None:

@@ -12,6 +12,7 @@ from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
+from tokenmill.executor.base import Executor, ExecutorDeadError, ModelInfo, make_executor
 from tokenmill.perf.cost_model import shape_of_schedule
 from tokenmill.request import Request, RequestStatus
 
@@ -19,18 +20,18 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner=None):
-        from tokenmill.worker.model_runner import ModelRunner
+    """The scheduler and the executor: one process (the engine's), any number of ranks behind the executor."""
 
+    def __init__(self, config: EngineConfig, executor: Optional[Executor] = None):
         self.config = config
-        self.runner = runner if runner is not None else ModelRunner(config)
+        self.executor = executor if executor is not None else make_executor(config)
+        self.info: Optional[ModelInfo] = None  # the executor's load handshake
         self.scheduler: Optional[Scheduler] = None
         self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
         self.structured = None  # StructuredOutputs (constrained decoding), set by init_structured_outputs()
 
-    def load(self) -> None:
-        if self.runner.model is None:
-            self.runner.load()
+    def load(self) -> ModelInfo:
+        self.info = info = self.executor.load()
         sc, cc = self.config.scheduler, self.config.cache
         policy = None
         if sc.slo_calibration:
@@ -39,11 +40,23 @@ class EngineCore:
 
             policy = make_policy_for_config(sc, cost_model=CostModel.load(sc.slo_calibration))
         streaming = StreamingSpec.from_tokens(cc.streaming_sink_tokens, cc.streaming_window_tokens, cc.block_size)
-        self.scheduler = Scheduler(sc, self.runner.num_blocks, cc.block_size, self.runner.max_model_len,
+        self.scheduler = Scheduler(sc, info.num_kv_blocks, cc.block_size, info.max_model_len,
                                    cc.enable_prefix_caching, policy=policy,
-                                   num_host_blocks=getattr(self.runner, "num_host_blocks", 0), streaming=streaming)
+                                   num_host_blocks=info.num_host_blocks, streaming=streaming)
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
+        return info
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
+    @property
+    def runner(self):
+        """The in-process ModelRunner (tests, calibration); the engine itself only talks to the executor."""
+        return self.executor.runner
 
     def init_structured_outputs(self, tokenizer, vocab_size: int, stop_token_ids) -> None:
         """Constrained decoding over this tokenizer; `vocab_size` is the width of the model's logits."""
@@ -57,7 +70,13 @@ class EngineCore:
 
     @property
     def max_model_len(self) -> int:
-        return self.runner.max_model_len
+        return self.info.max_model_len
+
+    def streaming_max_prompt_tokens(self) -> Optional[int]:
+        """Longest prompt of a kv_eviction='streaming' request; None where the KV cache cannot re-rotate keys."""
+        if self.config.cache.kv_cache_dtype != "auto" or not self.info.supports_kv_streaming:
+            return None
+        return self.scheduler.streaming.spec.max_prompt_tokens
 
     def add_request(self, req: Request) -> None:
         self.scheduler.add_request(req)
@@ -99,15 +118,17 @@ class EngineCore:
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
                                                                               logprobs=[]))
         try:
-            result = self.runner.execute_model(sched)
+            result = self.executor.execute_model(sched)
+        except ExecutorDeadError:
+            raise  # a lost rank: no later step can run either
         except Exception as exc:  # a failed step fails only the requests in it
             logger.error("step failed: %s\n%s", exc, traceback.format_exc())
             msg = f"internal error while running the model: {type(exc).__name__}: {exc}"
             ids = list(sched.num_scheduled_tokens)
             result = ModelRunnerOutput(req_ids=ids, sampled_token_ids=[[] for _ in ids],
                                        logprobs=[None for _ in ids], errors={i: msg for i in ids})
-            for rid in ids:  # the runner's state for them may be half-updated: drop it
-                self.runner.states.pop(rid, None)
+            # the runner's state for them may be half-updated: the scheduler finishes them with an error, and
+            # the next schedule's finished_req_ids tells every rank to drop it
         return self.scheduler.update_from_output(sched, result)
 
     def stats(self) -> EngineStats:

@@ -39,10 +39,11 @@ class _NoTokenizer:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, core=None):
+        """core: the EngineCore by default; the engine-process client passes its stand-in (core_client.py)."""
         config.validate()
         self.config = config
-        self.core = EngineCore(config)
+        self.core = core if core is not None else EngineCore(config)
         self.tokenizer = None
         self.processor: Optional[Processor] = None
         self.output_processor: Optional[OutputProcessor] = None
@@ -56,25 +57,26 @@ class LLMEngine:
         return engine
 
     def load(self) -> None:
-        self.core.load()
-        runner = self.core.runner
-        src = runner.source
+        info = self.core.load()
+        self._init_frontend(info)
+
+    def _init_frontend(self, info) -> None:
+        """Tokenizer, validation and detokenization from the executor's handshake (tokenmill.executor.ModelInfo);
+        the engine-process client (engine/core_client.py) runs this half in the API process."""
         if self.config.model.skip_tokenizer_init:  # like vLLM: token-id prompts only, outputs without text
             self.tokenizer = None
         elif self.config.model.tokenizer:
             self.tokenizer = load_tokenizer(self.config.model.tokenizer)
         else:
             try:
-                self.tokenizer = load_tokenizer(src.path, getattr(src, "gguf_file", None))
+                self.tokenizer = load_tokenizer(info.model_path, info.gguf_file)
             except ModelLoadError as e:
                 raise ModelLoadError(f"{e.message.splitlines()[0]} (pass tokenizer=<folder>, or "
                                      "skip_tokenizer_init=True to run on token ids)") from None
-        self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
-        runner.eos_token_ids = self.eos_token_ids
-        vocab = int(getattr(runner.model, "vocab_size", None) or runner.hf_config.vocab_size)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, {"eos_token_id": list(info.eos_token_ids)})
         text_tokenizer = self.tokenizer if self.tokenizer is not None else _NoTokenizer()
-        self.processor = Processor(text_tokenizer, runner.max_model_len, vocab,
-                                   streaming_max_prompt=self._streaming_max_prompt())
+        self.processor = Processor(text_tokenizer, info.max_model_len, info.vocab_size,
+                                   streaming_max_prompt=self.core.streaming_max_prompt_tokens())
         self.output_processor = OutputProcessor(text_tokenizer)
         if self.tokenizer is not None:  # constrained decoding needs the vocabulary's strings
             self.core.init_structured_outputs(self.tokenizer, vocab, self.eos_token_ids)
@@ -82,11 +84,8 @@ class LLMEngine:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
 
-    def _streaming_max_prompt(self) -> Optional[int]:
-        """Longest prompt of a kv_eviction='streaming' request; None where the KV cache cannot re-rotate keys."""
-        if self.config.cache.kv_cache_dtype != "auto" or not self.core.runner.supports_kv_streaming():
-            return None
-        return self.core.scheduler.streaming.spec.max_prompt_tokens
+    def shutdown(self) -> None:
+        self.core.shutdown()
 
     @property
     def max_model_len(self) -> int:

@@ -211,6 +211,8 @@ class CausalLM(nn.Module):
                     continue
                 loader = getattr(param, "weight_loader", None)
                 try:
+                    if not isinstance(tensor, Tensor) and not getattr(param, "accepts_slices", False):
+                        tensor = tensor[:]  # a lazy safetensors slice (tensor parallelism), read whole here
                     filled = _plain_copy(param, tensor, shard) if loader is None else loader(param, tensor, shard)
                 except ValueError as e:
                     raise ModelLoadError(f"cannot load tensor {name}: {e}") from None

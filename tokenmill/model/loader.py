@@ -104,7 +104,7 @@ def load_hf_config(source: ModelSource) -> Any:
 
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
-               quantization: str = "auto", gemm_dtype: str = "auto") -> nn.Module:
+               quantization: str = "auto", gemm_dtype: str = "auto", tp: Any = None) -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
@@ -113,6 +113,9 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     CPU kernel) for a float32 model on the CPU when the kernel builds; none dequantizes every tensor at load.
     gemm_dtype: dtype of the dense copy those packed weights use for calls of many rows (auto: bfloat16 where
     the CPU has bf16 matrix instructions, else float32).
+    tp: a tokenmill.distributed.group.TPGroup of more than one rank: the model is sharded before loading
+    (tokenmill/distributed/tensor_parallel.py) and each rank reads only its slices of safetensors files
+    (GGUF tensors are dequantized whole, then sliced).
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
@@ -125,14 +128,22 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     if fmt == "safetensors" and source.kind != "hf":
         raise ModelLoadError(f"load_format safetensors needs a Hugging Face model folder, got {source.gguf_path}")
     device = torch.device(device)
-    with torch.device(device):
+    sharded = tp is not None and tp.world_size > 1
+    # sharded: built on the CPU, where untouched torch.empty memory is never committed, then the layers are
+    # swapped for this rank's slices on `device`
+    with torch.device("cpu" if sharded else device):
         model = cls(hf_config, dtype=dtype)  # parameters are torch.empty: no init cost
+    if sharded:
+        from tokenmill.distributed.tensor_parallel import shard_model
+
+        shard_model(model, tp, device)
+        quantization = "none"
     if fmt == "dummy":
         init_dummy_weights(model, seed=seed)
     elif fmt == "safetensors":
         files = safetensors_files(source.path)
         total = sum(os.path.getsize(f) for f in files)
-        load_weights(model, _iter_safetensors(files), _show(progress, None, total), desc=source.name)
+        load_weights(model, _iter_safetensors(files, lazy=sharded), _show(progress, None, total), desc=source.name)
     else:
         from tokenmill.model.gguf_utils import gguf_tensor_types, iter_gguf_weights
 
@@ -187,14 +198,15 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[str], lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every tensor; lazy: (name, safetensors slice), read when indexed."""
     from safetensors import safe_open
 
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError, OSError on truncated / corrupt files

@@ -220,14 +220,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Build the engine, serve until SIGINT/SIGTERM, then drain: stop accepting, let in-flight requests
     finish for up to shutdown_grace_s, abort the rest (HTTP 503 / an SSE error event), shut the engine
-    down, and return (the process exits 0)."""
-    from tokenmill.engine.async_engine import AsyncEngine
-
+    down, and return 0 (the process exits 0). If the engine dies, in-flight requests get their error, the
+    server stops and 1 is returned."""
     server_config.validate()
-    engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config)
+    engine = await asyncio.to_thread(_engine_class(server_config).from_config, engine_config)
+    engine_died = False
     started = engine.start()
     if asyncio.iscoroutine(started):
         await started
@@ -249,8 +249,13 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
                 for line in startup_lines(server_config.host, _bound_port(server, server_config.port), name,
                                           server_config.api_key):
                     print(line, flush=True)
+            nonlocal engine_died
             while not server.should_exit:
                 await asyncio.sleep(0.1)
+                if not engine.is_alive and not engine_died:  # requests already got their error events
+                    engine_died = True
+                    print("tokenmill: the engine has stopped; shutting the server down", flush=True)
+                    server.should_exit = True
             await app.state.serving.drain(server_config.shutdown_grace_s)
 
         drainer = asyncio.create_task(announce_and_drain())
@@ -265,6 +270,18 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> Non
     finally:
         if engine.is_alive:
             await engine.shutdown(grace_s=0.0)
+    return 1 if engine_died else 0
+
+
+def _engine_class(server_config: ServerConfig) -> Any:
+    """The EngineClient: the engine core in its own process (default) or on a thread of this one."""
+    if server_config.engine_process:
+        from tokenmill.engine.core_client import EngineProcClient
+
+        return EngineProcClient
+    from tokenmill.engine.async_engine import AsyncEngine
+
+    return AsyncEngine
 
 
 class _Server(uvicorn.Server):
@@ -284,5 +301,6 @@ def _bound_port(server: Any, default: int) -> int:
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """`tokenmill serve`: blocks until the server has shut down."""
-    asyncio.run(serve(engine_config, server_config))
+    """`tokenmill serve`: blocks until the server has shut down; exits 1 if the engine died."""
+    if asyncio.run(serve(engine_config, server_config)):
+        raise SystemExit(1)

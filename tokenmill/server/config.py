@@ -36,6 +36,10 @@ class ServerConfig:
     watchdog_s: float = _f(60.0, "/health fails when requests are pending and the engine loop has not "
                                  "completed a step for this long")
     retry_after_s: int = _f(1, "Retry-After header value (seconds) on HTTP 429")
+    engine_process: bool = _f(True, "run the engine core (scheduler + model) in its own process, spoken to over "
+                                    "ZeroMQ; --no-engine-process keeps it on a thread of the server process. "
+                                    "If the engine process dies, in-flight requests end with an error, /health "
+                                    "fails and the server exits with code 1 (a supervisor restarts it)")
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:

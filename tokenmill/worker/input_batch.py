@@ -24,6 +24,7 @@ class RunnerRequestState:
     # kv_eviction="streaming": sinks and text tokens evicted so far (cache position = text index - evicted)
     num_sink_tokens: int = 0
     num_evicted_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # banned (with stop ids) while output < min_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -50,7 +51,8 @@ def update_states(states: dict[str, RunnerRequestState], sched: SchedulerOutput)
     for new in sched.scheduled_new_reqs:
         states[new.req_id] = RunnerRequestState(
             new.req_id, new.prompt_token_ids, list(new.prompt_token_ids) + list(new.output_token_ids),
-            new.sampling_params, list(new.block_ids), new.num_computed_tokens, len(new.prompt_token_ids))
+            new.sampling_params, list(new.block_ids), new.num_computed_tokens, len(new.prompt_token_ids),
+            eos_token_ids=tuple(new.eos_token_ids))
     for cached in sched.scheduled_cached_reqs:
         st = states[cached.req_id]
         st.block_ids.extend(cached.new_block_ids)

@@ -48,9 +48,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp=None):
+        """tp: this rank's tokenmill.distributed.group.TPGroup (None: one rank); on CUDA a rank runs on
+        cuda:tp.local_device."""
         self.config = config
+        self.tp = tp
         self.device = resolve_device(config.model.device)
+        if tp is not None and tp.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", tp.local_device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.model = None
@@ -77,7 +82,7 @@ class ModelRunner:
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
-                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype)
+                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp)
         self.device_setup.attach(self.model)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
@@ -98,6 +103,20 @@ class ModelRunner:
             sc = self.config.spec
             self.proposer = NgramProposer(sc.ngram_min, sc.ngram_max, sc.num_speculative_tokens)
         self.load_time_s = time.perf_counter() - t0
+
+    def model_info(self):
+        """The load handshake (see tokenmill/executor/base.py)."""
+        from tokenmill.engine.tokenizer import eos_token_ids
+        from tokenmill.executor.base import ModelInfo
+
+        vocab = int(getattr(self.model, "vocab_size", None) or self.hf_config.vocab_size)
+        return ModelInfo(max_model_len=self.max_model_len, num_kv_blocks=self.num_blocks,
+                         num_host_blocks=self.num_host_blocks, vocab_size=vocab,
+                         eos_token_ids=eos_token_ids(None, self.hf_config),
+                         supports_kv_streaming=self.supports_kv_streaming(), model_path=self.source.path,
+                         gguf_file=self.source.gguf_file, dtype=str(self.dtype).removeprefix("torch."),
+                         device=str(self.device), load_time_s=self.load_time_s,
+                         world_size=self.tp.world_size if self.tp is not None else 1)
 
     def _resolve_max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -135,6 +154,8 @@ class ModelRunner:
             # never more than every slot at full length needs (+1 for the null block)
             need = self.config.scheduler.max_num_seqs * -(-self.max_model_len // self.block_size) + 1
             num_blocks = min(num_blocks, need)
+        if self.tp is not None and self.tp.world_size > 1:  # every rank must hold the same blocks
+            num_blocks = self.tp.min_int(num_blocks, self.device)
         if num_blocks < 2:
             raise ConfigError(f"the KV cache gets {num_blocks} blocks of {per_block} bytes: too few; "
                               "raise kv_cache_memory / gpu_memory_utilization or num_kv_blocks")
@@ -224,7 +245,7 @@ class ModelRunner:
                 params=[s.params for s in states],
                 prompt_token_ids=[s.prompt_token_ids for s in states],
                 output_token_ids=[s.output_token_ids for s in states],
-                eos_token_ids=[self.eos_token_ids for _ in states],
+                eos_token_ids=[s.eos_token_ids for s in states],
                 generators=[self._generator(s) for s in states])
             idx = torch.tensor(rows, device=logits.device)
             res = self.sampler(logits.index_select(0, idx) if len(rows) != logits.shape[0] else logits, sb)
@@ -242,8 +263,6 @@ class ModelRunner:
                     if drafts:
                         out.draft_token_ids[rid] = drafts
         return out
-
-    eos_token_ids: tuple[int, ...] = ()
 
     def _generator(self, st: RunnerRequestState) -> Optional[torch.Generator]:
         if st.params.seed is None or st.params.greedy:

@@ -1,0 +1,154 @@
+"""The engine core in its own process: scheduler + executor, stepped in a loop, spoken to over ZeroMQ.
+
+The API process (engine/core_client.py) tokenizes, detokenizes and serves HTTP; this process only
+schedules and runs the model, so Python work on the HTTP side never delays a step. Two ZeroMQ PUSH/PULL
+pipes carry pickled tuples of the existing dataclasses:
+
+    in  (API -> engine):  ("add", request_id, [Request, ...])   ("abort", [engine request ids], RequestStatus)
+                          ("shutdown",)
+    out (engine -> API):  ("added", request_id, error or None)  ("out", [EngineCoreOutput, ...], EngineStats)
+                          ("dead", message)
+
+The load handshake (ModelInfo, the streaming prompt limit, first stats) or the load error travels over the
+multiprocessing pipe the process was started with; that pipe's end-of-file also tells this process that
+the API process is gone, and it then exits.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import traceback
+from typing import Any, Optional
+
+from tokenmill.config import EngineConfig
+from tokenmill.errors import TokenmillError
+from tokenmill.request import RequestStatus
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 1000  # idle: block on the input this long, then look at the parent pipe again
+
+
+def encode_error(exc: BaseException) -> tuple:
+    """An exception as plain data: TokenmillError keeps its class, param and code across processes."""
+    if isinstance(exc, TokenmillError):
+        return (type(exc), exc.message, exc.param, exc.code)
+    return (RuntimeError, f"{type(exc).__name__}: {exc}", None, None)
+
+
+def decode_error(data: tuple) -> BaseException:
+    cls, message, param, code = data
+    if issubclass(cls, TokenmillError):
+        exc = cls.__new__(cls)
+        ValueError.__init__(exc, message)
+        exc.message, exc.param, exc.code = message, param, code
+        return exc
+    return cls(message)
+
+
+def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any) -> None:
+    """Entry point of the engine process (multiprocessing spawn target)."""
+    import signal
+    import sys
+
+    # Ctrl-C and SIGTERM are for the server, which drains and then stops this process (a terminal or a
+    # supervisor signals the whole process group); it also exits when the server's end of `conn` closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-core: %(message)s")
+    from tokenmill.engine.engine_core import EngineCore
+
+    try:
+        core = EngineCore(config)
+        core.load()
+    except BaseException as exc:  # noqa: BLE001 - the API process raises it
+        logger.error("engine load failed: %s\n%s", exc, traceback.format_exc())
+        conn.send(("error", encode_error(exc)))
+        return
+    conn.send(("ok", core.info, core.streaming_max_prompt_tokens(), core.stats()))
+    code = 0
+    try:
+        _EngineLoop(core, in_addr, out_addr, conn).run()
+    except BaseException:  # noqa: BLE001 - reported to the API process as "dead"
+        code = 1
+    finally:
+        try:
+            core.shutdown()
+        except Exception:  # noqa: BLE001
+            logger.exception("executor shutdown failed")
+    sys.exit(code)
+
+
+class _EngineLoop:
+    def __init__(self, core: Any, in_addr: str, out_addr: str, conn: Any):
+        import zmq
+
+        self.zmq = zmq
+        self.core, self.conn = core, conn
+        self.ctx = zmq.Context()
+        self.inp = self.ctx.socket(zmq.PULL)
+        self.inp.connect(in_addr)
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs
+        self.out.setsockopt(zmq.LINGER, 2000)
+        self.out.connect(out_addr)
+        self.poller = zmq.Poller()
+        self.poller.register(self.inp, zmq.POLLIN)
+        self.poller.register(conn.fileno(), zmq.POLLIN)
+        self.stopping = False
+
+    def send(self, msg: tuple) -> None:
+        self.out.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+
+    def run(self) -> None:
+        core = self.core
+        try:
+            while not self.stopping:
+                busy = core.has_work()
+                events = dict(self.poller.poll(0 if busy else IDLE_POLL_MS))
+                if self.conn.fileno() in events:  # the API process closed its end (or died)
+                    return
+                if self.inp in events:
+                    self._drain()
+                if core.has_work():
+                    self.send(("out", core.step(), core.stats()))
+        except BaseException as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            logger.error("engine loop died: %s\n%s", exc, traceback.format_exc())
+            self.send(("dead", msg))
+            raise
+        finally:
+            self.ctx.destroy(linger=2000)
+
+    def _drain(self) -> None:
+        """All queued commands, then one "out" with the stats they changed."""
+        zmq, core = self.zmq, self.core
+        changed = False
+        while True:
+            try:
+                msg = pickle.loads(self.inp.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            kind = msg[0]
+            if kind == "add":
+                _, rid, reqs = msg
+                self.send(("added", rid, self._add(reqs)))
+            elif kind == "abort":
+                _, ids, status = msg
+                core.abort_requests(ids, RequestStatus(status))
+            elif kind == "shutdown":
+                self.stopping = True
+            changed = True
+        if changed:
+            self.send(("out", [], core.stats()))
+
+    def _add(self, reqs: list) -> Optional[tuple]:
+        added = []
+        try:
+            for req in reqs:
+                self.core.add_request(req)
+                added.append(req.request_id)
+        except Exception as exc:  # noqa: BLE001 - refused (queue full, too long): the caller gets the error
+            self.core.abort_requests(added)
+            return encode_error(exc)
+        return None
