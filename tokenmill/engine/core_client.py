@@ -37,6 +37,19 @@ logger = logging.getLogger(__name__)
 LOAD_POLL_S = 0.2
 
 
+class _ParseOnlyStructured:
+    """`manager.validate(so)` parses a constraint without compiling it."""
+
+    @property
+    def manager(self) -> "_ParseOnlyStructured":
+        return self
+
+    def validate(self, so: Any) -> None:
+        from tokenmill.structured.grammar import build_grammar
+
+        build_grammar(so)
+
+
 class _RemoteCore:
     """What LLMEngine sees as its `core` in the API process: requests are collected for one "add" message,
     aborts are sent at once."""
@@ -46,9 +59,14 @@ class _RemoteCore:
         self._streaming_max_prompt = streaming_max_prompt
         self._send = send
         self.pending: list[Request] = []
+        self.structured: Any = None
 
     def streaming_max_prompt_tokens(self) -> Optional[int]:
         return self._streaming_max_prompt
+
+    def init_structured_outputs(self, tokenizer: Any, vocab_size: int, stop_token_ids: Any) -> None:
+        """The API process only parses constraints (a bad one is a 400 here); the engine process compiles them."""
+        self.structured = _ParseOnlyStructured()
 
     @property
     def max_model_len(self) -> int:

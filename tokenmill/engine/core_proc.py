@@ -65,6 +65,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any
         logger.error("engine load failed: %s\n%s", exc, traceback.format_exc())
         conn.send(("error", encode_error(exc)))
         return
+    _init_structured_outputs(core, config)
     conn.send(("ok", core.info, core.streaming_max_prompt_tokens(), core.stats()))
     code = 0
     try:
@@ -77,6 +78,23 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any
         except Exception:  # noqa: BLE001
             logger.exception("executor shutdown failed")
     sys.exit(code)
+
+
+def _init_structured_outputs(core: Any, config: EngineConfig) -> None:
+    """Constrained decoding runs beside the scheduler, so this process loads the tokenizer too (for the
+    vocabulary's strings; the API process keeps tokenizing and detokenizing)."""
+    if config.model.skip_tokenizer_init:
+        return
+    from tokenmill.engine.tokenizer import eos_token_ids, load_tokenizer
+
+    info = core.info
+    try:
+        tok = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else \
+            load_tokenizer(info.model_path, info.gguf_file)
+    except Exception as exc:  # noqa: BLE001 - the API process reports tokenizer errors itself
+        logger.warning("no tokenizer in the engine process, structured outputs disabled: %s", exc)
+        return
+    core.init_structured_outputs(tok, info.vocab_size, eos_token_ids(tok, {"eos_token_id": list(info.eos_token_ids)}))
 
 
 class _EngineLoop:

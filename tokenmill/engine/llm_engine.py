@@ -79,7 +79,7 @@ class LLMEngine:
                                    streaming_max_prompt=self.core.streaming_max_prompt_tokens())
         self.output_processor = OutputProcessor(text_tokenizer)
         if self.tokenizer is not None:  # constrained decoding needs the vocabulary's strings
-            self.core.init_structured_outputs(self.tokenizer, vocab, self.eos_token_ids)
+            self.core.init_structured_outputs(self.tokenizer, info.vocab_size, self.eos_token_ids)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
