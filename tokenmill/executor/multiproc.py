@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.errors import TokenmillError
 from tokenmill.executor.base import Executor, ExecutorDeadError, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: 
     try:
         info = worker.load()
     except BaseException as exc:  # noqa: BLE001 - raised by the executor
-        logger.exception("rank %d failed to load", rank)
+        if not isinstance(exc, TokenmillError):  # a user error is one line, raised by the executor
+            logger.exception("rank %d failed to load", rank)
         conn.send(("error", encode_error(exc)))
         return
     conn.send(("ok", info))
