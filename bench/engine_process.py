@@ -31,12 +31,15 @@ def offline(args, n: int) -> dict:
     wl = get_workload(f"fixed:{args.in_len}:{args.out_len}", tokenizer=eng.tokenizer, seed=args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.out_len, ignore_eos=True)
     result = {}
-    for rep in ("warmup", "run"):
+    convs = wl.generate(n, args.seed)
+    # warm-up as `tokenmill bench serve` does it: one short request of the first prompt (so the prefix cache
+    # holds that one prompt, as on the server)
+    for rep, batch, p in (("warmup", convs[:1], SamplingParams(temperature=0, max_tokens=8)), ("run", convs, params)):
         first, last = {}, {}
         t0 = time.perf_counter()
-        for i, c in enumerate(wl.generate(n, args.seed)):
+        for i, c in enumerate(batch):
             ids = eng.processor.apply_chat_template([{"role": "user", "content": c.turns[0].prompt}])
-            eng.add_request(f"{rep}{i}", None, params, prompt_token_ids=ids)
+            eng.add_request(f"{rep}{i}", None, p, prompt_token_ids=ids)
         while eng.has_unfinished_requests():
             outs = eng.step()
             now = time.perf_counter()

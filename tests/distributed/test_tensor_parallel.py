@@ -50,3 +50,23 @@ def test_tp2_greedy_equals_tp1(tmp_path, gguf_tokenizer_path, arch):
     assert got == ref
     assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0, stats
     assert stats["used"] == 0
+
+
+def test_a_dead_rank_stops_the_engine_without_a_hang(tmp_path, gguf_tokenizer_path):
+    import os
+    import signal
+
+    from tokenmill.executor.base import ExecutorDeadError
+
+    path = save_tiny_model("llama", str(tmp_path / "llama"))
+    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", tensor_parallel_size=2)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        assert len(llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        rank1 = llm.engine.core.executor._procs[1]
+        os.kill(rank1.pid, signal.SIGKILL)
+        rank1.join(30)
+        with pytest.raises(ExecutorDeadError, match="rank 1"):
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    finally:
+        llm.shutdown()

@@ -62,7 +62,8 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any
         core = EngineCore(config)
         core.load()
     except BaseException as exc:  # noqa: BLE001 - the API process raises it
-        logger.error("engine load failed: %s\n%s", exc, traceback.format_exc())
+        if not isinstance(exc, TokenmillError):  # a user error is one line, raised by the API process
+            logger.error("engine load failed: %s\n%s", exc, traceback.format_exc())
         conn.send(("error", encode_error(exc)))
         return
     _init_structured_outputs(core, config)

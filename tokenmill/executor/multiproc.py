@@ -16,6 +16,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.errors import TokenmillError
 from tokenmill.executor.base import Executor, ExecutorDeadError, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: 
     try:
         info = worker.load()
     except BaseException as exc:  # noqa: BLE001 - raised by the executor
-        logger.exception("rank %d failed to load", rank)
+        if not isinstance(exc, TokenmillError):  # a user error is one line, raised by the executor
+            logger.exception("rank %d failed to load", rank)
         conn.send(("error", encode_error(exc)))
         return
     conn.send(("ok", info))
@@ -110,17 +112,6 @@ class MultiprocExecutor(Executor):
                                             f"(code {self._procs[r].exitcode})")
         return infos[0]
 
-    def _recv(self, rank: int) -> Any:
-        conn, proc = self._conns[rank], self._procs[rank]
-        ready = wait([conn, proc.sentinel])
-        if conn in ready:
-            try:
-                return pickle.loads(conn.recv_bytes())
-            except EOFError:
-                pass
-        proc.join(1.0)
-        raise ExecutorDeadError(f"tensor-parallel rank {rank} exited (code {proc.exitcode})")
-
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         data = pickle.dumps(("step", sched), protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self._conns):
@@ -128,11 +119,31 @@ class MultiprocExecutor(Executor):
                 conn.send_bytes(data)
             except (BrokenPipeError, OSError):
                 raise ExecutorDeadError(f"tensor-parallel rank {rank} is gone") from None
-        replies = [self._recv(rank) for rank in range(self.world_size)]
+        replies = self._replies()
         for kind, payload in replies:
             if kind == "error":
                 raise RuntimeError(payload)
         return replies[0][1]
+
+    def _replies(self) -> list:
+        """Every rank's answer to a step, in rank order. Waits on all ranks at once: a rank that dies while the
+        others block in a collective raises ExecutorDeadError at once instead of hanging on them."""
+        replies: dict[int, Any] = {}
+        while len(replies) < self.world_size:
+            waiting = [r for r in range(self.world_size) if r not in replies]
+            ready = wait([self._conns[r] for r in waiting] + [p.sentinel for p in self._procs])
+            for r in waiting:
+                if self._conns[r] in ready:
+                    try:
+                        replies[r] = pickle.loads(self._conns[r].recv_bytes())
+                        continue
+                    except EOFError:
+                        pass
+            for r, proc in enumerate(self._procs):
+                if proc.sentinel in ready or not proc.is_alive():
+                    proc.join(1.0)
+                    raise ExecutorDeadError(f"tensor-parallel rank {r} exited (code {proc.exitcode})")
+        return [replies[r] for r in range(self.world_size)]
 
     def shutdown(self, kill: bool = False) -> None:
         for conn in self._conns:
