@@ -165,7 +165,7 @@ class Generation:
             m.e2e.observe((rm.finished_time or now) - rm.arrival_time)
             if rm.first_token_time is not None:
                 m.ttft.observe(rm.first_token_time - rm.arrival_time)
-                n = self.completion_tokens // max(1, len(out.outputs) or 1)
+                n = self.completion_tokens // max(1, len(out.outputs))
                 if n > 1:
                     m.tpot.observe(((rm.finished_time or now) - rm.first_token_time) / (n - 1))
             if rm.first_scheduled_time is not None:
@@ -176,9 +176,7 @@ class Generation:
         m.completion_tokens.inc(self.completion_tokens)
 
     def usage(self) -> P.UsageInfo:
-        p = len(self.prompt_ids)
-        return P.UsageInfo(prompt_tokens=p, completion_tokens=self.completion_tokens,
-                           total_tokens=p + self.completion_tokens)
+        return usage_of([self])
 
     async def close(self) -> None:
         """Release the engine stream; a request that has not finished is aborted (its KV freed)."""
