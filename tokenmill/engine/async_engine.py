@@ -25,49 +25,17 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.errors import EngineDeadError, EngineOverloadedError
-from tokenmill.outputs import CompletionOutput, RequestOutput, merge_delta_outputs
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.engine.output_box import OutputBox, aborted_output
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class _OutputBox:
-    """A request's pending output, on its event loop: at most one item. An output that arrives before the
-    consumer took the previous one replaces it (CUMULATIVE, FINAL_ONLY) or is merged into it (DELTA),
-    so a client that stops reading costs memory linear in its output, never a queue of copies."""
-
-    def __init__(self, kind: RequestOutputKind):
-        self.kind = kind
-        self.item: Optional[RequestOutput] = None
-        self.error: Optional[BaseException] = None
-        self.ready = asyncio.Event()
-
-    def put(self, item) -> None:
-        if isinstance(item, BaseException):
-            self.error = item
-        elif self.item is None:
-            self.item = item
-        elif self.kind == RequestOutputKind.DELTA:
-            self.item = merge_delta_outputs(self.item, item)
-        else:
-            self.item = _merge_cumulative(self.item, item)
-        self.ready.set()
-
-    async def get(self) -> RequestOutput:
-        await self.ready.wait()
-        self.ready.clear()
-        if self.item is not None:  # outputs that made it before an error still reach the consumer
-            item, self.item = self.item, None
-            if self.error is not None:
-                self.ready.set()
-            return item
-        raise self.error  # type: ignore[misc]
 
 
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    box: _OutputBox
+    box: OutputBox
     added: asyncio.Future
 
 
@@ -154,7 +122,7 @@ class AsyncEngine:
             self.start()
         prepared = await asyncio.to_thread(self.engine.prepare, prompt, params, prompt_token_ids)
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, _OutputBox(params.output_kind), loop.create_future())
+        stream = _Stream(loop, OutputBox(params.output_kind), loop.create_future())
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._streams[request_id] = stream
@@ -226,7 +194,7 @@ class AsyncEngine:
             elif kind == "abort":
                 if eng.output_processor.has(rid):
                     eng.abort_request(rid)
-                    self._deliver(rid, _aborted(rid))
+                    self._deliver(rid, aborted_output(rid))
 
     def _run(self) -> None:
         eng = self.engine
@@ -258,22 +226,3 @@ class AsyncEngine:
 def _put_all(items: list) -> None:
     for box, item in items:
         box.put(item)
-
-
-def _merge_cumulative(old: RequestOutput, new: RequestOutput) -> RequestOutput:
-    """`new` (which holds everything so far) with the delta_* fields of `old` in front of its own."""
-    if not new.prompt_token_ids:  # the bare "aborted" marker: keep what the consumer has not seen
-        return new
-    olds = {o.index: o for o in old.outputs}
-    for o in new.outputs:
-        prev = olds.get(o.index)
-        if prev is not None:
-            o.delta_text = prev.delta_text + o.delta_text
-            o.delta_token_ids = list(prev.delta_token_ids) + list(o.delta_token_ids)
-            if prev.delta_logprobs is not None:
-                o.delta_logprobs = list(prev.delta_logprobs) + list(o.delta_logprobs or [])
-    return new
-
-
-def _aborted(request_id: str) -> RequestOutput:
-    return RequestOutput(request_id, None, [], [CompletionOutput(index=0, finish_reason="abort")], finished=True)

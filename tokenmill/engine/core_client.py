@@ -23,9 +23,9 @@ from typing import Any, AsyncIterator, Optional
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import EngineCoreOutput
-from tokenmill.engine.async_engine import _aborted, _OutputBox
 from tokenmill.engine.core_proc import decode_error, run_engine_core
 from tokenmill.engine.llm_engine import LLMEngine
+from tokenmill.engine.output_box import OutputBox, aborted_output
 from tokenmill.engine.protocol import EngineStats
 from tokenmill.errors import EngineDeadError, EngineOverloadedError
 from tokenmill.outputs import RequestOutput
@@ -102,7 +102,7 @@ class EngineProcClient:
         self.tokenizer = self.engine.tokenizer
         self.processor = self.engine.processor
         self._stats: EngineStats = stats
-        self._streams: dict[str, _OutputBox] = {}
+        self._streams: dict[str, OutputBox] = {}
         self._adds: dict[str, asyncio.Future] = {}
         self._reader: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -195,7 +195,7 @@ class EngineProcClient:
             raise ValueError(f"duplicate request id {request_id!r}")
         if self._dead is not None:
             raise EngineDeadError(f"the engine has stopped: {self._dead}")
-        box = _OutputBox(params.output_kind)
+        box = OutputBox(params.output_kind)
         added = asyncio.get_running_loop().create_future()
         self._streams[request_id] = box
         self._adds[request_id] = added
@@ -221,7 +221,7 @@ class EngineProcClient:
             self._abort_quietly(request_id)
             box = self._streams.get(request_id)
             if box is not None:
-                box.put(_aborted(request_id))
+                box.put(aborted_output(request_id))
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop accepting; let in-flight requests finish for up to grace_s, abort the rest, stop the process."""
