@@ -6,37 +6,17 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from live import LiveServers
+from serve_proc import stream_completion, serve_process
 from tokenmill.config import EngineConfig
 from tokenmill.server.config import ServerConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 LONG = {"prompt": "A long story:", "max_tokens": 400, "stream": True, "ignore_eos": True}
-
-
-def _stream(url: str, body: dict, out: dict, started: threading.Event) -> None:
-    events = []
-    try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    started.set()
-    except httpx.HTTPError as e:
-        out["exc"] = type(e).__name__
-    out["events"] = events
-    started.set()
 
 
 def _assert_error_event(out: dict) -> None:
@@ -57,7 +37,7 @@ def test_killed_engine_process_ends_streams_and_fails_health():
         url = servers.add_app(ServerConfig(request_timeout_s=120.0))
         assert httpx.get(url + "/health").status_code == 200
         out, started = {}, threading.Event()
-        t = threading.Thread(target=_stream, args=(url, LONG, out, started))
+        t = threading.Thread(target=stream_completion, args=(url, LONG, out, started))
         t.start()
         assert started.wait(60)
         os.kill(servers.engine._proc.pid, signal.SIGKILL)
@@ -72,12 +52,6 @@ def test_killed_engine_process_ends_streams_and_fails_health():
         servers.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -88,25 +62,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_serve_exits_nonzero_when_the_engine_process_dies():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port),
-                             "--max-model-len", "512", "--max-num-seqs", "4"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        for _ in range(1200):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(0.1)
+    with serve_process("--max-model-len", "512", "--max-num-seqs", "4") as (proc, url):
         # the engine process is the multiprocessing spawn child (the other child is its resource tracker)
         (engine_pid,) = [c for c in _children(proc.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
         out, started = {}, threading.Event()
-        t = threading.Thread(target=_stream, args=(url, LONG, out, started))
+        t = threading.Thread(target=stream_completion, args=(url, LONG, out, started))
         t.start()
         assert started.wait(60)
         os.kill(engine_pid, signal.SIGKILL)
@@ -114,7 +74,3 @@ def test_serve_exits_nonzero_when_the_engine_process_dies():
         assert not t.is_alive(), "the stream hung after the engine died"
         _assert_error_event(out)
         assert proc.wait(60) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
