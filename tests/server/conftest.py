@@ -38,19 +38,23 @@ def _real_config():
     return EngineConfig.from_kwargs(max_model_len=512, max_num_seqs=16, max_waiting_requests=32)
 
 
-@pytest.fixture(scope="session")
-def real() -> Iterator[LiveServers]:
-    """The default model served as `tokenmill serve` does: the engine core in its own process (EngineProcClient)."""
-    from tokenmill.engine.core_client import EngineProcClient
-
-    async def make() -> EngineProcClient:
-        engine = await asyncio.to_thread(EngineProcClient.from_config, _real_config())
+def _live_engine(engine_cls) -> Iterator[LiveServers]:
+    async def make():
+        engine = await asyncio.to_thread(engine_cls.from_config, _real_config())
         engine.start()
         return engine
 
     servers = LiveServers(make)
     yield servers
     servers.close()
+
+
+@pytest.fixture(scope="session")
+def real() -> Iterator[LiveServers]:
+    """The default model served as `tokenmill serve` does: the engine core in its own process (EngineProcClient)."""
+    from tokenmill.engine.core_client import EngineProcClient
+
+    yield from _live_engine(EngineProcClient)
 
 
 @pytest.fixture(scope="session")
@@ -63,14 +67,7 @@ def real_inproc() -> Iterator[LiveServers]:
     """The engine on a thread of this process (--no-engine-process): for tests that reach into the runner."""
     from tokenmill.engine.async_engine import AsyncEngine
 
-    async def make() -> AsyncEngine:
-        engine = await asyncio.to_thread(AsyncEngine.from_config, _real_config())
-        engine.start()
-        return engine
-
-    servers = LiveServers(make)
-    yield servers
-    servers.close()
+    yield from _live_engine(AsyncEngine)
 
 
 @pytest.fixture(scope="session")
