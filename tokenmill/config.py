@@ -177,6 +177,9 @@ class ParallelConfig:
                                                    "worker process per rank on this machine), ray (one Ray actor "
                                                    "per rank, on an existing Ray cluster)",
                                            choices=["auto", "uni", "mp", "ray"])
+    enable_expert_parallel: bool = _f(False, "MoE models under tensor parallelism: each rank holds num_experts / N "
+                                             "whole experts and runs the tokens routed to them (expert "
+                                             "parallelism), instead of a 1/N slice of every expert")
     ray_address: Optional[str] = _f(None, "backend ray: the cluster to join, e.g. 10.0.0.1:6379 (default: "
                                           "what ray.init() finds, else a local Ray started for the engine)")
 

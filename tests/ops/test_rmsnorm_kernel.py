@@ -27,3 +27,11 @@ def test_unsupported_inputs_fall_back():
     assert add_rmsnorm(torch.randn(2, 8, dtype=torch.float64), None, w, 1e-6) is None
     assert add_rmsnorm(torch.randn(8, 2).T, None, w, 1e-6) is None  # not contiguous
     assert add_rmsnorm(torch.randn(2, 8), torch.randn(2, 8).half(), w, 1e-6) is None
+
+
+def test_a_weight_of_the_wrong_width_is_an_error_not_a_silent_read():
+    """The C kernel reads d weights; a weight of another width (a tensor-parallel slice norm wired wrong) must
+    fail like PyTorch's broadcast does, never read past or short of the weight."""
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight"):
+        add_rmsnorm(x, None, torch.ones(16), 1e-6)

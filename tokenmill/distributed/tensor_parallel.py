@@ -16,19 +16,29 @@ import torch
 from tokenmill.distributed.group import TPGroup, kv_head_range, shard_range, split_size
 from tokenmill.errors import ConfigError
 from tokenmill.model.layers.linear import MergedLinear, QKVLinear
-from tokenmill.model.layers.parallel import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
-                                             VocabParallelEmbedding)
+from tokenmill.model.layers.parallel import (ColumnParallelLinear, ParallelLMHead, ParallelRMSNorm,
+                                             RowParallelLinear, VocabParallelEmbedding)
 
 
-def shard_model(model: Any, tp: TPGroup, device: torch.device) -> Any:
-    """Replace the layers of `model` (built, weights not loaded yet) by this rank's tensor-parallel slices."""
+def shard_model(model: Any, tp: TPGroup, device: torch.device, expert_parallel: bool = False) -> Any:
+    """Replace the layers of `model` (built, weights not loaded yet) by this rank's tensor-parallel slices.
+    MoE layers: tokenmill/distributed/expert_parallel.py (experts split by intermediate rows, or whole experts
+    per rank with `expert_parallel`)."""
+    from tokenmill.distributed.expert_parallel import is_moe, shard_moe_block
+
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(model, "lm_head"):
         raise ConfigError(f"tensor parallelism does not support {type(model).__name__}")
     dtype = model.lm_head.weight.dtype
     for layer in layers:
         _shard_attention(layer.self_attn, tp, dtype, device)
-        _shard_mlp(layer.mlp, tp, dtype, device)
+        if is_moe(layer.mlp):
+            try:
+                shard_moe_block(layer.mlp, tp, expert_parallel, dtype, device)
+            except ValueError as e:
+                raise ConfigError(f"tensor parallelism: {e}") from None
+        else:
+            _shard_mlp(layer.mlp, tp, dtype, device)
     inner = model.model
     emb = inner.embed_tokens
     inner.embed_tokens = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, tp, dtype, device)
@@ -52,6 +62,11 @@ def _shard_attention(attn: Any, tp: TPGroup, dtype: torch.dtype, device: torch.d
         ["q", "k", "v"], qkv.bias is not None, dtype, device)
     o = attn.o_proj
     attn.o_proj = RowParallelLinear(o.in_features, o.out_features, o.bias is not None, tp, dtype, device)
+    if getattr(attn, "qk_norm", None) == "full":  # one norm over the whole q / k projection: reduce its sum
+        for name, full, start, size in (("q_norm", h * d, tp.rank * hl * d, hl * d),
+                                        ("k_norm", hkv * d, kv0 * d, hkvl * d)):
+            eps = getattr(attn, name).eps
+            setattr(attn, name, ParallelRMSNorm(full, start, size, eps, tp, dtype, device))
     attn.num_heads, attn.num_kv_heads = hl, hkvl
     attn.q_size, attn.kv_size = hl * d, hkvl * d
     attn.attn.num_heads, attn.attn.num_kv_heads = hl, hkvl

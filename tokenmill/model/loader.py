@@ -104,7 +104,8 @@ def load_hf_config(source: ModelSource) -> Any:
 
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
-               quantization: str = "auto", gemm_dtype: str = "auto", tp: Any = None) -> nn.Module:
+               quantization: str = "auto", gemm_dtype: str = "auto", tp: Any = None,
+               expert_parallel: bool = False) -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
@@ -116,6 +117,8 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     tp: a tokenmill.distributed.group.TPGroup of more than one rank: the model is sharded before loading
     (tokenmill/distributed/tensor_parallel.py) and each rank reads only its slices of safetensors files
     (GGUF tensors are dequantized whole, then sliced).
+    expert_parallel: MoE layers under tp keep whole experts per rank (tokenmill/distributed/expert_parallel.py);
+    a ConfigError for a dense model.
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
@@ -133,10 +136,18 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     # swapped for this rank's slices on `device`
     with torch.device("cpu" if sharded else device):
         model = cls(hf_config, dtype=dtype)  # parameters are torch.empty: no init cost
+    if expert_parallel:
+        from tokenmill.model.layers.moe import moe_blocks
+
+        if not moe_blocks(model):
+            from tokenmill.errors import ConfigError
+
+            raise ConfigError(f"enable_expert_parallel needs a mixture-of-experts model; {source.name} is dense",
+                              param="enable_expert_parallel")
     if sharded:
         from tokenmill.distributed.tensor_parallel import shard_model
 
-        shard_model(model, tp, device)
+        shard_model(model, tp, device, expert_parallel=expert_parallel)
         quantization = "none"
     if fmt == "dummy":
         init_dummy_weights(model, seed=seed)

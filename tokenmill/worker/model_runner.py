@@ -82,7 +82,8 @@ class ModelRunner:
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
-                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp)
+                                quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp,
+                                expert_parallel=self.config.parallel.enable_expert_parallel)
         self.device_setup.attach(self.model)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()

@@ -77,14 +77,18 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_r W_r^T) + b: this rank holds input columns [rank * n, (rank + 1) * n)."""
+    """y = all_reduce(x_r W_r^T) + b: this rank holds input columns [rank * n, (rank + 1) * n). With
+    reduce=False the output stays this rank's partial sum, for a caller that reduces it together with others
+    (a MoE block's shared expert); no bias then, since it would be summed N times."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, reduce: bool = True):
         super().__init__()
         from tokenmill.distributed.group import shard_range
 
-        self.tp = tp
+        if bias and not reduce:
+            raise ValueError("an unreduced row-parallel linear cannot hold a bias")
+        self.tp, self.reduce = tp, reduce
         self.in_start, self.in_local = shard_range(in_features, tp.rank, tp.world_size, "a row-parallel input")
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, self.in_local), dtype, device, self.weight_loader)
@@ -102,7 +106,9 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(whole(loaded))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # [T, in / tp] -> [T, out], summed over ranks
+        y = F.linear(x, self.weight)  # [T, in / tp] -> [T, out], this rank's partial sum
+        if self.reduce:
+            y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -152,3 +158,29 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         logits = F.linear(hidden, self.weight)  # [N, D] -> [N, V / tp (padded)]
         return self.tp.all_gather_last(logits)[:, :self.vocab_size]  # [N, V]
+
+
+class ParallelRMSNorm(nn.Module):
+    """RMSNorm over a whole projection split across ranks (OLMoE's q / k norm): this rank holds features
+    [start, start + size) of `full_size` and its weight slice; the mean of squares is all-reduced. Features held
+    by several ranks (a replicated KV head) are counted once: the sum over ranks is divided by how many copies
+    of the projection the ranks hold together (world_size * size / full_size)."""
+
+    def __init__(self, full_size: int, start: int, size: int, eps: float, tp: TPGroup, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.full_size, self.start, self.size, self.eps, self.tp = full_size, start, size, eps, tp
+        self.weight = _param((size,), dtype, device, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: ShardId = None) -> None:
+        if shard_id is not None or _shape(loaded) != (self.full_size,):
+            raise ValueError(f"shape mismatch: expected {(self.full_size,)}, checkpoint {_shape(loaded)}")
+        param.data.copy_(whole(loaded)[self.start:self.start + self.size])
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if residual is not None:
+            x = x + residual
+        xf = x.float()
+        sum_sq = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True))  # [T, 1]
+        mean_sq = sum_sq / (self.tp.world_size * self.size)  # every copy of the projection counted once
+        return self.weight * (xf * torch.rsqrt(mean_sq + self.eps)).to(x.dtype), x

@@ -32,6 +32,8 @@ def add_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch
                                  or not residual.is_contiguous()):
         return None
     m, d = x.shape
+    if weight.numel() != d:
+        raise ValueError(f"RMSNorm weight has {weight.numel()} values for rows of {d}")
     out = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else x
     lib.add_rmsnorm_f32(x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(),
