@@ -192,9 +192,15 @@ class DeviceSetup:
         return int(dev.peak_activation_bytes * frac) + GRAPH_POOL_MARGIN_BYTES
 
     @property
+    def _expert_parallel(self) -> bool:
+        pc = self.config.parallel
+        return pc.enable_expert_parallel and pc.tensor_parallel_size > 1
+
+    @property
     def graphs_wanted(self) -> bool:
-        """CUDA graphs will be captured: CUDA, not enforce_eager, and a graph-safe (triton) backend."""
-        if self.config.model.enforce_eager or self.device.type != "cuda":
+        """CUDA graphs will be captured: CUDA, not enforce_eager, no expert parallelism over several ranks (its
+        pair compaction syncs with the host), and a graph-safe (triton) backend."""
+        if self.config.model.enforce_eager or self.device.type != "cuda" or self._expert_parallel:
             return False
         name = self.config.model.attention_backend
         return name == "triton" or (name == "auto" and triton_importable())
@@ -219,9 +225,11 @@ class DeviceSetup:
                                       max_blocks_per_seq=-(-max_model_len // block_size),
                                       max_model_len=max_model_len, block_size=block_size, device=self.device,
                                       enforce_eager=self.config.model.enforce_eager)
-        if not self.graphs.enabled or self.backend_name != "triton":
+        if not self.graphs.enabled or self.backend_name != "triton" or self._expert_parallel:
             if self.graphs.enabled:
-                logger.info("CUDA graphs off: the %s attention backend cannot be captured", self.backend_name)
+                why = ("expert parallelism compacts routed pairs with a host sync" if self._expert_parallel
+                       else f"the {self.backend_name} attention backend cannot be captured")
+                logger.info("CUDA graphs off: %s", why)
             return 0
         n = self.graphs.capture()
         self._replay = n > 0
