@@ -57,8 +57,9 @@ class KVCacheManager:
     # ---- prefix cache --------------------------------------------------------------------------
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of the request's tokens, in whole blocks. The last token is never
-        taken from the cache (its logits must be computed). Does not take references."""
-        if not self.enable_caching:
+        taken from the cache (its logits must be computed). A request that wants prompt logprobs takes
+        nothing from the cache: every prompt token's logits must be computed. Does not take references."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         # at most (num_tokens - 1) tokens may come from the cache
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -76,6 +77,8 @@ class KVCacheManager:
     def get_offloaded_hit_tokens(self, request: Request, num_device_hit_blocks: int) -> int:
         """Tokens after the device hits the host tier restores by copy (0 without it). Pass them to
         allocate_slots as num_offloaded_tokens."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return 0  # every prompt token is computed (see get_computed_blocks)
         if self.offload is None or (self.streaming is not None and is_streaming(request)):
             return 0  # a streaming request shares only its sink blocks (device prefix cache)
         return self.offload.num_hit_tokens(request, num_device_hit_blocks)

@@ -27,12 +27,13 @@ from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
 from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.responses import ResponsesRequest, ResponsesServing
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
 
 logger = logging.getLogger("tokenmill.server")
 
 _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/version",
-           "/metrics", "/")
+           "/metrics", "/", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                  413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
@@ -153,6 +154,21 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     @app.post("/v1/completions", responses=errors, response_model=P.CompletionResponse | P.CompletionChunk)
     async def completions(request: P.CompletionRequest, raw_request: Request) -> Response:
         return await serving.completion(request, raw_request)
+
+    responses = ResponsesServing(serving, int(config.responses_store_mib * (1 << 20)))
+    app.state.responses = responses
+
+    @app.post("/v1/responses", responses=errors)
+    async def create_response(request: ResponsesRequest, raw_request: Request) -> Response:
+        return await responses.create(request, raw_request)
+
+    @app.get("/v1/responses/{response_id}", responses=errors)
+    async def get_response(response_id: str) -> JSONResponse:
+        return JSONResponse(responses.get(response_id))
+
+    @app.delete("/v1/responses/{response_id}", responses=errors)
+    async def delete_response(response_id: str) -> JSONResponse:
+        return JSONResponse(responses.delete(response_id))
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: {"model": P.ErrorResponse}})
     async def models() -> P.ModelList:

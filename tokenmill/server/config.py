@@ -40,6 +40,8 @@ class ServerConfig:
                                     "ZeroMQ; --no-engine-process keeps it on a thread of the server process. "
                                     "If the engine process dies, in-flight requests end with an error, /health "
                                     "fails and the server exits with code 1 (a supervisor restarts it)")
+    responses_store_mib: float = _f(64.0, "memory for finished /v1/responses kept for previous_response_id and "
+                                          "GET (an LRU; 0 keeps none)")
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:
@@ -59,6 +61,8 @@ class ServerConfig:
             raise ConfigError(f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"watchdog_s must be positive, got {self.watchdog_s}")
+        if self.responses_store_mib < 0:
+            raise ConfigError(f"responses_store_mib must be >= 0, got {self.responses_store_mib}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty")
 

@@ -220,14 +220,18 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM extra
 
     def to_sampling_params(self) -> SamplingParams:
         """max_completion_tokens wins over the deprecated max_tokens; None = up to the context limit."""
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.continue_final_message and (not self.messages or self.messages[-1].role != "assistant"):
+            raise InvalidRequestError("continue_final_message needs an assistant message last",
+                                      param="continue_final_message")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._params(max_tokens, logprobs)
+        return self._params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 class ChatLogprobTop(OpenAIModel):
@@ -266,6 +270,7 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+    prompt_logprobs: Optional[list[Optional[dict[str, Any]]]] = None  # vLLM's shape: token id -> logprob
 
 
 class DeltaMessage(OpenAIModel):

@@ -196,6 +196,24 @@ class OpenAIServing:
                                               top_logprobs=top))
         return P.ChatLogprobs(content=content)
 
+    def vllm_prompt_logprobs(self, lps: Optional[list[Optional[Logprob]]], token_ids: list[int],
+                             top_n: int) -> list[Optional[dict[str, Any]]]:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token and the top_n most likely ones."""
+        lps = list(lps or [])
+        out: list[Optional[dict[str, Any]]] = []
+        for i, tid in enumerate(token_ids):
+            lp = lps[i] if i < len(lps) else None
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self._token_str(t)}
+                     for r, (t, v) in enumerate(lp.top[:top_n])}
+            entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": lp.rank,
+                                                "decoded_token": self._token_str(lp.token_id)})
+            out.append(entry)
+        return out
+
     def _completion_logprobs(self, lps: list[Optional[Logprob]], token_ids: list[int], top_n: int,
                              offset: int) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
@@ -217,22 +235,22 @@ class OpenAIServing:
 
     # -------------------------------------------------------------------------------------------- chat
 
-    async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
-        arrival = time.monotonic()
-        self.check_model(req.model)
-        self.check_fields(req)
-        check_text(req)
-        params = req.to_sampling_params()
-        source = req.constraint()[1]
-        messages = [m.to_template_dict() for m in req.messages]
+    async def prepare_chat(self, messages: list[dict[str, Any]], params: SamplingParams, source: Optional[str],
+                           tools_in: Optional[list[dict[str, Any]]] = None, tool_choice: Any = None,
+                           parallel_tool_calls: Optional[bool] = None, add_generation_prompt: bool = True,
+                           continue_final_message: bool = False,
+                           chat_template_kwargs: Optional[dict[str, Any]] = None,
+                           param_prefix: str = "messages") -> tuple[list[int], SamplingParams, ChatTools]:
+        """The chat path every chat-shaped API shares (chat completions, Responses, Anthropic Messages):
+        OpenAI-shaped template messages and tools in; the prompt's token ids, the validated params (with the
+        tool constraint when a call is required) and the request's ChatTools out."""
         for i, m in enumerate(messages):
             if m.get("content") is None and not (m.get("role") == "assistant" and m.get("tool_calls")):
-                raise InvalidRequestError(f"messages[{i}].content: a {m.get('role')} message needs a content "
-                                          "(null is allowed only for an assistant message with tool_calls)",
-                                          param=f"messages[{i}].content")
-        tools_in = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+                raise InvalidRequestError(f"{param_prefix}[{i}].content: a {m.get('role')} message needs a "
+                                          "content (null is allowed only for an assistant message with "
+                                          "tool_calls)", param=f"{param_prefix}[{i}].content")
         template = getattr(self.engine.tokenizer, "chat_template", None)
-        tools = prepare_tools(messages, tools_in, req.tool_choice, req.parallel_tool_calls,
+        tools = prepare_tools(messages, tools_in, tool_choice, parallel_tool_calls,
                               template if isinstance(template, str) else None, None, self.tool_call_parser)
         if tools.constraint is not None:
             if params.structured_outputs is not None:
@@ -241,8 +259,10 @@ class OpenAIServing:
             params, source = params.clone(structured_outputs=tools.constraint), "tools"
         if tools.active and tools.parser_name == "mistral":
             params = params.clone(skip_special_tokens=False)  # [TOOL_CALLS] is a special token
-        add_gen = req.add_generation_prompt and not req.continue_final_message
-        kwargs = dict(req.chat_template_kwargs or {})
+        add_gen = add_generation_prompt and not continue_final_message
+        kwargs = dict(chat_template_kwargs or {})
+        if continue_final_message:  # the template leaves the last (assistant) turn open
+            kwargs["continue_final_message"] = True
 
         def render() -> tuple[list[int], SamplingParams]:  # tokenizer work stays off the event loop
             try:
@@ -251,16 +271,31 @@ class OpenAIServing:
             except TokenmillError:
                 raise
             except Exception as e:  # errors the model's template raises on odd input
-                raise InvalidRequestError(f"cannot apply the chat template: {e}", param="messages") from e
+                raise InvalidRequestError(f"cannot apply the chat template: {e}", param=param_prefix) from e
             return ids, self._prepare(ids, params, source)
 
         prompt_ids, params = await asyncio.to_thread(render)
+        return prompt_ids, params, tools
+
+    async def chat(self, req: P.ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        self.check_fields(req)
+        check_text(req)
+        params = req.to_sampling_params()
+        source = req.constraint()[1]
+        messages = [m.to_template_dict() for m in req.messages]
+        tools_in = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        prompt_ids, params, tools = await self.prepare_chat(
+            messages, params, source, tools_in, req.tool_choice, req.parallel_tool_calls, req.add_generation_prompt,
+            req.continue_final_message, req.chat_template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = Generation(self, rid, prompt_ids, params, self._deadline(), bool(req.stream), arrival)
         await gen.start()
         top_n = req.top_logprobs or 0
         if req.stream:
-            return self._sse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage, tools), [gen])
+            return self._sse(self._chat_stream(gen, rid, params.n, top_n, req.include_usage, tools,
+                                               req.prompt_logprobs), [gen])
         finals = await self._collect([gen], raw)
         if finals is None:
             return Response(status_code=499)
@@ -276,18 +311,29 @@ class OpenAIServing:
             choices.append(P.ChatChoice(index=o.index, message=message,
                                         logprobs=self._chat_logprobs(o.logprobs, top_n) if req.logprobs else None,
                                         finish_reason=reason, stop_reason=o.stop_reason))
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage())
+        plps = (self.vllm_prompt_logprobs(final.prompt_logprobs, final.prompt_token_ids, req.prompt_logprobs)
+                if req.prompt_logprobs is not None else None)
+        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage(),
+                                        prompt_logprobs=plps)
         return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _chat_stream(self, gen: Generation, rid: str, n: int, top_n: int,
-                           include_usage: bool, tools: Optional[ChatTools] = None) -> AsyncIterator[str]:
+                           include_usage: bool, tools: Optional[ChatTools] = None,
+                           prompt_logprobs: Optional[int] = None) -> AsyncIterator[str]:
         created = int(time.time())
+        plps = None
+        if prompt_logprobs is not None:  # Generation.start prefetched them all: they go in the first chunk
+            plps = self.vllm_prompt_logprobs(gen.pending.prompt_logprobs if gen.pending else None,
+                                             gen.prompt_ids, prompt_logprobs)
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
+            nonlocal plps
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                     "model": self.model_name, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
+            if plps is not None:
+                body["prompt_logprobs"], plps = plps, None
             return sse(body)
 
         parsers = {i: ToolStream(tools) for i in range(n)} if tools is not None and tools.active else {}
