@@ -26,6 +26,7 @@ from tokenmill.errors import EngineDeadError, TokenmillError
 from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
+from tokenmill.server.messages import MessagesServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.responses import ResponsesRequest, ResponsesServing
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
@@ -169,6 +170,17 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     @app.delete("/v1/responses/{response_id}", responses=errors)
     async def delete_response(response_id: str) -> JSONResponse:
         return JSONResponse(responses.delete(response_id))
+
+    messages = MessagesServing(serving)
+
+    @app.post("/v1/messages", responses=errors)
+    async def anthropic_messages(raw_request: Request) -> Response:
+        """Anthropic's Messages API (errors in Anthropic's shape)."""
+        return await messages.create(raw_request)
+
+    @app.post("/v1/messages/count_tokens", responses=errors)
+    async def anthropic_count_tokens(raw_request: Request) -> Response:
+        return await messages.count_tokens(raw_request)
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: {"model": P.ErrorResponse}})
     async def models() -> P.ModelList:

@@ -77,17 +77,19 @@ class FinalOutput:
     reason: Optional[str]
     stop_reason: Optional[Union[int, str]]
     num_cached_tokens: int
+    raw: str = ""  # the whole generated text, calls included
 
 
 def final_output(out: Any, tools: ChatTools) -> FinalOutput:
     """A finished one-sample chat generation's text and tool calls."""
     o = out.outputs[0]
     if not tools.active:
-        return FinalOutput(o.text, [], o.finish_reason, o.stop_reason, int(getattr(out, "num_cached_tokens", 0) or 0))
+        return FinalOutput(o.text, [], o.finish_reason, o.stop_reason, int(getattr(out, "num_cached_tokens", 0) or 0),
+                           o.text)
     parsed = tools.parser().parse(o.text)
     calls = list(parsed.tool_calls)
     return FinalOutput(parsed.content or "", calls, finish_reason(o.finish_reason, len(calls)), o.stop_reason,
-                       int(getattr(out, "num_cached_tokens", 0) or 0))
+                       int(getattr(out, "num_cached_tokens", 0) or 0), o.text)
 
 
 class ConversationStore:

@@ -77,7 +77,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: tup
 
 
 class GuardMiddleware:
-    """Bearer auth on /v1, request-body size limit (413) and read timeout (408), and response counting,
+    """Bearer (or x-api-key) auth on /v1, request-body size limit (413) and read timeout (408), and response counting,
     before any routing."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig, metrics: ServerMetrics, routes: tuple[str, ...]):
@@ -112,10 +112,14 @@ class GuardMiddleware:
         if self.key is not None and (path == "/v1" or path.startswith("/v1/")):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                await _send_json(send, 401, error_body("invalid or missing API key (use Authorization: Bearer "
-                                                       "<key>)", "authentication_error", None, "invalid_api_key"),
-                                 ((b"www-authenticate", b"Bearer"),))
+            bearer_ok = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+            x_key = headers.get(b"x-api-key")  # Anthropic's clients send the key this way
+            if not bearer_ok and not (x_key is not None and hmac.compare_digest(x_key.strip(), self.key)):
+                message = "invalid or missing API key (use Authorization: Bearer <key>, or x-api-key: <key>)"
+                body = error_body(message, "authentication_error", None, "invalid_api_key")
+                if path == "/v1/messages" or path.startswith("/v1/messages/"):
+                    body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
+                await _send_json(send, 401, body, ((b"www-authenticate", b"Bearer"),))
                 return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)

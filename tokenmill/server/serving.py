@@ -240,10 +240,12 @@ class OpenAIServing:
                            parallel_tool_calls: Optional[bool] = None, add_generation_prompt: bool = True,
                            continue_final_message: bool = False,
                            chat_template_kwargs: Optional[dict[str, Any]] = None,
-                           param_prefix: str = "messages") -> tuple[list[int], SamplingParams, ChatTools]:
+                           param_prefix: str = "messages",
+                           count_only: bool = False) -> tuple[list[int], SamplingParams, ChatTools]:
         """The chat path every chat-shaped API shares (chat completions, Responses, Anthropic Messages):
         OpenAI-shaped template messages and tools in; the prompt's token ids, the validated params (with the
-        tool constraint when a call is required) and the request's ChatTools out."""
+        tool constraint when a call is required) and the request's ChatTools out. count_only: render the
+        prompt without validating it for generation (token counting)."""
         for i, m in enumerate(messages):
             if m.get("content") is None and not (m.get("role") == "assistant" and m.get("tool_calls")):
                 raise InvalidRequestError(f"{param_prefix}[{i}].content: a {m.get('role')} message needs a "
@@ -272,7 +274,7 @@ class OpenAIServing:
                 raise
             except Exception as e:  # errors the model's template raises on odd input
                 raise InvalidRequestError(f"cannot apply the chat template: {e}", param=param_prefix) from e
-            return ids, self._prepare(ids, params, source)
+            return ids, (params if count_only else self._prepare(ids, params, source))
 
         prompt_ids, params = await asyncio.to_thread(render)
         return prompt_ids, params, tools
