@@ -112,10 +112,10 @@ def test_zero_capacity_runs_everything_on_host():
 def test_prefetch_takes_free_then_lower_score_slots_only():
     p = ExpertCachePolicy(num_layers=2, num_experts=8, capacity=3, cost=never_host(), prefetch_limit=2)
     p.plan_layer(0, counts({0: 3}))  # fetch (0, 0) into a slot
-    got = p.plan_prefetch(1, [4, 5, 6], protect_layer=0)
+    got = p.plan_prefetch(1, [(4, 1), (5, 1), (6, 1)], protect_layer=0)
     assert got == [(4, 1), (5, 2)] and p.stats.prefetches == 2  # the limit stops at two
     # (0, 0) is protected while layer 0 computes; 4 and 5 are predicted again: nothing to evict
-    assert p.plan_prefetch(1, [4, 5, 7], protect_layer=0) == []
+    assert p.plan_prefetch(1, [(4, 1), (5, 1), (7, 1)], protect_layer=0) == []
     plan = p.plan_layer(1, counts({4: 1}))
     assert plan.device == {4: 1} and p.stats.prefetch_hits == 1
 
@@ -152,7 +152,8 @@ def test_prefetch_with_perfect_prediction_turns_misses_into_hits():
             pre.plan_layer(layer, c)
             if layer + 1 < layers:
                 nxt = step[layer + 1]
-                pre.plan_prefetch(layer + 1, [e for e in range(num_experts) if nxt[e]], protect_layer=layer)
+                pre.plan_prefetch(layer + 1, [(e, nxt[e]) for e in range(num_experts) if nxt[e]],
+                                  protect_layer=layer)
     assert pre.stats.prefetch_hits > 0
     assert pre.stats.hit_rate > base.stats.hit_rate + 0.1, (pre.stats, base.stats)
 

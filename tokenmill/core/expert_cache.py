@@ -214,20 +214,22 @@ class ExpertCachePolicy:
                 st.admissions += 1
         return plan
 
-    def plan_prefetch(self, layer: int, predicted: list[int], protect_layer: Optional[int] = None) -> list[tuple[int, int]]:
-        """predicted: experts of `layer` the next gate expects, most likely first. Returns (expert, slot) to copy in
-        now. A predicted expert takes a free slot, or evicts one of lower score than its own (+1, the count it
-        would get); experts of `protect_layer` (the layer computing now) are never evicted."""
+    def plan_prefetch(self, layer: int, predicted: list[tuple[int, int]],
+                      protect_layer: Optional[int] = None) -> list[tuple[int, int]]:
+        """predicted: (expert, tokens) of `layer` the next gate expects, most likely first. Returns (expert, slot)
+        to copy in now. A predicted expert takes a free slot, or evicts one whose score is below the score the
+        prediction would give it (decayed score + predicted tokens); experts of `protect_layer` (the layer
+        computing now) are never evicted (None: nothing resident is)."""
         protect = set(self.slot_of) if protect_layer is None else {k for k in self.slot_of if k[0] == protect_layer}
-        protect |= {(layer, e) for e in predicted if (layer, e) in self.slot_of}
+        protect |= {(layer, e) for e, _ in predicted if (layer, e) in self.slot_of}
         out: list[tuple[int, int]] = []
-        for e in predicted:
+        for e, n in predicted:
             if self.prefetch_limit is not None and len(out) >= self.prefetch_limit:
                 break
             key = (layer, e)
             if key in self.slot_of:
                 continue
-            slot = self._take_slot(key, protect, min_score=self.decay * self.scores[layer][e] + 1)
+            slot = self._take_slot(key, protect, min_score=self.decay * self.scores[layer][e] + n)
             if slot is None:
                 continue
             protect.add(key)
