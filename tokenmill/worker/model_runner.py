@@ -98,6 +98,8 @@ class ModelRunner:
         reset = getattr(self.model, "reset_expert_counts", None)
         if reset is not None:
             reset()  # MoE routing statistics start at serving, not at profiling / graph capture
+        if getattr(self.model, "expert_offload", None) is not None:
+            self.model.expert_offload.reset_stats()
         if self.device.type == "cpu":
             from tokenmill.ops.cpu.host import freeze_startup_objects, tune_allocator
 

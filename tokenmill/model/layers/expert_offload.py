@@ -119,6 +119,10 @@ class ExpertOffload:
     def stats(self) -> ExpertCacheStats:
         return self.policy.stats
 
+    def reset_stats(self) -> None:
+        """Counters from zero (after start-up's profiling forward), the cache contents kept."""
+        self.policy.stats = ExpertCacheStats(capacity=self.policy.capacity, resident=len(self.policy.slot_of))
+
     def _to_host(self, experts: nn.Module) -> None:
         pin = self.device.type == "cuda"
         for p in (experts.gate_up_proj, experts.down_proj):
@@ -153,52 +157,59 @@ class ExpertOffload:
     # ---- one layer -------------------------------------------------------------------------------------
     def run(self, pos: int, x: torch.Tensor, host_experts: Any, weights: torch.Tensor,
             ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights / ids [T, K] -> [T, H] (x's dtype)."""
+        """x [T, H], weights / ids [T, K] -> [T, H] (x's dtype).
+
+        Order matters on CUDA: every host sync (routing, host inputs, the prediction) comes before the device
+        experts are queued, so the background copies (side stream), the device experts (compute stream) and the
+        host experts (this thread) then run at the same time."""
         t, k = ids.shape
-        flat = ids.reshape(-1)  # [T*K]
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync of the plan
-        plan = self.policy.plan_layer(pos, counts)
+        flat_h = ids.reshape(-1).to("cpu", torch.int64)  # [T*K]: the one copy of the routing to the host
+        plan = self.policy.plan_layer(pos, torch.bincount(flat_h, minlength=self.num_experts).tolist())
         self._wait_copies()
         for e, slot in plan.fetch:
             self._copy(pos, e, slot)
         out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
-        if t:
-            w = weights.reshape(-1)
-            if plan.device:
-                self._run_device(plan, x, w, flat, k, out)
-            if plan.host:
-                self._run_host(plan, x, host_experts, w, flat, k, out)
+        w = weights.reshape(-1)  # [T*K]
+        host = self._host_inputs(plan, x, w, flat_h, k) if plan.host and t else None
         background = [(pos, e, slot) for e, slot in plan.admit]
         if self.prefetch and pos + 1 < len(self.blocks) and t:
             background += [(pos + 1, e, slot) for e, slot in
                            self.policy.plan_prefetch(pos + 1, self._predict(pos + 1, x), protect_layer=pos)]
         self._copy_background(background)
+        if plan.device and t:
+            self._run_device(plan, x, w, flat_h, k, out)
+        if host is not None:
+            tok, xs, ws, es = host
+            y = fused_moe_cpu(xs, host_experts, ws, es)  # [P, H] on the host
+            out.index_add_(0, tok, y.to(out.device).float())
         return out.to(x.dtype)
 
-    def _pairs(self, experts: list[int], flat: torch.Tensor) -> torch.Tensor:
-        member = torch.zeros(self.num_experts, dtype=torch.bool, device=flat.device)
-        member[torch.tensor(experts, device=flat.device)] = True
-        return member[flat].nonzero().squeeze(1)  # [P] flat pair indices
+    def _pairs(self, experts: list[int], flat_h: torch.Tensor) -> torch.Tensor:
+        """Flat pair indices [P] (host) routed to any of `experts`."""
+        member = torch.zeros(self.num_experts, dtype=torch.bool)
+        member[experts] = True
+        return member[flat_h].nonzero().squeeze(1)
 
-    def _run_device(self, plan: LayerPlan, x: torch.Tensor, w: torch.Tensor, flat: torch.Tensor, k: int,
+    def _run_device(self, plan: LayerPlan, x: torch.Tensor, w: torch.Tensor, flat_h: torch.Tensor, k: int,
                     out: torch.Tensor) -> None:
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        for e, slot in plan.device.items():
-            slot_of[e] = slot
-        slot_of = slot_of.to(flat.device)
-        pairs = self._pairs(list(plan.device), flat)
+        slot_of[list(plan.device)] = torch.tensor(list(plan.device.values()), dtype=torch.int64)
+        pairs = self._pairs(list(plan.device), flat_h)
+        slots = slot_of[flat_h[pairs]].to(x.device, non_blocking=True)[:, None]  # [P, 1]
+        pairs = pairs.to(x.device, non_blocking=True)
         tok = pairs // k
-        y = self.device_op(x.index_select(0, tok), self.pool, w[pairs][:, None], slot_of[flat[pairs]][:, None])
+        y = self.device_op(x.index_select(0, tok), self.pool, w[pairs][:, None], slots)  # [P, H], weighted
         out.index_add_(0, tok, y.float())
 
-    def _run_host(self, plan: LayerPlan, x: torch.Tensor, host_experts: Any, w: torch.Tensor, flat: torch.Tensor,
-                  k: int, out: torch.Tensor) -> None:
-        pairs = self._pairs(plan.host, flat)
-        tok = pairs // k
+    def _host_inputs(self, plan: LayerPlan, x: torch.Tensor, w: torch.Tensor, flat_h: torch.Tensor,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token rows on x's device, their inputs, weights and expert ids on the host) of the host pairs."""
+        pairs = self._pairs(plan.host, flat_h)
+        pairs_d = pairs.to(x.device, non_blocking=True)
+        tok = pairs_d // k
         h = self.host_device
         xs = x.index_select(0, tok).to(h)  # [P, H]
-        y = fused_moe_cpu(xs, host_experts, w[pairs][:, None].to(h), flat[pairs][:, None].to(h))
-        out.index_add_(0, tok, y.to(out.device).float())
+        return tok, xs, w[pairs_d][:, None].to(h), flat_h[pairs][:, None].to(h)
 
     def _predict(self, pos: int, x: torch.Tensor) -> list[tuple[int, int]]:
         """(expert, tokens) the next layer will route, most likely first: its gate on this layer's MoE input
