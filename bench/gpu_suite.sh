@@ -5,7 +5,7 @@
 #
 # Each step is one process (python -m bench.gpu_suite STEP) under `timeout` with its own limit; a step that
 # fails or runs out of time does not stop the others. The limits add up to under 9 minutes; the optional
-# step (hf_8b) runs only when its limit still fits in --budget. Writes DIR/gpu_suite.json (every step's rows),
+# steps (hf_8b, moe_offload) run only when their limit still fits in --budget. Writes DIR/gpu_suite.json (every step's rows),
 # DIR/gpu_suite.md (the table) and DIR/gpu_suite.log (every step's output); prints the table last.
 # --dry-run: tiny shapes on the CPU; the CUDA-only steps report "skipped: no CUDA".
 # Exit status: 0 when every step is ok (or skipped for want of CUDA), else 1; 2 on a bad argument.
@@ -20,7 +20,7 @@ ONLY=""
 
 # name:limit in seconds, in order (sum 530 s); the optional steps run only if time is left
 STEPS="device:25 gpu_tests:95 hf_equal:70 llama8b:120 long32k:50 fp8kv:65 prefix:50 hf_peer:55"
-OPTIONAL="hf_8b:60"
+OPTIONAL="hf_8b:60 moe_offload:90"
 
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_suite.sh: error: $*" >&2; exit 2; }

@@ -43,6 +43,11 @@ class ModelConfig:
                                         "cpu (C/OpenMP kernel), triton", choices=["auto", "reference", "cpu", "triton"])
     enforce_eager: bool = _f(False, "disable CUDA graphs: run every forward eagerly")
     skip_tokenizer_init: bool = _f(False, "load no tokenizer: prompts must be token ids, outputs carry no text")
+    moe_expert_cache_gb: Optional[float] = _f(None, "MoE models on CUDA: GiB of device memory for a cache of "
+                                                    "experts; the rest stay in host memory and run on the CPU "
+                                                    "or are fetched, by a cost model (docs/MOE.md)")
+    moe_expert_prefetch: bool = _f(False, "with moe_expert_cache_gb: prefetch the experts the next layer's gate "
+                                          "predicts from the current hidden state, overlapped with compute")
 
     def validate(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -55,6 +60,15 @@ class ModelConfig:
         if self.attention_backend not in ("auto", "reference", "cpu", "triton"):
             raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference, "
                               "cpu or triton", param="attention_backend")
+        if self.moe_expert_cache_gb is not None:
+            if not self.moe_expert_cache_gb > 0:
+                raise ConfigError(f"moe_expert_cache_gb must be positive, got {self.moe_expert_cache_gb}",
+                                  param="moe_expert_cache_gb")
+            if self.device == "cpu":
+                raise ConfigError("moe_expert_cache_gb needs a CUDA device: on the CPU every expert already runs "
+                                  "from host memory", param="moe_expert_cache_gb")
+        if self.moe_expert_prefetch and self.moe_expert_cache_gb is None:
+            raise ConfigError("moe_expert_prefetch needs moe_expert_cache_gb", param="moe_expert_prefetch")
         if self.attention_backend == "triton" and importlib.util.find_spec("triton") is None:
             raise ConfigError("attention_backend 'triton' asked for, but the triton package is not installed",
                               param="attention_backend")

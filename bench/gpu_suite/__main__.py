@@ -8,12 +8,12 @@ import time
 import traceback
 from typing import Callable, Optional
 
-STEPS = ("device", "gpu_tests", "hf_equal", "llama8b", "long32k", "fp8kv", "prefix", "hf_peer", "hf_8b")
+STEPS = ("device", "gpu_tests", "hf_equal", "llama8b", "long32k", "fp8kv", "prefix", "hf_peer", "hf_8b", "moe_offload")
 CUDA_ONLY = ("device", "gpu_tests")  # the others run tiny shapes on the CPU in a dry run
 
 
 def _runner(name: str) -> Callable:
-    from bench.gpu_suite import steps_basic, steps_engine, steps_hf
+    from bench.gpu_suite import steps_basic, steps_engine, steps_hf, steps_moe
 
     return {"device": lambda ctx, step, sz, lim: steps_basic.run_device(ctx, step),
             "gpu_tests": lambda ctx, step, sz, lim: steps_basic.run_gpu_tests(ctx, step, lim),
@@ -23,7 +23,8 @@ def _runner(name: str) -> Callable:
             "fp8kv": lambda ctx, step, sz, lim: steps_engine.run_fp8kv(ctx, step, sz),
             "prefix": lambda ctx, step, sz, lim: steps_engine.run_prefix(ctx, step, sz),
             "hf_peer": lambda ctx, step, sz, lim: steps_hf.run_hf_peer(ctx, step, sz),
-            "hf_8b": lambda ctx, step, sz, lim: steps_hf.run_hf_8b(ctx, step, sz)}[name]
+            "hf_8b": lambda ctx, step, sz, lim: steps_hf.run_hf_8b(ctx, step, sz),
+            "moe_offload": lambda ctx, step, sz, lim: steps_moe.run_moe_offload(ctx, step)}[name]
 
 
 def run_step(name: str, work: str, dry: bool, t0: float, limit_s: float, seed: int = 0) -> int:

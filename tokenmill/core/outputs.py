@@ -104,6 +104,8 @@ class ModelRunnerOutput:
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> error message, when the step failed for that request
     errors: dict[str, str] = field(default_factory=dict)
+    # MoE models: cumulative routing statistics (tokenmill.core.expert_cache.MoEStats); None for dense models
+    moe_stats: Optional[Any] = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ class EngineCore:
         self.scheduler: Optional[Scheduler] = None
         self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
         self.structured = None  # StructuredOutputs (constrained decoding), set by init_structured_outputs()
+        self.moe_stats = None  # the latest MoEStats a step reported (MoE models)
 
     def load(self) -> ModelInfo:
         self.info = info = self.executor.load()
@@ -129,6 +130,8 @@ class EngineCore:
                                        logprobs=[None for _ in ids], errors={i: msg for i in ids})
             # the runner's state for them may be half-updated: the scheduler finishes them with an error, and
             # the next schedule's finished_req_ids tells every rank to drop it
+        if result.moe_stats is not None:
+            self.moe_stats = result.moe_stats
         return self.scheduler.update_from_output(sched, result)
 
     def stats(self) -> EngineStats:
@@ -139,7 +142,7 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic(), **_offload_stats(kv.offload))
+                           last_step_time=time.monotonic(), moe=self.moe_stats, **_offload_stats(kv.offload))
 
 
 def _write_trace(f, wall: float, seconds: float, sched) -> None:

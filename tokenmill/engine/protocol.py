@@ -27,6 +27,7 @@ class EngineStats:
     steps: int = 0
     last_step_time: float = 0.0  # time.monotonic() of the last completed step (watchdog)
     loop_alive: bool = True
+    moe: Optional[Any] = None  # MoE models: tokenmill.core.expert_cache.MoEStats (routing, expert cache)
 
 
 class EngineClient(Protocol):

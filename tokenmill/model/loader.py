@@ -105,7 +105,7 @@ def load_hf_config(source: ModelSource) -> Any:
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
                quantization: str = "auto", gemm_dtype: str = "auto", tp: Any = None,
-               expert_parallel: bool = False) -> nn.Module:
+               expert_parallel: bool = False, expert_offload: bool = False) -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
@@ -119,6 +119,8 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     (GGUF tensors are dequantized whole, then sliced).
     expert_parallel: MoE layers under tp keep whole experts per rank (tokenmill/distributed/expert_parallel.py);
     a ConfigError for a dense model.
+    expert_offload: build and load on the CPU, then move everything but the MoE experts to `device` (the experts
+    stay in host memory for tokenmill/model/layers/expert_offload.py).
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
@@ -134,7 +136,7 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     sharded = tp is not None and tp.world_size > 1
     # sharded: built on the CPU, where untouched torch.empty memory is never committed, then the layers are
     # swapped for this rank's slices on `device`
-    with torch.device("cpu" if sharded else device):
+    with torch.device("cpu" if sharded or expert_offload else device):
         model = cls(hf_config, dtype=dtype)  # parameters are torch.empty: no init cost
     if expert_parallel:
         from tokenmill.model.layers.moe import moe_blocks
@@ -177,7 +179,12 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
             from tokenmill.model.layers.quantized import finalize_quantized, resolve_gemm_dtype
 
             finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype))
-    model.to(device)  # non-parameter buffers (rotary inv_freq)
+    if expert_offload:
+        from tokenmill.model.layers.expert_offload import move_model_keep_experts
+
+        move_model_keep_experts(model, device)
+    else:
+        model.to(device)  # non-parameter buffers (rotary inv_freq)
     return model.eval()
 
 

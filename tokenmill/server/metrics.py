@@ -57,6 +57,36 @@ class _EngineStatsCollector(Collector):
         yield counter("generation_tokens", "tokens generated", s.generation_tokens)
         yield counter("engine_steps", "engine steps completed", s.steps)
         yield gauge("engine_alive", "1 while the engine loop is alive", 1.0 if s.loop_alive else 0.0)
+        if s.moe is not None:
+            yield from _moe_metrics(s.moe)
+
+
+def _moe_metrics(moe) -> Iterator[Metric]:
+    """MoE routing (tokens per layer and expert) and, under expert offload, the expert cache's counters."""
+    load = CounterMetricFamily("tokenmill:moe_expert_tokens", "tokens routed to each expert of each MoE layer "
+                               "(a token counts once per chosen expert)", labels=["layer", "expert"])
+    for layer, counts in sorted(moe.expert_counts.items()):
+        for e, n in enumerate(counts):
+            load.add_metric([str(layer), str(e)], n)
+    yield load
+    c = moe.cache
+    if c is None:
+        return
+    yield GaugeMetricFamily("tokenmill:moe_expert_cache_hit_rate", "routed experts found in the device expert "
+                            "cache / routed experts (cumulative)", value=c.hit_rate)
+    yield GaugeMetricFamily("tokenmill:moe_expert_cache_capacity", "expert slots on the device", value=c.capacity)
+    yield GaugeMetricFamily("tokenmill:moe_expert_cache_resident", "experts resident on the device",
+                            value=c.resident)
+    for name, doc in (("hits", "routed experts found in the device cache"),
+                      ("misses", "routed experts not in the device cache"),
+                      ("fetches", "experts copied to the device on demand"),
+                      ("prefetches", "experts copied to the device ahead of their layer (next-gate prediction)"),
+                      ("prefetch_hits", "prefetched experts their layer then used"),
+                      ("admissions", "host-run experts copied to the device afterwards for their score"),
+                      ("evictions", "experts evicted from the device cache"),
+                      ("host_tokens", "token-expert pairs run on the host"),
+                      ("device_tokens", "token-expert pairs run on the device")):
+        yield CounterMetricFamily(f"tokenmill:moe_expert_cache_{name}", doc, value=getattr(c, name))
 
 
 class ServerMetrics:

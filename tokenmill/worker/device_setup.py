@@ -202,6 +202,8 @@ class DeviceSetup:
         pair compaction syncs with the host), and a graph-safe (triton) backend."""
         if self.config.model.enforce_eager or self.device.type != "cuda" or self._expert_parallel:
             return False
+        if self.config.model.moe_expert_cache_gb is not None:  # expert offload plans each layer on the host
+            return False
         name = self.config.model.attention_backend
         return name == "triton" or (name == "auto" and triton_importable())
 
@@ -225,9 +227,11 @@ class DeviceSetup:
                                       max_blocks_per_seq=-(-max_model_len // block_size),
                                       max_model_len=max_model_len, block_size=block_size, device=self.device,
                                       enforce_eager=self.config.model.enforce_eager)
-        if not self.graphs.enabled or self.backend_name != "triton" or self._expert_parallel:
+        offload = self.config.model.moe_expert_cache_gb is not None
+        if not self.graphs.enabled or self.backend_name != "triton" or self._expert_parallel or offload:
             if self.graphs.enabled:
                 why = ("expert parallelism compacts routed pairs with a host sync" if self._expert_parallel
+                       else "expert offload plans every MoE layer on the host" if offload
                        else f"the {self.backend_name} attention backend cannot be captured")
                 logger.info("CUDA graphs off: %s", why)
             return 0

@@ -20,6 +20,7 @@ from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
 from tokenmill.worker.device_setup import DeviceSetup
+from tokenmill.worker.expert_offload import install_expert_offload, moe_stats
 from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
 from tokenmill.worker.kv_offload import HostKVTier
 from tokenmill.worker.streaming import apply_kv_streaming, find_rotary
@@ -83,8 +84,12 @@ class ModelRunner:
         self.hf_config = load_hf_config(self.source)
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
                                 quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp,
-                                expert_parallel=self.config.parallel.enable_expert_parallel)
+                                expert_parallel=self.config.parallel.enable_expert_parallel,
+                                expert_offload=mc.moe_expert_cache_gb is not None)
         self.device_setup.attach(self.model)
+        if mc.moe_expert_cache_gb is not None:
+            install_expert_offload(self.model, mc.moe_expert_cache_gb, mc.moe_expert_prefetch, self.device,
+                                   self.tp)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
@@ -93,6 +98,8 @@ class ModelRunner:
         reset = getattr(self.model, "reset_expert_counts", None)
         if reset is not None:
             reset()  # MoE routing statistics start at serving, not at profiling / graph capture
+        if getattr(self.model, "expert_offload", None) is not None:
+            self.model.expert_offload.reset_stats()
         if self.device.type == "cpu":
             from tokenmill.ops.cpu.host import freeze_startup_objects, tune_allocator
 
@@ -197,7 +204,9 @@ class ModelRunner:
             else None  # [N, vocab]
         if sched.grammar_rows and logits is not None:
             self._apply_grammar(plan, sched, logits)
-        return self._sample(plan, logits)
+        out = self._sample(plan, logits)
+        out.moe_stats = moe_stats(self.model)
+        return out
 
     def _apply_grammar(self, plan: StepPlan, sched: SchedulerOutput, logits: torch.Tensor) -> None:
         """Constrained decoding: mask, in place, the logits rows a constrained request samples or verifies
