@@ -40,6 +40,9 @@ class ServerConfig:
                                     "ZeroMQ; --no-engine-process keeps it on a thread of the server process. "
                                     "If the engine process dies, in-flight requests end with an error, /health "
                                     "fails and the server exits with code 1 (a supervisor restarts it)")
+    finetune_dir: Optional[str] = _f(None, "folder for uploaded fine-tuning files and the adapters jobs train "
+                                           "(<dir>/files, <dir>/adapters/<job id>); default: a new temporary "
+                                           "folder per server start")
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:
