@@ -136,7 +136,7 @@ def test_cancel_mid_way_frees_everything(llm, tmp_path):
 def test_training_interleaves_with_inference(llm, tmp_path):
     """Requests served while a job trains get the tokens they get alone; the job goes on between steps and ends."""
     core = llm.engine.core
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = [{"prompt_token_ids": list(range(10 + i, 30 + i))} for i in range(3)]
     alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     spec = _spec(llm, tmp_path, job_id="ftjob-i", n_epochs=50)
