@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_args(sub)
     except ImportError:
         pass
+    from tokenmill.finetune.offline import add_finetune_args
+
+    add_finetune_args(sub)
     try:
         from tokenmill.perf.cli import add_plan_args
 

@@ -213,6 +213,23 @@ class ParallelConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    finetune_max_step_tokens: int = _f(512, "fine-tuning co-served with inference: most padded tokens of one "
+                                            "training chunk (a training example may not be longer)")
+    finetune_max_step_ms: float = _f(100.0, "fine-tuning: predicted time limit of one training chunk, with no "
+                                            "traffic too (a new request waits at most about this long); with "
+                                            "traffic a chunk also fits what --slo-tpot-ms leaves of the step")
+
+    def validate(self) -> None:
+        if self.finetune_max_step_tokens < 2:
+            raise ConfigError(f"finetune_max_step_tokens must be at least 2, got {self.finetune_max_step_tokens}",
+                              param="finetune_max_step_tokens")
+        if not self.finetune_max_step_ms > 0:
+            raise ConfigError(f"finetune_max_step_ms must be positive, got {self.finetune_max_step_ms}",
+                              param="finetune_max_step_ms")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -220,6 +237,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -227,6 +245,7 @@ class EngineConfig:
         self.scheduler.validate()
         self.structured.validate()
         self.parallel.validate()
+        self.finetune.validate()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -251,7 +270,7 @@ class EngineConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
-             "structured": StructuredOutputsConfig, "parallel": ParallelConfig}
+             "structured": StructuredOutputsConfig, "parallel": ParallelConfig, "finetune": FinetuneConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:

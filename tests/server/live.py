@@ -32,10 +32,10 @@ class LiveServers:
         fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
         return fut.result(timeout)
 
-    def add_app(self, config: Optional[ServerConfig] = None, sndbuf: Optional[int] = None) -> str:
+    def add_app(self, config: Optional[ServerConfig] = None, sndbuf: Optional[int] = None, **app_kwargs: Any) -> str:
         """Serve a new app over the shared engine (with the server's header read timeout); returns its base
         URL. sndbuf: a small kernel send buffer for accepted connections (a client that stops reading
-        blocks the server's writes sooner)."""
+        blocks the server's writes sooner). app_kwargs go to build_app (register_adapter)."""
         config = config or ServerConfig()
 
         async def start() -> str:
@@ -45,7 +45,7 @@ class LiveServers:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-            app = build_app(self.engine, config)
+            app = build_app(self.engine, config, **app_kwargs)
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
                                                    timeout_graceful_shutdown=1, access_log=False,
                                                    http=header_timeout_protocol(config.read_timeout_s)))

@@ -56,6 +56,7 @@ class AsyncEngine:
         self._accepting = True
         self._dead: Optional[str] = None
         self._stats = engine.stats()
+        self._ft_listener = None  # (event loop, callback) for fine-tuning job updates
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncEngine":
@@ -147,6 +148,26 @@ class AsyncEngine:
         self._commands.put(("abort", request_id, None))
         self._wake.set()
 
+    # ---- fine-tuning (tokenmill/finetune: jobs train on the engine thread between steps) ------------------
+    def finetune_submit(self, spec) -> None:
+        self._commands.put(("ft_submit", None, spec))
+        self._wake.set()
+
+    def finetune_cancel(self, job_id: str) -> None:
+        self._commands.put(("ft_cancel", job_id, None))
+        self._wake.set()
+
+    def finetune_listen(self, callback) -> None:
+        """callback(list[JobUpdate]) runs on the calling event loop."""
+        self._ft_listener = (asyncio.get_running_loop(), callback)
+
+    def _ft_deliver(self) -> None:
+        ft = self.engine.core.finetune
+        updates = ft.take_updates() if ft is not None else []
+        if updates and self._ft_listener is not None:
+            loop, callback = self._ft_listener
+            loop.call_soon_threadsafe(callback, updates)
+
     # ---- engine thread -------------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
@@ -195,18 +216,24 @@ class AsyncEngine:
                 if eng.output_processor.has(rid):
                     eng.abort_request(rid)
                     self._deliver(rid, aborted_output(rid))
+            elif kind == "ft_submit":
+                eng.core.finetune.submit(payload)
+            elif kind == "ft_cancel":
+                eng.core.finetune.cancel(rid)
 
     def _run(self) -> None:
         eng = self.engine
         try:
             while not self._stopping:
                 self._drain()
-                if not eng.has_unfinished_requests():
+                self._ft_deliver()
+                if not eng.has_unfinished_requests() and not eng.core.has_training():
                     self._stats = eng.stats()
                     self._wake.wait(0.25)
                     self._wake.clear()
                     continue
                 self._deliver_step(eng.step())
+                self._ft_deliver()
                 self._stats = eng.stats()
             self._drain()  # aborts queued by shutdown() still reach their streams
             eng.shutdown()

@@ -108,6 +108,7 @@ class EngineProcClient:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._accepting = True
         self._dead: Optional[str] = None
+        self._ft_listener = None  # fine-tuning job updates -> callback(list[JobUpdate]) on the event loop
 
     def _addr(self, name: str) -> str:
         return f"ipc://{os.path.join(self._sock_dir, name)}"
@@ -240,6 +241,17 @@ class EngineProcClient:
                 await asyncio.to_thread(self._proc.join, 5.0)
         self._close()
 
+    # ---- fine-tuning (tokenmill/finetune: jobs train in the engine process between steps) -----------
+    def finetune_submit(self, spec) -> None:
+        self.start()
+        self._send(("ft", "submit", spec))
+
+    def finetune_cancel(self, job_id: str) -> None:
+        self._send(("ft", "cancel", job_id))
+
+    def finetune_listen(self, callback) -> None:
+        self._ft_listener = callback
+
     # ---- internals -----------------------------------------------------------------------------
     def _send(self, msg: tuple) -> None:
         if self._dead is None:
@@ -282,6 +294,9 @@ class EngineProcClient:
                 op.abort(rid)
             if fut is not None and not fut.done():
                 fut.set_exception(decode_error(err)) if err is not None else fut.set_result(None)
+        elif kind == "ft_updates":
+            if self._ft_listener is not None:
+                self._ft_listener(msg[1])
         elif kind == "dead":
             self._fail_all(msg[1])
 

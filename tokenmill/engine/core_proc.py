@@ -6,8 +6,9 @@ pipes carry pickled tuples of the existing dataclasses:
 
     in  (API -> engine):  ("add", request_id, [Request, ...])   ("abort", [engine request ids], RequestStatus)
                           ("shutdown",)
+                          ("ft", "submit", JobSpec)  ("ft", "cancel", job id)   (fine-tuning)
     out (engine -> API):  ("added", request_id, error or None)  ("out", [EngineCoreOutput, ...], EngineStats)
-                          ("dead", message)
+                          ("dead", message)  ("ft_updates", [JobUpdate, ...])
 
 The load handshake (ModelInfo, the streaming prompt limit, first stats) or the load error travels over the
 multiprocessing pipe the process was started with; that pipe's end-of-file also tells this process that
@@ -123,14 +124,15 @@ class _EngineLoop:
         core = self.core
         try:
             while not self.stopping:
-                busy = core.has_work()
+                busy = core.has_work() or core.has_training()
                 events = dict(self.poller.poll(0 if busy else IDLE_POLL_MS))
                 if self.conn.fileno() in events:  # the API process closed its end (or died)
                     return
                 if self.inp in events:
                     self._drain()
-                if core.has_work():
+                if core.has_work() or core.has_training():
                     self.send(("out", core.step(), core.stats()))
+                self._send_finetune_updates()
         except BaseException as exc:
             msg = f"{type(exc).__name__}: {exc}"
             logger.error("engine loop died: %s\n%s", exc, traceback.format_exc())
@@ -155,11 +157,20 @@ class _EngineLoop:
             elif kind == "abort":
                 _, ids, status = msg
                 core.abort_requests(ids, RequestStatus(status))
+            elif kind == "ft":
+                _, op, arg = msg
+                core.finetune.submit(arg) if op == "submit" else core.finetune.cancel(arg)
             elif kind == "shutdown":
                 self.stopping = True
             changed = True
         if changed:
             self.send(("out", [], core.stats()))
+
+    def _send_finetune_updates(self) -> None:
+        ft = self.core.finetune
+        updates = ft.take_updates() if ft is not None else []
+        if updates:
+            self.send(("ft_updates", updates))
 
     def _add(self, reqs: list) -> Optional[tuple]:
         added = []

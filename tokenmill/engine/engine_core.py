@@ -30,6 +30,7 @@ class EngineCore:
         self._trace = None  # the step trace file (scheduler.step_trace), opened by load()
         self.structured = None  # StructuredOutputs (constrained decoding), set by init_structured_outputs()
         self.moe_stats = None  # the latest MoEStats a step reported (MoE models)
+        self.finetune = None  # FineTuner (tokenmill/finetune/engine.py): training between inference steps
 
     def load(self) -> ModelInfo:
         self.info = info = self.executor.load()
@@ -46,7 +47,22 @@ class EngineCore:
                                    num_host_blocks=info.num_host_blocks, streaming=streaming)
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
+        from tokenmill.finetune.engine import FineTuner
+
+        fc = self.config.finetune
+        self.finetune = FineTuner(self._finetune_model, fc.finetune_max_step_tokens, fc.finetune_max_step_ms,
+                                  sc.max_num_batched_tokens, sc.slo_tpot_ms)
         return info
+
+    def _finetune_model(self):
+        """The served model, for training in this process (FineTuner); refused where the ranks run elsewhere."""
+        from tokenmill.finetune.lora import FineTuneUnsupported
+
+        try:
+            return self.executor.runner.model
+        except AttributeError:
+            raise FineTuneUnsupported("fine-tuning needs the model in the engine process (one rank, "
+                                      "--tensor-parallel-size 1)", param="model") from None
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -92,7 +108,13 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def has_training(self) -> bool:
+        """A fine-tuning job is queued or running: step() trains when there is no request to serve."""
+        return self.finetune is not None and self.finetune.has_work()
+
     def step(self) -> list[EngineCoreOutput]:
+        if self.finetune is not None and self.finetune.has_work():
+            return self._step_with_training()
         errors = self.structured.take_errors() if self.structured is not None else []  # grammars that failed
         if self._trace is None:
             return errors + self._run(self.scheduler.schedule())
@@ -100,6 +122,23 @@ class EngineCore:
         sched = self.scheduler.schedule()
         out = self._run(sched)
         _write_trace(self._trace, wall, time.perf_counter() - t0, sched)
+        return errors + out
+
+    def _step_with_training(self) -> list[EngineCoreOutput]:
+        """An inference step (when there is work), then what it leaves to fine-tuning (tokenmill/finetune)."""
+        from tokenmill.finetune.engine import StepUsage
+
+        if not self.scheduler.has_work():
+            self.finetune.train(None)  # no traffic: one time-bounded chunk, then the loop looks for requests
+            return []
+        errors = self.structured.take_errors() if self.structured is not None else []
+        wall, t0 = time.time(), time.perf_counter()
+        sched = self.scheduler.schedule()
+        out = self._run(sched)
+        seconds = time.perf_counter() - t0
+        if self._trace is not None:
+            _write_trace(self._trace, wall, seconds, sched)
+        self.finetune.train(StepUsage(seconds, sched.total_num_scheduled_tokens, self.scheduler.num_waiting))
         return errors + out
 
     def _run(self, sched) -> list[EngineCoreOutput]:

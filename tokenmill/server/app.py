@@ -34,7 +34,8 @@ from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_bo
 logger = logging.getLogger("tokenmill.server")
 
 _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/version",
-           "/metrics", "/", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+           "/metrics", "/", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/files",
+           "/v1/fine_tuning/jobs")
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                  413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
@@ -91,8 +92,10 @@ class _Health:
         return True, "ok"
 
 
-def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = False) -> FastAPI:
-    """The HTTP app over `engine`. With owns_engine, app shutdown also shuts the engine down."""
+def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = False,
+              register_adapter: Optional[Any] = None) -> FastAPI:
+    """The HTTP app over `engine`. With owns_engine, app shutdown also shuts the engine down.
+    register_adapter(name, path): makes a finished fine-tuning job's PEFT folder servable (None: saved only)."""
     config.validate()
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine.get_stats)
@@ -224,8 +227,22 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
+    _add_finetune(app, engine, config, model_name, register_adapter)
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics, routes=_ROUTES)
     return app
+
+
+def _add_finetune(app: FastAPI, engine: EngineClient, config: ServerConfig, model_name: str,
+                  register_adapter: Optional[Any]) -> None:
+    """OpenAI's files and fine-tuning routes (tokenmill/server/finetune_routes.py)."""
+    import tempfile
+
+    from tokenmill.finetune.service import FineTuneService
+    from tokenmill.server.finetune_routes import add_finetune_routes
+
+    root = config.finetune_dir or tempfile.mkdtemp(prefix="tokenmill-finetune-")
+    app.state.finetune = FineTuneService(engine, root, model_name, register_adapter)
+    add_finetune_routes(app, app.state.finetune)
 
 
 def startup_lines(host: str, port: int, model_name: str, api_key: Optional[str]) -> list[str]:

@@ -42,6 +42,9 @@ class ServerConfig:
                                     "fails and the server exits with code 1 (a supervisor restarts it)")
     responses_store_mib: float = _f(64.0, "memory for finished /v1/responses kept for previous_response_id and "
                                           "GET (an LRU; 0 keeps none)")
+    finetune_dir: Optional[str] = _f(None, "folder for uploaded fine-tuning files and the adapters jobs train "
+                                           "(<dir>/files, <dir>/adapters/<job id>); default: a new temporary "
+                                           "folder per server start")
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:
