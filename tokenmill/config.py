@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
 
 from tokenmill.errors import ConfigError
+from tokenmill.lora.config import LoRAConfig
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -206,6 +207,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -213,6 +215,9 @@ class EngineConfig:
         self.scheduler.validate()
         self.structured.validate()
         self.parallel.validate()
+        self.lora.validate()
+        if self.lora.enable_lora and self.parallel.tensor_parallel_size > 1:
+            raise ConfigError("enable_lora runs on one rank: tensor_parallel_size must be 1", param="enable_lora")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -237,7 +242,7 @@ class EngineConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
-             "structured": StructuredOutputsConfig, "parallel": ParallelConfig}
+             "structured": StructuredOutputsConfig, "parallel": ParallelConfig, "lora": LoRAConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -257,6 +262,8 @@ def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> Non
             kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+            if "nargs" in f.metadata:  # a list field: --flag a b c
+                kw["nargs"], kw["type"] = f.metadata["nargs"], str
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
