@@ -20,8 +20,8 @@ from tokenmill.server.config import ServerConfig
 PROMPT = [5, 17, 99, 230, 7, 41, 300, 12, 64]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, gguf_tokenizer_path):
+@pytest.fixture(scope="module", params=["thread", pytest.param("engine_process", marks=pytest.mark.slow)])
+def env(request, tmp_path_factory, gguf_tokenizer_path):
     base = str(tmp_path_factory.mktemp("llama"))
     save_tiny_model("llama", base)
     paths = []
@@ -38,7 +38,11 @@ def env(tmp_path_factory, gguf_tokenizer_path):
                                    served_model_name="base")
 
     async def make():
-        return AsyncEngine.from_config(cfg).start()
+        if request.param == "thread":
+            return AsyncEngine.from_config(cfg).start()
+        from tokenmill.engine.core_client import EngineProcClient
+
+        return (await asyncio.to_thread(EngineProcClient.from_config, cfg)).start()
 
     live = LiveServers(make)
     url = live.add_app(ServerConfig())

@@ -155,11 +155,20 @@ class _EngineLoop:
             elif kind == "abort":
                 _, ids, status = msg
                 core.abort_requests(ids, RequestStatus(status))
+            elif kind in ("lora_add", "lora_remove"):  # (kind, call id, args...): answered with "called"
+                self.send(("called", msg[1], *self._lora(kind, msg[2:])))
             elif kind == "shutdown":
                 self.stopping = True
             changed = True
         if changed:
             self.send(("out", [], core.stats()))
+
+    def _lora(self, kind: str, args: tuple) -> tuple:
+        try:
+            fn = self.core.add_lora if kind == "lora_add" else self.core.remove_lora
+            return fn(*args), None
+        except Exception as exc:  # noqa: BLE001 - refused (in use, no free slot): the caller gets the error
+            return None, encode_error(exc)
 
     def _add(self, reqs: list) -> Optional[tuple]:
         added = []

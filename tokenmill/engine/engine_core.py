@@ -12,6 +12,7 @@ from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
+from tokenmill.errors import ConfigError, TokenmillError
 from tokenmill.executor.base import Executor, ExecutorDeadError, ModelInfo, make_executor
 from tokenmill.perf.cost_model import shape_of_schedule
 from tokenmill.request import Request, RequestStatus
@@ -52,6 +53,11 @@ class EngineCore:
             shapes, rank = info.lora_shapes, self.config.lora.max_lora_rank
             self.loras = LoRARegistry(self.config.lora.num_slots,
                                       lambda lid, name, path: read_adapter(name, path, shapes, rank))
+            for i, (name, path) in enumerate(self.config.lora.parsed_modules(), start=1):  # --lora-modules
+                try:
+                    self.add_lora(i, name, path, read_adapter(name, path, shapes, rank))
+                except TokenmillError as e:
+                    raise ConfigError(f"--lora-modules {name}={path}: {e.message}", param="lora_modules") from None
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
         return info

@@ -61,15 +61,6 @@ class LLMEngine:
     def load(self) -> None:
         info = self.core.load()
         self._init_frontend(info)
-        for i, (name, path) in enumerate(self.config.lora.parsed_modules(), start=1):  # --lora-modules
-            from tokenmill.lora.request import LoRARequest
-
-            try:
-                self.add_lora(LoRARequest(name, i, path))
-            except InvalidRequestError as e:
-                from tokenmill.errors import ConfigError
-
-                raise ConfigError(f"--lora-modules {name}={path}: {e.message}", param="lora_modules") from None
 
     def _init_frontend(self, info) -> None:
         """Tokenizer, validation and detokenization from the executor's handshake (tokenmill.executor.ModelInfo);
@@ -92,6 +83,11 @@ class LLMEngine:
         if self.tokenizer is not None:  # constrained decoding needs the vocabulary's strings
             self.core.init_structured_outputs(self.tokenizer, info.vocab_size, self.eos_token_ids)
         self.lora_shapes = getattr(info, "lora_shapes", None)
+        if self.config.lora.enable_lora:  # --lora-modules: the engine core registered them as ids 1..n at load
+            from tokenmill.lora.request import LoRARequest
+
+            for i, (name, path) in enumerate(self.config.lora.parsed_modules(), start=1):
+                self.lora_requests[i] = LoRARequest(name, i, path)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
