@@ -5,6 +5,7 @@ a ModelRunnerOutput: the only way results leave the device side.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -205,6 +206,9 @@ class ModelRunner:
                 self.lora.load(lid, weights)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput()
+        if self.lora is not None:  # requests of one adapter adjacent: each adapter's rows are one contiguous slice
+            order = sorted(sched.num_scheduled_tokens.items(), key=lambda kv: self.states[kv[0]].lora_int_id)
+            sched = dataclasses.replace(sched, num_scheduled_tokens=dict(order))
         plan = plan_step(self.states, sched, self.block_size, self.device)
         b = plan.batch
         if self.lora is None:
