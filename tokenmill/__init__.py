@@ -5,7 +5,7 @@
 from tokenmill.sampling_params import SLO, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "SLO", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "SLO", "RequestOutput", "CompletionOutput",
            "__version__"]
 
 
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from tokenmill.engine.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from tokenmill.lora.request import LoRARequest
+
+        return LoRARequest
     if name in ("RequestOutput", "CompletionOutput"):
         from tokenmill import outputs
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional, get_type_hints
 
 from tokenmill.errors import ConfigError
+from tokenmill.lora.config import LoRAConfig
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -238,6 +239,7 @@ class EngineConfig:
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -246,6 +248,9 @@ class EngineConfig:
         self.structured.validate()
         self.parallel.validate()
         self.finetune.validate()
+        self.lora.validate()
+        if self.lora.enable_lora and self.parallel.tensor_parallel_size > 1:
+            raise ConfigError("enable_lora runs on one rank: tensor_parallel_size must be 1", param="enable_lora")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -270,7 +275,8 @@ class EngineConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
-             "structured": StructuredOutputsConfig, "parallel": ParallelConfig, "finetune": FinetuneConfig}
+             "structured": StructuredOutputsConfig, "parallel": ParallelConfig, "finetune": FinetuneConfig,
+             "lora": LoRAConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -290,6 +296,8 @@ def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> Non
             kw["type"] = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(typ, typ)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+            if "nargs" in f.metadata:  # a list field: --flag a b c
+                kw["nargs"], kw["type"] = f.metadata["nargs"], str
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

@@ -42,7 +42,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: Optional[float] = None,
-                 max_tokens: Optional[int] = None):
+                 max_tokens: Optional[int] = None, lora_int_id: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -62,6 +62,7 @@ class Request:
         self.num_skips = 0  # times passed over by prefix-aware admission
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None
+        self.lora_int_id = lora_int_id  # the LoRA adapter it runs with (0: the base model)
         self.block_hashes: list[int] = []  # chained hashes of this request's full blocks (prefix cache)
 
     @property

@@ -52,7 +52,8 @@ class KVCacheManager:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
     def _extra(self, request: Request):
-        return request.sampling_params.cache_salt
+        salt, lora = request.sampling_params.cache_salt, getattr(request, "lora_int_id", 0)
+        return (salt, "lora", lora) if lora else salt  # an adapter's KV differs from the base model's
 
     # ---- prefix cache --------------------------------------------------------------------------
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:

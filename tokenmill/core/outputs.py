@@ -24,6 +24,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     eos_token_ids: tuple[int, ...] = ()  # the request's EOS ids (the sampler bans them before min_tokens)
+    lora_int_id: int = 0  # its LoRA adapter (0: the base model)
 
 
 @dataclass
@@ -74,6 +75,10 @@ class SchedulerOutput:
     # req_id -> tokens appended to a running request outside sampling (grammar jump-forward) since the runner
     # last saw it; they are computed like prompt tokens (they are in num_scheduled_tokens)
     forced_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # multi-LoRA, filled by the engine after schedule(): adapters the runner loads into a slot before this
+    # step (id -> tokenmill.lora.adapter.LoRAWeights) and drops (ids), loads after drops
+    lora_loads: dict[int, Any] = field(default_factory=dict)
+    lora_unloads: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -25,8 +25,12 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
                  enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
                  clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0,
-                 streaming: Optional[StreamingSpec] = None):
+                 streaming: Optional[StreamingSpec] = None, max_loras: Optional[int] = None):
         self.max_model_len = max_model_len
+        # multi-LoRA: at most this many distinct adapters among running requests, hence in one step (None: no LoRA)
+        self.max_loras = max_loras
+        self.lora_requests: dict[int, int] = {}  # adapter id -> requests added (cumulative)
+        self.lora_generated_tokens: dict[int, int] = {}  # adapter id -> tokens generated (cumulative)
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
         # kv_eviction="streaming" requests (sizes from CacheConfig.streaming_*_tokens)
@@ -65,6 +69,8 @@ class Scheduler:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if req.lora_int_id:
+            self.lora_requests[req.lora_int_id] = self.lora_requests.get(req.lora_int_id, 0) + 1
         self.policy.on_arrival(req)
 
     def _check_streaming(self, req: Request) -> None:
@@ -129,6 +135,15 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def lora_in_use(self, lora_int_id: int) -> bool:
+        """Whether an unfinished request runs with this adapter."""
+        return any(r.lora_int_id == lora_int_id for r in self.requests.values())
+
+    def _lora_blocked(self, req: Request, loras: set[int]) -> bool:
+        """Whether req's adapter would make `loras` exceed max_loras."""
+        lid = req.lora_int_id
+        return bool(lid) and self.max_loras is not None and lid not in loras and len(loras) >= self.max_loras
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -148,9 +163,13 @@ class Scheduler:
 
         # 1. running requests, in the policy's order (admission order by default; prefills it defers wait for step 3)
         deferred: list[Request] = []
+        step_loras: set[int] = set()  # adapters in this step
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._lora_blocked(req, step_loras):
+                i += 1
+                continue
             streaming = is_streaming(req)
             if streaming:  # counted in its cache; max_model_len does not cap it, its cache size does
                 remaining, cap = self.streaming.remaining(req), self.streaming.cap(req)
@@ -191,6 +210,8 @@ class Scheduler:
             self._account(out, req, n)
             budget -= n
             i += 1
+            if req.lora_int_id:
+                step_loras.add(req.lora_int_id)
 
         # 2. waiting requests, unless this step had to preempt (memory is tight)
         if not preempted and self.waiting:
@@ -207,6 +228,9 @@ class Scheduler:
                 req = self.waiting[j]
                 if self.is_ready is not None and not self.is_ready(req):
                     j += 1
+                    continue
+                if self._lora_blocked(req, {r.lora_int_id for r in self.running if r.lora_int_id}):
+                    j += 1  # its adapter waits for one of the running ones to drain
                     continue
                 hits, num_hit = self.kv.get_computed_blocks(req)
                 num_host = self.kv.get_offloaded_hit_tokens(req, len(hits))  # restored by swap-in
@@ -235,14 +259,18 @@ class Scheduler:
                 self._in_runner.add(req.request_id)
                 out.scheduled_new_reqs.append(NewRequestData(
                     req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
-                    self.kv.block_ids(req.request_id), num_hit, req.eos_token_ids))
+                    self.kv.block_ids(req.request_id), num_hit, req.eos_token_ids, req.lora_int_id))
                 self._account(out, req, n)
                 budget -= n
+                if req.lora_int_id:
+                    step_loras.add(req.lora_int_id)
 
         # 3. deferred prefills take what budget is left (no preemption on their behalf)
         for req in deferred:
             if budget <= 0 or req not in self.running:
                 break
+            if self._lora_blocked(req, step_loras):
+                continue
             remaining = req.num_tokens - req.num_computed_tokens
             n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
             new_blocks = self.kv.allocate_slots(req, n) if n > 0 else None
@@ -251,6 +279,8 @@ class Scheduler:
             out.scheduled_cached_reqs.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
             self._account(out, req, n)
             budget -= n
+            if req.lora_int_id:
+                step_loras.add(req.lora_int_id)
 
         out.preempted_req_ids = {r.request_id for r in preempted}
         for req_id in list(out.kv_streaming):
@@ -336,6 +366,9 @@ class Scheduler:
                 req.first_token_time = now
             if kept:
                 self.num_generated_tokens += len(kept)
+                if req.lora_int_id:
+                    self.lora_generated_tokens[req.lora_int_id] = \
+                        self.lora_generated_tokens.get(req.lora_int_id, 0) + len(kept)
                 self.policy.on_output(req, len(kept))
             if status is not None:
                 self.running.remove(req)

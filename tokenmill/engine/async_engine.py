@@ -112,7 +112,7 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
                        prompt_token_ids: Optional[list[int]] = None,
-                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: Optional[float] = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs as params.output_kind says; arrival_time (time.monotonic()) defaults to now."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if self._dead is not None:
@@ -127,7 +127,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, (prompt, params, prepared, arrival)))
+        self._commands.put(("add", request_id, (prompt, params, prepared, arrival, lora_request)))
         self._wake.set()
         finished = False
         try:
@@ -167,6 +167,31 @@ class AsyncEngine:
         if updates and self._ft_listener is not None:
             loop, callback = self._ft_listener
             loop.call_soon_threadsafe(callback, updates)
+    # ---- LoRA adapters (enable_lora) -------------------------------------------------------------
+    async def _on_engine_thread(self, fn):
+        if not self._go.is_set():
+            self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", None, (fn, fut)))
+        self._wake.set()
+        return await fut
+
+    async def add_lora(self, lora_request) -> bool:
+        """Read the adapter in a worker thread (off the step loop), then register it on the engine thread."""
+        if lora_request.lora_int_id in self.engine.lora_requests:
+            return False
+        weights = await asyncio.to_thread(self.engine.read_lora, lora_request)
+        return await self._on_engine_thread(lambda eng: eng.register_lora(lora_request, weights))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._on_engine_thread(lambda eng: eng.remove_lora(lora_int_id))
+
+    async def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
+
+    def lora_requests(self) -> list:
+        """The adapters loaded (LoRARequest), for /v1/models and request routing."""
+        return list(self.engine.lora_requests.values())
 
     # ---- engine thread -------------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
@@ -204,14 +229,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                prompt, params, prepared, arrival = payload
+                prompt, params, prepared, arrival, lora = payload
                 if rid not in self._streams:
                     continue  # the client left before the request reached the engine
                 try:
-                    eng.add_request(rid, prompt, params, arrival_time=arrival, prepared=prepared)
+                    eng.add_request(rid, prompt, params, arrival_time=arrival, prepared=prepared, lora_request=lora)
                     self._resolve(rid, None)
                 except Exception as exc:
                     self._resolve(rid, exc)
+            elif kind == "call":  # payload: (function of the engine, future): LoRA adapter changes
+                fn, fut = payload
+                try:
+                    res = fn(eng)
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, res, None)
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    fut.get_loop().call_soon_threadsafe(_settle, fut, None, exc)
             elif kind == "abort":
                 if eng.output_processor.has(rid):
                     eng.abort_request(rid)
@@ -248,6 +280,11 @@ class AsyncEngine:
                 eng.shutdown()
             except Exception:  # noqa: BLE001 - already dead: stopping the ranks is best effort
                 logger.exception("executor shutdown failed")
+
+
+def _settle(fut: asyncio.Future, result, exc) -> None:
+    if not fut.done():
+        fut.set_exception(exc) if exc is not None else fut.set_result(result)
 
 
 def _put_all(items: list) -> None:

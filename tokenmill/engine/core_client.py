@@ -12,6 +12,7 @@ the engine without also watching for its death.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import os
@@ -109,6 +110,8 @@ class EngineProcClient:
         self._accepting = True
         self._dead: Optional[str] = None
         self._ft_listener = None  # fine-tuning job updates -> callback(list[JobUpdate]) on the event loop
+        self._calls: dict[int, asyncio.Future] = {}  # LoRA adapter changes awaiting the engine process's reply
+        self._call_ids = itertools.count(1)
 
     def _addr(self, name: str) -> str:
         return f"ipc://{os.path.join(self._sock_dir, name)}"
@@ -183,7 +186,7 @@ class EngineProcClient:
 
     async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
                        prompt_token_ids: Optional[list[int]] = None,
-                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: Optional[float] = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs as params.output_kind says; arrival_time (time.monotonic()) defaults to now."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if not self.is_alive:
@@ -202,7 +205,8 @@ class EngineProcClient:
         self._adds[request_id] = added
         finished = False
         try:
-            self.engine.add_request(request_id, prompt, params, arrival_time=arrival, prepared=prepared)
+            self.engine.add_request(request_id, prompt, params, arrival_time=arrival, prepared=prepared,
+                                    lora_request=lora_request)
             self._send(("add", request_id, self.engine.core.take_pending()))
             await added  # raises EngineOverloadedError etc. (the engine has dropped the request then)
             while True:
@@ -251,6 +255,44 @@ class EngineProcClient:
 
     def finetune_listen(self, callback) -> None:
         self._ft_listener = callback
+    # ---- LoRA adapters (enable_lora) -------------------------------------------------------------
+    async def _call(self, msg: tuple):
+        """Send a command the engine process answers with ("called", id, result, error); await the result."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine has stopped: {self._dead or 'the engine process is gone'}")
+        self.start()
+        cid = next(self._call_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[cid] = fut
+        try:
+            self._send((msg[0], cid, *msg[1:]))
+            return await fut
+        finally:
+            self._calls.pop(cid, None)
+
+    async def add_lora(self, lora_request) -> bool:
+        """Read the adapter here in a worker thread, then register it in the engine process."""
+        if lora_request.lora_int_id in self.engine.lora_requests:
+            return False
+        weights = await asyncio.to_thread(self.engine.read_lora, lora_request)
+        r = lora_request
+        ok = await self._call(("lora_add", r.lora_int_id, r.lora_name, r.lora_path, weights))
+        if ok:
+            self.engine.lora_requests[r.lora_int_id] = r
+        return ok
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        if lora_int_id not in self.engine.lora_requests:
+            return False
+        await self._call(("lora_remove", lora_int_id))
+        del self.engine.lora_requests[lora_int_id]
+        return True
+
+    async def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
+
+    def lora_requests(self) -> list:
+        return list(self.engine.lora_requests.values())
 
     # ---- internals -----------------------------------------------------------------------------
     def _send(self, msg: tuple) -> None:
@@ -297,6 +339,11 @@ class EngineProcClient:
         elif kind == "ft_updates":
             if self._ft_listener is not None:
                 self._ft_listener(msg[1])
+        elif kind == "called":
+            _, cid, result, err = msg
+            fut = self._calls.get(cid)
+            if fut is not None and not fut.done():
+                fut.set_exception(decode_error(err)) if err is not None else fut.set_result(result)
         elif kind == "dead":
             self._fail_all(msg[1])
 

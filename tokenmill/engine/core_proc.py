@@ -160,6 +160,8 @@ class _EngineLoop:
             elif kind == "ft":
                 _, op, arg = msg
                 core.finetune.submit(arg) if op == "submit" else core.finetune.cancel(arg)
+            elif kind in ("lora_add", "lora_remove"):  # (kind, call id, args...): answered with "called"
+                self.send(("called", msg[1], *self._lora(kind, msg[2:])))
             elif kind == "shutdown":
                 self.stopping = True
             changed = True
@@ -171,6 +173,12 @@ class _EngineLoop:
         updates = ft.take_updates() if ft is not None else []
         if updates:
             self.send(("ft_updates", updates))
+    def _lora(self, kind: str, args: tuple) -> tuple:
+        try:
+            fn = self.core.add_lora if kind == "lora_add" else self.core.remove_lora
+            return fn(*args), None
+        except Exception as exc:  # noqa: BLE001 - refused (in use, no free slot): the caller gets the error
+            return None, encode_error(exc)
 
     def _add(self, reqs: list) -> Optional[tuple]:
         added = []

@@ -12,6 +12,7 @@ from tokenmill.core.outputs import EngineCoreOutput, ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.streaming import StreamingSpec
 from tokenmill.engine.protocol import EngineStats
+from tokenmill.errors import ConfigError, TokenmillError
 from tokenmill.executor.base import Executor, ExecutorDeadError, ModelInfo, make_executor
 from tokenmill.perf.cost_model import shape_of_schedule
 from tokenmill.request import Request, RequestStatus
@@ -31,6 +32,7 @@ class EngineCore:
         self.structured = None  # StructuredOutputs (constrained decoding), set by init_structured_outputs()
         self.moe_stats = None  # the latest MoEStats a step reported (MoE models)
         self.finetune = None  # FineTuner (tokenmill/finetune/engine.py): training between inference steps
+        self.loras = None  # tokenmill.lora.registry.LoRARegistry (enable_lora), set by load()
 
     def load(self) -> ModelInfo:
         self.info = info = self.executor.load()
@@ -44,7 +46,20 @@ class EngineCore:
         streaming = StreamingSpec.from_tokens(cc.streaming_sink_tokens, cc.streaming_window_tokens, cc.block_size)
         self.scheduler = Scheduler(sc, info.num_kv_blocks, cc.block_size, info.max_model_len,
                                    cc.enable_prefix_caching, policy=policy,
-                                   num_host_blocks=info.num_host_blocks, streaming=streaming)
+                                   num_host_blocks=info.num_host_blocks, streaming=streaming,
+                                   max_loras=self.config.lora.max_loras if self.config.lora.enable_lora else None)
+        if self.config.lora.enable_lora:
+            from tokenmill.lora.adapter import read_adapter
+            from tokenmill.lora.registry import LoRARegistry
+
+            shapes, rank = info.lora_shapes, self.config.lora.max_lora_rank
+            self.loras = LoRARegistry(self.config.lora.num_slots,
+                                      lambda lid, name, path: read_adapter(name, path, shapes, rank))
+            for i, (name, path) in enumerate(self.config.lora.parsed_modules(), start=1):  # --lora-modules
+                try:
+                    self.add_lora(i, name, path, read_adapter(name, path, shapes, rank))
+                except TokenmillError as e:
+                    raise ConfigError(f"--lora-modules {name}={path}: {e.message}", param="lora_modules") from None
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
         from tokenmill.finetune.engine import FineTuner
@@ -95,7 +110,25 @@ class EngineCore:
             return None
         return self.scheduler.streaming.spec.max_prompt_tokens
 
+    # ---- LoRA adapters (enable_lora) ----------------------------------------------------------------
+    def add_lora(self, lora_id: int, name: str, path: str, weights) -> bool:
+        """Register an adapter read by tokenmill.lora.adapter.read_adapter; False if the id is taken."""
+        return self.loras.add(lora_id, name, path, weights, self.scheduler.lora_in_use)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drop an adapter; LoRAInUseError (409) while requests of it are unfinished; False if unknown."""
+        return self.loras.remove(lora_id, self.scheduler.lora_in_use)
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras.adapters) if self.loras is not None else set()
+
     def add_request(self, req: Request) -> None:
+        if req.lora_int_id:
+            if self.loras is None:
+                from tokenmill.errors import InvalidRequestError
+
+                raise InvalidRequestError("LoRA adapters need enable_lora", param="model")
+            self.loras.ensure_resident(req.lora_int_id, self.scheduler.lora_in_use)
         self.scheduler.add_request(req)
         if self.structured is not None:
             self.structured.add_request(req)
@@ -142,6 +175,8 @@ class EngineCore:
         return errors + out
 
     def _run(self, sched) -> list[EngineCoreOutput]:
+        if self.loras is not None:
+            self.loras.attach(sched)
         if self.structured is None:
             return self._execute(sched)
         if sched.total_num_scheduled_tokens == 0:  # only requests whose grammar compiles: wait for one
@@ -153,7 +188,8 @@ class EngineCore:
 
     def _execute(self, sched) -> list[EngineCoreOutput]:
         """execute_model -> update_from_output for one schedule."""
-        if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
+        if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in
+                                                          or sched.lora_loads or sched.lora_unloads):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
                                                                               logprobs=[]))
@@ -181,7 +217,19 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic(), moe=self.moe_stats, **_offload_stats(kv.offload))
+                           last_step_time=time.monotonic(), moe=self.moe_stats, **_offload_stats(kv.offload), **self._lora_stats())
+
+    def _lora_stats(self) -> dict:
+        """Per-adapter counters for EngineStats (empty without enable_lora)."""
+        if self.loras is None:
+            return {}
+        s, name = self.scheduler, self.loras.name_of
+        runner = getattr(self.executor, "_runner", None)
+        lora_rt = getattr(runner, "lora", None)
+        return dict(lora_requests={name(i): n for i, n in s.lora_requests.items()},
+                    lora_generation_tokens={name(i): n for i, n in s.lora_generated_tokens.items()},
+                    lora_unfused_steps=lora_rt.unfused_steps if lora_rt is not None else 0,
+                    lora_reloads=self.loras.num_reloads)
 
 
 def _write_trace(f, wall: float, seconds: float, sched) -> None:

@@ -36,15 +36,32 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for one or many prompts: strings, token-id lists, or {"prompt_token_ids": [...]}."""
+                 use_tqdm: bool = True, lora_request: Any = None) -> list[RequestOutput]:
+        """Generate for one or many prompts: strings, token-id lists, or {"prompt_token_ids": [...]}.
+        lora_request: a tokenmill.LoRARequest for every prompt, or a list of them (None entries: the base model);
+        an adapter not yet loaded is loaded first (needs enable_lora=True)."""
         plist = _as_prompt_list(prompts)
         params = _params_list(sampling_params, len(plist))
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(plist)
+        if len(loras) != len(plist):
+            raise InvalidRequestError(f"got {len(loras)} lora requests for {len(plist)} prompts", param="lora_request")
+        for lr in loras:
+            if lr is not None and lr.lora_int_id not in self.engine.lora_requests:
+                self.engine.add_lora(lr)
         prepared = []
-        for p, sp in zip(plist, params):  # validate everything before starting anything
+        for p, sp, lr in zip(plist, params, loras):  # validate everything before starting anything
             text, ids = _split_prompt(p)
-            prepared.append((text, sp, self.engine.prepare(text, sp, ids)))
+            prepared.append((text, sp, self.engine.prepare(text, sp, ids), lr))
         return self._run(prepared, use_tqdm)
+
+    def add_lora(self, lora_request: Any) -> bool:
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
 
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -61,10 +78,10 @@ class LLM:
 
     def _run(self, prepared, use_tqdm: bool) -> list[RequestOutput]:
         order = {}
-        for text, sp, prep in prepared:
+        for text, sp, prep, *lr in prepared:
             rid = str(next(self._ids))
             order[rid] = len(order)
-            self.engine.add_request(rid, text, sp, prepared=prep)
+            self.engine.add_request(rid, text, sp, prepared=prep, lora_request=lr[0] if lr else None)
         results: list[Optional[RequestOutput]] = [None] * len(order)
         bar = None
         if use_tqdm and len(order) > 1:

@@ -49,6 +49,8 @@ class LLMEngine:
         self.output_processor: Optional[OutputProcessor] = None
         self.eos_token_ids: tuple[int, ...] = ()
         self.model_name = config.model.served_model_name or DEFAULT_MODEL_NAME
+        self.lora_requests: dict = {}  # lora_int_id -> LoRARequest of the adapters registered (enable_lora)
+        self.lora_shapes = None  # what adapters may target (the load handshake)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -80,6 +82,12 @@ class LLMEngine:
         self.output_processor = OutputProcessor(text_tokenizer)
         if self.tokenizer is not None:  # constrained decoding needs the vocabulary's strings
             self.core.init_structured_outputs(self.tokenizer, info.vocab_size, self.eos_token_ids)
+        self.lora_shapes = getattr(info, "lora_shapes", None)
+        if self.config.lora.enable_lora:  # --lora-modules: the engine core registered them as ids 1..n at load
+            from tokenmill.lora.request import LoRARequest
+
+            for i, (name, path) in enumerate(self.config.lora.parsed_modules(), start=1):
+                self.lora_requests[i] = LoRARequest(name, i, path)
         if not self.config.model.served_model_name and self.config.model.model:
             name = os.path.basename(os.path.normpath(self.config.model.model))
             self.model_name = name[:-5] if name.endswith(".gguf") else name
@@ -110,16 +118,64 @@ class LLMEngine:
             self.core.structured.manager.validate(params.structured_outputs)  # parses; compiling starts
         return ids, max_tokens
 
+    # ---- LoRA adapters (enable_lora) ----------------------------------------------------------------
+    def read_lora(self, req):
+        """Read and check a LoRARequest's PEFT folder (the slow half of add_lora; safe off the step thread)."""
+        from tokenmill.lora.adapter import read_adapter
+
+        if not self.config.lora.enable_lora:
+            raise InvalidRequestError("LoRA adapters need enable_lora (--enable-lora)", param="lora_name")
+        if req.lora_name == self.model_name:
+            raise InvalidRequestError(f"{req.lora_name!r} is the base model's name", param="lora_name")
+        other = self.lora_by_name(req.lora_name)
+        if other is not None and other.lora_int_id != req.lora_int_id:
+            raise InvalidRequestError(f"an adapter named {req.lora_name!r} is already loaded", param="lora_name")
+        return read_adapter(req.lora_name, req.lora_path, self.lora_shapes, self.config.lora.max_lora_rank)
+
+    def register_lora(self, req, weights) -> bool:
+        """Register an adapter read by read_lora (on the thread that steps the engine); False if its id is taken."""
+        if not self.core.add_lora(req.lora_int_id, req.lora_name, req.lora_path, weights):
+            return False
+        self.lora_requests[req.lora_int_id] = req
+        return True
+
+    def add_lora(self, req) -> bool:
+        """Load a LoRARequest's adapter; False if an adapter with its id is already loaded."""
+        if req.lora_int_id in self.lora_requests:
+            return False
+        return self.register_lora(req, self.read_lora(req))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter; tokenmill.lora.registry.LoRAInUseError while it has unfinished requests."""
+        if lora_int_id not in self.lora_requests:
+            return False
+        self.core.remove_lora(lora_int_id)
+        del self.lora_requests[lora_int_id]
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora_requests)
+
+    def lora_by_name(self, name: str):
+        return next((r for r in self.lora_requests.values() if r.lora_name == name), None)
+
     def add_request(self, request_id: str, prompt: Optional[str], params: SamplingParams,
                     prompt_token_ids: Optional[list[int]] = None, arrival_time: Optional[float] = None,
-                    prepared: Optional[tuple[list[int], int]] = None) -> None:
+                    prepared: Optional[tuple[list[int], int]] = None, lora_request=None) -> None:
+        lora_id = 0
+        if lora_request is not None:
+            lora_id = lora_request.lora_int_id
+            if self.lora_requests.get(lora_id) != lora_request:
+                raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} (id {lora_id}) is not loaded",
+                                          param="model")
         ids, max_tokens = prepared if prepared is not None else self.prepare(prompt, params, prompt_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children = self.output_processor.add_request(request_id, prompt, ids, params, arrival)
         added = []
         try:
             for eid, p in children:
-                self.core.add_request(Request(eid, ids, p, self.eos_token_ids, arrival, max_tokens))
+                self.core.add_request(Request(eid, ids, p, self.eos_token_ids, arrival, max_tokens,
+                                              lora_int_id=lora_id))
                 added.append(eid)
         except Exception:
             self.output_processor.abort(request_id)

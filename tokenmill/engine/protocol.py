@@ -1,7 +1,7 @@
 """The interface the HTTP server (and benchmarks) use to talk to an engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Protocol
 
 from tokenmill.outputs import RequestOutput
@@ -28,6 +28,11 @@ class EngineStats:
     last_step_time: float = 0.0  # time.monotonic() of the last completed step (watchdog)
     loop_alive: bool = True
     moe: Optional[Any] = None  # MoE models: tokenmill.core.expert_cache.MoEStats (routing, expert cache)
+    # multi-LoRA (enable_lora): adapter name -> requests added / tokens generated (cumulative)
+    lora_requests: dict = field(default_factory=dict)
+    lora_generation_tokens: dict = field(default_factory=dict)
+    lora_unfused_steps: int = 0  # CPU steps that ran the per-op path instead of the fused C layer for LoRA rows
+    lora_reloads: int = 0  # adapters read again from their folder after an LRU drop (max_cpu_loras)
 
 
 class EngineClient(Protocol):

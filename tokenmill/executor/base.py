@@ -37,6 +37,8 @@ class ModelInfo:
     device: str = "cpu"
     world_size: int = 1
     load_time_s: float = 0.0
+    # enable_lora: what adapters may target (tokenmill.lora.adapter.target_shapes_of); None without LoRA
+    lora_shapes: Optional[dict] = None
 
 
 class Executor:

@@ -27,6 +27,7 @@ from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
 from tokenmill.server.messages import MessagesServing
+from tokenmill.server.lora_routes import add_lora_routes, model_cards
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.responses import ResponsesRequest, ResponsesServing
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
@@ -90,6 +91,11 @@ class _Health:
             if stalled > self.watchdog_s:
                 return False, f"engine loop stuck: no step completed for {stalled:.1f} s"
         return True, "ok"
+
+
+def engine_lora_updates(engine: Any) -> bool:
+    cfg = getattr(engine, "config", None)
+    return bool(cfg is not None and cfg.lora.enable_lora and cfg.lora.enable_lora_runtime_updates)
 
 
 def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = False,
@@ -187,12 +193,14 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: {"model": P.ErrorResponse}})
     async def models() -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=model_name, max_model_len=engine.max_model_len)])
+        return P.ModelList(data=model_cards(engine, model_name))
 
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=errors)
     async def model_card(model_id: str) -> P.ModelCard:
         serving.check_model(model_id)
-        return P.ModelCard(id=model_name, max_model_len=engine.max_model_len)
+        return next(c for c in model_cards(engine, model_name) if c.id in (model_id, model_name))
+
+    add_lora_routes(app, engine, model_name, errors, engine_lora_updates(engine))
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=errors)
     async def tokenize(request: P.TokenizeRequest) -> P.TokenizeResponse:

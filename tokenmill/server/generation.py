@@ -75,8 +75,9 @@ class Generation:
     prefetches its first output, so input errors surface before any response byte."""
 
     def __init__(self, serving: Any, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 deadline: Optional[float], stream: bool, arrival: Optional[float] = None):
+                 deadline: Optional[float], stream: bool, arrival: Optional[float] = None, lora: Any = None):
         self.s = serving
+        self.lora = lora  # the LoRARequest the request's `model` named (None: the base model)
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.stream = stream
@@ -111,8 +112,9 @@ class Generation:
             raise ServerShuttingDownError("the server is shutting down", code="shutting_down")
         self.s.begin_request(self)
         try:
+            kw = {"lora_request": self.lora} if self.lora is not None else {}
             self._gen = self.s.engine.generate(None, self.params, self.request_id,
-                                               prompt_token_ids=self.prompt_ids, arrival_time=self.arrival)
+                                               prompt_token_ids=self.prompt_ids, arrival_time=self.arrival, **kw)
             if self.stream:
                 self.pending = await self._next()
                 # echo with prompt logprobs: a chunked prompt sends its logprobs over several outputs

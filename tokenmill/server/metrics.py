@@ -57,6 +57,18 @@ class _EngineStatsCollector(Collector):
         yield counter("generation_tokens", "tokens generated", s.generation_tokens)
         yield counter("engine_steps", "engine steps completed", s.steps)
         yield gauge("engine_alive", "1 while the engine loop is alive", 1.0 if s.loop_alive else 0.0)
+        if s.lora_requests:  # multi-LoRA: per adapter
+            req = CounterMetricFamily("tokenmill:lora_requests", "requests per LoRA adapter", labels=["lora_name"])
+            tok = CounterMetricFamily("tokenmill:lora_generation_tokens", "tokens generated per LoRA adapter",
+                                      labels=["lora_name"])
+            for name, n in s.lora_requests.items():
+                req.add_metric([name], n)
+                tok.add_metric([name], s.lora_generation_tokens.get(name, 0))
+            yield req
+            yield tok
+            yield counter("lora_unfused_steps", "CPU steps with LoRA rows run on the per-op path, not the fused layer",
+                          s.lora_unfused_steps)
+            yield counter("lora_reloads", "LoRA adapters read again after an LRU drop", s.lora_reloads)
         if s.moe is not None:
             yield from _moe_metrics(s.moe)
 

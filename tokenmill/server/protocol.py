@@ -390,6 +390,8 @@ class ModelCard(OpenAIModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "tokenmill"
     max_model_len: Optional[int] = None
+    root: Optional[str] = None  # a LoRA adapter: its folder
+    parent: Optional[str] = None  # a LoRA adapter: the base model's id
 
 
 class ModelList(OpenAIModel):

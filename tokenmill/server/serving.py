@@ -107,8 +107,16 @@ class OpenAIServing:
         for rid in list(self._live):
             await self.engine.abort(rid)
 
+    def lora_for(self, model: Optional[str]):
+        """The LoRARequest a request's `model` names (None: the base model)."""
+        if model is None or model in (self.model_name, self.engine.model_name):
+            return None
+        get = getattr(self.engine, "lora_requests", None)
+        return next((r for r in (get() if get is not None else []) if r.lora_name == model), None)
+
     def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model not in (self.model_name, self.engine.model_name):
+        if model is not None and model not in (self.model_name, self.engine.model_name) and \
+                self.lora_for(model) is None:
             raise ModelNotFoundError(f"the model `{model}` does not exist; this server serves `{self.model_name}`")
 
     def check_fields(self, req: Any) -> None:
@@ -292,7 +300,8 @@ class OpenAIServing:
             messages, params, source, tools_in, req.tool_choice, req.parallel_tool_calls, req.add_generation_prompt,
             req.continue_final_message, req.chat_template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = Generation(self, rid, prompt_ids, params, self._deadline(), bool(req.stream), arrival)
+        gen = Generation(self, rid, prompt_ids, params, self._deadline(), bool(req.stream), arrival,
+                         lora=self.lora_for(req.model))
         await gen.start()
         top_n = req.top_logprobs or 0
         if req.stream:
@@ -426,7 +435,8 @@ class OpenAIServing:
             return out
 
         prepared = await asyncio.to_thread(tokenize_all)
-        gens = [Generation(self, f"{rid}-{i}", ids, prm, self._deadline(), bool(req.stream), arrival)
+        gens = [Generation(self, f"{rid}-{i}", ids, prm, self._deadline(), bool(req.stream), arrival,
+                           lora=self.lora_for(req.model))
                 for i, (ids, prm) in enumerate(prepared)]
         texts = [p if isinstance(p, str) else None for p in prompts]
         await self._start_all(gens)

@@ -25,6 +25,7 @@ class RunnerRequestState:
     num_sink_tokens: int = 0
     num_evicted_tokens: int = 0
     eos_token_ids: tuple[int, ...] = ()  # banned (with stop ids) while output < min_tokens
+    lora_int_id: int = 0  # its LoRA adapter (0: the base model)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -52,7 +53,7 @@ def update_states(states: dict[str, RunnerRequestState], sched: SchedulerOutput)
         states[new.req_id] = RunnerRequestState(
             new.req_id, new.prompt_token_ids, list(new.prompt_token_ids) + list(new.output_token_ids),
             new.sampling_params, list(new.block_ids), new.num_computed_tokens, len(new.prompt_token_ids),
-            eos_token_ids=tuple(new.eos_token_ids))
+            eos_token_ids=tuple(new.eos_token_ids), lora_int_id=new.lora_int_id)
     for cached in sched.scheduled_cached_reqs:
         st = states[cached.req_id]
         st.block_ids.extend(cached.new_block_ids)

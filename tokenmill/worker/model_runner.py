@@ -5,6 +5,7 @@ a ModelRunnerOutput: the only way results leave the device side.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -70,6 +71,10 @@ class ModelRunner:
         self.sampler = Sampler(seed=config.model.seed, device=self.device)
         self.proposer = None
         self.load_time_s = 0.0
+        self.lora = None  # tokenmill.lora.runtime.LoRARuntime (enable_lora)
+        if config.lora.enable_lora and self.device.type == "cuda" and not config.model.enforce_eager:
+            logger.info("enable_lora: CUDA graphs off (the LoRA hooks choose their work per step)")
+            config.model.enforce_eager = True
         self.device_setup = DeviceSetup(config, self.device)  # attention backend, KV plan, graphs
 
     # ---- loading -------------------------------------------------------------------------------
@@ -90,6 +95,11 @@ class ModelRunner:
         if mc.moe_expert_cache_gb is not None:
             install_expert_offload(self.model, mc.moe_expert_cache_gb, mc.moe_expert_prefetch, self.device,
                                    self.tp)
+        if self.config.lora.enable_lora:
+            from tokenmill.lora.runtime import LoRARuntime
+
+            lc = self.config.lora
+            self.lora = LoRARuntime(self.model, lc.num_slots, lc.max_lora_rank, self.device, self.dtype)
         self.max_model_len = self._resolve_max_model_len()
         self._allocate_kv()
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
@@ -124,7 +134,8 @@ class ModelRunner:
                          supports_kv_streaming=self.supports_kv_streaming(), model_path=self.source.path,
                          gguf_file=self.source.gguf_file, dtype=str(self.dtype).removeprefix("torch."),
                          device=str(self.device), load_time_s=self.load_time_s,
-                         world_size=self.tp.world_size if self.tp is not None else 1)
+                         world_size=self.tp.world_size if self.tp is not None else 1,
+                         lora_shapes=self.lora.shapes if self.lora is not None else None)
 
     def _resolve_max_model_len(self) -> int:
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -195,11 +206,26 @@ class ModelRunner:
             self.kv_offload.apply(sched.kv_swap_out, sched.kv_swap_in)
         if sched.kv_streaming:  # evictions of kv_eviction="streaming" requests: block tables + K-shift
             apply_kv_streaming(self.states, sched, self.kv_caches, find_rotary(self.model), self.block_size)
+        if sched.lora_unloads or sched.lora_loads:
+            for lid in sched.lora_unloads:
+                self.lora.unload(lid)
+            for lid, weights in sched.lora_loads.items():
+                self.lora.load(lid, weights)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput()
+        if self.lora is not None:  # requests of one adapter adjacent: each adapter's rows are one contiguous slice
+            order = sorted(sched.num_scheduled_tokens.items(), key=lambda kv: self.states[kv[0]].lora_int_id)
+            sched = dataclasses.replace(sched, num_scheduled_tokens=dict(order))
         plan = plan_step(self.states, sched, self.block_size, self.device)
         b = plan.batch
-        hidden = self.device_setup.forward(b)  # [T, hidden]: a CUDA graph replay or the eager forward
+        if self.lora is None:
+            hidden = self.device_setup.forward(b)  # [T, hidden]: a CUDA graph replay or the eager forward
+        else:
+            self.lora.begin_step([self.states[r].lora_int_id for r in plan.req_ids], b.query_lens_cpu)
+            try:
+                hidden = self.device_setup.forward(b)
+            finally:
+                self.lora.end_step()
         logits = self.model.compute_logits(hidden.index_select(0, b.logits_indices)) if b.logits_indices.numel() \
             else None  # [N, vocab]
         if sched.grammar_rows and logits is not None:

@@ -1,0 +1,147 @@
+"""The runner's side of multi-LoRA: adapter slots in stacked buffers, the step's row -> slot layout, and the
+forward hooks that add each packed projection's LoRA term (qkv, o, gate_up, down) to its output.
+
+Buffers per (layer, packed projection): a [S, in, K], b [S, K, out] with S = slots (max_cpu_loras),
+K = slices * max_rank (q|k|v: 3 slices, gate|up: 2); an adapter's A^T / B^T go into its slot, rank padded with
+zeros, B block-diagonal over the slices, so one op serves the whole packed projection. A target the adapter
+lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is None).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from tokenmill.lora.adapter import LoRAWeights, target_shapes_of
+from tokenmill.ops.lora.reference import LoRALayout, lora_reference
+
+logger = logging.getLogger(__name__)
+
+# packed projection -> (the layer attribute holding it, the checkpoint targets it packs, in order)
+PACKED = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
+          "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}
+
+
+class _Projection:
+    """The LoRA buffers of one packed projection of one layer."""
+
+    def __init__(self, fan_in: int, outs: list[int], slots: int, rank: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.outs = outs
+        self.offsets = [sum(outs[:i]) for i in range(len(outs))]
+        self.rank = rank
+        k = len(outs) * rank
+        self.a = torch.zeros(slots, fan_in, k, dtype=dtype, device=device)  # [S, in, K]
+        self.b = torch.zeros(slots, k, sum(outs), dtype=dtype, device=device)  # [S, K, out]
+
+
+class LoRARuntime:
+    """Installed on a model by the runner (enable_lora). `op(y, x, a, b, layout)` is the batched LoRA op."""
+
+    def __init__(self, model: Any, num_slots: int, max_rank: int, device: torch.device, dtype: torch.dtype,
+                 op: Optional[Callable[..., None]] = None):
+        shapes = target_shapes_of(model)
+        if shapes is None:
+            from tokenmill.errors import ConfigError
+
+            raise ConfigError("enable_lora: this model's layers have no plain attention projections to attach "
+                              "LoRA to", param="enable_lora")
+        self.shapes = shapes
+        self.device = device
+        self.op = op or select_lora_op(device)
+        self.layout: Optional[LoRALayout] = None
+        self.slot_of: dict[int, int] = {}
+        self.free_slots = list(range(num_slots))
+        self.projections: list[dict[str, _Projection]] = []
+        self.unfused_steps = 0  # steps that left the fused C layer for LoRA rows
+        self._paused_fast_paths: list[tuple[Any, Any]] = []
+        self._hooks = []
+        targets = shapes["targets"]
+        for layer in model.model.layers:
+            per: dict[str, _Projection] = {}
+            for packed, (parent, subs) in PACKED.items():
+                if not all(t in targets for t in subs):
+                    continue
+                proj = _Projection(targets[subs[0]][0], [targets[t][1] for t in subs], num_slots, max_rank, dtype,
+                                   device)
+                per[packed] = proj
+                module = getattr(getattr(layer, parent), packed)
+                self._hooks.append(module.register_forward_hook(self._hook(proj)))
+            self.projections.append(per)
+        self.layers = list(model.model.layers)
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def load(self, lora_id: int, w: LoRAWeights) -> None:
+        if lora_id in self.slot_of:
+            self.unload(lora_id)
+        if not self.free_slots:
+            raise RuntimeError(f"no free LoRA slot for adapter {lora_id}")  # the engine's registry prevents this
+        slot = self.free_slots.pop(0)
+        with torch.no_grad():
+            for per in self.projections:
+                for proj in per.values():
+                    proj.a[slot].zero_()
+                    proj.b[slot].zero_()
+            for (layer, target), (a, b) in w.tensors.items():
+                for packed, (_, subs) in PACKED.items():
+                    if target in subs:
+                        proj = self.projections[layer][packed]
+                        i, r = subs.index(target), a.shape[0]
+                        k0, o0 = i * proj.rank, proj.offsets[i]
+                        proj.a[slot, :, k0:k0 + r].copy_(a.t())
+                        proj.b[slot, k0:k0 + r, o0:o0 + proj.outs[i]].copy_(b.t())
+        self.slot_of[lora_id] = slot
+
+    def unload(self, lora_id: int) -> None:
+        slot = self.slot_of.pop(lora_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def begin_step(self, lora_ids: list[int], query_lens: list[int]) -> None:
+        """The step's requests' adapter ids (0: base) and token counts, in batch order."""
+        slots = [self.slot_of[i] if i else -1 for i in lora_ids]
+        if all(s < 0 for s in slots):
+            self.layout = None
+            return
+        self.layout = LoRALayout.build(slots, query_lens, self.device)
+        for layer in self.layers:  # the fused C layer has no LoRA term: the per-op path runs this step
+            if getattr(layer, "fast_path", None) is not None:
+                self._paused_fast_paths.append((layer, layer.fast_path))
+                layer.fast_path = None
+        if self._paused_fast_paths:
+            if not self.unfused_steps:
+                logger.info("LoRA steps run the per-op path instead of the fused C layer (counted in "
+                            "tokenmill_lora_unfused_steps)")
+            self.unfused_steps += 1
+
+    def end_step(self) -> None:
+        self.layout = None
+        for layer, fast in self._paused_fast_paths:
+            layer.fast_path = fast
+        self._paused_fast_paths = []
+
+    def _hook(self, proj: _Projection) -> Callable:
+        def hook(module, inputs, output):
+            layout = self.layout
+            if layout is None:
+                return None
+            x = inputs[0]
+            self.op(output, x if x.is_contiguous() else x.contiguous(), proj.a, proj.b, layout)
+            return output
+
+        return hook
+
+
+def select_lora_op(device: torch.device) -> Callable[..., None]:
+    """CPU: the grouped GEMM path; CUDA: the Triton kernels when triton imports; else the reference."""
+    if device.type == "cpu":
+        from tokenmill.ops.cpu.lora import lora_grouped_cpu
+
+        return lora_grouped_cpu
+    try:
+        from tokenmill.ops.lora.triton_lora import lora_triton
+    except ImportError:
+        return lora_reference
+    return lora_triton

@@ -1,0 +1,28 @@
+"""The CPU path of batched LoRA: one GEMM pair per adapter present in the step, over that adapter's rows (a
+contiguous slice where its rows are adjacent, else a gather / index_add). At most max_loras adapters run in a
+step, so a step costs at most max_loras small GEMM pairs per projection, whatever the mix of decode rows and
+prompt segments. Tested against tokenmill/ops/lora/reference.py.
+
+The fused C decoder layer (ops/cpu/layer.py) has no LoRA inside it: a step with LoRA rows runs the per-op path
+(the C linears one by one, this op after each). LoRARuntime counts those steps (tokenmill_lora_unfused_steps in
+/metrics, logged once); bench/lora_serving.py measures what it costs against the base model alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from tokenmill.ops.lora.reference import LoRALayout
+
+Tensor = torch.Tensor
+
+
+def lora_grouped_cpu(y: Tensor, x: Tensor, a: Tensor, b: Tensor, layout: LoRALayout) -> None:
+    """y += per-row x @ a[slot] @ b[slot] (rows of slot -1 untouched), in place."""
+    for slot, rows in layout.groups.items():
+        span = layout.group_spans.get(slot)
+        if span is not None:
+            lo, hi = span
+            y[lo:hi].addmm_(torch.mm(x[lo:hi], a[slot]), b[slot])
+        else:
+            d = torch.mm(torch.mm(x.index_select(0, rows), a[slot]), b[slot])
+            y.index_add_(0, rows, d)

@@ -1,0 +1,66 @@
+"""Multi-LoRA routes: the adapters in /v1/models, and (with --enable-lora-runtime-updates) vLLM's
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Loading reads the folder in a worker thread, off the
+engine's step loop; unloading an adapter with unfinished requests answers 409."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from tokenmill.errors import InvalidRequestError
+from tokenmill.lora.request import LoRARequest
+from tokenmill.server import protocol as P
+from tokenmill.server.generation import ModelNotFoundError
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: Optional[int] = None  # vLLM's shape; must match the adapter's id when given
+
+
+def model_cards(engine: Any, model_name: str) -> list[P.ModelCard]:
+    """The base model, then each adapter with parent = the base model's id."""
+    cards = [P.ModelCard(id=model_name, max_model_len=engine.max_model_len)]
+    get = getattr(engine, "lora_requests", None)
+    for r in (get() if get is not None else []):
+        cards.append(P.ModelCard(id=r.lora_name, max_model_len=engine.max_model_len, root=r.lora_path,
+                                 parent=model_name))
+    return cards
+
+
+def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, runtime_updates: bool) -> None:
+    if not runtime_updates:
+        return
+    errors = {**errors, 409: {"model": P.ErrorResponse}}
+
+    def next_id() -> int:
+        return max([0, *[r.lora_int_id for r in engine.lora_requests()]]) + 1
+
+    @app.post("/v1/load_lora_adapter", responses=errors, response_class=PlainTextResponse)
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        if not request.lora_name or request.lora_name == model_name:
+            raise InvalidRequestError(f"lora_name {request.lora_name!r} is empty or the base model's name",
+                                      param="lora_name")
+        if any(r.lora_name == request.lora_name for r in engine.lora_requests()):
+            raise InvalidRequestError(f"the adapter {request.lora_name!r} is already loaded", param="lora_name")
+        await engine.add_lora(LoRARequest(request.lora_name, next_id(), request.lora_path))
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", responses=errors, response_class=PlainTextResponse)
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        found = next((r for r in engine.lora_requests() if r.lora_name == request.lora_name), None)
+        if found is None or (request.lora_int_id is not None and request.lora_int_id != found.lora_int_id):
+            raise ModelNotFoundError(f"no LoRA adapter named {request.lora_name!r} is loaded")
+        await engine.remove_lora(found.lora_int_id)
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+
