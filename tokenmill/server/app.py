@@ -27,7 +27,7 @@ from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
 from tokenmill.server.messages import MessagesServing
-from tokenmill.server.lora_routes import add_lora_routes, model_cards
+from tokenmill.server.lora_routes import adapter_registrar, add_lora_routes, model_cards
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.responses import ResponsesRequest, ResponsesServing
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
@@ -101,7 +101,8 @@ def engine_lora_updates(engine: Any) -> bool:
 def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = False,
               register_adapter: Optional[Any] = None) -> FastAPI:
     """The HTTP app over `engine`. With owns_engine, app shutdown also shuts the engine down.
-    register_adapter(name, path): makes a finished fine-tuning job's PEFT folder servable (None: saved only)."""
+    register_adapter(name, path): makes a finished fine-tuning job's PEFT folder servable (default: the engine's
+    add_lora when it serves adapters, --enable-lora; without it the adapter is saved only)."""
     config.validate()
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine.get_stats)
@@ -235,7 +236,7 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    _add_finetune(app, engine, config, model_name, register_adapter)
+    _add_finetune(app, engine, config, model_name, register_adapter or adapter_registrar(engine))
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics, routes=_ROUTES)
     return app
 

@@ -3,7 +3,7 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Loading reads the folder
 engine's step loop; unloading an adapter with unfinished requests answers 409."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -37,13 +37,27 @@ def model_cards(engine: Any, model_name: str) -> list[P.ModelCard]:
     return cards
 
 
+def next_lora_id(engine: Any) -> int:
+    """An id no loaded adapter has (ids are per server; 0 is the base model)."""
+    return max([0, *[r.lora_int_id for r in engine.lora_requests()]]) + 1
+
+
+def adapter_registrar(engine: Any) -> Optional[Callable[[str, str], Awaitable[bool]]]:
+    """register(name, folder) -> awaitable: serves a PEFT folder under `name` (a finished fine-tuning job's
+    adapter); None where the engine serves no adapters (started without --enable-lora)."""
+    cfg = getattr(engine, "config", None)
+    if cfg is None or not cfg.lora.enable_lora:
+        return None
+
+    def register(name: str, path: str) -> Awaitable[bool]:
+        return engine.add_lora(LoRARequest(name, next_lora_id(engine), path))
+    return register
+
+
 def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, runtime_updates: bool) -> None:
     if not runtime_updates:
         return
     errors = {**errors, 409: {"model": P.ErrorResponse}}
-
-    def next_id() -> int:
-        return max([0, *[r.lora_int_id for r in engine.lora_requests()]]) + 1
 
     @app.post("/v1/load_lora_adapter", responses=errors, response_class=PlainTextResponse)
     async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> PlainTextResponse:
@@ -52,7 +66,7 @@ def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, ru
                                       param="lora_name")
         if any(r.lora_name == request.lora_name for r in engine.lora_requests()):
             raise InvalidRequestError(f"the adapter {request.lora_name!r} is already loaded", param="lora_name")
-        await engine.add_lora(LoRARequest(request.lora_name, next_id(), request.lora_path))
+        await engine.add_lora(LoRARequest(request.lora_name, next_lora_id(engine), request.lora_path))
         return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", responses=errors, response_class=PlainTextResponse)
