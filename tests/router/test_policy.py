@@ -104,3 +104,11 @@ def test_bad_settings():
         PrefixAware(capacity=0)
     with pytest.raises(ConfigError):
         PrefixAware(balance_rel=0.5)
+
+
+def test_ties_go_round_the_backends():
+    for name in ("least-load", "prefix"):
+        p = make_policy(name)
+        picks = {p.choose([0, 1, 2], loads(0, 0, 0), prompt_block_hashes(list(range(k, k + 32)), 16)).backend
+                 for k in range(3)}
+        assert picks == {0, 1, 2}, name

@@ -73,8 +73,10 @@ class RoutingPolicy:
         return False
 
 
-def _least_loaded(candidates: Sequence[int], loads: Sequence[BackendLoad]) -> int:
-    return min(candidates, key=lambda i: (loads[i].score, loads[i].kv_usage, i))
+def _least_loaded(candidates: Sequence[int], loads: Sequence[BackendLoad], turn: int = 0) -> int:
+    """Lowest load, then lowest KV usage; ties go round the backends (starting after `turn`)."""
+    n = len(loads) or 1
+    return min(candidates, key=lambda i: (loads[i].score, loads[i].kv_usage, (i - turn) % n))
 
 
 class RoundRobin(RoutingPolicy):
@@ -95,10 +97,14 @@ class RoundRobin(RoutingPolicy):
 class LeastLoad(RoutingPolicy):
     name = "least-load"
 
+    def __init__(self) -> None:
+        self._turn = 0
+
     def choose(self, candidates, loads, block_hashes=()) -> Decision:
         if not candidates:
             raise ValueError("no backend to choose from")
-        return Decision(_least_loaded(candidates, loads))
+        self._turn += 1
+        return Decision(_least_loaded(candidates, loads, self._turn))
 
 
 class PrefixAware(RoutingPolicy):
@@ -120,6 +126,7 @@ class PrefixAware(RoutingPolicy):
         self.capacity, self.balance_abs, self.balance_rel, self.max_kv_usage = (capacity, balance_abs, balance_rel,
                                                                                 max_kv_usage)
         self._lru: OrderedDict[int, set[int]] = OrderedDict()  # block hash -> backends sent it
+        self._turn = 0
 
     @property
     def needs_hashes(self) -> bool:
@@ -150,13 +157,14 @@ class PrefixAware(RoutingPolicy):
     def choose(self, candidates, loads, block_hashes=()) -> Decision:
         if not candidates:
             raise ValueError("no backend to choose from")
+        self._turn += 1
         best, n = self.longest_match(candidates, block_hashes)
         if n:
-            pick = _least_loaded(best, loads)
+            pick = _least_loaded(best, loads, self._turn)
             if not self.overloaded(pick, candidates, loads):
                 return Decision(pick, n)
-            return Decision(_least_loaded(candidates, loads), 0, overloaded_fallback=True)
-        return Decision(_least_loaded(candidates, loads))
+            return Decision(_least_loaded(candidates, loads, self._turn), 0, overloaded_fallback=True)
+        return Decision(_least_loaded(candidates, loads, self._turn))
 
     def routed(self, backend: int, block_hashes: Sequence[int]) -> None:
         lru = self._lru

@@ -40,6 +40,10 @@ class ServerConfig:
                                     "ZeroMQ; --no-engine-process keeps it on a thread of the server process. "
                                     "If the engine process dies, in-flight requests end with an error, /health "
                                     "fails and the server exits with code 1 (a supervisor restarts it)")
+    data_parallel_size: int = _f(1, "engine-core processes (replicas, each with the whole model) behind this one "
+                                    "server; each on its own CPU cores, or on cuda:i (tokenmill/router/dp_client.py)")
+    data_parallel_policy: str = _f("prefix", "how a request's replica is chosen (--data-parallel-size > 1)",
+                                   choices=["round-robin", "least-load", "prefix"])
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:
@@ -59,6 +63,10 @@ class ServerConfig:
             raise ConfigError(f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
         if self.watchdog_s <= 0:
             raise ConfigError(f"watchdog_s must be positive, got {self.watchdog_s}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and not self.engine_process:
+            raise ConfigError("--data-parallel-size > 1 runs engine processes: drop --no-engine-process")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty")
 
