@@ -16,21 +16,21 @@ CPU = CostModel(SPEC, bandwidth=20e9, matmul_rate=1.3e12, o_step=0.004, o_req=0.
 
 
 def test_one_colocated_instance_is_the_single_simulator():
-    reqs = requests_from_workload("chat", 120, rate=3.0, seed=2)
+    reqs = requests_from_workload("chat", 60, rate=3.0, seed=2)
     one = simulate(reqs, CPU, SimConfig(num_blocks=2000), 2000, 150, 3.0)
     fleet = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(1), 2000, 150, 3.0)
-    assert fleet.completed == one.completed == 120
+    assert fleet.completed == one.completed == 60
     assert fleet.ttft_s == pytest.approx(one.ttft_s)
     assert fleet.e2e_s == pytest.approx(one.e2e_s)
     assert fleet.good == one.good
 
 
 def test_two_instances_halve_the_load():
-    reqs = requests_from_workload("chat", 200, rate=8.0, seed=0)
+    reqs = requests_from_workload("chat", 80, rate=8.0, seed=0)
     one = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(1))
     for pol in ("round-robin", "least-load", "prefix"):
         two = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(2, router_policy=pol))
-        assert two.completed == 200 and two.output_tokens == one.output_tokens
+        assert two.completed == 80 and two.output_tokens == one.output_tokens
         assert two.summary()["e2e_ms"]["p50"] < one.summary()["e2e_ms"]["p50"], pol
 
 
@@ -42,6 +42,7 @@ def test_disaggregated_latencies_add_the_transfer():
     assert r.e2e_s[0] == pytest.approx(prefill + 20 * 0.01 + decodes)  # 320 tokens = 20 blocks
 
 
+@pytest.mark.slow
 def test_disaggregation_wins_on_long_prefill_with_a_tight_tpot():
     """DistServe's effect: long prompts interfere with decodes on colocated instances; at a tight TPOT the
     split serves more per instance."""
@@ -56,9 +57,10 @@ def test_disaggregation_wins_on_long_prefill_with_a_tight_tpot():
     assert res[0][1] == max(by.values())
 
 
+@pytest.mark.slow
 def test_goodput_rate_monotone_in_instances():
     def make(rate):
-        return requests_from_workload("chat", 100, rate, seed=0)
+        return requests_from_workload("chat", 50, rate, seed=0)
 
     one = max_goodput_rate(make, CPU, SimConfig(num_blocks=4000), FleetSpec(1), 3000, 200)
     two = max_goodput_rate(make, CPU, SimConfig(num_blocks=4000), FleetSpec(2), 3000, 200)
