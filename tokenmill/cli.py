@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_args(sub)
     try:
+        from tokenmill.router.cli import add_router_args
+
+        add_router_args(sub)
+    except ImportError:
+        pass
+    try:
         from tokenmill.perf.cli import add_plan_args
 
         add_plan_args(sub)

@@ -158,6 +158,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     if args.rate is not None and not (args.rate > 0 and math.isfinite(args.rate)):
         raise ConfigError(f"--rate must be a positive number of requests per second, got {args.rate}")
+    if args.instances < 1:
+        raise ConfigError(f"--instances must be at least 1, got {args.instances}")
+    if args.instances == 1 and args.prefill_instances:
+        raise ConfigError("--prefill-instances needs --instances > 1")
     if args.num_requests < 1:
         raise ConfigError(f"--num-requests must be at least 1, got {args.num_requests}")
     device = "cpu" if args.device in ("auto", "cpu") and not _has_cuda(args.device) else "cuda"
@@ -189,6 +193,15 @@ def _plan(args: argparse.Namespace) -> int:
                          max_num_seqs=seqs, max_num_batched_tokens=mnbt, policy=args.policy)
 
     base = cfg_for(args.max_num_batched_tokens, args.max_num_seqs)
+    if args.instances > 1:
+        from tokenmill.perf.fleet_cli import plan_fleet
+
+        args.chat_overhead = CHAT_TEMPLATE_TOKENS
+        plan_fleet(args, cost, base, out)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     rate = args.rate
     if rate is None and not (args.slo_ttft or args.slo_tpot):
         # no SLO: every rate meets it; predict at 80% of the capacity (all requests arriving at once)
@@ -270,5 +283,8 @@ def add_plan_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--save-calibration", default=None, metavar="FILE", help="with --calibrate: save it here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the plan as JSON here")
+    from tokenmill.perf.fleet_cli import add_fleet_args
+
+    add_fleet_args(p)
     p.set_defaults(func=cmd_plan)
     return p

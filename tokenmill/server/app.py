@@ -329,6 +329,15 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
 
 def _engine_class(server_config: ServerConfig) -> Any:
     """The EngineClient: the engine core in its own process (default) or on a thread of this one."""
+    if server_config.data_parallel_size > 1:
+        import functools
+        import types
+
+        from tokenmill.router.dp_client import DataParallelClient
+
+        return types.SimpleNamespace(from_config=functools.partial(
+            DataParallelClient.from_config, size=server_config.data_parallel_size,
+            policy=server_config.data_parallel_policy))
     if server_config.engine_process:
         from tokenmill.engine.core_client import EngineProcClient
 

@@ -45,6 +45,10 @@ class ServerConfig:
     finetune_dir: Optional[str] = _f(None, "folder for uploaded fine-tuning files and the adapters jobs train "
                                            "(<dir>/files, <dir>/adapters/<job id>); default: a new temporary "
                                            "folder per server start")
+    data_parallel_size: int = _f(1, "engine-core processes (replicas, each with the whole model) behind this one "
+                                    "server; each on its own CPU cores, or on cuda:i (tokenmill/router/dp_client.py)")
+    data_parallel_policy: str = _f("prefix", "how a request's replica is chosen (--data-parallel-size > 1)",
+                                   choices=["round-robin", "least-load", "prefix"])
     log_level: str = _f("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
 
     def validate(self) -> None:
@@ -66,6 +70,10 @@ class ServerConfig:
             raise ConfigError(f"watchdog_s must be positive, got {self.watchdog_s}")
         if self.responses_store_mib < 0:
             raise ConfigError(f"responses_store_mib must be >= 0, got {self.responses_store_mib}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and not self.engine_process:
+            raise ConfigError("--data-parallel-size > 1 runs engine processes: drop --no-engine-process")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key must not be empty")
 

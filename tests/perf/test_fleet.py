@@ -1,0 +1,79 @@
+"""Fleet simulation: colocated instances behind the router policy, and disaggregated prefill/decode splits."""
+from __future__ import annotations
+
+import sys
+import subprocess
+
+import pytest
+
+from tokenmill.errors import ConfigError
+from tokenmill.perf.cost_model import CostModel, ModelSpec
+from tokenmill.perf.fleet import FleetSpec, best_split, max_goodput_rate, simulate_fleet
+from tokenmill.perf.simulator import SimConfig, SimRequest, requests_from_workload, simulate
+
+SPEC = ModelSpec(30, 576, 9, 3, 64, 1536, 49152)
+CPU = CostModel(SPEC, bandwidth=20e9, matmul_rate=1.3e12, o_step=0.004, o_req=0.0003, o_tok=0.0001)
+
+
+def test_one_colocated_instance_is_the_single_simulator():
+    reqs = requests_from_workload("chat", 60, rate=3.0, seed=2)
+    one = simulate(reqs, CPU, SimConfig(num_blocks=2000), 2000, 150, 3.0)
+    fleet = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(1), 2000, 150, 3.0)
+    assert fleet.completed == one.completed == 60
+    assert fleet.ttft_s == pytest.approx(one.ttft_s)
+    assert fleet.e2e_s == pytest.approx(one.e2e_s)
+    assert fleet.good == one.good
+
+
+def test_two_instances_halve_the_load():
+    reqs = requests_from_workload("chat", 80, rate=8.0, seed=0)
+    one = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(1))
+    for pol in ("round-robin", "least-load", "prefix"):
+        two = simulate_fleet(reqs, CPU, SimConfig(num_blocks=2000), FleetSpec(2, router_policy=pol))
+        assert two.completed == 80 and two.output_tokens == one.output_tokens
+        assert two.summary()["e2e_ms"]["p50"] < one.summary()["e2e_ms"]["p50"], pol
+
+
+def test_disaggregated_latencies_add_the_transfer():
+    r = simulate_fleet([SimRequest(320, 5, 0.0)], CPU, SimConfig(), FleetSpec(2, 1, transfer_s_per_block=0.01))
+    prefill = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    assert r.ttft_s[0] == pytest.approx(prefill)  # the prefill instance sends the first token
+    decodes = sum(CPU.predict(1, 1, 321 + k, 321 + k) for k in range(4))
+    assert r.e2e_s[0] == pytest.approx(prefill + 20 * 0.01 + decodes)  # 320 tokens = 20 blocks
+
+
+@pytest.mark.slow
+def test_disaggregation_wins_on_long_prefill_with_a_tight_tpot():
+    """DistServe's effect: long prompts interfere with decodes on colocated instances; at a tight TPOT the
+    split serves more per instance."""
+    def make(rate):
+        return requests_from_workload("long-prefill", 80, rate, seed=0)
+
+    cfg = SimConfig(num_blocks=20000, max_num_batched_tokens=4096)
+    res = best_split(make, CPU, cfg, 4, "least-load", 0.0, slo_ttft_ms=4000, slo_tpot_ms=60)
+    by = {s.label: g for s, g in res}
+    assert set(by) == {"colocated x4", "1P + 3D", "2P + 2D", "3P + 1D"}
+    assert max(by["1P + 3D"], by["2P + 2D"], by["3P + 1D"]) > by["colocated x4"]
+    assert res[0][1] == max(by.values())
+
+
+@pytest.mark.slow
+def test_goodput_rate_monotone_in_instances():
+    def make(rate):
+        return requests_from_workload("chat", 50, rate, seed=0)
+
+    one = max_goodput_rate(make, CPU, SimConfig(num_blocks=4000), FleetSpec(1), 3000, 200)
+    two = max_goodput_rate(make, CPU, SimConfig(num_blocks=4000), FleetSpec(2), 3000, 200)
+    assert two > 1.5 * one > 0
+
+
+def test_bad_specs():
+    for spec in (FleetSpec(0), FleetSpec(2, 2), FleetSpec(2, router_policy="random"),
+                 FleetSpec(2, 1, transfer_s_per_block=-1)):
+        with pytest.raises(ConfigError):
+            spec.validate()
+
+
+def test_no_torch():
+    code = "import sys; sys.modules['torch'] = None; import tokenmill.perf.fleet"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,306 @@
+"""Fleet simulation: N engine instances behind a router, colocated or disaggregated (DistServe).
+
+colocated       every instance runs prefill and decode: the real tokenmill.core Scheduler per instance on
+                a simulated clock (as perf/simulator.py), all instances stepped together so that the router
+                policy (tokenmill/router/policy.py, the same module the router runs) sees each instance's
+                running / waiting / KV figures at the moment a request arrives.
+disaggregated   P prefill instances run each prompt (the real Scheduler, one output token: the first token
+                goes back to the client, so TTFT ends there); the prompt's KV blocks then travel to one of
+                D decode instances (transfer_s_per_block per block), which batch decode steps: each step
+                every admitted request produces a token, step time from the cost model with the batch's
+                context lengths; a request is admitted when its blocks (prompt + output) fit.
+
+Goodput per instance is DistServe's figure: the highest request rate at which >= 90% of requests meet both
+SLOs, divided by the number of instances. Pure Python; no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.outputs import ModelRunnerOutput
+from tokenmill.core.policies import make_policy as make_queue_policy
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.errors import ConfigError, TokenmillError
+from tokenmill.perf.cost_model import CostModel, shape_of_schedule
+from tokenmill.perf.simulator import SimConfig, SimRequest, SimResult, _Clock
+from tokenmill.request import Request, RequestStatus
+from tokenmill.router.policy import BackendLoad, RoutingPolicy, make_policy, prompt_block_hashes
+from tokenmill.sampling_params import SamplingParams
+
+_TOKEN = 11
+FLEET_POLICIES = ("round-robin", "least-load", "prefix")
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    instances: int
+    prefill_instances: int = 0  # 0: colocated; else this many prefill and the rest decode
+    router_policy: str = "least-load"
+    transfer_s_per_block: float = 0.0  # KV transfer prefill -> decode, seconds per block
+
+    def validate(self) -> None:
+        if self.instances < 1:
+            raise ConfigError(f"instances must be at least 1, got {self.instances}")
+        if self.prefill_instances and not 1 <= self.prefill_instances < self.instances:
+            raise ConfigError(f"prefill_instances must be in [1, {self.instances - 1}] (or 0: colocated), got "
+                              f"{self.prefill_instances}")
+        if self.router_policy not in FLEET_POLICIES:
+            raise ConfigError(f"unknown router policy {self.router_policy!r} (choose from "
+                              f"{', '.join(FLEET_POLICIES)})")
+        if not self.transfer_s_per_block >= 0:
+            raise ConfigError(f"transfer cost per block must be >= 0, got {self.transfer_s_per_block}")
+
+    @property
+    def label(self) -> str:
+        if not self.prefill_instances:
+            return f"colocated x{self.instances}"
+        return f"{self.prefill_instances}P + {self.instances - self.prefill_instances}D"
+
+
+def _token_ids(i: int, n: int) -> list[int]:
+    base = 100 + 7919 * i  # as simulate(): no two requests share a prefix
+    return [(base + j) % 49000 + 100 for j in range(n)]
+
+
+class InstanceSim:
+    """One instance: the real Scheduler on its own clock, stepped up to a given time."""
+
+    def __init__(self, cost: CostModel, cfg: SimConfig, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float]):
+        sc = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                             policy=cfg.policy, long_prefill_token_threshold=cfg.long_prefill_token_threshold,
+                             max_long_partial_prefills=cfg.max_long_partial_prefills, slo_reject=cfg.slo_reject)
+        qp = make_queue_policy(cfg.policy, slo_reject=cfg.slo_reject, default_ttft_ms=slo_ttft_ms,
+                               default_tpot_ms=slo_tpot_ms, cost_model=cost)
+        self.cost, self.cfg = cost, cfg
+        self.clock = _Clock()
+        self.sched = Scheduler(sc, cfg.num_blocks, cfg.block_size, cfg.max_model_len, cfg.enable_prefix_caching,
+                               policy=qp, clock=self.clock)
+        self.reqs: dict[str, Request] = {}
+        self.finish: dict[str, float] = {}
+        self.steps = 0
+
+    def load(self) -> BackendLoad:
+        kv = self.sched.kv
+        usage = kv.num_used_blocks / kv.num_total_blocks if kv.num_total_blocks else 0.0
+        return BackendLoad(self.sched.num_running, self.sched.num_waiting, usage)
+
+    def add(self, rid: str, token_ids: list[int], n_out: int, arrival_s: float) -> None:
+        req = Request(rid, token_ids, SamplingParams(max_tokens=n_out, ignore_eos=True), (), arrival_s, n_out)
+        self.reqs[rid] = req
+        try:
+            self.sched.add_request(req)
+        except TokenmillError:
+            req.status = RequestStatus.FINISHED_ABORTED
+
+    def advance_to(self, t: float) -> None:
+        while self.clock.t < t and self.sched.has_work() and self.step():
+            pass
+        self.clock.t = max(self.clock.t, t)
+
+    def drain(self, max_s: float) -> None:
+        while self.sched.has_work() and self.clock.t < max_s:
+            if not self.step() and self.sched.has_unfinished_requests():
+                raise RuntimeError("simulation stalled: the scheduler scheduled nothing with requests left")
+
+    def step(self) -> bool:
+        """One step; False when nothing was scheduled."""
+        out = self.sched.schedule()
+        if out.total_num_scheduled_tokens == 0:
+            return False
+        self.clock.t += self.cost.predict_shape(shape_of_schedule(out))
+        self.steps += 1
+        ids, toks = [], []
+        for rid in out.num_scheduled_tokens:
+            r = self.sched.requests[rid]
+            ids.append(rid)
+            toks.append([_TOKEN] if r.num_computed_tokens >= r.num_tokens else [])
+        for o in self.sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, sampled_token_ids=toks,
+                                                                      logprobs=[None] * len(ids))):
+            if o.finished:
+                self.finish[o.req_id] = self.clock.t
+        return True
+
+
+class DecodeSim:
+    """A decode-only instance: requests arrive with their prompt's KV; each step decodes one token for every
+    admitted request (FCFS admission while max_num_seqs and the KV blocks allow)."""
+
+    def __init__(self, cost: CostModel, cfg: SimConfig):
+        self.cost, self.cfg = cost, cfg
+        self.t = 0.0
+        self.queue: list[tuple[str, int, int]] = []  # (rid, context, tokens left)
+        self.active: list[list] = []  # [rid, context, tokens left, blocks]
+        self.free_blocks = cfg.num_blocks
+        self.finish: dict[str, float] = {}
+
+    def load(self) -> BackendLoad:
+        used = self.cfg.num_blocks - self.free_blocks
+        return BackendLoad(len(self.active), len(self.queue), used / self.cfg.num_blocks if self.cfg.num_blocks else 0)
+
+    def add(self, rid: str, prompt_len: int, tokens_left: int) -> None:
+        self.queue.append((rid, prompt_len + 1, tokens_left))
+
+    def _admit(self) -> None:
+        while self.queue and len(self.active) < self.cfg.max_num_seqs:
+            rid, ctx, left = self.queue[0]
+            need = -(-(ctx + left) // self.cfg.block_size)
+            if need > self.free_blocks:
+                if not self.active and need > self.cfg.num_blocks:  # can never fit: drop it
+                    self.queue.pop(0)
+                    continue
+                break
+            self.queue.pop(0)
+            self.free_blocks -= need
+            self.active.append([rid, ctx, left, need])
+
+    def advance_to(self, t: float) -> None:
+        while self.t < t and (self.queue or self.active):
+            self.step()
+        self.t = max(self.t, t)
+
+    def drain(self, max_s: float) -> None:
+        while (self.queue or self.active) and self.t < max_s:
+            self.step()
+
+    def step(self) -> None:
+        self._admit()
+        if not self.active:
+            return
+        b = len(self.active)
+        ctx = sum(a[1] for a in self.active)
+        self.t += self.cost.predict(b, b, ctx, ctx)
+        keep = []
+        for a in self.active:
+            a[1] += 1
+            a[2] -= 1
+            if a[2] <= 0:
+                self.finish[a[0]] = self.t
+                self.free_blocks += a[3]
+            else:
+                keep.append(a)
+        self.active = keep
+
+
+def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
+    d = policy.choose(list(range(len(sims))), [s.load() for s in sims], hashes)
+    policy.routed(d.backend, hashes)
+    return d.backend
+
+
+def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, spec: FleetSpec,
+                   slo_ttft_ms: Optional[float] = None, slo_tpot_ms: Optional[float] = None, rate: float = 0.0,
+                   max_sim_s: float = 1e6) -> SimResult:
+    """The whole fleet's latencies and goodput (SimResult over all instances)."""
+    spec.validate()
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    n_front = spec.prefill_instances or spec.instances
+    front = [InstanceSim(cost, cfg, slo_ttft_ms, slo_tpot_ms) for _ in range(n_front)]
+    policy = make_policy(spec.router_policy)
+    where: dict[int, int] = {}
+    lens: dict[int, tuple[int, int]] = {}
+    for i in order:
+        r = requests[i]
+        n_in = min(r.prompt_len, cfg.max_model_len - 1)
+        n_out = max(1, min(r.output_len, cfg.max_model_len - n_in))
+        lens[i] = (n_in, n_out)
+        for s in front:
+            s.advance_to(r.arrival_s)
+        ids = _token_ids(i, n_in)
+        hashes = prompt_block_hashes(ids[:-1], cfg.block_size) if policy.needs_hashes else []
+        k = _route(policy, front, hashes)
+        where[i] = k
+        front[k].add(f"r{i}", ids, 1 if spec.prefill_instances else n_out, r.arrival_s)
+    for s in front:
+        s.drain(max_sim_s)
+    first: dict[int, float] = {}
+    finish: dict[int, float] = {}
+    for i, k in where.items():
+        req = front[k].reqs[f"r{i}"]
+        if req.first_token_time is not None and req.status not in (RequestStatus.FINISHED_ABORTED,
+                                                                     RequestStatus.FINISHED_ERROR):
+            first[i] = req.first_token_time
+            if f"r{i}" in front[k].finish:
+                finish[i] = front[k].finish[f"r{i}"]
+    if spec.prefill_instances:
+        finish = {}
+        back = [DecodeSim(cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
+        dpol = make_policy("least-load" if spec.router_policy == "prefix" else spec.router_policy)
+        hand = sorted((first[i] + spec.transfer_s_per_block * -(-lens[i][0] // cfg.block_size), i) for i in first)
+        for t, i in hand:
+            for s in back:
+                s.advance_to(t)
+            n_in, n_out = lens[i]
+            if n_out <= 1:
+                finish[i] = first[i]
+                continue
+            back[_route(dpol, back, [])].add(f"r{i}", n_in, n_out - 1)
+        for s in back:
+            s.drain(max_sim_s)
+        for s in back:
+            for rid, t in s.finish.items():
+                finish[int(rid[1:])] = t
+    res = SimResult(rate=rate, num_requests=len(requests), completed=0, rejected=0, duration_s=0.0,
+                    num_steps=sum(s.steps for s in front),
+                    num_preemptions=sum(s.sched.num_preemptions for s in front))
+    end = 0.0
+    for i in order:
+        if i not in finish or i not in first:
+            continue
+        r = requests[i]
+        n_in, n_out = lens[i]
+        ttft, e2e = first[i] - r.arrival_s, finish[i] - r.arrival_s
+        tpot = (e2e - ttft) / (n_out - 1) if n_out > 1 else None
+        t_ttft = r.ttft_ms if r.ttft_ms is not None else slo_ttft_ms
+        t_tpot = r.tpot_ms if r.tpot_ms is not None else slo_tpot_ms
+        ok = (t_ttft is None or ttft * 1e3 <= t_ttft) and (t_tpot is None or tpot is None or tpot * 1e3 <= t_tpot)
+        res.completed += 1
+        res.good += ok
+        res.ttft_s.append(ttft)
+        res.e2e_s.append(e2e)
+        if tpot is not None:
+            res.tpot_s.append(tpot)
+        res.output_tokens += n_out
+        res.records.append((n_in, n_out, ttft, tpot, ok))
+        end = max(end, finish[i])
+    res.rejected = len(requests) - res.completed
+    res.duration_s = max(end, 1e-9)
+    return res
+
+
+def max_goodput_rate(make_requests, cost: CostModel, cfg: SimConfig, spec: FleetSpec, slo_ttft_ms: Optional[float],
+                     slo_tpot_ms: Optional[float], target: float = 0.9, iters: int = 7) -> float:
+    """Highest Poisson rate (req/s, whole fleet) at which >= target of requests meet the SLOs; make_requests(rate)
+    gives the arrivals. Bisection in log space."""
+    lo, hi = 0.0, None
+    rate = float(spec.instances)
+    for _ in range(iters + 10):
+        res = simulate_fleet(make_requests(rate), cost, cfg, spec, slo_ttft_ms, slo_tpot_ms, rate)
+        if res.slo_attainment >= target:
+            lo = rate
+        else:
+            hi = rate
+        if hi is None:
+            rate *= 2
+        elif lo == 0.0:
+            rate /= 2
+            if rate < 1e-3:
+                return 0.0
+        else:
+            if hi / lo < 1.08:
+                break
+            rate = math.sqrt(lo * hi)
+    return lo
+
+
+def best_split(make_requests, cost: CostModel, cfg: SimConfig, instances: int, router_policy: str,
+               transfer_s_per_block: float, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float],
+               target: float = 0.9) -> list[tuple[FleetSpec, float]]:
+    """(spec, goodput per instance) for colocated and every prefill/decode split, best first."""
+    specs = [FleetSpec(instances, 0, router_policy, transfer_s_per_block)]
+    specs += [FleetSpec(instances, p, router_policy, transfer_s_per_block) for p in range(1, instances)]
+    out = [(s, max_goodput_rate(make_requests, cost, cfg, s, slo_ttft_ms, slo_tpot_ms, target) / instances)
+           for s in specs]
+    return sorted(out, key=lambda x: -x[1])

@@ -1,0 +1,41 @@
+"""`tokenmill router --backend URL [--backend URL ...] [--policy round-robin|least-load|prefix]`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import fields
+from typing import Any
+
+from tokenmill.errors import TokenmillError
+from tokenmill.router.app import RouterConfig, serve_router
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig) if f.name != "log_level"})
+    cfg.log_level = args.log_level
+    try:
+        asyncio.run(serve_router(cfg))
+    except TokenmillError as exc:
+        print(f"tokenmill router: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_router_args(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("router", help="HTTP router over tokenmill servers (replicas)",
+                              description="Route OpenAI-API requests over several `tokenmill serve` backends.")
+    for f in fields(RouterConfig):
+        if f.name == "log_level":
+            continue  # the top-level --log-level
+        flag = "--backend" if f.name == "backends" else "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+        if f.name == "backends":
+            kw.update(action="append", required=True, metavar="URL")
+        elif "choices" in f.metadata:
+            kw.update(choices=f.metadata["choices"], default=f.default)
+        else:
+            kw.update(default=f.default, type=type(f.default) if f.default is not None else str)
+        p.add_argument(flag, **kw)
+    p.set_defaults(func=cmd_router)
+    return p
