@@ -199,6 +199,40 @@ class ParallelConfig:
 
 
 @dataclass
+class KVTransferConfig:
+    """Disaggregated prefill / decode (docs/DISAGG.md): a producer (prefill instance) serves the KV blocks of the
+    requests it prefilled; a consumer (decode instance) pulls them into its own blocks and continues."""
+
+    kv_role: Optional[str] = _f(None, "disaggregated serving role: producer (prefill instance: serves its KV blocks), "
+                                      "consumer (decode instance: pulls them), both; default off",
+                                choices=["producer", "consumer", "both"])
+    kv_connector: str = _f("tcp", "KV transfer connector: tcp (block ids + bytes over TCP, any KV dtype)",
+                           choices=["tcp"])
+    kv_transfer_host: str = _f("127.0.0.1", "producer: address its KV server listens on and advertises to consumers")
+    kv_transfer_port: int = _f(14579, "producer: TCP port of its KV server")
+    kv_transfer_timeout: float = _f(10.0, "seconds a producer holds a prefilled request's blocks for a consumer, "
+                                          "and a consumer waits on a transfer before recomputing the prompt")
+
+    def validate(self) -> None:
+        if self.kv_role not in (None, "producer", "consumer", "both"):
+            raise ConfigError(f"kv_role must be producer, consumer or both, got {self.kv_role!r}")
+        if self.kv_connector != "tcp":
+            raise ConfigError(f"kv_connector must be tcp, got {self.kv_connector!r}")
+        if not 1 <= self.kv_transfer_port <= 65535:
+            raise ConfigError(f"kv_transfer_port must be in [1, 65535], got {self.kv_transfer_port}")
+        if not self.kv_transfer_timeout > 0:
+            raise ConfigError(f"kv_transfer_timeout must be positive, got {self.kv_transfer_timeout}")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("producer", "both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("consumer", "both")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -206,6 +240,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
     structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -213,6 +248,9 @@ class EngineConfig:
         self.scheduler.validate()
         self.structured.validate()
         self.parallel.validate()
+        self.kv_transfer.validate()
+        if self.kv_transfer.kv_role is not None and self.parallel.tensor_parallel_size > 1:
+            raise ConfigError("kv_role (disaggregated prefill/decode) needs tensor_parallel_size 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -237,7 +275,8 @@ class EngineConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
-             "structured": StructuredOutputsConfig, "parallel": ParallelConfig}
+             "structured": StructuredOutputsConfig, "parallel": ParallelConfig,
+             "kv_transfer": KVTransferConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:

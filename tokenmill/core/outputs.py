@@ -74,6 +74,8 @@ class SchedulerOutput:
     # req_id -> tokens appended to a running request outside sampling (grammar jump-forward) since the runner
     # last saw it; they are computed like prompt tokens (they are in num_scheduled_tokens)
     forced_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # disaggregated prefill / decode (core/kv_transfer.py): blocks to serve, blocks to pull, pulls to cancel
+    kv_transfer: Optional[Any] = None  # a KVTransferStep, or None
 
     @property
     def is_empty(self) -> bool:
@@ -104,6 +106,10 @@ class ModelRunnerOutput:
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> error message, when the step failed for that request
     errors: dict[str, str] = field(default_factory=dict)
+    # disaggregated prefill / decode: requests whose blocks the KV connector has finished serving (sent or timed
+    # out: the producer frees them), and pulls it has finished (req_id -> True: KV in place, False: recompute)
+    kv_sent: list[str] = field(default_factory=list)
+    kv_recved: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass

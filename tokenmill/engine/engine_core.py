@@ -42,7 +42,8 @@ class EngineCore:
         streaming = StreamingSpec.from_tokens(cc.streaming_sink_tokens, cc.streaming_window_tokens, cc.block_size)
         self.scheduler = Scheduler(sc, info.num_kv_blocks, cc.block_size, info.max_model_len,
                                    cc.enable_prefix_caching, policy=policy,
-                                   num_host_blocks=info.num_host_blocks, streaming=streaming)
+                                   num_host_blocks=info.num_host_blocks, streaming=streaming,
+                                   kv_role=self.config.kv_transfer.kv_role)
         if sc.step_trace:
             self._trace = open(sc.step_trace, "a", buffering=1)  # line-buffered: whole lines survive a kill
         return info
@@ -113,7 +114,8 @@ class EngineCore:
 
     def _execute(self, sched) -> list[EngineCoreOutput]:
         """execute_model -> update_from_output for one schedule."""
-        if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in):
+        if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in
+                                                          or sched.kv_transfer is not None):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
                                                                               logprobs=[]))
@@ -139,7 +141,9 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic(), **_offload_stats(kv.offload))
+                           last_step_time=time.monotonic(), kv_transfer_sent=s.kv_transfer.num_sent,
+                           kv_transfer_recv_ok=s.kv_transfer.num_recv_ok,
+                           kv_transfer_recv_failed=s.kv_transfer.num_recv_failed, **_offload_stats(kv.offload))
 
 
 def _write_trace(f, wall: float, seconds: float, sched) -> None:
