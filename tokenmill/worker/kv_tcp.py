@@ -89,6 +89,7 @@ class TcpKVConnector(KVConnector):
         self._sent: list[str] = []
         self._recved: dict[str, bool] = {}
         self._served: dict[str, _Served] = {}  # transfer id -> blocks waiting for their consumer
+        self._over: dict[str, None] = {}  # transfer ids served or expired lately (oldest first), refused at once
         self._cancels: dict[str, threading.Event] = {}  # req id -> cancel flag of its pull
         self._stop = threading.Event()
         self._listener: Optional[socket.socket] = None
@@ -127,6 +128,7 @@ class TcpKVConnector(KVConnector):
                 self._release(req_id)
                 return
             self._served[send.transfer_id] = _Served(req_id, send, time.monotonic() + self.timeout)
+            self._cv.notify_all()
 
     def _release(self, req_id: str) -> None:  # under self._cv
         self._sent.append(req_id)
@@ -150,8 +152,26 @@ class TcpKVConnector(KVConnector):
         with self._cv:
             for tid in [t for t, s in self._served.items() if s.deadline <= now]:
                 served = self._served.pop(tid)
+                self._over_add(tid)
                 logger.warning("KV transfer %r not pulled within %.1f s: its blocks are freed", tid, self.timeout)
                 self._release(served.req_id)
+
+    def _claim(self, transfer_id: str, deadline: float) -> Optional[_Served]:
+        """The transfer's blocks, waiting for them while the engine has not yet listed them (the HTTP answer of
+        the prefill can reach the consumer before the next step hands the blocks over); None if it is over."""
+        with self._cv:
+            while transfer_id not in self._served:
+                left = deadline - time.monotonic()
+                if transfer_id in self._over or left <= 0 or self._stop.is_set():
+                    return None
+                self._cv.wait(min(left, 0.5))
+            self._over_add(transfer_id)
+            return self._served.pop(transfer_id)
+
+    def _over_add(self, transfer_id: str) -> None:  # under self._cv
+        self._over[transfer_id] = None
+        if len(self._over) > 4096:
+            del self._over[next(iter(self._over))]
 
     def _serve(self, conn: socket.socket) -> None:
         served: Optional[_Served] = None
@@ -160,8 +180,7 @@ class TcpKVConnector(KVConnector):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 deadline = time.monotonic() + self.timeout
                 ask = recv_msg(conn, deadline)
-                with self._cv:
-                    served = self._served.pop(str(ask.get("transfer_id")), None)
+                served = self._claim(str(ask.get("transfer_id")), deadline)
                 if served is None:
                     send_msg(conn, {"ok": False, "error": "unknown or expired transfer id"})
                     return
