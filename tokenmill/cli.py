@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     try:
+        from tokenmill.disagg.proxy import add_proxy_args
+
+        add_proxy_args(sub)
+    except ImportError:  # the server extra is missing
+        pass
+    try:
         from tokenmill.perf.cli import add_plan_args
 
         add_plan_args(sub)

@@ -228,6 +228,37 @@ class FinetuneConfig:
         if not self.finetune_max_step_ms > 0:
             raise ConfigError(f"finetune_max_step_ms must be positive, got {self.finetune_max_step_ms}",
                               param="finetune_max_step_ms")
+class KVTransferConfig:
+    """Disaggregated prefill / decode (docs/DISAGG.md): a producer (prefill instance) serves the KV blocks of the
+    requests it prefilled; a consumer (decode instance) pulls them into its own blocks and continues."""
+
+    kv_role: Optional[str] = _f(None, "disaggregated serving role: producer (prefill instance: serves its KV blocks), "
+                                      "consumer (decode instance: pulls them), both; default off",
+                                choices=["producer", "consumer", "both"])
+    kv_connector: str = _f("tcp", "KV transfer connector: tcp (block ids + bytes over TCP, any KV dtype)",
+                           choices=["tcp"])
+    kv_transfer_host: str = _f("127.0.0.1", "producer: address its KV server listens on and advertises to consumers")
+    kv_transfer_port: int = _f(14579, "producer: TCP port of its KV server")
+    kv_transfer_timeout: float = _f(10.0, "seconds a producer holds a prefilled request's blocks for a consumer, "
+                                          "and a consumer waits on a transfer before recomputing the prompt")
+
+    def validate(self) -> None:
+        if self.kv_role not in (None, "producer", "consumer", "both"):
+            raise ConfigError(f"kv_role must be producer, consumer or both, got {self.kv_role!r}")
+        if self.kv_connector != "tcp":
+            raise ConfigError(f"kv_connector must be tcp, got {self.kv_connector!r}")
+        if not 1 <= self.kv_transfer_port <= 65535:
+            raise ConfigError(f"kv_transfer_port must be in [1, 65535], got {self.kv_transfer_port}")
+        if not self.kv_transfer_timeout > 0:
+            raise ConfigError(f"kv_transfer_timeout must be positive, got {self.kv_transfer_timeout}")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("producer", "both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("consumer", "both")
 
 
 @dataclass
@@ -240,6 +271,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -251,6 +283,9 @@ class EngineConfig:
         self.lora.validate()
         if self.lora.enable_lora and self.parallel.tensor_parallel_size > 1:
             raise ConfigError("enable_lora runs on one rank: tensor_parallel_size must be 1", param="enable_lora")
+        self.kv_transfer.validate()
+        if self.kv_transfer.kv_role is not None and self.parallel.tensor_parallel_size > 1:
+            raise ConfigError("kv_role (disaggregated prefill/decode) needs tensor_parallel_size 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
@@ -276,7 +311,7 @@ class EngineConfig:
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "spec": SpecConfig,
              "structured": StructuredOutputsConfig, "parallel": ParallelConfig, "finetune": FinetuneConfig,
-             "lora": LoRAConfig}
+             "lora": LoRAConfig, "kv_transfer": KVTransferConfig}
 
 
 def add_dataclass_args(group: Any, cls: type, skip: tuple[str, ...] = ()) -> None:

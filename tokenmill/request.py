@@ -16,10 +16,11 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
     FINISHED_ERROR = 6
+    WAITING_FOR_REMOTE_KV = 7  # a decode instance's request whose prompt KV a producer sends (core/kv_transfer.py)
 
     @property
     def finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return RequestStatus.FINISHED_STOPPED <= self <= RequestStatus.FINISHED_ERROR
 
 
 class FinishReason(str, enum.Enum):

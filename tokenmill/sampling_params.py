@@ -154,6 +154,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # constrained decoding (tokenmill/structured): JSON schema, regex, choice or EBNF grammar
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # disaggregated prefill / decode (tokenmill/core/kv_transfer.py): do_remote_decode on the prefill instance,
+    # do_remote_prefill (+ the producer's address and first token) on the decode instance; checked there
+    kv_transfer_params: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -226,6 +229,8 @@ class SamplingParams:
                 v = getattr(self.slo, name)
                 if v is not None and v <= 0:
                     bad(f"slo.{name}", f"slo.{name} must be positive, got {v}")
+        if self.kv_transfer_params is not None and self.n != 1:
+            bad("n", "kv_transfer_params (disaggregated prefill / decode) needs n = 1")
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 bad("structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict")

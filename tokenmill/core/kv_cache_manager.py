@@ -97,10 +97,12 @@ class KVCacheManager:
     # ---- allocation ----------------------------------------------------------------------------
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Optional[list[KVBlock]] = None,
-                       num_lookahead_tokens: int = 0, num_offloaded_tokens: int = 0) -> Optional[list[int]]:
+                       num_lookahead_tokens: int = 0, num_offloaded_tokens: int = 0,
+                       cache: bool = True) -> Optional[list[int]]:
         """Make room for num_new_tokens more tokens (after request.num_computed_tokens, the prefix hits
         and the num_offloaded_tokens the host tier restores into the first new blocks). Returns the ids
-        of newly added blocks (hits first), or None if they do not fit (nothing changes then)."""
+        of newly added blocks (hits first), or None if they do not fit (nothing changes then). cache=False: do
+        not enter the new blocks in the prefix cache (their KV arrives later: cache_blocks() then)."""
         computed = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_computed = self._cache_len(request) + len(computed) * self.block_size + num_offloaded_tokens
@@ -119,7 +121,7 @@ class KVCacheManager:
             self.offload.swap_in(host, [b.block_id for b in new_blocks[:len(host)]])
         blocks.extend(computed)
         blocks.extend(new_blocks)
-        if self.enable_caching:
+        if self.enable_caching and cache:
             # cache the blocks that are full of known (non-speculative) tokens after this step
             num_known = min(num_computed + num_new_tokens, request.num_tokens)
             if self.streaming is not None and is_streaming(request):  # register the sinks only
@@ -132,6 +134,11 @@ class KVCacheManager:
         if self.streaming is not None and is_streaming(request):
             return self.streaming.cache_len(request)
         return request.num_computed_tokens
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Enter the request's blocks full of its first num_tokens tokens in the prefix cache (KV now present)."""
+        if self.enable_caching:
+            self._cache_full_blocks(request, self.req_blocks.get(request.request_id, []), num_tokens)
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         n_full = num_tokens // self.block_size

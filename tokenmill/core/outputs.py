@@ -79,6 +79,8 @@ class SchedulerOutput:
     # step (id -> tokenmill.lora.adapter.LoRAWeights) and drops (ids), loads after drops
     lora_loads: dict[int, Any] = field(default_factory=dict)
     lora_unloads: list[int] = field(default_factory=list)
+    # disaggregated prefill / decode (core/kv_transfer.py): blocks to serve, blocks to pull, pulls to cancel
+    kv_transfer: Optional[Any] = None  # a KVTransferStep, or None
 
     @property
     def is_empty(self) -> bool:
@@ -111,6 +113,10 @@ class ModelRunnerOutput:
     errors: dict[str, str] = field(default_factory=dict)
     # MoE models: cumulative routing statistics (tokenmill.core.expert_cache.MoEStats); None for dense models
     moe_stats: Optional[Any] = None
+    # disaggregated prefill / decode: requests whose blocks the KV connector has finished serving (sent or timed
+    # out: the producer frees them), and pulls it has finished (req_id -> True: KV in place, False: recompute)
+    kv_sent: list[str] = field(default_factory=list)
+    kv_recved: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass

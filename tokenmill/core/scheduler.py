@@ -12,7 +12,8 @@ import time
 from typing import Callable, Iterable, Optional
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.kv_cache_manager import KVCacheManager, cdiv
+from tokenmill.core.kv_transfer import KVTransferTracker, RemotePrefill
 from tokenmill.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
 from tokenmill.core.policies import Policy, make_policy_for_config
@@ -25,7 +26,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int,
                  enable_prefix_caching: bool = True, policy: Optional[Policy] = None,
                  clock: Callable[[], float] = time.monotonic, num_host_blocks: int = 0,
-                 streaming: Optional[StreamingSpec] = None, max_loras: Optional[int] = None):
+                 streaming: Optional[StreamingSpec] = None, max_loras: Optional[int] = None,
+                 kv_role: Optional[str] = None):
         self.max_model_len = max_model_len
         # multi-LoRA: at most this many distinct adapters among running requests, hence in one step (None: no LoRA)
         self.max_loras = max_loras
@@ -48,6 +50,8 @@ class Scheduler:
         self._rejected: list[Request] = []  # refused in schedule() by the policy (slo_reject)
         # a waiting request this returns False for is passed over (its grammar is still compiling); None: all ready
         self.is_ready: Optional[Callable[[Request], bool]] = None
+        # disaggregated prefill / decode (core/kv_transfer.py): KVTransferConfig.kv_role, None: off
+        self.kv_transfer = KVTransferTracker(kv_role, block_size)
         # cumulative statistics
         self.num_preemptions = 0
         self.num_prompt_tokens_computed = 0
@@ -67,11 +71,22 @@ class Scheduler:
                 f"({self.kv.num_total_blocks * self.block_size} tokens); raise num_kv_blocks or kv_cache_memory")
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+        remote = self.kv_transfer.check(req)  # InvalidRequestError when it does not fit this instance's role
         self.requests[req.request_id] = req
-        self.waiting.append(req)
         if req.lora_int_id:
             self.lora_requests[req.lora_int_id] = self.lora_requests.get(req.lora_int_id, 0) + 1
+        if remote is not None:
+            self.kv_transfer.remote[req.request_id] = remote
         self.policy.on_arrival(req)
+        if isinstance(remote, RemotePrefill):  # its first token came from the producer: report it now
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            req.first_token_time = self.clock()
+            _, status, stop_reason = self._append_and_check(req, [remote.first_token_id])
+            self.kv_transfer.first.append((req, remote.first_token_id, status, stop_reason))
+            if status is not None:
+                self._finish(req, status)
+                return
+        self.waiting.append(req)
 
     def _check_streaming(self, req: Request) -> None:
         spec = self.streaming.spec
@@ -91,17 +106,29 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
+            if req.request_id in self.kv_transfer.recving:  # the connector may be writing its blocks
+                self.kv_transfer.abort_recv(req)
+                req.status = status  # its blocks are freed when the connector reports (update_from_output)
+                self.requests.pop(req.request_id, None)
+                self.policy.on_finish(req)
+                done.append(req)
+                continue
             if req in self.waiting:
                 self.waiting.remove(req)
             elif req in self.running:
                 self.running.remove(req)
+            elif req in self.kv_transfer.ready:
+                self.kv_transfer.ready.remove(req)
             self._finish(req, status)
             done.append(req)
         return done
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
-        self.kv.free(req)
+        # a producer's prefilled request keeps its blocks until the consumer has them (core/kv_transfer.py)
+        if not self.kv_transfer.hold_for_send(req, self.kv.block_ids(req.request_id)):
+            self.kv.free(req)
+        self.kv_transfer.remote.pop(req.request_id, None)
         self.streaming.drop(req)
         self.requests.pop(req.request_id, None)
         if req.request_id in self._in_runner:
@@ -145,11 +172,11 @@ class Scheduler:
         return bool(lid) and self.max_loras is not None and lid not in loras and len(loras) >= self.max_loras
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.kv_transfer.num_seated)
 
     def has_work(self) -> bool:
         return self.has_unfinished_requests() or bool(self._finished_for_runner or self._rejected
-                                                          or self._length_capped)
+                                                          or self._length_capped) or self.kv_transfer.busy
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -213,6 +240,9 @@ class Scheduler:
             if req.lora_int_id:
                 step_loras.add(req.lora_int_id)
 
+        # 1b. consumer requests whose KV has arrived (or is to be recomputed): they hold their seats and blocks
+        budget, num_long = self._schedule_kv_ready(out, budget, num_long, now)
+
         # 2. waiting requests, unless this step had to preempt (memory is tight)
         if not preempted and self.waiting:
             if self.policy.rejects_requests:
@@ -223,7 +253,8 @@ class Scheduler:
                     self._rejected.append(req)
             self.waiting = self.policy.order_waiting(self.waiting, now)
             j = 0
-            while j < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            while j < len(self.waiting) and budget > 0 and \
+                    len(self.running) + self.kv_transfer.num_seated < cfg.max_num_seqs:
                 self._prefer_cached_prefix(j)
                 req = self.waiting[j]
                 if self.is_ready is not None and not self.is_ready(req):
@@ -233,6 +264,11 @@ class Scheduler:
                     j += 1  # its adapter waits for one of the running ones to drain
                     continue
                 hits, num_hit = self.kv.get_computed_blocks(req)
+                if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:  # blocks for the prompt, then the pull
+                    if not self._admit_remote(req, hits, num_hit, now):
+                        break  # no room: stop admitting
+                    self.waiting.pop(j)
+                    continue
                 num_host = self.kv.get_offloaded_hit_tokens(req, len(hits))  # restored by swap-in
                 num_hit += num_host
                 remaining = req.num_tokens - num_hit
@@ -289,6 +325,7 @@ class Scheduler:
         for new in out.scheduled_new_reqs:  # admitted (or resumed) streaming requests: no eviction, just E
             if is_streaming(r := self.requests[new.req_id]):
                 out.kv_streaming[new.req_id] = self.streaming.step_info(r)
+        out.kv_transfer = self.kv_transfer.take_step()
         out.finished_req_ids = self._finished_for_runner | out.preempted_req_ids
         self._finished_for_runner = set()
         if self.kv.offload is not None:
@@ -301,6 +338,73 @@ class Scheduler:
                 self.requests[req_id].num_computed_tokens += n
         self.num_steps += 1
         return out
+
+    def _admit_remote(self, req: Request, hits: list, num_hit: int, now: float) -> bool:
+        """A consumer's request: blocks for its whole prompt (local prefix hits first, the new ones left out of
+        the prefix cache until their KV arrives), then the connector pulls the rest. False: no room."""
+        n = req.num_prompt_tokens - num_hit
+        if self.kv.allocate_slots(req, max(0, n), hits, cache=False) is None:
+            return False
+        self.kv.record_prefix_lookup(req.num_prompt_tokens, num_hit)
+        req.num_cached_tokens = num_hit
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+        if n <= 0:  # the whole prompt is cached here: nothing to pull
+            self.kv_transfer.remote.pop(req.request_id, None)
+            req.num_computed_tokens = num_hit
+            self.kv_transfer.ready.append(req)
+        else:
+            self.kv_transfer.start_recv(req, num_hit, self.kv.block_ids(req.request_id))
+        return True
+
+    def _schedule_kv_ready(self, out: SchedulerOutput, budget: int, num_long: int, now: float) -> tuple[int, int]:
+        ready = self.kv_transfer.ready
+        while ready and budget > 0:
+            req = ready[0]
+            remaining = req.num_tokens - req.num_computed_tokens
+            n, num_long = self._cap_long_prefill(remaining, min(remaining, budget), num_long)
+            if n <= 0 or self.kv.allocate_slots(req, n) is None:
+                break
+            ready.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._in_runner.add(req.request_id)
+            out.scheduled_new_reqs.append(NewRequestData(
+                req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
+                self.kv.block_ids(req.request_id), req.num_computed_tokens, req.eos_token_ids))
+            self._account(out, req, n)
+            budget -= n
+        return budget, num_long
+
+    def _apply_kv_transfer(self, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """The connector's reports: free sent blocks; pulled requests become ready (KV in place or recompute);
+        and the first tokens of newly added consumer requests."""
+        kt = self.kv_transfer
+        for req_id in result.kv_sent:
+            req = kt.finish_send(req_id)
+            if req is not None:
+                self.kv.free(req)
+        for req_id, ok in result.kv_recved.items():
+            entry = kt.finish_recv(req_id, ok)
+            if entry is None:
+                continue
+            req, num_hit = entry
+            if req.is_finished:  # aborted during the pull
+                self.kv.free(req)
+                continue
+            if ok:
+                req.num_computed_tokens = req.num_prompt_tokens
+                self.kv.cache_blocks(req, req.num_prompt_tokens)
+            else:  # recompute the prompt after the local hits (the new blocks were never cached)
+                req.num_computed_tokens = num_hit
+            kt.ready.append(req)
+        outs = []
+        for req, token, status, stop_reason in kt.take_first():
+            outs.append(EngineCoreOutput(req.request_id, [token],
+                                         finish_reason=req.finish_reason.value if status is not None else None,
+                                         stop_reason=stop_reason, first_scheduled_time=req.first_scheduled_time))
+            self.num_generated_tokens += 1
+        return outs
 
     def _cap_long_prefill(self, remaining: int, n: int, num_long: int) -> tuple[int, int]:
         """A long prefill (over the threshold) runs in threshold-sized chunks, and at most
@@ -341,6 +445,7 @@ class Scheduler:
             self.kv.offload.end_step()  # the runner has done this step's copies
         outputs: list[EngineCoreOutput] = [EngineCoreOutput(r.request_id, [], finish_reason="length")
                                            for r in self._length_capped]
+        outputs += self._apply_kv_transfer(result)
         self._length_capped = []
         outputs += [EngineCoreOutput(r.request_id, [], finish_reason="error", error=r.error)
                     for r in self._rejected]

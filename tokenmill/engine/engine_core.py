@@ -47,7 +47,8 @@ class EngineCore:
         self.scheduler = Scheduler(sc, info.num_kv_blocks, cc.block_size, info.max_model_len,
                                    cc.enable_prefix_caching, policy=policy,
                                    num_host_blocks=info.num_host_blocks, streaming=streaming,
-                                   max_loras=self.config.lora.max_loras if self.config.lora.enable_lora else None)
+                                   max_loras=self.config.lora.max_loras if self.config.lora.enable_lora else None,
+                                   kv_role=self.config.kv_transfer.kv_role)
         if self.config.lora.enable_lora:
             from tokenmill.lora.adapter import read_adapter
             from tokenmill.lora.registry import LoRARegistry
@@ -189,7 +190,8 @@ class EngineCore:
     def _execute(self, sched) -> list[EngineCoreOutput]:
         """execute_model -> update_from_output for one schedule."""
         if sched.total_num_scheduled_tokens == 0 and not (sched.finished_req_ids or sched.kv_swap_out or sched.kv_swap_in
-                                                          or sched.lora_loads or sched.lora_unloads):
+                                                          or sched.lora_loads or sched.lora_unloads
+                                                          or sched.kv_transfer is not None):
             # nothing to run, but requests finished inside schedule() (rejected, length-capped) still report
             return self.scheduler.update_from_output(sched, ModelRunnerOutput(req_ids=[], sampled_token_ids=[],
                                                                               logprobs=[]))
@@ -217,7 +219,10 @@ class EngineCore:
                            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
                            num_preemptions=s.num_preemptions, prompt_tokens=s.num_prompt_tokens_computed,
                            generation_tokens=s.num_generated_tokens, steps=s.num_steps,
-                           last_step_time=time.monotonic(), moe=self.moe_stats, **_offload_stats(kv.offload), **self._lora_stats())
+                           last_step_time=time.monotonic(), moe=self.moe_stats, kv_transfer_sent=s.kv_transfer.num_sent,
+                           kv_transfer_recv_ok=s.kv_transfer.num_recv_ok,
+                           kv_transfer_recv_failed=s.kv_transfer.num_recv_failed, **_offload_stats(kv.offload),
+                           **self._lora_stats())
 
     def _lora_stats(self) -> dict:
         """Per-adapter counters for EngineStats (empty without enable_lora)."""

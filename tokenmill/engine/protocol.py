@@ -22,6 +22,9 @@ class EngineStats:
     kv_offload_swapped_out_blocks: int = 0  # KV blocks copied to the CPU offload tier (cumulative)
     kv_offload_swapped_in_blocks: int = 0  # KV blocks copied back from it (cumulative)
     kv_offload_prefix_hits: int = 0  # prompt tokens found in its prefix index (cumulative)
+    kv_transfer_sent: int = 0  # disaggregation, producer: prefilled requests whose blocks were served or expired
+    kv_transfer_recv_ok: int = 0  # consumer: requests whose prompt KV arrived (cumulative)
+    kv_transfer_recv_failed: int = 0  # consumer: requests whose pull failed or was late: prompt recomputed
     prompt_tokens: int = 0  # cumulative prompt tokens computed
     generation_tokens: int = 0  # cumulative tokens generated
     steps: int = 0

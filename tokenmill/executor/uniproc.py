@@ -24,7 +24,9 @@ class UniProcExecutor(Executor):
         return self._runner.execute_model(sched)
 
     def shutdown(self) -> None:
-        pass  # the runner's tensors go with the executor
+        if self._runner.kv_connector is not None:  # its listening socket and threads
+            self._runner.kv_connector.shutdown()
+        # the runner's tensors go with the executor
 
     @property
     def runner(self):

@@ -52,6 +52,12 @@ class _EngineStatsCollector(Collector):
                       s.kv_offload_swapped_in_blocks)
         yield counter("kv_offload_prefix_hits", "prompt tokens found in the CPU offload tier's prefix index",
                       s.kv_offload_prefix_hits)
+        yield counter("kv_transfer_sent", "disaggregation: prefilled requests whose KV blocks were served or expired",
+                      s.kv_transfer_sent)
+        yield counter("kv_transfer_recv_ok", "disaggregation: requests whose prompt KV arrived from the producer",
+                      s.kv_transfer_recv_ok)
+        yield counter("kv_transfer_recv_failed", "disaggregation: failed or late KV pulls (prompt recomputed)",
+                      s.kv_transfer_recv_failed)
         yield counter("num_preemptions", "requests preempted to free KV blocks", s.num_preemptions)
         yield counter("prompt_tokens", "prompt tokens computed", s.prompt_tokens)
         yield counter("generation_tokens", "tokens generated", s.generation_tokens)

@@ -103,6 +103,8 @@ class SamplingFields(OpenAIModel):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     structured_outputs: Optional[dict[str, Any]] = None
+    # disaggregated prefill / decode (vLLM's name; tokenmill/disagg): the proxy's handshake
+    kv_transfer_params: Optional[dict[str, Any]] = None
 
     def constraint(self) -> tuple[Optional[StructuredOutputsParams], Optional[str]]:
         """The request's output constraint and the field it came from (InvalidRequestError when bad)."""
@@ -172,6 +174,7 @@ class SamplingFields(OpenAIModel):
             cache_salt=self.cache_salt,
             kv_eviction=self.kv_eviction,
             structured_outputs=self.constraint()[0],
+            kv_transfer_params=self.kv_transfer_params,
         )
 
 
@@ -271,6 +274,7 @@ class ChatCompletionResponse(OpenAIModel):
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
     prompt_logprobs: Optional[list[Optional[dict[str, Any]]]] = None  # vLLM's shape: token id -> logprob
+    kv_transfer_params: Optional[dict[str, Any]] = None  # a prefill instance's answer (tokenmill/disagg)
 
 
 class DeltaMessage(OpenAIModel):
@@ -370,6 +374,7 @@ class CompletionResponse(OpenAIModel):
     choices: list[CompletionChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+    kv_transfer_params: Optional[dict[str, Any]] = None  # a prefill instance's answer (tokenmill/disagg)
 
 
 class CompletionChunk(OpenAIModel):

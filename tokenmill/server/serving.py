@@ -18,6 +18,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.core.outputs import Logprob
+from tokenmill.disagg.params import check_http_request as check_kv_transfer
+from tokenmill.disagg.params import response_params as kv_response_params
 from tokenmill.engine.protocol import EngineClient
 from tokenmill.errors import InvalidRequestError, TokenmillError
 from tokenmill.outputs import RequestOutput
@@ -293,6 +295,7 @@ class OpenAIServing:
         self.check_fields(req)
         check_text(req)
         params = req.to_sampling_params()
+        check_kv_transfer(params.kv_transfer_params, bool(req.stream))
         source = req.constraint()[1]
         messages = [m.to_template_dict() for m in req.messages]
         tools_in = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -326,6 +329,9 @@ class OpenAIServing:
                 if req.prompt_logprobs is not None else None)
         body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage(),
                                         prompt_logprobs=plps)
+        if params.kv_transfer_params is not None and final.outputs:
+            body.kv_transfer_params = kv_response_params(params.kv_transfer_params, final.outputs[0].token_ids,
+                                                         self.engine)
         return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _chat_stream(self, gen: Generation, rid: str, n: int, top_n: int,
@@ -422,6 +428,7 @@ class OpenAIServing:
         if score_only and req.stream:
             raise InvalidRequestError("max_tokens=0 is not supported with stream=true", param="max_tokens")
         prompts = req.prompts()
+        check_kv_transfer(params.kv_transfer_params, bool(req.stream), len(prompts))
         if len(prompts) * params.n > P.MAX_N:
             raise InvalidRequestError(f"at most {P.MAX_N} completions (prompts x n) per request, "
                                       f"got {len(prompts) * params.n}", param="n")
@@ -467,6 +474,9 @@ class OpenAIServing:
             usage = P.UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
                                 total_tokens=usage.prompt_tokens)
         body = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        if params.kv_transfer_params is not None and finals[0].outputs:
+            body.kv_transfer_params = kv_response_params(params.kv_transfer_params, finals[0].outputs[0].token_ids,
+                                                         self.engine)
         return JSONResponse(body.model_dump(exclude_none=True))
 
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:

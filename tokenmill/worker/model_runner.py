@@ -66,6 +66,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.kv_offload: Optional[HostKVTier] = None  # the CPU offload tier (cpu_offload_gb > 0)
+        self.kv_connector = None  # disaggregated prefill / decode: a worker/kv_connector.KVConnector (kv_role)
         self.max_model_len = 0
         self.states: dict[str, RunnerRequestState] = {}
         self.sampler = Sampler(seed=config.model.seed, device=self.device)
@@ -105,6 +106,9 @@ class ModelRunner:
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
                                             self.kv_bytes_per_block(), self.device)
         self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
+        from tokenmill.worker.kv_connector import make_kv_connector
+
+        self.kv_connector = make_kv_connector(self.config, self.kv_caches, self.block_size)
         reset = getattr(self.model, "reset_expert_counts", None)
         if reset is not None:
             reset()  # MoE routing statistics start at serving, not at profiling / graph capture
@@ -199,8 +203,17 @@ class ModelRunner:
         return find_rotary(self.model) is not None and all(isinstance(c, torch.Tensor) for c in self.kv_caches)
 
     # ---- one step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if sched.kv_transfer is None:
+            return self._execute_model(sched)
+        self.kv_connector.start_step(sched.kv_transfer)  # background transfers, overlapped with this step
+        out = self._execute_model(sched)
+        # a step with nothing to run waits a little for a transfer to finish instead of spinning
+        out.kv_sent, out.kv_recved = self.kv_connector.get_finished(0.005 if sched.is_empty else 0.0)
+        return out
+
+    @torch.inference_mode()
+    def _execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched)
         if sched.kv_swap_out or sched.kv_swap_in:  # before the forward: it may overwrite swapped-out blocks
             self.kv_offload.apply(sched.kv_swap_out, sched.kv_swap_in)
