@@ -228,6 +228,9 @@ class FinetuneConfig:
         if not self.finetune_max_step_ms > 0:
             raise ConfigError(f"finetune_max_step_ms must be positive, got {self.finetune_max_step_ms}",
                               param="finetune_max_step_ms")
+
+
+@dataclass
 class KVTransferConfig:
     """Disaggregated prefill / decode (docs/DISAGG.md): a producer (prefill instance) serves the KV blocks of the
     requests it prefilled; a consumer (decode instance) pulls them into its own blocks and continues."""
