@@ -161,6 +161,11 @@ def test_anthropic_text_stream_and_count_tokens(real_url):
                              stop_sequences=["2"], extra_body={"temperature": 0})
     assert (stop.stop_reason, stop.stop_sequence) in (("stop_sequence", "2"), ("end_turn", None),
                                                       ("max_tokens", None))
+    # a final assistant message is a prefill: the answer continues it (no end of turn after it)
+    prefill = msgs + [{"role": "assistant", "content": "Hello! My name is"}]
+    closed = httpx.post(real_url + "/tokenize", json={"messages": prefill, "add_generation_prompt": False}).json()
+    cont = c.messages.create(model=MODEL, max_tokens=3, messages=prefill, extra_body={"temperature": 0})
+    assert cont.usage.input_tokens < closed["count"] and cont.content[0].text
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": "http://x"}}]}])

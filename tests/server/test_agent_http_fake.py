@@ -68,6 +68,7 @@ def test_responses_stream_events(fake_url):
     ({"input": "x", "previous_response_id": "resp_nope"}, "previous_response_id"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": []}, "input"),
 ])
 def test_responses_400s_name_the_field(fake_url, body, param):
     r = httpx.post(fake_url + "/v1/responses", json=body)
@@ -101,6 +102,7 @@ def test_messages_shapes_and_stream_events(fake_url):
     ({"max_tokens": 2, "messages": [{"role": "user", "content": "x"}], "temperature": 1.5}, "temperature"),
     ({"max_tokens": 2, "messages": [{"role": "user", "content": "x"}],
       "tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools[0].type"),
+    ({"max_tokens": 2, "messages": [{"role": "user", "content": "x"}], "stop_sequences": [""]}, "stop_sequences"),
 ])
 def test_messages_errors_in_anthropic_shape(fake_url, body, param):
     r = httpx.post(fake_url + "/v1/messages", json=body)

@@ -227,6 +227,8 @@ class ResponsesServing:
                 raise _bad(f"previous response {req.previous_response_id!r} not found (it was stored with "
                            "store=false, deleted, or evicted from the store)", "previous_response_id")
             history = [dict(m) for m in prev[1]]
+        if isinstance(req.input, list) and not req.input and not history:
+            raise _bad("input must not be empty", "input")
         conversation = history + input_messages(req.input)
         messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
         params = self._params(req)
