@@ -8,6 +8,7 @@ Streams use the official event sequence (`response.created` ... `response.comple
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
@@ -397,6 +398,4 @@ def _call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 
 def _sse_event(kind: str, data: dict[str, Any]) -> str:
-    import json
-
     return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
