@@ -18,18 +18,21 @@ from tokenmill.server.config import ServerConfig  # noqa: E402
 SCHEMA = schemathesis.openapi.from_dict(build_app(FakeEngine(), ServerConfig()).openapi())
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 OPERATIONS = [("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET"),
-              ("/health", "GET"), ("/version", "GET")]
+              ("/health", "GET"), ("/version", "GET"), ("/v1/responses", "POST"), ("/v1/messages", "POST"),
+              ("/v1/messages/count_tokens", "POST")]
 
 
 def _bound(case: Any) -> None:
     """Keep generated requests cheap on a CPU engine: few tokens and samples (validity is unchanged)."""
     body = case.body
     if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(key), int) and body[key] > 8:
                 body[key] = 8
         if "max_tokens" not in body and "messages" in body:
             body["max_tokens"] = 8
+        if "max_output_tokens" not in body and "input" in body:
+            body["max_output_tokens"] = 8
         if isinstance(body.get("n"), int) and body["n"] > 4:
             body["n"] = 4
         if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 4:

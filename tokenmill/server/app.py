@@ -26,8 +26,8 @@ from tokenmill.errors import EngineDeadError, TokenmillError
 from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
-from tokenmill.server.messages import MessagesServing
 from tokenmill.server.lora_routes import adapter_registrar, add_lora_routes, model_cards
+from tokenmill.server.messages import CountTokensRequest, MessagesRequest, MessagesServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.responses import ResponsesRequest, ResponsesServing
 from tokenmill.server.serving import EngineRequestError, OpenAIServing, error_body
@@ -183,12 +183,16 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
 
     messages = MessagesServing(serving)
 
-    @app.post("/v1/messages", responses=errors)
+    def body_schema(model: Any) -> dict[str, Any]:  # these routes parse their own body (Anthropic's errors)
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": model.model_json_schema()}}}}
+
+    @app.post("/v1/messages", responses=errors, openapi_extra=body_schema(MessagesRequest))
     async def anthropic_messages(raw_request: Request) -> Response:
         """Anthropic's Messages API (errors in Anthropic's shape)."""
         return await messages.create(raw_request)
 
-    @app.post("/v1/messages/count_tokens", responses=errors)
+    @app.post("/v1/messages/count_tokens", responses=errors, openapi_extra=body_schema(CountTokensRequest))
     async def anthropic_count_tokens(raw_request: Request) -> Response:
         return await messages.count_tokens(raw_request)
 

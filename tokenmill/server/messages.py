@@ -44,7 +44,7 @@ class MessagesRequest(BaseModel):
     stop_sequences: Optional[list[str]] = Field(None, max_length=16)
     temperature: Optional[float] = Field(None, ge=0.0, le=1.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[StrictInt] = Field(None, ge=0)
+    top_k: Optional[StrictInt] = Field(None, ge=0, le=2 ** 31 - 1)
     stream: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[dict[str, Any]] = None
@@ -241,12 +241,20 @@ class MessagesServing:
         tools = chat_tools_of(req.tools)
         choice, parallel = chat_tool_choice(req.tool_choice, bool(tools))
         user = (req.metadata or {}).get("user_id")
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else
-                                req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                                top_k=req.top_k or 0, stop=list(req.stop_sequences or []),
-                                user=user if isinstance(user, str) else None)
-        return await self.s.prepare_chat(chat_messages(req), params, None, tools, choice, parallel,
-                                         count_only=count_only)
+        try:
+            params = SamplingParams(max_tokens=req.max_tokens, temperature=1.0 if req.temperature is None else
+                                    req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                                    top_k=req.top_k or 0, stop=list(req.stop_sequences or []),
+                                    user=user if isinstance(user, str) else None)
+        except InvalidRequestError as e:
+            is_stop = e.param == "stop" or (e.param is None and "stop" in e.message)
+            raise _bad(e.message.replace("stop strings", "stop_sequences"),
+                       "stop_sequences" if is_stop else (e.param or "body")) from None
+        messages = chat_messages(req)
+        # a final assistant turn is a prefill: the answer continues it (as Anthropic's API does)
+        prefill = messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+        return await self.s.prepare_chat(messages, params, None, tools, choice, parallel,
+                                         continue_final_message=prefill, count_only=count_only)
 
     async def _count(self, req: MessagesRequest, raw: Request) -> Response:
         prompt_ids, _, _ = await self._render(req, count_only=True)

@@ -8,6 +8,7 @@ Streams use the official event sequence (`response.created` ... `response.comple
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
@@ -227,6 +228,8 @@ class ResponsesServing:
                 raise _bad(f"previous response {req.previous_response_id!r} not found (it was stored with "
                            "store=false, deleted, or evicted from the store)", "previous_response_id")
             history = [dict(m) for m in prev[1]]
+        if isinstance(req.input, list) and not req.input and not history:
+            raise _bad("input must not be empty", "input")
         conversation = history + input_messages(req.input)
         messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
         params = self._params(req)
@@ -395,6 +398,4 @@ def _call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 
 def _sse_event(kind: str, data: dict[str, Any]) -> str:
-    import json
-
     return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
