@@ -170,3 +170,40 @@ def test_packed_gguf_experts_offloaded(tmp_path, gguf_tokenizer_path):
     got = _generate(llm)
     assert [t for t, _ in got] == [t for t, _ in want]
     assert off.stats.fetches > 0
+
+
+def test_recorded_trace_replays_to_the_same_decisions(engines):
+    """The mechanism does exactly what the policy says: the routing counts and predictions it passed, recorded
+    from a live run and replayed into a fresh torch-free policy, give the same plans and counters."""
+    from tokenmill.core.expert_cache import ExpertCachePolicy
+
+    llm, _ = engines["olmoe"]
+    model = llm.engine.core.runner.model
+    ops = [block.op for _, block in moe_blocks(model)]
+    off = ExpertOffload.install(model, 6, torch.device("cpu"), cost=FETCH, prefetch=True)
+    trace, plans = [], []
+    plan_layer, plan_prefetch = off.policy.plan_layer, off.policy.plan_prefetch
+
+    def rec_layer(layer, counts):
+        trace.append(("layer", layer, list(counts)))
+        plans.append(plan_layer(layer, counts))
+        return plans[-1]
+
+    def rec_prefetch(layer, predicted, protect_layer=None):
+        trace.append(("prefetch", layer, list(predicted), protect_layer))
+        plans.append(plan_prefetch(layer, predicted, protect_layer=protect_layer))
+        return plans[-1]
+
+    off.policy.plan_layer, off.policy.plan_prefetch = rec_layer, rec_prefetch
+    try:
+        _generate(llm)
+    finally:
+        _restore(model, ops)
+    assert any(kind == "prefetch" for kind, *_ in trace)
+    fresh = ExpertCachePolicy(len(off.blocks), off.num_experts, 6, FETCH)
+    fresh.warm([(p, e) for p in range(len(off.blocks)) for e in range(off.num_experts)])
+    for (kind, layer, *args), want in zip(trace, plans):
+        got = fresh.plan_layer(layer, args[0]) if kind == "layer" else fresh.plan_prefetch(layer, args[0],
+                                                                                          protect_layer=args[1])
+        assert got == want
+    assert fresh.stats == off.stats
