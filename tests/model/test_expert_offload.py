@@ -5,18 +5,19 @@ the policy sends misses to the host, fetches them, or prefetches by the next lay
 cache counters reach EngineStats and /metrics."""
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
 import torch
 
-from tests.model.tiny_models import MOE_ARCHS, VOCAB, save_tiny_model
+from tests.model.tiny_models import MOE_ARCHS, VOCAB, build_tiny_model, fake_quantize_, save_tiny_gguf, save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.core.expert_cache import ExpertCostModel, MoEStats
 from tokenmill.errors import ConfigError
 from tokenmill.model.layers.expert_offload import ExpertOffload, OffloadedMoEOp
-from tokenmill.model.layers.moe import moe_blocks
+from tokenmill.model.layers.moe import PackedExperts, moe_blocks
 from tokenmill.worker.expert_offload import install_expert_offload
 
 NEW_TOKENS = 8
@@ -124,6 +125,8 @@ def test_metrics_export_routing_and_cache(engines):
     try:
         _generate(llm)
         text = ServerMetrics(llm.engine.core.stats).render().decode()
+        stats = pickle.loads(pickle.dumps(llm.engine.core.stats()))  # how the engine process sends them
+        assert stats.moe.cache.hits + stats.moe.cache.misses > 0 and stats.moe.expert_counts
     finally:
         _restore(model, ops)
     assert 'tokenmill:moe_expert_tokens_total{expert="0",layer="0"}' in text
@@ -144,3 +147,63 @@ def test_cache_gb_refused_on_cpu(engines):
     model = engines["mixtral"][0].engine.core.runner.model
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         install_expert_offload(model, 1.0, False, torch.device("cpu"))
+
+
+def test_packed_gguf_experts_offloaded(tmp_path, gguf_tokenizer_path):
+    """Q8_0 experts kept packed: the pool is packed too (uint8 slots run by the C kernel), tokens unchanged."""
+    import gguf
+
+    from tokenmill.ops.cpu.qlinear import available
+
+    if not available():
+        pytest.skip("the packed CPU kernels do not build here")
+    hf = build_tiny_model("mixtral")
+    fake_quantize_(hf, "mlp.experts.", gguf.GGMLQuantizationType.Q8_0)
+    qtypes = {f"blk.{i}.ffn_{p}_exps.weight": gguf.GGMLQuantizationType.Q8_0
+              for i in range(hf.config.num_hidden_layers) for p in ("gate", "up", "down")}
+    path = save_tiny_gguf(hf, str(tmp_path / "mixtral.gguf"), qtypes=qtypes)
+    llm = LLM(path, tokenizer=gguf_tokenizer_path, enable_prefix_caching=False, gemm_dtype="float32")
+    model = llm.engine.core.runner.model
+    want = _generate(llm)
+    off = ExpertOffload.install(model, 5, torch.device("cpu"), cost=FETCH, prefetch=True)
+    assert isinstance(off.pool, PackedExperts) and off.pool.gate_up_proj.dtype == torch.uint8
+    got = _generate(llm)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert off.stats.fetches > 0
+
+
+def test_recorded_trace_replays_to_the_same_decisions(engines):
+    """The mechanism does exactly what the policy says: the routing counts and predictions it passed, recorded
+    from a live run and replayed into a fresh torch-free policy, give the same plans and counters."""
+    from tokenmill.core.expert_cache import ExpertCachePolicy
+
+    llm, _ = engines["olmoe"]
+    model = llm.engine.core.runner.model
+    ops = [block.op for _, block in moe_blocks(model)]
+    off = ExpertOffload.install(model, 6, torch.device("cpu"), cost=FETCH, prefetch=True)
+    trace, plans = [], []
+    plan_layer, plan_prefetch = off.policy.plan_layer, off.policy.plan_prefetch
+
+    def rec_layer(layer, counts):
+        trace.append(("layer", layer, list(counts)))
+        plans.append(plan_layer(layer, counts))
+        return plans[-1]
+
+    def rec_prefetch(layer, predicted, protect_layer=None):
+        trace.append(("prefetch", layer, list(predicted), protect_layer))
+        plans.append(plan_prefetch(layer, predicted, protect_layer=protect_layer))
+        return plans[-1]
+
+    off.policy.plan_layer, off.policy.plan_prefetch = rec_layer, rec_prefetch
+    try:
+        _generate(llm)
+    finally:
+        _restore(model, ops)
+    assert any(kind == "prefetch" for kind, *_ in trace)
+    fresh = ExpertCachePolicy(len(off.blocks), off.num_experts, 6, FETCH)
+    fresh.warm([(p, e) for p in range(len(off.blocks)) for e in range(off.num_experts)])
+    for (kind, layer, *args), want in zip(trace, plans):
+        got = fresh.plan_layer(layer, args[0]) if kind == "layer" else fresh.plan_prefetch(layer, args[0],
+                                                                                          protect_layer=args[1])
+        assert got == want
+    assert fresh.stats == off.stats

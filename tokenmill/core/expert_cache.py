@@ -117,6 +117,10 @@ class ExpertCachePolicy:
         self.slot_of: dict[Key, int] = {}
         self.key_of: dict[int, Key] = {}
         self.free: list[int] = list(range(capacity - 1, -1, -1))  # pop() hands out slot 0 first
+        # per layer: its resident experts, and them sorted by (score, last use), rebuilt when None (after the
+        # layer's scores change or its residents do); a victim is the best of each layer's first unprotected
+        self._resident: list[set[int]] = [set() for _ in range(num_layers)]
+        self._order: list[Optional[list[int]]] = [None] * num_layers
         self.prefetched: set[Key] = set()  # copied in ahead, not used yet
         self.clock = 0  # layer calls so far (the LRU tie-break)
         self.stats = ExpertCacheStats(capacity=capacity)
@@ -135,18 +139,39 @@ class ExpertCachePolicy:
     def _place(self, key: Key, slot: int) -> int:
         self.slot_of[key] = slot
         self.key_of[slot] = key
+        self._resident[key[0]].add(key[1])
+        self._order[key[0]] = None
         self.stats.resident = len(self.slot_of)
         return slot
 
-    def _victim(self, protect: set[Key]) -> Optional[Key]:
+    def _evict(self, key: Key) -> int:
+        slot = self.slot_of.pop(key)
+        del self.key_of[slot]
+        self._resident[key[0]].discard(key[1])
+        if self._order[key[0]] is not None:
+            self._order[key[0]].remove(key[1])
+        self.prefetched.discard(key)
+        self.stats.evictions += 1
+        self.stats.resident = len(self.slot_of)
+        return slot
+
+    def _victim(self, protect: set[Key], skip_layer: Optional[int] = None) -> Optional[Key]:
+        """The resident expert of lowest (score, last use) not in `protect` nor of `skip_layer`."""
         best: Optional[Key] = None
         best_rank = None
-        for key in self.slot_of:
-            if key in protect:
+        for layer, resident in enumerate(self._resident):
+            if not resident or layer == skip_layer:
                 continue
-            rank = (self.scores[key[0]][key[1]], self.last_used[key[0]][key[1]])
-            if best_rank is None or rank < best_rank:
-                best, best_rank = key, rank
+            scores, last = self.scores[layer], self.last_used[layer]
+            order = self._order[layer]
+            if order is None:
+                order = self._order[layer] = sorted(resident, key=lambda e: (scores[e], last[e]))
+            for e in order:
+                if (layer, e) not in protect:
+                    rank = (scores[e], last[e])
+                    if best_rank is None or rank < best_rank:
+                        best, best_rank = (layer, e), rank
+                    break
         return best
 
     def _take_slot(self, key: Key, protect: set[Key], min_score: Optional[float] = None) -> Optional[int]:
@@ -158,10 +183,33 @@ class ExpertCachePolicy:
             return None
         if min_score is not None and self.scores[victim[0]][victim[1]] >= min_score:
             return None
-        slot = self.slot_of.pop(victim)
-        self.prefetched.discard(victim)
-        self.stats.evictions += 1
-        return self._place(key, slot)
+        return self._place(key, self._evict(victim))
+
+    def _admit(self, cands: list[tuple[Key, float]], protect: set[Key], skip_layer: Optional[int] = None,
+               evict: bool = True, limit: Optional[int] = None) -> list[tuple[Key, int]]:
+        """Slots for candidates (key, the score it needs to beat), in order: free slots first, then (evict) the
+        victim's when its score is below the candidate's. The victim is searched again only after an eviction."""
+        out: list[tuple[Key, int]] = []
+        victim: Optional[Key] = None
+        for key, min_score in cands:
+            if limit is not None and len(out) >= limit:
+                break
+            if self.free:
+                slot = self._place(key, self.free.pop())
+            elif not evict:
+                break
+            else:
+                if victim is None:
+                    victim = self._victim(protect, skip_layer)
+                    if victim is None:
+                        break
+                if self.scores[victim[0]][victim[1]] >= min_score:
+                    continue
+                slot = self._place(key, self._evict(victim))
+                victim = None
+            protect.add(key)
+            out.append((key, slot))
+        return out
 
     # ---- per layer ---------------------------------------------------------------------------------
     def plan_layer(self, layer: int, counts: list[int]) -> LayerPlan:
@@ -169,6 +217,7 @@ class ExpertCachePolicy:
         if len(counts) != self.num_experts:
             raise ValueError(f"expected {self.num_experts} expert counts, got {len(counts)}")
         self.clock += 1
+        self._order[layer] = None  # its scores change
         scores, last = self.scores[layer], self.last_used[layer]
         for e, n in enumerate(counts):
             scores[e] = self.decay * scores[e] + n
@@ -205,13 +254,10 @@ class ExpertCachePolicy:
             plan.fetch.append((e, slot))
             st.fetches += 1
             st.device_tokens += n
-        for e in plan.host:  # admission in the background: only over a victim of lower score
-            key = (layer, e)
-            slot = self._take_slot(key, protect, min_score=scores[e])
-            if slot is not None:
-                protect.add(key)
-                plan.admit.append((e, slot))
-                st.admissions += 1
+        # admission in the background: only over a victim of lower score
+        for key, slot in self._admit([((layer, e), scores[e]) for e in plan.host], protect):
+            plan.admit.append((key[1], slot))
+            st.admissions += 1
         return plan
 
     def plan_prefetch(self, layer: int, predicted: list[tuple[int, int]],
@@ -220,21 +266,14 @@ class ExpertCachePolicy:
         to copy in now. A predicted expert takes a free slot, or evicts one whose score is below the score the
         prediction would give it (decayed score + predicted tokens); experts of `protect_layer` (the layer
         computing now) are never evicted (None: nothing resident is)."""
-        protect = set(self.slot_of) if protect_layer is None else {k for k in self.slot_of if k[0] == protect_layer}
-        protect |= {(layer, e) for e, _ in predicted if (layer, e) in self.slot_of}
-        out: list[tuple[int, int]] = []
-        for e, n in predicted:
-            if self.prefetch_limit is not None and len(out) >= self.prefetch_limit:
-                break
-            key = (layer, e)
-            if key in self.slot_of:
-                continue
-            slot = self._take_slot(key, protect, min_score=self.decay * self.scores[layer][e] + n)
-            if slot is None:
-                continue
-            protect.add(key)
+        protect = {(layer, e) for e, _ in predicted if (layer, e) in self.slot_of}
+        scores = self.scores[layer]
+        cands = [((layer, e), self.decay * scores[e] + n) for e, n in predicted if (layer, e) not in self.slot_of]
+        out = []
+        for key, slot in self._admit(cands, protect, skip_layer=protect_layer, evict=protect_layer is not None,
+                                     limit=self.prefetch_limit):
             self.prefetched.add(key)
-            out.append((e, slot))
+            out.append((key[1], slot))
             self.stats.prefetches += 1
         return out
 

@@ -34,12 +34,27 @@ def install_expert_offload(model: Any, cache_gb: float, prefetch: bool, device: 
     return ExpertOffload.install(model, capacity, device, prefetch=prefetch)
 
 
-def moe_stats(model: Any) -> Optional[MoEStats]:
-    """Cumulative routing counts per MoE layer (and the expert cache's counters); None for a dense model."""
-    blocks = moe_blocks(model)
-    if not blocks:
-        return None
-    counts = torch.stack([block.expert_counts for _, block in blocks]).tolist()  # one copy to the host
-    offload = getattr(model, "expert_offload", None)
-    cache = dataclasses.replace(offload.stats) if offload is not None else None
-    return MoEStats({i: c for (i, _), c in zip(blocks, counts)}, cache)
+class MoEStatsReader:
+    """Reads a MoE model's cumulative routing counts per layer (and the expert cache's counters) every step:
+    the counters' tensors are found once, so a read is one small copy to the host (~40 us for 16 x 64)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        blocks = moe_blocks(model)
+        self.layers = [i for i, _ in blocks]
+        self.buffers = [block.expert_counts for _, block in blocks]
+        self.sizes = [b.numel() for b in self.buffers]
+
+    @classmethod
+    def create(cls, model: Any) -> Optional["MoEStatsReader"]:
+        """None for a dense model."""
+        return cls(model) if moe_blocks(model) else None
+
+    def read(self) -> MoEStats:
+        flat = torch.cat(self.buffers).tolist()
+        counts, start = {}, 0
+        for layer, n in zip(self.layers, self.sizes):
+            counts[layer] = flat[start:start + n]
+            start += n
+        offload = getattr(self.model, "expert_offload", None)
+        return MoEStats(counts, dataclasses.replace(offload.stats) if offload is not None else None)

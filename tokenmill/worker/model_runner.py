@@ -21,7 +21,7 @@ from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
 from tokenmill.worker.device_setup import DeviceSetup
-from tokenmill.worker.expert_offload import install_expert_offload, moe_stats
+from tokenmill.worker.expert_offload import MoEStatsReader, install_expert_offload
 from tokenmill.worker.input_batch import RunnerRequestState, StepPlan, plan_step, update_states
 from tokenmill.worker.kv_offload import HostKVTier
 from tokenmill.worker.streaming import apply_kv_streaming, find_rotary
@@ -67,6 +67,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_offload: Optional[HostKVTier] = None  # the CPU offload tier (cpu_offload_gb > 0)
         self.kv_connector = None  # disaggregated prefill / decode: a worker/kv_connector.KVConnector (kv_role)
+        self.moe_stats: Optional[MoEStatsReader] = None  # MoE models: routing counts for ModelRunnerOutput
         self.max_model_len = 0
         self.states: dict[str, RunnerRequestState] = {}
         self.sampler = Sampler(seed=config.model.seed, device=self.device)
@@ -114,6 +115,7 @@ class ModelRunner:
             reset()  # MoE routing statistics start at serving, not at profiling / graph capture
         if getattr(self.model, "expert_offload", None) is not None:
             self.model.expert_offload.reset_stats()
+        self.moe_stats = MoEStatsReader.create(self.model)  # routing statistics for /metrics (MoE models)
         if self.device.type == "cpu":
             from tokenmill.ops.cpu.host import freeze_startup_objects, tune_allocator
 
@@ -244,7 +246,8 @@ class ModelRunner:
         if sched.grammar_rows and logits is not None:
             self._apply_grammar(plan, sched, logits)
         out = self._sample(plan, logits)
-        out.moe_stats = moe_stats(self.model)
+        if self.moe_stats is not None:
+            out.moe_stats = self.moe_stats.read()
         return out
 
     def _apply_grammar(self, plan: StepPlan, sched: SchedulerOutput, logits: torch.Tensor) -> None:

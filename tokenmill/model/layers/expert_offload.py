@@ -108,6 +108,10 @@ class ExpertOffload:
 
     @classmethod
     def install(cls, model: nn.Module, capacity: int, device: torch.device, **kw: Any) -> "ExpertOffload":
+        """Offload the experts of `model` (replacing an offload installed before: its copies finish first)."""
+        old = getattr(model, "expert_offload", None)
+        if old is not None and old.copy_stream is not None:
+            old.copy_stream.synchronize()  # its pool is freed next: no copy may still be writing into it
         off = cls(model, capacity, device, **kw)
         model.expert_offload = off  # the runner reads its stats through the model
         logger.info("expert offload: %d of %d experts on %s (%.2f GiB), the rest on the host; prefetch %s",
