@@ -220,11 +220,16 @@ class FinetuneConfig:
     finetune_max_step_ms: float = _f(100.0, "fine-tuning: predicted time limit of one training chunk, with no "
                                             "traffic too (a new request waits at most about this long); with "
                                             "traffic a chunk also fits what --slo-tpot-ms leaves of the step")
+    finetune_threads: int = _f(1, "CPU threads torch uses for a training chunk (0: torch's own setting). One by "
+                                  "default: on a busy CPU torch's spinning thread pool made chunks up to 10x slower "
+                                  "(docs/FINETUNE.md), and it leaves the other cores to serving")
 
     def validate(self) -> None:
         if self.finetune_max_step_tokens < 2:
             raise ConfigError(f"finetune_max_step_tokens must be at least 2, got {self.finetune_max_step_tokens}",
                               param="finetune_max_step_tokens")
+        if self.finetune_threads < 0:
+            raise ConfigError(f"finetune_threads must be >= 0, got {self.finetune_threads}", param="finetune_threads")
         if not self.finetune_max_step_ms > 0:
             raise ConfigError(f"finetune_max_step_ms must be positive, got {self.finetune_max_step_ms}",
                               param="finetune_max_step_ms")

@@ -236,3 +236,30 @@ def test_auto_hyperparameters():
     hp = resolve_hyperparameters({"n_epochs": "auto"}, {"target_modules": "all"}, 45, 7)
     assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier, hp.seed) == (3, 4, 1.0, 7)
     assert hp.target_modules == TARGET_MODULES and hp.lora_alpha == 16.0
+
+
+def test_cli_malformed_file_is_one_line(tmp_path, capsys):
+    from tokenmill.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(jsonl(fixed_reply_examples(2)) + b"{oops\n")
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenmill: error: line 3:") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_cli_finetune_writes_a_peft_folder(tiny_chat_model, tmp_path, capsys):
+    from tokenmill.cli import main
+
+    path, tok, _ = tiny_chat_model
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(fixed_reply_examples(4)))
+    out = tmp_path / "adapter"
+    assert main(["finetune", "--model", path, "--tokenizer", tok, "--dtype", "float32", "--max-model-len", "256",
+                 "--data", str(data), "--out", str(out), "--n-epochs", "1", "--batch-size", "2", "--lora-rank", "4",
+                 "--target-modules", "q_proj", "down_proj", "--suffix", "cli"]) == 0
+    cap = capsys.readouterr()
+    assert "Step 2/2: training loss=" in cap.err and "written to" in cap.out
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "q_proj"]

@@ -126,3 +126,35 @@ def test_fine_tune_job_end_to_end(served):
     # serving goes on
     out = client.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert out.choices[0].message.content is not None
+
+
+def test_engine_thread_runs_jobs(tiny_chat_model, tmp_path):
+    """--no-engine-process: AsyncEngine takes jobs on its command queue and reports them on the event loop."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.finetune.jobs import resolve_hyperparameters
+    from tokenmill.finetune.offline import make_spec
+
+    path, tok, _ = tiny_chat_model
+
+    async def run() -> list:
+        cfg = EngineConfig.from_kwargs(model=path, tokenizer=tok, dtype="float32", max_model_len=256)
+        engine = await asyncio.to_thread(AsyncEngine.from_config, cfg)
+        engine.start()
+        updates: list = []
+        try:
+            engine.finetune_listen(updates.extend)
+            exs = [e["messages"] for e in fixed_reply_examples(2)]
+            hp = resolve_hyperparameters({"n_epochs": 1, "batch_size": 2}, {}, 2, 0)
+            engine.finetune_submit(make_spec(engine.processor, exs, hp, "ftjob-a", str(tmp_path / "a"), "tiny",
+                                             "ft:tiny:a", 512))
+            deadline = time.monotonic() + 120
+            while not any(u.status == "succeeded" for u in updates) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.shutdown(grace_s=0.0)
+        return updates
+
+    updates = asyncio.run(run())
+    assert [u.status for u in updates][-1] == "succeeded"
+    assert os.path.isfile(tmp_path / "a" / "adapter_model.safetensors")

@@ -67,7 +67,7 @@ class EngineCore:
 
         fc = self.config.finetune
         self.finetune = FineTuner(self._finetune_model, fc.finetune_max_step_tokens, fc.finetune_max_step_ms,
-                                  sc.max_num_batched_tokens, sc.slo_tpot_ms)
+                                  sc.max_num_batched_tokens, sc.slo_tpot_ms, threads=fc.finetune_threads)
         return info
 
     def _finetune_model(self):

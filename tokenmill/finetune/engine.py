@@ -14,6 +14,7 @@ One job trains at a time; the others queue. Updates for the API side collect in 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -38,13 +39,15 @@ class StepUsage:
 
 class FineTuner:
     def __init__(self, model_fn: Callable[[], Any], max_step_tokens: int, max_step_ms: float,
-                 max_batched_tokens: int, tpot_ms: Optional[float] = None, tpot_margin: float = 0.8):
+                 max_batched_tokens: int, tpot_ms: Optional[float] = None, tpot_margin: float = 0.8,
+                 threads: int = 1):
         self.model_fn = model_fn  # the served model (raises FineTuneUnsupported where it is not in this process)
         self.max_step_tokens = max_step_tokens
         self.max_step_s = max_step_ms / 1000.0
         self.max_batched_tokens = max_batched_tokens
         self.tpot_s = tpot_ms / 1000.0 if tpot_ms else None
         self.tpot_margin = tpot_margin
+        self.threads = threads  # torch CPU threads during a chunk (0: leave torch's setting)
         # training costs about 3x a forward; the prior only steers the first chunks, the fit takes over
         self.step_model = OnlineStepModel(prior=(0.005, 1e-3, 1e-7))
         self.queue: deque[JobSpec] = deque()
@@ -104,7 +107,8 @@ class FineTuner:
         if not idxs:
             return 0
         try:
-            res = trainer.run_chunk(idxs)
+            with _torch_threads(self.threads):
+                res = trainer.run_chunk(idxs)
         except Exception as exc:  # noqa: BLE001 - a failed job must not stop serving
             logger.exception("fine-tuning job %s failed", self.current.job_id)
             self._end_current("failed", [JobEvent(f"Training failed: {type(exc).__name__}: {exc}", "error")],
@@ -169,3 +173,19 @@ class FineTuner:
                                                  and self.current.job_id == job_id else None)
         counts = dict(trained_tokens=t.trained_tokens, steps=t.step, total_steps=t.total_steps) if t else {}
         self._updates.append(JobUpdate(job_id, status, events, **counts, **kw))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op CPU threads set to n for the block (0: unchanged); restored after."""
+    import torch
+
+    prev = torch.get_num_threads()
+    change = n > 0 and n != prev
+    if change:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(prev)

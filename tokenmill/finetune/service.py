@@ -197,8 +197,8 @@ class FineTuneService:
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self._job(job_id)
         if job.status in TERMINAL:
-            raise InvalidRequestError(f"the job has already {'ended' if job.status != 'cancelled' else 'been cancelled'}"
-                                      f" ({job.status})", param="fine_tuning_job_id")
+            raise InvalidRequestError(f"the job cannot be cancelled: it has ended ({job.status})",
+                                      param="fine_tuning_job_id")
         self.engine.finetune_cancel(job_id)
         job.status, job.finished_at = "cancelled", int(time.time())
         job.add_event(JobEvent("Job cancellation requested"))
