@@ -36,6 +36,11 @@ __all__ = ["OpenAIServing", "EngineRequestError", "ModelNotFoundError", "Request
            "ServerShuttingDownError", "error_body"]
 
 
+def _served_name(gen: Generation, model_name: str) -> str:
+    """The `model` a response names: the adapter the request ran with, else the served model."""
+    return gen.lora.lora_name if gen.lora is not None else model_name
+
+
 def find_bad_text(value: Any, path: str = "") -> Optional[str]:
     """The path of the first string in a request body that is not valid Unicode (a lone surrogate such as
     "\\ud800", which JSON can carry but no tokenizer can encode), or None."""
@@ -285,7 +290,7 @@ class OpenAIServing:
             choices.append(P.ChatChoice(index=o.index, message=message,
                                         logprobs=self._chat_logprobs(o.logprobs, top_n) if req.logprobs else None,
                                         finish_reason=reason, stop_reason=o.stop_reason))
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage())
+        body = P.ChatCompletionResponse(id=rid, model=_served_name(gen, self.model_name), choices=choices, usage=gen.usage())
         return JSONResponse(body.model_dump(exclude_none=True))
 
     async def _chat_stream(self, gen: Generation, rid: str, n: int, top_n: int,
@@ -294,7 +299,7 @@ class OpenAIServing:
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.model_name, "choices": choices}
+                                    "model": _served_name(gen, self.model_name), "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             return sse(body)
@@ -418,7 +423,7 @@ class OpenAIServing:
         if score_only:
             usage = P.UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
                                 total_tokens=usage.prompt_tokens)
-        body = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        body = P.CompletionResponse(id=rid, model=_served_name(gens[0], self.model_name), choices=choices, usage=usage)
         return JSONResponse(body.model_dump(exclude_none=True))
 
     def _prompt_text(self, text: Optional[str], ids: list[int]) -> str:
@@ -430,7 +435,7 @@ class OpenAIServing:
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
-                                    "model": self.model_name, "choices": choices}
+                                    "model": _served_name(gens[0], self.model_name), "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             return sse(body)
