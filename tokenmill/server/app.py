@@ -167,7 +167,8 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=errors)
     async def model_card(model_id: str) -> P.ModelCard:
         serving.check_model(model_id)
-        return next(c for c in model_cards(engine, model_name) if c.id in (model_id, model_name))
+        cards = model_cards(engine, model_name)
+        return next((c for c in cards if c.id == model_id), cards[0])  # cards[0]: the base (its engine name)
 
     add_lora_routes(app, engine, model_name, errors, engine_lora_updates(engine))
 
