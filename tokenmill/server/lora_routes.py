@@ -42,8 +42,12 @@ def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, ru
         return
     errors = {**errors, 409: {"model": P.ErrorResponse}}
 
+    last = [0]
+
     def next_id() -> int:
-        return max([0, *[r.lora_int_id for r in engine.lora_requests()]]) + 1
+        """A fresh id, never one handed out before (two loads at once get different ids)."""
+        last[0] = max([last[0], *[r.lora_int_id for r in engine.lora_requests()]]) + 1
+        return last[0]
 
     @app.post("/v1/load_lora_adapter", responses=errors, response_class=PlainTextResponse)
     async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> PlainTextResponse:
@@ -52,7 +56,8 @@ def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, ru
                                       param="lora_name")
         if any(r.lora_name == request.lora_name for r in engine.lora_requests()):
             raise InvalidRequestError(f"the adapter {request.lora_name!r} is already loaded", param="lora_name")
-        await engine.add_lora(LoRARequest(request.lora_name, next_id(), request.lora_path))
+        if not await engine.add_lora(LoRARequest(request.lora_name, next_id(), request.lora_path)):
+            raise InvalidRequestError(f"the adapter {request.lora_name!r} could not be registered", param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", responses=errors, response_class=PlainTextResponse)
