@@ -28,3 +28,27 @@ def make_adapter(arch: str, path: str, rank: int, targets: list[str], seed: int,
     merged = model.merge_and_unload()
     merged.eval()
     return merged
+
+
+def write_random_adapter(path: str, shapes: dict, rank: int, targets: list[str], seed: int, std: float = 0.05,
+                         alpha: float = 16.0) -> None:
+    """A PEFT folder written directly (no peft): random A and B for `targets` of every layer, for models whose
+    transformers twin is not at hand (the bundled GGUF). shapes: tokenmill.lora.adapter.target_shapes_of(model)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shapes["num_layers"]):
+        for t in targets:
+            fan_in, fan_out = shapes["targets"][t]
+            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * std
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none"}, f)

@@ -62,7 +62,9 @@ def test_models_and_routing(env):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"base", "ad0", "ad1"}
     assert models["ad0"].parent == "base" and models["base"].parent is None
+    assert client.models.retrieve("ad1").parent == "base"
     texts = {m: _complete(client, m)[0] for m in ("base", "ad0", "ad1")}
+    assert _complete(client, "ad1")[1].model == "ad1"  # the response names the adapter, as OpenAI echoes it
     assert len(set(texts.values())) == 3  # each adapter changes the answer
     # the same answers with several requests of the adapters and the base in one batch
     results = {}

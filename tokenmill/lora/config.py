@@ -53,6 +53,3 @@ class LoRAConfig:
         mods = self.parsed_modules()
         if not self.enable_lora and (mods or self.enable_lora_runtime_updates):
             raise ConfigError("lora_modules and enable_lora_runtime_updates need enable_lora", param="enable_lora")
-        if len(mods) > self.num_slots:
-            raise ConfigError(f"{len(mods)} lora_modules but max_cpu_loras is {self.num_slots}: raise it",
-                              param="max_cpu_loras")

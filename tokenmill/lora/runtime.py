@@ -1,6 +1,10 @@
 """The runner's side of multi-LoRA: adapter slots in stacked buffers, the step's row -> slot layout, and the
 forward hooks that add each packed projection's LoRA term (qkv, o, gate_up, down) to its output.
 
+On the CPU the fused C decoder layer (ops/cpu/layer.py) adds the same term inside its one call (csrc/lora.c),
+given the step's adapter row spans; a step it cannot take that way runs the per-op path with the hooks
+(counted in unfused_steps).
+
 Buffers per (layer, packed projection): a [S, in, K], b [S, K, out] with S = slots (max_cpu_loras),
 K = slices * max_rank (q|k|v: 3 slices, gate|up: 2); an adapter's A^T / B^T go into its slot, rank padded with
 zeros, B block-diagonal over the slices, so one op serves the whole packed projection. A target the adapter
@@ -8,6 +12,7 @@ lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is No
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import Any, Callable, Optional
 
@@ -56,6 +61,7 @@ class LoRARuntime:
         self.projections: list[dict[str, _Projection]] = []
         self.unfused_steps = 0  # steps that left the fused C layer for LoRA rows
         self._paused_fast_paths: list[tuple[Any, Any]] = []
+        self._fused_lora_layers: list[Any] = []
         self._hooks = []
         targets = shapes["targets"]
         for layer in model.model.layers:
@@ -70,6 +76,23 @@ class LoRARuntime:
                 self._hooks.append(module.register_forward_hook(self._hook(proj)))
             self.projections.append(per)
         self.layers = list(model.model.layers)
+        self._c_lora: list[tuple[Any, Optional[Any]]] = [(None, None)] * len(self.layers)  # (fast path, TmLoRA)
+        self._c_spans = None  # the step's span tensors (kept alive while the C layers read them)
+
+    def _c_struct(self, layer: Any, per: dict) -> Optional[Any]:
+        """The fused C layer's view of this layer's buffers (tokenmill/ops/cpu/layer.py TmLoRA), or None."""
+        fast = getattr(layer, "fast_path", None)
+        if fast is None or not hasattr(fast, "lora") or len(per) != len(PACKED):
+            return None
+        from tokenmill.ops.cpu.layer import TmLoRA
+
+        st = TmLoRA()
+        for i, name in enumerate(PACKED):
+            proj = per[name]
+            if proj.a.dtype != torch.float32 or not proj.a.is_contiguous() or not proj.b.is_contiguous():
+                return None
+            st.proj[i].a, st.proj[i].b, st.proj[i].k = proj.a.data_ptr(), proj.b.data_ptr(), proj.a.shape[2]
+        return st
 
     # ---- adapters ------------------------------------------------------------------------------
     def load(self, lora_id: int, w: LoRAWeights) -> None:
@@ -105,8 +128,10 @@ class LoRARuntime:
         if all(s < 0 for s in slots):
             self.layout = None
             return
-        self.layout = LoRALayout.build(slots, query_lens, self.device)
-        for layer in self.layers:  # the fused C layer has no LoRA term: the per-op path runs this step
+        self.layout = layout = LoRALayout.build(slots, query_lens, self.device)
+        if len(layout.group_spans) == len(layout.groups) and self._fuse_step(layout):
+            return
+        for layer in self.layers:  # the fused C layer cannot take this step's LoRA rows: the per-op path runs it
             if getattr(layer, "fast_path", None) is not None:
                 self._paused_fast_paths.append((layer, layer.fast_path))
                 layer.fast_path = None
@@ -116,8 +141,37 @@ class LoRARuntime:
                             "tokenmill_lora_unfused_steps)")
             self.unfused_steps += 1
 
+    def _fuse_step(self, layout: LoRALayout) -> bool:
+        """Hand the step's adapter row spans to every fused C layer (LoRA inside the C call); False if a layer with
+        a fast path has no C view of its buffers."""
+        layers = []
+        for i, layer in enumerate(self.layers):
+            fast = getattr(layer, "fast_path", None)
+            if fast is None:
+                continue
+            if self._c_lora[i][0] is not fast:  # built once per installed fast path
+                self._c_lora[i] = (fast, self._c_struct(layer, self.projections[i]))
+            layers.append((layer, self._c_lora[i][1]))
+        if not layers:
+            return True
+        if any(st is None for _, st in layers):
+            return False
+        spans = sorted((lo, hi - lo, slot) for slot, (lo, hi) in layout.group_spans.items())
+        t = torch.tensor(spans, dtype=torch.int64).t().contiguous()  # [3, G]: starts, lens, slots
+        self._c_spans = t
+        for layer, st in layers:
+            st.num_groups = t.shape[1]
+            st.starts, st.lens, st.slots = t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
+            layer.fast_path.lora = ctypes.pointer(st)
+            self._fused_lora_layers.append(layer)
+        return True
+
     def end_step(self) -> None:
         self.layout = None
+        for layer in self._fused_lora_layers:
+            layer.fast_path.lora = None
+        self._fused_lora_layers = []
+        self._c_spans = None
         for layer, fast in self._paused_fast_paths:
             layer.fast_path = fast
         self._paused_fast_paths = []

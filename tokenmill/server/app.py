@@ -26,7 +26,7 @@ from tokenmill.errors import EngineDeadError, TokenmillError
 from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
-from tokenmill.server.lora_routes import adapter_registrar, add_lora_routes, model_cards
+from tokenmill.server.lora_routes import LoRAIds, adapter_registrar, add_lora_routes, model_cards
 from tokenmill.server.messages import CountTokensRequest, MessagesRequest, MessagesServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.responses import ResponsesRequest, ResponsesServing
@@ -203,9 +203,11 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=errors)
     async def model_card(model_id: str) -> P.ModelCard:
         serving.check_model(model_id)
-        return next(c for c in model_cards(engine, model_name) if c.id in (model_id, model_name))
+        cards = model_cards(engine, model_name)
+        return next((c for c in cards if c.id == model_id), cards[0])  # cards[0]: the base (its engine name)
 
-    add_lora_routes(app, engine, model_name, errors, engine_lora_updates(engine))
+    lora_ids = LoRAIds(engine)
+    add_lora_routes(app, engine, model_name, errors, engine_lora_updates(engine), lora_ids)
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=errors)
     async def tokenize(request: P.TokenizeRequest) -> P.TokenizeResponse:
@@ -240,7 +242,7 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    _add_finetune(app, engine, config, model_name, register_adapter or adapter_registrar(engine))
+    _add_finetune(app, engine, config, model_name, register_adapter or adapter_registrar(engine, lora_ids))
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics, routes=_ROUTES)
     return app
 

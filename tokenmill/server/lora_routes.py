@@ -37,12 +37,20 @@ def model_cards(engine: Any, model_name: str) -> list[P.ModelCard]:
     return cards
 
 
-def next_lora_id(engine: Any) -> int:
-    """An id no loaded adapter has (ids are per server; 0 is the base model)."""
-    return max([0, *[r.lora_int_id for r in engine.lora_requests()]]) + 1
+class LoRAIds:
+    """Adapter ids for one server: each fresh, never one handed out before (two loads at once, or an adapter
+    unloaded and another loaded, get different ids; 0 is the base model)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.last = 0
+
+    def next(self) -> int:
+        self.last = max([self.last, *[r.lora_int_id for r in self.engine.lora_requests()]]) + 1
+        return self.last
 
 
-def adapter_registrar(engine: Any) -> Optional[Callable[[str, str], Awaitable[bool]]]:
+def adapter_registrar(engine: Any, ids: LoRAIds) -> Optional[Callable[[str, str], Awaitable[bool]]]:
     """register(name, folder) -> awaitable: serves a PEFT folder under `name` (a finished fine-tuning job's
     adapter); None where the engine serves no adapters (started without --enable-lora)."""
     cfg = getattr(engine, "config", None)
@@ -50,11 +58,12 @@ def adapter_registrar(engine: Any) -> Optional[Callable[[str, str], Awaitable[bo
         return None
 
     def register(name: str, path: str) -> Awaitable[bool]:
-        return engine.add_lora(LoRARequest(name, next_lora_id(engine), path))
+        return engine.add_lora(LoRARequest(name, ids.next(), path))
     return register
 
 
-def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, runtime_updates: bool) -> None:
+def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, runtime_updates: bool,
+                    ids: LoRAIds) -> None:
     if not runtime_updates:
         return
     errors = {**errors, 409: {"model": P.ErrorResponse}}
@@ -66,7 +75,8 @@ def add_lora_routes(app: FastAPI, engine: Any, model_name: str, errors: dict, ru
                                       param="lora_name")
         if any(r.lora_name == request.lora_name for r in engine.lora_requests()):
             raise InvalidRequestError(f"the adapter {request.lora_name!r} is already loaded", param="lora_name")
-        await engine.add_lora(LoRARequest(request.lora_name, next_lora_id(engine), request.lora_path))
+        if not await engine.add_lora(LoRARequest(request.lora_name, ids.next(), request.lora_path)):
+            raise InvalidRequestError(f"the adapter {request.lora_name!r} could not be registered", param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", responses=errors, response_class=PlainTextResponse)

@@ -38,6 +38,11 @@ __all__ = ["OpenAIServing", "EngineRequestError", "ModelNotFoundError", "Request
            "ServerShuttingDownError", "error_body"]
 
 
+def _served_name(gen: Generation, model_name: str) -> str:
+    """The `model` a response names: the adapter the request ran with, else the served model."""
+    return gen.lora.lora_name if gen.lora is not None else model_name
+
+
 def find_bad_text(value: Any, path: str = "") -> Optional[str]:
     """The path of the first string in a request body that is not valid Unicode (a lone surrogate such as
     "\\ud800", which JSON can carry but no tokenizer can encode), or None."""
@@ -327,8 +332,8 @@ class OpenAIServing:
                                         finish_reason=reason, stop_reason=o.stop_reason))
         plps = (self.vllm_prompt_logprobs(final.prompt_logprobs, final.prompt_token_ids, req.prompt_logprobs)
                 if req.prompt_logprobs is not None else None)
-        body = P.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=gen.usage(),
-                                        prompt_logprobs=plps)
+        body = P.ChatCompletionResponse(id=rid, model=_served_name(gen, self.model_name), choices=choices,
+                                        usage=gen.usage(), prompt_logprobs=plps)
         if params.kv_transfer_params is not None and final.outputs:
             body.kv_transfer_params = kv_response_params(params.kv_transfer_params, final.outputs[0].token_ids,
                                                          self.engine)
@@ -346,7 +351,7 @@ class OpenAIServing:
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
             nonlocal plps
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": self.model_name, "choices": choices}
+                                    "model": _served_name(gen, self.model_name), "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             if plps is not None:
@@ -473,7 +478,8 @@ class OpenAIServing:
         if score_only:
             usage = P.UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=0,
                                 total_tokens=usage.prompt_tokens)
-        body = P.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        body = P.CompletionResponse(id=rid, model=_served_name(gens[0], self.model_name), choices=choices,
+                                    usage=usage)
         if params.kv_transfer_params is not None and finals[0].outputs:
             body.kv_transfer_params = kv_response_params(params.kv_transfer_params, finals[0].outputs[0].token_ids,
                                                          self.engine)
@@ -488,7 +494,7 @@ class OpenAIServing:
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
-                                    "model": self.model_name, "choices": choices}
+                                    "model": _served_name(gens[0], self.model_name), "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             return sse(body)

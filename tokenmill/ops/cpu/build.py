@@ -33,7 +33,7 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 # the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
 LIBRARIES = {
     "qlinear": ("qlinear", "qlinear_k", "qlinear_amx"),
-    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_amx", "attention"),
+    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_amx", "attention", "lora"),
     "moe": ("moe", "qlinear", "qlinear_k", "qlinear_amx"),
 }
 

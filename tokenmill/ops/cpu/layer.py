@@ -31,7 +31,7 @@ _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _ARGTYPES = [_P, _P, _I, _L, _L, _P, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _L,
-             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P]
+             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P, _P]
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,14 +41,25 @@ def _lib() -> Optional[ctypes.CDLL]:
         lib.tm_llama_layer.argtypes = _ARGTYPES
         lib.tm_llama_layer.restype = _I
         lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _L, _I, _P,
-                                           _L, _L, _P]
+                                           _L, _L, _P, _P]
         lib.tm_llama_layer_pre.restype = _I
         lib.tm_llama_layer_post.argtypes = [_P, _P, _L, _L, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _L, _L, _L, _L,
-                                            _P, _P]
+                                            _P, _P, _P]
         lib.tm_llama_layer_post.restype = _I
         lib.tm_amx_init.restype = _I
         lib.tm_amx_init()  # this library's own AMX state (its layers are built with amx_min_rows only if granted)
     return lib
+
+
+class TmLoRAProj(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("k", ctypes.c_int64)]
+
+
+class TmLoRA(ctypes.Structure):
+    """csrc/kernels.h tm_lora: a layer's LoRA buffers (qkv, o, gate_up, down) and the step's adapter row spans."""
+
+    _fields_ = [("proj", TmLoRAProj * 4), ("num_groups", ctypes.c_int64), ("starts", ctypes.c_void_p),
+                ("lens", ctypes.c_void_p), ("slots", ctypes.c_void_p)]
 
 
 class _StepMeta:
@@ -95,6 +106,9 @@ class FusedCpuLayer:
             self.linears += [qt, w, m.bias.data_ptr() if m.bias is not None else None]
         self.ln1, self.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
         self.attn = attn.attn  # its backend attends the long steps between the two halves
+        # a ctypes pointer to this layer's TmLoRA for a step with LoRA rows, set and cleared from outside
+        # (tokenmill/lora/runtime.py); None: no LoRA term
+        self.lora: Optional[Any] = None
 
     def __call__(self, h: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                  kv_cache: Any, batch: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,7 +143,7 @@ class FusedCpuLayer:
             cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
             meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
             meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows,
-            out.data_ptr())
+            self.lora, out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual
@@ -146,7 +160,8 @@ class FusedCpuLayer:
         rc = lib.tm_llama_layer_pre(h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1,
                                     self.eps, qt, w, b, self.num_heads, self.num_kv_heads, self.head_dim,
                                     cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs,
-                                    meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, qkv.data_ptr())
+                                    meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
+                                    qkv.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
@@ -154,8 +169,8 @@ class FusedCpuLayer:
         att = att.reshape(t, nq).contiguous()
         work = self.shared.work(min(t, POST_BLOCK) * (2 * self.hidden + 3 * self.inter))
         rc = lib.tm_llama_layer_post(att.data_ptr(), residual.data_ptr(), t, self.hidden, self.ln2, self.eps, *rest,
-                                     nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, work.data_ptr(),
-                                     out.data_ptr())
+                                     nq, self.inter, DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
+                                     work.data_ptr(), out.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual

@@ -46,4 +46,16 @@ int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, in
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, float *out);
 
+// Batched LoRA in the fused layer (lora.c). proj: 0 qkv, 1 o, 2 gate_up, 3 down; a [S, in, k], b [S, k, out]
+// (NULL: no LoRA on that projection); num_groups contiguous row spans (starts, lens) of adapter slots (slots).
+// Field order and 8-byte sizes are mirrored by ctypes in tokenmill/ops/cpu/layer.py (TmLoRA).
+typedef struct { const float *a; const float *b; int64_t k; } tm_lora_proj;
+typedef struct {
+    tm_lora_proj proj[4];
+    int64_t num_groups;
+    const int64_t *starts, *lens, *slots;
+} tm_lora;
+int tm_lora_apply(const tm_lora *L, int which, const float *x, int64_t r0, int64_t m, int64_t in, float *y,
+                  int64_t out);
+
 #endif  // TM_KERNELS_H

@@ -8,6 +8,7 @@
 //   residual = o + residual;  x = rmsnorm(residual) * ln2
 //   g|u = x Wgu^T (+ b);  out = (silu(g) * u) Wdown^T (+ b)
 //
+// With `lora` (NULL: none), each projection's batched LoRA term is added after it (lora.c).
 // The same kernels the per-op path calls (qlinear.c, attention.c, rmsnorm.c, linked into this library; see
 // kernels.h), chained in C: at batch 1 the per-op path spends most of a step in ~45 PyTorch dispatches and Python
 // per layer. The reference is that per-op path (tokenmill/model/llama.py), which the tests compare against.
@@ -69,7 +70,7 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
                        const float *ln1, float eps, int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
                        int H, int Hkv, int D, const float *cos, const float *sin,
                        float *kv, int64_t nb, int bs, const int64_t *slots,
-                       int64_t direct_max_m, int64_t amx_min_m, float *qkv) {
+                       int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora, float *qkv) {
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0) return -4;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
@@ -78,6 +79,7 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
     int rc = 0;
     add_rmsnorm_f32(h, has_residual ? residual : NULL, ln1, T, E, eps, residual, x);
     if (qlinear_any(qt_qkv, x, T, E, w_qkv, nqkv, b_qkv, qkv, direct_max_m, amx_min_m) != 0) { rc = -7; goto done; }
+    if (tm_lora_apply(lora, 0, x, 0, T, E, qkv, nqkv) != 0) { rc = -1; goto done; }
     rope_inplace(qkv, T, nqkv, H, D, cos, sin);
     rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
     const int64_t cache_rows = nb * bs;
@@ -97,7 +99,7 @@ done:
 int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E, const float *ln2, float eps,
                         int qt_o, const uint8_t *w_o, const float *b_o, int qt_gu, const uint8_t *w_gu,
                         const float *b_gu, int qt_dn, const uint8_t *w_dn, const float *b_dn, int64_t nq, int64_t I,
-                        int64_t direct_max_m, int64_t amx_min_m, float *work, float *out) {
+                        int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora, float *work, float *out) {
     if (T <= 0) return 0;
     if (E <= 0 || I <= 0 || nq <= 0) return -4;
     const int64_t tb = T < POST_BLOCK ? T : POST_BLOCK;
@@ -111,10 +113,13 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
         const int64_t m = T - t0 < tb ? T - t0 : tb;
         float *res = residual + t0 * E, *y = out + t0 * E;
         if (qlinear_any(qt_o, att + t0 * nq, m, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        if (tm_lora_apply(lora, 1, att + t0 * nq, t0, m, nq, o, E) != 0) { rc = -1; break; }
         add_rmsnorm_f32(o, res, ln2, m, E, eps, res, x);
         if (qlinear_any(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        if (tm_lora_apply(lora, 2, x, t0, m, E, gu, 2 * I) != 0) { rc = -1; break; }
         silu_mul_rows(gu, m, I, act);
-        if (qlinear_any(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) rc = -7;
+        if (qlinear_any(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+        if (tm_lora_apply(lora, 3, act, t0, m, I, y, E) != 0) rc = -1;
     }
     if (!work) free(buf);
     return rc;
@@ -133,7 +138,8 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
                    float *kv, int64_t nb, int bs, const int64_t *slots,
                    const int32_t *tables, int64_t bt_stride, int64_t bt_cols,
                    const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
-                   float scale, int window, int64_t direct_max_m, int64_t amx_min_m, float *out) {
+                   float scale, int window, int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora,
+                   float *out) {
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0 || I <= 0) return -4;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
@@ -141,13 +147,13 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + T * nqkv;
     int rc = tm_llama_layer_pre(h, residual, has_residual, T, E, ln1, eps, qt_qkv, w_qkv, b_qkv, H, Hkv, D, cos, sin,
-                                kv, nb, bs, slots, direct_max_m, amx_min_m, qkv);
+                                kv, nb, bs, slots, direct_max_m, amx_min_m, lora, qkv);
     if (rc == 0)
         rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
                                 num_reqs, H, scale, window, att);
     if (rc == 0)
         rc = tm_llama_layer_post(att, residual, T, E, ln2, eps, qt_o, w_o, b_o, qt_gu, w_gu, b_gu, qt_dn, w_dn, b_dn,
-                                 nq, I, direct_max_m, amx_min_m, NULL, out);
+                                 nq, I, direct_max_m, amx_min_m, lora, NULL, out);
     free(buf);
     return rc;
 }
