@@ -15,7 +15,7 @@ import pytest
 from tests.router.procs import BACKEND_ARGS, START_TIMEOUT_S, backends, metric, router_process
 from tests.server.serve_proc import serve_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # backends load the model: minutes on a shared machine
 
 SYSTEMS = ["You are a pirate. Answer every question in the voice of a pirate captain who sails the seven "
            "seas and loves treasure, parrots and rum more than anything else in the world.",
