@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.perf.test_plan_cli import calibration, parse  # noqa: F401 - the fixture
 
 
