@@ -62,6 +62,12 @@ def bench(url: str, args) -> dict:
     return {"ttft_p50_ms": r["ttft_ms"]["p50"], "tpot_p50_ms": r["tpot_ms"]["p50"], "completed": r.get("completed")}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (its threads included)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["real", "fake"], default="fake")
@@ -82,14 +88,18 @@ def main() -> None:
     try:
         bench(burl, args)  # warm-up
         runs = {"direct": [], "router": []}
+        router_cpu = []
         for _ in range(args.repeats):
             runs["direct"].append(bench(burl, args))
+            c0 = cpu_s(router.pid)
             runs["router"].append(bench(rurl, args))
+            router_cpu.append((cpu_s(router.pid) - c0) / args.num_requests * 1e3)
         out = {k: [r["ttft_p50_ms"] for r in v] for k, v in runs.items()}
         med = {k: statistics.median(v) for k, v in out.items()}
         print(json.dumps({"backend": args.backend, "policy": args.policy, "workload": args.workload,
                           "ttft_p50_ms_runs": out, "ttft_p50_ms_median": med,
                           "overhead_ms": med["router"] - med["direct"],
+                          "router_cpu_ms_per_request": router_cpu,
                           "tpot_p50_ms": {k: [r["tpot_p50_ms"] for r in v] for k, v in runs.items()}}, indent=1))
     finally:
         for p in (router, backend):

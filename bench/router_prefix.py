@@ -1,6 +1,6 @@
 """Prefix-aware vs round-robin routing over 2 real backends (the default model on this machine), with
 `tokenmill bench serve`: prefix-cache hit rate (from the backends' /metrics, the run's delta) and TTFT p50,
-against one backend alone. Fresh backends for every run (empty caches).
+against one backend alone. Each mode gets its own fresh backends (empty caches).
 
     flock /work/bench.lock python bench/router_prefix.py [--workloads W1,W2] [--num-requests 60] [--rate 2]
 """
@@ -33,12 +33,35 @@ def prefix_counts(url: str) -> tuple[float, float]:
     return vals.get("tokenmill:prefix_cache_queries_total", 0.0), vals.get("tokenmill:prefix_cache_hits_total", 0.0)
 
 
-def run(mode: str, workload: str, args) -> dict:
-    n = 1 if mode == "single" else 2
+def start_all(n: int) -> tuple[list[subprocess.Popen], list[str]]:
+    """n backends started at once (they load in parallel)."""
     ports = [free_port() for _ in range(n)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = [start([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(p), *BACKEND_ARGS], u)
-             for p, u in zip(ports, urls)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(p), *BACKEND_ARGS], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    for u in urls:
+        _wait(u)
+    return procs, urls
+
+
+def _wait(url: str, timeout_s: float = 900) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not start")
+
+
+def run(mode: str, urls: list[str], workload: str, args) -> dict:
+    """One bench serve run: "single" straight to urls[0], else through a fresh router over urls."""
+    procs = []
     try:
         target = urls[0]
         if mode != "single":
@@ -60,7 +83,7 @@ def run(mode: str, workload: str, args) -> dict:
                 "ttft_p90_ms": s["ttft_ms"]["p90"], "tpot_p50_ms": s["tpot_ms"]["p50"], "completed": s["completed"],
                 "num_requests": s["num_requests"]}
     finally:
-        for p in reversed(procs):
+        for p in procs:
             p.terminate()
             p.wait(30)
 
@@ -79,8 +102,25 @@ def main() -> None:
             workloads[-1] += "," + part
         else:
             workloads.append(part)
-    rows = [run(m, w, args) for w in workloads for m in args.modes.split(",")]
-    print(json.dumps(rows, indent=1))
+    modes = args.modes.split(",")
+    # one backend for "single", two for each router policy: every mode starts with empty caches, and the
+    # workloads' prompts differ, so running them one after the other on the same backends shares nothing
+    procs, urls = start_all(sum(1 if m == "single" else 2 for m in modes))
+    try:
+        groups, k = {}, 0
+        for m in modes:
+            n = 1 if m == "single" else 2
+            groups[m], k = urls[k:k + n], k + n
+        rows = []
+        for w in workloads:
+            for m in modes:
+                rows.append(run(m, groups[m], w, args))
+                print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows, indent=1))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,12 @@ def test_bad_specs():
 def test_no_torch():
     code = "import sys; sys.modules['torch'] = None; import tokenmill.perf.fleet"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_per_type_rates_compose_splits():
+    from tokenmill.perf.fleet import PerTypeRates
+
+    r = PerTypeRates(colocated=2.0, prefill=6.0, decode=3.0)
+    assert r.per_instance(4, 0) == 2.0
+    assert r.per_instance(4, 1) == min(6.0, 9.0) / 4
+    assert r.per_instance(4, 2) == min(12.0, 6.0) / 4

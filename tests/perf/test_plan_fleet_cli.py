@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.perf.test_plan_cli import calibration, parse  # noqa: F401 - the fixture
 
 
@@ -31,3 +29,11 @@ def test_fleet_plan_errors(calibration, capsys):  # noqa: F811
         args = parse(["--calibration", calibration, "--num-requests", "5", *argv])
         assert args.func(args) == 2
         assert msg in capsys.readouterr().err, argv
+
+
+def test_fleet_plan_per_type(calibration, capsys):  # noqa: F811
+    args = parse(["--calibration", calibration, "--workload", "fixed:200:8", "--slo-ttft", "3000", "--slo-tpot", "100",
+                  "--num-requests", "12", "--instances", "3", "--fleet-method", "per-type"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "one instance alone: colocated" in text and "2P + 1D" in text and "best:" in text

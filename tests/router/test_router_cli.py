@@ -53,3 +53,13 @@ def test_replica_devices():
     with pytest.raises(ConfigError, match="not cuda:1"):
         replica_configs(EngineConfig.from_kwargs(device="cuda:1"), 2, cuda_count=2)
     assert [c.model.device for c in replica_configs(EngineConfig.from_kwargs(), 2, cuda_count=0)] == ["auto", "auto"]
+
+
+def test_data_parallel_server_flags():
+    from tokenmill.server.config import ServerConfig
+
+    with pytest.raises(ConfigError, match="drop --no-engine-process"):
+        ServerConfig(data_parallel_size=2, engine_process=False).validate()
+    with pytest.raises(ConfigError, match="at least 1"):
+        ServerConfig(data_parallel_size=0).validate()
+    ServerConfig(data_parallel_size=2).validate()

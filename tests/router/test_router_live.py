@@ -5,7 +5,7 @@ Slow: each backend loads the model in its own processes."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
+import json
 import signal
 import time
 
@@ -15,7 +15,7 @@ import pytest
 from tests.router.procs import BACKEND_ARGS, START_TIMEOUT_S, backends, metric, router_process
 from tests.server.serve_proc import serve_process
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # backends load the model: minutes on a shared machine
 
 SYSTEMS = ["You are a pirate. Answer every question in the voice of a pirate captain who sails the seven "
            "seas and loves treasure, parrots and rum more than anything else in the world.",
@@ -62,7 +62,7 @@ def test_streaming_and_cancel_pass_through(two):
                 if line.startswith("data: "):
                     events.append(line[6:])
         assert events[-1] == "[DONE]"
-        import json
+
 
         text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
         assert text == direct
@@ -82,7 +82,7 @@ def test_streaming_and_cancel_pass_through(two):
             time.sleep(0.2)
         assert metric(urls[0], "tokenmill:num_requests_running") == 0
         assert metric(r, "tokenmill_router:backend_in_flight", 'backend="') == 0
-        assert metric(urls[0], "tokenmill:generation_tokens") < 900
+        assert metric(urls[0], "tokenmill:generation_tokens_total") < 900
 
 
 def test_data_parallel_serve_matches_one_engine(two):

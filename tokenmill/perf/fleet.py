@@ -304,3 +304,33 @@ def best_split(make_requests, cost: CostModel, cfg: SimConfig, instances: int, r
     out = [(s, max_goodput_rate(make_requests, cost, cfg, s, slo_ttft_ms, slo_tpot_ms, target) / instances)
            for s in specs]
     return sorted(out, key=lambda x: -x[1])
+
+
+@dataclass(frozen=True)
+class PerTypeRates:
+    """DistServe's placement method: the goodput rate of one instance of each kind, measured alone."""
+
+    colocated: float  # one colocated instance, both SLOs
+    prefill: float  # one prefill instance, the TTFT SLO (its decode side unconstrained)
+    decode: float  # one decode instance, the TPOT SLO (fed by enough prefill instances)
+
+    def per_instance(self, instances: int, prefill_instances: int) -> float:
+        """Goodput per instance of a fleet: N x colocated, or min(P x prefill, D x decode) for a split."""
+        if not prefill_instances:
+            return self.colocated
+        return min(prefill_instances * self.prefill, (instances - prefill_instances) * self.decode) / instances
+
+
+def per_type_rates(make_requests, cost: CostModel, cfg: SimConfig, router_policy: str, transfer_s_per_block: float,
+                   slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float], target: float = 0.9,
+                   feeders: int = 4) -> PerTypeRates:
+    """Each instance kind's goodput rate, simulated alone: cheap enough for large fleets, where simulating every
+    split of N instances at N times the rate is not. The TTFT and TPOT targets are met separately (each by
+    >= target of requests), so a split's figure can be above what the whole fleet attains on both at once."""
+    colo = max_goodput_rate(make_requests, cost, cfg, FleetSpec(1, 0, router_policy), slo_ttft_ms, slo_tpot_ms,
+                            target)
+    pre = max_goodput_rate(make_requests, cost, cfg, FleetSpec(2, 1, router_policy, transfer_s_per_block),
+                           slo_ttft_ms, None, target)
+    dec = max_goodput_rate(make_requests, cost, cfg, FleetSpec(feeders + 1, feeders, router_policy,
+                                                               transfer_s_per_block), None, slo_tpot_ms, target)
+    return PerTypeRates(colo, pre, dec)

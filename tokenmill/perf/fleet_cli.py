@@ -7,7 +7,7 @@ from typing import Any
 
 from tokenmill.errors import ConfigError
 from tokenmill.perf.cost_model import CostModel
-from tokenmill.perf.fleet import FLEET_POLICIES, FleetSpec, max_goodput_rate, simulate_fleet
+from tokenmill.perf.fleet import FLEET_POLICIES, FleetSpec, max_goodput_rate, per_type_rates, simulate_fleet
 from tokenmill.perf.simulator import SimConfig, requests_from_workload
 
 
@@ -20,6 +20,9 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
                    help="how requests are spread over the (prefill) instances")
     g.add_argument("--transfer-ms-per-block", type=float, default=None,
                    help="KV transfer prefill -> decode per block (default: the block's bytes at --transfer-gbps)")
+    g.add_argument("--fleet-method", default="simulate", choices=["simulate", "per-type"],
+                   help="simulate: the whole fleet at each split (exact, slow for large N); per-type: the goodput "
+                        "rate of one colocated, one prefill and one decode instance, combined per split (DistServe)")
     g.add_argument("--transfer-gbps", type=float, default=25.0,
                    help="link bandwidth in GB/s for the default transfer cost (25: 200 Gb/s RDMA)")
 
@@ -36,31 +39,47 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     per_block_s = (args.transfer_ms_per_block / 1e3 if args.transfer_ms_per_block is not None
                    else block_bytes / (args.transfer_gbps * 1e9))
     splits = [args.prefill_instances] if args.prefill_instances is not None else list(range(n))
-    specs = [FleetSpec(n, p, args.router_policy, per_block_s) for p in splits]
 
     def make(rate: float):
         return requests_from_workload(args.workload, args.num_requests, rate, args.seed,
                                       chat_overhead=args.chat_overhead)
 
     slo = f"TTFT <= {args.slo_ttft} ms, TPOT <= {args.slo_tpot} ms" if (args.slo_ttft or args.slo_tpot) else "no SLO"
+    how = ("per-type rates (DistServe's method: each instance kind simulated alone)" if args.fleet_method == "per-type"
+           else "the whole fleet simulated")
     print(f"fleet of {n} instances, workload {args.workload}, {slo}, router {args.router_policy}, KV transfer "
-          f"{per_block_s * 1e3:.3f} ms per block of {block_bytes / 1024:.0f} KiB ({args.num_requests} simulated "
-          "requests per run):")
-    print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11} {'TTFT p50':>9} {'TPOT p50':>9} {'attain':>7}")
+          f"{per_block_s * 1e3:.3f} ms per block of {block_bytes / 1024:.0f} KiB; {how}, {args.num_requests} "
+          "simulated requests per run:")
     rows = []
-    for s in specs:
-        if args.rate is not None:
-            rate = args.rate
-        elif args.slo_ttft or args.slo_tpot:
-            rate = max_goodput_rate(make, cost, cfg, s, args.slo_ttft, args.slo_tpot)
-        else:
-            raise ConfigError("fleet planning needs --slo-ttft / --slo-tpot (goodput) or a --rate")
-        res = simulate_fleet(make(rate or 0.1), cost, cfg, s, args.slo_ttft, args.slo_tpot, rate).summary()
-        per = (rate if args.rate is None else res["goodput"]) / n
-        rows.append({"split": s.label, "prefill_instances": s.prefill_instances, "goodput_per_instance": per,
-                     "rate": rate, **{k: res[k] for k in ("slo_attainment", "ttft_ms", "tpot_ms", "goodput")}})
-        print(f"  {s.label:>14} {per:>12.3f} {rate:>11.3f} {_ms(res['ttft_ms']['p50']):>9} "
-              f"{_ms(res['tpot_ms']['p50']):>9} {res['slo_attainment']:>7.2f}")
+    if args.fleet_method == "per-type":
+        if not (args.slo_ttft and args.slo_tpot):
+            raise ConfigError("--fleet-method per-type needs both --slo-ttft and --slo-tpot")
+        rates = per_type_rates(make, cost, cfg, args.router_policy, per_block_s, args.slo_ttft, args.slo_tpot)
+        print(f"  one instance alone: colocated {rates.colocated:.3f} req/s, prefill {rates.prefill:.3f} req/s "
+              f"(TTFT), decode {rates.decode:.3f} req/s (TPOT)")
+        print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11}")
+        for p in splits:
+            s = FleetSpec(n, p, args.router_policy, per_block_s)
+            per = rates.per_instance(n, p)
+            rows.append({"split": s.label, "prefill_instances": p, "goodput_per_instance": per, "rate": per * n})
+            print(f"  {s.label:>14} {per:>12.3f} {per * n:>11.3f}")
+        out["fleet_per_type_rates"] = {"colocated": rates.colocated, "prefill": rates.prefill, "decode": rates.decode}
+    else:
+        print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11} {'TTFT p50':>9} {'TPOT p50':>9} {'attain':>7}")
+        for p in splits:
+            s = FleetSpec(n, p, args.router_policy, per_block_s)
+            if args.rate is not None:
+                rate = args.rate
+            elif args.slo_ttft or args.slo_tpot:
+                rate = max_goodput_rate(make, cost, cfg, s, args.slo_ttft, args.slo_tpot)
+            else:
+                raise ConfigError("fleet planning needs --slo-ttft / --slo-tpot (goodput) or a --rate")
+            res = simulate_fleet(make(rate or 0.1), cost, cfg, s, args.slo_ttft, args.slo_tpot, rate).summary()
+            per = (rate if args.rate is None else res["goodput"]) / n
+            rows.append({"split": s.label, "prefill_instances": s.prefill_instances, "goodput_per_instance": per,
+                         "rate": rate, **{k: res[k] for k in ("slo_attainment", "ttft_ms", "tpot_ms", "goodput")}})
+            print(f"  {s.label:>14} {per:>12.3f} {rate:>11.3f} {_ms(res['ttft_ms']['p50']):>9} "
+                  f"{_ms(res['tpot_ms']['p50']):>9} {res['slo_attainment']:>7.2f}")
     best = max(rows, key=lambda r: r["goodput_per_instance"])
     colo = next((r for r in rows if r["prefill_instances"] == 0), None)
     line = f"best: {best['split']} ({best['goodput_per_instance']:.3f} req/s per instance"
