@@ -69,6 +69,9 @@ def test_role_is_checked():
             max_tokens=3, kv_transfer_params={"do_remote_decode": True, "transfer_id": "t"}), (EOS,)))
     assert e.value.param == "max_tokens"
     with pytest.raises(InvalidRequestError) as e:
+        make(kv_role="consumer").add_request(consumer_req(logprobs=1))
+    assert e.value.param == "logprobs"
+    with pytest.raises(InvalidRequestError) as e:
         SamplingParams(n=2, kv_transfer_params={"do_remote_decode": True, "transfer_id": "t"})
     assert e.value.param == "n"
 

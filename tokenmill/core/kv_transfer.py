@@ -125,6 +125,12 @@ class KVTransferTracker:
         remote = parse_kv_transfer_params(req.sampling_params.kv_transfer_params)
         if remote is None:
             return None
+        sp = req.sampling_params
+        for name, value in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs),
+                            ("structured_outputs", sp.structured_outputs)):
+            if value is not None:  # the decode side neither sees the prompt's logits nor the first token's
+                raise InvalidRequestError(f"{name} is not supported with disaggregated prefill / decode "
+                                          f"({PARAM}) yet", param=name)
         if isinstance(remote, RemoteDecode):
             if self.role not in ("producer", "both"):
                 raise InvalidRequestError(f"{PARAM}: do_remote_decode needs a server started with --kv-role "
