@@ -153,6 +153,9 @@ def test_local_prefix_hits_are_not_pulled():
     out, _ = report(s)
     recv = out.kv_transfer.recv["d"]
     assert recv.first_block == 2 and len(recv.block_ids) == 1  # blocks 0, 1 are cached here
+    s.add_request(consumer_req("d2", "T2", prompt=PROMPT[:8]))  # wholly cached here: an empty pull
+    out, _ = report(s)
+    assert out.kv_transfer.recv["d2"].block_ids == [] and out.kv_transfer.recv["d2"].first_block == 2
 
 
 def test_abort_during_pull_keeps_blocks_until_the_connector_lets_go():
