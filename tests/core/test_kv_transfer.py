@@ -187,3 +187,18 @@ def test_slo_policy_admits_transferred_requests_by_tpot_deadline():
     s.add_request(consumer_req("tight", "B", slo=SLO(tpot_ms=20)))
     out, _ = report(s)
     assert list(out.kv_transfer.recv) == ["tight"]  # one seat: the tighter TPOT target is pulled first
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"kv_role": "producer", "tensor_parallel_size": 2}, "tensor_parallel_size 1"),
+    ({"kv_role": "decoder"}, "kv_role"),
+    ({"kv_transfer_port": 0}, "kv_transfer_port"),
+    ({"kv_transfer_timeout": 0}, "kv_transfer_timeout"),
+    ({"kv_connector": "nccl"}, "kv_connector"),
+])
+def test_config_errors(kwargs, needle):
+    from tokenmill.config import EngineConfig
+    from tokenmill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        EngineConfig.from_kwargs(**kwargs)
