@@ -170,6 +170,23 @@ def test_abort_during_pull_keeps_blocks_until_the_connector_lets_go():
     assert s.kv.num_used_blocks == 0 and not s.has_work()
 
 
+def test_abort_before_the_pull_releases_the_producer():
+    s = make(kv_role="consumer", max_seqs=1)
+    s.add_request(consumer_req("a", "A"))
+    s.add_request(consumer_req("b", "B"))  # no seat: waits
+    report(s)
+    s.abort_requests(["b"])
+    out, _ = report(s)
+    rel = out.kv_transfer.recv["b"]
+    assert rel.block_ids == [] and rel.transfer_id == "B"  # an empty pull: the producer frees its blocks
+    report(s, recved={"a": True, "b": True})
+    assert s.kv_transfer.num_recv_ok == 1 and "b" not in s.kv_transfer.recving
+    while s.has_unfinished_requests():
+        run_step(s)
+    s.schedule()  # hands the runner its finished ids
+    assert s.kv.num_used_blocks == 0 and not s.has_work()
+
+
 def test_first_token_eos_finishes_at_once():
     s = make(kv_role="consumer")
     s.add_request(consumer_req(first=EOS))

@@ -163,7 +163,8 @@ class KVTransferTracker:
 
     # ---- consumer ------------------------------------------------------------------------------
     def start_recv(self, req: Request, num_hit: int, block_ids: list[int]) -> None:
-        """Blocks for the whole prompt are allocated (the first num_hit tokens' are local hits): pull the rest."""
+        """Blocks for the whole prompt are allocated (the first num_hit tokens' are local hits): pull the rest.
+        An empty pull (num_hit = the prompt) only lets the producer free its blocks: an aborted request's."""
         remote = self.remote[req.request_id]
         assert isinstance(remote, RemotePrefill)
         first = num_hit // self.block_size
@@ -182,7 +183,9 @@ class KVTransferTracker:
         entry = self.recving.pop(req_id, None)
         if entry is not None:
             self.remote.pop(req_id, None)
-            if ok:
+            if entry[0].is_finished:  # aborted: not a transfer to count
+                pass
+            elif ok:
                 self.num_recv_ok += 1
             else:
                 self.num_recv_failed += 1

@@ -108,6 +108,8 @@ class Scheduler:
                 continue
             if req in self.waiting:
                 self.waiting.remove(req)
+                if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:  # not pulled: tell the producer to let go
+                    self.kv_transfer.start_recv(req, req.num_prompt_tokens, [])
             elif req in self.running:
                 self.running.remove(req)
             elif req in self.kv_transfer.ready:
