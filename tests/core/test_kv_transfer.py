@@ -69,6 +69,9 @@ def test_role_is_checked():
             max_tokens=3, kv_transfer_params={"do_remote_decode": True, "transfer_id": "t"}), (EOS,)))
     assert e.value.param == "max_tokens"
     with pytest.raises(InvalidRequestError) as e:
+        make(kv_role="consumer").add_request(consumer_req(logprobs=1))
+    assert e.value.param == "logprobs"
+    with pytest.raises(InvalidRequestError) as e:
         SamplingParams(n=2, kv_transfer_params={"do_remote_decode": True, "transfer_id": "t"})
     assert e.value.param == "n"
 
@@ -150,6 +153,9 @@ def test_local_prefix_hits_are_not_pulled():
     out, _ = report(s)
     recv = out.kv_transfer.recv["d"]
     assert recv.first_block == 2 and len(recv.block_ids) == 1  # blocks 0, 1 are cached here
+    s.add_request(consumer_req("d2", "T2", prompt=PROMPT[:8]))  # wholly cached here: an empty pull
+    out, _ = report(s)
+    assert out.kv_transfer.recv["d2"].block_ids == [] and out.kv_transfer.recv["d2"].first_block == 2
 
 
 def test_abort_during_pull_keeps_blocks_until_the_connector_lets_go():
@@ -161,6 +167,23 @@ def test_abort_during_pull_keeps_blocks_until_the_connector_lets_go():
     out, _ = report(s)
     assert out.kv_transfer.cancel == ["d"] and s.kv.num_used_blocks == 3
     report(s, recved={"d": False})
+    assert s.kv.num_used_blocks == 0 and not s.has_work()
+
+
+def test_abort_before_the_pull_releases_the_producer():
+    s = make(kv_role="consumer", max_seqs=1)
+    s.add_request(consumer_req("a", "A"))
+    s.add_request(consumer_req("b", "B"))  # no seat: waits
+    report(s)
+    s.abort_requests(["b"])
+    out, _ = report(s)
+    rel = out.kv_transfer.recv["b"]
+    assert rel.block_ids == [] and rel.transfer_id == "B"  # an empty pull: the producer frees its blocks
+    report(s, recved={"a": True, "b": True})
+    assert s.kv_transfer.num_recv_ok == 1 and "b" not in s.kv_transfer.recving
+    while s.has_unfinished_requests():
+        run_step(s)
+    s.schedule()  # hands the runner its finished ids
     assert s.kv.num_used_blocks == 0 and not s.has_work()
 
 
@@ -181,3 +204,18 @@ def test_slo_policy_admits_transferred_requests_by_tpot_deadline():
     s.add_request(consumer_req("tight", "B", slo=SLO(tpot_ms=20)))
     out, _ = report(s)
     assert list(out.kv_transfer.recv) == ["tight"]  # one seat: the tighter TPOT target is pulled first
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"kv_role": "producer", "tensor_parallel_size": 2}, "tensor_parallel_size 1"),
+    ({"kv_role": "decoder"}, "kv_role"),
+    ({"kv_transfer_port": 0}, "kv_transfer_port"),
+    ({"kv_transfer_timeout": 0}, "kv_transfer_timeout"),
+    ({"kv_connector": "nccl"}, "kv_connector"),
+])
+def test_config_errors(kwargs, needle):
+    from tokenmill.config import EngineConfig
+    from tokenmill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        EngineConfig.from_kwargs(**kwargs)

@@ -81,7 +81,7 @@ def check_identical(pair, n_rounds: int = 2) -> None:
     assert got["choices"][0]["message"]["content"] == want and got["usage"]["completion_tokens"] == 8
     # the KV really moved: every request pulled, no prompt token computed on the decode side
     # (a prompt wholly in the decode side's own prefix cache on the second round has nothing to pull)
-    assert metric(pair.decode, "kv_transfer_recv_ok") - pulled_before >= len(PROMPTS) + 3
+    assert metric(pair.decode, "kv_transfer_recv_ok") - pulled_before >= len(PROMPTS)
     assert metric(pair.decode, "kv_transfer_recv_failed") == 0
     assert metric(pair.decode, "prompt_tokens") == computed0
     assert metric(pair.prefill, "prefix_cache_hits") > 0 and metric(pair.decode, "prefix_cache_hits") > 0

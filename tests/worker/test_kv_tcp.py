@@ -70,6 +70,18 @@ def test_blocks_arrive_byte_for_byte(kind):
         cons.shutdown()
 
 
+def test_empty_pull_releases_the_blocks():
+    prod, cons, port = pair()
+    try:
+        prod.send_blocks("p", KVSend("T", [1, 2], PROMPT[:8], 42))
+        cons.recv_blocks("d", KVRecv("T", "127.0.0.1", port, [], 2, PROMPT[:8]))
+        assert wait_finished(cons, n_recved=1)[1] == {"d": True}
+        assert wait_finished(prod, n_sent=1, timeout=1.0)[0] == ["p"]
+    finally:
+        prod.shutdown()
+        cons.shutdown()
+
+
 def test_many_blocks_in_chunks():
     prod, cons, port = pair()
     try:

@@ -125,6 +125,12 @@ class KVTransferTracker:
         remote = parse_kv_transfer_params(req.sampling_params.kv_transfer_params)
         if remote is None:
             return None
+        sp = req.sampling_params
+        for name, value in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs),
+                            ("structured_outputs", sp.structured_outputs)):
+            if value is not None:  # the decode side neither sees the prompt's logits nor the first token's
+                raise InvalidRequestError(f"{name} is not supported with disaggregated prefill / decode "
+                                          f"({PARAM}) yet", param=name)
         if isinstance(remote, RemoteDecode):
             if self.role not in ("producer", "both"):
                 raise InvalidRequestError(f"{PARAM}: do_remote_decode needs a server started with --kv-role "
@@ -157,7 +163,8 @@ class KVTransferTracker:
 
     # ---- consumer ------------------------------------------------------------------------------
     def start_recv(self, req: Request, num_hit: int, block_ids: list[int]) -> None:
-        """Blocks for the whole prompt are allocated (the first num_hit tokens' are local hits): pull the rest."""
+        """Blocks for the whole prompt are allocated (the first num_hit tokens' are local hits): pull the rest.
+        An empty pull (num_hit = the prompt) only lets the producer free its blocks: an aborted request's."""
         remote = self.remote[req.request_id]
         assert isinstance(remote, RemotePrefill)
         first = num_hit // self.block_size
@@ -176,7 +183,9 @@ class KVTransferTracker:
         entry = self.recving.pop(req_id, None)
         if entry is not None:
             self.remote.pop(req_id, None)
-            if ok:
+            if entry[0].is_finished:  # aborted: not a transfer to count
+                pass
+            elif ok:
                 self.num_recv_ok += 1
             else:
                 self.num_recv_failed += 1

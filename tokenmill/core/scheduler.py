@@ -115,6 +115,8 @@ class Scheduler:
                 continue
             if req in self.waiting:
                 self.waiting.remove(req)
+                if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:  # not pulled: tell the producer to let go
+                    self.kv_transfer.start_recv(req, req.num_prompt_tokens, [])
             elif req in self.running:
                 self.running.remove(req)
             elif req in self.kv_transfer.ready:
@@ -349,12 +351,8 @@ class Scheduler:
         req.num_cached_tokens = num_hit
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
-        if n <= 0:  # the whole prompt is cached here: nothing to pull
-            self.kv_transfer.remote.pop(req.request_id, None)
-            req.num_computed_tokens = num_hit
-            self.kv_transfer.ready.append(req)
-        else:
-            self.kv_transfer.start_recv(req, num_hit, self.kv.block_ids(req.request_id))
+        # (with the whole prompt cached here the pull asks for no block: it only lets the producer free its own)
+        self.kv_transfer.start_recv(req, num_hit, self.kv.block_ids(req.request_id))
         return True
 
     def _schedule_kv_ready(self, out: SchedulerOutput, budget: int, num_long: int, now: float) -> tuple[int, int]:

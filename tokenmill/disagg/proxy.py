@@ -14,6 +14,7 @@ can later pick the pair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import uuid
@@ -111,7 +112,7 @@ class DisaggProxy:
             await up.aclose()
             return _passthrough(up)
         # closing the upstream stream (client gone or done) aborts the request on the decode instance
-        return StreamingResponse(up.aiter_raw(), status_code=200, media_type=up.headers.get("content-type"),
+        return StreamingResponse(up.aiter_bytes(), status_code=200, media_type=up.headers.get("content-type"),
                                  background=BackgroundTask(up.aclose))
 
     async def forward(self, request: Request) -> Response:
@@ -138,7 +139,12 @@ class DisaggProxy:
 
 
 def build_app(proxy: DisaggProxy) -> FastAPI:
-    app = FastAPI(title="tokenmill disagg-proxy")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await proxy.close()
+
+    app = FastAPI(title="tokenmill disagg-proxy", lifespan=lifespan)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -155,10 +161,6 @@ def build_app(proxy: DisaggProxy) -> FastAPI:
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def other(request: Request) -> Response:
         return await proxy.forward(request)
-
-    @app.on_event("shutdown")
-    async def close() -> None:
-        await proxy.close()
 
     return app
 

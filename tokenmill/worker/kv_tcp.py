@@ -201,8 +201,8 @@ class TcpKVConnector(KVConnector):
                     rows = self.io.gather(blocks[i:min(i + CHUNK_BLOCKS, first + num)])
                     conn.sendall(memoryview(rows.numpy()).cast("B"))
                     self.bytes_sent += rows.numel()
-        except (OSError, TransferError, ValueError) as e:
-            logger.warning("KV transfer (send) failed: %s", e)
+        except Exception as e:  # the blocks are released all the same (finally)
+            logger.warning("KV transfer (send) failed: %s: %s", type(e).__name__, e)
         finally:
             if served is not None:
                 with self._cv:
@@ -225,9 +225,9 @@ class TcpKVConnector(KVConnector):
         ok = False
         try:
             ok = self._pull_blocks(recv, cancel)
-        except (OSError, TransferError, ValueError) as e:
-            logger.warning("KV transfer %r from %s:%d failed (the prompt is recomputed): %s", recv.transfer_id,
-                           recv.host, recv.port, e)
+        except Exception as e:  # whatever went wrong, the request goes on by recompute
+            logger.warning("KV transfer %r from %s:%d failed (the prompt is recomputed): %s: %s", recv.transfer_id,
+                           recv.host, recv.port, type(e).__name__, e)
         finally:
             with self._cv:
                 self._cancels.pop(req_id, None)
@@ -248,7 +248,7 @@ class TcpKVConnector(KVConnector):
             if head.get("token_ids") != recv.token_ids:
                 raise TransferError("the producer's prompt tokens differ from this request's")
             chunk = int(head.get("chunk_blocks", CHUNK_BLOCKS))
-            buf = torch.empty((min(chunk, num), row), dtype=torch.uint8)
+            buf = torch.empty((max(1, min(chunk, num)), row), dtype=torch.uint8)
             view = memoryview(buf.numpy()).cast("B")
             for i in range(0, num, chunk):
                 if cancel.is_set():
