@@ -19,7 +19,7 @@ Slots are global (every layer's experts have the same shape): `capacity` experts
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 Key = tuple[int, int]  # (layer, expert)
@@ -289,3 +289,17 @@ class MoEStats:
 
     expert_counts: dict[int, list[int]] = field(default_factory=dict)  # layer index -> tokens per expert
     cache: Optional[ExpertCacheStats] = None  # a copy; None without expert offload
+
+    @staticmethod
+    def merge(parts: list["MoEStats"]) -> "MoEStats":
+        """Several engines' statistics (data-parallel replicas) as one: counts and counters summed."""
+        out = MoEStats()
+        for p in parts:
+            for layer, counts in p.expert_counts.items():
+                have = out.expert_counts.setdefault(layer, [0] * len(counts))
+                out.expert_counts[layer] = [a + b for a, b in zip(have, counts)]
+            if p.cache is not None:
+                out.cache = out.cache or ExpertCacheStats()
+                for f in fields(ExpertCacheStats):
+                    setattr(out.cache, f.name, getattr(out.cache, f.name) + getattr(p.cache, f.name))
+        return out

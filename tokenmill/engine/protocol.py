@@ -38,6 +38,32 @@ class EngineStats:
     lora_reloads: int = 0  # adapters read again from their folder after an LRU drop (max_cpu_loras)
 
 
+def merge_stats(parts: list[EngineStats]) -> EngineStats:
+    """Several engines' statistics (data-parallel replicas) as one: counts summed (per key for the per-adapter
+    dicts), alive only if all are, the latest step time, MoE routing merged."""
+    total = EngineStats()
+    for name, value in vars(total).items():
+        got = [getattr(s, name) for s in parts]
+        if isinstance(value, bool):
+            setattr(total, name, all(got))
+        elif name == "last_step_time":
+            total.last_step_time = max(got, default=0.0)
+        elif isinstance(value, dict):
+            merged: dict = {}
+            for d in got:
+                for k, v in d.items():
+                    merged[k] = merged.get(k, 0) + v
+            setattr(total, name, merged)
+        elif name == "moe":
+            from tokenmill.core.expert_cache import MoEStats
+
+            moe = [m for m in got if m is not None]
+            total.moe = MoEStats.merge(moe) if moe else None
+        else:
+            setattr(total, name, sum(got))
+    return total
+
+
 class EngineClient(Protocol):
     """What `tokenmill.engine.async_engine.AsyncEngine` offers.
 

@@ -143,6 +143,10 @@ class FineTuneService:
 
     # ---- jobs ----------------------------------------------------------------------------------
     async def create_job(self, body: Any) -> dict[str, Any]:
+        if not hasattr(self.engine, "finetune_submit"):
+            raise InvalidRequestError("fine-tuning runs inside one engine; this server's engine "
+                                      f"({type(self.engine).__name__}, e.g. --data-parallel-size > 1) cannot train",
+                                      param="model")
         if not isinstance(body, dict):
             raise InvalidRequestError("the body must be a JSON object")
         unknown = sorted(set(body) - JOB_FIELDS)

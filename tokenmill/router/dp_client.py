@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Optional
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.protocol import EngineStats
+from tokenmill.engine.protocol import EngineStats, merge_stats
 from tokenmill.errors import ConfigError
 from tokenmill.outputs import RequestOutput
 from tokenmill.router.policy import BackendLoad, make_policy, prompt_block_hashes
@@ -93,6 +93,13 @@ class DataParallelClient:
         make_policy(policy)  # a bad name fails before anything loads
         if size < 2:
             raise ConfigError(f"data_parallel_size must be at least 2 here, got {size}")
+        if config.lora.enable_lora:
+            raise ConfigError("enable_lora with data_parallel_size > 1 is not supported yet (adapters are loaded "
+                              "into one engine); run one server per replica behind `tokenmill router`",
+                              param="enable_lora")
+        if config.kv_transfer.kv_role is not None:
+            raise ConfigError("kv_role with data_parallel_size > 1 is not supported (one KV server per instance); "
+                              "run one server per instance", param="kv_role")
         configs = replica_configs(config, size, _cuda_count())
         on_cuda = configs[0].model.device.startswith("cuda")
         groups = [None] * size if on_cuda else split_cores(list(os.sched_getaffinity(0)), size)
@@ -140,16 +147,7 @@ class DataParallelClient:
         return out
 
     def get_stats(self) -> EngineStats:
-        stats = [c.get_stats() for c in self.clients]
-        total = EngineStats()
-        for name, value in vars(total).items():
-            if isinstance(value, bool):
-                setattr(total, name, all(getattr(s, name) for s in stats))
-            elif name == "last_step_time":
-                total.last_step_time = max(s.last_step_time for s in stats)
-            else:
-                setattr(total, name, sum(getattr(s, name) for s in stats))
-        return total
+        return merge_stats([c.get_stats() for c in self.clients])
 
     async def generate(self, prompt: Optional[str], params: SamplingParams, request_id: str,
                        prompt_token_ids: Optional[list[int]] = None,
