@@ -98,7 +98,7 @@ def test_many_blocks_in_chunks():
 
 
 def test_refusals_fail_the_pull_and_release_the_blocks():
-    prod, cons, port = pair()
+    prod, cons, port = pair(timeout=1.0)  # an unknown id is waited for that long (it may not be listed yet)
     try:
         cons.recv_blocks("x", KVRecv("nope", "127.0.0.1", port, [1], 0, PROMPT))  # unknown transfer id
         assert wait_finished(cons, n_recved=1)[1] == {"x": False}
