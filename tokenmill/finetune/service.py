@@ -237,9 +237,12 @@ class FineTuneService:
 
     def _register(self, job: Job) -> None:
         if self.register_adapter is None:
-            logger.info("fine-tuned adapter %s saved to %s (no adapter serving wired: not registered)",
+            logger.info("fine-tuned adapter %s saved to %s (not served: the server runs without --enable-lora)",
                         job.name, job.out_dir)
+            job.add_event(JobEvent(f"Adapter saved to {job.out_dir}; not served (start the server with "
+                                   "--enable-lora to serve fine-tuned models)", "warn"))
             return
+
         def failed(exc: BaseException) -> None:
             logger.error("registering adapter %s failed: %s", job.name, exc)
             job.add_event(JobEvent(f"Registering the adapter for serving failed: {exc}", "warn"))
