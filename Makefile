@@ -16,10 +16,10 @@ serve: setup
 	$(PY) -m tokenmill.cli serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: setup-test
-	$(PY) -m pytest tests -q -p no:cacheprovider $(ARGS)
+	scripts/run_tests.sh $(ARGS)
 
 test-fast: setup-test
-	$(PY) -m pytest tests -q -p no:cacheprovider -m "not slow" $(ARGS)
+	scripts/run_tests.sh -m "not slow" $(ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_args(sub)
     except ImportError:
         pass
-    from tokenmill.finetune.offline import add_finetune_args
+    from tokenmill.finetune.cli import add_finetune_args
 
     add_finetune_args(sub)
     try:

@@ -7,6 +7,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidRequestError, PromptTooLongError
+from tests.conftest import hf_smollm2_oracle
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +22,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from tokenmill.model.loader import resolve_model_source
-
-    src = resolve_model_source(None)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file),
-                                          dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(src.gguf_path, return_tensors=True, model_to_load=hf)["tensors"]
-    hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-    hf.tie_weights()
-    return hf
+    return hf_smollm2_oracle()
 
 
 @torch.no_grad()

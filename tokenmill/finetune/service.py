@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -101,15 +103,30 @@ def _page(items: list[dict], after: Optional[str], limit: int, param: str = "aft
 
 
 class FineTuneService:
-    def __init__(self, engine: Any, root: str, model_name: str,
+    def __init__(self, engine: Any, root: Optional[str], model_name: str,
                  register_adapter: Optional[Callable[[str, str], Any]] = None):
-        self.engine, self.root, self.model_name = engine, root, model_name
+        """root: where uploads and adapters are kept (--finetune-dir, kept after the server stops). None: a
+        temporary directory, made on the first upload and removed by close() when the server stops."""
+        self.engine, self.model_name = engine, model_name
+        self._root, self._owns_root = root, root is None
         self.register_adapter = register_adapter
         self.files: dict[str, StoredFile] = {}
         self.jobs: dict[str, Job] = {}
         self._listening = False
-        os.makedirs(os.path.join(root, "files"), exist_ok=True)
-        os.makedirs(os.path.join(root, "adapters"), exist_ok=True)
+
+    @property
+    def root(self) -> str:
+        if self._root is None:
+            self._root = tempfile.mkdtemp(prefix="tokenmill-finetune-")
+        for sub in ("files", "adapters"):
+            os.makedirs(os.path.join(self._root, sub), exist_ok=True)
+        return self._root
+
+    def close(self) -> None:
+        """Remove the temporary directory (never a --finetune-dir)."""
+        if self._owns_root and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
 
     # ---- files ---------------------------------------------------------------------------------
     def upload(self, data: bytes, filename: str, purpose: Optional[str]) -> dict[str, Any]:
@@ -126,7 +143,7 @@ class FineTuneService:
         return sf.to_dict()
 
     def list_files(self, purpose: Optional[str] = None) -> dict[str, Any]:
-        files = [f.to_dict() for f in sorted(self.files.values(), key=lambda f: -f.created_at)]
+        files = [f.to_dict() for f in reversed(self.files.values())]  # newest first, like jobs
         if purpose is not None:
             files = [f for f in files if f["purpose"] == purpose]
         return {"object": "list", "data": files, "has_more": False}
@@ -189,7 +206,8 @@ class FineTuneService:
             self._listening = True
 
     def list_jobs(self, after: Optional[str], limit: int) -> dict[str, Any]:
-        jobs = [j.to_dict() for j in sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)]
+        jobs = [j.to_dict() for j in reversed(self.jobs.values())]  # newest first: insertion order, not the second-
+        # resolution created_at (two jobs made in one second kept their creation order reversed)
         return _page(jobs, after, limit)
 
     def get_job(self, job_id: str) -> dict[str, Any]:

@@ -115,6 +115,8 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
         yield
         if owns_engine:
             await engine.shutdown(grace_s=0.0)
+        if getattr(app.state, "finetune", None) is not None:
+            app.state.finetune.close()
 
     app = FastAPI(title="tokenmill", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API of the tokenmill inference engine")
@@ -250,13 +252,10 @@ def build_app(engine: EngineClient, config: ServerConfig, owns_engine: bool = Fa
 def _add_finetune(app: FastAPI, engine: EngineClient, config: ServerConfig, model_name: str,
                   register_adapter: Optional[Any]) -> None:
     """OpenAI's files and fine-tuning routes (tokenmill/server/finetune_routes.py)."""
-    import tempfile
-
     from tokenmill.finetune.service import FineTuneService
     from tokenmill.server.finetune_routes import add_finetune_routes
 
-    root = config.finetune_dir or tempfile.mkdtemp(prefix="tokenmill-finetune-")
-    app.state.finetune = FineTuneService(engine, root, model_name, register_adapter)
+    app.state.finetune = FineTuneService(engine, config.finetune_dir, model_name, register_adapter)
     add_finetune_routes(app, app.state.finetune)
 
 

@@ -72,6 +72,15 @@ def check_text(req: Any) -> None:
                                   "\\ud800)", param=bad)
 
 
+# JSON has no -Infinity: a token the grammar (or a logit bias) rules out has logprob -inf, sent as this floor
+# (vLLM's), so a constrained request with top_logprobs still gets valid JSON.
+LOGPROB_FLOOR = -9999.0
+
+
+def _floor(v: float) -> float:
+    return v if v >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN compares false: floored too
+
+
 class OpenAIServing:
     """The chat and completions handlers of one server."""
 
@@ -205,9 +214,9 @@ class OpenAIServing:
         content = []
         for lp in lps:
             tok = self._token_str(lp.token_id)
-            top = [P.ChatLogprobTop(token=(s := self._token_str(t)), logprob=v, bytes=list(s.encode()))
+            top = [P.ChatLogprobTop(token=(s := self._token_str(t)), logprob=_floor(v), bytes=list(s.encode()))
                    for t, v in lp.top[:top_n]]
-            content.append(P.ChatLogprobToken(token=tok, logprob=lp.logprob, bytes=list(tok.encode()),
+            content.append(P.ChatLogprobToken(token=tok, logprob=_floor(lp.logprob), bytes=list(tok.encode()),
                                               top_logprobs=top))
         return P.ChatLogprobs(content=content)
 
@@ -222,9 +231,9 @@ class OpenAIServing:
             if lp is None:
                 out.append(None)
                 continue
-            entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": self._token_str(t)}
+            entry = {str(t): {"logprob": _floor(v), "rank": r + 1, "decoded_token": self._token_str(t)}
                      for r, (t, v) in enumerate(lp.top[:top_n])}
-            entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": lp.rank,
+            entry.setdefault(str(lp.token_id), {"logprob": _floor(lp.logprob), "rank": lp.rank,
                                                 "decoded_token": self._token_str(lp.token_id)})
             out.append(entry)
         return out
@@ -242,9 +251,9 @@ class OpenAIServing:
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
                 continue
-            out.token_logprobs.append(lp.logprob)
-            top = {self._token_str(t): v for t, v in lp.top[:top_n]}
-            top.setdefault(tok, lp.logprob)
+            out.token_logprobs.append(_floor(lp.logprob))
+            top = {self._token_str(t): _floor(v) for t, v in lp.top[:top_n]}
+            top.setdefault(tok, _floor(lp.logprob))
             out.top_logprobs.append(top)
         return out
 
