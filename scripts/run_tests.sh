@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite as several pytest processes, two at a time (same tests; each test file runs in one
-# process with its module fixtures).
+# The whole test suite as several pytest processes (same tests; each test file runs in one process with its
+# module fixtures).
 # - One process per group: memory the engines of a group leave in the allocator (glibc keeps freed heap; many
 #   models are built and dropped) goes back when the process ends. One process for the suite peaked near 20 GB
 #   on a 23 GB machine and was killed.
-# - Two lanes: the suite keeps ~1.2 of 2 cores busy when run serially (servers starting, clients waiting), so
-#   two processes at a time finish it sooner. LANES=1 runs the groups one after another.
+# - One group at a time by default: two at once (LANES=2) oversubscribe a 2-core machine (every engine runs its
+#   own 2 OpenMP threads) and took longer than running them in turn.
 # Groups are listed heaviest first (longest-processing-time order); tests/ entries not named below form one
 # more group, so a new test folder always runs.
 # Usage: scripts/run_tests.sh [pytest args...]; exits non-zero if any group fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-LANES=${LANES:-2}
+LANES=${LANES:-1}
 GROUPS_LIST=(
   "server"
   "bench disagg"
