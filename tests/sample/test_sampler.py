@@ -313,3 +313,27 @@ def test_large_vocab_sampling_distribution(assert_fits):
     assert np.isin(ids, keep).all()
     p = softmax(logits[keep].astype(np.float64) / 0.8)
     assert_fits(np.array([(ids == k).sum() for k in keep]), p)
+
+
+def test_top_p_from_candidates_equals_the_full_sort():
+    """The top-p fast path (the top TOP_P_CANDIDATES logits, a full sort only for rows whose candidates hold
+    less than top_p) keeps exactly the tokens the full sort keeps: peaked rows (the fast path), flat rows (the
+    fallback), top-k with top-p, and rows of the batch without top-p."""
+    from tokenmill.sample import logits_processors as lp
+
+    g = torch.Generator().manual_seed(0)
+    V = 4096
+    scales = [0.05, 0.5, 2.0, 4.0, 8.0, 16.0] * 4  # flat to peaked
+    logits = torch.randn(len(scales), V, generator=g) * torch.tensor(scales)[:, None]
+    top_p = torch.tensor([0.1, 0.5, 0.9, 0.95, 0.99, 1.0] * 4)[torch.randperm(len(scales), generator=g)]
+    top_k = torch.tensor([V, 50, V, 7, V, 1000] * 4)
+    for k in (None, top_k):
+        max_k = int(top_k[top_k < V].max()) if k is not None else V
+        got = lp.apply_top_k_top_p(logits, k, top_p, max_k)
+        ref = lp.apply_top_k_top_p(logits, k, None, max_k) if k is not None else logits
+        ref = lp._top_p_sorted(ref, top_p)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+        assert torch.equal(got[torch.isfinite(got)], logits[torch.isfinite(got)])  # kept logits unchanged
+    # both paths ran: some rows are covered by their candidates, some are not
+    probs = (logits.topk(lp.TOP_P_CANDIDATES, dim=-1).values - logits.logsumexp(-1, keepdim=True)).exp().sum(-1)
+    assert bool((probs >= top_p).any()) and bool(((probs < top_p) & (top_p < 1)).any())

@@ -127,10 +127,43 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p
         kth = kth.masked_fill((top_k >= V)[:, None], _NEG_INF)
         return logits.masked_fill(logits < kth, _NEG_INF)
 
+    if top_k is not None:  # top-k first (one topk of the largest k), then top-p over what is left
+        logits = apply_top_k_top_p(logits, top_k, None, max_k)
+    if V > TOP_P_CANDIDATES:
+        return _top_p_candidates(logits, top_p)
+    return _top_p_sorted(logits, top_p)
+
+
+# top-p looks at each row's TOP_P_CANDIDATES most likely tokens first (one topk instead of a sort of the whole
+# vocabulary: ~12 ms instead of ~250 ms for 64 rows of a 49k vocabulary on 2 cores); a row whose candidates
+# hold less than its top_p of the probability mass (a flat distribution) tries 8x as many, then the full sort.
+# Every stage gives the same set.
+TOP_P_CANDIDATES = 128
+
+
+def _top_p_candidates(logits: torch.Tensor, top_p: torch.Tensor, k: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """Exact top-p from the top k candidates: token j (descending) is kept iff the mass strictly ahead of it is
+    below top_p, so when the candidates' mass reaches top_p no other token can be kept."""
+    vals, _ = logits.topk(k, dim=-1)  # descending, [B, k]
+    probs = (vals - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()  # under the whole row's distribution
+    cum = probs.cumsum(dim=-1)
+    keep = (cum - probs) < top_p[:, None]  # a prefix of each row
+    keep[:, 0] = True
+    off = top_p >= 1.0  # rows of a batch where only other rows asked for top-p
+    thr = vals.gather(1, (keep.sum(dim=-1) - 1)[:, None]).masked_fill(off[:, None], _NEG_INF)  # smallest kept
+    out = logits.masked_fill(logits < thr, _NEG_INF)
+    short = ~(off | (cum[:, -1] >= top_p))
+    if bool(short.any()):
+        rows = short.nonzero().squeeze(1)
+        more = k * 8
+        out[rows] = (_top_p_candidates(logits[rows], top_p[rows], more) if more * 2 <= logits.shape[1]
+                     else _top_p_sorted(logits[rows], top_p[rows]))
+    return out
+
+
+def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p by a full sort of each row (the reference)."""
     sorted_logits, order = logits.sort(dim=-1)  # ascending, [B, V]
-    if top_k is not None:
-        kth = sorted_logits.gather(1, (V - top_k)[:, None])  # [B, 1]
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _NEG_INF)
     probs_sorted = sorted_logits.softmax(dim=-1)
     cum = probs_sorted.cumsum(dim=-1)
     drop = cum <= (1.0 - top_p)[:, None]
