@@ -31,7 +31,8 @@ for e in "${entries[@]}"; do [[ $named == *" $e "* ]] || rest+="$e "; done
 
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/tokenmill-tests-XXXXXX")
 trap 'rm -rf "$LOGS"' EXIT
-PYTEST_ARGS=$(printf '%q ' "$@")  # this script's pytest arguments, for every group
+PYTEST_ARGS=""  # this script's pytest arguments, for every group (printf with no arguments would give '')
+[ $# -gt 0 ] && PYTEST_ARGS=$(printf '%q ' "$@")
 export PY LOGS PYTEST_ARGS
 run_group() {  # index, entries: one pytest process; its output is printed when it ends (lanes do not interleave)
   local i=$1 words=() args=() extra=() e

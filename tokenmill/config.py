@@ -82,8 +82,9 @@ class CacheConfig:
     kv_cache_memory: Optional[float] = _f(None, "GiB of memory for the KV cache (default on CPU: 1 GiB)")
     gpu_memory_utilization: float = _f(0.9, "fraction of GPU memory the engine may use in total")
     enable_prefix_caching: bool = _f(True, "reuse the KV of identical prompt prefixes")
-    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), fp8, int8",
-                             choices=["auto", "fp8", "int8"])
+    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), bfloat16 (a float32 model's K/V "
+                                     "stored in half the bytes: the CPU kernels read it directly), fp8, int8",
+                             choices=["auto", "bfloat16", "fp8", "int8"])
     cpu_offload_gb: float = _f(0.0, "GiB of (pinned) host memory for a second KV tier: evicted prefix-cache blocks "
                                     "and the KV of preempted requests are copied there and back instead of "
                                     "recomputed (0: off; brings nothing on a CPU device)")

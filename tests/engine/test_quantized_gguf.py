@@ -56,3 +56,22 @@ def test_bf16_gemm_logprobs_close_to_float32():
     assert sum(diffs) > 0  # really a different path
     agree = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, bf)) / len(ref)
     assert agree > 0.95, agree
+
+
+def test_lm_head_takes_the_amx_path_for_decode_batches():
+    """gemm_dtype bfloat16 on an AMX CPU: the packed LM head runs batches of HEAD_AMX_MIN_ROWS+ rows on the AMX path
+    (bf16 rounding, like the body's linears), smaller ones on the float32 kernel; logits stay close, and with
+    gemm_dtype float32 it never rounds."""
+    from tokenmill.model.layers.quantized import HEAD_AMX_MIN_ROWS
+    from tokenmill.ops.cpu.qlinear import amx_available
+
+    if not amx_available():
+        pytest.skip("no AMX on this CPU")
+    head = LLM(max_model_len=256, gemm_dtype="bfloat16").engine.core.runner.model.lm_head
+    assert head.amx_min_rows == HEAD_AMX_MIN_ROWS
+    x = torch.randn(64, head.hidden_size, generator=torch.Generator().manual_seed(0))
+    fast = head(x)
+    head.amx_min_rows = 0
+    exact = head(x)
+    assert 0 < (fast - exact).abs().max().item() < 0.2  # really rounded, and only by bf16
+    assert LLM(max_model_len=256, gemm_dtype="float32").engine.core.runner.model.lm_head.amx_min_rows == 0

@@ -1,7 +1,8 @@
 """The fused CPU decoder layer (tokenmill/ops/cpu/layer.py, csrc/layer.c) against the per-op path it replaces,
 on the bundled SmolLM2 Q4_1 GGUF: hidden states of mixed batches (decodes + a short prefill chunk) within
 float tolerance, greedy tokens identical, every KV block back in the pool, and the per-op path taken for
-steps the kernel does not take (too many tokens, a KV cache that is not float32)."""
+steps the kernel does not take (too many tokens, a KV cache neither float32 nor bfloat16). A bfloat16 KV
+cache (`kv_cache_dtype="bfloat16"`) gives the same tokens fused and per-op, and logprobs close to float32 KV."""
 from __future__ import annotations
 
 import pytest
@@ -88,7 +89,7 @@ def test_declines_what_it_cannot_take(llm):
     assert fp(h, None, cos, cos, cache, batch) is None  # more tokens than one call takes (float32 GEMMs: no halves)
     h1 = torch.randn(1, fp.hidden)
     one = build_forward_batch([[1]], [0], [[0]], 16)
-    assert fp(h1, None, cos[:1], cos[:1], cache.to(torch.bfloat16), one) is None  # not a float32 cache
+    assert fp(h1, None, cos[:1], cos[:1], cache.to(torch.float16), one) is None  # neither float32 nor bfloat16
     assert fp(h1, None, cos[:1], cos[:1], cache, one) is not None
 
 
@@ -138,3 +139,38 @@ def test_long_step_halves_equal_per_op(llm, monkeypatch, extra):
         backend.prefill_dtype = old_dtype
         fuse_cpu_layers(model)
         _set_amx_rows(model, 0)
+
+
+def test_bf16_kv_cache_fused_vs_per_op_and_close_to_float32(llm):
+    """kv_cache_dtype="bfloat16": the C layer stores K/V rounded to bf16 (nearest even, as torch's .to does) and
+    its attention reads them; the per-op path (torch write, same kernel read) gives the same greedy tokens, and
+    the logprobs of the float32-cache run's tokens move by bf16 rounding only. Half the bytes: twice the blocks."""
+    bf = LLM(max_model_len=512, enable_prefix_caching=False, gemm_dtype="float32", kv_cache_dtype="bfloat16",
+             kv_cache_memory=0.05)
+    f32 = LLM(max_model_len=512, enable_prefix_caching=False, gemm_dtype="float32", kv_cache_memory=0.05)
+    assert bf.engine.core.runner.kv_caches[0].dtype == torch.bfloat16
+    assert abs(bf.engine.core.runner.num_blocks - 2 * f32.engine.core.runner.num_blocks) <= 1  # floor of the budget
+    del f32
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    model = bf.engine.core.runner.model
+    assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in model.model.layers)
+    fused = [o.outputs[0].token_ids for o in bf.chat(msgs, params, use_tqdm=False)]
+    unfuse_cpu_layers(model)
+    try:
+        ref = [o.outputs[0].token_ids for o in bf.chat(msgs, params, use_tqdm=False)]
+    finally:
+        fuse_cpu_layers(model)
+    assert fused == ref
+    # the float32-cache run's greedy tokens, scored with the bf16 cache: same argmax-level quality
+    tok = llm.get_tokenizer()
+    want = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+    prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False) for m in msgs]
+    score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    for p, w in zip(prompts, want):
+        a = llm.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
+        b = bf.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
+        diffs = [abs(x.logprob - y.logprob) for x, y in zip(a, b)]
+        assert max(diffs) < 0.15 and sum(diffs) / len(diffs) < 0.03, diffs
+    assert bf.engine.core.scheduler.kv.num_used_blocks == 0

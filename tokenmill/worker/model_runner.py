@@ -15,7 +15,8 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
-from tokenmill.ops.attention.kv_quant import allocate_quantized_kv_cache, kv_bytes_per_token_per_layer
+from tokenmill.ops.attention.kv_quant import (allocate_quantized_kv_cache, kv_bytes_per_token_per_layer,
+                                             plain_kv_dtype)
 from tokenmill.ops.attention.reference import allocate_kv_cache
 from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
@@ -193,12 +194,12 @@ class ModelRunner:
             self.max_model_len = capacity
         self.num_blocks = num_blocks
         m = self.model
-        if cc.kv_cache_dtype != "auto":  # list of QuantizedKVCache: the attention backends dispatch on it
+        if cc.kv_cache_dtype not in ("auto", "bfloat16"):  # QuantizedKVCache: the attention backends dispatch on it
             self.kv_caches = allocate_quantized_kv_cache(m.num_layers, num_blocks, self.block_size,
                                                          m.num_kv_heads, m.head_dim, cc.kv_cache_dtype, self.device)
             return
-        self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
-                                           m.head_dim, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim,
+                                           plain_kv_dtype(cc.kv_cache_dtype, self.dtype), self.device)
 
     def supports_kv_streaming(self) -> bool:
         """kv_eviction="streaming" re-rotates cached keys: it needs RoPE and an unquantized cache."""

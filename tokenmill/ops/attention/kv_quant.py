@@ -28,7 +28,7 @@ from tokenmill.worker.forward_batch import ForwardBatch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "int8")  # bfloat16: a plain cache in that dtype, not quantized
 
 
 @dataclass
@@ -55,6 +55,11 @@ class QuantizedKVCache:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
 
+def plain_kv_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an unquantized cache: the model's (auto) or bfloat16."""
+    return torch.bfloat16 if kind == "bfloat16" else model_dtype
+
+
 def storage_dtype(kind: str) -> torch.dtype:
     if kind == "int8":
         return torch.int8
@@ -65,8 +70,8 @@ def storage_dtype(kind: str) -> torch.dtype:
 
 def kv_bytes_per_token_per_layer(kind: str, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype) -> int:
     """Bytes one token's K and V take in one layer, scales included (static fp8 scales are per layer: 0)."""
-    if kind == "auto":
-        return 2 * num_kv_heads * head_dim * torch.tensor([], dtype=model_dtype).element_size()
+    if kind in ("auto", "bfloat16"):
+        return 2 * num_kv_heads * head_dim * plain_kv_dtype(kind, model_dtype).itemsize
     scale_bytes = 4 if kind == "int8" else 0
     return 2 * num_kv_heads * (head_dim * storage_dtype(kind).itemsize + scale_bytes)
 

@@ -3,7 +3,7 @@
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
 all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
-no q/k norm, a plain float32 KV cache. Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
+no q/k norm, a plain float32 or bfloat16 KV cache. Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
 the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
 calls around the attention backend's `attend` (bf16 SDPA for long chunks): the C linears then beat the dense
 GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
@@ -31,7 +31,8 @@ _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _ARGTYPES = [_P, _P, _I, _L, _L, _P, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _L,
-             _P, _P, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P, _P]
+             _P, _P, _P, _I, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P, _P]
+_KV_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the KV caches the C layer writes (attention.c's codes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,8 +41,8 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is not None:
         lib.tm_llama_layer.argtypes = _ARGTYPES
         lib.tm_llama_layer.restype = _I
-        lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _L, _I, _P,
-                                           _L, _L, _P, _P]
+        lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _L, _I,
+                                           _P, _L, _L, _P, _P]
         lib.tm_llama_layer_pre.restype = _I
         lib.tm_llama_layer_post.argtypes = [_P, _P, _L, _L, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _L, _L, _L, _L,
                                             _P, _P, _P]
@@ -116,7 +117,7 @@ class FusedCpuLayer:
         split = t > self.max_tokens
         if split and not (self.amx_min_rows and isinstance(self.attn.backend, CpuAttentionBackend)):
             return None  # without the AMX path the C linears lose to the dense copies at these sizes
-        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype != torch.float32
+        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
                 or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
                 or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
             return None
@@ -140,8 +141,8 @@ class FusedCpuLayer:
         rc = self.shared.lib.tm_llama_layer(
             h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps,
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
-            cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs, meta.slots.data_ptr(),
-            meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype], nb, bs,
+            meta.slots.data_ptr(), meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
             meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows,
             self.lora, out.data_ptr())
         if rc != 0:
@@ -159,8 +160,8 @@ class FusedCpuLayer:
         (qt, w, b), rest = self.linears[:3], self.linears[3:]
         rc = lib.tm_llama_layer_pre(h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1,
                                     self.eps, qt, w, b, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), nb, bs,
-                                    meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
+                                    cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype],
+                                    nb, bs, meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
                                     qkv.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")

@@ -57,6 +57,14 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
     }
 }
 
+static void store_bf16(uint16_t *dst, const float *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, 4);
+        dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
 // through SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary, K/V written at their
 // slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
@@ -69,10 +77,11 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
                        const float *ln1, float eps, int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
                        int H, int Hkv, int D, const float *cos, const float *sin,
-                       float *kv, int64_t nb, int bs, const int64_t *slots,
+                       void *kv, int kv_dtype, int64_t nb, int bs, const int64_t *slots,
                        int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora, float *qkv) {
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0) return -4;
+    if (kv_dtype != 0 && kv_dtype != 1) return -3;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
     float *x = (float *)malloc((size_t)(T * E) * sizeof(float));
     if (!x) return -1;
@@ -83,13 +92,20 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
     rope_inplace(qkv, T, nqkv, H, D, cos, sin);
     rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
     const int64_t cache_rows = nb * bs;
-    float *kc = kv, *vc = kv + cache_rows * nkv;
     for (int64_t t = 0; t < T; t++) {
         const int64_t s = slots[t];
         if (s < 0) continue;  // padding
         if (s >= cache_rows) { rc = -6; goto done; }
-        memcpy(kc + s * nkv, qkv + t * nqkv + nq, nkv * sizeof(float));
-        memcpy(vc + s * nkv, qkv + t * nqkv + nq + nkv, nkv * sizeof(float));
+        const float *k = qkv + t * nqkv + nq, *v = k + nkv;
+        if (kv_dtype == 0) {
+            float *kc = (float *)kv;
+            memcpy(kc + s * nkv, k, nkv * sizeof(float));
+            memcpy(kc + (cache_rows + s) * nkv, v, nkv * sizeof(float));
+        } else {  // bfloat16 cache: round to nearest even (what torch's .to(torch.bfloat16) does)
+            uint16_t *kc = (uint16_t *)kv;
+            store_bf16(kc + s * nkv, k, nkv);
+            store_bf16(kc + (cache_rows + s) * nkv, v, nkv);
+        }
     }
 done:
     free(x);
@@ -135,7 +151,7 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
                    int qt_dn, const uint8_t *w_dn, const float *b_dn,
                    int H, int Hkv, int D, int64_t I,
                    const float *cos, const float *sin,
-                   float *kv, int64_t nb, int bs, const int64_t *slots,
+                   void *kv, int kv_dtype, int64_t nb, int bs, const int64_t *slots,
                    const int32_t *tables, int64_t bt_stride, int64_t bt_cols,
                    const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
                    float scale, int window, int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora,
@@ -147,9 +163,9 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + T * nqkv;
     int rc = tm_llama_layer_pre(h, residual, has_residual, T, E, ln1, eps, qt_qkv, w_qkv, b_qkv, H, Hkv, D, cos, sin,
-                                kv, nb, bs, slots, direct_max_m, amx_min_m, lora, qkv);
+                                kv, kv_dtype, nb, bs, slots, direct_max_m, amx_min_m, lora, qkv);
     if (rc == 0)
-        rc = tm_paged_attention(qkv, nqkv, D, kv, 0, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
+        rc = tm_paged_attention(qkv, nqkv, D, kv, kv_dtype, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
                                 num_reqs, H, scale, window, att);
     if (rc == 0)
         rc = tm_llama_layer_post(att, residual, T, E, ln2, eps, qt_o, w_o, b_o, qt_gu, w_gu, b_gu, qt_dn, w_dn, b_dn,
