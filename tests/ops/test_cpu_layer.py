@@ -64,16 +64,23 @@ def test_fused_equals_per_op_forward(llm, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_tokens_fused_vs_per_op(llm):
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+MSGS = [[{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def _greedy_fused_and_per_op(llm: LLM) -> tuple[list, list]:
     model = llm.engine.core.runner.model
-    fused = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+    fused = [o.outputs[0].token_ids for o in llm.chat(MSGS, GREEDY, use_tqdm=False)]
     unfuse_cpu_layers(model)
     try:
-        ref = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+        ref = [o.outputs[0].token_ids for o in llm.chat(MSGS, GREEDY, use_tqdm=False)]
     finally:
         fuse_cpu_layers(model)
+    return fused, ref
+
+
+def test_greedy_tokens_fused_vs_per_op(llm):
+    fused, ref = _greedy_fused_and_per_op(llm)
     assert fused == ref
     assert llm.engine.core.scheduler.kv.num_used_blocks == 0
 
@@ -151,22 +158,14 @@ def test_bf16_kv_cache_fused_vs_per_op_and_close_to_float32(llm):
     assert bf.engine.core.runner.kv_caches[0].dtype == torch.bfloat16
     assert abs(bf.engine.core.runner.num_blocks - 2 * f32.engine.core.runner.num_blocks) <= 1  # floor of the budget
     del f32
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    model = bf.engine.core.runner.model
-    assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in model.model.layers)
-    fused = [o.outputs[0].token_ids for o in bf.chat(msgs, params, use_tqdm=False)]
-    unfuse_cpu_layers(model)
-    try:
-        ref = [o.outputs[0].token_ids for o in bf.chat(msgs, params, use_tqdm=False)]
-    finally:
-        fuse_cpu_layers(model)
+    assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in _layers(bf))
+    fused, ref = _greedy_fused_and_per_op(bf)
     assert fused == ref
     # the float32-cache run's greedy tokens, scored with the bf16 cache: same argmax-level quality
     tok = llm.get_tokenizer()
-    want = [o.outputs[0].token_ids for o in llm.chat(msgs, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in llm.chat(MSGS, GREEDY, use_tqdm=False)]
     prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False) for m in msgs]
+                          add_special_tokens=False) for m in MSGS]
     score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     for p, w in zip(prompts, want):
         a = llm.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
