@@ -1,11 +1,13 @@
 """Micro-benchmark: compiled CPU paged attention (tokenmill/ops/cpu) vs reference.paged_attention.
 
-SmolLM2-135M's attention shape (9 query heads / 3 KV heads, head_dim 64, fp32 KV, block size 16):
+SmolLM2-135M's attention shape (9 query heads / 3 KV heads, head_dim 64, fp32 or --kv-dtype KV, block size 16):
 decode batches of 1 / 16 / 64 requests at ~260-token contexts, a batch-1 decode at 4k tokens (split-K),
 and a 200-token prefill chunk over a 2048-token cached prefix. Times one layer's attention call (the
-step pays it 30 times). Blocks are shuffled in a pool as large as the engine's default 1 GiB cache.
+step pays it 30 times). Blocks are shuffled in a pool as large as the engine's default 1 GiB cache, and the kernel
+cycles over 30 such layer pools (as a step does), so one call's K/V is not left in the cache by the call before.
 
-    PYTHONPATH=. python bench/cpu_attention.py [--threads 2] [--iters 30]
+    PYTHONPATH=. python bench/cpu_attention.py [--threads 2] [--iters 30] [--kv-dtype float32|bfloat16|float16]
+        [--cases decode]
 """
 from __future__ import annotations
 
@@ -53,12 +55,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cases", default="", help="only the cases whose name contains this")
+    ap.add_argument("--no-reference", action="store_true")
     a = ap.parse_args()
+    dtype = getattr(torch, a.kv_dtype)
     torch.set_num_threads(a.threads)
     if not cpu_attention_available():
         raise SystemExit("the CPU attention kernel cannot be built on this machine")
     num_blocks = (1 << 30) // (2 * BS * HKV * D * 4 * 30)  # one layer's share of a 1 GiB, 30-layer cache
-    kv = torch.randn(2, num_blocks, BS, HKV, D)
+    layers = [torch.randn(2, num_blocks, BS, HKV, D).to(dtype) for _ in range(30)]
+    kv = layers[0]
     rng = random.Random(1)
     cases = {
         "decode b=1, ctx 260": [(259, 1)],
@@ -68,15 +75,24 @@ def main() -> None:
         "prefill 200 over 2048 cached": [(2048, 200)],
         "prefill 200 + 15 decodes": [(2048, 200)] + [(rng.randrange(230, 290), 1) for _ in range(15)],
     }
-    print(f"threads={a.threads}  H={H} Hkv={HKV} D={D} block={BS} fp32 KV, pool {num_blocks} blocks; ms per layer call")
+    print(f"threads={a.threads}  H={H} Hkv={HKV} D={D} block={BS} {a.kv_dtype} KV, pool {num_blocks} blocks x 30 "
+          f"layers; ms per layer call")
     print(f"| case | reference ms | cpu kernel ms | speed-up | max abs diff |")
     print("|---|---:|---:|---:|---:|")
     for name, reqs in cases.items():
+        if a.cases not in name:
+            continue
         q, batch = make_case(reqs, num_blocks)
         scale = D ** -0.5
-        ref = time_ms(lambda: paged_attention(q, kv, batch, scale, None), a.iters)
-        ker = time_ms(lambda: cpu_paged_attention(q, kv, batch, scale, None), a.iters)
-        err = (cpu_paged_attention(q, kv, batch, scale, None) - paged_attention(q, kv, batch, scale, None)).abs().max()
+
+        def all_layers() -> None:
+            for layer_kv in layers:
+                cpu_paged_attention(q, layer_kv, batch, scale, None)
+
+        ref = float("nan") if a.no_reference else time_ms(
+            lambda: paged_attention(q, kv.float(), batch, scale, None), max(1, a.iters // 10))
+        ker = time_ms(all_layers, max(1, a.iters // 10)) / len(layers)
+        err = (cpu_paged_attention(q, kv, batch, scale, None) - paged_attention(q, kv.float(), batch, scale, None)).abs().max()
         print(f"| {name} | {ref:.3f} | {ker:.3f} | {ref / ker:.1f}x | {float(err):.1e} |")
 
 

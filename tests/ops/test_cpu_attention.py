@@ -125,6 +125,18 @@ def test_half_precision_pools(dtype):
     _run([(n - 1, 1) for n in DECODE_LENS] + [(40, 20)], 9, 3, 64, 16, kv_dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 33])
+def test_many_decodes_one_item_per_request(dtype, window):
+    """With at least 4 decodes a thread (any machine up to 32 threads here), each decode is one work item over
+    all its KV heads (whole K/V rows); with prefill chunks in the same step, and a batch too small for that."""
+    if not supports_kv_dtype(dtype):
+        pytest.skip(f"kernel built without {dtype} support")
+    lens = [(7 * i) % 300 + 1 for i in range(130)]
+    _run([(n - 1, 1) for n in lens] + [(64, 20)], 9, 3, 64, 16, window=window, kv_dtype=dtype)
+    _run([(n - 1, 1) for n in lens[:3]], 8, 2, 128, 32, window=window, kv_dtype=dtype)
+
+
 def test_strided_query_and_bf16_query():
     """q as a view of a packed qkv projection (token stride > H * D), and a bf16 q."""
     torch.manual_seed(0)

@@ -337,3 +337,14 @@ def test_top_p_from_candidates_equals_the_full_sort():
     # both paths ran: some rows are covered by their candidates, some are not
     probs = (logits.topk(lp.TOP_P_CANDIDATES, dim=-1).values - logits.logsumexp(-1, keepdim=True)).exp().sum(-1)
     assert bool((probs >= top_p).any()) and bool(((probs < top_p) & (top_p < 1)).any())
+
+
+def test_row_argmax_matches_argmax_on_ties_and_nan():
+    from tokenmill.sample.sampler import row_argmax
+
+    x = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0))
+    x[1, 10] = x[1, 20] = x[1].max() + 1.0  # tie: the first index wins
+    x[2, :] = 0.0  # all equal
+    x[3, 7] = float("nan")  # NaN wins, as in argmax
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert row_argmax(x)[1].item() == 10 and row_argmax(x)[2].item() == 0 and row_argmax(x)[3].item() == 7

@@ -22,6 +22,12 @@ _MASK64 = (1 << 64) - 1
 _LOGPROB_CHUNK = 1024
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] index of each row's maximum (first one on ties, NaN wins, as argmax). On the CPU
+    `max(dim=-1)` is ~2.7x faster than `argmax` over a 49k vocabulary (64 rows: 1.8 vs 5.0 ms, 2 threads)."""
+    return x.max(dim=-1).indices
+
+
 @dataclass
 class SamplingBatch:
     """Per-row inputs of one sampling step (one row per logits row)."""
@@ -87,7 +93,7 @@ class Sampler:
         stage1 = needs_penalties_or_bias(params, batch.output_token_ids, batch.eos_token_ids)
         all_greedy = all(p.greedy for p in params)
         if all_greedy and not stage1 and not want_lp:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * B)  # fast path
+            return SamplerOutput(row_argmax(logits).tolist(), [None] * B)  # fast path
 
         raw = logits.float()
         x = raw.clone()
@@ -95,10 +101,10 @@ class Sampler:
             x = apply_penalties_and_bias(x, params, batch.prompt_token_ids, batch.output_token_ids,
                                          batch.eos_token_ids)
         if all_greedy:
-            tokens = x.argmax(dim=-1)  # [B]
+            tokens = row_argmax(x)  # [B]
         else:
             greedy = [p.greedy for p in params]
-            greedy_tokens = x.argmax(dim=-1) if any(greedy) else None
+            greedy_tokens = row_argmax(x) if any(greedy) else None
             probs = apply_sampling_filters(x, params).softmax(dim=-1)  # [B, V]
             gens = [None if p.greedy else g for p, g in zip(params, batch.generators)]
             tokens = sample_from_probs(probs, gens, self.generator)

@@ -19,6 +19,7 @@
 #include <omp.h>
 #include "kernels.h"
 #include "simd.h"
+#include "attention_avx512.h"
 
 #define RMAX 24             /* rows (query tokens x heads of one KV head) per tile */
 #define MIN_SPLIT_KEYS 128  /* fewest keys per split-K piece */
@@ -43,7 +44,9 @@ typedef struct {
     float *out;
 } Args;
 
-typedef struct { int req, kvh, q0, nq, k0, k1, part; } Item;          /* part < 0: write out directly */
+/* part < 0: write out directly; kvh < 0: every KV head of a one-token (decode) item, so the item reads each token's
+ * whole K/V row (all heads) in one contiguous pass instead of one head's slice per item */
+typedef struct { int req, kvh, q0, nq, k0, k1, part; } Item;
 typedef struct { int req, kvh, q0, nq, first, nsplit; } Group;       /* split-K pieces to merge */
 
 typedef struct { float *qt, *s, *acc, *m, *l, *kb, *vb; } Scratch;
@@ -224,21 +227,28 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int G = a->h / a->hkv, D = a->d, BS = a->bs;
     const int n = a->qsl[it->req + 1] - a->qsl[it->req], L = a->seq_lens[it->req];
     const int64_t t0 = a->qsl[it->req] + it->q0;
-    const int R = it->nq * G;
+    const int nh = it->kvh < 0 ? a->hkv : 1, kvh0 = it->kvh < 0 ? 0 : it->kvh; /* nh > 1 only when nq == 1 */
+    const int GH = G * nh;                                                      /* rows per query token */
+    const int R = it->nq * GH;
     const int pos0 = L - n + it->q0; /* position of the tile's first query */
     const int64_t kst_pool = (int64_t)a->hkv * D;
     const int64_t plane = a->num_blocks * a->bs * kst_pool; /* elements of the K (or V) half */
     const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
     const int32_t *table = a->bt + (int64_t)it->req * a->bt_stride;
-    int use_avx = 0;
+    int use_avx = 0, use512 = 0;
 #ifdef __AVX2__
     use_avx = (D % 8) == 0;
 #endif
+#ifdef TM_AVX512
+    /* float32 / bfloat16 K/V read in place by the AVX-512 kernels (no conversion into scratch) */
+    use512 = (D % 16) == 0 && (a->kv_dtype == KV_F32 || a->kv_dtype == KV_BF16);
+#endif
+    const int direct = a->kv_dtype == KV_F32 || use512;
 
     for (int jq = 0; jq < it->nq; jq++)
-        for (int g = 0; g < G; g++) {
-            const float *src = a->q + (t0 + jq) * a->q_st + (int64_t)(it->kvh * G + g) * a->q_sh;
-            float *dst = sc->qt + (int64_t)(jq * G + g) * D;
+        for (int g = 0; g < GH; g++) {
+            const float *src = a->q + (t0 + jq) * a->q_st + (int64_t)(kvh0 * G + g) * a->q_sh;
+            float *dst = sc->qt + (int64_t)(jq * GH + g) * D;
             for (int x = 0; x < D; x++) dst[x] = src[x] * a->scale;
         }
     for (int r = 0; r < R; r++) { sc->m[r] = -INFINITY; sc->l[r] = 0.f; }
@@ -247,7 +257,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int nbc = chunk_blocks(BS), sst = nbc * BS;
     for (int kb0 = it->k0 / BS; kb0 * BS < it->k1; kb0 += nbc) {
         /* one chunk of up to nbc blocks: scores of every block, one softmax update, then P V */
-        const float *Ks[MAX_CHUNK_BLOCKS], *Vs[MAX_CHUNK_BLOCKS];
+        const char *Ks[MAX_CHUNK_BLOCKS], *Vs[MAX_CHUNK_BLOCKS];
         int cols[MAX_CHUNK_BLOCKS + 1], nblk = 0;
         const int cs = kb0 * BS > it->k0 ? kb0 * BS : it->k0;
         int64_t kst = kst_pool;
@@ -255,32 +265,44 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
         for (int kb = kb0; kb < kb0 + nbc && kb * BS < it->k1; kb++, nblk++) {
             const int ks = kb * BS > it->k0 ? kb * BS : it->k0;
             const int ke = kb * BS + BS < it->k1 ? kb * BS + BS : it->k1;
-            const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)it->kvh * D;
+            const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)kvh0 * D;
             cols[nblk + 1] = cols[nblk] + (ke - ks);
-            if (a->kv_dtype == KV_F32) {
-                Ks[nblk] = (const float *)a->kv + off;
-                Vs[nblk] = (const float *)a->kv + plane + off;
-            } else { /* convert into one contiguous [keys, D] chunk */
-                to_f32(sc->kb + (int64_t)cols[nblk] * D, a->kv + off * esize, kst_pool, ke - ks, D, a->kv_dtype);
-                to_f32(sc->vb + (int64_t)cols[nblk] * D, a->kv + (plane + off) * esize, kst_pool, ke - ks, D,
+            if (direct) {
+                Ks[nblk] = a->kv + off * esize;
+                Vs[nblk] = a->kv + (plane + off) * esize;
+            } else { /* convert into one contiguous [keys, nh * D] chunk */
+                to_f32(sc->kb + (int64_t)cols[nblk] * nh * D, a->kv + off * esize, kst_pool, ke - ks, nh * D,
                        a->kv_dtype);
+                to_f32(sc->vb + (int64_t)cols[nblk] * nh * D, a->kv + (plane + off) * esize, kst_pool, ke - ks,
+                       nh * D, a->kv_dtype);
             }
         }
-        if (a->kv_dtype != KV_F32) {
-            Ks[0] = sc->kb; Vs[0] = sc->vb; kst = D;
+        if (!direct) {
+            Ks[0] = (const char *)sc->kb; Vs[0] = (const char *)sc->vb; kst = (int64_t)nh * D;
             cols[1] = cols[nblk];
             nblk = 1;
         }
         const int nk = cols[nblk];
-        for (int b = 0; b < nblk; b++) {
-#ifdef __AVX2__
-            if (use_avx) scores_avx2(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
-            else
+        const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
+        for (int b = 0; b < nblk; b++)
+            for (int hh = 0; hh < nh; hh++) {
+                /* rows of head hh: all nq x G rows for a one-head item, the G rows hh*G.. of an all-heads item */
+                float *S = sc->s + (int64_t)hh * G * sst + cols[b];
+                const float *Q = sc->qt + (int64_t)hh * G * D;
+                const char *K = Ks[b] + (int64_t)hh * hsz;
+                const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+#ifdef TM_AVX512
+                if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype == KV_BF16);
+                else
 #endif
-                scores_c(sc->s + cols[b], sst, sc->qt, R, Ks[b], kst, cols[b + 1] - cols[b], D);
-        }
+#ifdef __AVX2__
+                if (use_avx) scores_avx2(S, sst, Q, rr, (const float *)K, kst, nkb, D);
+                else
+#endif
+                    scores_c(S, sst, Q, rr, (const float *)K, kst, nkb, D);
+            }
         for (int r = 0; r < R; r++) {
-            const int p = pos0 + r / G;
+            const int p = pos0 + r / GH;
             int lo = 0, hi = p - cs + 1; /* valid keys cs+lo .. cs+hi-1 */
             if (hi > nk) hi = nk;
             if (a->window > 0 && p - a->window + 1 - cs > 0) lo = p - a->window + 1 - cs;
@@ -290,20 +312,29 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 for (int x = 0; x < D; x++) ar[x] *= alpha;
             }
         }
-        for (int b = 0; b < nblk; b++) {
-#ifdef __AVX2__
-            if (use_avx) pv_avx2(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
-            else
+        for (int b = 0; b < nblk; b++)
+            for (int hh = 0; hh < nh; hh++) {
+                float *acc = sc->acc + (int64_t)hh * G * D;
+                const float *P = sc->s + (int64_t)hh * G * sst + cols[b];
+                const char *V = Vs[b] + (int64_t)hh * hsz;
+                const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+#ifdef TM_AVX512
+                if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype == KV_BF16);
+                else
 #endif
-                pv_c(sc->acc, sc->s + cols[b], sst, R, Vs[b], kst, cols[b + 1] - cols[b], D);
-        }
+#ifdef __AVX2__
+                if (use_avx) pv_avx2(acc, P, sst, rr, (const float *)V, kst, nkb, D);
+                else
+#endif
+                    pv_c(acc, P, sst, rr, (const float *)V, kst, nkb, D);
+            }
     }
 
     if (it->part < 0) {
         for (int jq = 0; jq < it->nq; jq++)
-            for (int g = 0; g < G; g++) {
-                const int r = jq * G + g;
-                float *o = a->out + ((t0 + jq) * a->h + it->kvh * G + g) * (int64_t)D;
+            for (int g = 0; g < GH; g++) {
+                const int r = jq * GH + g;
+                float *o = a->out + ((t0 + jq) * a->h + kvh0 * G + g) * (int64_t)D;
                 const float inv = 1.f / sc->l[r];
                 for (int x = 0; x < D; x++) o[x] = sc->acc[(int64_t)r * D + x] * inv;
             }
@@ -358,7 +389,7 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
     const int rows_alloc = tq * G;
 
     /* validate and count base items (request x KV head x query tile) */
-    int64_t nbase = 0;
+    int64_t nbase = 0, ndecode = 0;
     for (int i = 0; i < num_reqs; i++) {
         const int n = qsl[i + 1] - qsl[i], L = seq_lens[i];
         if (n < 0 || L < n) return E_SHAPE;
@@ -369,11 +400,14 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
             if (id < 0 || id >= num_blocks) return E_BLOCK;
         }
         nbase += (int64_t)hkv * ((n + tq - 1) / tq);
+        ndecode += n == 1;
     }
     if (nbase == 0) return OK;
     const int nthreads = omp_get_max_threads();
     int target = 1;
     if (nbase < (int64_t)ITEMS_PER_THREAD * nthreads) target = (int)((ITEMS_PER_THREAD * nthreads + nbase - 1) / nbase);
+    /* enough decodes to keep the threads busy: one item per decode covers all its KV heads (contiguous rows) */
+    const int decode_all_heads = hkv > 1 && target == 1 && ndecode >= (int64_t)ITEMS_PER_THREAD * nthreads;
 
     /* build the work list: prefill requests first (the long items), then decodes */
     int64_t cap = nbase * target;
@@ -385,6 +419,11 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
         for (int i = 0; i < num_reqs; i++) {
             const int n = qsl[i + 1] - qsl[i], L = seq_lens[i];
             if (n == 0 || (pass == 0) != (n > 1)) continue;
+            if (n == 1 && decode_all_heads) {
+                const int k0 = (window > 0 && L - window > 0) ? L - window : 0;
+                items[ni++] = (Item){i, -1, 0, 1, k0, L, -1};
+                continue;
+            }
             for (int kvh = 0; kvh < hkv; kvh++)
                 for (int q0 = 0; q0 < n; q0 += tq) {
                     const int nq = n - q0 < tq ? n - q0 : tq;
@@ -418,14 +457,15 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
     {
         Scratch sc = {0};
         const size_t sst = (size_t)chunk_blocks(block_size) * block_size;
-        const size_t rd = (size_t)rows_alloc * d, bd = sst * d;
-        float *mem = malloc(sizeof(float) * (2 * rd + (size_t)rows_alloc * sst + 2 * rows_alloc + 2 * bd));
+        const size_t srows = (size_t)(rows_alloc > h ? rows_alloc : h); /* all-heads decode items hold h rows */
+        const size_t rd = srows * d, bd = sst * d * hkv;
+        float *mem = malloc(sizeof(float) * (2 * rd + srows * sst + 2 * srows + 2 * bd));
         if (!mem) {
 #pragma omp atomic write
             err = E_NOMEM;
         } else {
-            sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + (size_t)rows_alloc * sst;
-            sc.l = sc.m + rows_alloc; sc.kb = sc.l + rows_alloc; sc.vb = sc.kb + bd;
+            sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + srows * sst;
+            sc.l = sc.m + srows; sc.kb = sc.l + srows; sc.vb = sc.kb + bd;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < ni; w++)
