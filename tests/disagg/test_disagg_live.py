@@ -107,6 +107,26 @@ def test_greedy_identical_to_colocated(pair):
     check_identical(pair)
 
 
+def test_router_pairs_prefill_and_decode(pair):
+    """`tokenmill router --prefill URL --decode URL`: the same answers as colocated, and its own errors."""
+    import dataclasses
+
+    from tests.router.procs import metric as router_metric
+    from tests.router.procs import router_process
+
+    with router_process("--prefill", pair.prefill, "--decode", pair.decode, "--policy", "prefix") as (_, url):
+        check_identical(dataclasses.replace(pair, proxy=url), n_rounds=1)
+        assert router_metric(url, "tokenmill_router:routed_requests_total") >= len(PROMPTS) + 3
+        assert router_metric(url, "tokenmill_router:prefix_matched_requests_total") >= 1  # the shared SYSTEM
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": -1}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"  # the prefill side's answer
+        assert httpx.get(url + "/v1/models", timeout=30).json()["data"]  # other routes: a decode instance
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["backends_up"] == health["backends"] == 2
+
+
 def test_proxy_and_server_errors(pair):
     r = httpx.post(pair.proxy + "/v1/completions", json={"prompt": "x", "n": 2}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"

@@ -33,6 +33,19 @@ def test_cli_errors_are_one_line():
     assert r.returncode == 2 and "--backend" in r.stderr
 
 
+@pytest.mark.parametrize("args,why", [
+    (("--prefill", "http://127.0.0.1:9"), "needs at least one --prefill and one --decode"),
+    (("--decode", "http://127.0.0.1:9"), "needs at least one --prefill and one --decode"),
+    (("--backend", "http://127.0.0.1:8", "--prefill", "http://127.0.0.1:9", "--decode", "http://127.0.0.1:7"),
+     "not both"),
+    (("--prefill", "http://127.0.0.1:9", "--decode", "http://127.0.0.1:9/"), "both a prefill and a decode"),
+    (("--prefill", "nonsense", "--decode", "http://127.0.0.1:9"), "bad backend URL 'nonsense'"),
+])
+def test_disaggregated_cli_errors_are_one_line(args, why):
+    r = run_router(*args, "--policy", "least-load", "--startup-timeout-s", "0.5")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and why in r.stderr, r.stderr
+
+
 def test_parse_load():
     text = ("# HELP x\ntokenmill:num_requests_running 3.0\ntokenmill:num_requests_waiting 2.0\n"
             "tokenmill:kv_cache_usage_ratio 0.25\ntokenmill:kv_cache_blocks_used 9.0\n")

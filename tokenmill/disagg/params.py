@@ -22,6 +22,30 @@ def check_http_request(params: Optional[dict], stream: bool, num_prompts: int = 
         raise InvalidRequestError(f"{PARAM} needs exactly one prompt", param="prompt")
 
 
+def prefill_request_body(body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
+    """The client's request as sent to the prefill instance: one token, answered whole, with the handshake."""
+    pb = dict(body, max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
+    pb.pop("max_completion_tokens", None)
+    pb.pop("stream_options", None)
+    if isinstance(pb.get("min_tokens"), int):
+        pb["min_tokens"] = min(pb["min_tokens"], 1)
+    return pb
+
+
+def split_request_error(body: Any) -> Optional[tuple[str, Optional[str]]]:
+    """(message, param) when a prefill/decode split cannot serve this request body, else None."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object", None
+    if body.get("kv_transfer_params") is not None:
+        return "kv_transfer_params is set by the disaggregation proxy / router", "kv_transfer_params"
+    if body.get("n", 1) not in (None, 1):
+        return "disaggregated serving serves n = 1 only", "n"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+        return "disaggregated serving serves one prompt per request", "prompt"
+    return None
+
+
 def response_params(params: Optional[dict], token_ids: list[int], engine: Any) -> Optional[dict[str, Any]]:
     """The kv_transfer_params of a prefill instance's response (None for any other request)."""
     remote = parse_kv_transfer_params(params)

@@ -26,6 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from tokenmill.disagg.params import prefill_request_body, split_request_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,34 +64,18 @@ class DisaggProxy:
     async def close(self) -> None:
         await self.client.aclose()
 
-    def _prefill_body(self, body: dict[str, Any], transfer_id: str) -> dict[str, Any]:
-        pb = dict(body, max_tokens=1, stream=False,
-                  kv_transfer_params={"do_remote_decode": True, "transfer_id": transfer_id})
-        pb.pop("max_completion_tokens", None)
-        pb.pop("stream_options", None)
-        if isinstance(pb.get("min_tokens"), int):
-            pb["min_tokens"] = min(pb["min_tokens"], 1)
-        return pb
-
     async def generate(self, path: str, request: Request) -> Response:
         try:
             body = json.loads(await request.body())
         except ValueError as e:
             return _error(400, f"the body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
-        if body.get("kv_transfer_params") is not None:
-            return _error(400, "kv_transfer_params is set by the disaggregation proxy", "kv_transfer_params")
-        if body.get("n", 1) not in (None, 1):
-            return _error(400, "the disaggregation proxy serves n = 1 only", "n")
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                return _error(400, "the disaggregation proxy serves one prompt per request", "prompt")
+        bad = split_request_error(body)
+        if bad is not None:
+            return _error(400, bad[0], bad[1])
         self.num_requests += 1
         transfer_id = f"disagg-{uuid.uuid4().hex}"
         try:
-            r = await self.client.post(self.prefill + path, json=self._prefill_body(body, transfer_id))
+            r = await self.client.post(self.prefill + path, json=prefill_request_body(body, transfer_id))
         except httpx.HTTPError as e:
             self.num_prefill_errors += 1
             return _error(502, f"the prefill instance failed: {type(e).__name__}: {e}", type_="server_error")

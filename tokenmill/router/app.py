@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tokenmill.errors import ConfigError
 from tokenmill.router.backends import BackendSet, _why
 from tokenmill.router.metrics import RouterMetrics
+from tokenmill.router.pd import PrefillDecode
 from tokenmill.router.policy import POLICIES, make_policy
 from tokenmill.router.prompt import CHAT, COMPLETIONS, PromptHasher
 
@@ -41,6 +42,10 @@ def _meta(default: Any, help: str, **kw) -> Any:
 @dataclass
 class RouterConfig:
     backends: list[str] = _meta(None, "backend base URL, e.g. http://127.0.0.1:8001 (repeat the flag)")
+    prefill: list[str] = _meta(None, "disaggregated serving: base URL of a prefill instance (`serve --kv-role "
+                                     "producer`; repeat the flag); the routing policy picks among them; needs --decode")
+    decode: list[str] = _meta(None, "disaggregated serving: base URL of a decode instance (`serve --kv-role "
+                                    "consumer`; repeat the flag); the least-loaded one continues each request")
     policy: str = _meta("prefix", "routing policy", choices=list(POLICIES))
     host: str = _meta("127.0.0.1", "address to bind")
     port: int = _meta(8000, "TCP port to listen on")
@@ -63,8 +68,17 @@ class RouterConfig:
     log_level: str = _meta("warning", "log level", choices=["debug", "info", "warning", "error"])
 
     def validate(self) -> None:
-        if not self.backends:
-            raise ConfigError("give at least one --backend URL")
+        if self.prefill or self.decode:
+            if self.backends:
+                raise ConfigError("give --backend URLs (replicas), or --prefill with --decode URLs "
+                                  "(disaggregated), not both")
+            if not self.prefill or not self.decode:
+                raise ConfigError("disaggregated serving needs at least one --prefill and one --decode URL")
+            overlap = {u.rstrip("/") for u in self.prefill} & {u.rstrip("/") for u in self.decode}
+            if overlap:
+                raise ConfigError(f"{sorted(overlap)[0]} is given as both a prefill and a decode instance")
+        elif not self.backends:
+            raise ConfigError("give at least one --backend URL (or --prefill and --decode URLs)")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
         if not 0 <= self.port <= 65535:
@@ -93,8 +107,16 @@ class Router:
             kw = dict(capacity=config.prefix_lru_blocks, balance_abs=config.balance_abs,
                       balance_rel=config.balance_rel, max_kv_usage=config.max_kv_usage)
         self.policy = make_policy(config.policy, **kw)
-        self.set = BackendSet(config.backends, config.health_interval_s, config.unhealthy_after,
-                              config.check_timeout_s, on_down=self.policy.forget_backend)
+        check = (config.health_interval_s, config.unhealthy_after, config.check_timeout_s)
+        # disaggregated: the policy picks the prefill instance (where the prompt's prefix is cached); the
+        # decode instances (self.set, which also answers every other route) go by least load
+        self.pd: Optional[PrefillDecode] = None
+        if config.prefill:
+            pset = BackendSet(config.prefill, *check, on_down=self.policy.forget_backend)
+            self.set = BackendSet(config.decode, *check)
+            self.pd = PrefillDecode(self, pset)
+        else:
+            self.set = BackendSet(config.backends, *check, on_down=self.policy.forget_backend)
         if self.policy.needs_hashes and hasher is None:
             hasher = PromptHasher.for_model(config.model, config.tokenizer, config.block_size,
                                             config.max_prefix_blocks)
@@ -109,15 +131,24 @@ class Router:
         self.overloaded_fallbacks = 0
         self.metrics = RouterMetrics(self)
 
+    def backend_sets(self) -> list[BackendSet]:
+        return [self.set] if self.pd is None else [self.pd.prefill, self.set]
+
     async def start(self) -> None:
-        await self.set.probe_all(self.config.startup_timeout_s)
+        names = await self.set.probe_all(self.config.startup_timeout_s)
+        if self.pd is not None:
+            pnames = await self.pd.prefill.probe_all(self.config.startup_timeout_s)
+            if set(pnames) != set(names):
+                raise ConfigError(f"the prefill instances serve {pnames[0]!r}, the decode instances {names[0]!r}")
         timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s)
         self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
                                              connector=aiohttp.TCPConnector(limit=0, force_close=False))
-        self.set.start()
+        for bs in self.backend_sets():
+            bs.start()
 
     async def stop(self) -> None:
-        await self.set.stop()
+        for bs in self.backend_sets():
+            await bs.stop()
         if self.session is not None:
             await self.session.close()
 
@@ -125,28 +156,46 @@ class Router:
         body = await request.body()
         hashes: list[int] = []
         generation = request.method == "POST" and path in (CHAT, COMPLETIONS)
-        if self.hasher is not None and generation:
+        parsed: Any = None
+        if generation and (self.hasher is not None or self.pd is not None):
             try:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None
-            hashes = self.hasher.hashes(path, parsed)
+            if self.hasher is not None:
+                hashes = self.hasher.hashes(path, parsed)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         url_tail = path + (f"?{request.url.query}" if request.url.query else "")
+        if generation and self.pd is not None:
+            return await self.pd.generate(request, url_tail, headers, body, parsed, hashes)
+        policy = self.policy if self.pd is None else self.pd.decode_policy
+        return await self.relay(request, url_tail, headers, body, self.set, policy, hashes, generation)
+
+    def count_routed(self, d: Any, hashes: list[int]) -> None:
+        self.routed_requests += 1
+        self.prompt_blocks += len(hashes)
+        self.matched_blocks += d.matched_blocks
+        self.matched_requests += d.matched_blocks > 0
+        self.overloaded_fallbacks += d.overloaded_fallback
+
+    async def relay(self, request: Request, url_tail: str, headers: list, body: bytes, bset: BackendSet,
+                    policy: Any, hashes: list[int], count: bool) -> Response:
+        """Send the request to a backend of bset that policy picks (another one when it fails before its first
+        byte) and stream its response back."""
         tried: set[int] = set()
         while True:
-            cands = [i for i in self.set.healthy() if i not in tried]
+            cands = [i for i in bset.healthy() if i not in tried]
             if not cands:
                 self.unroutable += 1
-                down = "; ".join(f"{b.url}: {b.why_down or 'failed'}" for b in self.set.backends)
+                down = "; ".join(f"{b.url}: {b.why_down or 'failed'}" for b in bset.backends)
                 return _error(503, f"no backend is available ({down})", "no_backend")
-            d = self.policy.choose(cands, self.set.loads, hashes)
-            b = self.set.backends[d.backend]
+            d = policy.choose(cands, bset.loads, hashes)
+            b = bset.backends[d.backend]
             b.load.in_flight += 1
             try:
                 resp = await self._send(request, b.url + url_tail, headers, body)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                self._failed(b, tried, _why(e))
+                self._failed(b, tried, _why(e), bset)
                 continue
             except BaseException:
                 b.load.in_flight -= 1
@@ -156,28 +205,24 @@ class Router:
                 return Response(status_code=499)
             if resp.status in _RETRY_STATUS and len(cands) > 1:
                 resp.release()
-                self._failed(b, tried, f"HTTP {resp.status}")
+                self._failed(b, tried, f"HTTP {resp.status}", bset)
                 continue
             break
         b.requests += 1
-        if generation:
-            self.routed_requests += 1
-            self.prompt_blocks += len(hashes)
-            self.matched_blocks += d.matched_blocks
-            self.matched_requests += d.matched_blocks > 0
-            self.overloaded_fallbacks += d.overloaded_fallback
-        self.policy.routed(b.index, hashes)
+        if count:
+            self.count_routed(d, hashes)
+        policy.routed(b.index, hashes)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP or k.lower() == "content-length"}
         out_headers["x-tokenmill-backend"] = b.url
         return StreamingResponse(self._relay(resp, b), status_code=resp.status, headers=out_headers)
 
-    def _failed(self, b, tried: set, why: str) -> None:
+    def _failed(self, b, tried: set, why: str, bset: BackendSet) -> None:
         """b failed before its first byte: release it, mark it down, let the caller try another."""
         b.load.in_flight -= 1
         b.failures += 1
         self.retries += 1
         tried.add(b.index)
-        self.set.mark_down(b, why)
+        bset.mark_down(b, why)
 
     async def _send(self, request: Request, url: str, headers: list, body: bytes) -> Optional[aiohttp.ClientResponse]:
         """The upstream response once its headers arrive, or None if the client disconnects first (the
@@ -224,10 +269,12 @@ def build_router_app(router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        up = router.set.healthy()
-        if up:
-            return JSONResponse({"status": "ok", "backends_up": len(up), "backends": len(router.set.backends)})
-        return _error(503, "no backend is up", "unhealthy")
+        up = [len(bs.healthy()) for bs in router.backend_sets()]
+        total = sum(len(bs.backends) for bs in router.backend_sets())
+        if all(up):
+            return JSONResponse({"status": "ok", "backends_up": sum(up), "backends": total})
+        return _error(503, "no backend is up" if len(up) == 1 else
+                      f"prefill instances up: {up[0]}, decode instances up: {up[1]}", "unhealthy")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,4 +1,5 @@
-"""`tokenmill router --backend URL [--backend URL ...] [--policy round-robin|least-load|prefix]`."""
+"""`tokenmill router --backend URL [--backend URL ...] [--policy round-robin|least-load|prefix]`, or
+`tokenmill router --prefill URL [...] --decode URL [...]` over disaggregated prefill / decode instances."""
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,15 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 def add_router_args(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("router", help="HTTP router over tokenmill servers (replicas)",
-                              description="Route OpenAI-API requests over several `tokenmill serve` backends.")
+                              description="Route OpenAI-API requests over several `tokenmill serve` backends (replicas), "
+                                          "or over prefill and decode instances (--prefill / --decode).")
     for f in fields(RouterConfig):
         if f.name == "log_level":
             continue  # the top-level --log-level
         flag = "--backend" if f.name == "backends" else "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
-        if f.name == "backends":
-            kw.update(action="append", required=True, metavar="URL")
+        if f.name in ("backends", "prefill", "decode"):  # RouterConfig.validate says which are missing
+            kw.update(action="append", metavar="URL")
         elif "choices" in f.metadata:
             kw.update(choices=f.metadata["choices"], default=f.default)
         else:

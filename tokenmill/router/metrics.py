@@ -31,8 +31,9 @@ class _RouterCollector(Collector):
         }
         for name, (cls, doc, get) in per.items():
             m = cls(f"tokenmill_router:{name}", doc, labels=["backend"])
-            for b in r.set.backends:
-                m.add_metric([b.url], get(b))
+            for bs in r.backend_sets():
+                for b in bs.backends:
+                    m.add_metric([b.url], get(b))
             yield m
         yield CounterMetricFamily("tokenmill_router:retries", "requests sent again to another backend", value=r.retries)
         yield CounterMetricFamily("tokenmill_router:unroutable", "requests answered 503: no backend up",
