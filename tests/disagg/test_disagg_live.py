@@ -210,10 +210,6 @@ def run_with_disconnects(pair, n: int, concurrency: int = 8, timeout_s: float = 
     assert complete(pair.proxy, PROMPTS[0])["choices"][0]["text"]  # still serving
 
 
-def test_no_leaked_blocks_after_disconnects(pair):
-    run_with_disconnects(pair, 40)
-
-
 def test_no_leaked_blocks_after_200_requests_with_disconnects(pair):
     run_with_disconnects(pair, 200)
 

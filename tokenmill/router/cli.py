@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from dataclasses import fields
 from typing import Any
 
 from tokenmill.errors import TokenmillError
+from tokenmill.loop import run as run_loop
 from tokenmill.router.app import RouterConfig, serve_router
 
 
@@ -16,7 +16,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig) if f.name != "log_level"})
     cfg.log_level = args.log_level
     try:
-        asyncio.run(serve_router(cfg))
+        run_loop(serve_router(cfg))
     except TokenmillError as exc:
         print(f"tokenmill router: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.config import EngineConfig
 from tokenmill.engine.protocol import EngineClient
 from tokenmill.errors import EngineDeadError, TokenmillError
+from tokenmill.loop import run as run_loop
 from tokenmill.server import protocol as P
 from tokenmill.server.config import ServerConfig
 from tokenmill.server.guards import GuardMiddleware, header_timeout_protocol
@@ -370,5 +371,5 @@ def _bound_port(server: Any, default: int) -> int:
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
     """`tokenmill serve`: blocks until the server has shut down; exits 1 if the engine died."""
-    if asyncio.run(serve(engine_config, server_config)):
+    if run_loop(serve(engine_config, server_config)):
         raise SystemExit(1)
