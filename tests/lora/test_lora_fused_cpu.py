@@ -20,10 +20,10 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     llm = LLM(max_model_len=512, enable_prefix_caching=False, num_kv_blocks=64, gemm_dtype="float32",
-              enable_lora=True, max_loras=3, max_lora_rank=8)
+              enable_lora=True, max_loras=3, max_lora_rank=16)  # K = 16 x slices: the AVX-512 path
     shapes = llm.engine.lora_shapes
     loras = []
-    for i, (rank, targets) in enumerate([(8, ALL), (4, ["q_proj", "v_proj", "up_proj"])]):
+    for i, (rank, targets) in enumerate([(16, ALL), (4, ["q_proj", "v_proj", "up_proj"])]):
         path = str(tmp_path_factory.mktemp(f"smol_lora{i}"))
         write_random_adapter(path, shapes, rank, targets, seed=i)
         lr = LoRARequest(f"s{i}", i + 1, path)

@@ -5,6 +5,47 @@
 // span are the base model's. The reference is tokenmill/ops/lora/reference.py (the per-op path's op).
 #include <stdint.h>
 #include "kernels.h"
+#include "simd.h"
+
+#ifdef TM_AVX512
+// One row with AVX-512, for K % 16 == 0 and K <= 64: h = x A kept in (up to) 4 registers, then y += h B
+// 64 columns at a time with the columns in registers (y is read and written once, not once per rank).
+static void lora_row_avx512(const float *xr, const float *A, const float *B, int64_t in, int64_t K, float *yr,
+                            int64_t out) {
+    const int nk = (int)(K / 16);
+    __m512 h[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < in; i++) {
+        const __m512 xv = _mm512_set1_ps(xr[i]);
+        const float *ar = A + i * K;
+        for (int c = 0; c < nk; c++) h[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(ar + 16 * c), h[c]);
+    }
+    float hs[64];
+    for (int c = 0; c < nk; c++) _mm512_storeu_ps(hs + 16 * c, h[c]);
+    int64_t o = 0;
+    for (; o + 64 <= out; o += 64) {
+        __m512 y0 = _mm512_loadu_ps(yr + o), y1 = _mm512_loadu_ps(yr + o + 16);
+        __m512 y2 = _mm512_loadu_ps(yr + o + 32), y3 = _mm512_loadu_ps(yr + o + 48);
+        for (int64_t k = 0; k < K; k++) {
+            if (hs[k] == 0.0f) continue;  // a zero-padded rank
+            const __m512 hv = _mm512_set1_ps(hs[k]);
+            const float *bk = B + k * out + o;
+            y0 = _mm512_fmadd_ps(hv, _mm512_loadu_ps(bk), y0);
+            y1 = _mm512_fmadd_ps(hv, _mm512_loadu_ps(bk + 16), y1);
+            y2 = _mm512_fmadd_ps(hv, _mm512_loadu_ps(bk + 32), y2);
+            y3 = _mm512_fmadd_ps(hv, _mm512_loadu_ps(bk + 48), y3);
+        }
+        _mm512_storeu_ps(yr + o, y0);
+        _mm512_storeu_ps(yr + o + 16, y1);
+        _mm512_storeu_ps(yr + o + 32, y2);
+        _mm512_storeu_ps(yr + o + 48, y3);
+    }
+    for (; o < out; o++) {
+        float a = yr[o];
+        for (int64_t k = 0; k < K; k++) a += hs[k] * B[k * out + o];
+        yr[o] = a;
+    }
+}
+#endif
 
 // rows [r0, r0 + m) of x [m, in] (row r0 first) and y [m, out]; returns 0. One OpenMP region per call, over
 // the rows of every adapter span (a region per adapter would pay a thread wake-up per adapter and projection).
@@ -31,6 +72,12 @@ int tm_lora_apply(const tm_lora *L, int which, const float *x, int64_t r0, int64
         const int64_t row = lo[g] + (j - off[g]) - r0;
         const float *A = P->a + L->slots[g] * in * K, *B = P->b + L->slots[g] * K * out;
         const float *xr = x + row * in;
+#ifdef TM_AVX512
+        if (K % 16 == 0 && K <= 64) {
+            lora_row_avx512(xr, A, B, in, K, y + row * out, out);
+            continue;
+        }
+#endif
         float h[K];
         for (int64_t k = 0; k < K; k++) h[k] = 0.0f;
         for (int64_t i = 0; i < in; i++) {  // shrink: h = x[row] A
