@@ -39,6 +39,8 @@ class _Projection:
         k = len(outs) * rank
         self.a = torch.zeros(slots, fan_in, k, dtype=dtype, device=device)  # [S, in, K]
         self.b = torch.zeros(slots, k, sum(outs), dtype=dtype, device=device)  # [S, K, out]
+        # slice s's columns [cols[s], cols[s+1]) of B are non-zero only in its rank rows (the C kernel skips the rest)
+        self.cols = torch.tensor([sum(outs[:i]) for i in range(len(outs) + 1)], dtype=torch.int64)
 
 
 class LoRARuntime:
@@ -92,6 +94,7 @@ class LoRARuntime:
             if proj.a.dtype != torch.float32 or not proj.a.is_contiguous() or not proj.b.is_contiguous():
                 return None
             st.proj[i].a, st.proj[i].b, st.proj[i].k = proj.a.data_ptr(), proj.b.data_ptr(), proj.a.shape[2]
+            st.proj[i].nslices, st.proj[i].cols = len(proj.outs), proj.cols.data_ptr()
         return st
 
     # ---- adapters ------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def _lib() -> Optional[ctypes.CDLL]:
 
 
 class TmLoRAProj(ctypes.Structure):
-    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("k", ctypes.c_int64)]
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("k", ctypes.c_int64), ("nslices", ctypes.c_int64),
+                ("cols", ctypes.c_void_p)]
 
 
 class TmLoRA(ctypes.Structure):

@@ -49,7 +49,9 @@ int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, in
 // Batched LoRA in the fused layer (lora.c). proj: 0 qkv, 1 o, 2 gate_up, 3 down; a [S, in, k], b [S, k, out]
 // (NULL: no LoRA on that projection); num_groups contiguous row spans (starts, lens) of adapter slots (slots).
 // Field order and 8-byte sizes are mirrored by ctypes in tokenmill/ops/cpu/layer.py (TmLoRA).
-typedef struct { const float *a; const float *b; int64_t k; } tm_lora_proj;
+// b is block-diagonal over nslices packed slices (rank k / nslices each, columns cols[s]..cols[s+1]); nslices 0:
+// treat b as dense.
+typedef struct { const float *a; const float *b; int64_t k; int64_t nslices; const int64_t *cols; } tm_lora_proj;
 typedef struct {
     tm_lora_proj proj[4];
     int64_t num_groups;

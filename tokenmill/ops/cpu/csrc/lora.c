@@ -10,22 +10,13 @@
 #ifdef TM_AVX512
 // One row with AVX-512, for K % 16 == 0 and K <= 64: h = x A kept in (up to) 4 registers, then y += h B
 // 64 columns at a time with the columns in registers (y is read and written once, not once per rank).
-static void lora_row_avx512(const float *xr, const float *A, const float *B, int64_t in, int64_t K, float *yr,
-                            int64_t out) {
-    const int nk = (int)(K / 16);
-    __m512 h[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < in; i++) {
-        const __m512 xv = _mm512_set1_ps(xr[i]);
-        const float *ar = A + i * K;
-        for (int c = 0; c < nk; c++) h[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(ar + 16 * c), h[c]);
-    }
-    float hs[64];
-    for (int c = 0; c < nk; c++) _mm512_storeu_ps(hs + 16 * c, h[c]);
-    int64_t o = 0;
-    for (; o + 64 <= out; o += 64) {
+static void expand_avx512(const float *hs, const float *B, int64_t k0, int64_t k1, float *yr, int64_t o0,
+                          int64_t o1, int64_t out) {
+    int64_t o = o0;
+    for (; o + 64 <= o1; o += 64) {
         __m512 y0 = _mm512_loadu_ps(yr + o), y1 = _mm512_loadu_ps(yr + o + 16);
         __m512 y2 = _mm512_loadu_ps(yr + o + 32), y3 = _mm512_loadu_ps(yr + o + 48);
-        for (int64_t k = 0; k < K; k++) {
+        for (int64_t k = k0; k < k1; k++) {
             if (hs[k] == 0.0f) continue;  // a zero-padded rank
             const __m512 hv = _mm512_set1_ps(hs[k]);
             const float *bk = B + k * out + o;
@@ -39,10 +30,31 @@ static void lora_row_avx512(const float *xr, const float *A, const float *B, int
         _mm512_storeu_ps(yr + o + 32, y2);
         _mm512_storeu_ps(yr + o + 48, y3);
     }
-    for (; o < out; o++) {
+    for (; o < o1; o++) {
         float a = yr[o];
-        for (int64_t k = 0; k < K; k++) a += hs[k] * B[k * out + o];
+        for (int64_t k = k0; k < k1; k++) a += hs[k] * B[k * out + o];
         yr[o] = a;
+    }
+}
+
+// cols: nslices + 1 column offsets of a block-diagonal B (slice s: rank rows s*K/nslices.., its columns only);
+// nslices 0: B dense.
+static void lora_row_avx512(const float *xr, const float *A, const float *B, int64_t in, int64_t K, float *yr,
+                            int64_t out, int64_t nslices, const int64_t *cols) {
+    const int nk = (int)(K / 16);
+    __m512 h[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t i = 0; i < in; i++) {
+        const __m512 xv = _mm512_set1_ps(xr[i]);
+        const float *ar = A + i * K;
+        for (int c = 0; c < nk; c++) h[c] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(ar + 16 * c), h[c]);
+    }
+    float hs[64];
+    for (int c = 0; c < nk; c++) _mm512_storeu_ps(hs + 16 * c, h[c]);
+    if (nslices > 0 && cols && K % nslices == 0 && cols[nslices] == out) {
+        const int64_t r = K / nslices;
+        for (int64_t sl = 0; sl < nslices; sl++) expand_avx512(hs, B, sl * r, (sl + 1) * r, yr, cols[sl], cols[sl + 1], out);
+    } else {
+        expand_avx512(hs, B, 0, K, yr, 0, out, out);
     }
 }
 #endif
@@ -74,7 +86,7 @@ int tm_lora_apply(const tm_lora *L, int which, const float *x, int64_t r0, int64
         const float *xr = x + row * in;
 #ifdef TM_AVX512
         if (K % 16 == 0 && K <= 64) {
-            lora_row_avx512(xr, A, B, in, K, y + row * out, out);
+            lora_row_avx512(xr, A, B, in, K, y + row * out, out, P->nslices, P->cols);
             continue;
         }
 #endif
