@@ -147,6 +147,9 @@ class DeviceSetup:
             n = fuse_cpu_layers(model)
             if n:
                 logger.info("fused CPU decoder layers: %d", n)
+            from tokenmill.ops.cpu.dense import prepack_bf16_linears
+
+            prepack_bf16_linears(model)  # bf16 checkpoints' dense linears: oneDNN on a prepacked weight
         return self.backend
 
     def plan_kv_budget(self, runner: "ModelRunner") -> int:

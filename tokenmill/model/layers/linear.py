@@ -5,7 +5,7 @@ Parameters are created with torch.empty (no init cost), so building an 8B model 
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +37,15 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        # installed from outside (tokenmill/ops/cpu/dense.py: oneDNN with a prepacked bf16 weight on the CPU)
+        self.fast_path: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path is not None:
+            return self.fast_path(x)
         return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, out]
 
 
