@@ -15,14 +15,11 @@ import time
 
 import torch
 
+from cpu_decode_profile import _ids  # the same synthetic prompts (bench/ is on the path when run as a script)
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.llm import LLM
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
-
-
-def _ids(n: int, seed: int) -> list[int]:
-    return [(1000 + 7919 * seed + 13 * i) % 48990 + 5 for i in range(n)]
 
 
 def run(sched: Scheduler, runner, args) -> list[tuple[int, int, float]]:

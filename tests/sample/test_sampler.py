@@ -340,7 +340,7 @@ def test_top_p_from_candidates_equals_the_full_sort():
 
 
 def test_row_argmax_matches_argmax_on_ties_and_nan():
-    from tokenmill.sample.sampler import row_argmax
+    from tokenmill.sample.logits_processors import row_argmax
 
     x = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0))
     x[1, 10] = x[1, 20] = x[1].max() + 1.0  # tie: the first index wins

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.errors import ConfigError
-from tokenmill.router.backends import BackendSet, _why
+from tokenmill.router.backends import RETRY_STATUS, BackendSet, _why
 from tokenmill.router.metrics import RouterMetrics
 from tokenmill.router.pd import PrefillDecode
 from tokenmill.router.policy import POLICIES, make_policy
@@ -32,7 +32,6 @@ logger = logging.getLogger("tokenmill.router")
 
 _HOP = {"host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
         "content-length"}
-_RETRY_STATUS = (502, 503, 504)
 
 
 def _meta(default: Any, help: str, **kw) -> Any:
@@ -203,7 +202,7 @@ class Router:
             if resp is None:  # the client went away first
                 b.load.in_flight -= 1
                 return Response(status_code=499)
-            if resp.status in _RETRY_STATUS and len(cands) > 1:
+            if resp.status in RETRY_STATUS and len(cands) > 1:
                 resp.release()
                 self._failed(b, tried, f"HTTP {resp.status}", bset)
                 continue

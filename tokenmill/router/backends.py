@@ -20,6 +20,10 @@ _LOAD_METRICS = {"tokenmill:num_requests_running": "running", "tokenmill:num_req
                  "tokenmill:kv_cache_usage_ratio": "kv_usage"}
 
 
+# upstream answers that count as a failure before the first byte (the request goes to another backend)
+RETRY_STATUS = (502, 503, 504)
+
+
 def check_backend_url(url: str) -> str:
     """A backend URL without its trailing slash; ConfigError (one line) when it is not http(s)://host[:port]."""
     parts = urlsplit(url)

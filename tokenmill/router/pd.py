@@ -21,11 +21,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.disagg.params import prefill_request_body, split_request_error
-from tokenmill.router.backends import BackendSet, _why
+from tokenmill.router.backends import RETRY_STATUS, BackendSet, _why
 from tokenmill.router.policy import LeastLoad
-
-_RETRY_STATUS = (502, 503, 504)
-
 
 def _error(status: int, message: str, code: str, param: Optional[str] = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -78,7 +75,7 @@ class PrefillDecode:
                 resp.close()
                 r._failed(b, tried, _why(e), self.prefill)
                 continue
-            if status in _RETRY_STATUS and len(cands) > 1:
+            if status in RETRY_STATUS and len(cands) > 1:
                 r._failed(b, tried, f"HTTP {status}", self.prefill)
                 continue
             b.load.in_flight -= 1

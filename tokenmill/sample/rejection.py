@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters, inverse_cdf,
+from tokenmill.sample.logits_processors import (row_argmax, apply_penalties_and_bias, apply_sampling_filters, inverse_cdf,
                                                 needs_penalties_or_bias)
 from tokenmill.sampling_params import SamplingParams
 
@@ -79,7 +79,7 @@ def rejection_sample(target_logits: torch.Tensor, draft_token_ids: Sequence[int]
                                 output_token_ids, eos_token_ids)
     draft = torch.tensor(list(draft_token_ids), dtype=torch.long, device=x.device)[None, :]  # [1, K]
     if params.greedy:
-        out = rejection_sample_greedy(x.max(dim=-1).indices[None, :], draft)
+        out = rejection_sample_greedy(row_argmax(x)[None, :], draft)
     else:
         probs = apply_sampling_filters(x, [params] * (K + 1)).softmax(dim=-1)  # [K+1, V]
         out = rejection_sample_probs(probs[None], draft, generator)

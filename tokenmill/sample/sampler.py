@@ -14,18 +14,12 @@ import torch
 
 from tokenmill.core.outputs import Logprob
 from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters,
-                                                needs_penalties_or_bias, sample_from_probs)
+                                                needs_penalties_or_bias, row_argmax, sample_from_probs)
 from tokenmill.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 # rows of log_softmax computed at once in compute_logprobs (bounds memory for long prompts)
 _LOGPROB_CHUNK = 1024
-
-
-def row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """x [B, V] -> [B] index of each row's maximum (first one on ties, NaN wins, as argmax). On the CPU
-    `max(dim=-1)` is ~2.7x faster than `argmax` over a 49k vocabulary (64 rows: 1.8 vs 5.0 ms, 2 threads)."""
-    return x.max(dim=-1).indices
 
 
 @dataclass
