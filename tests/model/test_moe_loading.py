@@ -185,3 +185,41 @@ def test_gguf_moe_errors(tmp_path):
     src = resolve_model_source(_meta_only_gguf(str(tmp_path / "c.gguf"), "qwen3moe", gating=1))
     config = load_hf_config(src)
     assert (config.num_experts, config.num_experts_per_tok, config.norm_topk_prob) == (4, 2, True)
+
+
+def test_kquant_expert_gguf_stays_packed(tmp_path):
+    """An OLMoE GGUF laid out like llama.cpp's Q4_K_M (Q4_K gate / up experts, Q6_K down experts in layer 0 and
+    Q4_K in layer 1, Q4_K / Q6_K attention): every expert tensor stays packed in its own type (no float copy),
+    the weights take no more bytes than the file, and the logits equal the file dequantized at load, through the
+    per-expert qlinear path and the one-call C kernel."""
+    import gguf
+
+    from tests.ops.kquant_blocks import requantize_gguf
+    from tokenmill.ops.cpu.qlinear import available
+
+    G = gguf.GGMLQuantizationType
+    hf = build_tiny_model("olmoe", hidden_size=256, intermediate_size=256)
+    n = hf.config.num_hidden_layers
+    qtypes = {f"blk.{i}.{t}.weight": G.Q4_K for i in range(n)
+              for t in ("attn_q", "attn_k", "attn_output", "ffn_gate_exps", "ffn_up_exps")}
+    qtypes.update({f"blk.{i}.attn_v.weight": G.Q6_K for i in range(n)})
+    qtypes.update({"blk.0.ffn_down_exps.weight": G.Q6_K, "blk.1.ffn_down_exps.weight": G.Q4_K,
+                   "output.weight": G.Q6_K})
+    f32 = save_tiny_gguf(hf, str(tmp_path / "f32.gguf"))
+    path = requantize_gguf(f32, str(tmp_path / "q4_k_m.gguf"), qtypes)
+    src = resolve_model_source(path)
+    cfg = load_hf_config(src)
+    packed = load_model(src, cfg, torch.float32, "cpu", gemm_dtype="float32")  # exact linears
+    dense = load_model(src, cfg, torch.float32, "cpu", quantization="none")
+    if available():
+        (_, b0), (_, b1) = moe_blocks(packed)
+        assert isinstance(b0.experts, PackedExperts) and isinstance(b1.experts, PackedExperts)
+        assert (b0.experts.qtype, b0.experts.down_qtype) == ("q4_k", "q6_k")
+        assert (b1.experts.qtype, b1.experts.down_qtype) == ("q4_k", "q4_k")
+        weight_bytes = sum(p.numel() * p.element_size() for p in packed.parameters())
+        assert weight_bytes <= os.path.getsize(path)
+    ref = _logits(dense)
+    assert (_logits(packed) - ref).abs().max().item() < 1e-3
+    for op in (fused_moe_grouped, fused_moe_cpu):
+        packed.set_moe_op(op)
+        assert (_logits(packed) - ref).abs().max().item() < 1e-3

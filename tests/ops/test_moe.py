@@ -129,6 +129,49 @@ def test_c_kernel_matches_reference(qtype, name, t, e, k, mode):
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
 
 
+def _kquant_packed(num_experts: int, qtype: str, down_qtype: str, h: int = 256, i: int = 256) -> PackedExperts:
+    """Random experts of hidden h, intermediate i (multiples of 256), gate|up in qtype, down in down_qtype (each
+    k-quant by the test quantizer, the others by gguf-py)."""
+    import gguf
+    import numpy as np
+
+    from tests.ops.kquant_blocks import BLOCK_BYTES, quantize
+
+    g = torch.Generator().manual_seed(3)
+    p = PackedExperts(num_experts, h, i, qtype, down_qtype)
+    for src, dst, qt in ((torch.randn(num_experts, 2 * i, h, generator=g) * 0.2, p.gate_up_proj, qtype),
+                         (torch.randn(num_experts, h, i, generator=g) * 0.2, p.down_proj, down_qtype)):
+        arr = src.numpy().reshape(-1, src.shape[-1])
+        q = quantize(arr, qt) if qt in BLOCK_BYTES else gguf.quants.quantize(arr, getattr(gguf.GGMLQuantizationType,
+                                                                                         qt.upper()))
+        dst.weight_loader(dst, torch.from_numpy(np.ascontiguousarray(q)), None)
+    return p
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q4_k", "q4_k"), ("q5_k", "q8_0"),
+                                              ("q4_1", "q6_k")])
+@pytest.mark.parametrize("name,t,e,k,mode", _cases() + [("prefill", 40, 8, 2, None)])
+def test_mixed_block_types_match_reference(qtype, down_qtype, name, t, e, k, mode):
+    """gate|up and down in different block types (llama.cpp's Q4_K_M: Q4_K gate / up, Q6_K down in some layers):
+    the C kernel and the grouped path vs the reference on the dequantized weights, at hidden 256 (the k-quants'
+    super-block), in the one-to-three-row decode path and the buffered one."""
+    packed = _kquant_packed(e, qtype, down_qtype)
+    assert (packed.qtype, packed.down_qtype) == (qtype, down_qtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(t, 256, generator=g)
+    w, ids = select_experts(torch.randn(t, e, generator=g), k, True)
+    if mode == "idle":
+        ids = torch.tensor([[0, 5], [5, 0]] * t)[:t]
+    elif mode == "one":
+        ids = torch.full((t, k), 3, dtype=torch.int64)
+    ref = fused_moe_reference(x, packed, w, ids)
+    for op in (fused_moe_cpu, fused_moe_grouped):
+        got = op(x, packed, w, ids)
+        assert got.shape == (t, 256)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-3)
+
+
 def test_cpu_op_takes_dense_experts_to_the_grouped_path():
     ex = _experts(4)
     x, w, ids = _routing(9, 4, 2)

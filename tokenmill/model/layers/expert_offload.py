@@ -41,7 +41,7 @@ def expert_nbytes(experts: nn.Module) -> int:
 def _new_pool(like: nn.Module, capacity: int, device: torch.device) -> nn.Module:
     with torch.device(device):
         if isinstance(like, PackedExperts):
-            return PackedExperts(capacity, like.hidden_size, like.intermediate_size, like.qtype)
+            return PackedExperts(capacity, like.hidden_size, like.intermediate_size, like.qtype, like.down_qtype)
         if isinstance(like, FusedExperts):
             return FusedExperts(capacity, like.hidden_size, like.intermediate_size, like.gate_up_proj.dtype)
     raise TypeError(f"expert offload takes FusedExperts or PackedExperts, not {type(like).__name__}")

@@ -105,15 +105,18 @@ class FusedExperts(_ExpertStore):
 
 
 class PackedExperts(_ExpertStore):
-    """Experts kept as GGUF blocks (uint8 rows) run by the CPU qlinear kernel: gate_up_proj [E, 2I, row_bytes(H)],
-    down_proj [E, H, row_bytes(I)]. Any block type `tokenmill.ops.cpu.qlinear` supports plugs in here."""
+    """Experts kept as GGUF blocks (uint8 rows) run by the CPU qlinear kernel: gate_up_proj [E, 2I, row_bytes(H)]
+    in block type `qtype`, down_proj [E, H, row_bytes(I)] in `down_qtype` (the same unless given: llama.cpp's
+    Q4_K_M stores some layers' ffn_down_exps as Q6_K). Any block type `tokenmill.ops.cpu.qlinear` supports plugs
+    in here."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, qtype: str):
+    def __init__(self, num_experts: int, hidden: int, inter: int, qtype: str, down_qtype: Optional[str] = None):
         from tokenmill.ops.cpu.qlinear import row_bytes
 
         super().__init__()
         self.qtype = qtype
-        self._make(num_experts, hidden, inter, row_bytes(qtype, hidden), row_bytes(qtype, inter), torch.uint8)
+        self.down_qtype = down_qtype or qtype
+        self._make(num_experts, hidden, inter, row_bytes(qtype, hidden), row_bytes(self.down_qtype, inter), torch.uint8)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized float32 copies (for the reference op only)."""
@@ -121,7 +124,7 @@ class PackedExperts(_ExpertStore):
 
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         w13 = dequantize(self.gate_up_proj.reshape(e * 2 * i, -1), self.qtype, h).reshape(e, 2 * i, h)
-        w2 = dequantize(self.down_proj.reshape(e * h, -1), self.qtype, i).reshape(e, h, i)
+        w2 = dequantize(self.down_proj.reshape(e * h, -1), self.down_qtype, i).reshape(e, h, i)
         return w13, w2
 
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +135,11 @@ class PackedExperts(_ExpertStore):
     def down(self, e: int, x: torch.Tensor) -> torch.Tensor:
         from tokenmill.ops.cpu.qlinear import qlinear
 
-        return qlinear(x, self.down_proj[e], self.qtype)  # [n, I] -> [n, H]
+        return qlinear(x, self.down_proj[e], self.down_qtype)  # [n, I] -> [n, H]
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}, "
-                f"qtype={self.qtype}")
+                f"qtype={self.qtype}" + (f", down_qtype={self.down_qtype}" if self.down_qtype != self.qtype else ""))
 
 
 class SharedExpertGate(Linear):
@@ -185,25 +188,31 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, MoEBlock]]:
 
 
 def quantize_experts(model: nn.Module, types: dict[str, str]) -> set[str]:
-    """Swap FusedExperts for PackedExperts where all three GGUF expert tensors share a block type the CPU kernel
-    runs (like layers.quantized.quantize_modules for linears). types: checkpoint name -> GGUF type (lower case).
-    Returns the checkpoint names to load as raw blocks."""
-    from tokenmill.ops.cpu.qlinear import QTYPES
+    """Swap FusedExperts for PackedExperts where the GGUF expert tensors are in block types the CPU kernel runs
+    (like layers.quantized.quantize_modules for linears): gate and up in one type, down in that type or another
+    (Q4_K_M's Q6_K down). types: checkpoint name -> GGUF type (lower case). Returns the checkpoint names to load as
+    raw blocks."""
+    from tokenmill.ops.cpu.qlinear import QTYPES, block_size
 
     raw: set[str] = set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoEBlock) or not isinstance(module.experts, FusedExperts):
             continue
         ex = module.experts
-        names = [f"{name}.experts.{p}_proj.weight" for p in ("gate", "up", "down")]  # 3-D ffn_*_exps
-        if not any(n in types for n in names):  # the older layout: one tensor per expert
-            names = [f"{name}.experts.{e}.{p}_proj.weight" for e in range(ex.num_experts)
-                     for p in ("gate", "up", "down")]
-        kinds = {types.get(n) for n in names}
-        if len(kinds) != 1 or next(iter(kinds)) not in QTYPES or ex.hidden_size % 32 or ex.intermediate_size % 32:
+        names = {p: [f"{name}.experts.{p}_proj.weight"] for p in ("gate", "up", "down")}  # 3-D ffn_*_exps
+        if not any(n in types for ns in names.values() for n in ns):  # the older layout: one tensor per expert
+            names = {p: [f"{name}.experts.{e}.{p}_proj.weight" for e in range(ex.num_experts)]
+                     for p in ("gate", "up", "down")}
+        gate_up = {types.get(n) for n in names["gate"] + names["up"]}
+        down = {types.get(n) for n in names["down"]}
+        if len(gate_up) != 1 or len(down) != 1:
             continue
-        module.experts = PackedExperts(ex.num_experts, ex.hidden_size, ex.intermediate_size, next(iter(kinds)))
-        raw.update(names)
+        qtype, down_qtype = next(iter(gate_up)), next(iter(down))
+        if qtype not in QTYPES or down_qtype not in QTYPES or ex.hidden_size % block_size(qtype) \
+                or ex.intermediate_size % block_size(down_qtype):
+            continue
+        module.experts = PackedExperts(ex.num_experts, ex.hidden_size, ex.intermediate_size, qtype, down_qtype)
+        raw.update(n for ns in names.values() for n in ns)
     return raw
 
 

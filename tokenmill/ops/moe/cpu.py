@@ -28,7 +28,7 @@ _ERRORS = {-1: "out of memory", -2: "expert id out of range", -7: "qlinear rejec
 def _lib() -> Optional[ctypes.CDLL]:
     lib = load_library("moe")
     if lib is not None:
-        lib.tm_moe_packed.argtypes = [ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L, _P]
+        lib.tm_moe_packed.argtypes = [ctypes.c_int, ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L, _P]
         lib.tm_moe_packed.restype = ctypes.c_int
     return lib
 
@@ -70,8 +70,8 @@ def fused_moe_grouped(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor,
 
 def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """The CPU op: packed experts (float32 activations on the CPU) in one C call, everything else grouped."""
-    qtype = getattr(experts, "qtype", None)
-    lib = _lib() if qtype in QTYPES else None
+    qtype, down_qtype = getattr(experts, "qtype", None), getattr(experts, "down_qtype", None)
+    lib = _lib() if qtype in QTYPES and down_qtype in QTYPES else None
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32:
         return fused_moe_grouped(x, experts, topk_weights, topk_ids)
     t, hidden = x.shape
@@ -80,7 +80,7 @@ def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, top
     w = topk_weights.to(torch.float32).contiguous()
     w13, w2 = experts.gate_up_proj, experts.down_proj  # uint8 [E, 2I, rb(H)], [E, H, rb(I)]
     out = torch.empty(t, hidden, dtype=torch.float32)
-    rc = lib.tm_moe_packed(QTYPES[qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
+    rc = lib.tm_moe_packed(QTYPES[qtype][0], QTYPES[down_qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
                            experts.num_experts, ids.shape[1], ids.data_ptr(), w.data_ptr(), w13.data_ptr(),
                            w13.shape[-1], w2.data_ptr(), w2.shape[-1], DIRECT_MAX_ROWS, out.data_ptr())
     if rc != 0:

@@ -41,8 +41,9 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
 int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
                       uint16_t *out);
 
-// moe.c: a MoE layer's experts (packed gate|up and down) over routed tokens, one call per layer.
-int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
+// moe.c: a MoE layer's experts (packed gate|up and down, each its own block type) over routed tokens, one call
+// per layer.
+int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, float *out);
 

@@ -9,7 +9,8 @@
 //
 // The GEMMs run as tasks (expert, tile of output rows) spread over the threads, each task one qlinear_f32 call on
 // the expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts
-// and rows, no dense copy of any weight. Any block type qlinear_f32 takes works here.
+// and rows, no dense copy of any weight. Any block type qlinear_f32 takes works here, and gate|up and down may differ
+// (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K gate / up).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -68,9 +69,10 @@ static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *
 }
 
 // x [T, H] float32, topk_ids [T, K] int64 in [0, E), topk_w [T, K] float32, w13 packed [E, 2I] rows of
-// row_bytes_h, w2 packed [E, H] rows of row_bytes_i; out [T, H]. Returns 0; -1 out of memory; -2 an expert id
-// out of range; -7 qlinear rejected its arguments (K not a multiple of 32, unknown type).
-int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
+// row_bytes_h in block type qtype13, w2 packed [E, H] rows of row_bytes_i in block type qtype2; out [T, H].
+// Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
+// of the block, unknown type).
+int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, float *out) {
     const int64_t P = T * K;
@@ -97,7 +99,7 @@ int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, in
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, tasks);
-    rc = grouped_gemm(qtype, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, g);
+    rc = grouped_gemm(qtype13, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, g);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
     for (int64_t p = 0; p < P; p++) {
@@ -105,7 +107,7 @@ int tm_moe_packed(int qtype, const float *x, int64_t T, int64_t H, int64_t I, in
         for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
     }
     nt = make_tasks(count, E, H, tasks);
-    rc = grouped_gemm(qtype, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, y);
+    rc = grouped_gemm(qtype2, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, y);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (T * H >= (1 << 15))
     for (int64_t t = 0; t < T; t++)
