@@ -26,11 +26,11 @@ def smol():
     return load_tokenizer(smol_dir(), SMOL_NAME)
 
 
-def write_tiny_gguf(path: str, eos_id: int = 0) -> str:
+def write_tiny_gguf(path: str, eos_id: int = 0, arch: str = "llama") -> str:
     """A GGUF file holding only a 32-token byte-level BPE vocabulary and a ChatML-like template."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(TINY_TOKENS)
     w.add_token_types([3, 3, 3] + [1] * (len(TINY_TOKENS) - 3))
@@ -65,6 +65,18 @@ def test_smollm2_tokenizer(smol):
     assert smol.encode("hello") == [28120]
     assert "<|im_start|>" in smol.chat_template
     assert eos_token_ids(smol) == (2,)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3moe"])
+def test_gguf_tokenizer_of_any_architecture(arch, tmp_path):
+    """The tokenizer fields of a GGUF do not depend on its architecture: a file of an architecture transformers
+    cannot build a model for (olmoe) gives the same tokenizer as the same fields under llama."""
+    ref = load_tokenizer(write_tiny_gguf(str(tmp_path / "llama.gguf")), cache_dir=str(tmp_path / "c"))
+    got = load_tokenizer(write_tiny_gguf(str(tmp_path / f"{arch}.gguf"), arch=arch), cache_dir=str(tmp_path / "c"))
+    for text in ["ab a", "zab abab", "<|im_start|>ab<|im_end|>"]:
+        assert got.encode(text) == ref.encode(text)
+    assert got.chat_template == TINY_TEMPLATE
+    assert got.bos_token == "<|im_start|>" and eos_token_ids(got) == eos_token_ids(ref)
 
 
 def test_gguf_conversion_is_cached(tiny_gguf, tmp_path):

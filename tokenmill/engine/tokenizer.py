@@ -43,9 +43,16 @@ def gguf_cache_key(gguf_path: str) -> str:
 
 
 def _from_pretrained(*args: Any, **kwargs: Any):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(*args, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(*args, **kwargs)
+    except ValueError as e:
+        # transformers reads a GGUF's model config first and refuses architectures it cannot build (olmoe, ...);
+        # the tokenizer.ggml.* fields do not depend on the architecture, so build the fast tokenizer from them
+        if "gguf_file" not in kwargs or "is not supported yet" not in str(e):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(*args, **kwargs)
 
 
 def _save_atomically(tokenizer: Any, cache_dir: str, entry: str) -> None:
