@@ -31,16 +31,4 @@ print(sys.argv[1], "tensor types:", dict(collections.Counter(t.tensor_type.name 
 PYEOF
 bash "$ROOT/bench/cpu_peers.sh" ${*:-tokenmill server}
 # resident set after load vs file + KV (tokenmill: its preallocated cache; llama-server: reported per slot count)
-$PY - "$MODEL" "$OUT" <<'PYEOF'
-import glob, json, os, sys
-size = os.path.getsize(sys.argv[1])
-print(f"\nfile {size / 2**20:.1f} MiB")
-for f in sorted(glob.glob(os.path.join(sys.argv[2], "*.json"))):
-    r = json.load(open(f))
-    mem = r.get("memory", {})
-    before = (mem.get("before_load") or {}).get("rss_bytes") or 0
-    after = (mem.get("after_load") or {}).get("rss_bytes") or 0
-    print(f"{r['engine']}: rss after load {after / 2**20:.0f} MiB (+{(after - before) / 2**20:.0f} MiB over the "
-          f"process before loading), peak {r.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, kv_blocks "
-          f"{r.get('engine_info', {}).get('kv_blocks')}")
-PYEOF
+$PY "$ROOT/bench/rss_vs_file.py" "$MODEL" "$OUT"

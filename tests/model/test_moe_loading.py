@@ -136,7 +136,7 @@ def test_per_expert_gguf_layout(quantized, tmp_path):
         qtypes = {f"blk.{i}.ffn_{p}.{e}.weight": gguf.GGMLQuantizationType.Q8_0 for i in range(2) for e in range(8)
                   for p in ("gate", "up", "down")}
     src = resolve_model_source(save_tiny_gguf(hf, str(tmp_path / "m.gguf"), qtypes=qtypes, per_expert=True))
-    model = load_model(src, load_hf_config(src), torch.float32, "cpu")
+    model = load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")  # exact kernels
     want = PackedExperts if quantized and available() else FusedExperts
     assert all(type(b.experts) is want for _, b in moe_blocks(model))
     model.set_moe_op(fused_moe_cpu)

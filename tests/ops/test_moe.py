@@ -172,6 +172,30 @@ def test_mixed_block_types_match_reference(qtype, down_qtype, name, t, e, k, mod
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-3)
 
 
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q4_1", "q4_1")])
+def test_amx_rows_match_reference(qtype, down_qtype):
+    """With amx_min_rows (--gemm-dtype auto on an AMX CPU) an expert's runs of that many rows take the bf16 AMX
+    path, fewer rows the float32 one: both paths within bf16 rounding of the reference (exact where no AMX)."""
+    from tokenmill.ops.cpu.qlinear import amx_available
+
+    packed = _kquant_packed(8, qtype, down_qtype)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 256, generator=g)
+    w, ids = select_experts(torch.randn(64, 8, generator=g), 2, True)
+    ids[:3] = 7  # expert 7 gets at least 3 pairs; expert 0 none of the first rows
+    ref = fused_moe_reference(x, packed, w, ids)
+    exact = fused_moe_cpu(x, packed, w, ids)
+    packed.amx_min_rows = 4
+    got = fused_moe_cpu(x, packed, w, ids)
+    torch.testing.assert_close(exact, ref, rtol=1e-4, atol=2e-3)
+    scale = ref.abs().max().item()  # bf16 activations and weights: errors relative to the output's size
+    assert (got - ref).abs().max().item() < 0.02 * scale
+    if not amx_available():
+        assert torch.equal(got, exact)
+    assert (fused_moe_grouped(x, packed, w, ids) - ref).abs().max().item() < 0.02 * scale
+
+
 def test_cpu_op_takes_dense_experts_to_the_grouped_path():
     ex = _experts(4)
     x, w, ids = _routing(9, 4, 2)

@@ -116,6 +116,7 @@ class PackedExperts(_ExpertStore):
         super().__init__()
         self.qtype = qtype
         self.down_qtype = down_qtype or qtype
+        self.amx_min_rows = 0  # > 0: an expert's calls of at least this many rows take the kernel's AMX bf16 path
         self._make(num_experts, hidden, inter, row_bytes(qtype, hidden), row_bytes(self.down_qtype, inter), torch.uint8)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +131,12 @@ class PackedExperts(_ExpertStore):
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
         from tokenmill.ops.cpu.qlinear import qlinear
 
-        return qlinear(x, self.gate_up_proj[e], self.qtype)  # [n, H] -> [n, 2I]
+        return qlinear(x, self.gate_up_proj[e], self.qtype, amx_min_rows=self.amx_min_rows)  # [n, H] -> [n, 2I]
 
     def down(self, e: int, x: torch.Tensor) -> torch.Tensor:
         from tokenmill.ops.cpu.qlinear import qlinear
 
-        return qlinear(x, self.down_proj[e], self.down_qtype)  # [n, I] -> [n, H]
+        return qlinear(x, self.down_proj[e], self.down_qtype, amx_min_rows=self.amx_min_rows)  # [n, I] -> [n, H]
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}, "

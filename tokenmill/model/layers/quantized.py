@@ -345,10 +345,15 @@ def amx_switch_rows(modules) -> Optional[int]:
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
+    from tokenmill.model.layers.moe import PackedExperts
+
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if dense_dtype == torch.bfloat16 and linears and amx_available():
+    experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    if dense_dtype == torch.bfloat16 and (linears or experts) and amx_available():
         for module in linears:
             module.finalize(dense_dtype, amx=True)
+        for module in experts:  # an expert's many-row runs (prefill) on AMX too; decode rows stay float32
+            module.amx_min_rows = AMX_MIN_ROWS
         for head in (m for m in model.modules() if isinstance(m, QuantizedLMHead)):
             head.amx_min_rows = HEAD_AMX_MIN_ROWS
         return

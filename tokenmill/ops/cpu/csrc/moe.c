@@ -41,7 +41,7 @@ static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, task_t *ta
 // y[start_e + m, n0 + c] = a[start_e + m, :] @ W_e[n0 + c, :]^T for every task; W_e = w + e * N * row_bytes
 static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *w, int64_t N, int64_t row_bytes,
                         const int64_t *start, const int64_t *count, const task_t *tasks, int64_t ntasks,
-                        int64_t max_rows, int64_t direct_max_m, float *y) {
+                        int64_t max_rows, int64_t direct_max_m, int64_t amx_min_m, float *y) {
     int err = 0;
 #pragma omp parallel
     {
@@ -56,7 +56,7 @@ static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *
             const task_t t = tasks[i];
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
-            if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, 0) != 0) {
+            if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, amx_min_m) != 0) {
 #pragma omp atomic write
                 err = -7;
                 continue;
@@ -69,12 +69,14 @@ static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *
 }
 
 // x [T, H] float32, topk_ids [T, K] int64 in [0, E), topk_w [T, K] float32, w13 packed [E, 2I] rows of
-// row_bytes_h in block type qtype13, w2 packed [E, H] rows of row_bytes_i in block type qtype2; out [T, H].
+// row_bytes_h in block type qtype13, w2 packed [E, H] rows of row_bytes_i in block type qtype2; out [T, H]. An
+// expert's run of amx_min_m or more rows (0: never) takes qlinear's AMX bf16 path (where this library's
+// tm_amx_init enabled it), as the dense layers do under --gemm-dtype auto.
 // Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
 // of the block, unknown type).
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
-                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, float *out) {
+                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t amx_min_m, float *out) {
     const int64_t P = T * K;
     memset(out, 0, (size_t)(T * H) * sizeof(float));
     if (P == 0) return 0;
@@ -99,7 +101,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, tasks);
-    rc = grouped_gemm(qtype13, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, g);
+    rc = grouped_gemm(qtype13, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, amx_min_m, g);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
     for (int64_t p = 0; p < P; p++) {
@@ -107,7 +109,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
         for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
     }
     nt = make_tasks(count, E, H, tasks);
-    rc = grouped_gemm(qtype2, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, y);
+    rc = grouped_gemm(qtype2, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, amx_min_m, y);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (T * H >= (1 << 15))
     for (int64_t t = 0; t < T; t++)
