@@ -1,6 +1,6 @@
 """DeepSeek-V2 / V3 (MLA with a compressed latent KV cache, DeepSeek MoE routing) vs transformers on tiny random
 models: logits through the paged cache (prefill, chunked prefill mixed with decodes, batched decode), greedy tokens
-through the engine (batching, chunked prefill, preemption, prefix caching), the cache's bytes per token, the paths
+through the engine (batching, chunked prefill, preemption, prefix caching, n-gram speculation), the cache's bytes per token, the paths
 that must leave MLA alone, and the settings that cannot apply (clear errors)."""
 from __future__ import annotations
 
@@ -155,14 +155,17 @@ def _hf_greedy(hf, arch: str, prompt: list[int]) -> list[int]:
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:
+    """Random prompts, and one that repeats itself (n-gram speculation proposes drafts from it)."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (3, 17, 9, 26)]
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (3, 17, 9, 26)] + [
+        [rng.randrange(3, VOCAB) for _ in range(6)] * 3]
 
 
 SCENARIOS = {
     "batched": {},
     "chunked_prefill": {"max_num_batched_tokens": 8, "block_size": 4},
     "preemption": {"num_kv_blocks": 14, "block_size": 4},
+    "ngram_spec": {"speculative_method": "ngram", "num_speculative_tokens": 3},  # multi-token verify queries
 }
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
@@ -178,13 +181,25 @@ def test_engine_greedy_matches_transformers(tiny_model_dirs, hf_models, gguf_tok
     cfg = model.config
     assert runner.kv_bytes_per_block() == cfg.num_hidden_layers * runner.block_size * _latent_size(cfg) * 4
     assert tuple(runner.kv_caches[0].shape[2:]) == (runner.block_size, 1, _latent_size(cfg) // 2)
+    sched = llm.engine.core.scheduler
+    drafts = []
+    schedule = sched.schedule
+
+    def counting_schedule(*args, **kwargs):  # how many draft tokens were verified
+        out = schedule(*args, **kwargs)
+        drafts.extend(len(v) for v in out.scheduled_spec_decode_tokens.values())
+        return out
+
+    sched.schedule = counting_schedule
     prompts = _prompts()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _hf_greedy(hf_models[arch], arch, prompt), f"{arch}/{scenario}"
-    assert llm.engine.core.scheduler.kv.num_used_blocks == 0
+    assert sched.kv.num_used_blocks == 0
     if scenario == "preemption":
-        assert llm.engine.core.scheduler.num_preemptions > 0, "the scenario did not preempt"
+        assert sched.num_preemptions > 0, "the scenario did not preempt"
+    if scenario == "ngram_spec":
+        assert sum(drafts) > 0, "no draft was verified"
 
 
 @pytest.mark.parametrize("arch", DEEPSEEK_ARCHS)
