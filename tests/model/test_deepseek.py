@@ -272,3 +272,26 @@ def test_mtp_layers_and_fused_cpu_layers_are_skipped(tiny_model_dirs):
         "model.layers.1.mlp.shared_expert.gate_up_proj.weight", 1)
     assert fuse_cpu_layers(model) == 0
     assert isinstance(moe_blocks(model)[0][1], GroupedTopkMoEBlock)
+
+
+def test_deepseek_v2_lite_shape_builds_and_caches_576_values(tmp_path):
+    """bench/configs/deepseek-v2-lite.json (the published config) builds (on the meta device: no memory); its
+    cache row is 512 + 64 values a layer, 8.9x fewer than the expanded K/V of its 16 heads."""
+    import os
+    import shutil
+
+    from tokenmill.model.registry import get_model_class
+    from tokenmill.ops.attention.kv_quant import kv_bytes_per_token_per_layer
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copy(os.path.join(root, "bench", "configs", "deepseek-v2-lite.json"), tmp_path / "config.json")
+    cfg = load_hf_config(resolve_model_source(str(tmp_path)))
+    with torch.device("meta"):
+        model = get_model_class(cfg)(cfg, dtype=torch.bfloat16)
+    assert (model.num_kv_heads, model.head_dim) == (1, 288)
+    assert kv_bytes_per_token_per_layer("auto", model.num_kv_heads, model.head_dim, torch.bfloat16) == 576 * 2
+    expanded = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    assert expanded / 576 > 8.8
+    attn = model.model.layers[0].self_attn
+    assert attn.scale == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2)  # YaRN mscale^2
+    assert type(model.model.layers[0].mlp).__name__ == "GatedMLP" and moe_blocks(model)[0][0] == 1
