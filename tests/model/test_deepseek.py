@@ -1,7 +1,7 @@
 """DeepSeek-V2 / V3 (MLA with a compressed latent KV cache, DeepSeek MoE routing) vs transformers on tiny random
 models: logits through the paged cache (prefill, chunked prefill mixed with decodes, batched decode), greedy tokens
-through the engine (batching, chunked prefill, preemption, prefix caching, n-gram speculation), the cache's bytes per token, the paths
-that must leave MLA alone, and the settings that cannot apply (clear errors)."""
+through the engine (batching, chunked prefill, preemption, prefix caching, n-gram speculation), the cache's bytes
+per token, the paths that must leave MLA alone, and the settings that cannot apply (clear errors)."""
 from __future__ import annotations
 
 import math
@@ -217,12 +217,16 @@ def test_engine_prefix_cache_hits_give_same_tokens(tiny_model_dirs, hf_models, g
     assert kv.num_used_blocks == 0
 
 
-def test_dummy_weights_and_bfloat16_kv(tiny_model_dirs, gguf_tokenizer_path):
-    """--load-format dummy builds and runs; a bfloat16 cache holds the same latent in half the bytes."""
+@pytest.mark.parametrize("dtype,kv_dtype", [("float32", "bfloat16"), ("bfloat16", "auto")])
+def test_dummy_weights_and_bfloat16(tiny_model_dirs, gguf_tokenizer_path, dtype, kv_dtype):
+    """--load-format dummy builds and runs; a bfloat16 cache holds the same latent in half the bytes; a bfloat16
+    model runs (its router stays float32)."""
     path = tiny_model_dirs["deepseek_v3"]
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", load_format="dummy", kv_cache_dtype="bfloat16")
+    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype=dtype, load_format="dummy", kv_cache_dtype=kv_dtype,
+              max_num_batched_tokens=8, block_size=4)
     runner = llm.engine.core.runner
     assert runner.kv_caches[0].dtype == torch.bfloat16
+    assert moe_blocks(runner.model)[0][1].gate.weight.dtype == torch.float32
     assert runner.kv_bytes_per_block() == 2 * runner.block_size * _latent_size(runner.model.config) * 2
     assert runner.model_info().supports_kv_streaming is False
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], PARAMS, use_tqdm=False)

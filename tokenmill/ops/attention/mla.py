@@ -23,7 +23,8 @@ def write_latent(kv_cache: torch.Tensor, latent: torch.Tensor, slot_mapping: tor
     """Store latent rows [T, 2D] at their slots (first half in the K plane, second in the V plane)."""
     d = kv_cache.shape[-1]
     if latent.shape[-1] != 2 * d or kv_cache.shape[-2] != 1:
-        raise ValueError(f"latent rows of {latent.shape[-1]} values do not fit a cache of shape {tuple(kv_cache.shape)}")
+        raise ValueError(f"latent rows of {latent.shape[-1]} values do not fit a cache of shape "
+                         f"{tuple(kv_cache.shape)}")
     t = latent.shape[0]
     write_kv(kv_cache, latent[:, :d].reshape(t, 1, d), latent[:, d:].reshape(t, 1, d), slot_mapping)
 
@@ -60,7 +61,11 @@ def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
         rows = _rows(kv_cache, batch.block_tables[i:i + 1], seq_len).to(q.dtype)  # [1, L, R + P]
         qi = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, R + P]
         k, v = rows.unsqueeze(1), rows[..., :latent_dim].unsqueeze(1)  # [1, 1, L, R + P], [1, 1, L, R]
-        mask = None if n == seq_len else _causal_mask(n, seq_len, None, q.device)
+        mask = None
+        if n != seq_len:  # a later chunk: causal against its own position, the whole cached context before it
+            mask = batch.memo.get(("mla_mask", n, seq_len))
+            if mask is None:
+                mask = batch.memo[("mla_mask", n, seq_len)] = _causal_mask(n, seq_len, None, q.device)
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                            enable_gqa=True)  # [1, H, n, R]
         out[s:s + n] = o[0].transpose(0, 1)
@@ -68,17 +73,22 @@ def mla_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
 
 
 def _decode(q, kv_cache, batch, rows, starts, scale, latent_dim, out) -> None:
-    """One query per sequence: one padded gather of the latent rows, one SDPA call, padding masked."""
+    """One query per sequence: one padded gather of the latent rows, one SDPA call, padding masked. The index
+    tensors and the mask are made once a step (batch.memo), not once a layer."""
     lens = [batch.seq_lens_cpu[i] for i in rows]
     max_len = max(lens)
-    idx = torch.tensor(rows, device=q.device)
-    tok = torch.tensor([starts[i] for i in rows], device=q.device)
-    cached = _rows(kv_cache, batch.block_tables.index_select(0, idx), max_len).to(q.dtype)  # [B, L, R + P]
+    meta = batch.memo.get("mla_decode")
+    if meta is None:
+        tables = batch.block_tables.index_select(0, torch.tensor(rows, device=q.device))  # [B, max_blocks]
+        tok = torch.tensor([starts[i] for i in rows], device=q.device)
+        mask = None
+        if min(lens) != max_len:
+            mask = torch.arange(max_len, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+            mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        meta = batch.memo["mla_decode"] = (tables, tok, mask)
+    tables, tok, mask = meta
+    cached = _rows(kv_cache, tables, max_len).to(q.dtype)  # [B, L, R + P]
     k, v = cached.unsqueeze(1), cached[..., :latent_dim].unsqueeze(1)  # [B, 1, L, R + P], [B, 1, L, R]
     qb = q.index_select(0, tok).unsqueeze(2)  # [B, H, 1, R + P]
-    mask = None
-    if min(lens) != max_len:
-        mask = (torch.arange(max_len, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None])
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)  # [B, H, 1, R]
     out.index_copy_(0, tok, o[:, :, 0])
