@@ -240,8 +240,15 @@ def test_quantized_kv_is_a_clear_error(tiny_model_dirs, gguf_tokenizer_path, kin
 
 
 def test_tensor_parallel_is_a_clear_error(tiny_model_dirs):
+    """Refused by the runner before any weight is read, and by shard_model itself."""
+    from tokenmill.config import EngineConfig
     from tokenmill.distributed.tensor_parallel import shard_model
+    from tokenmill.worker.model_runner import ModelRunner
 
+    config = EngineConfig.from_kwargs(model=tiny_model_dirs["deepseek_v2_lite"], tensor_parallel_size=2)
+    runner = ModelRunner(config, tp=SimpleNamespace(world_size=2, rank=0, local_device=0))
+    with pytest.raises(ConfigError, match="tensor parallelism does not support MLA"):
+        runner.load()
     source = resolve_model_source(tiny_model_dirs["deepseek_v2_lite"])
     model = load_model(source, load_hf_config(source), torch.float32, "cpu", load_format="dummy")
     with pytest.raises(ConfigError, match="MLAttention"):
