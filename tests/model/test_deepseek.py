@@ -13,7 +13,7 @@ import torch
 
 from tests.model.tiny_models import DEEPSEEK_ARCHS, VOCAB, build_tiny_model, tiny_config
 from tokenmill import LLM, SamplingParams
-from tokenmill.errors import ConfigError, ModelLoadError
+from tokenmill.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tokenmill.model.layers.mla import MLAttention
 from tokenmill.model.layers.moe import GroupedTopkMoEBlock, moe_blocks
 from tokenmill.model.loader import load_hf_config, load_model, resolve_model_source
@@ -229,6 +229,9 @@ def test_dummy_weights_and_bfloat16(tiny_model_dirs, gguf_tokenizer_path, dtype,
     assert moe_blocks(runner.model)[0][1].gate.weight.dtype == torch.float32
     assert runner.kv_bytes_per_block() == 2 * runner.block_size * _latent_size(runner.model.config) * 2
     assert runner.model_info().supports_kv_streaming is False
+    with pytest.raises(InvalidRequestError, match="MLA"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                     SamplingParams(max_tokens=4, kv_eviction="streaming"), use_tqdm=False)
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], PARAMS, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == NEW_TOKENS
 
