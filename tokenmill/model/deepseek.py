@@ -9,7 +9,7 @@ Routing follows transformers 5 (the oracle of the tests):
       weights renormalized per norm_topk_prob, times routed_scaling_factor.
 V2 rotates its rope dims in interleaved pairs; V3 when rope_interleave (the default). A V3 checkpoint's
 multi-token-prediction layers (model.layers.N for N >= num_hidden_layers) are not loaded.
-Not supported: GGUF deepseek2 files, tensor parallelism, int8 / fp8 KV caches, kv_eviction="streaming".
+Not supported: GGUF deepseek2 files, tensor parallelism, kv_eviction="streaming".
 """
 from __future__ import annotations
 

@@ -131,16 +131,12 @@ class ModelRunner:
         self.load_time_s = time.perf_counter() - t0
 
     def _check_latent_kv(self) -> None:
-        """An MLA model (a compressed latent per token, tokenmill/model/layers/mla.py) reads its cache rows itself:
-        int8 / fp8 caches and tensor parallelism are not supported there yet (refused before any weight is read)."""
+        """An MLA model (a compressed latent per token, tokenmill/model/layers/mla.py): tensor parallelism is not
+        supported there yet (refused before any weight is read)."""
         from tokenmill.model.registry import get_model_class
 
         if not getattr(get_model_class(self.hf_config), "latent_kv_cache", False):
             return
-        kind = self.config.cache.kv_cache_dtype
-        if kind not in ("auto", "bfloat16"):
-            raise ConfigError(f"kv_cache_dtype {kind} is not supported for MLA (DeepSeek) models, whose cache holds "
-                              "compressed latents; use auto or bfloat16", param="kv_cache_dtype")
         if self.tp is not None and self.tp.world_size > 1:
             raise ConfigError("tensor parallelism does not support MLA (DeepSeek) models yet; use "
                               "tensor_parallel_size 1", param="tensor_parallel_size")

@@ -24,7 +24,7 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, rope_parameters
-from tokenmill.ops.attention.mla import mla_paged_attention, write_latent
+from tokenmill.ops.attention.mla import mla_attention
 from tokenmill.worker.forward_batch import ForwardBatch
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm: transformers builds them with the default eps
@@ -96,9 +96,9 @@ class MLAttention(nn.Module):
             q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
         q_pe = RotaryEmbedding.apply(q_pe, cos, sin)  # [T, H, P]
         k_pe = RotaryEmbedding.apply(k_pe, cos, sin)  # [T, 1, P]
-        write_latent(kv_cache, torch.cat((c_kv, k_pe[:, 0]), dim=-1), batch.slot_mapping)  # rows [T, R + P]
+        rows = torch.cat((c_kv, k_pe[:, 0]), dim=-1)  # [T, R + P]: what the cache keeps of each token
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, r)  # [H, nope + v, R]
         q_lat = torch.einsum("thn,hnr->thr", q_nope, w[:, :self.nope])  # [T, H, R]: q_nope absorbed through W_UK
-        o_lat = mla_paged_attention(torch.cat((q_lat, q_pe), dim=-1), kv_cache, batch, self.scale, r)  # [T, H, R]
+        o_lat = mla_attention(torch.cat((q_lat, q_pe), dim=-1), rows, kv_cache, batch, self.scale, r)  # [T, H, R]
         o = torch.einsum("thr,hvr->thv", o_lat, w[:, self.nope:])  # [T, H, v]: through W_UV
         return self.o_proj(o.reshape(t, h * self.v_dim))  # [T, hidden]

@@ -4,7 +4,8 @@ A token's cache row is its compressed latent: c_kv (kv_lora_rank values, after k
 roped k_pe (qk_rope_head_dim values), R + P values in all. It lives in the ordinary paged cache of
 reference.py, [2, num_blocks, block_size, 1, D] with D = (R + P) / 2: the first D values of the row in the K
 plane, the other D in the V plane, at the token's slot. Block pool, prefix caching, preemption, swapping and KV
-transfer see a one-KV-head cache and need nothing else.
+transfer see a one-KV-head cache and need nothing else. int8 / fp8 caches (kv_quant.py) hold the two halves
+quantized like one K head and one V head.
 
 Attention never expands the latent back to per-head K/V: the queries arrive already absorbed, q = [q_nope W_UK |
 q_pe] [T, H, R + P], so score(t, s) = q . row(s) and the output is the latent P . c_kv [T, H, R] (the caller
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenmill.ops.attention.kv_quant import QuantizedKVCache, compact_dequantized, write_kv_quantized
 from tokenmill.ops.attention.reference import _causal_mask, write_kv
 from tokenmill.worker.forward_batch import ForwardBatch
 
@@ -27,6 +29,22 @@ def write_latent(kv_cache: torch.Tensor, latent: torch.Tensor, slot_mapping: tor
                          f"{tuple(kv_cache.shape)}")
     t = latent.shape[0]
     write_kv(kv_cache, latent[:, :d].reshape(t, 1, d), latent[:, d:].reshape(t, 1, d), slot_mapping)
+
+
+def mla_attention(q: torch.Tensor, rows: torch.Tensor, kv_cache, batch: ForwardBatch, scale: float,
+                  latent_dim: int) -> torch.Tensor:
+    """Store this step's latent rows [T, 2D] at their slots, then mla_paged_attention. An int8 / fp8 cache
+    (kv_quant.QuantizedKVCache) quantizes each half of a row like a K / V head on write (int8: one scale per
+    half, fp8: the plane's static scale) and is read through a compact dequantized copy of the blocks the batch
+    reads."""
+    if isinstance(kv_cache, QuantizedKVCache):
+        t, d = rows.shape[0], rows.shape[-1] // 2
+        write_kv_quantized(kv_cache, rows[:, :d].reshape(t, 1, d), rows[:, d:].reshape(t, 1, d),
+                           batch.slot_mapping)
+        kv_cache, batch = compact_dequantized(kv_cache, batch, q.dtype)
+    else:
+        write_latent(kv_cache, rows, batch.slot_mapping)
+    return mla_paged_attention(q, kv_cache, batch, scale, latent_dim)
 
 
 def _rows(kv_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
