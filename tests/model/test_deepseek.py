@@ -1,7 +1,8 @@
 """DeepSeek-V2 / V3 (MLA with a compressed latent KV cache, DeepSeek MoE routing) vs transformers on tiny random
 models: logits through the paged cache (prefill, chunked prefill mixed with decodes, batched decode), greedy tokens
-through the engine (batching, chunked prefill, preemption, prefix caching, n-gram speculation), the cache's bytes
-per token, the paths that must leave MLA alone, and the settings that cannot apply (clear errors)."""
+through the engine (batching, chunked prefill, preemption by recompute or swap, prefix caching, n-gram
+speculation), int8 / fp8 latent caches, the cache's bytes per token, the paths that must leave MLA alone, and the
+settings that cannot apply (clear errors)."""
 from __future__ import annotations
 
 import math
@@ -165,6 +166,7 @@ SCENARIOS = {
     "batched": {},
     "chunked_prefill": {"max_num_batched_tokens": 8, "block_size": 4},
     "preemption": {"num_kv_blocks": 14, "block_size": 4},
+    "swap_preemption": {"num_kv_blocks": 14, "block_size": 4, "cpu_offload_gb": 0.001},  # latent rows to the host
     "ngram_spec": {"speculative_method": "ngram", "num_speculative_tokens": 3},  # multi-token verify queries
 }
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -196,8 +198,11 @@ def test_engine_greedy_matches_transformers(tiny_model_dirs, hf_models, gguf_tok
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == _hf_greedy(hf_models[arch], arch, prompt), f"{arch}/{scenario}"
     assert sched.kv.num_used_blocks == 0
-    if scenario == "preemption":
+    if scenario.endswith("preemption"):
         assert sched.num_preemptions > 0, "the scenario did not preempt"
+    if scenario == "swap_preemption":
+        off = sched.kv.offload
+        assert off.num_swap_preemptions == sched.num_preemptions and off.num_swapped_in_blocks > 0
     if scenario == "ngram_spec":
         assert sum(drafts) > 0, "no draft was verified"
 
