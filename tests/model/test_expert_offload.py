@@ -1,6 +1,7 @@
 """Expert offload mechanism (tokenmill/model/layers/expert_offload.py) on the CPU with a simulated device pool:
 both tiers are CPU tensors, the pool holds a few experts. Greedy tokens equal the model without offload and
-the sampled tokens' logprobs stay close, for Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE, whether
+the sampled tokens' logprobs stay close, for Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE, OLMoE and DeepSeek-V2 /
+V3 (grouped routing, ungated shared experts, MLA), whether
 the policy sends misses to the host, fetches them, or prefetches by the next layer's gate; the routing and
 cache counters reach EngineStats and /metrics."""
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _restore(model, ops) -> None:
     del model.expert_offload
 
 
-@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("arch", MOE_ARCHS + ["deepseek_v2", "deepseek_v3"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_offload_matches_resident_experts(engines, arch, mode):
     llm, want = engines[arch]

@@ -108,6 +108,51 @@ def _olmoe_config() -> Any:
         bos_token_id=1, eos_token_id=2, pad_token_id=0, architectures=["OlmoeForCausalLM"])
 
 
+def _deepseek_v2_config() -> Any:
+    """MLA with q_lora_rank, YaRN rope scaling (mscale_all_dim: the softmax scale changes too), layer 0 dense,
+    group_limited_greedy routing (2 of 4 groups), 2 shared experts, routed_scaling_factor."""
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
+        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 128},
+        bos_token_id=1, eos_token_id=2, architectures=["DeepseekV2ForCausalLM"])
+
+
+def _deepseek_v2_lite_config() -> Any:
+    """V2-Lite's shape: no q_lora_rank (a plain q_proj), greedy routing, one shared expert, default rope, no
+    dense layer."""
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=0, topk_method="greedy", routed_scaling_factor=1.0, max_position_embeddings=512,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+        architectures=["DeepseekV2ForCausalLM"])
+
+
+def _deepseek_v3_config() -> Any:
+    """Sigmoid scores + e_score_correction_bias (random, see build_tiny_model), noaux_tc grouped top-k (2 of 4
+    groups by their best two), norm_topk_prob, routed_scaling_factor 2.5, interleaved rope, layer 0 dense."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
+        rope_interleave=True, bos_token_id=0, eos_token_id=1, architectures=["DeepseekV3ForCausalLM"])
+
+
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "llama": _llama_config,
     "qwen2": _qwen2_config,
@@ -118,8 +163,12 @@ TINY_CONFIGS: dict[str, Callable[[], Any]] = {
     "qwen2_moe": _qwen2_moe_config,
     "qwen3_moe": _qwen3_moe_config,
     "olmoe": _olmoe_config,
+    "deepseek_v2": _deepseek_v2_config,
+    "deepseek_v2_lite": _deepseek_v2_lite_config,
+    "deepseek_v3": _deepseek_v3_config,
 }
 MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+DEEPSEEK_ARCHS = ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3"]
 
 
 def tiny_config(name: str) -> Any:
@@ -141,6 +190,9 @@ def build_tiny_model(name: str, seed: int = 0, **overrides: Any) -> Any:
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         else:
             p.copy_(0.1 * torch.randn_like(p))
+    for bname, b in model.named_buffers():
+        if bname.endswith("e_score_correction_bias"):  # DeepSeek-V3: a bias that changes which experts win
+            b.copy_(0.1 * torch.randn_like(b))
     return model.eval()
 
 

@@ -51,7 +51,10 @@ def shard_model(model: Any, tp: TPGroup, device: torch.device, expert_parallel: 
 
 
 def _shard_attention(attn: Any, tp: TPGroup, dtype: torch.dtype, device: torch.device) -> None:
-    qkv = attn.qkv_proj
+    qkv = getattr(attn, "qkv_proj", None)
+    if qkv is None:
+        raise ConfigError(f"tensor parallelism does not support {type(attn).__name__} layers (e.g. DeepSeek's MLA) "
+                          "yet; use tensor_parallel_size 1", param="tensor_parallel_size")
     if not isinstance(qkv, QKVLinear):
         raise ConfigError(f"tensor parallelism needs a packed QKVLinear, got {type(qkv).__name__}")
     h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim

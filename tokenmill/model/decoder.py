@@ -105,6 +105,9 @@ class CausalLM(nn.Module):
     checkpoint_rules: ClassVar[tuple[Rule, ...]] = ()
     gguf_block_names: ClassVar[dict[str, str]] = GGUF_DENSE_BLOCK
     gguf_permuted_qk: ClassVar[bool] = False  # llama.cpp permuted attn_q / attn_k rows (llama-arch converters)
+    # True (MLA, deepseek.py): a token's cache row is one compressed latent split over the K and V planes of a
+    # one-KV-head cache, not per-head K/V: no attention backend swap, no K-shift, no CUDA graphs
+    latent_kv_cache: ClassVar[bool] = False
 
     def __init__(self, config: Any, dtype: torch.dtype = torch.float32):
         super().__init__()

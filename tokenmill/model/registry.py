@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.model.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.mixtral import MixtralForCausalLM
 from tokenmill.model.olmoe import OlmoeForCausalLM
@@ -23,6 +24,8 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "OlmoeForCausalLM": OlmoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # configs without `architectures` (built in code) fall back on their model_type
@@ -35,6 +38,8 @@ _BY_MODEL_TYPE: dict[str, str] = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 # GGUF general.architecture (+ whether the file has experts) -> (transformers model_type, architectures entry)

@@ -207,6 +207,8 @@ class DeviceSetup:
             return False
         if self.config.model.moe_expert_cache_gb is not None:  # expert offload plans each layer on the host
             return False
+        if getattr(self._model, "latent_kv_cache", False):  # MLA attention loops over requests on the host
+            return False
         name = self.config.model.attention_backend
         return name == "triton" or (name == "auto" and triton_importable())
 
@@ -231,10 +233,12 @@ class DeviceSetup:
                                       max_model_len=max_model_len, block_size=block_size, device=self.device,
                                       enforce_eager=self.config.model.enforce_eager)
         offload = self.config.model.moe_expert_cache_gb is not None
-        if not self.graphs.enabled or self.backend_name != "triton" or self._expert_parallel or offload:
+        latent = getattr(self._model, "latent_kv_cache", False)
+        if not self.graphs.enabled or self.backend_name != "triton" or self._expert_parallel or offload or latent:
             if self.graphs.enabled:
                 why = ("expert parallelism compacts routed pairs with a host sync" if self._expert_parallel
                        else "expert offload plans every MoE layer on the host" if offload
+                       else "MLA attention (PyTorch) reads the batch's host-side lengths" if latent
                        else f"the {self.backend_name} attention backend cannot be captured")
                 logger.info("CUDA graphs off: %s", why)
             return 0

@@ -90,6 +90,7 @@ class ModelRunner:
             torch.set_num_threads(mc.num_threads)
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
+        self._check_latent_kv()
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
                                 quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp,
                                 expert_parallel=self.config.parallel.enable_expert_parallel,
@@ -128,6 +129,17 @@ class ModelRunner:
             sc = self.config.spec
             self.proposer = NgramProposer(sc.ngram_min, sc.ngram_max, sc.num_speculative_tokens)
         self.load_time_s = time.perf_counter() - t0
+
+    def _check_latent_kv(self) -> None:
+        """An MLA model (a compressed latent per token, tokenmill/model/layers/mla.py): tensor parallelism is not
+        supported there yet (refused before any weight is read)."""
+        from tokenmill.model.registry import get_model_class
+
+        if not getattr(get_model_class(self.hf_config), "latent_kv_cache", False):
+            return
+        if self.tp is not None and self.tp.world_size > 1:
+            raise ConfigError("tensor parallelism does not support MLA (DeepSeek) models yet; use "
+                              "tensor_parallel_size 1", param="tensor_parallel_size")
 
     def model_info(self):
         """The load handshake (see tokenmill/executor/base.py)."""
@@ -203,7 +215,8 @@ class ModelRunner:
 
     def supports_kv_streaming(self) -> bool:
         """kv_eviction="streaming" re-rotates cached keys: it needs RoPE and an unquantized cache."""
-        return find_rotary(self.model) is not None and all(isinstance(c, torch.Tensor) for c in self.kv_caches)
+        return (find_rotary(self.model) is not None and all(isinstance(c, torch.Tensor) for c in self.kv_caches)
+                and not getattr(self.model, "latent_kv_cache", False))  # MLA rows are not per-head roped keys
 
     # ---- one step ------------------------------------------------------------------------------
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

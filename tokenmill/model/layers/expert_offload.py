@@ -26,7 +26,7 @@ from torch import nn
 
 from tokenmill.core.expert_cache import ExpertCachePolicy, ExpertCacheStats, ExpertCostModel, LayerPlan
 from tokenmill.model.layers.moe import FusedExperts, MoEBlock, PackedExperts, moe_blocks
-from tokenmill.ops.moe import select_experts, select_moe_op
+from tokenmill.ops.moe import select_moe_op
 from tokenmill.ops.moe.cpu import fused_moe_cpu
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class ExpertOffload:
         """(expert, tokens) the next layer will route, most likely first: its gate on this layer's MoE input
         (Pre-gated MoE / Fate), experts ranked by the routing weight they would get, summed over the tokens."""
         block = self.blocks[pos]
-        weights, ids = select_experts(block.gate(x), block.top_k, block.renormalize)  # [T, K] each
+        weights, ids = block.route(x)  # [T, K] each
         flat = ids.reshape(-1)
         mass = torch.zeros(self.num_experts, dtype=torch.float32, device=x.device).index_add_(
             0, flat, weights.reshape(-1).float())  # [E]

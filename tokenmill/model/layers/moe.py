@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenmill.model.layers.linear import Linear, ShardId
 from tokenmill.model.layers.mlp import GatedMLP, check_activation
-from tokenmill.ops.moe import MoEOp, select_experts
+from tokenmill.ops.moe import MoEOp, select_experts, select_experts_grouped
 from tokenmill.ops.moe.reference import fused_moe_reference
 
 # checkpoint rules shared by the MoE families (see decoder.CausalLM.checkpoint_rules)
@@ -153,10 +153,12 @@ class SharedExpertGate(Linear):
 
 
 class MoEBlock(nn.Module):
-    """x [T, H] -> sum over the top_k routed experts of weight * expert(x) (+ sigmoid(gate) * shared expert)."""
+    """x [T, H] -> sum over the top_k routed experts of weight * expert(x) (+ sigmoid(gate) * shared expert, or the
+    shared expert alone without shared_expert_gate)."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 dtype: torch.dtype, shared_intermediate_size: int = 0, hidden_act: Optional[str] = "silu"):
+                 dtype: torch.dtype, shared_intermediate_size: int = 0, hidden_act: Optional[str] = "silu",
+                 shared_expert_gate: bool = True):
         super().__init__()
         check_activation(hidden_act)
         if not 1 <= top_k <= num_experts:
@@ -168,18 +170,61 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate: Optional[SharedExpertGate] = None
         if shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden, shared_intermediate_size, dtype)
-            self.shared_expert_gate = SharedExpertGate(hidden, 1, dtype=dtype)
+            if shared_expert_gate:  # Qwen2-MoE: sigmoid-gated; DeepSeek: added as is
+                self.shared_expert_gate = SharedExpertGate(hidden, 1, dtype=dtype)
         self.op: MoEOp = fused_moe_reference  # swapped from outside (tokenmill.ops.moe.select_moe_op)
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
 
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, H] -> (weights [T, K] float32, expert ids [T, K]): softmax top-k of the router's logits."""
+        return select_experts(self.gate(h), self.top_k, self.renormalize)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(h)  # [T, E]
-        weights, ids = select_experts(logits, self.top_k, self.renormalize)  # [T, K] each
+        weights, ids = self.route(h)  # [T, K] each
         self.expert_counts.index_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
         out = self.op(h, self.experts, weights, ids)  # [T, H]
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+            shared = self.shared_expert(h)  # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            out = out + shared
         return out
+
+
+class GroupedTopkRouter(Linear):
+    """DeepSeek's router: a float32 [E, H] linear (float32 whatever the model dtype, like transformers) and, for
+    sigmoid scoring, the float32 e_score_correction_bias [E] that steers the choice but not the weights."""
+
+    def __init__(self, hidden: int, num_experts: int, correction_bias: bool):
+        super().__init__(hidden, num_experts, dtype=torch.float32)
+        self.e_score_correction_bias: Optional[nn.Parameter] = None
+        if correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+            self.e_score_correction_bias.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight)  # [T, E] float32
+
+
+class GroupedTopkMoEBlock(MoEBlock):
+    """DeepSeek-V2/V3 MoE: routing by tokenmill.ops.moe.select_experts_grouped (softmax or sigmoid + bias scores,
+    group-limited top-k, routed scaling factor) and shared experts added without a gate."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate_size: int, dtype: torch.dtype, *,
+                 scoring: str, num_groups: int, topk_groups: int, group_score: str, renormalize: bool,
+                 scaling_factor: float, shared_intermediate_size: int, hidden_act: Optional[str] = "silu"):
+        super().__init__(hidden, num_experts, top_k, intermediate_size, renormalize, dtype,
+                         shared_intermediate_size=shared_intermediate_size, hidden_act=hidden_act,
+                         shared_expert_gate=False)
+        self.gate = GroupedTopkRouter(hidden, num_experts, correction_bias=scoring == "sigmoid")
+        self.routing = dict(scoring=scoring, num_groups=num_groups, topk_groups=topk_groups,
+                            group_score=group_score, renormalize=renormalize, scaling_factor=scaling_factor)
+        select_experts_grouped(torch.zeros(1, num_experts), top_k, **self.routing)  # bad settings fail here
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts_grouped(self.gate(h), self.top_k, bias=self.gate.e_score_correction_bias,
+                                      **self.routing)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[int, MoEBlock]]:
