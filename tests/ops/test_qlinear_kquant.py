@@ -313,3 +313,38 @@ def test_tiny_kquant_gguf_engine_fused_equals_dequantized(tmp_path, gguf_tokeniz
         one = llm.generate(prompts[:1], params, use_tqdm=False)[0].outputs[0].token_ids  # batch of 1: 1-row steps
         assert one == out[quant][0]
     assert out["auto"] == out["none"]
+
+
+def _x_int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded per 32 values to int8 times a float scale (max |x| / 127), as the int8 direct path does."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(xb * (127 / amax.clamp_min(1e-30))), torch.zeros_like(xb))
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", KTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_int8_direct_path_is_dequantized_weights_times_rounded_x(qtype, m):
+    """gemm auto (amx_min_rows > 0) on an AVX512-VNNI build: 1-3 rows of x take int8 activations (llama.cpp's decode
+    arithmetic): exactly the dequantized weights times x rounded per 32 values, whose error against the float32 path
+    is that rounding's (< 1% of the output range here); float32 GEMMs (amx_min_rows 0) stay exact. Odd sizes, a
+    zero sub-block, a bias."""
+    k, n = 768, 37
+    packed, _ = _packed(qtype, n, k, 11)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g)
+    x[0, 32:64] = 0.0  # a sub-block of zeros (scale 0)
+    bias = torch.randn(n, generator=g)
+    w = QL.dequantize(packed, qtype, k).double()
+    exact = x.double() @ w.T + bias.double()
+    got = QL.qlinear(x, packed, qtype, bias, amx_min_rows=4).double()
+    scale = exact.abs().max().item()
+    if QL.i8_direct_available():
+        want = _x_int8_rounded(x).double() @ w.T + bias.double()
+        assert (got - want).abs().max().item() < 1e-5 * scale
+        assert 0 < (got - exact).abs().max().item() < 0.01 * scale
+    else:
+        assert (got - exact).abs().max().item() < 1e-5 * scale
+    assert (QL.qlinear(x, packed, qtype, bias).double() - exact).abs().max().item() < 1e-5 * scale

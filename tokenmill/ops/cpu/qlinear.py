@@ -42,6 +42,8 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.qdequant_rows.restype = ctypes.c_int
     lib.qlinear_any.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     lib.qlinear_any.restype = ctypes.c_int
+    lib.tm_qlinear_i8_direct.argtypes = []
+    lib.tm_qlinear_i8_direct.restype = ctypes.c_int
     return lib
 
 
@@ -107,6 +109,14 @@ def amx_available() -> bool:
     """True when the kernel was built with the AMX bf16 path and Linux grants this process the tile state."""
     lib = _lib()
     return lib is not None and bool(lib.tm_amx_init())
+
+
+def i8_direct_available() -> bool:
+    """True when gemm auto's direct path (1-3 rows) for the k-quants quantizes x to int8 (an AVX512-VNNI build;
+    calls with amx_min_rows > 0 take it): exactly the dequantized weights times x rounded per 32 values to
+    int8 with one float scale, llama.cpp's decode arithmetic; float32 GEMMs (amx_min_rows 0) stay exact."""
+    lib = _lib()
+    return lib is not None and bool(lib.tm_qlinear_i8_direct())
 
 
 def block_size(qtype: str) -> int:
@@ -202,7 +212,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
 
     Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one.
     amx_min_rows > 0 (only where amx_available()): calls with at least that many rows use the AMX path, which
-    rounds weights and activations to bfloat16 (the `gemm_dtype` bfloat16 numerics), summing in float32."""
+    rounds weights and activations to bfloat16 (the `gemm_dtype` bfloat16 numerics), summing in float32; and
+    direct-path calls on k-quant weights take int8 activations where i8_direct_available()."""
     n, nbytes = qweight.shape
     k = x.shape[-1]
     lib = _lib()

@@ -27,6 +27,8 @@ typedef struct {
 // qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y.
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m);
+// 1 where gemm auto's k-quant direct path takes int8 activations (compiled for AVX512-VNNI), else 0.
+int tm_qlinear_i8_direct(void);
 int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out);
 int tm_amx_init(void);
 

@@ -274,7 +274,7 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
 #endif  // TM_AVX512
 
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                          const float *bias, float *y, int64_t ldy) {
+                          const float *bias, float *y, int64_t ldy, int approx) {
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
     float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
     if (!xs) return -1;
@@ -283,6 +283,35 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
         for (int j = 0; j < QK; j++) s += x[i * QK + j];
         xs[i] = s;
     }
+#if defined(TM_I8_DIRECT)
+    if (approx && i8_direct_type(qtype)) {  // int8 activations, as llama.cpp decodes (gemm auto)
+        int8_t *xq = (int8_t *)malloc((size_t)(M * K + 64));
+        float *xsc = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
+        int32_t *xq4 = (int32_t *)malloc((size_t)(M * K / 4 + 16) * sizeof(int32_t));
+        int rc = -1;
+        if (xq && xsc && xq4) {
+            tm_quantize_x_i8(x, M, K, xq, xsc, xq4);
+            for (int64_t i = 0; i < M * nb; i++) {  // the mins' sums of x from the quantized x too: exactly W . xq
+                int32_t t = 0;
+                for (int j = 0; j < QK / 4; j++) t += xq4[i * (QK / 4) + j];
+                xs[i] = xsc[i] * (float)t;
+            }
+#pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
+            for (int64_t n = 0; n < N; n++) {
+                for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
+                    const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
+                    tm_direct_tile_gen_i8(qtype, xq + m * K, xsc + m * nb, xq4 + m * (K / 4), xs + m * nb, R, K,
+                                          w + n * row_bytes, y + m * ldy + n, ldy, bias ? bias[n] : 0.0f);
+                }
+            }
+            rc = 0;
+        }
+        free(xq); free(xsc); free(xq4); free(xs);
+        return rc;
+    }
+#else
+    (void)approx;
+#endif
 #pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
@@ -296,9 +325,10 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
 }
 
 // y[M, N] with row stride ldy (>= N). Returns 0 on success, -1 on bad arguments (K not a multiple of the block,
-// unknown type) or out of memory. M >= amx_min_m rows (0: never) take the AMX bf16 path where tm_amx_init()
-// enabled it; otherwise M <= direct_max_m rows take the register path (no float buffer), larger M the buffered
-// micro-kernel.
+// unknown type) or out of memory. amx_min_m > 0 is gemm auto (approximate kernels allowed): M >= amx_min_m rows take
+// the AMX bf16 path where tm_amx_init() enabled it, and the k-quants' direct path takes int8 activations where the
+// compiler targets AVX512-VNNI. Otherwise (amx_min_m 0: exact float32) M <= direct_max_m rows take the register path
+// (no float buffer), larger M the buffered micro-kernel.
 static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                       float *y, int64_t ldy, int64_t direct_max_m, int64_t amx_min_m) {
     const int bb = block_bytes(qtype);
@@ -309,7 +339,7 @@ static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uin
 #else
     (void)amx_min_m;
 #endif
-    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y, ldy);
+    if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y, ldy, amx_min_m > 0);
     const int64_t row_bytes = (K / block_weights(qtype)) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;
 #pragma omp parallel
@@ -333,6 +363,14 @@ static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uin
         free(wbuf);
     }
     return 0;
+}
+
+int tm_qlinear_i8_direct(void) {
+#if defined(TM_I8_DIRECT)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,

@@ -166,3 +166,78 @@ void tm_direct_tile_gen(int qtype, const float *x, const float *xs, int R, int64
         default: break;
     }
 }
+
+#if defined(TM_I8_DIRECT)
+// ---- int8 activations (gemm auto): 1-3 rows of quantized x against one packed row ----
+void tm_quantize_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4) {
+    for (int64_t i = 0; i < M * K / QK; i++) {
+        const float *xb = x + i * QK;
+        const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        xsc[i] = d;
+        const __m512 iv = _mm512_set1_ps(inv);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(lo, iv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(hi, iv));
+        _mm_storeu_si128((__m128i *)(xq + i * QK), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + i * QK + 16), _mm512_cvtsepi32_epi8(q1));
+        int32_t v[QK];  // sums of 4 consecutive values (the lanes of one vpdpbusd result)
+        _mm512_storeu_si512((void *)v, q0);
+        _mm512_storeu_si512((void *)(v + 16), q1);
+        for (int j = 0; j < QK / 4; j++) xq4[i * (QK / 4) + j] = v[4 * j] + v[4 * j + 1] + v[4 * j + 2] + v[4 * j + 3];
+    }
+}
+
+static inline __attribute__((always_inline)) void gen_tile_i8(const int R, const int qtype, const int8_t *xq,
+                                                              const float *xsc, const int32_t *xq4, const float *xs,
+                                                              int64_t K, const uint8_t *wrow, float *y, int64_t ldy,
+                                                              float bias) {
+    const int bb = block_bytes(qtype), nsub = block_weights(qtype) / QK;
+    const int64_t nb = K / block_weights(qtype), ng = K / QK;
+    const int has_m = qtype == Q4_K || qtype == Q5_K;
+    __m256 a0[DIRECT_MAX_ROWS], a1[DIRECT_MAX_ROWS];
+    float msum[DIRECT_MAX_ROWS];
+    for (int r = 0; r < R; r++) { a0[r] = a1[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = wrow + b * bb;
+        for (int off = 0; off < bb; off += 64) __builtin_prefetch(blk + GEN_PREFETCH + off, 0, 3);
+        float dlo[QK_K / QK], dhi[QK_K / QK], mv[QK_K / QK];
+        for (int s = 0; s < nsub; s++) gen_sub_scales(qtype, blk, s, &dlo[s], &dhi[s], &mv[s]);
+        for (int s = 0; s < nsub; s++) {
+            const int64_t g = b * nsub + s;
+            __m256i q = gen_sub_q256(qtype, blk, s);  // Q4_K / Q5_K: 0..31; Q6_K: -32..31
+            if (qtype == Q6_K) q = _mm256_add_epi8(q, _mm256_set1_epi8(32));  // unsigned for vpdpbusd
+            for (int r = 0; r < R; r++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + g * QK));
+                __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);  // 8 sums of 4 products
+                const float sx = xsc[r * ng + g];
+                if (qtype == Q6_K) {  // remove the +32 offset; a scale per 16 weights (lanes 0-3, 4-7)
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(xq4 + r * (K / 4) + g * (QK / 4)));
+                    p = _mm256_sub_epi32(p, _mm256_slli_epi32(c, 5));
+                    const __m256 sc = _mm256_set_m128(_mm_set1_ps(dhi[s] * sx), _mm_set1_ps(dlo[s] * sx));
+                    if (s & 1) a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a1[r]);
+                    else a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a0[r]);
+                } else {
+                    const __m256 sc = _mm256_set1_ps(dlo[s] * sx);
+                    if (s & 1) a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a1[r]);
+                    else a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a0[r]);
+                }
+                if (has_m) msum[r] += mv[s] * xs[r * ng + g];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum8(_mm256_add_ps(a0[r], a1[r])) + msum[r] + bias;
+}
+
+#define GEN_TILE_I8(R, QT) gen_tile_i8(R, QT, xq, xsc, xq4, xs, K, wrow, y, ldy, bias)
+#define GEN_TILE_I8_ROWS(QT) (R == 1 ? GEN_TILE_I8(1, QT) : R == 2 ? GEN_TILE_I8(2, QT) : GEN_TILE_I8(3, QT))
+
+void tm_direct_tile_gen_i8(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs, int R,
+                           int64_t K, const uint8_t *wrow, float *y, int64_t ldy, float bias) {
+    switch (qtype) {
+        case Q4_K: GEN_TILE_I8_ROWS(Q4_K); break;
+        case Q5_K: GEN_TILE_I8_ROWS(Q5_K); break;
+        case Q6_K: GEN_TILE_I8_ROWS(Q6_K); break;
+        default: break;
+    }
+}
+#endif  // TM_I8_DIRECT

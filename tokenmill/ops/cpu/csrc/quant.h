@@ -208,6 +208,19 @@ void tm_dequant_row_gen(int qtype, const uint8_t *row, int64_t K, float *out);
 void tm_direct_tile_gen(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow, float *y,
                         int64_t ldy, float bias);
 
+// The int8-activation variant of the direct path for the k-quants (qlinear_k.c), where the compiler targets
+// AVX512-VNNI: x row r is quantized per sub-block of 32 (x ~= xsc[g] * xq, xq in [-127, 127]), each sub-block's
+// weight integers meet xq in one byte dot product (vpdpbusd) and the scales multiply the integer sums. llama.cpp's
+// decode math (its Q8_K activations), here with a scale per 32 values; only for gemm auto (an approximation).
+#if defined(TM_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TM_I8_DIRECT 1
+static inline int i8_direct_type(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
+// x [M, K] -> xq [M, K], xsc [M, K / 32], xq4 [M, K / 4] (sums of 4 consecutive xq).
+void tm_quantize_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4);
+void tm_direct_tile_gen_i8(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs, int R,
+                           int64_t K, const uint8_t *wrow, float *y, int64_t ldy, float bias);
+#endif
+
 // The AMX path (qlinear_amx.c) exists where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16 (-march=native
 // on Sapphire Rapids and later).
 #if defined(TM_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
