@@ -5,7 +5,13 @@
 #ifndef TM_KERNELS_H
 #define TM_KERNELS_H
 
+#include <omp.h>
 #include <stdint.h>
+
+// The condition of the OpenMP regions in kernels that other kernels call from inside their own parallel region
+// (moe.c's tasks call qlinear): there they run on the calling thread. libgomp's default max-active-levels is
+// unlimited, so a nested region would start a new team per outer thread and oversubscribe the cores.
+#define TM_TOP_LEVEL (!omp_in_parallel())
 
 // rmsnorm.c: s = x (+ r); out = w * s / sqrt(mean(s^2) + eps), rows of D.
 void add_rmsnorm_f32(const float *x, const float *r, const float *w, int64_t M, int64_t D, float eps,

@@ -77,7 +77,7 @@ int tm_lora_apply(const tm_lora *L, int which, const float *x, int64_t r0, int64
     }
     const int64_t total = off[G];
     if (total == 0) return 0;
-#pragma omp parallel for schedule(static) if (total * K * (in + out) >= (1 << 17))
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && total * K * (in + out) >= (1 << 17))
     for (int64_t j = 0; j < total; j++) {
         int64_t g = 0;
         while (off[g + 1] <= j) g++;

@@ -296,7 +296,7 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
                 for (int j = 0; j < QK / 4; j++) t += xq4[i * (QK / 4) + j];
                 xs[i] = xsc[i] * (float)t;
             }
-#pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
             for (int64_t n = 0; n < N; n++) {
                 for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
                     const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
@@ -312,7 +312,7 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
 #else
     (void)approx;
 #endif
-#pragma omp parallel for schedule(static) if (N * K * M >= (1 << 15))
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
             const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
@@ -342,7 +342,7 @@ static int qlinear_ld(int qtype, const float *x, int64_t M, int64_t K, const uin
     if (M <= direct_max_m) return qlinear_direct(qtype, x, M, K, w, N, bias, y, ldy, amx_min_m > 0);
     const int64_t row_bytes = (K / block_weights(qtype)) * bb;
     const int64_t ntiles = (N + NC - 1) / NC;
-#pragma omp parallel
+#pragma omp parallel if (TM_TOP_LEVEL)
     {
         float *wbuf = (float *)aligned_alloc(64, (size_t)(NC * K * sizeof(float) + 64) & ~(size_t)63);
         for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
@@ -403,7 +403,7 @@ int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64
     for (int64_t r = 0; r < R; r++)
         if (rows[r] < 0 || rows[r] >= N) return -2;
     const int64_t row_bytes = (K / block_weights(qtype)) * bb;
-#pragma omp parallel for schedule(static) if (R > 16)
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && R > 16)
     for (int64_t r = 0; r < R; r++) dequant_row(qtype, w + rows[r] * row_bytes, K, out + r * K);
     return 0;
 }

@@ -176,7 +176,7 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
     // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
     uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
     if (!xb) return -1;
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
     for (int64_t m = 0; m < mpad; m++) {
         uint16_t *dst = xb + m * K;
         if (m >= M) {
@@ -188,7 +188,7 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                                                                                _mm512_loadu_ps(x + m * K + k)));
     }
     int rc = 0;
-#pragma omp parallel
+#pragma omp parallel if (TM_TOP_LEVEL)
     {
         // two panels in pair layout ([k-block][16 pairs][16 outputs] words each) and a 16 x 16 float scratch tile
         uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
