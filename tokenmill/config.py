@@ -82,9 +82,11 @@ class CacheConfig:
     kv_cache_memory: Optional[float] = _f(None, "GiB of memory for the KV cache (default on CPU: 1 GiB)")
     gpu_memory_utilization: float = _f(0.9, "fraction of GPU memory the engine may use in total")
     enable_prefix_caching: bool = _f(True, "reuse the KV of identical prompt prefixes")
-    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= model dtype), bfloat16 (a float32 model's K/V "
-                                     "stored in half the bytes: the CPU kernels read it directly), fp8, int8",
-                             choices=["auto", "bfloat16", "fp8", "int8"])
+    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (bfloat16 on a CPU whose attention kernel reads bf16 K/V in "
+                                     "place, i.e. AVX-512, when the model computes in float32; else the model "
+                                     "dtype), float32 (exact K/V, what the transformers-equality tests use), "
+                                     "bfloat16 (half the bytes of float32), fp8, int8",
+                             choices=["auto", "float32", "bfloat16", "fp8", "int8"])
     cpu_offload_gb: float = _f(0.0, "GiB of (pinned) host memory for a second KV tier: evicted prefix-cache blocks "
                                     "and the KV of preempted requests are copied there and back instead of "
                                     "recomputed (0: off; brings nothing on a CPU device)")
@@ -102,6 +104,10 @@ class CacheConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        kv_dtypes = next(f for f in fields(self) if f.name == "kv_cache_dtype").metadata["choices"]
+        if self.kv_cache_dtype not in kv_dtypes:
+            raise ConfigError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose one of {', '.join(kv_dtypes)}",
+                              param="kv_cache_dtype")
         if self.cpu_offload_gb < 0:
             raise ConfigError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
         if self.streaming_sink_tokens < 0:

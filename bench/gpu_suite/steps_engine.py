@@ -70,7 +70,7 @@ def _warm_up(llm: Any, vocab: int, seed: int) -> None:
 def plan_capacity(plan: Any, shape: Any, dtype: Any, block_size: int, max_model_len: int) -> dict[str, Any]:
     """Max concurrent tokens with bf16 (model dtype) and fp8 KV from one memory measurement: the engine's
     MemoryPlan on CUDA, or (plan None) a simulated H100 with this shape's weights."""
-    from tokenmill.ops.attention.kv_quant import kv_bytes_per_token_per_layer
+    from tokenmill.ops.attention.kv_quant import kv_bytes_per_token_per_layer, resolve_kv_cache_dtype
     from tokenmill.worker.memory_planner import DeviceMemory, plan_kv_cache
 
     if plan is None:
@@ -82,7 +82,8 @@ def plan_capacity(plan: Any, shape: Any, dtype: Any, block_size: int, max_model_
                                             plan.max_model_len)
     out: dict[str, Any] = {"device": dev.name, "gpu_memory_utilization": util}
     for kind in ("auto", "fp8"):
-        per_tok = shape.layers * kv_bytes_per_token_per_layer(kind, shape.kv_heads, shape.head_dim, dtype)
+        resolved = resolve_kv_cache_dtype(kind, dtype, "cuda", False)  # a CUDA plan: auto = the model dtype
+        per_tok = shape.layers * kv_bytes_per_token_per_layer(resolved, shape.kv_heads, shape.head_dim)
         out[kind] = plan_kv_cache(dev, util, per_tok, block_size, max_model_len,
                                   cuda_graph_bytes=graphs).max_concurrent_tokens
     return out

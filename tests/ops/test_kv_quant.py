@@ -50,12 +50,13 @@ def test_fp8_round_trip_bound_and_saturation():
 
 
 def test_bytes_per_token_counts_scales():
-    assert KQ.kv_bytes_per_token_per_layer("auto", 3, 64, torch.float32) == 2 * 3 * 64 * 4
-    assert KQ.kv_bytes_per_token_per_layer("auto", 3, 64, torch.bfloat16) == 2 * 3 * 64 * 2
-    assert KQ.kv_bytes_per_token_per_layer("int8", 3, 64, torch.float32) == 2 * 3 * (64 + 4)
-    assert KQ.kv_bytes_per_token_per_layer("fp8", 3, 64, torch.bfloat16) == 2 * 3 * 64
+    assert KQ.kv_bytes_per_token_per_layer("float32", 3, 64) == 2 * 3 * 64 * 4
+    assert KQ.kv_bytes_per_token_per_layer("bfloat16", 3, 64) == 2 * 3 * 64 * 2
+    assert KQ.kv_bytes_per_token_per_layer("float16", 3, 64) == 2 * 3 * 64 * 2
+    assert KQ.kv_bytes_per_token_per_layer("int8", 3, 64) == 2 * 3 * (64 + 4)
+    assert KQ.kv_bytes_per_token_per_layer("fp8", 3, 64) == 2 * 3 * 64
     c = KQ.allocate_quantized_kv_cache(1, 5, 16, 3, 64, "int8", "cpu")[0]
-    assert c.nbytes() == 5 * 16 * KQ.kv_bytes_per_token_per_layer("int8", 3, 64, torch.float32)
+    assert c.nbytes() == 5 * 16 * KQ.kv_bytes_per_token_per_layer("int8", 3, 64)
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])

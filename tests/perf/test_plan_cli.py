@@ -31,10 +31,11 @@ def calibration(tmp_path_factory):
 def test_plan_prints_memory_goodput_and_best_settings(calibration, tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = parse(["--calibration", calibration, "--workload", "long-prefill", "--slo-ttft", "1000",
-                  "--slo-tpot", "60", "--rate", "3", "--num-requests", "25", "--out", str(out)])
+                  "--slo-tpot", "60", "--rate", "3", "--num-requests", "25", "--out", str(out),
+                  "--kv-cache-dtype", "float32"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
-    assert "KV per token" in text and "45.0 KiB" in text  # 30 layers x 2 x 3 heads x 64 x 4 bytes
+    assert "KV per token" in text and "45.0 KiB (float32)" in text  # 30 layers x 2 x 3 heads x 64 x 4 bytes
     assert "best: --max-num-batched-tokens" in text and "(current)" in text
     plan = json.loads(out.read_text())
     m = plan["memory"]
@@ -45,6 +46,23 @@ def test_plan_prints_memory_goodput_and_best_settings(calibration, tmp_path, cap
     chosen = [g for g in plan["grid"] if g["max_num_batched_tokens"] == plan["best"]["max_num_batched_tokens"]
               and g["max_num_seqs"] == plan["best"]["max_num_seqs"]]
     assert chosen[0]["goodput"] == pytest.approx(best, abs=1e-6)
+
+
+def test_plan_sizes_the_kv_cache_in_the_resolved_kv_dtype(calibration, tmp_path, capsys):
+    from tokenmill.perf.cli import kv_cache_dtype_for
+
+    auto = kv_cache_dtype_for("auto", "auto", "cpu", SPEC.head_dim)  # bfloat16 on an AVX-512 CPU, else float32
+    assert auto in ("float32", "bfloat16")
+    for kind, resolved in (("auto", auto), ("bfloat16", "bfloat16"), ("int8", "int8")):
+        out = tmp_path / f"{kind}.json"
+        args = parse(["--calibration", calibration, "--workload", "fixed:64:16", "--rate", "1", "--num-requests",
+                      "10", "--kv-cache-dtype", kind, "--out", str(out)])
+        assert args.func(args) == 0
+        assert f"({resolved})" in capsys.readouterr().out
+        m = json.loads(out.read_text())["memory"]
+        per_token = 30 * 2 * 3 * 64 * {"float32": 4, "bfloat16": 2, "int8": 1}[resolved]
+        assert m["kv_cache_dtype"] == resolved and m["kv_bytes_per_token"] == per_token
+        assert m["kv_tokens"] == (1 << 30) // per_token // 16 * 16
 
 
 def test_plan_user_errors_exit_2(calibration, tmp_path, capsys):

@@ -107,7 +107,7 @@ class EngineCore:
 
     def streaming_max_prompt_tokens(self) -> Optional[int]:
         """Longest prompt of a kv_eviction='streaming' request; None where the KV cache cannot re-rotate keys."""
-        if self.config.cache.kv_cache_dtype != "auto" or not self.info.supports_kv_streaming:
+        if not self.info.supports_kv_streaming:  # no RoPE, or an int8 / fp8 cache
             return None
         return self.scheduler.streaming.spec.max_prompt_tokens
 

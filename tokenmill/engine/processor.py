@@ -162,7 +162,8 @@ class Processor:
         """A streaming request: the prompt fits sinks + window; max_tokens is not capped by max_model_len."""
         if self.streaming_max_prompt is None:
             raise _bad("kv_eviction='streaming' needs cached keys it can re-rotate: a RoPE model with per-head keys "
-                       "(not MLA latents) and kv_cache_dtype auto (not int8/fp8)", "kv_eviction")
+                       "(not MLA latents) and a plain KV cache (kv_cache_dtype auto, float32 or bfloat16; not "
+                       "int8/fp8)", "kv_eviction")
         if n > self.streaming_max_prompt:
             raise PromptTooLongError(
                 f"the prompt has {n} tokens but a kv_eviction='streaming' request keeps at most "

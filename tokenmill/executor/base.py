@@ -32,6 +32,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]  # from the model's config (the tokenizer adds its own)
     supports_kv_streaming: bool  # RoPE and an unquantized cache: kv_eviction="streaming" possible
     model_path: str  # where the model lives (the tokenizer is loaded from here)
+    kv_cache_dtype: str = "float32"  # resolved (kv_quant.resolve_kv_cache_dtype): float32, bfloat16, float16, int8, fp8
     gguf_file: Optional[str] = None
     dtype: str = "float32"
     device: str = "cpu"

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -31,6 +32,7 @@ class MemoryReport:
     kv_cache_bytes: int
     block_size: int
     max_model_len: int
+    kv_cache_dtype: str = "float32"  # resolved (kv_quant.resolve_kv_cache_dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -47,12 +49,29 @@ class MemoryReport:
     def lines(self, typical_len: int) -> list[str]:
         return [f"memory ({self.device}):",
                 f"  weights              {self.weights_bytes / GiB:8.3f} GiB",
-                f"  KV per token         {self.kv_bytes_per_token / 1024:8.1f} KiB",
+                f"  KV per token         {self.kv_bytes_per_token / 1024:8.1f} KiB ({self.kv_cache_dtype})",
                 f"  KV cache             {self.kv_cache_bytes / GiB:8.3f} GiB = {self.num_blocks:,} blocks x "
                 f"{self.block_size} tokens = {self.max_tokens:,} tokens",
                 f"  requests that fit    {self.max_requests(self.max_model_len):,} at max_model_len "
                 f"{self.max_model_len}, {self.max_requests(typical_len):,} at the workload's mean "
                 f"{typical_len} tokens"]
+
+
+def _model_dtype(dtype: str, device: str) -> str:
+    """--dtype as the engine resolves it (tokenmill.worker.model_runner.resolve_dtype)."""
+    return dtype if dtype != "auto" else "float32" if device == "cpu" else "bfloat16"
+
+
+def kv_cache_dtype_for(kind: str, dtype: str, device: str, head_dim: int) -> str:
+    """The KV cache dtype the engine would use (kv_quant.resolve_kv_cache_dtype, with the CPU attention kernel of
+    this machine on a CPU device)."""
+    import torch
+
+    from tokenmill.ops.attention.kv_quant import resolve_kv_cache_dtype
+    from tokenmill.ops.cpu.attention import reads_kv_in_place
+
+    bf16_in_place = device == "cpu" and reads_kv_in_place(torch.bfloat16, head_dim)
+    return resolve_kv_cache_dtype(kind, getattr(torch, _model_dtype(dtype, device)), device, bf16_in_place)
 
 
 def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[ModelSpec, int, int]:
@@ -62,9 +81,7 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
 
     src = resolve_model_source(model)
     cfg = load_hf_config(src)
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
-    nb = dtype_bytes(dtype)
+    nb = dtype_bytes(_model_dtype(dtype, device))
     spec = ModelSpec.from_hf_config(cfg, dtype_bytes=nb)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
@@ -73,8 +90,9 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
 
 
 def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argparse.Namespace,
-                  max_model_len: int) -> MemoryReport:
-    """KV-cache size: --num-kv-blocks, --kv-cache-memory, the CPU default, or the GPU planner."""
+                  max_model_len: int, kv_cache_dtype: str = "float32") -> MemoryReport:
+    """KV-cache size: --num-kv-blocks, --kv-cache-memory, the CPU default, or the GPU planner. spec's
+    kv_dtype_bytes are those of kv_cache_dtype (resolved)."""
     per_token = spec.kv_bytes_per_token
     if args.num_kv_blocks:
         kv = args.num_kv_blocks * per_token * args.block_size
@@ -91,7 +109,7 @@ def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argpar
         plan = plan_kv_cache(DeviceMemory(total, weights_bytes, act, 2 * GiB, device), args.gpu_memory_utilization,
                              per_token, args.block_size, max_model_len)
         kv = plan.kv_cache_bytes
-    return MemoryReport(device, weights_bytes, per_token, kv, args.block_size, max_model_len)
+    return MemoryReport(device, weights_bytes, per_token, kv, args.block_size, max_model_len, kv_cache_dtype)
 
 
 def _cuda_total() -> int:
@@ -108,7 +126,7 @@ def get_cost_model(args: argparse.Namespace, spec: ModelSpec, device: str) -> Co
         from tokenmill.engine.llm import LLM
         from tokenmill.perf.cost_model import calibrate
 
-        kw = {"dtype": args.dtype, "device": args.device}
+        kw = {"dtype": args.dtype, "device": args.device, "kv_cache_dtype": args.kv_cache_dtype}
         if args.max_model_len:
             kw["max_model_len"] = args.max_model_len
         model = calibrate(LLM(args.model, **kw))
@@ -173,11 +191,16 @@ def _plan(args: argparse.Namespace) -> int:
         spec, weights, model_len = saved.spec, int(saved.info["weights_total_bytes"]), int(saved.info["max_model_len"])
     else:
         spec, weights, model_len = model_spec_for(args.model, args.dtype, device)
+    from tokenmill.worker.memory_planner import dtype_bytes
+
+    kv_dtype = kv_cache_dtype_for(args.kv_cache_dtype, args.dtype, device, spec.head_dim)
+    spec = dataclasses.replace(spec, kv_dtype_bytes=dtype_bytes(kv_dtype))  # int8's per-token scales left out
     max_len = min(args.max_model_len or model_len, model_len)
-    mem = memory_report(spec, weights, device, args, max_len)
+    mem = memory_report(spec, weights, device, args, max_len, kv_dtype)
     typical = round(sum(r.prompt_len + r.output_len for r in probe) / len(probe))
     cost = saved if saved is not None else get_cost_model(args, spec, device)
-    out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token,
+    out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "kv_cache_dtype": kv_dtype,
+                                      "kv_bytes_per_token": mem.kv_bytes_per_token,
                                       "kv_cache_bytes": mem.kv_cache_bytes, "kv_tokens": mem.max_tokens,
                                       "max_requests_at_max_model_len": mem.max_requests(max_len),
                                       "max_requests_at_workload_mean": mem.max_requests(typical)},
@@ -275,6 +298,9 @@ def add_plan_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "fp8", "int8"],
+                   help="as the engine flag (auto: bfloat16 on an AVX-512 CPU for a float32 model, else the "
+                        "model dtype)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--device-memory", type=float, default=None, metavar="GIB", help="plan for a GPU of this size")

@@ -295,8 +295,12 @@ def spec_of_engine(engine: Any) -> ModelSpec:
     runner = core.runner
     import torch
 
+    from tokenmill.worker.memory_planner import dtype_bytes
+
     elem = torch.tensor([], dtype=runner.dtype).element_size()
-    return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem)
+    # the resolved KV dtype (int8's per-token scales, 6% more, are left out)
+    kv = dtype_bytes(runner.kv_cache_dtype)
+    return ModelSpec.from_hf_config(runner.hf_config, dtype_bytes=elem, kv_dtype_bytes=kv)
 
 
 def kernel_switch_tokens(model: Any) -> list[int]:
@@ -363,6 +367,7 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     tied = bool(getattr(hf, "tie_word_embeddings", False))
     total_params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
     model.info.update(model=cfg_model.model, dtype=str(runner.dtype).removeprefix("torch."),
+                      kv_cache_dtype=runner.kv_cache_dtype,
                       weights_total_bytes=total_params * spec.dtype_bytes,
                       max_model_len=int(getattr(hf, "max_position_embeddings", None) or runner.max_model_len),
                       num_threads=_num_threads())

@@ -31,6 +31,7 @@ class KVBlockIO:
     """Whole blocks of the KV cache as uint8 rows [n, row_bytes] on the host."""
 
     def __init__(self, kv_caches: list, block_size: int, kv_cache_dtype: str):
+        """kv_cache_dtype: the resolved dtype (float32, bfloat16, float16, int8, fp8), not auto."""
         try:
             self.parts = _byte_views(kv_caches)
         except ConfigError:
@@ -96,11 +97,13 @@ class KVConnector:
         raise NotImplementedError
 
 
-def make_kv_connector(config: EngineConfig, kv_caches: list, block_size: int) -> Optional[KVConnector]:
-    """The connector KVTransferConfig asks for, or None (no kv_role)."""
+def make_kv_connector(config: EngineConfig, kv_caches: list, block_size: int,
+                      kv_cache_dtype: str) -> Optional[KVConnector]:
+    """The connector KVTransferConfig asks for, or None (no kv_role). kv_cache_dtype: the resolved dtype
+    (kv_quant.resolve_kv_cache_dtype), part of the layout both sides must agree on."""
     kt = config.kv_transfer
     if kt.kv_role is None:
         return None
     from tokenmill.worker.kv_tcp import TcpKVConnector
 
-    return TcpKVConnector(kt, KVBlockIO(kv_caches, block_size, config.cache.kv_cache_dtype))
+    return TcpKVConnector(kt, KVBlockIO(kv_caches, block_size, kv_cache_dtype))

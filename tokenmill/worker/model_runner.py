@@ -15,8 +15,8 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.core.outputs import Logprob, ModelRunnerOutput, SchedulerOutput
 from tokenmill.errors import ConfigError
-from tokenmill.ops.attention.kv_quant import (allocate_quantized_kv_cache, kv_bytes_per_token_per_layer,
-                                             plain_kv_dtype)
+from tokenmill.ops.attention.kv_quant import (QUANTIZED_KV_DTYPES, allocate_quantized_kv_cache,
+                                             kv_bytes_per_token_per_layer, plain_kv_dtype, resolve_kv_cache_dtype)
 from tokenmill.ops.attention.reference import allocate_kv_cache
 from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
@@ -65,6 +65,7 @@ class ModelRunner:
         self.hf_config = None
         self.source = None
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache_dtype = ""  # kv_cache_dtype resolved at load(): float32, bfloat16, float16, int8 or fp8
         self.num_blocks = 0
         self.kv_offload: Optional[HostKVTier] = None  # the CPU offload tier (cpu_offload_gb > 0)
         self.kv_connector = None  # disaggregated prefill / decode: a worker/kv_connector.KVConnector (kv_role)
@@ -105,13 +106,14 @@ class ModelRunner:
             lc = self.config.lora
             self.lora = LoRARuntime(self.model, lc.num_slots, lc.max_lora_rank, self.device, self.dtype)
         self.max_model_len = self._resolve_max_model_len()
+        self.kv_cache_dtype = self._resolve_kv_cache_dtype()
         self._allocate_kv()
         self.kv_offload = HostKVTier.create(self.config.cache.cpu_offload_gb, self.kv_caches,
                                             self.kv_bytes_per_block(), self.device)
         self.device_setup.capture(self.kv_caches, self.max_model_len, self.block_size)
         from tokenmill.worker.kv_connector import make_kv_connector
 
-        self.kv_connector = make_kv_connector(self.config, self.kv_caches, self.block_size)
+        self.kv_connector = make_kv_connector(self.config, self.kv_caches, self.block_size, self.kv_cache_dtype)
         reset = getattr(self.model, "reset_expert_counts", None)
         if reset is not None:
             reset()  # MoE routing statistics start at serving, not at profiling / graph capture
@@ -150,7 +152,8 @@ class ModelRunner:
         return ModelInfo(max_model_len=self.max_model_len, num_kv_blocks=self.num_blocks,
                          num_host_blocks=self.num_host_blocks, vocab_size=vocab,
                          eos_token_ids=eos_token_ids(None, self.hf_config),
-                         supports_kv_streaming=self.supports_kv_streaming(), model_path=self.source.path,
+                         supports_kv_streaming=self.supports_kv_streaming(), kv_cache_dtype=self.kv_cache_dtype,
+                         model_path=self.source.path,
                          gguf_file=self.source.gguf_file, dtype=str(self.dtype).removeprefix("torch."),
                          device=str(self.device), load_time_s=self.load_time_s,
                          world_size=self.tp.world_size if self.tp is not None else 1,
@@ -169,12 +172,19 @@ class ModelRunner:
     def num_host_blocks(self) -> int:
         return self.kv_offload.num_host_blocks if self.kv_offload is not None else 0
 
+    def _resolve_kv_cache_dtype(self) -> str:
+        """kv_cache_dtype for this model, device and attention backend (auto: see resolve_kv_cache_dtype)."""
+        from tokenmill.ops.cpu.attention import reads_kv_in_place
+
+        bf16_in_place = (self.device_setup.backend_name == "cpu"
+                         and reads_kv_in_place(torch.bfloat16, self.model.head_dim))
+        return resolve_kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype, self.device.type, bf16_in_place)
+
     def kv_bytes_per_block(self) -> int:
         """K + V bytes of one block over all layers, per-token scales of a quantized cache included."""
         m = self.model
-        per_tok = kv_bytes_per_token_per_layer(self.config.cache.kv_cache_dtype, m.num_kv_heads, m.head_dim,
-                                               self.dtype)
-        return m.num_layers * self.block_size * per_tok
+        return m.num_layers * self.block_size * kv_bytes_per_token_per_layer(self.kv_cache_dtype, m.num_kv_heads,
+                                                                             m.head_dim)
 
     def _allocate_kv(self) -> None:
         cc = self.config.cache
@@ -206,12 +216,14 @@ class ModelRunner:
             self.max_model_len = capacity
         self.num_blocks = num_blocks
         m = self.model
-        if cc.kv_cache_dtype not in ("auto", "bfloat16"):  # QuantizedKVCache: the attention backends dispatch on it
+        logger.info("KV cache: %d blocks of %d tokens, %s (kv_cache_dtype %s), %.3f GiB", num_blocks, self.block_size,
+                    self.kv_cache_dtype, cc.kv_cache_dtype, num_blocks * per_block / (1 << 30))
+        if self.kv_cache_dtype in QUANTIZED_KV_DTYPES:  # QuantizedKVCache: the attention backends dispatch on it
             self.kv_caches = allocate_quantized_kv_cache(m.num_layers, num_blocks, self.block_size,
-                                                         m.num_kv_heads, m.head_dim, cc.kv_cache_dtype, self.device)
+                                                         m.num_kv_heads, m.head_dim, self.kv_cache_dtype, self.device)
             return
         self.kv_caches = allocate_kv_cache(m.num_layers, num_blocks, self.block_size, m.num_kv_heads, m.head_dim,
-                                           plain_kv_dtype(cc.kv_cache_dtype, self.dtype), self.device)
+                                           plain_kv_dtype(self.kv_cache_dtype), self.device)
 
     def supports_kv_streaming(self) -> bool:
         """kv_eviction="streaming" re-rotates cached keys: it needs RoPE and an unquantized cache."""

@@ -28,7 +28,10 @@ from tokenmill.worker.forward_batch import ForwardBatch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "int8")  # bfloat16: a plain cache in that dtype, not quantized
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "int8")  # the kv_cache_dtype settings
+# plain (unquantized) caches by resolved name; float16 only as a float16 model's `auto`
+PLAIN_KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED_KV_DTYPES = ("fp8", "int8")
 
 
 @dataclass
@@ -55,9 +58,33 @@ class QuantizedKVCache:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
 
-def plain_kv_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of an unquantized cache: the model's (auto) or bfloat16."""
-    return torch.bfloat16 if kind == "bfloat16" else model_dtype
+def resolve_kv_cache_dtype(kind: str, model_dtype: torch.dtype, device_type: str, cpu_bf16_in_place: bool) -> str:
+    """What a kv_cache_dtype setting means for this model and device: "float32", "bfloat16", "float16" (plain
+    caches) or "int8", "fp8" (quantized). Pure; every place that sizes or allocates the KV cache uses it.
+
+    auto = bfloat16 on the CPU when the model computes in float32 and the CPU attention kernel reads bf16 K/V in
+    place on this machine (`cpu_bf16_in_place`: tokenmill.ops.cpu.attention.reads_kv_in_place(torch.bfloat16,
+    head_dim) with the cpu attention backend; half the bytes read per decode step); otherwise the model dtype
+    (always on CUDA). The explicit settings mean themselves, whatever the model dtype.
+    """
+    if kind not in KV_CACHE_DTYPES:
+        raise ConfigError(f"unknown kv_cache_dtype {kind!r}; choose one of {', '.join(KV_CACHE_DTYPES)}",
+                          param="kv_cache_dtype")
+    if kind != "auto":
+        return kind
+    if device_type == "cpu" and model_dtype == torch.float32 and cpu_bf16_in_place:
+        return "bfloat16"
+    name = str(model_dtype).removeprefix("torch.")
+    if name not in PLAIN_KV_DTYPES:
+        raise ConfigError(f"kv_cache_dtype auto: no KV cache of the model dtype {name}", param="kv_cache_dtype")
+    return name
+
+
+def plain_kv_dtype(resolved: str) -> torch.dtype:
+    """The torch dtype of a plain cache, from resolve_kv_cache_dtype's result."""
+    if resolved not in PLAIN_KV_DTYPES:
+        raise ConfigError(f"{resolved!r} is not a plain KV cache dtype (resolve kv_cache_dtype first)")
+    return PLAIN_KV_DTYPES[resolved]
 
 
 def storage_dtype(kind: str) -> torch.dtype:
@@ -68,12 +95,13 @@ def storage_dtype(kind: str) -> torch.dtype:
     raise ConfigError(f"unknown kv_cache_dtype {kind!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
 
 
-def kv_bytes_per_token_per_layer(kind: str, num_kv_heads: int, head_dim: int, model_dtype: torch.dtype) -> int:
-    """Bytes one token's K and V take in one layer, scales included (static fp8 scales are per layer: 0)."""
-    if kind in ("auto", "bfloat16"):
-        return 2 * num_kv_heads * head_dim * plain_kv_dtype(kind, model_dtype).itemsize
-    scale_bytes = 4 if kind == "int8" else 0
-    return 2 * num_kv_heads * (head_dim * storage_dtype(kind).itemsize + scale_bytes)
+def kv_bytes_per_token_per_layer(resolved: str, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes one token's K and V take in one layer of a cache of resolve_kv_cache_dtype's `resolved` dtype,
+    scales included (static fp8 scales are per layer: 0)."""
+    if resolved in PLAIN_KV_DTYPES:
+        return 2 * num_kv_heads * head_dim * PLAIN_KV_DTYPES[resolved].itemsize
+    scale_bytes = 4 if resolved == "int8" else 0
+    return 2 * num_kv_heads * (head_dim * storage_dtype(resolved).itemsize + scale_bytes)
 
 
 def allocate_quantized_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -31,6 +31,8 @@ def _kernel() -> Optional[ctypes.CDLL]:
     lib.tm_paged_attention.argtypes = [_P, _L, _L, _P, _I, _L, _I, _I, _I, _P, _L, _L, _P, _P, _I, _I, _F, _I, _P]
     lib.tm_kv_dtype_supported.restype = _I
     lib.tm_kv_dtype_supported.argtypes = [_I]
+    lib.tm_kv_read_in_place.restype = _I
+    lib.tm_kv_read_in_place.argtypes = [_I, _I]
     lib.tm_gather_kv_bf16.restype = _I
     lib.tm_gather_kv_bf16.argtypes = [_P, _L, _I, _L, _P, _L, _P]
     return lib
@@ -45,6 +47,15 @@ def supports_kv_dtype(dtype: torch.dtype) -> bool:
     """Whether the kernel reads a KV cache of this dtype (float32, bfloat16; float16 where the compiler has _Float16)."""
     lib = _kernel()
     return lib is not None and dtype in KV_DTYPE_CODES and bool(lib.tm_kv_dtype_supported(KV_DTYPE_CODES[dtype]))
+
+
+def reads_kv_in_place(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel's SIMD paths read a KV cache of this dtype and head dim straight from the pool:
+    float32 always; bfloat16 on AVX-512 CPUs (AVX512F + BW) with head_dim % 16 == 0. Other readable dtypes
+    are converted chunk by chunk into float32 scratch first. False without the kernel."""
+    lib = _kernel()
+    return (lib is not None and dtype in KV_DTYPE_CODES
+            and bool(lib.tm_kv_read_in_place(KV_DTYPE_CODES[dtype], int(head_dim))))
 
 
 def _int32(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -61,6 +61,18 @@ int tm_kv_dtype_supported(int kv_dtype) {
     return 0;
 }
 
+/* K/V of this dtype and head dim are read straight from the pool by the SIMD kernels (float32: always;
+ * bfloat16: the AVX-512 kernels, D % 16 == 0); otherwise each chunk is first converted into float32 scratch */
+static inline int kv_in_place(int kv_dtype, int d) {
+#ifdef TM_AVX512
+    if (kv_dtype == KV_BF16) return d % 16 == 0;
+#endif
+    (void)d;
+    return kv_dtype == KV_F32;
+}
+
+int tm_kv_read_in_place(int kv_dtype, int d) { return tm_kv_dtype_supported(kv_dtype) && kv_in_place(kv_dtype, d); }
+
 /* ---------------------------------------------------------------- element conversion */
 static void to_f32(float *dst, const char *src, int64_t src_stride, int nrows, int d, int dtype) {
     /* nrows rows of d elements, row stride src_stride elements -> dst [nrows, d] */
@@ -243,7 +255,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     /* float32 / bfloat16 K/V read in place by the AVX-512 kernels (no conversion into scratch) */
     use512 = (D % 16) == 0 && (a->kv_dtype == KV_F32 || a->kv_dtype == KV_BF16);
 #endif
-    const int direct = a->kv_dtype == KV_F32 || use512;
+    const int direct = kv_in_place(a->kv_dtype, D);
 
     for (int jq = 0; jq < it->nq; jq++)
         for (int g = 0; g < GH; g++) {

@@ -41,6 +41,7 @@ int tm_amx_init(void);
 // attention.c: paged attention over a block pool; bf16 gather of one request's K/V.
 int tm_attention_abi_version(void);
 int tm_kv_dtype_supported(int kv_dtype);
+int tm_kv_read_in_place(int kv_dtype, int d);
 int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
                        const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
                        const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
