@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from tests.exact import exact_llm
 from tests.model.tiny_models import VOCAB, build_tiny_model, save_tiny_model
 from tokenmill import LLM, SamplingParams
 
@@ -59,7 +60,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]
 
 
 def _run(path: str, prompts, tokenizer_path, **engine_args):
-    llm = LLM(path, tokenizer=tokenizer_path, dtype="float32", **engine_args)
+    llm = exact_llm(path, tokenizer=tokenizer_path, dtype="float32", **engine_args)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     kv = llm.engine.core.scheduler.kv
@@ -100,7 +101,7 @@ def test_prefix_cache_hits_give_same_tokens(tiny, gguf_tokenizer_path):
     rng = random.Random(7)
     shared = [rng.randrange(3, VOCAB) for _ in range(37)]
     prompts = [shared + [rng.randrange(3, VOCAB) for _ in range(k)] for k in (1, 5, 11)]
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", block_size=4)
+    llm = exact_llm(path, tokenizer=gguf_tokenizer_path, dtype="float32", block_size=4)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     first = llm.generate([{"prompt_token_ids": p} for p in prompts[:1]], params, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params, use_tqdm=False)

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from tests.exact import exact_llm
 from tests.model.tiny_models import MOE_ARCHS, VOCAB, build_tiny_model, fake_quantize_, save_tiny_gguf, save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.layers.moe import PackedExperts, moe_blocks
@@ -53,7 +54,7 @@ def _prompts(seed: int = 0) -> list[list[int]]:
 def test_greedy_matches_transformers(tiny, gguf_tokenizer_path, arch, scenario):
     path, hf, cache = tiny[arch]
     prompts = _prompts()
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", **SCENARIOS[scenario])
+    llm = exact_llm(path, tokenizer=gguf_tokenizer_path, dtype="float32", **SCENARIOS[scenario])
     model = llm.engine.core.runner.model
     assert all(block.op is fused_moe_cpu for _, block in moe_blocks(model))
     model.reset_expert_counts()
@@ -76,7 +77,7 @@ def test_prefix_cache_hits_give_same_tokens(tiny, gguf_tokenizer_path, arch):
     rng = random.Random(7)
     shared = [rng.randrange(3, VOCAB) for _ in range(21)]
     prompts = [shared + [rng.randrange(3, VOCAB) for _ in range(k)] for k in (1, 5, 9)]
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", block_size=4)
+    llm = exact_llm(path, tokenizer=gguf_tokenizer_path, dtype="float32", block_size=4)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     first = llm.generate([{"prompt_token_ids": p} for p in prompts[:1]], params, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params, use_tqdm=False)
@@ -101,7 +102,7 @@ def test_quantized_gguf_greedy_matches_dequantized_transformers(tmp_path, gguf_t
     qtypes = {f"blk.{i}.ffn_{p}_exps.weight": qtype for i in range(hf.config.num_hidden_layers)
               for p in ("gate", "up", "down")}
     path = save_tiny_gguf(hf, str(tmp_path / f"{arch}.gguf"), qtypes=qtypes)
-    llm = LLM(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4, gemm_dtype="float32")
+    llm = exact_llm(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4, gemm_dtype="float32")
     blocks = moe_blocks(llm.engine.core.runner.model)
     assert all(block.op is fused_moe_cpu for _, block in blocks)
     if available():

@@ -9,13 +9,15 @@ import random
 import pytest
 
 from tests.engine.test_correctness import hf_greedy
+from tests.exact import exact_llm
 from tests.model.tiny_models import VOCAB, build_tiny_model, save_tiny_model
 from tokenmill import LLM, SamplingParams
 from tokenmill.server.metrics import ServerMetrics
 
 NEW = 10
-# tiny llama, block_size 4: 4 tokens * 3 layers * 2 (K, V) * 2 heads * (16 fp32 | 16 int8 + a 4-byte scale)
-BYTES_PER_BLOCK = {"auto": 4 * 3 * 2 * 2 * 16 * 4, "int8": 4 * 3 * 2 * 2 * (16 + 4)}
+# tiny llama, block_size 4: 4 tokens * 3 layers * 2 (K, V) * 2 heads * (16 fp32 | bf16 | int8 + a 4-byte scale)
+BYTES_PER_BLOCK = {"float32": 4 * 3 * 2 * 2 * 16 * 4, "bfloat16": 4 * 3 * 2 * 2 * 16 * 2,
+                   "int8": 4 * 3 * 2 * 2 * (16 + 4)}
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +40,13 @@ def _prompts(seed: int, lens: list[int]) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lens]
 
 
-def _gib(blocks: int, kv_dtype: str = "auto") -> float:
+def _gib(blocks: int, kv_dtype: str = "float32") -> float:
     return blocks * BYTES_PER_BLOCK[kv_dtype] / (1 << 30)
 
 
 def _llm(path: str, tok: str, **kw) -> LLM:
-    return LLM(path, tokenizer=tok, dtype="float32", block_size=4, skip_tokenizer_init=True, **kw)
+    """float32 K/V unless kw says otherwise: the tokens are compared with transformers (tests/exact.py)."""
+    return exact_llm(path, tokenizer=tok, dtype="float32", block_size=4, skip_tokenizer_init=True, **kw)
 
 
 def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -72,7 +75,7 @@ def _assert_all_free(llm: LLM) -> None:
     assert off.num_free_host_blocks == off.num_host_blocks and not off.swapped, "host KV blocks leaked"
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
 def test_preemption_swaps_instead_of_recomputing(tiny, gguf_tokenizer_path, kv_dtype):
     path, hf = tiny
     prompts = _prompts(0, [17, 9, 33, 24, 13])
@@ -80,7 +83,7 @@ def test_preemption_swaps_instead_of_recomputing(tiny, gguf_tokenizer_path, kv_d
     plain = _llm(path, gguf_tokenizer_path, **kw)
     want = _generate(plain, prompts)
     assert plain.engine.core.scheduler.num_preemptions > 0, "the scenario does not preempt"
-    if kv_dtype == "auto":
+    if kv_dtype == "float32":
         assert want == [hf(p) for p in prompts]
     llm = _llm(path, gguf_tokenizer_path, cpu_offload_gb=_gib(64, kv_dtype), **kw)
     assert llm.engine.core.runner.num_host_blocks == 64

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engine.test_correctness import _prompts, hf_greedy
+from tests.exact import exact_llm
 from tests.lora.adapters import make_adapter
 from tests.model.tiny_models import build_tiny_model, save_tiny_model
 from tokenmill import LLM, LoRARequest, SamplingParams
@@ -42,8 +43,8 @@ SCENARIOS = {"default": {}, "chunked_prefill": {"max_num_batched_tokens": 8, "bl
 def test_mixed_batch_matches_peft(setup, gguf_tokenizer_path, scenario):
     arch, base, loras, prompts, oracle = setup
     args = {"max_loras": 3, "max_lora_rank": 8, **SCENARIOS[scenario]}
-    llm = LLM(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True,
-              max_cpu_loras=3, **args)
+    llm = exact_llm(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True,
+                    max_cpu_loras=3, **args)
     # every prompt under every adapter and the base, all in one generate call: one batch mixes them
     choices = [None] + loras
     reqs = [(p, c) for c in choices for p in prompts]
@@ -64,7 +65,7 @@ def test_mixed_batch_matches_peft(setup, gguf_tokenizer_path, scenario):
 
 def test_adapters_do_not_share_prefix_cache(setup, gguf_tokenizer_path):
     arch, base, loras, prompts, oracle = setup
-    llm = LLM(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True, max_loras=2, block_size=4)
+    llm = exact_llm(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True, max_loras=2, block_size=4)
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     p = prompts[3]  # long enough for cached blocks
     for lr in [None, loras[0], None, loras[0], loras[1]]:  # each run reuses only its own adapter's blocks
@@ -75,7 +76,7 @@ def test_adapters_do_not_share_prefix_cache(setup, gguf_tokenizer_path):
 def test_lru_reload_and_remove(setup, gguf_tokenizer_path):
     """max_cpu_loras=1 with two adapters: each use drops the other, which is read again from its folder."""
     arch, base, loras, prompts, oracle = setup
-    llm = LLM(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True, max_loras=1)
+    llm = exact_llm(base, tokenizer=gguf_tokenizer_path, dtype="float32", enable_lora=True, max_loras=1)
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     for lr in [loras[0], loras[2], loras[0]]:
         out = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False, lora_request=lr)[0]

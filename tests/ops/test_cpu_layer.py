@@ -148,27 +148,28 @@ def test_long_step_halves_equal_per_op(llm, monkeypatch, extra):
         _set_amx_rows(model, 0)
 
 
-def test_bf16_kv_cache_fused_vs_per_op_and_close_to_float32(llm):
+def test_bf16_kv_cache_fused_vs_per_op_and_close_to_float32():
     """kv_cache_dtype="bfloat16": the C layer stores K/V rounded to bf16 (nearest even, as torch's .to does) and
     its attention reads them; the per-op path (torch write, same kernel read) gives the same greedy tokens, and
     the logprobs of the float32-cache run's tokens move by bf16 rounding only. Half the bytes: twice the blocks."""
     bf = LLM(max_model_len=512, enable_prefix_caching=False, gemm_dtype="float32", kv_cache_dtype="bfloat16",
              kv_cache_memory=0.05)
-    f32 = LLM(max_model_len=512, enable_prefix_caching=False, gemm_dtype="float32", kv_cache_memory=0.05)
+    f32 = LLM(max_model_len=512, enable_prefix_caching=False, gemm_dtype="float32", kv_cache_dtype="float32",
+              kv_cache_memory=0.05)
     assert bf.engine.core.runner.kv_caches[0].dtype == torch.bfloat16
+    assert f32.engine.core.runner.kv_caches[0].dtype == torch.float32
     assert abs(bf.engine.core.runner.num_blocks - 2 * f32.engine.core.runner.num_blocks) <= 1  # floor of the budget
-    del f32
     assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in _layers(bf))
     fused, ref = _greedy_fused_and_per_op(bf)
     assert fused == ref
     # the float32-cache run's greedy tokens, scored with the bf16 cache: same argmax-level quality
-    tok = llm.get_tokenizer()
-    want = [o.outputs[0].token_ids for o in llm.chat(MSGS, GREEDY, use_tqdm=False)]
+    tok = f32.get_tokenizer()
+    want = [o.outputs[0].token_ids for o in f32.chat(MSGS, GREEDY, use_tqdm=False)]
     prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                           add_special_tokens=False) for m in MSGS]
     score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     for p, w in zip(prompts, want):
-        a = llm.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
+        a = f32.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
         b = bf.generate([list(p) + w], score, use_tqdm=False)[0].prompt_logprobs[len(p):]
         diffs = [abs(x.logprob - y.logprob) for x, y in zip(a, b)]
         assert max(diffs) < 0.15 and sum(diffs) / len(diffs) < 0.03, diffs
