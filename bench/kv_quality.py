@@ -26,7 +26,7 @@ TEXT = os.path.join(os.path.dirname(tokenmill.__file__), "bench", "data", "pride
 
 def make_llm(model, kv_dtype: str, args) -> LLM:
     return LLM(model, kv_cache_dtype=kv_dtype, kv_cache_memory=args.kv_cache_memory, max_model_len=args.window + 1,
-               enable_prefix_caching=False, dtype=args.dtype)
+               enable_prefix_caching=False, dtype=args.dtype, gemm_dtype=args.gemm_dtype)
 
 
 def run_dtype(llm: LLM, windows: list[list[int]]) -> dict:
@@ -48,6 +48,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model (default: the bundled SmolLM2 GGUF)")
     ap.add_argument("--dtype", default="auto", help="model dtype (auto = float32 on CPU)")
+    ap.add_argument("--gemm-dtype", default="auto",
+                    help="packed GGUF weights' large GEMMs (auto = bfloat16 on AMX / AVX512-BF16 CPUs, where long "
+                         "prefill chunks also attend in bf16 SDPA over bf16-rounded K/V whatever the cache dtype: "
+                         "use float32 to see the KV dtype's own effect on prompt scoring)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "auto", "bfloat16", "fp8", "int8"],
                     help="kv_cache_dtype settings; the first is the baseline")
     ap.add_argument("--window", type=int, default=2048, help="tokens per scored window")
@@ -82,7 +86,7 @@ def main() -> None:
         print(f"{name:<18} {ppl:>9.4f} {100 * (ppl / bppl - 1):>8.3f} {max(errs):>9.4f} {sum(errs) / len(errs):>10.5f} "
               f"{agree:>10.4f} {r['bytes_per_block'] or 0:>9} {r['blocks'] or 0:>8} {ratio:>8.3f} {r['seconds']:>6.1f}")
     print(f"# {date.today()} {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-          f"kv_cache_memory={args.kv_cache_memory} GiB, model dtype={args.dtype}")
+          f"kv_cache_memory={args.kv_cache_memory} GiB, model dtype={args.dtype}, gemm dtype={args.gemm_dtype}")
 
 
 if __name__ == "__main__":
