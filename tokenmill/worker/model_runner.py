@@ -18,6 +18,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.ops.attention.kv_quant import (QUANTIZED_KV_DTYPES, allocate_quantized_kv_cache,
                                              kv_bytes_per_token_per_layer, plain_kv_dtype, resolve_kv_cache_dtype)
 from tokenmill.ops.attention.reference import allocate_kv_cache
+from tokenmill.ops.cpu.attention import reads_kv_in_place
 from tokenmill.sample.grammar_mask import apply_token_bitmask_
 from tokenmill.sample.rejection import rejection_sample
 from tokenmill.sample.sampler import Sampler, SamplingBatch, make_request_generator
@@ -174,8 +175,6 @@ class ModelRunner:
 
     def _resolve_kv_cache_dtype(self) -> str:
         """kv_cache_dtype for this model, device and attention backend (auto: see resolve_kv_cache_dtype)."""
-        from tokenmill.ops.cpu.attention import reads_kv_in_place
-
         bf16_in_place = (self.device_setup.backend_name == "cpu"
                          and reads_kv_in_place(torch.bfloat16, self.model.head_dim))
         return resolve_kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype, self.device.type, bf16_in_place)
