@@ -181,6 +181,7 @@ def test_engine_greedy_matches_transformers(tiny_model_dirs, hf_models, gguf_tok
     assert all(block.op is fused_moe_cpu for _, block in moe_blocks(model))
     assert all(layer.fast_path is None for layer in model.model.layers)  # fuse_cpu_layers left MLA alone
     cfg = model.config
+    assert runner.kv_cache_dtype == "float32"  # auto: MLA attends in PyTorch, no C kernel reading bf16 in place
     assert runner.kv_bytes_per_block() == cfg.num_hidden_layers * runner.block_size * _latent_size(cfg) * 4
     assert tuple(runner.kv_caches[0].shape[2:]) == (runner.block_size, 1, _latent_size(cfg) // 2)
     sched = llm.engine.core.scheduler
@@ -352,7 +353,7 @@ def test_deepseek_v2_lite_shape_builds_and_caches_576_values(tmp_path):
     with torch.device("meta"):
         model = get_model_class(cfg)(cfg, dtype=torch.bfloat16)
     assert (model.num_kv_heads, model.head_dim) == (1, 288)
-    assert kv_bytes_per_token_per_layer("auto", model.num_kv_heads, model.head_dim, torch.bfloat16) == 576 * 2
+    assert kv_bytes_per_token_per_layer("bfloat16", model.num_kv_heads, model.head_dim) == 576 * 2
     expanded = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     assert expanded / 576 > 8.8
     attn = model.model.layers[0].self_attn

@@ -174,8 +174,9 @@ class ModelRunner:
         return self.kv_offload.num_host_blocks if self.kv_offload is not None else 0
 
     def _resolve_kv_cache_dtype(self) -> str:
-        """kv_cache_dtype for this model, device and attention backend (auto: see resolve_kv_cache_dtype)."""
-        bf16_in_place = (self.device_setup.backend_name == "cpu"
+        """kv_cache_dtype for this model, device and attention backend (auto: see resolve_kv_cache_dtype). MLA
+        models attend in PyTorch (ops/attention/mla.py), not through the C kernel: no in-place bf16 read there."""
+        bf16_in_place = (self.device_setup.backend_name == "cpu" and not getattr(self.model, "latent_kv_cache", False)
                          and reads_kv_in_place(torch.bfloat16, self.model.head_dim))
         return resolve_kv_cache_dtype(self.config.cache.kv_cache_dtype, self.dtype, self.device.type, bf16_in_place)
 
