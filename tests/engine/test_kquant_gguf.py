@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.conftest import smollm2_gguf_path
-from tokenmill import LLM, SamplingParams
+from tests.exact import exact_llm
+from tokenmill import SamplingParams
 from tokenmill.ops.cpu.build import build_error
 from tokenmill.ops.cpu.qlinear import available
 
@@ -68,7 +69,9 @@ def q4km() -> str:
 
 
 def _run(path: str, quantization: str):
-    llm = LLM(path, max_model_len=1024, quantization=quantization, enable_prefix_caching=False, gemm_dtype="float32")
+    # float32 GEMMs and K/V (tests/exact.py): packed and dequantized weights then differ by summation order only
+    llm = exact_llm(path, max_model_len=1024, quantization=quantization, enable_prefix_caching=False,
+                    gemm_dtype="float32")
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     one = [llm.chat(m, params, use_tqdm=False)[0].outputs[0].token_ids for m in msgs[:2]]  # 1 row per step

@@ -11,7 +11,7 @@ import torch
 
 from tests.exact import exact_llm
 from tests.model.tiny_models import MOE_ARCHS, VOCAB, build_tiny_model, fake_quantize_, save_tiny_gguf, save_tiny_model
-from tokenmill import LLM, SamplingParams
+from tokenmill import SamplingParams
 from tokenmill.model.layers.moe import PackedExperts, moe_blocks
 from tokenmill.ops.moe.cpu import fused_moe_cpu
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.exact import exact_llm
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.layers.quantized import dense_gemm_dtype
 from tokenmill.ops.cpu.build import build_error
@@ -19,7 +20,8 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 
 def _greedy(quantization: str) -> tuple[list[list[int]], list[list[int]], type]:
-    llm = LLM(max_model_len=1024, quantization=quantization, enable_prefix_caching=False, gemm_dtype="float32")
+    # float32 GEMMs and K/V (tests/exact.py): packed and dequantized weights then differ by summation order only
+    llm = exact_llm(max_model_len=1024, quantization=quantization, enable_prefix_caching=False, gemm_dtype="float32")
     msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     one = [llm.chat(m, params, use_tqdm=False)[0].outputs[0].token_ids for m in msgs[:2]]  # batch 1: M = 1 rows

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import SamplingParams
 from tokenmill.errors import InvalidRequestError, PromptTooLongError
 from tests.conftest import hf_smollm2_oracle
+from tests.exact import exact_llm
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +17,9 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 @pytest.fixture(scope="module")
 def llm():
-    # float32 GEMMs for prefill: exact against transformers' float32 model (auto picks bf16 on AMX CPUs)
-    return LLM(max_model_len=1024, gemm_dtype="float32")
+    # float32 GEMMs for prefill and float32 K/V (tests/exact.py): exact against transformers' float32 model (auto
+    # picks bf16 GEMMs on AMX CPUs, bf16 K/V on AVX-512 ones; the default KV: tests/engine/test_kv_bf16_default.py)
+    return exact_llm(max_model_len=1024, gemm_dtype="float32")
 
 
 @pytest.fixture(scope="module")

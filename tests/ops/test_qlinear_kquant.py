@@ -293,8 +293,9 @@ def test_tiny_kquant_gguf_auto_equals_none(tmp_path):
 def test_tiny_kquant_gguf_engine_fused_equals_dequantized(tmp_path, gguf_tokenizer_path):
     """Through the engine: every layer fused in C (layer 0's q|k|v as row groups of two types), greedy tokens equal
     the file dequantized at load."""
+    from tests.exact import exact_llm
     from tests.model.tiny_models import save_tiny_gguf
-    from tokenmill import LLM, SamplingParams
+    from tokenmill import SamplingParams
     from tokenmill.ops.cpu.layer import FusedCpuLayer, _lib
 
     if _lib() is None:
@@ -305,8 +306,8 @@ def test_tiny_kquant_gguf_engine_fused_equals_dequantized(tmp_path, gguf_tokeniz
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     out = {}
     for quant in ("auto", "none"):
-        llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="float32", quantization=quant, gemm_dtype="float32",
-                  enable_prefix_caching=False, skip_tokenizer_init=True)
+        llm = exact_llm(path, tokenizer=gguf_tokenizer_path, dtype="float32", quantization=quant,
+                        gemm_dtype="float32", enable_prefix_caching=False, skip_tokenizer_init=True)  # float32 K/V
         layers = llm.engine.core.runner.model.model.layers
         assert all(isinstance(layer.fast_path, FusedCpuLayer) for layer in layers) == (quant == "auto")
         out[quant] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
