@@ -1,5 +1,5 @@
 """Engines for the tests that compare tokens or logits with an exact oracle (transformers in float32, or another
-float32 run) at tight tolerances: float32 K/V, whatever the CPU.
+float32 run such as dequantized GGUF weights) at tight tolerances: float32 K/V, whatever the CPU.
 
 `kv_cache_dtype="auto"` (the default) stores a float32 model's K/V as bfloat16 on CPUs whose attention kernel
 reads it in place (AVX-512): its rounding (2^-9 relative) flips near-tied argmaxes of the deliberately sharp
