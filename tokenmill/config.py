@@ -31,7 +31,8 @@ class ModelConfig:
                            choices=["auto", "none"])
     gemm_dtype: str = _f("auto", "dtype of the dense weight copy that packed GGUF weights use for calls of many "
                                  "rows (prefill chunks, large decode batches): auto (bfloat16 where the CPU has "
-                                 "bf16 matrix instructions, AMX or AVX512-BF16, else float32), float32 (exact "
+                                 "bf16 matrix instructions, AMX or AVX512-BF16, else float32; on AMX CPUs the "
+                                 "k-quants' 1-3 row decode calls also take int8 activations), float32 (exact "
                                  "against the dequantized weights), bfloat16",
                          choices=["auto", "float32", "bfloat16"])
     max_model_len: Optional[int] = _f(None, "longest sequence (prompt + output); default: the model's")

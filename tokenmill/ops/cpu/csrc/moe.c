@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
+#include "quant.h"
 
 #define TILE_N 64
 
@@ -38,10 +39,36 @@ static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, task_t *ta
     return n;
 }
 
+// a's rows quantized to int8 once for all tasks (gemm auto on an AVX512-VNNI build, k-quant weights): the tasks
+// with at most DIRECT_MAX_ROWS rows (decode) run the int8 direct tiles on them without re-quantizing per task.
+typedef struct {
+    int8_t *xq;
+    float *xsc, *xs;
+    int32_t *xq4;
+} prepared_t;
+
+static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, int64_t amx_min_m, prepared_t *pr) {
+    memset(pr, 0, sizeof(*pr));
+#if defined(TM_I8_DIRECT)
+    if (amx_min_m <= 0 || !i8_direct_type(qtype) || P == 0) return 0;
+    pr->xq = (int8_t *)malloc((size_t)(P * Kdim + 64));
+    pr->xsc = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
+    pr->xs = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
+    pr->xq4 = (int32_t *)malloc((size_t)(P * Kdim / 4 + 16) * sizeof(int32_t));
+    if (!pr->xq || !pr->xsc || !pr->xs || !pr->xq4) return -1;
+    tm_prepare_x_i8(a, P, Kdim, pr->xq, pr->xsc, pr->xq4, pr->xs);
+#else
+    (void)qtype; (void)a; (void)P; (void)Kdim; (void)amx_min_m;
+#endif
+    return 0;
+}
+
+static void release(prepared_t *pr) { free(pr->xq); free(pr->xsc); free(pr->xs); free(pr->xq4); }
+
 // y[start_e + m, n0 + c] = a[start_e + m, :] @ W_e[n0 + c, :]^T for every task; W_e = w + e * N * row_bytes
-static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *w, int64_t N, int64_t row_bytes,
-                        const int64_t *start, const int64_t *count, const task_t *tasks, int64_t ntasks,
-                        int64_t max_rows, int64_t direct_max_m, int64_t amx_min_m, float *y) {
+static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t Kdim, const uint8_t *w, int64_t N,
+                        int64_t row_bytes, const int64_t *start, const int64_t *count, const task_t *tasks,
+                        int64_t ntasks, int64_t max_rows, int64_t direct_max_m, int64_t amx_min_m, float *y) {
     int err = 0;
 #pragma omp parallel
     {
@@ -56,6 +83,13 @@ static int grouped_gemm(int qtype, const float *a, int64_t Kdim, const uint8_t *
             const task_t t = tasks[i];
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
+#if defined(TM_I8_DIRECT)
+            if (pr->xq != NULL && m <= DIRECT_MAX_ROWS && m <= direct_max_m) {
+                const int64_t nb = Kdim / QK;
+                tm_qlinear_i8_prepared(qtype, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
+                                       pr->xs + s * nb, m, Kdim, wt, t.nc, tmp, t.nc);
+            } else
+#endif
             if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, amx_min_m) != 0) {
 #pragma omp atomic write
                 err = -7;
@@ -89,6 +123,8 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     float *xs = (float *)malloc((size_t)(P * H) * sizeof(float)), *g = (float *)malloc((size_t)(P * 2 * I) * sizeof(float));
     float *act = (float *)malloc((size_t)(P * I) * sizeof(float)), *y = (float *)malloc((size_t)(P * H) * sizeof(float));
     int rc = -1;
+    prepared_t pr;
+    memset(&pr, 0, sizeof(pr));
     if (!count || !start || !pos || !fill || !tasks || !xs || !g || !act || !y) goto done;
     for (int64_t p = 0; p < P; p++) count[topk_ids[p]]++;
     int64_t max_rows = 0;
@@ -101,15 +137,22 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, tasks);
-    rc = grouped_gemm(qtype13, xs, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows, direct_max_m, amx_min_m, g);
+    rc = prepare(qtype13, xs, P, H, amx_min_m, &pr);
+    if (rc == 0)
+        rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
+                          direct_max_m, amx_min_m, g);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
     for (int64_t p = 0; p < P; p++) {
         const float *gp = g + p * 2 * I;
         for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
     }
+    release(&pr);
     nt = make_tasks(count, E, H, tasks);
-    rc = grouped_gemm(qtype2, act, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m, amx_min_m, y);
+    rc = prepare(qtype2, act, P, I, amx_min_m, &pr);
+    if (rc == 0)
+        rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
+                          amx_min_m, y);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (T * H >= (1 << 15))
     for (int64_t t = 0; t < T; t++)
@@ -118,6 +161,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
             for (int64_t h = 0; h < H; h++) out[t * H + h] += wk * yp[h];
         }
 done:
+    release(&pr);
     free(count); free(start); free(pos); free(fill); free(tasks); free(xs); free(g); free(act); free(y);
     return rc;
 }

@@ -273,6 +273,28 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
 }
 #endif  // TM_AVX512
 
+#if defined(TM_I8_DIRECT)
+void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4, float *xs) {
+    tm_quantize_x_i8(x, M, K, xq, xsc, xq4);
+    for (int64_t i = 0; i < M * K / QK; i++) {  // the mins' sums of x from the quantized x too: exactly W . xq
+        int32_t t = 0;
+        for (int j = 0; j < QK / 4; j++) t += xq4[i * (QK / 4) + j];
+        xs[i] = xsc[i] * (float)t;
+    }
+}
+
+void tm_qlinear_i8_prepared(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs,
+                            int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy) {
+    const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
+            const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
+            tm_direct_tile_gen_i8(qtype, xq + m * K, xsc + m * nb, xq4 + m * (K / 4), xs + m * nb, R, K,
+                                  w + n * row_bytes, y + m * ldy + n, ldy, 0.0f);
+        }
+}
+#endif
+
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t ldy, int approx) {
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
@@ -290,12 +312,7 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
         int32_t *xq4 = (int32_t *)malloc((size_t)(M * K / 4 + 16) * sizeof(int32_t));
         int rc = -1;
         if (xq && xsc && xq4) {
-            tm_quantize_x_i8(x, M, K, xq, xsc, xq4);
-            for (int64_t i = 0; i < M * nb; i++) {  // the mins' sums of x from the quantized x too: exactly W . xq
-                int32_t t = 0;
-                for (int j = 0; j < QK / 4; j++) t += xq4[i * (QK / 4) + j];
-                xs[i] = xsc[i] * (float)t;
-            }
+            tm_prepare_x_i8(x, M, K, xq, xsc, xq4, xs);
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
             for (int64_t n = 0; n < N; n++) {
                 for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {

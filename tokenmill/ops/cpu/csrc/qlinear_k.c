@@ -191,17 +191,25 @@ static inline __attribute__((always_inline)) void gen_tile_i8(const int R, const
                                                               const float *xsc, const int32_t *xq4, const float *xs,
                                                               int64_t K, const uint8_t *wrow, float *y, int64_t ldy,
                                                               float bias) {
-    const int bb = block_bytes(qtype), nsub = block_weights(qtype) / QK;
+    const int bb = block_bytes(qtype), nsub = block_weights(qtype) / QK;  // k-quants: 8 sub-blocks of 32
     const int64_t nb = K / block_weights(qtype), ng = K / QK;
     const int has_m = qtype == Q4_K || qtype == Q5_K;
-    __m256 a0[DIRECT_MAX_ROWS], a1[DIRECT_MAX_ROWS];
-    float msum[DIRECT_MAX_ROWS];
-    for (int r = 0; r < R; r++) { a0[r] = a1[r] = _mm256_setzero_ps(); msum[r] = 0.0f; }
+    __m256 a0[DIRECT_MAX_ROWS], a1[DIRECT_MAX_ROWS], ms[DIRECT_MAX_ROWS];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = ms[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = wrow + b * bb;
         for (int off = 0; off < bb; off += 64) __builtin_prefetch(blk + GEN_PREFETCH + off, 0, 3);
         float dlo[QK_K / QK], dhi[QK_K / QK], mv[QK_K / QK];
         for (int s = 0; s < nsub; s++) gen_sub_scales(qtype, blk, s, &dlo[s], &dhi[s], &mv[s]);
+        // per row: the 8 sub-blocks' weight scales times x's scales at once, and the mins' term as one FMA
+        float sl[DIRECT_MAX_ROWS][QK_K / QK], sh[DIRECT_MAX_ROWS][QK_K / QK];
+        const __m256 dl8 = _mm256_loadu_ps(dlo), dh8 = _mm256_loadu_ps(dhi);
+        for (int r = 0; r < R; r++) {
+            const __m256 sx8 = _mm256_loadu_ps(xsc + r * ng + b * nsub);
+            _mm256_storeu_ps(sl[r], _mm256_mul_ps(dl8, sx8));
+            if (qtype == Q6_K) _mm256_storeu_ps(sh[r], _mm256_mul_ps(dh8, sx8));
+            if (has_m) ms[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mv), _mm256_loadu_ps(xs + r * ng + b * nsub), ms[r]);
+        }
         for (int s = 0; s < nsub; s++) {
             const int64_t g = b * nsub + s;
             __m256i q = gen_sub_q256(qtype, blk, s);  // Q4_K / Q5_K: 0..31; Q6_K: -32..31
@@ -209,23 +217,20 @@ static inline __attribute__((always_inline)) void gen_tile_i8(const int R, const
             for (int r = 0; r < R; r++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + g * QK));
                 __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);  // 8 sums of 4 products
-                const float sx = xsc[r * ng + g];
+                __m256 sc;
                 if (qtype == Q6_K) {  // remove the +32 offset; a scale per 16 weights (lanes 0-3, 4-7)
                     const __m256i c = _mm256_loadu_si256((const __m256i *)(xq4 + r * (K / 4) + g * (QK / 4)));
                     p = _mm256_sub_epi32(p, _mm256_slli_epi32(c, 5));
-                    const __m256 sc = _mm256_set_m128(_mm_set1_ps(dhi[s] * sx), _mm_set1_ps(dlo[s] * sx));
-                    if (s & 1) a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a1[r]);
-                    else a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a0[r]);
+                    sc = _mm256_set_m128(_mm_broadcast_ss(&sh[r][s]), _mm_broadcast_ss(&sl[r][s]));
                 } else {
-                    const __m256 sc = _mm256_set1_ps(dlo[s] * sx);
-                    if (s & 1) a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a1[r]);
-                    else a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a0[r]);
+                    sc = _mm256_broadcast_ss(&sl[r][s]);
                 }
-                if (has_m) msum[r] += mv[s] * xs[r * ng + g];
+                if (s & 1) a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a1[r]);
+                else a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, a0[r]);
             }
         }
     }
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum8(_mm256_add_ps(a0[r], a1[r])) + msum[r] + bias;
+    for (int r = 0; r < R; r++) y[r * ldy] = hsum8(_mm256_add_ps(_mm256_add_ps(a0[r], a1[r]), ms[r])) + bias;
 }
 
 #define GEN_TILE_I8(R, QT) gen_tile_i8(R, QT, xq, xsc, xq4, xs, K, wrow, y, ldy, bias)
