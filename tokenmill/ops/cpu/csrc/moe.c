@@ -18,21 +18,25 @@
 #include "kernels.h"
 #include "quant.h"
 
-#define TILE_N 64
+#define TILE_N 64       // output rows per task
+#define TILE_N_AMX 256  // ... for an expert whose rows take the AMX path: each call converts its rows of x to bf16
+                        // once, so wider tasks convert them fewer times
 
 typedef struct {
     int64_t e, n0, nc;
 } task_t;
 
-// tasks (expert, n0, nc) over the active experts' output rows [0, N) in tiles of TILE_N; returns the count
-static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, task_t *tasks) {
+// tasks (expert, n0, nc) over the active experts' output rows [0, N) in tiles of TILE_N (TILE_N_AMX for an expert
+// with amx_min_m rows or more when amx_min_m > 0); returns the count
+static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t amx_min_m, task_t *tasks) {
     int64_t n = 0;
     for (int64_t e = 0; e < E; e++) {
         if (count[e] == 0) continue;
-        for (int64_t n0 = 0; n0 < N; n0 += TILE_N) {
+        const int64_t tile = amx_min_m > 0 && count[e] >= amx_min_m ? TILE_N_AMX : TILE_N;
+        for (int64_t n0 = 0; n0 < N; n0 += tile) {
             tasks[n].e = e;
             tasks[n].n0 = n0;
-            tasks[n].nc = N - n0 < TILE_N ? N - n0 : TILE_N;
+            tasks[n].nc = N - n0 < tile ? N - n0 : tile;
             n++;
         }
     }
@@ -72,7 +76,7 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
     int err = 0;
 #pragma omp parallel
     {
-        float *tmp = (float *)malloc((size_t)(max_rows * TILE_N + 1) * sizeof(float));
+        float *tmp = (float *)malloc((size_t)(max_rows * TILE_N_AMX + 1) * sizeof(float));
         if (!tmp) {
 #pragma omp atomic write
             err = -1;
@@ -136,7 +140,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     for (int64_t p = 0; p < P; p++) pos[p] = fill[topk_ids[p]]++;  // sorted slot of pair p (stable)
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
-    int64_t nt = make_tasks(count, E, 2 * I, tasks);
+    int64_t nt = make_tasks(count, E, 2 * I, amx_min_m, tasks);
     rc = prepare(qtype13, xs, P, H, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
@@ -148,7 +152,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
         for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
     }
     release(&pr);
-    nt = make_tasks(count, E, H, tasks);
+    nt = make_tasks(count, E, H, amx_min_m, tasks);
     rc = prepare(qtype2, act, P, I, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
