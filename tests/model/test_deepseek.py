@@ -12,21 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.model.paged_logits import (BLOCK_SIZE, DECODE_STEPS, PROMPT_LENS, block_tables as _tables,
+                                      chunked_prefill_mixed_with_decode, new_cache as _cache,
+                                      prefill_then_batched_decode, run as _run)
 from tests.model.tiny_models import DEEPSEEK_ARCHS, VOCAB, build_tiny_model, tiny_config
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import ConfigError, InvalidRequestError, ModelLoadError
 from tokenmill.model.layers.mla import MLAttention
 from tokenmill.model.layers.moe import GroupedTopkMoEBlock, moe_blocks
 from tokenmill.model.loader import load_hf_config, load_model, resolve_model_source
-from tokenmill.ops.attention.reference import allocate_kv_cache
 from tokenmill.ops.moe.cpu import fused_moe_cpu
-from tokenmill.worker.forward_batch import build_forward_batch
 
-PROMPT_LENS = [5, 11, 17]
-DECODE_STEPS = 3
-BLOCK_SIZE = 4
-NUM_BLOCKS = 24
-TOL = 1e-4
 NEW_TOKENS = 10
 
 
@@ -49,62 +45,13 @@ def models(request, tiny_model_dirs):
     return ours, seqs, ref
 
 
-def _tables(seqs):
-    """Scattered, shuffled block ids per request."""
-    perm = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(2)).tolist()
-    tables, pos = [], 0
-    for s in seqs:
-        n = math.ceil(len(s) / BLOCK_SIZE)
-        tables.append(perm[pos:pos + n])
-        pos += n
-    return tables
-
-
-def _run(model, kv, tables, chunks, done):
-    batch = build_forward_batch(chunks, done, tables, BLOCK_SIZE, logits_for="all")
-    with torch.no_grad():
-        return model.compute_logits(model(batch.input_ids, batch.positions, kv, batch)[batch.logits_indices])
-
-
-def _cache(model):
-    return allocate_kv_cache(model.num_layers, NUM_BLOCKS, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
-                             torch.float32, "cpu")
-
-
-def _check(got, want):
-    diff = (got - want).abs().max().item()
-    assert diff < TOL, f"max abs diff {diff}"
-
-
 def test_prefill_then_batched_decode(models):
-    model, seqs, ref = models
-    kv, tables = _cache(model), _tables(seqs)
-    logits = _run(model, kv, tables, [s[:n] for s, n in zip(seqs, PROMPT_LENS)], [0] * len(seqs))
-    start = 0
-    for i, n in enumerate(PROMPT_LENS):
-        _check(logits[start:start + n], ref[i][:n])
-        start += n
-    for step in range(DECODE_STEPS):
-        done = [n + step for n in PROMPT_LENS]
-        logits = _run(model, kv, tables, [[s[d]] for s, d in zip(seqs, done)], done)
-        for i, d in enumerate(done):
-            _check(logits[i], ref[i][d])
+    prefill_then_batched_decode(*models)
 
 
 def test_chunked_prefill_mixed_with_decode(models):
     """Chunks of 3 prompt tokens per step; requests past their prompt decode in the same batch."""
-    model, seqs, ref = models
-    kv, tables = _cache(model), _tables(seqs)
-    done = [0] * len(seqs)
-    while any(d < len(s) for d, s in zip(done, seqs)):
-        active = [i for i, s in enumerate(seqs) if done[i] < len(s)]
-        chunks = [seqs[i][done[i]:done[i] + (3 if done[i] < PROMPT_LENS[i] else 1)] for i in active]
-        logits = _run(model, kv, [tables[i] for i in active], chunks, [done[i] for i in active])
-        start = 0
-        for i, chunk in zip(active, chunks):
-            _check(logits[start:start + len(chunk)], ref[i][done[i]:done[i] + len(chunk)])
-            start += len(chunk)
-            done[i] += len(chunk)
+    chunked_prefill_mixed_with_decode(*models)
 
 
 def test_cache_holds_only_the_latent(models):
