@@ -23,12 +23,7 @@ if [ ! -f "$MODEL" ]; then
   "$Q" --allow-requantize "$SRC" "$MODEL.tmp" "$QTYPE" 2 > "$OUT/quantize.log" 2>&1 || { tail "$OUT/quantize.log"; exit 1; }
   mv "$MODEL.tmp" "$MODEL"
 fi
-$PY - "$MODEL" <<'PYEOF'
-import collections, sys
-from gguf import GGUFReader
-r = GGUFReader(sys.argv[1])
-print(sys.argv[1], "tensor types:", dict(collections.Counter(t.tensor_type.name for t in r.tensors)))
-PYEOF
+$PY "$ROOT/bench/gguf_types.py" "$MODEL"
 bash "$ROOT/bench/cpu_peers.sh" ${*:-tokenmill server}
 # resident set after load vs file + KV (tokenmill: its preallocated cache; llama-server: reported per slot count)
 $PY "$ROOT/bench/rss_vs_file.py" "$MODEL" "$OUT"

@@ -39,11 +39,6 @@ if [ ! -f "$MODEL" ]; then
   "$Q" "$BF16" "$MODEL.tmp" "$QTYPE" 2 > "$WORK/quantize.log" 2>&1 || { tail "$WORK/quantize.log"; exit 1; }
   mv "$MODEL.tmp" "$MODEL"
 fi
-$PY - "$MODEL" <<'PYEOF'
-import collections, sys
-from gguf import GGUFReader
-r = GGUFReader(sys.argv[1])
-print(sys.argv[1], "tensor types:", dict(collections.Counter(t.tensor_type.name for t in r.tensors)))
-PYEOF
+$PY "$ROOT/bench/gguf_types.py" "$MODEL"
 bash "$ROOT/bench/cpu_peers.sh" ${*:-tokenmill server}
 $PY "$ROOT/bench/rss_vs_file.py" "$MODEL" "$OUT"
