@@ -43,26 +43,38 @@ static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t am
     return n;
 }
 
-// a's rows quantized to int8 once for all tasks (gemm auto on an AVX512-VNNI build, k-quant weights): the tasks
-// with at most DIRECT_MAX_ROWS rows (decode) run the int8 direct tiles on them without re-quantizing per task.
+// The rows of a that the int8 direct tiles will read (experts with 1..DIRECT_MAX_ROWS rows, gemm auto on an
+// AVX512-VNNI build, k-quant weights), quantized once for all of their tasks instead of once per task; the rows of
+// experts with more rows (prefill) take qlinear_f32 and are left alone.
 typedef struct {
     int8_t *xq;
     float *xsc, *xs;
     int32_t *xq4;
 } prepared_t;
 
-static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, int64_t amx_min_m, prepared_t *pr) {
+static inline int i8_rows(int64_t m, int64_t direct_max_m) { return m <= DIRECT_MAX_ROWS && m <= direct_max_m; }
+
+static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int64_t *start, const int64_t *count,
+                   int64_t E, int64_t direct_max_m, int64_t amx_min_m, prepared_t *pr) {
     memset(pr, 0, sizeof(*pr));
 #if defined(TM_I8_DIRECT)
-    if (amx_min_m <= 0 || !i8_direct_type(qtype) || P == 0) return 0;
+    int64_t any = 0;
+    for (int64_t e = 0; e < E && !any; e++) any = count[e] > 0 && i8_rows(count[e], direct_max_m);
+    if (amx_min_m <= 0 || !i8_direct_type(qtype) || !any) return 0;
     pr->xq = (int8_t *)malloc((size_t)(P * Kdim + 64));
     pr->xsc = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
     pr->xs = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
     pr->xq4 = (int32_t *)malloc((size_t)(P * Kdim / 4 + 16) * sizeof(int32_t));
     if (!pr->xq || !pr->xsc || !pr->xs || !pr->xq4) return -1;
-    tm_prepare_x_i8(a, P, Kdim, pr->xq, pr->xsc, pr->xq4, pr->xs);
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t s = start[e], nb = Kdim / QK;
+        if (count[e] > 0 && i8_rows(count[e], direct_max_m))
+            tm_prepare_x_i8(a + s * Kdim, count[e], Kdim, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
+                            pr->xs + s * nb);
+    }
 #else
-    (void)qtype; (void)a; (void)P; (void)Kdim; (void)amx_min_m;
+    (void)qtype; (void)a; (void)P; (void)Kdim; (void)start; (void)count; (void)E; (void)direct_max_m;
+    (void)amx_min_m;
 #endif
     return 0;
 }
@@ -88,10 +100,10 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
 #if defined(TM_I8_DIRECT)
-            if (pr->xq != NULL && m <= DIRECT_MAX_ROWS && m <= direct_max_m) {
+            if (pr->xq != NULL && i8_rows(m, direct_max_m)) {
                 const int64_t nb = Kdim / QK;
                 tm_qlinear_i8_prepared(qtype, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
-                                       pr->xs + s * nb, m, Kdim, wt, t.nc, tmp, t.nc);
+                                       pr->xs + s * nb, m, Kdim, wt, t.nc, NULL, tmp, t.nc);
             } else
 #endif
             if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, amx_min_m) != 0) {
@@ -141,7 +153,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, amx_min_m, tasks);
-    rc = prepare(qtype13, xs, P, H, amx_min_m, &pr);
+    rc = prepare(qtype13, xs, P, H, start, count, E, direct_max_m, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
                           direct_max_m, amx_min_m, g);
@@ -153,7 +165,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     }
     release(&pr);
     nt = make_tasks(count, E, H, amx_min_m, tasks);
-    rc = prepare(qtype2, act, P, I, amx_min_m, &pr);
+    rc = prepare(qtype2, act, P, I, start, count, E, direct_max_m, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
                           amx_min_m, y);

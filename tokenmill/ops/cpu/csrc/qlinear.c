@@ -284,13 +284,14 @@ void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs
 }
 
 void tm_qlinear_i8_prepared(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs,
-                            int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy) {
+                            int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias, float *y,
+                            int64_t ldy) {
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
             const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
             tm_direct_tile_gen_i8(qtype, xq + m * K, xsc + m * nb, xq4 + m * (K / 4), xs + m * nb, R, K,
-                                  w + n * row_bytes, y + m * ldy + n, ldy, 0.0f);
+                                  w + n * row_bytes, y + m * ldy + n, ldy, bias ? bias[n] : 0.0f);
         }
 }
 #endif
@@ -300,11 +301,6 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
     float *xs = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
     if (!xs) return -1;
-    for (int64_t i = 0; i < M * nb; i++) {
-        float s = 0.0f;
-        for (int j = 0; j < QK; j++) s += x[i * QK + j];
-        xs[i] = s;
-    }
 #if defined(TM_I8_DIRECT)
     if (approx && i8_direct_type(qtype)) {  // int8 activations, as llama.cpp decodes (gemm auto)
         int8_t *xq = (int8_t *)malloc((size_t)(M * K + 64));
@@ -314,13 +310,9 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
         if (xq && xsc && xq4) {
             tm_prepare_x_i8(x, M, K, xq, xsc, xq4, xs);
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
-            for (int64_t n = 0; n < N; n++) {
-                for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
-                    const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
-                    tm_direct_tile_gen_i8(qtype, xq + m * K, xsc + m * nb, xq4 + m * (K / 4), xs + m * nb, R, K,
-                                          w + n * row_bytes, y + m * ldy + n, ldy, bias ? bias[n] : 0.0f);
-                }
-            }
+            for (int64_t n = 0; n < N; n++)
+                tm_qlinear_i8_prepared(qtype, xq, xsc, xq4, xs, M, K, w + n * row_bytes, 1, bias ? bias + n : NULL,
+                                       y + n, ldy);
             rc = 0;
         }
         free(xq); free(xsc); free(xq4); free(xs);
@@ -329,6 +321,11 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
 #else
     (void)approx;
 #endif
+    for (int64_t i = 0; i < M * nb; i++) {
+        float s = 0.0f;
+        for (int j = 0; j < QK; j++) s += x[i * QK + j];
+        xs[i] = s;
+    }
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {

@@ -222,9 +222,11 @@ void tm_direct_tile_gen_i8(int qtype, const int8_t *xq, const float *xsc, const 
 // x [M, K] quantized once for many calls (qlinear.c): tm_quantize_x_i8, and xs [M, K / 32] the sub-block sums of
 // the quantized x (the mins' term, so the result is exactly W . rounded x).
 void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4, float *xs);
-// y[M, N] (row stride ldy) = rounded x . W^T from a prepared x, on the calling thread (no allocation); moe.c's tasks.
+// y[M, N] (row stride ldy) = rounded x . W^T (+ bias, may be NULL) from a prepared x, on the calling thread (no
+// allocation): qlinear's direct path per output row, moe.c's tasks.
 void tm_qlinear_i8_prepared(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs,
-                            int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int64_t ldy);
+                            int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias, float *y,
+                            int64_t ldy);
 #endif
 
 // The AMX path (qlinear_amx.c) exists where the compiler targets AMX-TILE + AMX-BF16 + AVX512-BF16 (-march=native
