@@ -25,12 +25,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_process(*args: str, start_timeout_s: float = 120.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Start `tokenmill serve --port P *args`; yield (process, base URL) once /health answers 200; kill it
-    on exit if it is still running."""
+def serve_process(*args: str, start_timeout_s: float = 120.0,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Start `tokenmill serve --port P *args` (with `env` added to the environment); yield (process, base
+    URL) once /health answers 200; kill it on exit if it is still running."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

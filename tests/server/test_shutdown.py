@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -42,3 +43,18 @@ def test_sigterm_graceful_shutdown():
         assert f"tokenmill serving SmolLM2-135M-Instruct on http://127.0.0.1:{port}" in proc.stdout.read().decode()
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_killed_server_leaves_no_socket_dir(tmp_path):
+    """SIGKILL gives the server no chance to clean up: the engine process, which exits when the server's
+    end of its pipe closes, removes the ZeroMQ socket directory itself (a supervisor or a test harness that
+    kills servers used to leave one /tmp/tokenmill-* directory per server)."""
+    with serve_process("--max-model-len", "512", env={"TMPDIR": str(tmp_path)}) as (proc, url):
+        assert [p.name for p in tmp_path.glob("tokenmill-*")], "the engine process's socket dir is missing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 20
+    while list(tmp_path.glob("tokenmill-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(tmp_path.glob("tokenmill-*"))

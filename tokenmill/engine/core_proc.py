@@ -28,6 +28,7 @@ from tokenmill.request import RequestStatus
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000  # idle: block on the input this long, then look at the parent pipe again
+PARENT_GONE = "parent-gone"  # what _EngineLoop.run returns when the API process closed its pipe (or died)
 
 
 def encode_error(exc: BaseException) -> tuple:
@@ -71,7 +72,8 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any
     conn.send(("ok", core.info, core.streaming_max_prompt_tokens(), core.stats()))
     code = 0
     try:
-        _EngineLoop(core, in_addr, out_addr, conn).run()
+        if _EngineLoop(core, in_addr, out_addr, conn).run() == PARENT_GONE:
+            _remove_socket_dir(in_addr)
     except BaseException:  # noqa: BLE001 - reported to the API process as "dead"
         code = 1
     finally:
@@ -80,6 +82,16 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any
         except Exception:  # noqa: BLE001
             logger.exception("executor shutdown failed")
     sys.exit(code)
+
+
+def _remove_socket_dir(addr: str) -> None:
+    """The API process makes the directory of the ipc:// sockets and removes it when it stops; if it died
+    (killed), nobody else will, so this process does."""
+    import os
+    import shutil
+
+    if addr.startswith("ipc://"):
+        shutil.rmtree(os.path.dirname(addr[len("ipc://"):]), ignore_errors=True)
 
 
 def _init_structured_outputs(core: Any, config: EngineConfig) -> None:
@@ -120,14 +132,15 @@ class _EngineLoop:
     def send(self, msg: tuple) -> None:
         self.out.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
 
-    def run(self) -> None:
+    def run(self) -> Optional[str]:
+        """Step until told to shut down (returns None) or the API process is gone (returns PARENT_GONE)."""
         core = self.core
         try:
             while not self.stopping:
                 busy = core.has_work() or core.has_training()
                 events = dict(self.poller.poll(0 if busy else IDLE_POLL_MS))
                 if self.conn.fileno() in events:  # the API process closed its end (or died)
-                    return
+                    return PARENT_GONE
                 if self.inp in events:
                     self._drain()
                 if core.has_work() or core.has_training():
