@@ -90,7 +90,8 @@ run_step() {  # name limit optional
   echo "$lim" > "$WORK/$name.limit"
   echo "[gpu_suite] $name: running (limit ${lim}s)"
   t0=$(date +%s.%N)
-  (cd "$ROOT" && exec timeout -k 10 "$lim" "$PY" -u -m bench.gpu_suite "$name" --work "$WORK" --t0 "$t0" \
+  # TMPDIR inside $WORK: the steps' temporary model folders go when the trap removes $WORK
+  (cd "$ROOT" && mkdir -p "$WORK/tmp" && TMPDIR="$WORK/tmp" exec timeout -k 10 "$lim" "$PY" -u -m bench.gpu_suite "$name" --work "$WORK" --t0 "$t0" \
      --limit "$lim" $DRYFLAG) > "$WORK/$name.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)

@@ -35,9 +35,10 @@ def _script_steps() -> dict[str, int]:
 
 @pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
-    out = tmp_path / "out"
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
     p = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--python", sys.executable],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "gpu_suite.json").read_text())
     assert res["dry_run"] is True
@@ -55,6 +56,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert (out / "gpu_suite.md").read_text().strip() == p.stdout[p.stdout.index("# tokenmill GPU suite"):].strip()
     log = (out / "gpu_suite.log").read_text()
     assert all(f"===== {n} " in log for n in names)
+    assert not list(tmp.iterdir()), "the suite left temporary folders behind"
 
 
 def test_full_run_engine_args_are_valid():
