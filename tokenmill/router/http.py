@@ -64,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
         self.busy = False
         self.current: Optional[Request] = None  # the request being answered
         self.paused = False  # the client's socket buffer is full: the exchange was told to hold back
+        self._reading_paused = False
         self._ready: deque[Request] = deque()
         self._idle: Optional[asyncio.TimerHandle] = None
         self._url, self._headers, self._body, self._size = b"", [], [], 0
@@ -152,14 +153,16 @@ class ClientConnection(asyncio.Protocol):
         self._ready.append(Request(p.get_method().decode(), self._url, self._headers, body, p.should_keep_alive(),
                                    p.get_http_version() == "1.1"))
         self._url, self._headers, self._body = b"", [], []
-        if len(self._ready) > 16:  # a client pipelining far ahead: stop reading until it is answered
+        if len(self._ready) > 16 and not self._reading_paused:  # a client pipelining far ahead: wait for it
+            self._reading_paused = True
             self.transport.pause_reading()
 
     # --- answering
     def _next(self) -> None:
         req = self._ready.popleft()
         self.busy, self.current = True, req
-        if len(self._ready) < 16:
+        if self._reading_paused and len(self._ready) < 16:
+            self._reading_paused = False
             self.transport.resume_reading()
         if not req.target.startswith(b"/"):
             self.respond(400, error_body(400, "the request target must be a path (origin form)", "bad_request"),
@@ -177,14 +180,14 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def respond(self, status: int, body: bytes, content_type: bytes = b"application/json",
-                keep_alive: bool = True, headers: bytes = b"") -> None:
+                keep_alive: bool = True) -> None:
         """A whole response of the router's own (errors, /health, /metrics), then finish()."""
         if self.closed:
             self.finish(False)
             return
         keep = keep_alive and self.current is not None and self.current.keep_alive
-        head = b"%scontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
-            status_line(status), content_type, len(body), headers, b"" if keep else b"connection: close\r\n")
+        head = b"%scontent-type: %s\r\ncontent-length: %d\r\n%s\r\n" % (
+            status_line(status), content_type, len(body), b"" if keep else b"connection: close\r\n")
         self.transport.write(head + body)
         self.finish(keep)
 

@@ -151,9 +151,14 @@ class Relay:
         return True
 
     def up_data(self, data: bytes) -> None:
+        """The head, with the body bytes that came with it; the rest of the body goes from the upstream
+        connection straight to the client's transport."""
         if self.head is not None:
             data, self.head = self.head + data, None
-        self.conn.transport.write(data)
+        write = self.conn.transport.write
+        write(data)
+        if self.up is not None:
+            self.up.relay = write
 
     def up_done(self, up: UpstreamConnection) -> None:
         self.up = None

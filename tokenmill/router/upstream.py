@@ -4,13 +4,15 @@ asyncio Protocol with httptools' response parser. Only a response's head is pars
 parser only watches them for the end of the response (no Python callback per body chunk).
 
 A sink is what one request's response goes to: `up_head(up, status, headers) -> bool` (False: drop this
-response and its connection), `up_data(bytes)`, `up_done(up)` once the response is complete, and
-`up_lost(up, why)` when the connection fails before that."""
+response and its connection), `up_data(bytes)` (first with the bytes that came with the head, possibly
+none), `up_done(up)` once the response is complete, and `up_lost(up, why)` when the connection fails before
+that. A sink that only passes the body on may set the connection's `relay` to a writer (the client's
+transport.write): the rest of the body then goes straight there."""
 from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import httptools
@@ -70,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: Optional[asyncio.Transport] = None
         self.sink: Any = None
+        self.relay: Optional[Callable[[bytes], Any]] = None  # where the rest of the body goes, set by the sink
         self.closed = False
         self.reused = False  # taken from the idle pool (it may have been closed by the backend meanwhile)
         self.got_bytes = False  # any byte of the current response has arrived
@@ -81,13 +84,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, sink: Any, request: bytes) -> None:
         """Send one request (the whole message); its response goes to sink."""
-        self.sink = sink
+        self.sink, self.relay = sink, None
         self.got_bytes, self._in_head, self._head, self._headers = False, True, b"", []
         self.transport.write(request)
 
     def abort(self) -> None:
         """Drop the connection now (the backend sees the disconnect and aborts the request)."""
-        self.sink = None
+        self.sink = self.relay = None
         if not self.closed:
             self.closed = True
             self.transport.abort()
@@ -105,6 +108,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.open.add(self)
 
     def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:  # the body of a relayed response, as it comes
+            relay(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                self._fail(f"bad HTTP response: {e}")
+            return
         sink = self.sink
         if sink is None:  # bytes nobody asked for (an idle connection): it cannot be reused
             self.abort()
@@ -124,10 +135,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.raw_head = head
             if not self._feed(head) or self.sink is not sink:  # failed, declined, or complete (no body)
                 return
-            if not data:
-                return
         sink.up_data(data)
-        self._feed(data)
+        if data:
+            self._feed(data)
 
     def _feed(self, data: bytes) -> bool:
         try:
@@ -138,7 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.closed = True
+        self.closed, self.relay = True, None
         self.pool.open.discard(self)
         sink, self.sink = self.sink, None
         if sink is not None:
@@ -163,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
 
     def on_message_complete(self) -> None:
-        sink, self.sink = self.sink, None
+        sink, self.sink, self.relay = self.sink, None, None
         if sink is None:
             return
         if self._keep_alive and not self.closed:
