@@ -131,3 +131,45 @@ async def raw_exchange(url: str, request: bytes, timeout: float = 10.0) -> bytes
         return await asyncio.wait_for(reader.read(-1), timeout)
     finally:
         writer.close()
+
+
+class ScriptedBackend:
+    """A raw asyncio backend: GET /v1/models, /health, /metrics answered with keep-alive; any other request gets
+    `script`, a list of bytes to write (a float: seconds to wait first), then the connection closes."""
+
+    def __init__(self, script: list):
+        self.script = script
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.url = ""
+
+    async def start(self) -> "ScriptedBackend":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                path = head.split(b" ")[1]
+                if path in (b"/v1/models", b"/health", b"/metrics"):
+                    body = b'{"data": [{"id": "scripted"}]}' if path == b"/v1/models" else b"ok"
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                    continue
+                for step in self.script:
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import uvloop
 
-from tests.router.fake_upstream import SSE_EVENTS, FakeBackend, raw_exchange, running_router
+from tests.router.fake_upstream import SSE_EVENTS, FakeBackend, ScriptedBackend, raw_exchange, running_router
 from tests.server.fake_engine import ByteTokenizer, FakeProcessor
 from tokenmill.router.prompt import PromptHasher
 
@@ -348,5 +348,68 @@ def test_disaggregated_prefill_then_decode():
                 assert router.retries == 1 and router.pd.prefill.backends[0].load.in_flight == 0
         finally:
             await stop([pre, dec])
+
+    run(main())
+
+
+def test_a_head_alone_is_relayed_at_once_and_an_unframed_body_ends_with_the_connection():
+    async def main():
+        be = await ScriptedBackend([b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n", 0.3, b"first ", 0.05,
+                                    b"second"]).start()
+        try:
+            async with running_router(be.url) as (router, url):
+                host, port = url.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"GET /v1/stuff HTTP/1.1\r\nhost: x\r\n\r\n")
+                t0 = time.monotonic()
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert time.monotonic() - t0 < 0.25  # before the body's first bytes (0.3 s later)
+                assert b"connection: close" in head.lower() and b"x-tokenmill-backend" in head
+                assert await asyncio.wait_for(reader.read(-1), 5) == b"first second"  # then the router closes
+                writer.close()
+                assert await until(lambda: router.set.backends[0].load.in_flight == 0)
+                assert router.set.backends[0].healthy
+        finally:
+            await be.stop()
+
+    run(main())
+
+
+def test_a_backend_failing_mid_response_truncates_the_clients_response():
+    async def main():
+        be = await ScriptedBackend([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst \r\n", 0.05]).start()
+        try:
+            async with running_router(be.url) as (router, url):
+                out = await raw_exchange(url, b"GET /v1/stuff HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert out.endswith(b"\r\n\r\n6\r\nfirst \r\n")  # no final chunk: the client sees the cut
+                assert router.set.backends[0].load.in_flight == 0 and router.retries == 0
+        finally:
+            await be.stop()
+
+    run(main())
+
+
+def test_a_client_that_stops_reading_pauses_the_upstream_connection():
+    async def main():
+        chunk = b"x" * (1 << 20)
+        framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        be = await ScriptedBackend([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"] + [framed] * 40 +
+                                   [b"0\r\n\r\n"]).start()
+        try:
+            async with running_router(be.url) as (router, url):
+                host, port = url.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 16)
+                writer.write(b"GET /v1/big HTTP/1.1\r\nhost: x\r\n\r\n")
+                ups = router.pools[be.url].open
+                assert await until(lambda: any(not u.transport.is_reading() for u in ups))
+                got = 0
+                while chunk_ := await reader.read(1 << 20):
+                    got += len(chunk_)
+                    if got >= 40 * len(framed):
+                        break
+                assert got >= 40 * len(framed)
+                writer.close()
+        finally:
+            await be.stop()
 
     run(main())
