@@ -87,6 +87,8 @@ def test_keep_alive_upstream_connections_are_reused():
                 assert len(bes[0].peers) == 1  # one upstream connection for all six
                 assert len(router.pools[bes[0].url].idle) == 1
                 assert router.set.backends[0].requests == 6 and router.routed_requests == 6
+                await bes[0].stop()  # closes its idle connections: the pool lets them go
+                assert await until(lambda: not router.pools[bes[0].url].idle and not router.pools[bes[0].url].open)
         finally:
             await stop(bes)
 
@@ -377,7 +379,8 @@ def test_a_head_alone_is_relayed_at_once_and_an_unframed_body_ends_with_the_conn
 
 def test_a_backend_failing_mid_response_truncates_the_clients_response():
     async def main():
-        be = await ScriptedBackend([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst \r\n", 0.05]).start()
+        head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        be = await ScriptedBackend([head + b"6\r\nfirst \r\n", 0.05]).start()
         try:
             async with running_router(be.url) as (router, url):
                 out = await raw_exchange(url, b"GET /v1/stuff HTTP/1.1\r\nhost: x\r\n\r\n")

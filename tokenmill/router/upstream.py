@@ -150,6 +150,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed, self.relay = True, None
         self.pool.open.discard(self)
+        if self.sink is None and self in self.pool.idle:  # an idle connection the backend closed
+            self.pool.idle.remove(self)
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.up_lost(self, f"connection lost: {exc}" if exc else "the backend closed the connection")
