@@ -416,3 +416,20 @@ def test_a_client_that_stops_reading_pauses_the_upstream_connection():
             await be.stop()
 
     run(main())
+
+
+def test_an_upgrade_request_is_answered_as_plain_http():
+    async def main():
+        bes = await backends(1)
+        try:
+            async with running_router(bes[0].url) as (router, url):
+                out = await raw_exchange(url, b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, "
+                                              b"HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAA\r\n\r\n"
+                                              b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and b"upgrade" not in out.lower()
+                out = await raw_exchange(url, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com\r\n\r\n")
+                assert out.startswith(b"HTTP/1.1 400 ")
+        finally:
+            await stop(bes)
+
+    run(main())

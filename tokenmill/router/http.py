@@ -78,21 +78,27 @@ class ClientConnection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            rej = e.__context__
-            if isinstance(rej, _Reject):
-                self._reject(rej.status, str(rej), rej.code)
-            else:
+        while data:
+            try:
+                self.parser.feed_data(data)
+                break
+            except httptools.HttpParserUpgrade as e:
+                if not self._ready:  # CONNECT, or an upgrade before its request is complete
+                    self._reject(400, "connection upgrades are not supported by the router", "bad_request")
+                    return
+                # an Upgrade header (h2c, websocket) on a whole request: answered as plain HTTP/1.1 (as
+                # uvicorn does); parsing goes on after it
+                data = data[e.args[0]:]
+            except httptools.HttpParserCallbackError as e:
+                rej = e.__context__
+                if isinstance(rej, _Reject):
+                    self._reject(rej.status, str(rej), rej.code)
+                else:
+                    self._reject(400, f"bad HTTP request: {e}", "bad_request")
+                return
+            except httptools.HttpParserError as e:
                 self._reject(400, f"bad HTTP request: {e}", "bad_request")
-            return
-        except httptools.HttpParserUpgrade:
-            self._reject(400, "connection upgrades are not supported by the router", "bad_request")
-            return
-        except httptools.HttpParserError as e:
-            self._reject(400, f"bad HTTP request: {e}", "bad_request")
-            return
+                return
         if self._ready and not self.busy:
             self._next()
 
