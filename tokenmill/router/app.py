@@ -1,37 +1,38 @@
 """`tokenmill router`: an async HTTP proxy over tokenmill backends.
 
-Every /v1 request (and /tokenize, /detokenize) is sent to one backend that the routing policy picks
-(tokenmill/router/policy.py); the response (status, headers, body, SSE stream) is passed back byte for
-byte as it arrives. A backend that fails before its first response byte (connection refused or reset,
-HTTP 502/503/504) is marked down and the request is sent to another; once bytes have reached the
-client, a failure is the client's to see. A client that goes away closes the upstream connection, and
-the backend aborts the request. /health (200 while a backend is up) and /metrics are the router's own.
+Every /v1 request (and /tokenize, /detokenize, /version) is sent to one backend that the routing policy
+picks (tokenmill/router/policy.py); the response (status, headers, body, SSE stream) is passed back byte for
+byte as it arrives (tokenmill/router/proxy.py). A backend that fails before its first response byte
+(connection refused or reset, HTTP 502/503/504) is marked down and the request is sent to another; once
+bytes have reached the client, a failure is the client's to see. A client that goes away closes the
+upstream connection, and the backend aborts the request. /health (200 while a backend is up) and /metrics
+are the router's own. The server is a plain asyncio protocol with httptools (tokenmill/router/http.py): no
+ASGI framework and no task per proxied request on its hot path.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
-
-import aiohttp
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from typing import Any, Optional
 
 from tokenmill.errors import ConfigError
-from tokenmill.router.backends import RETRY_STATUS, BackendSet, _why
+from tokenmill.router.backends import BackendSet
+from tokenmill.router.http import ClientConnection, Request, error_body
 from tokenmill.router.metrics import RouterMetrics
 from tokenmill.router.pd import PrefillDecode
 from tokenmill.router.policy import POLICIES, make_policy
 from tokenmill.router.prompt import CHAT, COMPLETIONS, PromptHasher
+from tokenmill.router.proxy import Relay
+from tokenmill.router.upstream import UpstreamPool
 
 logger = logging.getLogger("tokenmill.router")
 
-_HOP = {"host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-        "content-length"}
+FORWARDED = ("/tokenize", "/detokenize", "/version")  # besides /v1/*
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def _meta(default: Any, help: str, **kw) -> Any:
@@ -64,7 +65,7 @@ class RouterConfig:
     check_timeout_s: float = _meta(5.0, "timeout of one health / load check")
     connect_timeout_s: float = _meta(5.0, "timeout to connect to a backend (then the next one is tried)")
     startup_timeout_s: float = _meta(10.0, "at start, how long each backend has to answer GET /v1/models")
-    log_level: str = _meta("warning", "log level", choices=["debug", "info", "warning", "error"])
+    max_request_bytes: int = _meta(64 << 20, "largest request body the router takes (413 above)")
 
     def validate(self) -> None:
         if self.prefill or self.decode:
@@ -84,17 +85,12 @@ class RouterConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("max_prefix_blocks", "prefix_lru_blocks", "unhealthy_after"):
+        for name in ("max_prefix_blocks", "prefix_lru_blocks", "unhealthy_after", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("health_interval_s", "check_timeout_s", "connect_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-def _error(status: int, message: str, code: str, param: Optional[str] = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "service_unavailable" if status == 503 else
-                                   "invalid_request_error", "param": param, "code": code}}, status_code=status)
 
 
 class Router:
@@ -120,7 +116,9 @@ class Router:
             hasher = PromptHasher.for_model(config.model, config.tokenizer, config.block_size,
                                             config.max_prefix_blocks)
         self.hasher = hasher
-        self.session: Optional[aiohttp.ClientSession] = None
+        # keep-alive connections per backend URL
+        self.pools = {b.url: UpstreamPool(b.url, config.connect_timeout_s)
+                      for bs in self.backend_sets() for b in bs.backends}
         self.retries = 0
         self.unroutable = 0
         self.routed_requests = 0  # /v1/(chat/)completions requests routed (the prefix counters' base)
@@ -139,36 +137,61 @@ class Router:
             pnames = await self.pd.prefill.probe_all(self.config.startup_timeout_s)
             if set(pnames) != set(names):
                 raise ConfigError(f"the prefill instances serve {pnames[0]!r}, the decode instances {names[0]!r}")
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s)
-        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False,
-                                             connector=aiohttp.TCPConnector(limit=0, force_close=False))
         for bs in self.backend_sets():
             bs.start()
 
     async def stop(self) -> None:
         for bs in self.backend_sets():
             await bs.stop()
-        if self.session is not None:
-            await self.session.close()
+        for pool in self.pools.values():
+            pool.close()
 
-    async def forward(self, request: Request, path: str) -> Response:
-        body = await request.body()
+    def handle(self, conn: ClientConnection, req: Request) -> None:
+        """Answer one client request (the ClientConnection's handler)."""
+        path = req.path
+        if path.startswith("/v1/") or path in FORWARDED:
+            if req.method not in METHODS:
+                conn.respond(405, error_body(405, f"method {req.method} is not allowed on {path} (the router "
+                                                  f"forwards {', '.join(METHODS)})", "method_not_allowed"))
+                return
+            self.forward(conn, req, path)
+        elif path in ("/health", "/metrics"):
+            if req.method != "GET":
+                conn.respond(405, error_body(405, f"{path} takes GET, not {req.method}", "method_not_allowed"))
+            elif path == "/health":
+                self.health(conn)
+            else:
+                conn.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+        else:
+            conn.respond(404, error_body(404, f"no route {req.method} {path} on the router (it forwards /v1/*, "
+                                              "/tokenize, /detokenize, /version; /health and /metrics are its own)",
+                                         "not_found"))
+
+    def health(self, conn: ClientConnection) -> None:
+        up = [len(bs.healthy()) for bs in self.backend_sets()]
+        total = sum(len(bs.backends) for bs in self.backend_sets())
+        if all(up):
+            conn.respond(200, json.dumps({"status": "ok", "backends_up": sum(up), "backends": total}).encode())
+        else:
+            conn.respond(503, error_body(503, "no backend is up" if len(up) == 1 else
+                                         f"prefill instances up: {up[0]}, decode instances up: {up[1]}", "unhealthy"))
+
+    def forward(self, conn: ClientConnection, req: Request, path: str) -> None:
         hashes: list[int] = []
-        generation = request.method == "POST" and path in (CHAT, COMPLETIONS)
+        generation = req.method == "POST" and path in (CHAT, COMPLETIONS)
         parsed: Any = None
         if generation and (self.hasher is not None or self.pd is not None):
             try:
-                parsed = json.loads(body)
+                parsed = json.loads(req.body)
             except ValueError:
                 parsed = None
             if self.hasher is not None:
                 hashes = self.hasher.hashes(path, parsed)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        url_tail = path + (f"?{request.url.query}" if request.url.query else "")
         if generation and self.pd is not None:
-            return await self.pd.generate(request, url_tail, headers, body, parsed, hashes)
+            self.pd.start(conn, req, parsed, hashes)
+            return
         policy = self.policy if self.pd is None else self.pd.decode_policy
-        return await self.relay(request, url_tail, headers, body, self.set, policy, hashes, generation)
+        Relay(self, conn, req, req.body, self.set, policy, hashes, generation).dispatch()
 
     def count_routed(self, d: Any, hashes: list[int]) -> None:
         self.routed_requests += 1
@@ -177,139 +200,59 @@ class Router:
         self.matched_requests += d.matched_blocks > 0
         self.overloaded_fallbacks += d.overloaded_fallback
 
-    async def relay(self, request: Request, url_tail: str, headers: list, body: bytes, bset: BackendSet,
-                    policy: Any, hashes: list[int], count: bool) -> Response:
-        """Send the request to a backend of bset that policy picks (another one when it fails before its first
-        byte) and stream its response back."""
-        tried: set[int] = set()
-        while True:
-            cands = [i for i in bset.healthy() if i not in tried]
-            if not cands:
-                self.unroutable += 1
-                down = "; ".join(f"{b.url}: {b.why_down or 'failed'}" for b in bset.backends)
-                return _error(503, f"no backend is available ({down})", "no_backend")
-            d = policy.choose(cands, bset.loads, hashes)
-            b = bset.backends[d.backend]
-            b.load.in_flight += 1
-            try:
-                resp = await self._send(request, b.url + url_tail, headers, body)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                self._failed(b, tried, _why(e), bset)
-                continue
-            except BaseException:
-                b.load.in_flight -= 1
-                raise
-            if resp is None:  # the client went away first
-                b.load.in_flight -= 1
-                return Response(status_code=499)
-            if resp.status in RETRY_STATUS and len(cands) > 1:
-                resp.release()
-                self._failed(b, tried, f"HTTP {resp.status}", bset)
-                continue
-            break
-        b.requests += 1
-        if count:
-            self.count_routed(d, hashes)
-        policy.routed(b.index, hashes)
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP or k.lower() == "content-length"}
-        out_headers["x-tokenmill-backend"] = b.url
-        return StreamingResponse(self._relay(resp, b), status_code=resp.status, headers=out_headers)
 
-    def _failed(self, b, tried: set, why: str, bset: BackendSet) -> None:
-        """b failed before its first byte: release it, mark it down, let the caller try another."""
-        b.load.in_flight -= 1
-        b.failures += 1
-        self.retries += 1
-        tried.add(b.index)
-        bset.mark_down(b, why)
+class RouterServer:
+    """The router's listening socket and its client connections."""
 
-    async def _send(self, request: Request, url: str, headers: list, body: bytes) -> Optional[aiohttp.ClientResponse]:
-        """The upstream response once its headers arrive, or None if the client disconnects first (the
-        upstream request is then cancelled, which closes its connection: the backend aborts)."""
-        assert self.session is not None
-        send = asyncio.ensure_future(self.session.request(request.method, url, headers=headers, data=body,
-                                                          allow_redirects=False))
-        gone = asyncio.ensure_future(_disconnected(request))
+    def __init__(self, router: Router):
+        self.router = router
+        self.conns: set[ClientConnection] = set()
+        self.server: Optional[asyncio.AbstractServer] = None
+
+    def _connection(self) -> ClientConnection:
+        c = ClientConnection(self.router.handle, self.router.config.max_request_bytes, on_close=self.conns.discard)
+        self.conns.add(c)
+        return c
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting; returns the port (the one picked when port is 0)."""
         try:
-            await asyncio.wait((send, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not send.done():
-            send.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
-                await send
-            return None
-        return send.result()
+            self.server = await asyncio.get_running_loop().create_server(self._connection, host, port,
+                                                                         reuse_address=True, backlog=2048)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        return self.server.sockets[0].getsockname()[1]
 
-    async def _relay(self, resp: aiohttp.ClientResponse, b) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in resp.content.iter_any():
-                yield chunk
-        finally:
-            b.load.in_flight -= 1
-            resp.close()  # on a client disconnect this drops the upstream connection: the backend aborts
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
-def build_router_app(router: Router) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
-        yield
-        await router.stop()
-
-    app = FastAPI(title="tokenmill router", lifespan=lifespan)
-    app.state.router = router
-
-    @app.get("/health")
-    async def health() -> Response:
-        up = [len(bs.healthy()) for bs in router.backend_sets()]
-        total = sum(len(bs.backends) for bs in router.backend_sets())
-        if all(up):
-            return JSONResponse({"status": "ok", "backends_up": sum(up), "backends": total})
-        return _error(503, "no backend is up" if len(up) == 1 else
-                      f"prefill instances up: {up[0]}, decode instances up: {up[1]}", "unhealthy")
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-
-    @app.api_route("/v1/{rest:path}", methods=methods)
-    async def v1(rest: str, request: Request) -> Response:
-        return await router.forward(request, "/v1/" + rest)
-
-    @app.api_route("/{name}", methods=methods)
-    async def other(name: str, request: Request) -> Response:
-        if name in ("tokenize", "detokenize", "version"):
-            return await router.forward(request, "/" + name)
-        return _error(404, f"no route {request.method} /{name} on the router (it forwards /v1/*, /tokenize, "
-                           "/detokenize, /version; /health and /metrics are its own)", "not_found")
-
-    return app
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.close()
+        await self.router.stop()
 
 
 async def serve_router(config: RouterConfig) -> None:
-    import uvicorn
-
+    """Run the router until SIGINT or SIGTERM."""
+    t0 = time.monotonic()
     router = Router(config)
     await router.start()
-    app = build_router_app(router)
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                        lifespan="on")
-    server = uvicorn.Server(uv)
-    t0 = time.monotonic()
-    task = asyncio.ensure_future(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if server.started:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"tokenmill router ({config.policy}) on http://{config.host}:{port} over "
-              f"{', '.join(b.url for b in router.set.backends)} (ready in {time.monotonic() - t0:.1f} s)", flush=True)
-    await task
+    srv = RouterServer(router)
+    try:
+        port = await srv.listen(config.host, config.port)
+    except ConfigError:
+        await router.stop()
+        raise
+    urls = [b.url for bs in router.backend_sets() for b in bs.backends]
+    print(f"tokenmill router ({config.policy}) on http://{config.host}:{port} over {', '.join(urls)} "
+          f"(ready in {time.monotonic() - t0:.1f} s)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await srv.close()

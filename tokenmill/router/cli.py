@@ -13,8 +13,7 @@ from tokenmill.router.app import RouterConfig, serve_router
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig) if f.name != "log_level"})
-    cfg.log_level = args.log_level
+    cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig)})
     try:
         run_loop(serve_router(cfg))
     except TokenmillError as exc:
@@ -28,8 +27,6 @@ def add_router_args(subparsers: Any) -> argparse.ArgumentParser:
                               description="Route OpenAI-API requests over several `tokenmill serve` backends (replicas), "
                                           "or over prefill and decode instances (--prefill / --decode).")
     for f in fields(RouterConfig):
-        if f.name == "log_level":
-            continue  # the top-level --log-level
         flag = "--backend" if f.name == "backends" else "--" + f.name.replace("_", "-")
         kw: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
         if f.name in ("backends", "prefill", "decode"):  # RouterConfig.validate says which are missing
