@@ -23,10 +23,10 @@ from tokenmill.ops.attention.reference import paged_attention
 from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_paged_attention
 from tokenmill.worker.forward_batch import ForwardBatch, build_forward_batch
 
-H, HKV, D, BS = 9, 3, 64, 16
+H, HKV, D = 9, 3, 64
 
 
-def make_case(reqs: list[tuple[int, int]], num_blocks: int, seed: int = 0) -> tuple[torch.Tensor, ForwardBatch]:
+def make_case(reqs: list[tuple[int, int]], num_blocks: int, BS: int, seed: int = 0) -> tuple[torch.Tensor, ForwardBatch]:
     """q and a ForwardBatch for (cached, new) token counts; block ids drawn at random from the pool."""
     rng = random.Random(seed)
     pool = rng.sample(range(num_blocks), sum(-(-(c + n) // BS) for c, n in reqs))
@@ -58,7 +58,9 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--cases", default="", help="only the cases whose name contains this")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's --block-size)")
     a = ap.parse_args()
+    BS = a.block_size
     dtype = getattr(torch, a.kv_dtype)
     torch.set_num_threads(a.threads)
     if not cpu_attention_available():
@@ -82,7 +84,7 @@ def main() -> None:
     for name, reqs in cases.items():
         if a.cases not in name:
             continue
-        q, batch = make_case(reqs, num_blocks)
+        q, batch = make_case(reqs, num_blocks, BS)
         scale = D ** -0.5
 
         def all_layers() -> None:

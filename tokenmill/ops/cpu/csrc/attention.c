@@ -294,6 +294,17 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
+        if (direct && it->nq == 1) /* decode (memory-bound): the next chunk's blocks are scattered over the pool, out of the hardware prefetcher's
+                     * sight: ask for their K and V rows (this item's heads) while this chunk computes */
+            for (int kb = kb0 + nbc; kb < kb0 + 2 * nbc && kb * BS < it->k1; kb++) {
+                const char *kp = a->kv + (((int64_t)table[kb] * BS) * kst_pool + (int64_t)kvh0 * D) * esize;
+                const char *vp = kp + plane * esize;
+                for (int t = 0; t < BS; t++)
+                    for (int off = 0; off < nh * D * esize; off += 64) {
+                        __builtin_prefetch(kp + t * kst_pool * esize + off, 0, 3);
+                        __builtin_prefetch(vp + t * kst_pool * esize + off, 0, 3);
+                    }
+            }
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
         for (int b = 0; b < nblk; b++)
