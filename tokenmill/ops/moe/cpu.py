@@ -29,7 +29,7 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib = load_library("moe")
     if lib is not None:
         lib.tm_moe_packed.argtypes = [ctypes.c_int, ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L,
-                                      _L, _P]
+                                      _L, _L, _L, _P]
         lib.tm_moe_packed.restype = ctypes.c_int
         lib.tm_amx_init.argtypes = []
         lib.tm_amx_init.restype = ctypes.c_int
@@ -87,6 +87,7 @@ def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, top
     rc = lib.tm_moe_packed(QTYPES[qtype][0], QTYPES[down_qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
                            experts.num_experts, ids.shape[1], ids.data_ptr(), w.data_ptr(), w13.data_ptr(),
                            w13.shape[-1], w2.data_ptr(), w2.shape[-1], DIRECT_MAX_ROWS,
+                           getattr(experts, "i8_max_rows", DIRECT_MAX_ROWS), getattr(experts, "amx_i8_min_rows", 0),
                            getattr(experts, "amx_min_rows", 0), out.data_ptr())
     if rc != 0:
         raise ValueError(f"fused MoE kernel: {_ERRORS.get(rc, f'error {rc}')}")

@@ -241,4 +241,19 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                    float *y, int64_t ldy);
 #endif
 
+// The AMX int8 path for the k-quants (qlinear_amx_i8.c): int8 activations as the direct path's, any number of rows.
+#if defined(TM_AMX) && defined(TM_I8_DIRECT) && defined(__AMX_INT8__)
+#define TM_AMX_I8 1
+// Bytes of x in quad layout for M rows of K (rows padded to a multiple of 16).
+int64_t tm_amx_i8_x_bytes(int64_t M, int64_t K);
+// A prepared x (tm_prepare_x_i8: xq [M, K], xsc and xs [M, K / 32]) -> per tile of 16 rows t: xb (t * 16 * K bytes
+// on: [K / 32 sub-blocks][8 quads][16 rows][4]), xscT and xsT ([t][K / 32][16 rows]); padding rows zero.
+void tm_prepare_x_amx_i8(const int8_t *xq, const float *xsc, const float *xs, int64_t M, int64_t K, int8_t *xb,
+                         float *xscT, float *xsT);
+// y[M, N] (row stride ldy) = rounded x . W^T from x prepared as above, W Q4_K / Q5_K / Q6_K with K a multiple of 256;
+// the tile state must be granted (tm_amx_enabled). 0, -1 bad type / K or out of memory.
+int tm_qlinear_amx_i8(int qtype, const int8_t *xb, const float *xscT, const float *xsT, int64_t M, int64_t K,
+                      const uint8_t *w, int64_t N, float *y, int64_t ldy);
+#endif
+
 #endif  // TM_QUANT_H
