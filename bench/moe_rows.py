@@ -1,7 +1,8 @@
 """Micro-benchmark: one OLMoE-shaped MoE layer (64 experts, hidden 2048, expert intermediate 1024, top 8) through
 the fused CPU op (csrc/moe.c) with every expert given exactly m rows (T = 8m tokens), by m and by the path an
 expert's rows take: `f32` (--gemm-dtype float32: the exact float32 kernels), `auto` (what gemm auto runs now,
-tokenmill/model/layers/quantized.py's moe_switch_rows), and `i8` / `amxi8` / `amx` (gemm auto with every expert
+tokenmill/model/layers/quantized.py's moe_switch_rows), `before` (the switch before the AMX int8 tiles: VNNI for
+1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert
 forced onto the VNNI int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on the values): gate|up
 Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of --iters (the box is
 shared: the minimum is the least disturbed run).
@@ -19,7 +20,7 @@ import torch
 from bench.cpu_qtypes import random_packed
 from tokenmill.model.layers.quantized import moe_switch_rows
 from tokenmill.ops.cpu.qlinear import amx_available
-from tokenmill.ops.moe.cpu import fused_moe_cpu
+from tokenmill.ops.moe.cpu import MoEWorkspace, fused_moe_cpu
 
 E, H, I, TOPK = 64, 2048, 1024, 8
 BIG = 1 << 30
@@ -29,13 +30,14 @@ def experts(down: str, g: torch.Generator) -> SimpleNamespace:
     w13 = torch.stack([random_packed("q4_k", 2 * I, H, g) for _ in range(E)])  # [E, 2I, rb(H)]
     w2 = torch.stack([random_packed(down, H, I, g) for _ in range(E)])  # [E, H, rb(I)]
     return SimpleNamespace(qtype="q4_k", down_qtype=down, gate_up_proj=w13, down_proj=w2, intermediate_size=I,
-                           num_experts=E, amx_min_rows=0, i8_max_rows=0, amx_i8_min_rows=0)
+                           num_experts=E, amx_min_rows=0, i8_max_rows=0, amx_i8_min_rows=0,
+                           workspace=MoEWorkspace())  # as finalize_quantized gives a model's experts
 
 
 def mode_rows(mode: str) -> tuple[int, int, int]:
     """(amx_min_rows, i8_max_rows, amx_i8_min_rows) of a mode."""
-    return {"f32": (0, 0, 0), "auto": moe_switch_rows(), "i8": (BIG, BIG, 0), "amxi8": (BIG, BIG, 1),
-            "amx": (1, 0, 0)}[mode]
+    return {"f32": (0, 0, 0), "auto": moe_switch_rows(), "before": (4, 3, 0), "i8": (BIG, BIG, 0),
+            "amxi8": (BIG, BIG, 1), "amx": (1, 0, 0)}[mode]
 
 
 def timeit(fn, iters: int) -> float:

@@ -232,6 +232,25 @@ def test_int8_rows_match_rounded_reference(qtype, down_qtype, switch):
     assert 0 < (got - exact).abs().max().item() < 0.03 * scale
 
 
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+def test_workspace_gives_the_same_results():
+    """The shared scratch (MoEWorkspace) holds the C op's row buffers where it is large enough; results identical
+    with it, without it, and past its cap (the call allocates its own)."""
+    from tokenmill.ops.moe.cpu import MoEWorkspace
+
+    packed = _kquant_packed(8, "q4_k", "q6_k")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 256, generator=g)
+    w, ids = select_experts(torch.randn(40, 8, generator=g), 2, True)
+    plain, plain5 = fused_moe_cpu(x, packed, w, ids), fused_moe_cpu(x[:5], packed, w[:5], ids[:5])
+    packed.workspace = MoEWorkspace()
+    assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain)
+    assert packed.workspace.buf.numel() == 80 * (2 * 256 + 3 * 256)
+    assert torch.equal(fused_moe_cpu(x[:5], packed, w[:5], ids[:5]), plain5)  # a smaller call reuses it
+    packed.workspace = MoEWorkspace(max_bytes=1024)
+    assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain) and packed.workspace.buf.numel() == 0
+
+
 def test_cpu_op_takes_dense_experts_to_the_grouped_path():
     ex = _experts(4)
     x, w, ids = _routing(9, 4, 2)

@@ -361,8 +361,13 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
     from tokenmill.model.layers.moe import PackedExperts
 
+    from tokenmill.ops.moe.cpu import MoEWorkspace
+
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    workspace = MoEWorkspace()
+    for module in experts:  # one scratch buffer for all MoE layers
+        module.workspace = workspace
     if dense_dtype == torch.bfloat16 and (linears or experts) and amx_available():
         for module in linears:
             module.finalize(dense_dtype, amx=True)

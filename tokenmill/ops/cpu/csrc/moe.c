@@ -175,13 +175,14 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
 // amx_min_m > 0 is gemm auto: an expert's run of 1..i8_max_m rows takes int8 activations (k-quants, an AVX512-VNNI
 // build): the AMX int8 tiles from amx_i8_min_m rows (where built and granted), else the VNNI tiles; a longer run of
 // amx_min_m or more rows takes qlinear's AMX bf16 path (where this library's tm_amx_init enabled it), as the dense
-// layers do under --gemm-dtype auto. amx_min_m 0: exact float32.
+// layers do under --gemm-dtype auto. amx_min_m 0: exact float32. ws (may be NULL): ws_floats floats of scratch the
+// call uses instead of allocating its row buffers when there are at least T * K * (2H + 3I).
 // Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
 // of the block, unknown type).
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_i8_min_m,
-                  int64_t amx_min_m, float *out) {
+                  int64_t amx_min_m, float *ws, int64_t ws_floats, float *out) {
     const int64_t P = T * K;
     memset(out, 0, (size_t)(T * H) * sizeof(float));
     if (P == 0) return 0;
@@ -191,8 +192,12 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     int64_t *pos = (int64_t *)malloc((size_t)P * sizeof(int64_t)), *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
     const int64_t max_tasks = E * ((2 * I + TILE_N - 1) / TILE_N + (H + TILE_N - 1) / TILE_N);
     task_t *tasks = (task_t *)malloc((size_t)(max_tasks + 1) * sizeof(task_t));
-    float *xs = (float *)malloc((size_t)(P * H) * sizeof(float)), *g = (float *)malloc((size_t)(P * 2 * I) * sizeof(float));
-    float *act = (float *)malloc((size_t)(P * I) * sizeof(float)), *y = (float *)malloc((size_t)(P * H) * sizeof(float));
+    // xs [P, H], g [P, 2I], act [P, I], y [P, H]: in the caller's workspace where it is large enough
+    const int own = ws == NULL || ws_floats < P * (2 * H + 3 * I);
+    float *xs = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws;
+    float *g = own ? (float *)malloc((size_t)(P * 2 * I) * sizeof(float)) : ws + P * H;
+    float *act = own ? (float *)malloc((size_t)(P * I) * sizeof(float)) : ws + P * (H + 2 * I);
+    float *y = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws + P * (H + 3 * I);
     int rc = -1;
     prepared_t pr;
     memset(&pr, 0, sizeof(pr));
@@ -233,6 +238,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
         }
 done:
     release(&pr);
-    free(count); free(start); free(pos); free(fill); free(tasks); free(xs); free(g); free(act); free(y);
+    free(count); free(start); free(pos); free(fill); free(tasks);
+    if (own) { free(xs); free(g); free(act); free(y); }
     return rc;
 }
