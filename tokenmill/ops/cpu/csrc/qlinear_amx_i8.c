@@ -58,31 +58,6 @@ void tm_prepare_x_amx_i8(const int8_t *xq, const float *xsc, const float *xs, in
     }
 }
 
-// The super-block at blk: its 8 sub-blocks' scales d (dlo of gen_sub_scales) and mins m (Q4_K, Q5_K: the 12 scale
-// bytes unpacked 4 at a time, as llama.cpp does), or Q6_K's 16 group scales; the same float products as
-// gen_sub_scales.
-static inline __attribute__((always_inline)) void block_scales(const int qtype, const uint8_t *blk, float *d,
-                                                                float *m) {
-    if (qtype == Q6_K) {
-        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
-        _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_set1_ps(f16_to_f32(blk + 208)), sc));
-        return;
-    }
-    uint32_t u[4];
-    memcpy(u, blk + 4, 12);
-    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
-    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);  // mins 4..7
-    const uint32_t mins = u[1] & m1;                        // mins 0..3
-    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);         // scales 4..7
-    u[2] = mins;
-    u[0] &= m1;  // scales 0..3
-    const __m128i b = _mm_setr_epi32((int)u[0], (int)u[1], (int)u[2], (int)u[3]);  // (a load would stall on the stores)
-    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-    _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(blk)), sc));
-    _mm256_storeu_ps(m, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(blk + 2)), mn)));
-}
-
 // Output rows n0 .. n0 + nr - 1 (nr <= 16) decoded: wq[n * K + k] the integers, wd[n * (K / G) + j] the group
 // scales, wm[n * (K / 32) + g] the mins; rows nr .. 15 zero.
 static inline __attribute__((always_inline)) void decode_panel(const int qtype, const uint8_t *w, int64_t row_bytes,
@@ -95,7 +70,7 @@ static inline __attribute__((always_inline)) void decode_panel(const int qtype, 
             const uint8_t *blk = row + b * bb;
             for (int off = 0; off < bb; off += 64) __builtin_prefetch(blk + 4 * bb + off, 0, 3);
             float mins[QK_K / QK];
-            block_scales(qtype, blk, wd + n * (K / G) + b * nd, mins);
+            kquant_scales(qtype, blk, wd + n * (K / G) + b * nd, mins);
             if (qtype != Q6_K) memcpy(wm + n * (K / QK) + b * (QK_K / QK), mins, sizeof mins);
             for (int s = 0; s < QK_K / QK; s++)
                 _mm256_storeu_si256((__m256i *)(wq + n * K + b * QK_K + s * QK), gen_sub_q256(qtype, blk, s));
