@@ -10,9 +10,10 @@
 // The GEMMs run as tasks (expert, tile of output rows) spread over the threads, each task one kernel call on the
 // expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts and
 // rows, no dense copy of any weight. Which kernel an expert's tasks call depends on its rows (gemm auto, k-quants):
-// 1..amx_i8_min_m - 1 rows the VNNI int8 tiles, amx_i8_min_m..i8_max_m the AMX int8 tiles (qlinear_amx_i8.c), more qlinear_f32 (its AMX bf16
-// path); under exact float32 always qlinear_f32. Any block type qlinear_f32 takes works here, and gate|up and down
-// may differ (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K gate / up).
+// below amx_i8_min_m the VNNI int8 tiles, up to i8_max_m the AMX int8 tiles (qlinear_amx_i8.c), more rows
+// qlinear_f32 (its AMX bf16 path); under exact float32 always qlinear_f32. Any block type qlinear_f32 takes works
+// here, and gate|up and down may differ (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K
+// gate / up).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
