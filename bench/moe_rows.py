@@ -2,12 +2,12 @@
 the fused CPU op (csrc/moe.c) with every expert given exactly m rows (T = 8m tokens), by m and by the path an
 expert's rows take: `f32` (--gemm-dtype float32: the exact float32 kernels), `auto` (what gemm auto runs now,
 tokenmill/model/layers/quantized.py's moe_switch_rows), `before` (the switch before the AMX int8 tiles: VNNI for
-1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert
-forced onto the VNNI int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on the values): gate|up
-Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of --iters (the box is
-shared: the minimum is the least disturbed run).
+1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert forced onto the VNNI
+int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on
+the values): gate|up Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of
+--iters (the box is shared: the minimum is the least disturbed run).
 
-    PYTHONPATH=. python bench/moe_rows.py [--rows 1,2,4,8,16,64] [--down q6_k,q4_k] [--modes f32,auto,i8,amxi8,amx]
+    PYTHONPATH=. python bench/moe_rows.py [--rows 1,2,4,8,16,64] [--down q6_k,q4_k] [--modes f32,before,auto,i8,amxi8,amx]
 """
 from __future__ import annotations
 

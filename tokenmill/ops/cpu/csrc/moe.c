@@ -86,9 +86,10 @@ static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int
     int64_t tiles = 0;
     for (int64_t e = 0; e < E; e++) {
         pr->tb[e] = -1;
-        if (count[e] > 0 && i8_rows(count[e], i8_max_m) && amx_i8_min_m > 0 && count[e] >= amx_i8_min_m && amx_i8_ok(qtype)) {
+        const int64_t m = count[e];
+        if (m > 0 && i8_rows(m, i8_max_m) && amx_i8_min_m > 0 && m >= amx_i8_min_m && amx_i8_ok(qtype)) {
             pr->tb[e] = tiles;
-            tiles += (count[e] + 15) / 16;
+            tiles += (m + 15) / 16;
         }
     }
 #if defined(TM_AMX_I8)
