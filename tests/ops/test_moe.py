@@ -196,6 +196,61 @@ def test_amx_rows_match_reference(qtype, down_qtype):
     assert (fused_moe_grouped(x, packed, w, ids) - ref).abs().max().item() < 0.02 * scale
 
 
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q6_k", "q5_k")])
+@pytest.mark.parametrize("switch", [(1 << 30, 1 << 30, 1), (1 << 30, 1 << 30, 4), (1 << 30, 1 << 30, 0), None])
+def test_int8_rows_match_rounded_reference(qtype, down_qtype, switch):
+    """gemm auto's int8 activations for packed k-quant experts of any row count (1 to 49 here: one to four
+    16-row tiles): the AMX int8 tiles (from amx_i8_min_rows rows; 0: never), the VNNI tiles, and the production
+    switch (moe_switch_rows; its bf16 rows off the end) against the reference with each projection's input rounded
+    per 32 values to int8 (fused_moe_reference_i8): the same sums up to float order, and an activation rounding
+    that float order flips."""
+    from tokenmill.model.layers.quantized import moe_switch_rows
+    from tokenmill.ops.cpu.qlinear import i8_direct_available
+    from tokenmill.ops.moe.reference import fused_moe_reference_i8
+
+    if not i8_direct_available():
+        pytest.skip("no AVX512-VNNI build: gemm auto keeps float32 activations")
+    packed = _kquant_packed(8, qtype, down_qtype)
+    g = torch.Generator().manual_seed(9)
+    t = 70
+    x = torch.randn(t, 256, generator=g)
+    w, _ = select_experts(torch.randn(t, 8, generator=g), 2, True)
+    counts = [1, 2, 3, 5, 16, 17, 47, 49]  # pairs per expert (sum 2t): one, two and four 16-row tiles
+    flat = torch.repeat_interleave(torch.arange(8), torch.tensor(counts))  # [2t], sorted by expert
+    ids = flat.reshape(2, t).T.contiguous()  # token i: pairs i and t + i (never the same expert twice)
+    assert (ids[:, 0] != ids[:, 1]).all() and torch.bincount(ids.flatten()).tolist() == counts
+    packed.amx_min_rows, packed.i8_max_rows, packed.amx_i8_min_rows = switch or moe_switch_rows()
+    if switch is None:
+        packed.i8_max_rows = max(counts)  # the production thresholds with every expert on int8
+    ref = fused_moe_reference_i8(x, packed, w, ids)
+    got = fused_moe_cpu(x, packed, w, ids)
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() < 2e-3 * scale
+    assert (got - ref).abs().mean().item() < 1e-5 * scale  # a few flipped roundings, not a different sum
+    exact = fused_moe_reference(x, packed, w, ids)
+    assert 0 < (got - exact).abs().max().item() < 0.03 * scale
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+def test_workspace_gives_the_same_results():
+    """The shared scratch (MoEWorkspace) holds the C op's row buffers where it is large enough; results identical
+    with it, without it, and past its cap (the call allocates its own)."""
+    from tokenmill.ops.moe.cpu import MoEWorkspace
+
+    packed = _kquant_packed(8, "q4_k", "q6_k")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 256, generator=g)
+    w, ids = select_experts(torch.randn(40, 8, generator=g), 2, True)
+    plain, plain5 = fused_moe_cpu(x, packed, w, ids), fused_moe_cpu(x[:5], packed, w[:5], ids[:5])
+    packed.workspace = MoEWorkspace()
+    assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain)
+    assert packed.workspace.buf.numel() == 80 * (2 * 256 + 3 * 256)
+    assert torch.equal(fused_moe_cpu(x[:5], packed, w[:5], ids[:5]), plain5)  # a smaller call reuses it
+    packed.workspace = MoEWorkspace(max_bytes=1024)
+    assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain) and packed.workspace.buf.numel() == 0
+
+
 def test_cpu_op_takes_dense_experts_to_the_grouped_path():
     ex = _experts(4)
     x, w, ids = _routing(9, 4, 2)

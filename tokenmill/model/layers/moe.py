@@ -111,12 +111,16 @@ class PackedExperts(_ExpertStore):
     in here."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, qtype: str, down_qtype: Optional[str] = None):
-        from tokenmill.ops.cpu.qlinear import row_bytes
+        from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, row_bytes
 
         super().__init__()
         self.qtype = qtype
         self.down_qtype = down_qtype or qtype
         self.amx_min_rows = 0  # > 0: an expert's calls of at least this many rows take the kernel's AMX bf16 path
+        self.i8_max_rows = DIRECT_MAX_ROWS  # with amx_min_rows: the fused op runs an expert's 1..i8_max_rows rows on
+        # int8 activations: the AMX int8 tiles from amx_i8_min_rows rows (0: never), else the VNNI tiles
+        self.amx_i8_min_rows = 0  # (finalize_quantized sets all three)
+        self.workspace = None  # the fused op's scratch (ops/moe/cpu.py MoEWorkspace), shared by a model's layers
         self._make(num_experts, hidden, inter, row_bytes(qtype, hidden), row_bytes(self.down_qtype, inter), torch.uint8)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,20 @@ AMX_MIN_ROWS = 4
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,
 # 8 rows 3.4 ms (AMX) vs 3.2 (packed float32), 12 rows 3.4 vs 6.6, 16 rows 3.9 vs 9.3, 64 rows 10.6 vs 40.1.
 HEAD_AMX_MIN_ROWS = 10
+# A MoE layer's packed experts under gemm auto on an AMX CPU (csrc/moe.c): an expert given 1..MOE_I8_MAX_ROWS rows
+# in a step takes int8 activations (the VNNI tiles below MOE_AMX_I8_MIN_ROWS rows, else the AMX int8 tiles), more
+# rows (from MOE_AMX_MIN_ROWS) the AMX bf16 tiles. `bench/moe_rows.py` (OLMoE's 64 experts of 2048 x 1024, Q4_K
+# gate|up, Q6_K down, every expert m rows, 2 threads, ms per layer, VNNI / AMX int8 / AMX bf16): m=3 58 / 67 / 95,
+# m=4 61 / 55 / 94, m=12 166 / 82 / 123, m=32 583 / 117 / 141, m=48 853 / 161 / 163 (a loaded box); m=64 (quiet)
+# 632 / 149 / 121.
+MOE_I8_MAX_ROWS = 48
+MOE_AMX_I8_MIN_ROWS = 4
+MOE_AMX_MIN_ROWS = AMX_MIN_ROWS
+
+
+def moe_switch_rows() -> tuple[int, int, int]:
+    """(amx_min_rows, i8_max_rows, amx_i8_min_rows) of packed experts under gemm auto on an AMX CPU."""
+    return MOE_AMX_MIN_ROWS, MOE_I8_MAX_ROWS, MOE_AMX_I8_MIN_ROWS
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -347,13 +361,18 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
     from tokenmill.model.layers.moe import PackedExperts
 
+    from tokenmill.ops.moe.cpu import MoEWorkspace
+
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     experts = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    workspace = MoEWorkspace()
+    for module in experts:  # one scratch buffer for all MoE layers
+        module.workspace = workspace
     if dense_dtype == torch.bfloat16 and (linears or experts) and amx_available():
         for module in linears:
             module.finalize(dense_dtype, amx=True)
-        for module in experts:  # an expert's many-row runs (prefill) on AMX too; decode rows stay float32
-            module.amx_min_rows = AMX_MIN_ROWS
+        for module in experts:  # an expert's few-row runs on the int8 tiles, many-row runs (prefill) on AMX
+            module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
         for head in (m for m in model.modules() if isinstance(m, QuantizedLMHead)):
             head.amx_min_rows = HEAD_AMX_MIN_ROWS
         return

@@ -34,7 +34,7 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 LIBRARIES = {
     "qlinear": ("qlinear", "qlinear_k", "qlinear_amx"),
     "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_amx", "attention", "lora"),
-    "moe": ("moe", "qlinear", "qlinear_k", "qlinear_amx"),
+    "moe": ("moe", "qlinear", "qlinear_k", "qlinear_amx", "qlinear_amx_i8"),
 }
 
 

@@ -29,7 +29,7 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib = load_library("moe")
     if lib is not None:
         lib.tm_moe_packed.argtypes = [ctypes.c_int, ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L,
-                                      _L, _P]
+                                      _L, _L, _L, _P, _L, _P]
         lib.tm_moe_packed.restype = ctypes.c_int
         lib.tm_amx_init.argtypes = []
         lib.tm_amx_init.restype = ctypes.c_int
@@ -72,6 +72,32 @@ def fused_moe_grouped(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor,
     return out.to(x.dtype)
 
 
+class MoEWorkspace:
+    """Scratch floats for the C op's row buffers (gathered x, gate|up, activations, expert outputs), shared by the
+    MoE layers of one model (they run one after another). glibc maps blocks over its mmap threshold (32 MiB at
+    most) afresh on every call, so without it a 512-token prefill step page-faulted ~100 MiB per layer
+    (bench/moe_rows.py: 64 rows an expert, 133 ms a layer against 104 with the buffers kept). It grows to the
+    largest call up to max_bytes; larger calls allocate their own."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.buf = torch.empty(0, dtype=torch.float32)
+
+    def get(self, floats: int) -> Optional[torch.Tensor]:
+        if floats * 4 > self.max_bytes:
+            return None
+        if self.buf.numel() < floats:
+            self.buf = torch.empty(floats, dtype=torch.float32)
+        return self.buf
+
+
+def _scratch(experts: Any, pairs: int, hidden: int) -> tuple[Optional[int], int]:
+    """(pointer, floats) of the experts' shared workspace for a call of `pairs` token-expert pairs, or (None, 0)."""
+    ws = getattr(experts, "workspace", None)
+    buf = ws.get(pairs * (2 * hidden + 3 * experts.intermediate_size)) if ws is not None else None
+    return (buf.data_ptr(), buf.numel()) if buf is not None else (None, 0)
+
+
 def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """The CPU op: packed experts (float32 activations on the CPU) in one C call, everything else grouped."""
     qtype, down_qtype = getattr(experts, "qtype", None), getattr(experts, "down_qtype", None)
@@ -87,7 +113,9 @@ def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, top
     rc = lib.tm_moe_packed(QTYPES[qtype][0], QTYPES[down_qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
                            experts.num_experts, ids.shape[1], ids.data_ptr(), w.data_ptr(), w13.data_ptr(),
                            w13.shape[-1], w2.data_ptr(), w2.shape[-1], DIRECT_MAX_ROWS,
-                           getattr(experts, "amx_min_rows", 0), out.data_ptr())
+                           getattr(experts, "i8_max_rows", DIRECT_MAX_ROWS), getattr(experts, "amx_i8_min_rows", 0),
+                           getattr(experts, "amx_min_rows", 0), *_scratch(experts, ids.numel(), hidden),
+                           out.data_ptr())
     if rc != 0:
         raise ValueError(f"fused MoE kernel: {_ERRORS.get(rc, f'error {rc}')}")
     return out

@@ -27,3 +27,26 @@ def fused_moe_reference(x: torch.Tensor, experts: Any, topk_weights: torch.Tenso
         w = (topk_weights.float() * (topk_ids == e)).sum(dim=-1, keepdim=True)  # [T, 1]: 0 where not routed
         out += w * y
     return out.to(x.dtype)
+
+
+def round_int8_per_32(x: torch.Tensor) -> torch.Tensor:
+    """x [N, K] rounded per 32 values to int8 times one float scale (max |x| / 127): the activations of the int8
+    tiles (csrc/qlinear.c tm_prepare_x_i8)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(xb * (127 / amax.clamp_min(1e-30))), torch.zeros_like(xb))
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+def fused_moe_reference_i8(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor) -> torch.Tensor:
+    """The reference with each expert projection's input rounded by round_int8_per_32 (gemm auto's int8 paths for
+    packed k-quant experts): float64 sums of the dequantized weights, [T, H] float32."""
+    w13, w2 = experts.dense()  # [E, 2I, H], [E, H, I]
+    t = topk_ids.shape[0]
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float64)
+    for e in range(w13.shape[0]):
+        gate, up = (round_int8_per_32(x).double() @ w13[e].double().T).chunk(2, dim=-1)  # [T, I] each
+        y = round_int8_per_32((F.silu(gate) * up).float()).double() @ w2[e].double().T  # [T, H]
+        out += (topk_weights.double() * (topk_ids == e)).sum(dim=-1, keepdim=True) * y
+    return out.float()

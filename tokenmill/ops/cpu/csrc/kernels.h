@@ -54,7 +54,8 @@ int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const in
 // per layer.
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
-                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t amx_min_m, float *out);
+                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_i8_min_m,
+                  int64_t amx_min_m, float *ws, int64_t ws_floats, float *out);
 
 // Batched LoRA in the fused layer (lora.c). proj: 0 qkv, 1 o, 2 gate_up, 3 down; a [S, in, k], b [S, k, out]
 // (NULL: no LoRA on that projection); num_groups contiguous row spans (starts, lens) of adapter slots (slots).

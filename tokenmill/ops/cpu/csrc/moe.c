@@ -7,10 +7,13 @@
 //   y = a @ down[e]^T                                           [P, H]
 //   out[t] = sum_k w[t, k] * y[pair (t, k)]                     [T, H]
 //
-// The GEMMs run as tasks (expert, tile of output rows) spread over the threads, each task one qlinear_f32 call on
-// the expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts
-// and rows, no dense copy of any weight. Any block type qlinear_f32 takes works here, and gate|up and down may differ
-// (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K gate / up).
+// The GEMMs run as tasks (expert, tile of output rows) spread over the threads, each task one kernel call on the
+// expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts and
+// rows, no dense copy of any weight. Which kernel an expert's tasks call depends on its rows (gemm auto, k-quants):
+// below amx_i8_min_m the VNNI int8 tiles, up to i8_max_m the AMX int8 tiles (qlinear_amx_i8.c), more rows
+// qlinear_f32 (its AMX bf16 path); under exact float32 always qlinear_f32. Any block type qlinear_f32 takes works
+// here, and gate|up and down may differ (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K
+// gate / up).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,12 +30,13 @@ typedef struct {
 } task_t;
 
 // tasks (expert, n0, nc) over the active experts' output rows [0, N) in tiles of TILE_N (TILE_N_AMX for an expert
-// with amx_min_m rows or more when amx_min_m > 0); returns the count
-static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t amx_min_m, task_t *tasks) {
+// with amx_min_m rows or more, and more than i8_max_m, when amx_min_m > 0); returns the count
+static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t i8_max_m, int64_t amx_min_m,
+                          task_t *tasks) {
     int64_t n = 0;
     for (int64_t e = 0; e < E; e++) {
         if (count[e] == 0) continue;
-        const int64_t tile = amx_min_m > 0 && count[e] >= amx_min_m ? TILE_N_AMX : TILE_N;
+        const int64_t tile = amx_min_m > 0 && count[e] >= amx_min_m && count[e] > i8_max_m ? TILE_N_AMX : TILE_N;
         for (int64_t n0 = 0; n0 < N; n0 += tile) {
             tasks[n].e = e;
             tasks[n].n0 = n0;
@@ -43,48 +47,89 @@ static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t am
     return n;
 }
 
-// The rows of a that the int8 direct tiles will read (experts with 1..DIRECT_MAX_ROWS rows, gemm auto on an
-// AVX512-VNNI build, k-quant weights), quantized once for all of their tasks instead of once per task; the rows of
-// experts with more rows (prefill) take qlinear_f32 and are left alone.
+// The rows of a that the int8 tiles will read (experts with 1..i8_max_m rows, gemm auto on an AVX512-VNNI build,
+// k-quant weights), quantized once for all of their tasks instead of once per task; the rows of experts with more
+// rows (prefill) take qlinear_f32 and are left alone. An expert of amx_i8_min_m rows or more (and at most i8_max_m)
+// takes the AMX int8 tiles where built and granted: its rows also in their quad layout (xb from tile tb[e] on).
 typedef struct {
-    int8_t *xq;
-    float *xsc, *xs;
+    int8_t *xq, *xb;
+    float *xsc, *xs, *xscT, *xsT;
     int32_t *xq4;
+    int64_t *tb;  // per expert: its first 16-row tile in xb, -1 where it takes the VNNI tiles
 } prepared_t;
 
-static inline int i8_rows(int64_t m, int64_t direct_max_m) { return m <= DIRECT_MAX_ROWS && m <= direct_max_m; }
+static inline int i8_rows(int64_t m, int64_t i8_max_m) { return m <= i8_max_m; }
+
+static int amx_i8_ok(int qtype) {
+#if defined(TM_AMX_I8)
+    return i8_direct_type(qtype) && tm_amx_enabled();
+#else
+    (void)qtype;
+    return 0;
+#endif
+}
 
 static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int64_t *start, const int64_t *count,
-                   int64_t E, int64_t direct_max_m, int64_t amx_min_m, prepared_t *pr) {
+                   int64_t E, int64_t i8_max_m, int64_t amx_i8_min_m, int64_t amx_min_m, prepared_t *pr) {
     memset(pr, 0, sizeof(*pr));
 #if defined(TM_I8_DIRECT)
     int64_t any = 0;
-    for (int64_t e = 0; e < E && !any; e++) any = count[e] > 0 && i8_rows(count[e], direct_max_m);
+    for (int64_t e = 0; e < E && !any; e++) any = count[e] > 0 && i8_rows(count[e], i8_max_m);
     if (amx_min_m <= 0 || !i8_direct_type(qtype) || !any) return 0;
+    const int64_t nb = Kdim / QK;
     pr->xq = (int8_t *)malloc((size_t)(P * Kdim + 64));
-    pr->xsc = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
-    pr->xs = (float *)malloc((size_t)(P * Kdim / QK + 1) * sizeof(float));
+    pr->xsc = (float *)malloc((size_t)(P * nb + 1) * sizeof(float));
+    pr->xs = (float *)malloc((size_t)(P * nb + 1) * sizeof(float));
     pr->xq4 = (int32_t *)malloc((size_t)(P * Kdim / 4 + 16) * sizeof(int32_t));
-    if (!pr->xq || !pr->xsc || !pr->xs || !pr->xq4) return -1;
+    pr->tb = (int64_t *)malloc((size_t)E * sizeof(int64_t));
+    if (!pr->xq || !pr->xsc || !pr->xs || !pr->xq4 || !pr->tb) return -1;
+    int64_t tiles = 0;
     for (int64_t e = 0; e < E; e++) {
-        const int64_t s = start[e], nb = Kdim / QK;
-        if (count[e] > 0 && i8_rows(count[e], direct_max_m))
-            tm_prepare_x_i8(a + s * Kdim, count[e], Kdim, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
-                            pr->xs + s * nb);
+        pr->tb[e] = -1;
+        const int64_t m = count[e];
+        if (m > 0 && i8_rows(m, i8_max_m) && amx_i8_min_m > 0 && m >= amx_i8_min_m && amx_i8_ok(qtype)) {
+            pr->tb[e] = tiles;
+            tiles += (m + 15) / 16;
+        }
+    }
+#if defined(TM_AMX_I8)
+    if (tiles > 0) {
+        pr->xb = (int8_t *)aligned_alloc(64, (size_t)(tiles * 16 * Kdim));
+        pr->xscT = (float *)malloc((size_t)(tiles * 16 * nb) * sizeof(float));
+        pr->xsT = (float *)malloc((size_t)(tiles * 16 * nb) * sizeof(float));
+        if (!pr->xb || !pr->xscT || !pr->xsT) return -1;
+    }
+#endif
+#pragma omp parallel for schedule(dynamic, 1) if (P * Kdim >= (1 << 16))
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t s = start[e];
+        if (count[e] == 0 || !i8_rows(count[e], i8_max_m)) continue;
+        tm_prepare_x_i8(a + s * Kdim, count[e], Kdim, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
+                        pr->xs + s * nb);
+#if defined(TM_AMX_I8)
+        if (pr->tb[e] >= 0)
+            tm_prepare_x_amx_i8(pr->xq + s * Kdim, pr->xsc + s * nb, pr->xs + s * nb, count[e], Kdim,
+                                pr->xb + pr->tb[e] * 16 * Kdim, pr->xscT + pr->tb[e] * 16 * nb,
+                                pr->xsT + pr->tb[e] * 16 * nb);
+#endif
     }
 #else
-    (void)qtype; (void)a; (void)P; (void)Kdim; (void)start; (void)count; (void)E; (void)direct_max_m;
-    (void)amx_min_m;
+    (void)qtype; (void)a; (void)P; (void)Kdim; (void)start; (void)count; (void)E; (void)i8_max_m;
+    (void)amx_i8_min_m; (void)amx_min_m; (void)amx_i8_ok;
 #endif
     return 0;
 }
 
-static void release(prepared_t *pr) { free(pr->xq); free(pr->xsc); free(pr->xs); free(pr->xq4); }
+static void release(prepared_t *pr) {
+    free(pr->xq); free(pr->xb); free(pr->xsc); free(pr->xs); free(pr->xscT); free(pr->xsT); free(pr->xq4); free(pr->tb);
+    memset(pr, 0, sizeof(*pr));
+}
 
 // y[start_e + m, n0 + c] = a[start_e + m, :] @ W_e[n0 + c, :]^T for every task; W_e = w + e * N * row_bytes
 static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t Kdim, const uint8_t *w, int64_t N,
                         int64_t row_bytes, const int64_t *start, const int64_t *count, const task_t *tasks,
-                        int64_t ntasks, int64_t max_rows, int64_t direct_max_m, int64_t amx_min_m, float *y) {
+                        int64_t ntasks, int64_t max_rows, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_min_m,
+                        float *y) {
     int err = 0;
 #pragma omp parallel
     {
@@ -100,7 +145,18 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
 #if defined(TM_I8_DIRECT)
-            if (pr->xq != NULL && i8_rows(m, direct_max_m)) {
+#if defined(TM_AMX_I8)
+            if (pr->xq != NULL && i8_rows(m, i8_max_m) && pr->tb[t.e] >= 0) {
+                const int64_t nb = Kdim / QK, tb = pr->tb[t.e];
+                if (tm_qlinear_amx_i8(qtype, pr->xb + tb * 16 * Kdim, pr->xscT + tb * 16 * nb, pr->xsT + tb * 16 * nb, m,
+                                      Kdim, wt, t.nc, tmp, t.nc) != 0) {
+#pragma omp atomic write
+                    err = -1;
+                    continue;
+                }
+            } else
+#endif
+            if (pr->xq != NULL && i8_rows(m, i8_max_m)) {
                 const int64_t nb = Kdim / QK;
                 tm_qlinear_i8_prepared(qtype, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
                                        pr->xs + s * nb, m, Kdim, wt, t.nc, NULL, tmp, t.nc);
@@ -119,14 +175,18 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
 }
 
 // x [T, H] float32, topk_ids [T, K] int64 in [0, E), topk_w [T, K] float32, w13 packed [E, 2I] rows of
-// row_bytes_h in block type qtype13, w2 packed [E, H] rows of row_bytes_i in block type qtype2; out [T, H]. An
-// expert's run of amx_min_m or more rows (0: never) takes qlinear's AMX bf16 path (where this library's
-// tm_amx_init enabled it), as the dense layers do under --gemm-dtype auto.
+// row_bytes_h in block type qtype13, w2 packed [E, H] rows of row_bytes_i in block type qtype2; out [T, H].
+// amx_min_m > 0 is gemm auto: an expert's run of 1..i8_max_m rows takes int8 activations (k-quants, an AVX512-VNNI
+// build): the AMX int8 tiles from amx_i8_min_m rows (where built and granted), else the VNNI tiles; a longer run of
+// amx_min_m or more rows takes qlinear's AMX bf16 path (where this library's tm_amx_init enabled it), as the dense
+// layers do under --gemm-dtype auto. amx_min_m 0: exact float32. ws (may be NULL): ws_floats floats of scratch the
+// call uses instead of allocating its row buffers when there are at least T * K * (2H + 3I).
 // Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
 // of the block, unknown type).
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
-                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t amx_min_m, float *out) {
+                  const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_i8_min_m,
+                  int64_t amx_min_m, float *ws, int64_t ws_floats, float *out) {
     const int64_t P = T * K;
     memset(out, 0, (size_t)(T * H) * sizeof(float));
     if (P == 0) return 0;
@@ -136,8 +196,12 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     int64_t *pos = (int64_t *)malloc((size_t)P * sizeof(int64_t)), *fill = (int64_t *)malloc((size_t)E * sizeof(int64_t));
     const int64_t max_tasks = E * ((2 * I + TILE_N - 1) / TILE_N + (H + TILE_N - 1) / TILE_N);
     task_t *tasks = (task_t *)malloc((size_t)(max_tasks + 1) * sizeof(task_t));
-    float *xs = (float *)malloc((size_t)(P * H) * sizeof(float)), *g = (float *)malloc((size_t)(P * 2 * I) * sizeof(float));
-    float *act = (float *)malloc((size_t)(P * I) * sizeof(float)), *y = (float *)malloc((size_t)(P * H) * sizeof(float));
+    // xs [P, H], g [P, 2I], act [P, I], y [P, H]: in the caller's workspace where it is large enough
+    const int own = ws == NULL || ws_floats < P * (2 * H + 3 * I);
+    float *xs = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws;
+    float *g = own ? (float *)malloc((size_t)(P * 2 * I) * sizeof(float)) : ws + P * H;
+    float *act = own ? (float *)malloc((size_t)(P * I) * sizeof(float)) : ws + P * (H + 2 * I);
+    float *y = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws + P * (H + 3 * I);
     int rc = -1;
     prepared_t pr;
     memset(&pr, 0, sizeof(pr));
@@ -152,11 +216,11 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     for (int64_t p = 0; p < P; p++) pos[p] = fill[topk_ids[p]]++;  // sorted slot of pair p (stable)
 #pragma omp parallel for schedule(static) if (P * H >= (1 << 15))
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
-    int64_t nt = make_tasks(count, E, 2 * I, amx_min_m, tasks);
-    rc = prepare(qtype13, xs, P, H, start, count, E, direct_max_m, amx_min_m, &pr);
+    int64_t nt = make_tasks(count, E, 2 * I, i8_max_m, amx_min_m, tasks);
+    rc = prepare(qtype13, xs, P, H, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
-                          direct_max_m, amx_min_m, g);
+                          direct_max_m, i8_max_m, amx_min_m, g);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
     for (int64_t p = 0; p < P; p++) {
@@ -164,11 +228,11 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
         for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
     }
     release(&pr);
-    nt = make_tasks(count, E, H, amx_min_m, tasks);
-    rc = prepare(qtype2, act, P, I, start, count, E, direct_max_m, amx_min_m, &pr);
+    nt = make_tasks(count, E, H, i8_max_m, amx_min_m, tasks);
+    rc = prepare(qtype2, act, P, I, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
-                          amx_min_m, y);
+                          i8_max_m, amx_min_m, y);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (T * H >= (1 << 15))
     for (int64_t t = 0; t < T; t++)
@@ -178,6 +242,7 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
         }
 done:
     release(&pr);
-    free(count); free(start); free(pos); free(fill); free(tasks); free(xs); free(g); free(act); free(y);
+    free(count); free(start); free(pos); free(fill); free(tasks);
+    if (own) { free(xs); free(g); free(act); free(y); }
     return rc;
 }

@@ -58,15 +58,28 @@ static void amx_config(void) {
     _tile_loadconfig(&cfg);
 }
 
+static inline int kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
+
 // Block b (weights 32b .. 32b + 31) of a packed row as 16 words, each a pair of bf16 (k = 2i, 2i + 1), dequantized
-// as dequant_row (generic types: sub-block b % nsub of super-block b / nsub).
-static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype, const uint8_t *row, int64_t b) {
+// as dequant_row (generic types: sub-block b % nsub of super-block b / nsub; the k-quants' scales from ks, its
+// super-block's kquant_scales: d at ks[0..15], mins at ks[16..23]).
+static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype, const uint8_t *row, int64_t b,
+                                                                 const float *ks) {
     __m512 q0, q1;
     if (generic_type(qtype)) {
         const int nsub = block_weights(qtype) / QK, s = (int)(b % nsub);
         const uint8_t *blk = row + (b / nsub) * block_bytes(qtype);
         float dlo, dhi, m;
-        gen_sub_scales(qtype, blk, s, &dlo, &dhi, &m);
+        if (qtype == Q6_K) {
+            dlo = ks[2 * s];
+            dhi = ks[2 * s + 1];
+            m = 0.0f;
+        } else if (kquant(qtype)) {
+            dlo = dhi = ks[s];
+            m = ks[16 + s];
+        } else {
+            gen_sub_scales(qtype, blk, s, &dlo, &dhi, &m);
+        }
         const __m256i q = gen_sub_q256(qtype, blk, s);
         const __m512 mv = _mm512_set1_ps(m);
         q0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), _mm512_set1_ps(dlo),
@@ -126,14 +139,18 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
 // n0 + j's block b, i.e. the B tile of k-block b.
 static inline __attribute__((always_inline)) void panel_pairs(const int qtype, const uint8_t *w, int64_t row_bytes,
                                                               int64_t nkb, int64_t n0, int64_t N, uint32_t *panel) {
-    const int nr = (int)(N - n0 < 16 ? N - n0 : 16);
+    const int nr = (int)(N - n0 < 16 ? N - n0 : 16), nsub = block_weights(qtype) / QK;
+    float ks[16][24];  // k-quants: each row's scales of the current super-block, decoded once for its 8 blocks
     for (int64_t b = 0; b < nkb; b++) {
         __m512i v[16];
+        if (kquant(qtype) && b % nsub == 0)
+            for (int j = 0; j < nr; j++)
+                kquant_scales(qtype, w + (n0 + j) * row_bytes + (b / nsub) * block_bytes(qtype), ks[j], ks[j] + 16);
         for (int j = 0; j < 16; j++) {
             if (j < nr) {
                 const uint8_t *row = w + (n0 + j) * row_bytes;
                 _mm_prefetch((const char *)row + (b + 8) * row_bytes / nkb, _MM_HINT_T0);  // 8 blocks ahead
-                v[j] = block_pairs(qtype, row, b);
+                v[j] = block_pairs(qtype, row, b, ks[j]);
             } else {
                 v[j] = _mm512_setzero_si512();
             }

@@ -199,6 +199,33 @@ static inline __attribute__((always_inline)) void block512(const int qtype, cons
 }
 #endif  // TM_AVX512
 
+#if defined(TM_AVX512)
+// K-quants: the super-block at blk's 8 sub-blocks' scales d (dlo of gen_sub_scales) and mins m (Q4_K, Q5_K: the 12
+// scale bytes unpacked 4 at a time, as llama.cpp does; m untouched for Q6_K), or Q6_K's 16 scales (one per 16
+// weights: dlo, dhi of sub-block s are d[2s], d[2s + 1]); the same float products as gen_sub_scales.
+static inline __attribute__((always_inline)) void kquant_scales(const int qtype, const uint8_t *blk, float *d,
+                                                                float *m) {
+    if (qtype == Q6_K) {
+        const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
+        _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_set1_ps(f16_to_f32(blk + 208)), sc));
+        return;
+    }
+    uint32_t u[4];
+    memcpy(u, blk + 4, 12);
+    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);  // mins 4..7
+    const uint32_t mins = u[1] & m1;                        // mins 0..3
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);         // scales 4..7
+    u[2] = mins;
+    u[0] &= m1;  // scales 0..3
+    const __m128i b = _mm_setr_epi32((int)u[0], (int)u[1], (int)u[2], (int)u[3]);  // (a load would stall on the stores)
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+    _mm256_storeu_ps(d, _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(blk)), sc));
+    _mm256_storeu_ps(m, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(blk + 2)), mn)));
+}
+#endif  // TM_AVX512
+
 // Rows of x the direct (register) path takes at a time.
 #define DIRECT_MAX_ROWS 3
 
@@ -239,6 +266,21 @@ int tm_amx_enabled(void);
 // qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy);
+#endif
+
+// The AMX int8 path for the k-quants (qlinear_amx_i8.c): int8 activations as the direct path's, any number of rows.
+#if defined(TM_AMX) && defined(TM_I8_DIRECT) && defined(__AMX_INT8__)
+#define TM_AMX_I8 1
+// Bytes of x in quad layout for M rows of K (rows padded to a multiple of 16).
+int64_t tm_amx_i8_x_bytes(int64_t M, int64_t K);
+// A prepared x (tm_prepare_x_i8: xq [M, K], xsc and xs [M, K / 32]) -> per tile of 16 rows t: xb (t * 16 * K bytes
+// on: [K / 32 sub-blocks][8 quads][16 rows][4]), xscT and xsT ([t][K / 32][16 rows]); padding rows zero.
+void tm_prepare_x_amx_i8(const int8_t *xq, const float *xsc, const float *xs, int64_t M, int64_t K, int8_t *xb,
+                         float *xscT, float *xsT);
+// y[M, N] (row stride ldy) = rounded x . W^T from x prepared as above, W Q4_K / Q5_K / Q6_K with K a multiple of 256;
+// the tile state must be granted (tm_amx_enabled). 0, -1 bad type / K or out of memory.
+int tm_qlinear_amx_i8(int qtype, const int8_t *xb, const float *xscT, const float *xsT, int64_t M, int64_t K,
+                      const uint8_t *w, int64_t N, float *y, int64_t ldy);
 #endif
 
 #endif  // TM_QUANT_H
