@@ -41,6 +41,37 @@ class _Projection:
         self.b = torch.zeros(slots, k, sum(outs), dtype=dtype, device=device)  # [S, K, out]
         # slice s's columns [cols[s], cols[s+1]) of B are non-zero only in its rank rows (the C kernel skips the rest)
         self.cols = torch.tensor([sum(outs[:i]) for i in range(len(outs) + 1)], dtype=torch.int64)
+        self.a16: Optional[torch.Tensor] = None  # bfloat16 copies packed for csrc/lora.c (enable_bf16)
+        self.b16: Optional[torch.Tensor] = None
+
+    def enable_bf16(self) -> None:
+        """Keep bfloat16 copies of every slot's A and B in csrc/lora.c's packed layouts (see pack_bf16)."""
+        slots, fan_in, k = self.a.shape
+        kp, in2, r2 = -(-k // 16) * 16, -(-fan_in // 32) * 32, self.rank + self.rank % 2
+        self.a16 = torch.zeros(slots, in2 * kp, dtype=torch.bfloat16)
+        self.b16 = torch.zeros(slots, r2 * sum(self.outs), dtype=torch.bfloat16)
+        for slot in range(slots):
+            self.pack_bf16(slot)
+
+    def pack_bf16(self, slot: int) -> None:
+        """a16[slot] = A as [in2 / 2][Kp][2] (input pairs interleaved: the vdpbf16ps and AMX tile operand; in2 = in
+        rounded up to 32), b16[slot] = each slice's rank rows of B as [r2 / 2][its columns][2], slices back to back;
+        zero padded (csrc/lora.c)."""
+        if self.a16 is None:
+            return
+        a = self.a[slot].float()
+        fan_in, k = a.shape
+        in2, r = -(-fan_in // 32) * 32, self.rank
+        kp, r2 = self.a16.shape[1] // in2, r + r % 2
+        ap = torch.zeros(in2, kp)
+        ap[:fan_in, :k] = a
+        self.a16[slot].copy_(ap.view(in2 // 2, 2, kp).transpose(1, 2).reshape(-1))
+        parts = []
+        for s, (o0, n) in enumerate(zip(self.offsets, self.outs)):
+            bs = torch.zeros(r2, n)
+            bs[:r] = self.b[slot, s * r:(s + 1) * r, o0:o0 + n].float()
+            parts.append(bs.view(r2 // 2, 2, n).transpose(1, 2).reshape(-1))
+        self.b16[slot].copy_(torch.cat(parts))
 
 
 class LoRARuntime:
@@ -78,6 +109,13 @@ class LoRARuntime:
                 self._hooks.append(module.register_forward_hook(self._hook(proj)))
             self.projections.append(per)
         self.layers = list(model.model.layers)
+        # the fused C layer's LoRA term in bfloat16 when the packed linears' large calls run in bfloat16 (AMX): the
+        # LoRA term then keeps the base GEMM's precision at half the weight traffic and twice the dot-product rate
+        self.c_bf16 = device.type == "cpu" and dtype == torch.float32 and _c_bf16_fits(model)
+        if self.c_bf16:
+            for per in self.projections:
+                for proj in per.values():
+                    proj.enable_bf16()
         self._c_lora: list[tuple[Any, Optional[Any]]] = [(None, None)] * len(self.layers)  # (fast path, TmLoRA)
         self._c_spans = None  # the step's span tensors (kept alive while the C layers read them)
 
@@ -95,7 +133,15 @@ class LoRARuntime:
                 return None
             st.proj[i].a, st.proj[i].b, st.proj[i].k = proj.a.data_ptr(), proj.b.data_ptr(), proj.a.shape[2]
             st.proj[i].nslices, st.proj[i].cols = len(proj.outs), proj.cols.data_ptr()
+            if self.c_bf16 and proj.a16 is not None:
+                st.proj[i].a16, st.proj[i].b16 = proj.a16.data_ptr(), proj.b16.data_ptr()
         return st
+
+    def set_c_bf16(self, on: bool) -> None:
+        """Run the fused layer's LoRA term with the bfloat16 kernel (when its copies exist) or the float32 one
+        (bench/lora_serving.py --f32-lora measures both in one run)."""
+        self.c_bf16 = bool(on) and all(p.a16 is not None for per in self.projections for p in per.values())
+        self._c_lora = [(None, None)] * len(self.layers)  # rebuilt at the next step
 
     # ---- adapters ------------------------------------------------------------------------------
     def load(self, lora_id: int, w: LoRAWeights) -> None:
@@ -117,6 +163,9 @@ class LoRARuntime:
                         k0, o0 = i * proj.rank, proj.offsets[i]
                         proj.a[slot, :, k0:k0 + r].copy_(a.t())
                         proj.b[slot, k0:k0 + r, o0:o0 + proj.outs[i]].copy_(b.t())
+            for per in self.projections:
+                for proj in per.values():
+                    proj.pack_bf16(slot)
         self.slot_of[lora_id] = slot
 
     def unload(self, lora_id: int) -> None:
@@ -189,6 +238,18 @@ class LoRARuntime:
             return output
 
         return hook
+
+
+def _c_bf16_fits(model: Any) -> bool:
+    """Whether the fused C layer's LoRA term runs in bfloat16: the model's packed linears compute their large calls
+    in bfloat16 (dense_gemm_dtype) and the layer library has the AVX512-BF16 kernel."""
+    from tokenmill.model.layers.quantized import dense_gemm_dtype
+
+    if dense_gemm_dtype(model) != torch.bfloat16:
+        return False
+    from tokenmill.ops.cpu.layer import lora_bf16_available
+
+    return lora_bf16_available()
 
 
 def select_lora_op(device: torch.device) -> Callable[..., None]:
