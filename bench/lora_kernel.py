@@ -3,8 +3,9 @@ its batched LoRA term (csrc/lora.c tm_lora_apply: the bfloat16 kernel when the r
 the float32 kernel on the same buffers) and the PyTorch op (ops/cpu/lora.py), side by side in one run, on layer 0
 of the default model (or --model) with --adapters adapters of rank --rank on all seven projections (random
 weights), at M rows spread over the adapters in equal contiguous spans. One layer's buffers, called again and again:
-cache-warm, so this is the kernels' compute; a step's 30 layers x 8 adapters stream theirs from memory
-(bench/lora_serving.py measures that end to end).
+cache-warm, so this is the kernels' compute. Then the step's shape: every layer's four linears and LoRA terms
+one after another (each layer's own weights and adapter buffers, streamed from memory as in a decode step),
+timed as base linears only, LoRA terms only, and both interleaved (base then LoRA per projection).
 
     PYTHONPATH=. python bench/lora_kernel.py [--rows 16,64,512] [--threads 2] [--out results.json]
 """
@@ -120,6 +121,40 @@ def main() -> None:
         print(f"M={m:4d} all four      base {tot['base']:7.3f} ms  lora C {tot['lora_c']:7.3f} ms  lora C f32 "
               f"{tot['lora_c_f32']:7.3f} ms  lora torch {tot['lora_torch']:7.3f} ms  (lora C / base "
               f"{tot['lora_c'] / tot['base']:.2f}, f32 {tot['lora_c_f32'] / tot['base']:.2f})", flush=True)
+    layers = runner.model.model.layers
+    structs = [rt._c_struct(ly, rt.projections[i]) for i, ly in enumerate(layers)]
+    for m in [int(r) for r in args.rows.split(",")]:
+        per = m // len(slots)
+        spans = [(g * per, per if g < len(slots) - 1 else m - g * per, s) for g, s in enumerate(slots)]
+        t = torch.tensor(spans, dtype=torch.int64).t().contiguous()
+        for s_ in structs:
+            s_.num_groups, s_.starts, s_.lens, s_.slots = t.shape[1], t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
+        calls = []
+        for li, ly in enumerate(layers):
+            for which, name in enumerate(PACKED):
+                proj = rt.projections[li][name]
+                fin, fout = proj.a.shape[1], proj.b.shape[2]
+                qt, w, b = ly.fast_path.linears[3 * which:3 * which + 3]
+                calls.append((which, fin, fout, qt, w, b, ctypes.byref(structs[li]), torch.randn(m, fin),
+                              torch.zeros(m, fout)))
+
+        def pass_(do_base: bool, do_lora: bool) -> None:
+            for which, fin, fout, qt, w, b, stp, x, y in calls:
+                if do_base:
+                    lib.qlinear_any(qt, x.data_ptr(), m, fin, w, fout, b, y.data_ptr(), DIRECT_MAX_ROWS,
+                                    fast.amx_min_rows)
+                if do_lora:
+                    lib.tm_lora_apply(stp, which, x.data_ptr(), 0, m, fin, y.data_ptr(), fout)
+
+        reps = max(3, args.reps // 5)
+        row = {"rows": m, "proj": "all layers", "base_ms": best_ms(lambda: pass_(True, False), reps),
+               "lora_c_ms": best_ms(lambda: pass_(False, True), reps),
+               "both_ms": best_ms(lambda: pass_(True, True), reps)}
+        results["runs"].append(row)
+        print(f"M={m:4d} {len(layers)} layers  base linears {row['base_ms']:7.2f} ms  LoRA terms "
+              f"{row['lora_c_ms']:7.2f} ms"
+              f"  interleaved {row['both_ms']:7.2f} ms  (+{row['both_ms'] - row['base_ms']:.2f} ms over base)",
+              flush=True)
     engine.shutdown()
     if args.out:
         with open(args.out, "w") as f:

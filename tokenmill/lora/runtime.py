@@ -49,14 +49,14 @@ class _Projection:
         slots, fan_in, k = self.a.shape
         kp, in2, r2 = -(-k // 16) * 16, -(-fan_in // 32) * 32, self.rank + self.rank % 2
         self.a16 = torch.zeros(slots, in2 * kp, dtype=torch.bfloat16)
-        self.b16 = torch.zeros(slots, r2 * sum(self.outs), dtype=torch.bfloat16)
+        self.b16 = torch.zeros(slots, r2 * sum(-(-n // 16) * 16 for n in self.outs), dtype=torch.bfloat16)
         for slot in range(slots):
             self.pack_bf16(slot)
 
     def pack_bf16(self, slot: int) -> None:
         """a16[slot] = A as [in2 / 2][Kp][2] (input pairs interleaved: the vdpbf16ps and AMX tile operand; in2 = in
-        rounded up to 32), b16[slot] = each slice's rank rows of B as [r2 / 2][its columns][2], slices back to back;
-        zero padded (csrc/lora.c)."""
+        rounded up to 32), b16[slot] = each slice's rank rows of B as [n16 / 16][r2 / 2][16][2] (its columns in
+        groups of 16, rounded up), slices back to back; zero padded (csrc/lora.c)."""
         if self.a16 is None:
             return
         a = self.a[slot].float()
@@ -68,9 +68,11 @@ class _Projection:
         self.a16[slot].copy_(ap.view(in2 // 2, 2, kp).transpose(1, 2).reshape(-1))
         parts = []
         for s, (o0, n) in enumerate(zip(self.offsets, self.outs)):
-            bs = torch.zeros(r2, n)
-            bs[:r] = self.b[slot, s * r:(s + 1) * r, o0:o0 + n].float()
-            parts.append(bs.view(r2 // 2, 2, n).transpose(1, 2).reshape(-1))
+            n16 = -(-n // 16) * 16
+            bs = torch.zeros(r2, n16)
+            bs[:r, :n] = self.b[slot, s * r:(s + 1) * r, o0:o0 + n].float()
+            # [r2, n16] -> [n16 / 16][r2 / 2][16][2]
+            parts.append(bs.view(r2 // 2, 2, n16 // 16, 16).permute(2, 0, 3, 1).reshape(-1))
         self.b16[slot].copy_(torch.cat(parts))
 
 
@@ -116,7 +118,8 @@ class LoRARuntime:
             for per in self.projections:
                 for proj in per.values():
                     proj.enable_bf16()
-        self._c_lora: list[tuple[Any, Optional[Any]]] = [(None, None)] * len(self.layers)  # (fast path, TmLoRA)
+        # (fast path, its TmLoRA, a pointer to it)
+        self._c_lora: list[tuple[Any, Optional[Any], Optional[Any]]] = [(None, None, None)] * len(self.layers)
         self._c_spans = None  # the step's span tensors (kept alive while the C layers read them)
 
     def _c_struct(self, layer: Any, per: dict) -> Optional[Any]:
@@ -141,7 +144,7 @@ class LoRARuntime:
         """Run the fused layer's LoRA term with the bfloat16 kernel (when its copies exist) or the float32 one
         (bench/lora_serving.py --f32-lora measures both in one run)."""
         self.c_bf16 = bool(on) and all(p.a16 is not None for per in self.projections for p in per.values())
-        self._c_lora = [(None, None)] * len(self.layers)  # rebuilt at the next step
+        self._c_lora = [(None, None, None)] * len(self.layers)  # rebuilt at the next step
 
     # ---- adapters ------------------------------------------------------------------------------
     def load(self, lora_id: int, w: LoRAWeights) -> None:
@@ -202,19 +205,20 @@ class LoRARuntime:
             if fast is None:
                 continue
             if self._c_lora[i][0] is not fast:  # built once per installed fast path
-                self._c_lora[i] = (fast, self._c_struct(layer, self.projections[i]))
-            layers.append((layer, self._c_lora[i][1]))
+                st = self._c_struct(layer, self.projections[i])
+                self._c_lora[i] = (fast, st, ctypes.pointer(st) if st is not None else None)
+            layers.append((layer, self._c_lora[i][1], self._c_lora[i][2]))
         if not layers:
             return True
-        if any(st is None for _, st in layers):
+        if any(st is None for _, st, _ in layers):
             return False
         spans = sorted((lo, hi - lo, slot) for slot, (lo, hi) in layout.group_spans.items())
         t = torch.tensor(spans, dtype=torch.int64).t().contiguous()  # [3, G]: starts, lens, slots
         self._c_spans = t
-        for layer, st in layers:
-            st.num_groups = t.shape[1]
-            st.starts, st.lens, st.slots = t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
-            layer.fast_path.lora = ctypes.pointer(st)
+        g, starts, lens, slots = t.shape[1], t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
+        for layer, st, ptr in layers:
+            st.num_groups, st.starts, st.lens, st.slots = g, starts, lens, slots
+            layer.fast_path.lora = ptr
             self._fused_lora_layers.append(layer)
         return True
 

@@ -13,8 +13,10 @@
 // slot, with in2 = in rounded up to 32, Kp = K rounded up to 16, r2 = the slice rank K / nslices rounded up to even,
 // padding zero:
 //   a16 [in2 / 2][Kp][2]          element (i, k) at ((i / 2) * Kp + k) * 2 + i % 2
-//   b16 slice s at r2 * cols[s]:  [r2 / 2][cols[s+1] - cols[s]][2], element (k, o) of the slice's rank row k,
-//                                 column o (from cols[s]) at ((k / 2) * ncols + o) * 2 + k % 2
+//   b16 slice s (ncols = cols[s+1] - cols[s] columns, n16 = ncols rounded up to 16), at r2 times the n16 of the
+//       slices before it: [n16 / 16][r2 / 2][16][2], element (k, o) of the slice's rank row k, column o at
+//       (((o / 16) * (r2 / 2) + k / 2) * 16 + o % 16) * 2 + k % 2: 16 columns' rank pairs contiguous, so the
+//       expand reads B in order (and one AMX tile is 512 contiguous bytes at rank 16)
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +78,8 @@ static void lora_row_avx512(const float *xr, const float *A, const float *B, int
 
 #if defined(TM_AVX512) && defined(__AVX512BF16__)
 #define TM_LORA_BF16 1
-#define LORA_RB 4  // rows per block of the bfloat16 kernel
+#define LORA_RB 4     // rows per block of the bfloat16 kernel
+#define LORA_PF 1024  // prefetch distance in A (bfloat16 elements: 2 KiB ahead); B: the next columns' same line
 
 static inline __m512bh bcast_pair(const uint16_t *p) {  // the bfloat16 pair p[0], p[1] in every lane
     int32_t w;
@@ -109,7 +112,10 @@ static inline __attribute__((always_inline)) void shrink_bf16(const uint16_t *xb
     for (int64_t ip = 0; ip < in2 / 2; ip++) {
         const uint16_t *ap = A + ip * Kp * 2;
         __m512bh av[4];
-        for (int c = 0; c < NK; c++) av[c] = (__m512bh)_mm512_loadu_si512(ap + 32 * c);
+        for (int c = 0; c < NK; c++) {
+            av[c] = (__m512bh)_mm512_loadu_si512(ap + 32 * c);
+            _mm_prefetch((const char *)(ap + 32 * c + LORA_PF), _MM_HINT_T0);
+        }
         for (int r = 0; r < R; r++) {
             const __m512bh xv = bcast_pair(xb + r * in2 + 2 * ip);
             for (int c = 0; c < NK; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av[c], xv);
@@ -119,17 +125,20 @@ static inline __attribute__((always_inline)) void shrink_bf16(const uint16_t *xb
         for (int c = 0; c < NK; c++) _mm512_storeu_ps(hs + r * Kp + 16 * c, acc[r][c]);
 }
 
-// y [R rows, stride ys] columns [o, o + 16 NV) += hb [R][hstride] (its np pairs) B (a b16 slice, ncols wide)
+// y [R rows, stride ys] columns [o, o + 16 NV) += hb [R][hstride] (its np pairs) B (a b16 slice), o % 16 == 0
 static inline __attribute__((always_inline)) void expand_bf16(const uint16_t *hb, int64_t hstride, const uint16_t *Bs,
-                                                              int64_t ncols, int64_t np, float *y, int64_t ys,
-                                                              int64_t o, const int R, const int NV) {
+                                                              int64_t np, float *y, int64_t ys, int64_t o,
+                                                              const int R, const int NV) {
     __m512 acc[LORA_RB][4];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(y + r * ys + o + 16 * v);
     for (int64_t kp = 0; kp < np; kp++) {
-        const uint16_t *bp = Bs + (kp * ncols + o) * 2;
+        const uint16_t *bp = Bs + ((o / 16) * np + kp) * 32;
         __m512bh bv[4];
-        for (int v = 0; v < NV; v++) bv[v] = (__m512bh)_mm512_loadu_si512(bp + 32 * v);
+        for (int v = 0; v < NV; v++) {
+            bv[v] = (__m512bh)_mm512_loadu_si512(bp + v * np * 32);
+            _mm_prefetch((const char *)(bp + (v + NV) * np * 32), _MM_HINT_T0);  // the next columns' line
+        }
         for (int r = 0; r < R; r++) {
             const __m512bh hv = bcast_pair(hb + r * hstride + 2 * kp);
             for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], bv[v], hv);
@@ -146,7 +155,7 @@ static void expand_tail_bf16(const uint16_t *hb, int64_t hstride, const uint16_t
     for (int r = 0; r < R; r++) {
         __m512 acc = _mm512_maskz_loadu_ps(mk, y + r * ys + o);
         for (int64_t kp = 0; kp < np; kp++) {
-            const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi32(mk, Bs + (kp * ncols + o) * 2);
+            const __m512bh bv = (__m512bh)_mm512_loadu_si512(Bs + ((o / 16) * np + kp) * 32);  // zero padded
             acc = _mm512_dpbf16_ps(acc, bv, bcast_pair(hb + r * hstride + 2 * kp));
         }
         _mm512_mask_storeu_ps(y + r * ys + o, mk, acc);
@@ -156,8 +165,8 @@ static void expand_tail_bf16(const uint16_t *hb, int64_t hstride, const uint16_t
 #define SHRINK_CASE(R_, NK_) case (R_) * 8 + (NK_): shrink_bf16(xb, in2, A, Kp, hs, R_, NK_); break;
 #define EXPAND_ROWS(R_)                                                                            \
     case R_:                                                                                       \
-        for (; o + 64 <= nc; o += 64) expand_bf16(hb + k0, hst, Bs, nc, np, yb + c0, out, o, R_, 4); \
-        for (; o + 16 <= nc; o += 16) expand_bf16(hb + k0, hst, Bs, nc, np, yb + c0, out, o, R_, 1); \
+        for (; o + 64 <= nc; o += 64) expand_bf16(hb + k0, hst, Bs, np, yb + c0, out, o, R_, 4); \
+        for (; o + 16 <= nc; o += 16) expand_bf16(hb + k0, hst, Bs, np, yb + c0, out, o, R_, 1); \
         break;
 
 // one block: rows x [R][in] (stride in), y [R][out] (stride out), of one adapter (its packed A16, B16)
@@ -177,9 +186,9 @@ static void lora_block_bf16(const tm_lora_proj *P, const uint16_t *A, const uint
     }
     rows_to_bf16(hs, Kp, R, Kp, hb, hst);  // hst = Kp + 2: the pad pair of a slice of odd rank reads zeros
     for (int r = 0; r < R; r++) hb[r * hst + Kp] = hb[r * hst + Kp + 1] = 0;
-    for (int64_t s = 0; s < ns; s++) {
+    const uint16_t *Bs = B;
+    for (int64_t s = 0; s < ns; Bs += r2 * ((P->cols[s + 1] - P->cols[s] + 15) & ~(int64_t)15), s++) {
         const int64_t c0 = P->cols[s], nc = P->cols[s + 1] - c0, k0 = s * rk;
-        const uint16_t *Bs = B + r2 * c0;
         int64_t o = 0;
         switch (R) {
             EXPAND_ROWS(1)
@@ -199,7 +208,7 @@ typedef struct {
 } lora_tilecfg;
 
 // Tiles: 0-3 float32 accumulators (16 rows x 16), 4 x (16 rows x 32 inputs), 5 a16 (16 input pairs x 16 k x 2),
-// 6 h (16 rows x r2 ranks), 7 a b16 slice (r2 / 2 rank pairs x 16 columns x 2).
+// 6 h (16 rows x r2 ranks), 7 16 columns of a b16 slice (r2 / 2 rank pairs x 16 columns x 2).
 static void lora_amx_config(int64_t r2) {
     lora_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -237,15 +246,15 @@ static void lora_block_amx(const tm_lora_proj *P, const uint16_t *A, const uint1
     if (nk > 2) _tile_stored(2, hs + 32, Kp * 4);
     if (nk > 3) _tile_stored(3, hs + 48, Kp * 4);
     rows_to_bf16(hs, Kp, 16, Kp, hb, hst);
-    for (int64_t s = 0; s < ns; s++) {
+    const uint16_t *Bs = B;
+    for (int64_t s = 0; s < ns; Bs += r2 * ((P->cols[s + 1] - P->cols[s] + 15) & ~(int64_t)15), s++) {
         const int64_t c0 = P->cols[s], nc = P->cols[s + 1] - c0, k0 = s * rk;
-        const uint16_t *Bs = B + r2 * c0;
         float *ys = yb + c0;
         _tile_loadd(6, hb + k0, hst * 2);
         int64_t o = 0;
         for (; o + 16 <= nc; o += 16) {
             _tile_loadd(0, ys + o, out * 4);
-            _tile_loadd(7, Bs + o * 2, nc * 4);
+            _tile_loadd(7, Bs + (o / 16) * np * 32, 64);
             _tile_dpbf16ps(0, 6, 7);
             _tile_stored(0, ys + o, out * 4);
         }
@@ -260,6 +269,8 @@ static int lora_apply_bf16(const tm_lora *L, const tm_lora_proj *P, const float 
                            int64_t out, const int64_t *lo, const int64_t *n, int64_t G, int64_t total) {
     const int64_t K = P->k, Kp = (K + 15) & ~(int64_t)15, in2 = (in + 31) & ~(int64_t)31;
     const int64_t r2 = ((K / P->nslices) + 1) & ~(int64_t)1;
+    int64_t out16 = 0;  // the slices' columns, each rounded up to 16: a slot's b16 holds r2 * out16
+    for (int64_t s = 0; s < P->nslices; s++) out16 += (P->cols[s + 1] - P->cols[s] + 15) & ~(int64_t)15;
     const int par = TM_TOP_LEVEL && total * K * (in + out) >= (1 << 17);
     int amx = 0;
 #ifdef TM_AMX
@@ -296,7 +307,7 @@ static int lora_apply_bf16(const tm_lora *L, const tm_lora_proj *P, const float 
         for (int64_t j = 0; j < nblk; j++) {
             if (!xb) continue;  // out of memory: reported below
             const int64_t row = blk[3 * j], R = blk[3 * j + 1], slot = blk[3 * j + 2];
-            const uint16_t *A = P->a16 + slot * in2 * Kp, *B = P->b16 + slot * r2 * out;
+            const uint16_t *A = P->a16 + slot * in2 * Kp, *B = P->b16 + slot * r2 * out16;
 #ifdef TM_AMX
             if (R == 16) {
                 lora_block_amx(P, A, B, x + row * in, in, y + row * out, out, xb);
