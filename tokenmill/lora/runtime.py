@@ -8,7 +8,9 @@ given the step's adapter row spans; a step it cannot take that way runs the per-
 Buffers per (layer, packed projection): a [S, in, K], b [S, K, out] with S = slots (max_cpu_loras),
 K = slices * max_rank (q|k|v: 3 slices, gate|up: 2); an adapter's A^T / B^T go into its slot, rank padded with
 zeros, B block-diagonal over the slices, so one op serves the whole packed projection. A target the adapter
-lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is None).
+lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is None). Where the fused layer's
+LoRA term runs in bfloat16 (c_bf16: the packed linears compute their large calls in bfloat16), each projection
+also keeps a16 / b16, every slot's A and B in bfloat16 in csrc/lora.c's packed layouts, repacked at each load.
 """
 from __future__ import annotations
 
