@@ -8,7 +8,9 @@ given the step's adapter row spans; a step it cannot take that way runs the per-
 Buffers per (layer, packed projection): a [S, in, K], b [S, K, out] with S = slots (max_cpu_loras),
 K = slices * max_rank (q|k|v: 3 slices, gate|up: 2); an adapter's A^T / B^T go into its slot, rank padded with
 zeros, B block-diagonal over the slices, so one op serves the whole packed projection. A target the adapter
-lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is None).
+lacks stays zero. Hooks do nothing in a step without LoRA rows (the layout is None). Where the fused layer's
+LoRA term runs in bfloat16 (c_bf16: the packed linears compute their large calls in bfloat16), each projection
+also keeps a16 / b16, every slot's A and B in bfloat16 in csrc/lora.c's packed layouts, repacked at each load.
 """
 from __future__ import annotations
 
@@ -41,6 +43,39 @@ class _Projection:
         self.b = torch.zeros(slots, k, sum(outs), dtype=dtype, device=device)  # [S, K, out]
         # slice s's columns [cols[s], cols[s+1]) of B are non-zero only in its rank rows (the C kernel skips the rest)
         self.cols = torch.tensor([sum(outs[:i]) for i in range(len(outs) + 1)], dtype=torch.int64)
+        self.a16: Optional[torch.Tensor] = None  # bfloat16 copies packed for csrc/lora.c (enable_bf16)
+        self.b16: Optional[torch.Tensor] = None
+
+    def enable_bf16(self) -> None:
+        """Keep bfloat16 copies of every slot's A and B in csrc/lora.c's packed layouts (see pack_bf16)."""
+        slots, fan_in, k = self.a.shape
+        kp, in2, r2 = -(-k // 16) * 16, -(-fan_in // 32) * 32, self.rank + self.rank % 2
+        self.a16 = torch.zeros(slots, in2 * kp, dtype=torch.bfloat16)
+        self.b16 = torch.zeros(slots, r2 * sum(-(-n // 16) * 16 for n in self.outs), dtype=torch.bfloat16)
+        for slot in range(slots):
+            self.pack_bf16(slot)
+
+    def pack_bf16(self, slot: int) -> None:
+        """a16[slot] = A as [in2 / 2][Kp][2] (input pairs interleaved: the vdpbf16ps and AMX tile operand; in2 = in
+        rounded up to 32), b16[slot] = each slice's rank rows of B as [n16 / 16][r2 / 2][16][2] (its columns in
+        groups of 16, rounded up), slices back to back; zero padded (csrc/lora.c)."""
+        if self.a16 is None:
+            return
+        a = self.a[slot].float()
+        fan_in, k = a.shape
+        in2, r = -(-fan_in // 32) * 32, self.rank
+        kp, r2 = self.a16.shape[1] // in2, r + r % 2
+        ap = torch.zeros(in2, kp)
+        ap[:fan_in, :k] = a
+        self.a16[slot].copy_(ap.view(in2 // 2, 2, kp).transpose(1, 2).reshape(-1))
+        parts = []
+        for s, (o0, n) in enumerate(zip(self.offsets, self.outs)):
+            n16 = -(-n // 16) * 16
+            bs = torch.zeros(r2, n16)
+            bs[:r, :n] = self.b[slot, s * r:(s + 1) * r, o0:o0 + n].float()
+            # [r2, n16] -> [n16 / 16][r2 / 2][16][2]
+            parts.append(bs.view(r2 // 2, 2, n16 // 16, 16).permute(2, 0, 3, 1).reshape(-1))
+        self.b16[slot].copy_(torch.cat(parts))
 
 
 class LoRARuntime:
@@ -78,7 +113,15 @@ class LoRARuntime:
                 self._hooks.append(module.register_forward_hook(self._hook(proj)))
             self.projections.append(per)
         self.layers = list(model.model.layers)
-        self._c_lora: list[tuple[Any, Optional[Any]]] = [(None, None)] * len(self.layers)  # (fast path, TmLoRA)
+        # the fused C layer's LoRA term in bfloat16 when the packed linears' large calls run in bfloat16 (AMX): the
+        # LoRA term then keeps the base GEMM's precision at half the weight traffic and twice the dot-product rate
+        self.c_bf16 = device.type == "cpu" and dtype == torch.float32 and _c_bf16_fits(model)
+        if self.c_bf16:
+            for per in self.projections:
+                for proj in per.values():
+                    proj.enable_bf16()
+        # (fast path, its TmLoRA, a pointer to it)
+        self._c_lora: list[tuple[Any, Optional[Any], Optional[Any]]] = [(None, None, None)] * len(self.layers)
         self._c_spans = None  # the step's span tensors (kept alive while the C layers read them)
 
     def _c_struct(self, layer: Any, per: dict) -> Optional[Any]:
@@ -95,7 +138,15 @@ class LoRARuntime:
                 return None
             st.proj[i].a, st.proj[i].b, st.proj[i].k = proj.a.data_ptr(), proj.b.data_ptr(), proj.a.shape[2]
             st.proj[i].nslices, st.proj[i].cols = len(proj.outs), proj.cols.data_ptr()
+            if self.c_bf16 and proj.a16 is not None:
+                st.proj[i].a16, st.proj[i].b16 = proj.a16.data_ptr(), proj.b16.data_ptr()
         return st
+
+    def set_c_bf16(self, on: bool) -> None:
+        """Run the fused layer's LoRA term with the bfloat16 kernel (when its copies exist) or the float32 one
+        (bench/lora_serving.py --f32-lora measures both in one run)."""
+        self.c_bf16 = bool(on) and all(p.a16 is not None for per in self.projections for p in per.values())
+        self._c_lora = [(None, None, None)] * len(self.layers)  # rebuilt at the next step
 
     # ---- adapters ------------------------------------------------------------------------------
     def load(self, lora_id: int, w: LoRAWeights) -> None:
@@ -117,6 +168,9 @@ class LoRARuntime:
                         k0, o0 = i * proj.rank, proj.offsets[i]
                         proj.a[slot, :, k0:k0 + r].copy_(a.t())
                         proj.b[slot, k0:k0 + r, o0:o0 + proj.outs[i]].copy_(b.t())
+            for per in self.projections:
+                for proj in per.values():
+                    proj.pack_bf16(slot)
         self.slot_of[lora_id] = slot
 
     def unload(self, lora_id: int) -> None:
@@ -153,19 +207,20 @@ class LoRARuntime:
             if fast is None:
                 continue
             if self._c_lora[i][0] is not fast:  # built once per installed fast path
-                self._c_lora[i] = (fast, self._c_struct(layer, self.projections[i]))
-            layers.append((layer, self._c_lora[i][1]))
+                st = self._c_struct(layer, self.projections[i])
+                self._c_lora[i] = (fast, st, ctypes.pointer(st) if st is not None else None)
+            layers.append((layer, self._c_lora[i][1], self._c_lora[i][2]))
         if not layers:
             return True
-        if any(st is None for _, st in layers):
+        if any(st is None for _, st, _ in layers):
             return False
         spans = sorted((lo, hi - lo, slot) for slot, (lo, hi) in layout.group_spans.items())
         t = torch.tensor(spans, dtype=torch.int64).t().contiguous()  # [3, G]: starts, lens, slots
         self._c_spans = t
-        for layer, st in layers:
-            st.num_groups = t.shape[1]
-            st.starts, st.lens, st.slots = t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
-            layer.fast_path.lora = ctypes.pointer(st)
+        g, starts, lens, slots = t.shape[1], t[0].data_ptr(), t[1].data_ptr(), t[2].data_ptr()
+        for layer, st, ptr in layers:
+            st.num_groups, st.starts, st.lens, st.slots = g, starts, lens, slots
+            layer.fast_path.lora = ptr
             self._fused_lora_layers.append(layer)
         return True
 
@@ -189,6 +244,18 @@ class LoRARuntime:
             return output
 
         return hook
+
+
+def _c_bf16_fits(model: Any) -> bool:
+    """Whether the fused C layer's LoRA term runs in bfloat16: the model's packed linears compute their large calls
+    in bfloat16 (dense_gemm_dtype) and the layer library has the AVX512-BF16 kernel."""
+    from tokenmill.model.layers.quantized import dense_gemm_dtype
+
+    if dense_gemm_dtype(model) != torch.bfloat16:
+        return False
+    from tokenmill.ops.cpu.layer import lora_bf16_available
+
+    return lora_bf16_available()
 
 
 def select_lora_op(device: torch.device) -> Callable[..., None]:

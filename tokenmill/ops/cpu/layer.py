@@ -48,13 +48,15 @@ def _lib() -> Optional[ctypes.CDLL]:
                                             _P, _P, _P]
         lib.tm_llama_layer_post.restype = _I
         lib.tm_amx_init.restype = _I
+        lib.tm_lora_bf16_available.argtypes = []
+        lib.tm_lora_bf16_available.restype = _I
         lib.tm_amx_init()  # this library's own AMX state (its layers are built with amx_min_rows only if granted)
     return lib
 
 
 class TmLoRAProj(ctypes.Structure):
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("k", ctypes.c_int64), ("nslices", ctypes.c_int64),
-                ("cols", ctypes.c_void_p)]
+                ("cols", ctypes.c_void_p), ("a16", ctypes.c_void_p), ("b16", ctypes.c_void_p)]
 
 
 class TmLoRA(ctypes.Structure):
@@ -62,6 +64,12 @@ class TmLoRA(ctypes.Structure):
 
     _fields_ = [("proj", TmLoRAProj * 4), ("num_groups", ctypes.c_int64), ("starts", ctypes.c_void_p),
                 ("lens", ctypes.c_void_p), ("slots", ctypes.c_void_p)]
+
+
+def lora_bf16_available() -> bool:
+    """Whether the layer library has csrc/lora.c's bfloat16 kernel (built with AVX512-BF16)."""
+    lib = _lib()
+    return lib is not None and bool(lib.tm_lora_bf16_available())
 
 
 class _StepMeta:

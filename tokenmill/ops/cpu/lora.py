@@ -3,9 +3,10 @@ contiguous slice where its rows are adjacent, else a gather / index_add). At mos
 step, so a step costs at most max_loras small GEMM pairs per projection, whatever the mix of decode rows and
 prompt segments. Tested against tokenmill/ops/lora/reference.py.
 
-The fused C decoder layer (ops/cpu/layer.py) has no LoRA inside it: a step with LoRA rows runs the per-op path
-(the C linears one by one, this op after each). LoRARuntime counts those steps (tokenmill_lora_unfused_steps in
-/metrics, logged once); bench/lora_serving.py measures what it costs against the base model alone.
+This op is the per-op path's (the hooks of tokenmill/lora/runtime.py); the fused C decoder layer (ops/cpu/layer.py)
+adds the same term inside its call (csrc/lora.c). LoRARuntime counts the LoRA steps that leave the fused layer
+(tokenmill_lora_unfused_steps in /metrics, logged once); bench/lora_serving.py measures what LoRA costs against
+the base model alone.
 """
 from __future__ import annotations
 

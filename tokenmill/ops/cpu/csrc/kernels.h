@@ -61,8 +61,12 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
 // (NULL: no LoRA on that projection); num_groups contiguous row spans (starts, lens) of adapter slots (slots).
 // Field order and 8-byte sizes are mirrored by ctypes in tokenmill/ops/cpu/layer.py (TmLoRA).
 // b is block-diagonal over nslices packed slices (rank k / nslices each, columns cols[s]..cols[s+1]); nslices 0:
-// treat b as dense.
-typedef struct { const float *a; const float *b; int64_t k; int64_t nslices; const int64_t *cols; } tm_lora_proj;
+// treat b as dense. a16 / b16 (NULL: none): the same A and B in bfloat16, packed for vdpbf16ps (lora.c's layouts);
+// given, the bfloat16 kernel runs (when built with AVX512-BF16), else the float32 one.
+typedef struct {
+    const float *a; const float *b; int64_t k; int64_t nslices; const int64_t *cols;
+    const uint16_t *a16; const uint16_t *b16;
+} tm_lora_proj;
 typedef struct {
     tm_lora_proj proj[4];
     int64_t num_groups;
@@ -70,5 +74,6 @@ typedef struct {
 } tm_lora;
 int tm_lora_apply(const tm_lora *L, int which, const float *x, int64_t r0, int64_t m, int64_t in, float *y,
                   int64_t out);
+int tm_lora_bf16_available(void);
 
 #endif  // TM_KERNELS_H
