@@ -1,8 +1,9 @@
 """Fleet simulation: colocated instances behind the router policy, and disaggregated prefill/decode splits."""
 from __future__ import annotations
 
-import sys
+import dataclasses
 import subprocess
+import sys
 
 import pytest
 
@@ -78,6 +79,21 @@ def test_disaggregated_pull_overlaps_the_other_requests_steps():
     join = next(e for e in ends if e >= ready)  # r0's steps go on during the pull
     k = ends.index(join) + 1  # r0's steps done when r1 joins
     assert r.e2e_s[1] == pytest.approx(join + CPU.predict(2, 2, 17 + k + 161, 17 + k + 161) - a1)
+
+
+def test_scaled_cost_model_and_a_slower_decode_side():
+    regimes = dataclasses.replace(CPU, small_regimes=((64, 0.002, 0.0002, 5e11),))
+    for m in (CPU, regimes):
+        for shape in ((1, 1, 300, 300), (512, 1, 512, 512 * 513 // 2), (8, 8, 4000, 4000)):
+            assert m.scaled(1.5).predict(*shape) == pytest.approx(1.5 * m.predict(*shape))
+    slow = CPU.scaled(1.5)
+    with pytest.raises(ConfigError):
+        CPU.scaled(0)
+    reqs = [SimRequest(320, 5, 0.0)]
+    base = simulate_fleet(reqs, CPU, SimConfig(), FleetSpec(2, 1))
+    r = simulate_fleet(reqs, CPU, SimConfig(), FleetSpec(2, 1), decode_cost=slow)
+    assert r.ttft_s == pytest.approx(base.ttft_s)  # the prefill side runs at `cost`
+    assert r.e2e_s[0] - r.ttft_s[0] == pytest.approx(1.5 * (base.e2e_s[0] - base.ttft_s[0]))
 
 
 @pytest.mark.slow

@@ -206,8 +206,9 @@ def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
 
 def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, spec: FleetSpec,
                    slo_ttft_ms: Optional[float] = None, slo_tpot_ms: Optional[float] = None, rate: float = 0.0,
-                   max_sim_s: float = 1e6) -> SimResult:
-    """The whole fleet's latencies and goodput (SimResult over all instances)."""
+                   max_sim_s: float = 1e6, decode_cost: Optional[CostModel] = None) -> SimResult:
+    """The whole fleet's latencies and goodput (SimResult over all instances). decode_cost: the decode instances'
+    step costs when they differ from the others' (`cost`): other hardware, or another speed."""
     spec.validate()
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     n_front = spec.prefill_instances or spec.instances
@@ -241,7 +242,7 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
     back: list[DecodeSim] = []
     if spec.prefill_instances:
         finish = {}
-        back = [DecodeSim(cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
+        back = [DecodeSim(decode_cost or cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
         dpol = make_policy("least-load" if spec.router_policy == "prefix" else spec.router_policy)
         for t, i in sorted((first[i] + spec.hop_s, i) for i in first):
             for s in back:
