@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from goodput_compare import default_tokenizer, serve_cmd  # noqa: E402
-from goodput_validate import _pick, calibrate_default, reference_times  # noqa: E402
+from goodput_validate import _pick, calibrate_default, drift_of_trace, reference_times  # noqa: E402
 
 from tokenmill.bench.launch import free_port, server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
@@ -64,14 +65,14 @@ def measure_transfer(tokens: list[int], repeats: int, block_size: int = 16) -> d
 
 
 @contextlib.contextmanager
-def disagg_servers(policy: str) -> Iterator[tuple[str, str, str]]:
-    """A producer and a consumer instance (one core each) behind `tokenmill router --prefill --decode`:
-    yields (router URL, producer URL, consumer URL)."""
+def disagg_servers(policy: str, traces: dict[str, Path]) -> Iterator[tuple[str, str, str]]:
+    """A producer and a consumer instance (one core each, step traces at traces["prefill"] / ["decode"]) behind
+    `tokenmill router --prefill --decode`: yields (router URL, producer URL, consumer URL)."""
     kv_port = free_port()
     one_core = [*COMMON, "--num-threads", "1"]
-    prod = serve_cmd("fcfs", 10000, 1000, [*one_core, "--kv-role", "producer", "--kv-transfer-host", "127.0.0.1",
-                                           "--kv-transfer-port", str(kv_port)])
-    cons = serve_cmd("fcfs", 10000, 1000, [*one_core, "--kv-role", "consumer"])
+    prod = serve_cmd("fcfs", 10000, 1000, [*one_core, "--step-trace", str(traces["prefill"]), "--kv-role", "producer",
+                                           "--kv-transfer-host", "127.0.0.1", "--kv-transfer-port", str(kv_port)])
+    cons = serve_cmd("fcfs", 10000, 1000, [*one_core, "--step-trace", str(traces["decode"]), "--kv-role", "consumer"])
     with server_process(prod, log_path="/tmp/fleet_validate_producer.log", env=ENV) as p_url, \
             server_process(cons, log_path="/tmp/fleet_validate_consumer.log", env=ENV) as d_url:
         router = [sys.executable, "-m", "tokenmill.cli", "router", "--prefill", p_url, "--decode", d_url,
@@ -119,16 +120,21 @@ def kv_counters(base: str) -> dict:
     return out
 
 
-def run_rates(base: str, args, rates: list[float], tok, kv_url: str = "") -> list:
+def run_rates(base: str, args, rates: list[float], tok, cost: CostModel, traces: dict[str, Path],
+              kv_url: str = "") -> list:
+    """`bench serve` at each rate: (result, extra row fields); run_speed_vs_calibration: per step trace, the
+    instances' measured step times over the calibration's predictions for the same steps during that rate."""
     measured = []
     for i, rate in enumerate(rates):
         before = kv_counters(kv_url) if kv_url else {}
         t0 = time.time()
         m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.num_requests, seed=0,
                                 progress=False, tokenizer=tok, warmup=i == 0)[0]
+        t1 = time.time()
         after = kv_counters(kv_url) if kv_url else {}
         measured.append((m, {"start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
-                             "end_utc": time.strftime("%H:%M:%S", time.gmtime()),
+                             "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
+                             "run_speed_vs_calibration": {k: drift_of_trace(p, t0, t1, cost) for k, p in traces.items()},
                              **{k: after[k] - before.get(k, 0.0) for k in after}}))
     return measured
 
@@ -156,11 +162,13 @@ def main(argv: list[str]) -> int:
           f"{ref['prefill_512_ms']:.0f} ms", flush=True)
     rates = parse_rates(args.rate)
     transfer = hop = None
+    tmp = tempfile.TemporaryDirectory()
     if args.mode == "colocated":
-        cmd = serve_cmd("fcfs", 10000, 1000, [*COMMON, "--data-parallel-size", "2", "--data-parallel-policy",
-                                              args.policy])
+        traces = {"all": Path(tmp.name) / "steps.jsonl"}  # both engine processes append to it
+        cmd = serve_cmd("fcfs", 10000, 1000, [*COMMON, "--step-trace", str(traces["all"]), "--data-parallel-size", "2",
+                                              "--data-parallel-policy", args.policy])
         with server_process(cmd, log_path="/tmp/fleet_validate.log", env=ENV) as base:
-            measured = run_rates(base, args, rates, tok)
+            measured = run_rates(base, args, rates, tok, cost, traces)
         spec = FleetSpec(instances=2, router_policy=args.policy)
     else:
         if args.transfer_ms_per_block is not None:
@@ -169,11 +177,12 @@ def main(argv: list[str]) -> int:
             transfer = measure_transfer([int(t) for t in args.transfer_tokens.split(",")], 3)
             print(f"KV transfer ({transfer['kv_dtype']}): {transfer['per_block_s'] * 1e3:.2f} ms per block + "
                   f"{transfer['fixed_s'] * 1e3:.1f} ms per pull", flush=True)
-        with disagg_servers(args.policy) as (base, p_url, d_url):
+        traces = {k: Path(tmp.name) / f"{k}.jsonl" for k in ("prefill", "decode")}
+        with disagg_servers(args.policy, traces) as (base, p_url, d_url):
             hop = measure_hop(base, p_url)
             print(f"router's second hop at idle: {hop['hop_s'] * 1e3:.1f} ms (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms "
                   f"through the router, {hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
-            measured = run_rates(base, args, rates, tok, kv_url=d_url)
+            measured = run_rates(base, args, rates, tok, cost, traces, kv_url=d_url)
         spec = FleetSpec(instances=2, prefill_instances=1, router_policy=args.policy,
                          transfer_s_per_block=max(0.0, transfer["per_block_s"]),
                          transfer_s_per_pull=max(0.0, transfer.get("fixed_s", 0.0)), hop_s=hop["hop_s"])
@@ -183,9 +192,15 @@ def main(argv: list[str]) -> int:
                                       chat_overhead=CHAT_TEMPLATE_TOKENS, tokenizer=tok)
         sim = simulate_fleet(reqs, cost, SimConfig(policy="fcfs"), spec, rate=m.rate)
         pred, meas = _pick(sim.summary()), _pick(m.summary)
+        speed = extra["run_speed_vs_calibration"]  # the machine's drift since calibrating taken out
+        front, back = speed.get("all") or speed.get("prefill") or 1.0, speed.get("all") or speed.get("decode") or 1.0
+        at_speed = _pick(simulate_fleet(reqs, cost.scaled(front), SimConfig(policy="fcfs"), spec, rate=m.rate,
+                                        decode_cost=cost.scaled(back)).summary())
         err = {k: pred[k] / meas[k] - 1 for k in ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s") if meas[k]}
+        err_speed = {k: at_speed[k] / meas[k] - 1 for k in err}
         rows.append({"rate": m.rate, "measured": meas, "predicted": pred, "error": err,
-                     "within_20pct": all(abs(e) <= 0.2 for e in err.values()), **extra,
+                     "within_20pct": all(abs(e) <= 0.2 for e in err.values()), "predicted_at_run_speed": at_speed,
+                     "error_at_run_speed": err_speed, **extra,
                      # per request, in arrival order: [prompt tokens, output tokens, TTFT s, TPOT s]
                      "measured_requests": [[r.prompt_len, r.output_tokens, r.ttft_s, r.tpot_s]
                                            for r in sorted(m.records, key=lambda r: r.scheduled_s)],
@@ -193,10 +208,14 @@ def main(argv: list[str]) -> int:
     print(f"{spec.label}, {args.workload}, {args.num_requests} requests")
     print(f"{'rate':>5} | {'TTFT p50 meas / pred':>27} | {'TPOT p50 meas / pred':>27} | {'out tok/s meas / pred':>27}")
     for r in rows:
-        m, p, e = r["measured"], r["predicted"], r["error"]
-        print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
-              f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
-              f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%})")
+        m = r["measured"]
+        for label, p, e in (("", r["predicted"], r["error"]),
+                            ("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"])):
+            print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
+                  f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
+                  f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%}){label}")
+        print(f"      run speed vs calibration (step time measured / predicted): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["run_speed_vs_calibration"].items() if v))
     if args.out:
         Path(args.out).write_text(json.dumps({
             "mode": args.mode, "fleet": spec.label, "workload": args.workload, "num_requests": args.num_requests,
