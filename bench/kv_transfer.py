@@ -28,12 +28,14 @@ from tokenmill.worker.kv_connector import KVBlockIO
 from tokenmill.worker.kv_tcp import TcpKVConnector
 
 SHAPES = {"smollm2-135m": (30, 3, 64), "llama-1b": (16, 8, 64), "llama-8b": (32, 8, 128)}  # layers, kv heads, dim
+PLAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_io(shape: str, dtype: str, num_blocks: int, block_size: int, seed: int) -> KVBlockIO:
     layers, heads, dim = SHAPES[shape]
-    if dtype == "auto":
-        kv = allocate_kv_cache(layers, num_blocks, block_size, heads, dim, torch.float32, "cpu")
+    if dtype in ("auto", *PLAIN_DTYPES):
+        torch_dtype = PLAIN_DTYPES.get(dtype, torch.float32)
+        kv = allocate_kv_cache(layers, num_blocks, block_size, heads, dim, torch_dtype, "cpu")
     else:
         kv = allocate_quantized_kv_cache(layers, num_blocks, block_size, heads, dim, dtype, "cpu")
     io = KVBlockIO(kv, block_size, dtype)
@@ -104,7 +106,7 @@ def run_dtype(args, dtype: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="KV dtypes (auto = float32 on CPU)")
+    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="KV dtypes: auto (= float32), float32, bfloat16, float16, int8, fp8")
     ap.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096], help="prompt lengths")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=16)

@@ -1,8 +1,9 @@
 """Fleet simulation: colocated instances behind the router policy, and disaggregated prefill/decode splits."""
 from __future__ import annotations
 
-import sys
+import dataclasses
 import subprocess
+import sys
 
 import pytest
 
@@ -42,6 +43,59 @@ def test_disaggregated_latencies_add_the_transfer():
     assert r.e2e_s[0] == pytest.approx(prefill + 20 * 0.01 + decodes)  # 320 tokens = 20 blocks
 
 
+def _decode_ends(start: float, ctx: int, n: int) -> list[float]:
+    """End times of n decode steps of one request alone on a decode instance from `start` (context ctx first)."""
+    ends, t = [], start
+    for k in range(n):
+        t += CPU.predict(1, 1, ctx + k, ctx + k)
+        ends.append(t)
+    return ends
+
+
+def test_disaggregated_first_token_waits_for_the_decode_step_in_progress():
+    """The decode instance takes a request (and reports its first token) between steps, hop_s after the prefill."""
+    hop = 0.005
+    p16 = CPU.predict(16, 1, 16, 16 * 17 // 2)
+    ends = _decode_ends(p16 + hop, 17, 40)  # r0 decodes alone from the moment it is taken
+    a1 = ends[5] + 0.3 * (ends[6] - ends[5]) - p16 - hop  # r1 reaches the decode side mid-way through step 7
+    assert a1 > p16  # the prefill instance is idle again
+    r = simulate_fleet([SimRequest(16, 41, 0.0), SimRequest(16, 1, a1)], CPU, SimConfig(), FleetSpec(2, 1, hop_s=hop))
+    assert r.ttft_s[0] == pytest.approx(p16 + hop)
+    assert r.ttft_s[1] == pytest.approx(ends[6] - a1)  # not p16 + hop: the step in progress ends first
+    assert r.e2e_s[0] == pytest.approx(ends[-1])  # one output token: r1 never joins r0's batch
+
+
+def test_disaggregated_pull_overlaps_the_other_requests_steps():
+    """A request's pull (per pull + per block) runs while the instance decodes the others; it joins the first step
+    that starts after the pull ends."""
+    p16 = CPU.predict(16, 1, 16, 16 * 17 // 2)
+    spec = FleetSpec(2, 1, transfer_s_per_block=0.004, transfer_s_per_pull=0.003)
+    ends = _decode_ends(p16 + spec.transfer_s(1), 17, 60)  # r0: 16 tokens = 1 block
+    a1 = ends[2] + 1e-4 - p16  # r1 (160 tokens: 10 blocks) reaches the decode side just after step 3
+    r = simulate_fleet([SimRequest(16, 61, 0.0), SimRequest(160, 2, a1)], CPU, SimConfig(), spec)
+    taken = ends[3]  # the end of step 4, in progress when it arrived
+    assert r.ttft_s[1] == pytest.approx(taken - a1)
+    ready = taken + spec.transfer_s(10)
+    join = next(e for e in ends if e >= ready)  # r0's steps go on during the pull
+    k = ends.index(join) + 1  # r0's steps done when r1 joins
+    assert r.e2e_s[1] == pytest.approx(join + CPU.predict(2, 2, 17 + k + 161, 17 + k + 161) - a1)
+
+
+def test_scaled_cost_model_and_a_slower_decode_side():
+    regimes = dataclasses.replace(CPU, small_regimes=((64, 0.002, 0.0002, 5e11),))
+    for m in (CPU, regimes):
+        for shape in ((1, 1, 300, 300), (512, 1, 512, 512 * 513 // 2), (8, 8, 4000, 4000)):
+            assert m.scaled(1.5).predict(*shape) == pytest.approx(1.5 * m.predict(*shape))
+    slow = CPU.scaled(1.5)
+    with pytest.raises(ConfigError):
+        CPU.scaled(0)
+    reqs = [SimRequest(320, 5, 0.0)]
+    base = simulate_fleet(reqs, CPU, SimConfig(), FleetSpec(2, 1))
+    r = simulate_fleet(reqs, CPU, SimConfig(), FleetSpec(2, 1), decode_cost=slow)
+    assert r.ttft_s == pytest.approx(base.ttft_s)  # the prefill side runs at `cost`
+    assert r.e2e_s[0] - r.ttft_s[0] == pytest.approx(1.5 * (base.e2e_s[0] - base.ttft_s[0]))
+
+
 @pytest.mark.slow
 def test_disaggregation_wins_on_long_prefill_with_a_tight_tpot():
     """DistServe's effect: long prompts interfere with decodes on colocated instances; at a tight TPOT the
@@ -69,7 +123,8 @@ def test_goodput_rate_monotone_in_instances():
 
 def test_bad_specs():
     for spec in (FleetSpec(0), FleetSpec(2, 2), FleetSpec(2, router_policy="random"),
-                 FleetSpec(2, 1, transfer_s_per_block=-1)):
+                 FleetSpec(2, 1, transfer_s_per_block=-1), FleetSpec(2, 1, transfer_s_per_pull=-1),
+                 FleetSpec(2, 1, hop_s=-0.1)):
         with pytest.raises(ConfigError):
             spec.validate()
 

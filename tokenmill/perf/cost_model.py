@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from tokenmill.errors import ConfigError
@@ -224,6 +224,17 @@ class CostModel:
         bs = sorted({int(b) for b in bounds if b and b > 1})
         self.small_regimes = tuple((b, self.o_step, self.o_tok, self.matmul_rate) for b in bs)
         return self
+
+    def scaled(self, factor: float) -> "CostModel":
+        """The same model on a device `factor` times slower: every prediction times factor (overheads times
+        factor, bandwidth and rates divided by it)."""
+        if not factor > 0:
+            raise ConfigError(f"scale factor must be positive, got {factor}")
+        f = factor
+        return replace(self, bandwidth=self.bandwidth / f, matmul_rate=self.matmul_rate / f, o_step=self.o_step * f,
+                       o_req=self.o_req * f, o_tok=self.o_tok * f, o_pair=self.o_pair * f, o_kv=self.o_kv * f,
+                       small_regimes=tuple((b, s * f, t * f, r / f) for b, s, t, r in self.small_regimes),
+                       info=dict(self.info))
 
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

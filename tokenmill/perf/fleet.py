@@ -4,11 +4,14 @@ colocated       every instance runs prefill and decode: the real tokenmill.core 
                 a simulated clock (as perf/simulator.py), all instances stepped together so that the router
                 policy (tokenmill/router/policy.py, the same module the router runs) sees each instance's
                 running / waiting / KV figures at the moment a request arrives.
-disaggregated   P prefill instances run each prompt (the real Scheduler, one output token: the first token
-                goes back to the client, so TTFT ends there); the prompt's KV blocks then travel to one of
-                D decode instances (transfer_s_per_block per block), which batch decode steps: each step
-                every admitted request produces a token, step time from the cost model with the batch's
-                context lengths; a request is admitted when its blocks (prompt + output) fit.
+disaggregated   P prefill instances run each prompt (the real Scheduler, one output token); the request then
+                reaches one of D decode instances hop_s later (the router's second hop), which reports the
+                producer's first token at its next step boundary (TTFT ends there: the engine loop takes new
+                requests between steps); a request is admitted when its blocks (prompt + output) fit, its KV
+                is pulled (transfer_s_per_pull + transfer_s_per_block per block) while the instance steps
+                its other requests, and it joins the batch at the first step after the pull; each step
+                every joined request produces a token, step time from the cost model with the batch's
+                context lengths.
 
 Goodput per instance is DistServe's figure: the highest request rate at which >= 90% of requests meet both
 SLOs, divided by the number of instances. Pure Python; no torch.
@@ -40,6 +43,8 @@ class FleetSpec:
     prefill_instances: int = 0  # 0: colocated; else this many prefill and the rest decode
     router_policy: str = "least-load"
     transfer_s_per_block: float = 0.0  # KV transfer prefill -> decode, seconds per block
+    transfer_s_per_pull: float = 0.0  # and seconds per transfer (connection, header)
+    hop_s: float = 0.0  # prefill answer -> decode instance (router, the decode instance's request handling)
 
     def validate(self) -> None:
         if self.instances < 1:
@@ -50,8 +55,13 @@ class FleetSpec:
         if self.router_policy not in FLEET_POLICIES:
             raise ConfigError(f"unknown router policy {self.router_policy!r} (choose from "
                               f"{', '.join(FLEET_POLICIES)})")
-        if not self.transfer_s_per_block >= 0:
-            raise ConfigError(f"transfer cost per block must be >= 0, got {self.transfer_s_per_block}")
+        for what, v in (("transfer cost per block", self.transfer_s_per_block),
+                        ("transfer cost per pull", self.transfer_s_per_pull), ("hop time", self.hop_s)):
+            if not v >= 0:
+                raise ConfigError(f"{what} must be >= 0, got {v}")
+
+    def transfer_s(self, prompt_blocks: int) -> float:
+        return self.transfer_s_per_pull + self.transfer_s_per_block * prompt_blocks
 
     @property
     def label(self) -> str:
@@ -125,27 +135,28 @@ class InstanceSim:
 
 
 class DecodeSim:
-    """A decode-only instance: requests arrive with their prompt's KV; each step decodes one token for every
-    admitted request (FCFS admission while max_num_seqs and the KV blocks allow)."""
+    """A decode-only instance: requests arrive with their first token; FCFS admission while max_num_seqs and the
+    KV blocks allow, then the pull (transfer_s), then each step decodes one token for every pulled request."""
 
     def __init__(self, cost: CostModel, cfg: SimConfig):
         self.cost, self.cfg = cost, cfg
         self.t = 0.0
-        self.queue: list[tuple[str, int, int]] = []  # (rid, context, tokens left)
-        self.active: list[list] = []  # [rid, context, tokens left, blocks]
+        self.queue: list[tuple[str, int, int, float]] = []  # (rid, context, tokens left, transfer s)
+        self.active: list[list] = []  # [rid, context, tokens left, blocks, KV ready at]
         self.free_blocks = cfg.num_blocks
         self.finish: dict[str, float] = {}
+        self.steps = 0
 
     def load(self) -> BackendLoad:
         used = self.cfg.num_blocks - self.free_blocks
         return BackendLoad(len(self.active), len(self.queue), used / self.cfg.num_blocks if self.cfg.num_blocks else 0)
 
-    def add(self, rid: str, prompt_len: int, tokens_left: int) -> None:
-        self.queue.append((rid, prompt_len + 1, tokens_left))
+    def add(self, rid: str, prompt_len: int, tokens_left: int, transfer_s: float = 0.0) -> None:
+        self.queue.append((rid, prompt_len + 1, tokens_left, transfer_s))
 
     def _admit(self) -> None:
         while self.queue and len(self.active) < self.cfg.max_num_seqs:
-            rid, ctx, left = self.queue[0]
+            rid, ctx, left, transfer_s = self.queue[0]
             need = -(-(ctx + left) // self.cfg.block_size)
             if need > self.free_blocks:
                 if not self.active and need > self.cfg.num_blocks:  # can never fit: drop it
@@ -154,34 +165,37 @@ class DecodeSim:
                 break
             self.queue.pop(0)
             self.free_blocks -= need
-            self.active.append([rid, ctx, left, need])
+            self.active.append([rid, ctx, left, need, self.t + transfer_s])  # the pull starts on admission
 
     def advance_to(self, t: float) -> None:
+        """Step until the step in progress at t ends; then self.t (>= t) is when a request arriving at t is taken."""
         while self.t < t and (self.queue or self.active):
-            self.step()
+            self.step(t)
         self.t = max(self.t, t)
 
     def drain(self, max_s: float) -> None:
         while (self.queue or self.active) and self.t < max_s:
-            self.step()
+            self.step(max_s)
 
-    def step(self) -> None:
+    def step(self, until: float) -> None:
+        """One decode step of the pulled requests; with none, wait for the next pull to finish (not past until)."""
         self._admit()
-        if not self.active:
+        run = [a for a in self.active if a[4] <= self.t]
+        if not run:
+            nxt = min((a[4] for a in self.active), default=until)
+            self.t = max(self.t, min(nxt, until))
             return
-        b = len(self.active)
-        ctx = sum(a[1] for a in self.active)
+        b = len(run)
+        ctx = sum(a[1] for a in run)
         self.t += self.cost.predict(b, b, ctx, ctx)
-        keep = []
-        for a in self.active:
+        self.steps += 1
+        for a in run:
             a[1] += 1
             a[2] -= 1
             if a[2] <= 0:
                 self.finish[a[0]] = self.t
                 self.free_blocks += a[3]
-            else:
-                keep.append(a)
-        self.active = keep
+        self.active = [a for a in self.active if a[2] > 0]
 
 
 def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
@@ -192,8 +206,9 @@ def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
 
 def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, spec: FleetSpec,
                    slo_ttft_ms: Optional[float] = None, slo_tpot_ms: Optional[float] = None, rate: float = 0.0,
-                   max_sim_s: float = 1e6) -> SimResult:
-    """The whole fleet's latencies and goodput (SimResult over all instances)."""
+                   max_sim_s: float = 1e6, decode_cost: Optional[CostModel] = None) -> SimResult:
+    """The whole fleet's latencies and goodput (SimResult over all instances). decode_cost: the decode instances'
+    step costs when they differ from the others' (`cost`): other hardware, or another speed."""
     spec.validate()
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     n_front = spec.prefill_instances or spec.instances
@@ -224,26 +239,28 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
             first[i] = req.first_token_time
             if f"r{i}" in front[k].finish:
                 finish[i] = front[k].finish[f"r{i}"]
+    back: list[DecodeSim] = []
     if spec.prefill_instances:
         finish = {}
-        back = [DecodeSim(cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
+        back = [DecodeSim(decode_cost or cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
         dpol = make_policy("least-load" if spec.router_policy == "prefix" else spec.router_policy)
-        hand = sorted((first[i] + spec.transfer_s_per_block * -(-lens[i][0] // cfg.block_size), i) for i in first)
-        for t, i in hand:
+        for t, i in sorted((first[i] + spec.hop_s, i) for i in first):
             for s in back:
                 s.advance_to(t)
             n_in, n_out = lens[i]
+            d = back[_route(dpol, back, [])]
+            first[i] = d.t  # the decode instance reports the first token when it takes the request
             if n_out <= 1:
                 finish[i] = first[i]
                 continue
-            back[_route(dpol, back, [])].add(f"r{i}", n_in, n_out - 1)
+            d.add(f"r{i}", n_in, n_out - 1, spec.transfer_s(-(-n_in // cfg.block_size)))
         for s in back:
             s.drain(max_sim_s)
         for s in back:
             for rid, t in s.finish.items():
                 finish[int(rid[1:])] = t
     res = SimResult(rate=rate, num_requests=len(requests), completed=0, rejected=0, duration_s=0.0,
-                    num_steps=sum(s.steps for s in front),
+                    num_steps=sum(s.steps for s in front) + sum(s.steps for s in back),
                     num_preemptions=sum(s.sched.num_preemptions for s in front))
     end = 0.0
     for i in order:
@@ -297,10 +314,11 @@ def max_goodput_rate(make_requests, cost: CostModel, cfg: SimConfig, spec: Fleet
 
 def best_split(make_requests, cost: CostModel, cfg: SimConfig, instances: int, router_policy: str,
                transfer_s_per_block: float, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float],
-               target: float = 0.9) -> list[tuple[FleetSpec, float]]:
+               target: float = 0.9, transfer_s_per_pull: float = 0.0, hop_s: float = 0.0
+               ) -> list[tuple[FleetSpec, float]]:
     """(spec, goodput per instance) for colocated and every prefill/decode split, best first."""
-    specs = [FleetSpec(instances, 0, router_policy, transfer_s_per_block)]
-    specs += [FleetSpec(instances, p, router_policy, transfer_s_per_block) for p in range(1, instances)]
+    specs = [FleetSpec(instances, p, router_policy, transfer_s_per_block, transfer_s_per_pull, hop_s)
+             for p in range(instances)]
     out = [(s, max_goodput_rate(make_requests, cost, cfg, s, slo_ttft_ms, slo_tpot_ms, target) / instances)
            for s in specs]
     return sorted(out, key=lambda x: -x[1])
@@ -323,14 +341,15 @@ class PerTypeRates:
 
 def per_type_rates(make_requests, cost: CostModel, cfg: SimConfig, router_policy: str, transfer_s_per_block: float,
                    slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float], target: float = 0.9,
-                   feeders: int = 4) -> PerTypeRates:
+                   feeders: int = 4, transfer_s_per_pull: float = 0.0, hop_s: float = 0.0) -> PerTypeRates:
     """Each instance kind's goodput rate, simulated alone: cheap enough for large fleets, where simulating every
     split of N instances at N times the rate is not. The TTFT and TPOT targets are met separately (each by
     >= target of requests), so a split's figure can be above what the whole fleet attains on both at once."""
     colo = max_goodput_rate(make_requests, cost, cfg, FleetSpec(1, 0, router_policy), slo_ttft_ms, slo_tpot_ms,
                             target)
-    pre = max_goodput_rate(make_requests, cost, cfg, FleetSpec(2, 1, router_policy, transfer_s_per_block),
-                           slo_ttft_ms, None, target)
+    pre = max_goodput_rate(make_requests, cost, cfg, FleetSpec(2, 1, router_policy, transfer_s_per_block,
+                                                               transfer_s_per_pull, hop_s), slo_ttft_ms, None, target)
     dec = max_goodput_rate(make_requests, cost, cfg, FleetSpec(feeders + 1, feeders, router_policy,
-                                                               transfer_s_per_block), None, slo_tpot_ms, target)
+                                                               transfer_s_per_block, transfer_s_per_pull, hop_s),
+                           None, slo_tpot_ms, target)
     return PerTypeRates(colo, pre, dec)

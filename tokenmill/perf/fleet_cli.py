@@ -20,6 +20,10 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
                    help="how requests are spread over the (prefill) instances")
     g.add_argument("--transfer-ms-per-block", type=float, default=None,
                    help="KV transfer prefill -> decode per block (default: the block's bytes at --transfer-gbps)")
+    g.add_argument("--transfer-ms-per-pull", type=float, default=0.0,
+                   help="KV transfer: fixed cost of each pull (connection, header), on top of the per-block cost")
+    g.add_argument("--hop-ms", type=float, default=0.0,
+                   help="disaggregated: prefill answer -> decode instance (the router's second hop)")
     g.add_argument("--fleet-method", default="simulate", choices=["simulate", "per-type"],
                    help="simulate: the whole fleet at each split (exact, slow for large N); per-type: the goodput "
                         "rate of one colocated, one prefill and one decode instance, combined per split (DistServe)")
@@ -38,6 +42,10 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     block_bytes = cost.spec.kv_bytes_per_token * cfg.block_size
     per_block_s = (args.transfer_ms_per_block / 1e3 if args.transfer_ms_per_block is not None
                    else block_bytes / (args.transfer_gbps * 1e9))
+    for flag, v in (("--transfer-ms-per-pull", args.transfer_ms_per_pull), ("--hop-ms", args.hop_ms)):
+        if not v >= 0:
+            raise ConfigError(f"{flag} must be >= 0, got {v}")
+    pull_s, hop_s = args.transfer_ms_per_pull / 1e3, args.hop_ms / 1e3
     splits = [args.prefill_instances] if args.prefill_instances is not None else list(range(n))
 
     def make(rate: float):
@@ -54,12 +62,13 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     if args.fleet_method == "per-type":
         if not (args.slo_ttft and args.slo_tpot):
             raise ConfigError("--fleet-method per-type needs both --slo-ttft and --slo-tpot")
-        rates = per_type_rates(make, cost, cfg, args.router_policy, per_block_s, args.slo_ttft, args.slo_tpot)
+        rates = per_type_rates(make, cost, cfg, args.router_policy, per_block_s, args.slo_ttft, args.slo_tpot,
+                               transfer_s_per_pull=pull_s, hop_s=hop_s)
         print(f"  one instance alone: colocated {rates.colocated:.3f} req/s, prefill {rates.prefill:.3f} req/s "
               f"(TTFT), decode {rates.decode:.3f} req/s (TPOT)")
         print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11}")
         for p in splits:
-            s = FleetSpec(n, p, args.router_policy, per_block_s)
+            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s)
             per = rates.per_instance(n, p)
             rows.append({"split": s.label, "prefill_instances": p, "goodput_per_instance": per, "rate": per * n})
             print(f"  {s.label:>14} {per:>12.3f} {per * n:>11.3f}")
@@ -67,7 +76,7 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     else:
         print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11} {'TTFT p50':>9} {'TPOT p50':>9} {'attain':>7}")
         for p in splits:
-            s = FleetSpec(n, p, args.router_policy, per_block_s)
+            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s)
             if args.rate is not None:
                 rate = args.rate
             elif args.slo_ttft or args.slo_tpot:
@@ -87,6 +96,7 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
         line += f", {best['goodput_per_instance'] / colo['goodput_per_instance']:.2f}x colocated"
     print(line + "; predicted by simulation)")
     out["fleet"] = {"instances": n, "router_policy": args.router_policy, "transfer_s_per_block": per_block_s,
+                    "transfer_s_per_pull": pull_s, "hop_s": hop_s,
                     "splits": rows, "best": best["split"]}
 
 
