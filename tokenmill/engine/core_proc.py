@@ -50,8 +50,13 @@ def decode_error(data: tuple) -> BaseException:
 
 def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, conn: Any) -> None:
     """Entry point of the engine process (multiprocessing spawn target)."""
+    import os
     import signal
     import sys
+
+    from tokenmill.ops.cpu.host import tune_openmp_wait
+
+    tune_openmp_wait(os.environ)  # before torch and the kernels load libgomp
 
     # Ctrl-C and SIGTERM are for the server, which drains and then stops this process (a terminal or a
     # supervisor signals the whole process group); it also exits when the server's end of `conn` closes

@@ -29,8 +29,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _worker_main(config: EngineConfig, rank: int, world_size: int, init_method: str, conn: Any) -> None:
+    import os
     import signal
 
+    from tokenmill.ops.cpu.host import tune_openmp_wait
+
+    tune_openmp_wait(os.environ)  # before torch and the kernels load libgomp
     from tokenmill.engine.core_proc import encode_error
     from tokenmill.executor.worker import Worker
 
