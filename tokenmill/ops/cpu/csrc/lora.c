@@ -201,22 +201,14 @@ static void lora_block_bf16(const tm_lora_proj *P, const uint16_t *A, const uint
 }
 
 #ifdef TM_AMX
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} lora_tilecfg;
+#include "amx.h"
 
 // Tiles: 0-3 float32 accumulators (16 rows x 16), 4 x (16 rows x 32 inputs), 5 a16 (16 input pairs x 16 k x 2),
 // 6 h (16 rows x r2 ranks), 7 16 columns of a b16 slice (r2 / 2 rank pairs x 16 columns x 2).
 static void lora_amx_config(int64_t r2) {
-    lora_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 6; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    cfg.rows[6] = 16, cfg.colsb[6] = (uint16_t)(r2 * 2);
-    cfg.rows[7] = (uint8_t)(r2 / 2), cfg.colsb[7] = 64;
-    _tile_loadconfig(&cfg);
+    const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, (uint8_t)(r2 / 2)};
+    const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, (uint16_t)(r2 * 2), 64};
+    tm_amx_load_tiles(rows, colsb);
 }
 
 // one block of 16 rows on the tile unit (the same products and float32 sums as lora_block_bf16)

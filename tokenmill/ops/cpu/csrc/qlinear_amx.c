@@ -20,6 +20,7 @@
 #include "quant.h"
 
 #if defined(TM_AMX)
+#include "amx.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -39,23 +40,12 @@ int tm_amx_init(void) {
 
 int tm_amx_enabled(void) { return amx_ready; }
 
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_tilecfg;
-
 // Tiles: 0-3 accumulators C[i][j] (16 tokens x 16 outputs, f32) for token blocks i and output panels j in {0, 1};
 // 4-5: A, x rows (16 tokens x 32 k, bf16); 6-7: B, one k-block of a panel in pair layout (16 k-pairs x 16 x 2).
 static void amx_config(void) {
-    amx_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
+    static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+    tm_amx_load_tiles(rows, colsb);
 }
 
 static inline int kquant(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }

@@ -19,23 +19,17 @@
 #include "quant.h"
 
 #if defined(TM_AMX_I8)
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_i8_tilecfg;
+#include "amx.h"
 
 // Tiles: 0-3 C (16 outputs x 16 rows, int32), 4-5 A (16 outputs x G bytes), 6-7 B (G/4 quads x 16 rows x 4).
 static void amx_i8_config(int G) {
-    amx_i8_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
+    uint8_t rows[8];
+    uint16_t colsb[8];
     for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = t >= 6 ? (uint8_t)(G / 4) : 16;
-        cfg.colsb[t] = t == 4 || t == 5 ? (uint16_t)G : 64;
+        rows[t] = t >= 6 ? (uint8_t)(G / 4) : 16;
+        colsb[t] = t == 4 || t == 5 ? (uint16_t)G : 64;
     }
-    _tile_loadconfig(&cfg);
+    tm_amx_load_tiles(rows, colsb);
 }
 
 int64_t tm_amx_i8_x_bytes(int64_t M, int64_t K) { return (M + 15) / 16 * 16 * K; }
