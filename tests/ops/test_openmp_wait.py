@@ -39,3 +39,14 @@ def test_spawned_engine_process_has_not_loaded_openmp_before_its_entry_point():
     torch_loaded, gomp_loaded = q.get(timeout=120)
     p.join(30)
     assert not torch_loaded and not gomp_loaded
+
+
+def test_the_cli_has_not_loaded_openmp_before_it_tunes_it():
+    """`tokenmill ...` in-process commands set the spin count in main(), before any command imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tokenmill.cli; from tokenmill.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules, any('libgomp' in l for l in open('/proc/self/maps')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
