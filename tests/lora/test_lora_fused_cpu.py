@@ -86,8 +86,9 @@ def test_fused_lora_equals_per_op(setup, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_fused_vs_per_op(setup):
-    llm, loras = setup
+def _greedy_fused_and_per_op(llm, loras) -> tuple[list, list]:
+    """Greedy tokens of a batch mixing the base model and two adapters, through the fused layer (asserting every
+    LoRA step stayed inside it) and through the per-op path."""
     prompts = [[1, 504, 3, 88, 900], [4, 5, 6], [77, 78, 79, 80, 81, 82, 83]] * 3
     lr = [None] * 3 + [loras[0]] * 3 + [loras[1]] * 3
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -100,6 +101,11 @@ def test_greedy_fused_vs_per_op(setup):
     unfuse_cpu_layers(model)
     per_op = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=lr)]
     fuse_cpu_layers(model)
+    return fused, per_op
+
+
+def test_greedy_fused_vs_per_op(setup):
+    fused, per_op = _greedy_fused_and_per_op(*setup)
     assert fused == per_op
     assert fused[0] != fused[3] and fused[3] != fused[6]
 
@@ -130,17 +136,5 @@ def test_fused_lora_bf16_close_to_per_op(setup_bf16, monkeypatch):
 
 
 def test_greedy_fused_bf16_vs_per_op(setup_bf16):
-    llm, loras = setup_bf16
-    prompts = [[1, 504, 3, 88, 900], [4, 5, 6], [77, 78, 79, 80, 81, 82, 83]] * 3
-    lr = [None] * 3 + [loras[0]] * 3 + [loras[1]] * 3
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    model = llm.engine.core.runner.model
-    rt = llm.engine.core.runner.lora
-    fuse_cpu_layers(model)
-    before = rt.unfused_steps
-    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=lr)]
-    assert rt.unfused_steps == before
-    unfuse_cpu_layers(model)
-    per_op = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=lr)]
-    fuse_cpu_layers(model)
+    fused, per_op = _greedy_fused_and_per_op(*setup_bf16)
     assert fused == per_op

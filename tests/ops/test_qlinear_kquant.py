@@ -15,6 +15,7 @@ from tests.ops.kquant_blocks import quantize as kquantize
 from tests.ops.kquant_blocks import random_blocks, requantize_gguf
 from tokenmill.ops.cpu import qlinear as QL
 from tokenmill.ops.cpu.build import build_error
+from tokenmill.ops.moe.reference import round_int8_per_32
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as G  # noqa: E402
@@ -316,14 +317,6 @@ def test_tiny_kquant_gguf_engine_fused_equals_dequantized(tmp_path, gguf_tokeniz
     assert out["auto"] == out["none"]
 
 
-def _x_int8_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x rounded per 32 values to int8 times a float scale (max |x| / 127), as the int8 direct path does."""
-    xb = x.reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    q = torch.where(amax > 0, torch.round(xb * (127 / amax.clamp_min(1e-30))), torch.zeros_like(xb))
-    return (q * (amax / 127)).reshape(x.shape)
-
-
 @needs_kernel
 @pytest.mark.parametrize("qtype", KTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3])
@@ -343,7 +336,7 @@ def test_int8_direct_path_is_dequantized_weights_times_rounded_x(qtype, m):
     got = QL.qlinear(x, packed, qtype, bias, amx_min_rows=4).double()
     scale = exact.abs().max().item()
     if QL.i8_direct_available():
-        want = _x_int8_rounded(x).double() @ w.T + bias.double()
+        want = round_int8_per_32(x).double() @ w.T + bias.double()
         assert (got - want).abs().max().item() < 1e-5 * scale
         assert 0 < (got - exact).abs().max().item() < 0.01 * scale
     else:

@@ -31,7 +31,7 @@ def fused_moe_reference(x: torch.Tensor, experts: Any, topk_weights: torch.Tenso
 
 def round_int8_per_32(x: torch.Tensor) -> torch.Tensor:
     """x [N, K] rounded per 32 values to int8 times one float scale (max |x| / 127): the activations of the int8
-    tiles (csrc/qlinear.c tm_prepare_x_i8)."""
+    tiles (csrc/qlinear.c tm_prepare_x_i8), dense linears' and experts' alike."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     q = torch.where(amax > 0, torch.round(xb * (127 / amax.clamp_min(1e-30))), torch.zeros_like(xb))
@@ -45,8 +45,9 @@ def fused_moe_reference_i8(x: torch.Tensor, experts: Any, topk_weights: torch.Te
     w13, w2 = experts.dense()  # [E, 2I, H], [E, H, I]
     t = topk_ids.shape[0]
     out = torch.zeros(t, x.shape[-1], dtype=torch.float64)
+    xr = round_int8_per_32(x).double()
     for e in range(w13.shape[0]):
-        gate, up = (round_int8_per_32(x).double() @ w13[e].double().T).chunk(2, dim=-1)  # [T, I] each
+        gate, up = (xr @ w13[e].double().T).chunk(2, dim=-1)  # [T, I] each
         y = round_int8_per_32((F.silu(gate) * up).float()).double() @ w2[e].double().T  # [T, H]
         out += (topk_weights.double() * (topk_ids == e)).sum(dim=-1, keepdim=True) * y
     return out.float()

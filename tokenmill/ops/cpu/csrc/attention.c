@@ -294,8 +294,9 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        if (direct && it->nq == 1) /* decode (memory-bound): the next chunk's blocks are scattered over the pool, out of the hardware prefetcher's
-                     * sight: ask for their K and V rows (this item's heads) while this chunk computes */
+        /* a decode (memory-bound): the next chunk's blocks are scattered over the pool, out of the hardware
+         * prefetcher's sight, so ask for their K and V rows (this item's heads) while this chunk computes */
+        if (direct && it->nq == 1)
             for (int kb = kb0 + nbc; kb < kb0 + 2 * nbc && kb * BS < it->k1; kb++) {
                 const char *kp = a->kv + (((int64_t)table[kb] * BS) * kst_pool + (int64_t)kvh0 * D) * esize;
                 const char *vp = kp + plane * esize;
