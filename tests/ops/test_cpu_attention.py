@@ -137,6 +137,22 @@ def test_many_decodes_one_item_per_request(dtype, window):
     _run([(n - 1, 1) for n in lens[:3]], 8, 2, 128, 32, window=window, kv_dtype=dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_only_steps_split_by_keys_across_threads(threads, dtype):
+    """A step of decodes only runs as one contiguous run of items per thread (about equal key counts, each with a
+    prefetch frontier across its items): every request is attended once whatever the thread count, including
+    lengths far apart (one run gets few long items, another many short ones) and a sliding window."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lens = [2000, 1, 3, 1500] + [(13 * i) % 90 + 1 for i in range(40)]
+        _run([(n - 1, 1) for n in lens], 9, 3, 64, 16, kv_dtype=dtype)
+        _run([(n - 1, 1) for n in reversed(lens)], 8, 2, 64, 16, window=50, kv_dtype=dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_strided_query_and_bf16_query():
     """q as a view of a packed qkv projection (token stride > H * D), and a bf16 q."""
     torch.manual_seed(0)

@@ -235,7 +235,40 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
 }
 
 /* ---------------------------------------------------------------- one work item */
-static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, float *pm, float *pl, int rows_alloc) {
+/* Software prefetch of a thread's decode stream. A decode reads each K/V block once (memory-bound), and the blocks
+ * are scattered over the pool, out of the hardware prefetcher's sight: without help a core alternates computing a
+ * chunk and stalling on the next (one layer's 64-decode call ran at ~compute + transfer time). The frontier walks
+ * the blocks of the thread's items in the order they will be computed, across item boundaries, and stays
+ * PF_BLOCKS blocks ahead of the computation, asking for them into L2. */
+#define PF_BLOCKS 12
+typedef struct { const Item *items; int64_t n, i; int b; } Prefetch;
+
+static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
+    const int BS = a->bs;
+    const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    const int64_t kst_pool = (int64_t)a->hkv * a->d;
+    const int64_t plane = a->num_blocks * a->bs * kst_pool;
+    while (nblocks > 0 && pf->i < pf->n) {
+        const Item *it = &pf->items[pf->i];
+        const int kb = it->k0 / BS + pf->b;
+        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; continue; }
+        const int nh = it->kvh < 0 ? a->hkv : 1, kvh0 = it->kvh < 0 ? 0 : it->kvh;
+        const int32_t blk = a->bt[(int64_t)it->req * a->bt_stride + kb];
+        const char *kp = a->kv + (((int64_t)blk * BS) * kst_pool + (int64_t)kvh0 * a->d) * esize;
+        const char *vp = kp + plane * esize;
+        const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
+        for (int t = 0; t < BS; t++)
+            for (int64_t off = 0; off < span; off += 64) {
+                __builtin_prefetch(kp + t * row + off, 0, 2);  /* read, into L2 (prefetcht1) */
+                __builtin_prefetch(vp + t * row + off, 0, 2);
+            }
+        pf->b++;
+        nblocks--;
+    }
+}
+
+static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, float *pm, float *pl, int rows_alloc,
+                     Prefetch *pf) {
     const int G = a->h / a->hkv, D = a->d, BS = a->bs;
     const int n = a->qsl[it->req + 1] - a->qsl[it->req], L = a->seq_lens[it->req];
     const int64_t t0 = a->qsl[it->req] + it->q0;
@@ -256,6 +289,12 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     use512 = (D % 16) == 0 && (a->kv_dtype == KV_F32 || a->kv_dtype == KV_BF16);
 #endif
     const int direct = kv_in_place(a->kv_dtype, D);
+    Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
+    if (!pf && it->nq == 1) {
+        own = (Prefetch){it, 1, 0, 0};
+        pf_issue(a, &own, PF_BLOCKS);
+        pf = &own;
+    }
 
     for (int jq = 0; jq < it->nq; jq++)
         for (int g = 0; g < GH; g++) {
@@ -294,18 +333,8 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        /* a decode (memory-bound): the next chunk's blocks are scattered over the pool, out of the hardware
-         * prefetcher's sight, so ask for their K and V rows (this item's heads) while this chunk computes */
-        if (direct && it->nq == 1)
-            for (int kb = kb0 + nbc; kb < kb0 + 2 * nbc && kb * BS < it->k1; kb++) {
-                const char *kp = a->kv + (((int64_t)table[kb] * BS) * kst_pool + (int64_t)kvh0 * D) * esize;
-                const char *vp = kp + plane * esize;
-                for (int t = 0; t < BS; t++)
-                    for (int off = 0; off < nh * D * esize; off += 64) {
-                        __builtin_prefetch(kp + t * kst_pool * esize + off, 0, 3);
-                        __builtin_prefetch(vp + t * kst_pool * esize + off, 0, 3);
-                    }
-            }
+        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes */
+        if (pf) pf_issue(a, pf, nblk);
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
         for (int b = 0; b < nblk; b++)
@@ -477,7 +506,21 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
         if (!pacc || !pm || !pl) { free(pacc); free(pm); free(pl); free(items); free(groups); return E_NOMEM; }
     }
     int err = OK;
-#pragma omp parallel
+    /* a step of decodes only (one all-heads item each): split the items into nthreads contiguous runs of about
+     * equal key counts, so each thread knows the blocks it reads next (split_at[t]: first item of thread t + 1) */
+    int64_t *split_at = NULL;
+    if (decode_all_heads && ni == ndecode && nthreads > 1 && !nparts) {
+        split_at = malloc(sizeof(int64_t) * nthreads);
+        if (!split_at) { free(pacc); free(pm); free(pl); free(items); free(groups); return E_NOMEM; }
+        int64_t total = 0, run = 0, w = 0;
+        for (int64_t i = 0; i < ni; i++) total += items[i].k1 - items[i].k0;
+        for (int t = 0; t < nthreads - 1; t++) {
+            const int64_t goal = total * (t + 1) / nthreads;
+            while (w < ni && run + (items[w].k1 - items[w].k0) / 2 < goal) run += items[w].k1 - items[w++].k0;
+            split_at[t] = w;
+        }
+    }
+#pragma omp parallel num_threads(nthreads)
     {
         Scratch sc = {0};
         const size_t sst = (size_t)chunk_blocks(block_size) * block_size;
@@ -491,16 +534,25 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
             sc.qt = mem; sc.acc = mem + rd; sc.s = mem + 2 * rd; sc.m = sc.s + srows * sst;
             sc.l = sc.m + srows; sc.kb = sc.l + srows; sc.vb = sc.kb + bd;
         }
+        if (split_at) { /* all decodes: each thread a contiguous run of items with half the keys, prefetched */
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const int64_t lo = t == 0 ? 0 : split_at[t - 1], hi = t == nt - 1 ? ni : split_at[t];
+            Prefetch pf = {items + lo, hi - lo, 0, 0};
+            pf_issue(&a, &pf, PF_BLOCKS);
+            for (int64_t w = lo; w < hi; w++)
+                if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, &pf);
+        } else {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < ni; w++)
-            if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc);
+            for (int64_t w = 0; w < ni; w++)
+                if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, NULL);
+        }
         free(mem);
     }
     if (err == OK && ng) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (int64_t w = 0; w < ng; w++) merge_group(&a, &groups[w], pacc, pm, pl, rows_alloc);
     }
-    free(pacc); free(pm); free(pl); free(items); free(groups);
+    free(pacc); free(pm); free(pl); free(items); free(groups); free(split_at);
     return err;
 }
 
