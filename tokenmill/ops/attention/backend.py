@@ -7,7 +7,7 @@ Backends: reference (PyTorch), cpu (compiled C kernel, tokenmill/ops/cpu), trito
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 import torch
 
@@ -81,14 +81,26 @@ class CpuAttentionBackend:
         if parts is None:  # the same for every layer of the step
             long = [i for i, n in enumerate(batch.query_lens_cpu) if n >= PREFILL_MIN_TOKENS]
             rest = [i for i, n in enumerate(batch.query_lens_cpu) if n < PREFILL_MIN_TOKENS]
-            parts = batch.memo["prefill_split"] = (select_requests(batch, long),
-                                                   select_requests(batch, rest) if rest else None)
+            parts = batch.memo["prefill_split"] = (_as_slice(*select_requests(batch, long)),
+                                                   _as_slice(*select_requests(batch, rest)) if rest else None)
         (sub, tok), short = parts
-        out = torch.empty_like(q)
         gather = gather_kv_bf16 if self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32 else None
-        out[tok] = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window,
-                                   gather).to(q.dtype)
+        att = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window, gather)
+        if short is None and tok == slice(0, q.shape[0]):
+            return att.to(q.dtype)  # a step of long chunks only: no scatter into a second buffer
+        out = torch.empty_like(q)
+        out[tok] = att.to(q.dtype)
         if short is not None:
             sub, tok = short
             out[tok] = cpu_paged_attention(q[tok], kv_cache, sub, scale, sliding_window)
         return out
+
+
+def _as_slice(sub: ForwardBatch, tok: torch.Tensor) -> tuple[ForwardBatch, Union[slice, torch.Tensor]]:
+    """(sub, tok) with tok as a slice where the selected tokens are one contiguous run (the usual case: a step's
+    prefill chunks, or its decodes, sit together), so q[tok] and out[tok] = ... are views and copies, not
+    gathers and scatters."""
+    n = tok.numel()
+    if n and int(tok[-1]) - int(tok[0]) == n - 1:
+        return sub, slice(int(tok[0]), int(tok[0]) + n)
+    return sub, tok

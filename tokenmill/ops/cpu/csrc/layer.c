@@ -21,13 +21,25 @@
 
 #define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
 
-// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp on AVX2, threads for long steps.
+// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp (AVX-512 / AVX2), threads for long steps.
+// The AVX-512 lanes divide by 1 + e(-g) as a reciprocal estimate refined by one Newton step (~1 ulp): a 512-bit
+// division issues at half the rate of a 256-bit one, and this loop ran at ~4% of a prefill step.
 static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
     for (int64_t t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *a = act + t * I;
         int64_t i = 0;
+#ifdef __AVX512F__
+        const __m512 one16 = _mm512_set1_ps(1.0f), two16 = _mm512_set1_ps(2.0f);
+        for (; i + 16 <= I; i += 16) {
+            const __m512 gv = _mm512_loadu_ps(g + i);
+            const __m512 d = _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+            __m512 r = _mm512_rcp14_ps(d);
+            r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two16));
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(gv, r), _mm512_loadu_ps(u + i)));
+        }
+#endif
 #ifdef __AVX2__
         const __m256 one = _mm256_set1_ps(1.0f);
         for (; i + 8 <= I; i += 8) {
@@ -58,7 +70,12 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 }
 
 static void store_bf16(uint16_t *dst, const float *src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= n; i += 16)  // vcvtneps2bf16 rounds to nearest even, as the scalar loop
+        _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+    for (; i < n; i++) {
         uint32_t u;
         memcpy(&u, src + i, 4);
         dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
@@ -92,10 +109,12 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
     rope_inplace(qkv, T, nqkv, H, D, cos, sin);
     rope_inplace(qkv + nq, T, nqkv, Hkv, D, cos, sin);
     const int64_t cache_rows = nb * bs;
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] >= cache_rows) { rc = -6; goto done; }
+#pragma omp parallel for schedule(static) if (T >= 256)
     for (int64_t t = 0; t < T; t++) {
         const int64_t s = slots[t];
         if (s < 0) continue;  // padding
-        if (s >= cache_rows) { rc = -6; goto done; }
         const float *k = qkv + t * nqkv + nq, *v = k + nkv;
         if (kv_dtype == 0) {
             float *kc = (float *)kv;

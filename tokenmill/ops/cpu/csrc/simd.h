@@ -38,4 +38,24 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif  // __AVX2__
 
+#ifdef __AVX512F__
+// exp of 16 lanes: exp8's polynomial and range reduction on 16 lanes (the same results lane for lane).
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201E-1f));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif  // __AVX512F__
+
 #endif  // TM_SIMD_H
