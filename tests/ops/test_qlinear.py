@@ -71,6 +71,12 @@ def test_amx_path_matches_bf16_rounded_matmul(qtype, m, bias):
     exact = QL.qlinear(x, packed, qtype, b)  # below the threshold / without it: the float32 kernel
     assert not torch.equal(got, exact)
     torch.testing.assert_close(QL.qlinear(x[:3], packed, qtype, b, amx_min_rows=4), exact[:3], rtol=1e-5, atol=1e-4)
+    # the tiles made once (QuantizedLinear.pack_amx) are the ones each call would make: the same numbers
+    panels, st = QL.amx_pack(packed, qtype, k)
+    assert panels.numel() * 4 == QL.amx_panel_bytes(k, n)
+    assert torch.equal(QL.qlinear(x, packed, qtype, b, amx_min_rows=4, qpanels=st), got)
+    assert torch.equal(QL.qlinear(x[:3], packed, qtype, b, amx_min_rows=4, qpanels=st),
+                       QL.qlinear(x[:3], packed, qtype, b, amx_min_rows=4))  # below the AMX rows: the packed rows
 
 
 @needs_kernel

@@ -102,6 +102,8 @@ def test_amx_path_matches_bf16_rounded_matmul(qtype, m):
     got = QL.qlinear(x, packed, qtype, b, amx_min_rows=4)
     _check(got, x, w, b, bf16=True)
     assert not torch.equal(got, QL.qlinear(x, packed, qtype, b))  # really the bf16 path
+    _, st = QL.amx_pack(packed, qtype, k)  # the tiles made once: the same numbers
+    assert torch.equal(QL.qlinear(x, packed, qtype, b, amx_min_rows=4, qpanels=st), got)
 
 
 @pytest.mark.parametrize("qtype", TYPES)

@@ -17,7 +17,8 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import (QPARTS_MAX, QTYPES, QParts, amx_available, block_size, dequantize,
+from tokenmill.ops.cpu.qlinear import (QPARTS_MAX, QTYPES, QPanels, QParts, amx_available, amx_pack,
+                                      amx_panel_bytes, block_size, dequantize,
                                       dequantize_rows, make_qparts, qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
@@ -91,6 +92,9 @@ class QuantizedLinear(nn.Module):
         self.dense_min_rows = dense_min_rows
         self.weight_dense: Optional[torch.Tensor] = None  # [out, in] float32 or bfloat16, built by finalize()
         self.amx_min_rows = 0  # > 0: calls of at least this many rows take the kernel's AMX bf16 path
+        # the AMX path's bf16 tiles made once (pack_amx), which its calls then read instead of dequantizing
+        self.panels: Optional[torch.Tensor] = None
+        self.qpanels: Optional[QPanels] = None
         self.shard_names: Optional[list[ShardId]] = list(shard_names) if shard_names else None
         self.weight = nn.Parameter(torch.empty(self.out_features, row_bytes(qtype, in_features), dtype=torch.uint8),
                                    requires_grad=False)
@@ -125,6 +129,7 @@ class QuantizedLinear(nn.Module):
         """After loading: with amx (bf16 on an AMX CPU) the kernel's AMX path takes calls of AMX_MIN_ROWS+ rows and
         no copy is kept; otherwise keep a dense copy for large-M calls when dense_min_rows asks for one."""
         self.weight_dense = None
+        self.panels = self.qpanels = None
         self.amx_min_rows = AMX_MIN_ROWS if amx else 0
         if amx:
             self.dense_min_rows = None
@@ -135,9 +140,15 @@ class QuantizedLinear(nn.Module):
         """The weight as float32 [out, in] (the reference dequantizer)."""
         return dequantize(self.weight.data, self.qtype, self.in_features)
 
+    def pack_amx(self) -> None:
+        """Keep the AMX path's bf16 tiles of the weight (2 bytes a weight, amx_panel_bytes) so its calls stop
+        dequantizing: one layer of SmolLM2 at 64 rows ran ~0.65 ms, of which most was making the tiles."""
+        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_min_rows:
-            return qlinear(x, self.weight, self.qtype, self.bias, amx_min_rows=self.amx_min_rows)
+            return qlinear(x, self.weight, self.qtype, self.bias, amx_min_rows=self.amx_min_rows,
+                           qpanels=self.qpanels)
         w = self.weight_dense
         if w is not None and x.shape[0] >= self.dense_min_rows:
             if w.dtype == x.dtype:
@@ -244,6 +255,8 @@ class QuantizedLMHead(nn.Module):
         self.hidden_size = hidden_size
         self.qtype = qtype
         self.amx_min_rows = 0  # > 0: calls of at least this many rows (decode batches) take the kernel's AMX path
+        self.panels: Optional[torch.Tensor] = None  # its bf16 tiles made once (pack_amx)
+        self.qpanels: Optional[QPanels] = None
         if tie_to is not None:
             self.weight = tie_to.weight
         else:
@@ -251,8 +264,13 @@ class QuantizedLMHead(nn.Module):
                                        requires_grad=False)
             self.weight.weight_loader = _packed_loader
 
+    def pack_amx(self) -> None:
+        """As QuantizedLinear.pack_amx (a tied head keeps its own tiles; the embedding reads the packed rows)."""
+        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.hidden_size)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return qlinear(hidden, self.weight, self.qtype, amx_min_rows=self.amx_min_rows)  # [N, D] -> [N, V]
+        return qlinear(hidden, self.weight, self.qtype, amx_min_rows=self.amx_min_rows,
+                       qpanels=self.qpanels)  # [N, D] -> [N, V]
 
 
 def _packed_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
@@ -373,8 +391,16 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
             module.finalize(dense_dtype, amx=True)
         for module in experts:  # an expert's few-row runs on the int8 tiles, many-row runs (prefill) on AMX
             module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
-        for head in (m for m in model.modules() if isinstance(m, QuantizedLMHead)):
+        heads = [m for m in model.modules() if isinstance(m, QuantizedLMHead)]
+        for head in heads:
             head.amx_min_rows = HEAD_AMX_MIN_ROWS
+        # a small model's AMX tiles, made once, when they fit the same cap as the dense copies
+        uniform = [m for m in linears if m.qtype != "mixed"]  # mixed shards keep dequantizing per call
+        panel_bytes = (sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform)
+                       + sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads))
+        if panel_bytes <= max_copy_bytes:
+            for module in uniform + heads:
+                module.pack_amx()
         return
     elem = torch.tensor([], dtype=dense_dtype).element_size()
     copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)

@@ -20,7 +20,7 @@ import torch
 
 from tokenmill.ops.attention.backend import CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
-from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPARTS, QTYPES
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
 # Steps of this many tokens or more leave the single call: on the AMX path they run as two C halves around the
@@ -111,6 +111,8 @@ class FusedCpuLayer:
         for m in lin:
             if m.qtype == "mixed":
                 qt, w = QPARTS, ctypes.addressof(m.qparts)
+            elif m.qpanels is not None:  # its AMX tiles made once (QuantizedLinear.pack_amx)
+                qt, w = QPANELS, ctypes.addressof(m.qpanels)
             else:
                 qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
             self.linears += [qt, w, m.bias.data_ptr() if m.bias is not None else None]

@@ -44,6 +44,10 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.qlinear_any.restype = ctypes.c_int
     lib.tm_qlinear_i8_direct.argtypes = []
     lib.tm_qlinear_i8_direct.restype = ctypes.c_int
+    lib.tm_qlinear_amx_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_amx_pack.restype = ctypes.c_int
+    lib.tm_qlinear_amx_panel_words.argtypes = [i64, i64]
+    lib.tm_qlinear_amx_panel_words.restype = i64
     return lib
 
 
@@ -69,6 +73,41 @@ def make_qparts(parts: list[tuple[str, torch.Tensor]]) -> QParts:
             raise ValueError("row groups must be contiguous uint8 [rows, row_bytes] tensors")
         st.qtype[i], st.rows[i], st.w[i] = QTYPES[qtype][0], packed.shape[0], packed.data_ptr()
     return st
+
+
+QPANELS = -2  # qlinear_any's type for a weight with its AMX panels (csrc/kernels.h TM_QPANELS)
+
+
+class QPanels(ctypes.Structure):
+    """csrc/kernels.h tm_qpanels: a packed weight and its AMX panels (the bf16 tiles the AMX path would dequantize
+    on every call, made once)."""
+    _fields_ = [("qtype", ctypes.c_int64), ("w", ctypes.c_void_p), ("panels", ctypes.c_void_p)]
+
+
+def amx_panel_bytes(k: int, n: int) -> int:
+    """Bytes of the AMX panels of an [n, k] weight: bfloat16 with n rounded up to 32 (2 bytes a weight)."""
+    return (n + 31) // 32 * 32 * k * 2
+
+
+def amx_pack(qweight: torch.Tensor, qtype: str, k: int) -> tuple[torch.Tensor, QPanels]:
+    """The AMX panels of a packed weight [N, row_bytes] and the struct the kernels take (it holds raw pointers:
+    the caller keeps both tensors alive and in place). Calls of the AMX path then read the panels, the same bf16
+    values it would dequantize per call, so results are unchanged. Needs amx_available()."""
+    lib = _lib()
+    if lib is None or not amx_available():
+        raise RuntimeError("the AMX path is not available on this machine")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
+        raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
+    n = qweight.shape[0]
+    if qweight.shape[1] != row_bytes(qtype, k):
+        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
+                         f"{row_bytes(qtype, k)}")
+    panels = torch.empty(lib.tm_qlinear_amx_panel_words(k, n), dtype=torch.int32)
+    if lib.tm_qlinear_amx_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()) != 0:
+        raise ValueError(f"tm_qlinear_amx_pack rejected its arguments ({qtype}, K={k})")
+    st = QPanels()
+    st.qtype, st.w, st.panels = QTYPES[qtype][0], qweight.data_ptr(), panels.data_ptr()
+    return panels, st
 
 
 def qlinear_parts(x: torch.Tensor, parts: list[tuple[str, torch.Tensor]], qparts: Optional[QParts] = None,
@@ -207,13 +246,15 @@ def _dequantize_k(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[torch.Tensor] = None,
-            direct_max_rows: int = DIRECT_MAX_ROWS, amx_min_rows: int = 0) -> torch.Tensor:
+            direct_max_rows: int = DIRECT_MAX_ROWS, amx_min_rows: int = 0,
+            qpanels: Optional[QPanels] = None) -> torch.Tensor:
     """x [..., K] float32 @ dequantize(qweight).T (+ bias) -> [..., N] float32.
 
     Calls with at most direct_max_rows rows use the kernel's register path, larger ones its buffered one.
     amx_min_rows > 0 (only where amx_available()): calls with at least that many rows use the AMX path, which
     rounds weights and activations to bfloat16 (the `gemm_dtype` bfloat16 numerics), summing in float32; and
-    direct-path calls on k-quant weights take int8 activations where i8_direct_available()."""
+    direct-path calls on k-quant weights take int8 activations where i8_direct_available(). With `qpanels`
+    (amx_pack of this qweight), the AMX calls read its panels instead of dequantizing the weight."""
     n, nbytes = qweight.shape
     k = x.shape[-1]
     lib = _lib()
@@ -229,8 +270,10 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, qtype: str, bias: Optional[t
     y = torch.empty(m, n, dtype=torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    if lib.qlinear_f32(kind, x2.data_ptr(), m, k, qweight.data_ptr(), n, bias.data_ptr() if bias is not None else None,
-                       y.data_ptr(), direct_max_rows, amx_min_rows) != 0:
+    call, kind, w = ((lib.qlinear_any, QPANELS, ctypes.addressof(qpanels)) if qpanels is not None
+                     else (lib.qlinear_f32, kind, qweight.data_ptr()))
+    if call(kind, x2.data_ptr(), m, k, w, n, bias.data_ptr() if bias is not None else None, y.data_ptr(),
+            direct_max_rows, amx_min_rows) != 0:
         raise ValueError(f"qlinear kernel rejected its arguments ({qtype}, K={k})")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 

@@ -30,7 +30,18 @@ typedef struct {
     int64_t rows[TM_QPARTS_MAX];      // their output rows (summing to N)
     const uint8_t *w[TM_QPARTS_MAX];  // their packed rows
 } tm_qparts;
-// qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y.
+// A packed weight with its AMX panels (tm_qlinear_amx_pack, NULL: none): the weight pointer of qlinear_any's type
+// TM_QPANELS. Calls the AMX path would take read the panels instead of dequantizing W; the others read W.
+#define TM_QPANELS (-2)
+typedef struct {
+    int64_t qtype;           // W's block type
+    const uint8_t *w;        // W's packed rows
+    const uint32_t *panels;  // W in the AMX tiles' bf16 pair layout, or NULL
+} tm_qpanels;
+int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out);
+int64_t tm_qlinear_amx_panel_words(int64_t K, int64_t N);
+// qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y, for TM_QPANELS the
+// tm_qpanels at w.
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m);
 // 1 where gemm auto's k-quant direct path takes int8 activations (compiled for AVX512-VNNI), else 0.

@@ -394,6 +394,16 @@ int qlinear_f32(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *
 
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m) {
+    if (qtype == TM_QPANELS) {
+        const tm_qpanels *p = (const tm_qpanels *)w;
+        const int bb = block_bytes((int)p->qtype);
+        if (bb == 0 || K % block_weights((int)p->qtype) != 0 || M < 0 || N < 0) return -1;
+#if defined(TM_AMX)
+        if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
+            return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N);
+#endif
+        return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
+    }
     if (qtype != TM_QPARTS)
         return qlinear_ld(qtype, x, M, K, (const uint8_t *)w, N, bias, y, N, direct_max_m, amx_min_m);
     const tm_qparts *p = (const tm_qparts *)w;

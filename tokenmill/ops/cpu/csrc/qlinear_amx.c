@@ -167,13 +167,14 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
         if (nr[1]) panel_pairs(QT, w, row_bytes, nkb, n0 + 16, N, p1);               \
         break
 
-// Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
-int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-                   const float *bias, float *y, int64_t ldy) {
+// With `packed` (tm_qlinear_amx_pack's panels of W) the tiles read the panels; otherwise each call dequantizes
+// W's panels as it goes. Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
+static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                    float *y, int64_t ldy, const uint32_t *packed) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
             const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
-            const int rc = tm_qlinear_amx(qtype, x + m * K, mm, K, w, N, bias, y + m * ldy, ldy);
+            const int rc = amx_gemm(qtype, x + m * K, mm, K, w, N, bias, y + m * ldy, ldy, packed);
             if (rc) return rc;
         }
         return 0;
@@ -198,7 +199,8 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
 #pragma omp parallel if (TM_TOP_LEVEL)
     {
         // two panels in pair layout ([k-block][16 pairs][16 outputs] words each) and a 16 x 16 float scratch tile
-        uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
+        uint32_t *panel = packed ? (uint32_t *)aligned_alloc(64, 64)
+                                 : (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
         float *cb = (float *)aligned_alloc(64, 256 * sizeof(float));
         if (!panel || !cb) {
 #pragma omp atomic write
@@ -212,11 +214,15 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
                 int nr[2];
                 nr[0] = (int)(N - n0 < 16 ? N - n0 : 16);
                 nr[1] = (int)(N - n0 - 16 < 16 ? (N - n0 - 16 > 0 ? N - n0 - 16 : 0) : 16);
-                switch (qtype) {
-                    PANELS(Q4_0); PANELS(Q4_1); PANELS(Q8_0); PANELS(Q5_0); PANELS(Q5_1); PANELS(Q4_K); PANELS(Q5_K);
-                    PANELS(Q6_K);
-                    default: break;
-                }
+                if (packed) {
+                    p0 = (uint32_t *)packed + 2 * pp * nkb * 256;
+                    p1 = p0 + nkb * 256;
+                } else
+                    switch (qtype) {
+                        PANELS(Q4_0); PANELS(Q4_1); PANELS(Q8_0); PANELS(Q5_0); PANELS(Q5_1); PANELS(Q4_K); PANELS(Q5_K);
+                        PANELS(Q6_K);
+                        default: break;
+                    }
                 for (int64_t m0 = 0; m0 < M; m0 += 32) {
                     int ms[2];
                     ms[0] = (int)(M - m0 < 16 ? M - m0 : 16);
@@ -261,6 +267,40 @@ int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_
     free(xb);
     return rc;
 }
+
+int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
+                   float *y, int64_t ldy) {
+    return amx_gemm(qtype, x, M, K, w, N, bias, y, ldy, NULL);
+}
+
+int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
+                          float *y, int64_t ldy) {
+    return amx_gemm(-1, x, M, K, NULL, N, bias, y, ldy, panels);
+}
+
+#define PACK(QT)                                                                                     \
+    case QT:                                                                                         \
+        for (int64_t pn = 0; pn < npanels; pn++) panel_pairs(QT, w, row_bytes, nkb, pn * 16, N, out + pn * nkb * 256); \
+        break
+
+// W's panels as amx_gemm dequantizes them (the same bf16 words), once: ceil(N / 32) * 2 panels of nkb * 256 words
+// (rows past N zero), tm_qlinear_amx_panel_words(K, N) words in all. Returns 0, -1 bad arguments.
+int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
+    const int bb = block_bytes(qtype);
+    if (bb == 0 || K % block_weights(qtype) != 0 || N < 1) return -1;
+    const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * bb, npanels = (N + 31) / 32 * 2;
+    switch (qtype) {
+        PACK(Q4_0); PACK(Q4_1); PACK(Q8_0); PACK(Q5_0); PACK(Q5_1); PACK(Q4_K); PACK(Q5_K); PACK(Q6_K);
+        default: return -1;
+    }
+    return 0;
+}
 #else
 int tm_amx_init(void) { return 0; }
+int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
+    (void)qtype; (void)w; (void)K; (void)N; (void)out;
+    return -2;  // built without the AMX path
+}
 #endif
+
+int64_t tm_qlinear_amx_panel_words(int64_t K, int64_t N) { return (N + 31) / 32 * 2 * (K / 32) * 256; }

@@ -266,6 +266,9 @@ int tm_amx_enabled(void);
 // qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy);
+// The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call.
+int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
+                          float *y, int64_t ldy);
 #endif
 
 // The AMX int8 path for the k-quants (qlinear_amx_i8.c): int8 activations as the direct path's, any number of rows.
