@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--transfer-tokens", default="32,128,512,2048", help="disagg: prompt lengths of the measured pulls")
     ap.add_argument("--served-calibration-rate", type=float, default=None,
                     help="disagg: rate of the served calibration pass (default: the highest --rate)")
-    ap.add_argument("--served-calibration-requests", type=int, default=40)
+    ap.add_argument("--served-calibration-requests", type=int, default=60)
     ap.add_argument("--served-calibration-seed", type=int, default=1,
                     help="disagg: the calibration pass's requests (the measured rates use seed 0)")
     ap.add_argument("--trace-dir", default=None, help="keep the instances' step traces here (default: a temporary dir)")

@@ -70,7 +70,31 @@ def test_fit_like_keeps_the_calibrations_regimes_and_facts(tmp_path):
     write_trace(path, [prefill(n) for n in SIZES])
     model = fit_trace_like(base, read_step_trace(path))
     assert model.info["model"] == "m" and model.info["num_threads"] == 1 and "samples" not in model.info
-    assert set(model.switch_tokens) <= {4, 64}
+    assert set(model.switch_tokens) <= {4, 64, 256, 1024}
+
+
+def test_size_regimes_follow_a_per_token_cost_that_grows_with_the_step(tmp_path):
+    """Served steps whose cost per token rises with their size (cache spill) and barely with attention pairs: fitted
+    with the size regimes, a step of several prompts is predicted like one prompt of the same tokens."""
+    def cost(tokens, pairs):  # 0.37 ms a token up to 256, 0.5 up to 1024, 0.6 beyond; pairs nearly free
+        per = 0.00037 if tokens < 256 else 0.0005 if tokens < 1024 else 0.0006
+        return 0.03 + per * tokens + 1e-8 * pairs
+    path = tmp_path / "steps.jsonl"
+    with open(path, "w") as f:
+        for i, n in enumerate([70, 90, 120, 150, 180, 210, 240, 270, 320, 400, 480, 560, 700, 850, 1000, 1100, 1250,
+                               1500]):
+            sh = prefill(n)
+            f.write(json.dumps({"t": i, "s": cost(n, sh.attn_pairs), "tokens": n, "reqs": 1, "kv": n,
+                                "pairs": sh.attn_pairs}) + "\n")
+        for i, lens in enumerate([(150, 150), (100, 200, 100), (500, 400), (700, 600)]):  # a few batched prompts
+            sh = StepShape.of([(0, n) for n in lens])  # (they tell a cost per step from one per request)
+            f.write(json.dumps({"t": 100 + i, "s": cost(sh.num_tokens, sh.attn_pairs), "tokens": sh.num_tokens,
+                                "reqs": sh.num_reqs, "kv": sh.kv_tokens_read, "pairs": sh.attn_pairs}) + "\n")
+    base = CostModel(SPEC, small_regimes=((4, 0.0, 0.0, 0.0), (64, 0.0, 0.0, 0.0)))
+    model = fit_trace_like(base, read_step_trace(path))
+    for lens in ((300, 300), (200, 200, 200), (600, 500)):
+        sh = StepShape.of([(0, n) for n in lens])
+        assert model.predict_shape(sh) == pytest.approx(cost(sh.num_tokens, sh.attn_pairs), rel=0.05), lens
 
 
 def test_served_calibration_fixes_the_disaggregated_prediction(tmp_path):

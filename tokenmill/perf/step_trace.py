@@ -21,6 +21,13 @@ from tokenmill.errors import ConfigError
 from tokenmill.perf.cost_model import CostModel, ModelSpec, StepShape
 
 MIN_TRACE_STEPS = 12
+# Step sizes (tokens) where a trace fit gets a new regime besides the engine's kernel switches. A step's cost per
+# token grows with its size as the activations outgrow the caches (one CPU core here: 0.37 ms a token at 70-260
+# tokens, 0.5-0.6 ms at 500-1250); with one line from 64 to 2048 tokens the fit put that curvature into the
+# attention-pair term, which then under-predicted steps of several prompts by 8-18% (in process, 2 x 600 tokens
+# took 0.93x the time of one 1200-token prompt, not the 0.75x the pair term says). A regime with fewer than 3
+# traced steps is merged into the next (CostModel.fit), so a decode trace loses these.
+TRACE_SIZE_REGIMES = (256, 1024)
 
 
 def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
@@ -63,8 +70,9 @@ def fit_trace(spec: ModelSpec, samples: list[tuple[StepShape, float]], device: s
 
 def fit_trace_like(base: CostModel, samples: list[tuple[StepShape, float]],
                    min_steps: int = MIN_TRACE_STEPS) -> CostModel:
-    """fit_trace with the model dimensions, device and kernel regimes of another model (an in-process calibration)."""
-    model = fit_trace(base.spec, samples, base.device, base.switch_tokens, min_steps)
+    """fit_trace with the model dimensions, device and kernel regimes of another model (an in-process calibration),
+    plus TRACE_SIZE_REGIMES."""
+    model = fit_trace(base.spec, samples, base.device, (*base.switch_tokens, *TRACE_SIZE_REGIMES), min_steps)
     model.info.update({k: v for k, v in base.info.items() if k in ("model", "dtype", "kv_cache_dtype", "num_threads",
                                                                     "weights_total_bytes", "max_model_len")})
     return model
