@@ -4,9 +4,6 @@ colocated       every instance runs prefill and decode: the real tokenmill.core 
                 a simulated clock (as perf/simulator.py), all instances stepped together so that the router
                 policy (tokenmill/router/policy.py, the same module the router runs) sees each instance's
                 running / waiting / KV figures at the moment a request arrives.
-Every request reaches an instance's scheduler ingress_s after the client sends it (HTTP, chat template,
-tokenizing, the hand-off to the engine process); TTFT counts from the send.
-
 disaggregated   P prefill instances run each prompt (the real Scheduler, one output token); the request then
                 reaches one of D decode instances hop_s later (the router's second hop), which reports the
                 producer's first token at its next step boundary (TTFT ends there: the engine loop takes new
@@ -15,6 +12,9 @@ disaggregated   P prefill instances run each prompt (the real Scheduler, one out
                 its other requests, and it joins the batch at the first step after the pull; each step
                 every joined request produces a token, step time from the cost model with the batch's
                 context lengths.
+
+Every request reaches an instance's scheduler ingress_s after the client sends it (HTTP, chat template, tokenizing,
+the hand-off to the engine process); TTFT counts from the send.
 
 Goodput per instance is DistServe's figure: the highest request rate at which >= 90% of requests meet both
 SLOs, divided by the number of instances. Pure Python; no torch.
@@ -49,7 +49,6 @@ class FleetSpec:
     transfer_s_per_pull: float = 0.0  # and seconds per transfer (connection, header)
     hop_s: float = 0.0  # prefill answer -> decode instance (router, the decode instance's request handling)
     ingress_s: float = 0.0  # client's send -> the (first) instance's scheduler: HTTP, chat template, tokenizing
-
 
     def validate(self) -> None:
         if self.instances < 1:
