@@ -9,9 +9,13 @@
    block, measured here (bench/kv_transfer.py's pull through the real TCP connector, the servers' KV dtype and
    model shape, at --transfer-tokens prompt lengths) or --transfer-ms-per-block; 3. `tokenmill serve --kv-role
    producer` and `--kv-role consumer` (each --num-threads 1) behind `tokenmill router --prefill P --decode D`;
-   4. `bench serve` through the router; 5. `simulate_fleet` over 1P + 1D with that transfer cost.
+   4. the served path's fixed latencies at idle (`ingress_s`: a short request's send through the router to its
+   prefill step in the producer's step trace; `hop_s`: that step's end to the first token); 5. a served
+   calibration: `bench serve` of other requests of the workload (--served-calibration-seed) through the router,
+   and each instance's cost model fitted to its step trace of that pass (tokenmill/perf/step_trace.py); 6. `bench serve` through the router at each rate; 7. `simulate_fleet` over
+   1P + 1D with that transfer cost, ingress and hop, from the in-process calibration and from the served one.
 
-  flock /work/bench.lock env PYTHONPATH=. python bench/fleet_validate.py --workload chat --rate 1,2 \\
+  flock -x /work/cpu.lock env PYTHONPATH=. python bench/fleet_validate.py --workload chat --rate 1,2 \\
       --num-requests 40 [--mode disagg] [--policy least-load] [--calibration cal.json] [--out result.json]
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS, kv_cache_dtype_for  # noqa:
 from tokenmill.perf.cost_model import CostModel  # noqa: E402
 from tokenmill.perf.fleet import FleetSpec, simulate_fleet  # noqa: E402
 from tokenmill.perf.simulator import SimConfig, requests_from_workload  # noqa: E402
+from tokenmill.perf.step_trace import fit_trace_like, read_step_trace  # noqa: E402
 
 ENV = {"PYTHONPATH": str(ROOT)}
 # no prefix caching: each rate resends the same seeded prompts (the simulator models no cache either)
@@ -81,31 +86,69 @@ def disagg_servers(policy: str, traces: dict[str, Path]) -> Iterator[tuple[str, 
             yield r_url, p_url, d_url
 
 
-def _ttft(url: str, model: str) -> float:
-    import httpx
-
+def _ttft(client, url: str, model: str) -> tuple[float, float]:
+    """(wall-clock send time, TTFT) of a short streamed chat request (one kept-alive client: a new httpx client per
+    request costs ~20 ms of TLS setup on this box, which no served request pays)."""
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 2,
             "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    t_wall, t0 = time.time(), time.perf_counter()
+    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
-                return time.perf_counter() - t0
+                return t_wall, time.perf_counter() - t0
     raise RuntimeError(f"no stream from {url}")
 
 
-def measure_hop(router: str, producer: str, repeats: int = 7) -> dict:
-    """The router's second hop at idle: TTFT of a short chat request through the router (producer, router, the
-    consumer's first token) minus its TTFT straight from the producer; medians of alternating runs."""
+def measure_hop(router: str, producer: str, prefill_trace: Path, repeats: int = 7) -> dict:
+    """The served path's fixed latencies at idle, from short chat requests through the router and the producer's
+    step trace (medians): `ingress_s`, the client's send to the producer's step start (HTTP through the router, chat
+    template, tokenizing, the hand-off to the engine process), and `hop_s`, the prefill step's end to the client's
+    first token (the producer's answer to the router, the second hop, the consumer taking the request, the token's
+    way back). The TTFT straight from the producer is kept for comparison (the router's share: via - direct)."""
     import httpx
 
     model = httpx.get(producer + "/v1/models", timeout=10).json()["data"][0]["id"]
     via, direct = [], []
-    for _ in range(repeats):
-        via.append(_ttft(router, model))
-        direct.append(_ttft(producer, model))
-    return {"router_ttft_s": statistics.median(via), "direct_ttft_s": statistics.median(direct),
-            "hop_s": max(0.0, statistics.median(via) - statistics.median(direct))}
+    with httpx.Client() as client:
+        for _ in range(repeats):
+            via.append(_ttft(client, router, model))
+            time.sleep(0.1)
+            direct.append(_ttft(client, producer, model))
+            time.sleep(0.1)
+    time.sleep(0.5)
+    rows = read_trace_rows(prefill_trace)
+    ingress, hop = [], []
+    for t_wall, ttft in via:
+        st = [r for r in rows if t_wall <= r["t"] <= t_wall + ttft]
+        if st:
+            ingress.append(st[0]["t"] - t_wall)
+            hop.append(ttft - (st[0]["t"] - t_wall) - st[0]["s"])
+    med_via, med_direct = statistics.median(t for _, t in via), statistics.median(t for _, t in direct)
+    if not hop:
+        raise RuntimeError(f"no prefill steps of the probe requests in {prefill_trace}")
+    return {"router_ttft_s": med_via, "direct_ttft_s": med_direct, "router_share_s": max(0.0, med_via - med_direct),
+            "ingress_s": max(0.0, statistics.median(ingress)), "hop_s": max(0.0, statistics.median(hop))}
+
+
+def read_trace_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def served_calibration(base: str, args, rate: float, tok, cost: CostModel, traces: dict[str, Path]) -> dict:
+    """`bench serve` of other requests of the workload (seed args.served_calibration_seed) through the router, then
+    each side's cost model fitted to its step trace of that pass ({"prefill": model, "decode": model, ...})."""
+    t0 = time.time()
+    m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.served_calibration_requests,
+                            seed=args.served_calibration_seed, progress=False, tokenizer=tok, warmup=True)[0]
+    t1 = time.time()
+    out = {"rate": rate, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
+           "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)), "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
+           "measured": _pick(m.summary)}
+    for side in ("prefill", "decode"):
+        model = fit_trace_like(cost, read_step_trace(traces[side], t0, t1))
+        out[side] = model
+        out[f"{side}_vs_in_process"] = drift_of_trace(traces[side], t0, t1, cost)
+    return out
 
 
 def kv_counters(base: str) -> dict:
@@ -132,7 +175,7 @@ def run_rates(base: str, args, rates: list[float], tok, cost: CostModel, traces:
                                 progress=False, tokenizer=tok, warmup=i == 0)[0]
         t1 = time.time()
         after = kv_counters(kv_url) if kv_url else {}
-        measured.append((m, {"start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
+        measured.append((m, {"t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
                              "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
                              "run_speed_vs_calibration": {k: drift_of_trace(p, t0, t1, cost) for k, p in traces.items()},
                              **{k: after[k] - before.get(k, 0.0) for k in after}}))
@@ -152,6 +195,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--transfer-ms-per-block", type=float, default=None,
                     help="disagg: the KV transfer cost per block instead of measuring it")
     ap.add_argument("--transfer-tokens", default="32,128,512,2048", help="disagg: prompt lengths of the measured pulls")
+    ap.add_argument("--served-calibration-rate", type=float, default=None,
+                    help="disagg: rate of the served calibration pass (default: the highest --rate)")
+    ap.add_argument("--served-calibration-requests", type=int, default=60)
+    ap.add_argument("--served-calibration-seed", type=int, default=1,
+                    help="disagg: the calibration pass's requests (the measured rates use seed 0)")
+    ap.add_argument("--trace-dir", default=None, help="keep the instances' step traces here (default: a temporary dir)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tok = default_tokenizer()
@@ -161,10 +210,12 @@ def main(argv: list[str]) -> int:
     print(f"one-thread cost model: decode step {ref['decode_ms']:.1f} ms, 512-token prefill "
           f"{ref['prefill_512_ms']:.0f} ms", flush=True)
     rates = parse_rates(args.rate)
-    transfer = hop = None
+    transfer = hop = served = None
     tmp = tempfile.TemporaryDirectory()
+    trace_dir = Path(args.trace_dir or tmp.name)
+    trace_dir.mkdir(parents=True, exist_ok=True)
     if args.mode == "colocated":
-        traces = {"all": Path(tmp.name) / "steps.jsonl"}  # both engine processes append to it
+        traces = {"all": trace_dir / "steps.jsonl"}  # both engine processes append to it
         cmd = serve_cmd("fcfs", 10000, 1000, [*COMMON, "--step-trace", str(traces["all"]), "--data-parallel-size", "2",
                                               "--data-parallel-policy", args.policy])
         with server_process(cmd, log_path="/tmp/fleet_validate.log", env=ENV) as base:
@@ -177,15 +228,26 @@ def main(argv: list[str]) -> int:
             transfer = measure_transfer([int(t) for t in args.transfer_tokens.split(",")], 3)
             print(f"KV transfer ({transfer['kv_dtype']}): {transfer['per_block_s'] * 1e3:.2f} ms per block + "
                   f"{transfer['fixed_s'] * 1e3:.1f} ms per pull", flush=True)
-        traces = {k: Path(tmp.name) / f"{k}.jsonl" for k in ("prefill", "decode")}
+        traces = {k: trace_dir / f"{k}.jsonl" for k in ("prefill", "decode")}
+        for p in traces.values():
+            p.unlink(missing_ok=True)
         with disagg_servers(args.policy, traces) as (base, p_url, d_url):
-            hop = measure_hop(base, p_url)
-            print(f"router's second hop at idle: {hop['hop_s'] * 1e3:.1f} ms (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms "
-                  f"through the router, {hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
+            hop = measure_hop(base, p_url, traces["prefill"])
+            print(f"served path at idle: {hop['ingress_s'] * 1e3:.1f} ms send -> prefill step, {hop['hop_s'] * 1e3:.1f} "
+                  f"ms step end -> first token (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms through the router, "
+                  f"{hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
+            served = served_calibration(base, args, args.served_calibration_rate or max(rates), tok, cost, traces)
+            print(f"served calibration ({served['num_requests']} requests, seed {served['seed']}, "
+                  f"{served['rate']:g} req/s): the served steps took {served['prefill_vs_in_process']:.2f}x (prefill), "
+                  f"{served['decode_vs_in_process']:.2f}x (decode) the in-process model's predictions; fitted to "
+                  f"{served['prefill'].info['num_steps']} / {served['decode'].info['num_steps']} steps, median error "
+                  f"{served['prefill'].info['median_rel_error']:.1%} / {served['decode'].info['median_rel_error']:.1%}",
+                  flush=True)
             measured = run_rates(base, args, rates, tok, cost, traces, kv_url=d_url)
         spec = FleetSpec(instances=2, prefill_instances=1, router_policy=args.policy,
                          transfer_s_per_block=max(0.0, transfer["per_block_s"]),
-                         transfer_s_per_pull=max(0.0, transfer.get("fixed_s", 0.0)), hop_s=hop["hop_s"])
+                         transfer_s_per_pull=max(0.0, transfer.get("fixed_s", 0.0)), hop_s=hop["hop_s"],
+                         ingress_s=hop["ingress_s"])
     rows = []
     for m, extra in measured:
         reqs = requests_from_workload(args.workload, args.num_requests, m.rate, 0,
@@ -198,19 +260,31 @@ def main(argv: list[str]) -> int:
                                         decode_cost=cost.scaled(back)).summary())
         err = {k: pred[k] / meas[k] - 1 for k in ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s") if meas[k]}
         err_speed = {k: at_speed[k] / meas[k] - 1 for k in err}
+        row_served = {}
+        if served is not None:  # each side's model fitted to its served steps of the calibration pass
+            sim_s = simulate_fleet(reqs, served["prefill"], SimConfig(policy="fcfs"), spec, rate=m.rate,
+                                   decode_cost=served["decode"])
+            p_s = _pick(sim_s.summary())
+            e_s = {k: p_s[k] / meas[k] - 1 for k in err}
+            row_served = {"predicted_served_calibration": p_s, "error_served_calibration": e_s,
+                          "within_20pct_served_calibration": all(abs(e) <= 0.2 for e in e_s.values()),
+                          "predicted_requests_served_calibration": [list(x[:4]) for x in sim_s.records]}
         rows.append({"rate": m.rate, "measured": meas, "predicted": pred, "error": err,
                      "within_20pct": all(abs(e) <= 0.2 for e in err.values()), "predicted_at_run_speed": at_speed,
-                     "error_at_run_speed": err_speed, **extra,
-                     # per request, in arrival order: [prompt tokens, output tokens, TTFT s, TPOT s]
-                     "measured_requests": [[r.prompt_len, r.output_tokens, r.ttft_s, r.tpot_s]
+                     "error_at_run_speed": err_speed, **row_served, **extra,
+                     # per request, in arrival order: [prompt tokens, output tokens, TTFT s, TPOT s, sent at s]
+                     "measured_requests": [[r.prompt_len, r.output_tokens, r.ttft_s, r.tpot_s, r.scheduled_s]
                                            for r in sorted(m.records, key=lambda r: r.scheduled_s)],
                      "predicted_requests": [list(x[:4]) for x in sim.records]})
     print(f"{spec.label}, {args.workload}, {args.num_requests} requests")
     print(f"{'rate':>5} | {'TTFT p50 meas / pred':>27} | {'TPOT p50 meas / pred':>27} | {'out tok/s meas / pred':>27}")
     for r in rows:
         m = r["measured"]
-        for label, p, e in (("", r["predicted"], r["error"]),
-                            ("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"])):
+        preds = [("  in-process calibration", r["predicted"], r["error"])]
+        if "predicted_served_calibration" in r:
+            preds.append(("  served calibration", r["predicted_served_calibration"], r["error_served_calibration"]))
+        preds.append(("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"]))
+        for label, p, e in preds:
             print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
                   f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
                   f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%}){label}")
@@ -221,8 +295,11 @@ def main(argv: list[str]) -> int:
             "mode": args.mode, "fleet": spec.label, "workload": args.workload, "num_requests": args.num_requests,
             "policy": args.policy, "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
             "cost_model": cost.to_dict(), "calibration": ref, "transfer": transfer, "hop": hop,
+            "served_calibration": None if served is None else {
+                **{k: v for k, v in served.items() if k not in ("prefill", "decode")},
+                "prefill_cost_model": served["prefill"].to_dict(), "decode_cost_model": served["decode"].to_dict()},
             "spec": {"transfer_s_per_block": spec.transfer_s_per_block, "transfer_s_per_pull": spec.transfer_s_per_pull,
-                     "hop_s": spec.hop_s}, "rows": rows}, indent=1))
+                     "hop_s": spec.hop_s, "ingress_s": spec.ingress_s}, "rows": rows}, indent=1))
     return 0
 
 

@@ -131,6 +131,21 @@ def test_consumer_reports_first_token_then_pulls_then_decodes():
     assert s.kv.num_used_blocks == 0 and s.kv_transfer.num_recv_ok == 1
 
 
+def test_first_token_is_reported_without_waiting_for_a_step():
+    """The engine loops take the first token right after adding the request: a decode step of the other requests
+    (running here) does not stand between the producer's answer and the client's first token."""
+    s = make(kv_role="consumer")
+    s.add_request(Request("busy", [1, 2, 3], SamplingParams(max_tokens=50), (EOS,)))
+    run_step(s)
+    s.add_request(consumer_req())
+    outs = s.take_first_token_outputs()
+    assert [(o.req_id, o.new_token_ids, o.finish_reason) for o in outs] == [("d", [42], None)]
+    assert s.num_generated_tokens == 2 and s.take_first_token_outputs() == []
+    out, outs = report(s)
+    assert "d" not in [o.req_id for o in outs]  # reported once
+    assert "d" in out.kv_transfer.recv
+
+
 def test_failed_pull_recomputes_the_prompt():
     s = make(kv_role="consumer")
     r = consumer_req()

@@ -65,6 +65,24 @@ def test_disaggregated_first_token_waits_for_the_decode_step_in_progress():
     assert r.e2e_s[0] == pytest.approx(ends[-1])  # one output token: r1 never joins r0's batch
 
 
+def test_ingress_delays_the_scheduler_not_the_clock_ttft_counts_from():
+    """ingress_s (HTTP, chat template, tokenizing): a request reaches the scheduler that long after its send and TTFT
+    counts from the send; every request's is the same, so the queue keeps its order and batches."""
+    p320 = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    for spec in (FleetSpec(1, ingress_s=0.008), FleetSpec(2, 1, hop_s=0.005, ingress_s=0.008)):
+        base = dataclasses.replace(spec, ingress_s=0.0)
+        one = [SimRequest(320, 1 if spec.prefill_instances else 4, 0.0)]
+        assert simulate_fleet(one, CPU, SimConfig(), spec).ttft_s[0] == pytest.approx(
+            simulate_fleet(one, CPU, SimConfig(), base).ttft_s[0] + 0.008)
+    two = [SimRequest(320, 1, 0.0), SimRequest(320, 1, p320 - 0.004)]  # r1 sent 4 ms before r0's step ends
+    no_ing = simulate_fleet(two, CPU, SimConfig(), FleetSpec(1)).ttft_s
+    ing = simulate_fleet(two, CPU, SimConfig(), FleetSpec(1, ingress_s=0.008)).ttft_s
+    assert no_ing[1] == pytest.approx(0.004 + p320)  # waits for r0's step, then runs its own
+    assert ing == pytest.approx([t + 0.008 for t in no_ing])
+    with pytest.raises(ConfigError, match="ingress time"):
+        FleetSpec(2, 1, ingress_s=-1.0).validate()
+
+
 def test_disaggregated_pull_overlaps_the_other_requests_steps():
     """A request's pull (per pull + per block) runs while the instance decodes the others; it joins the first step
     that starts after the pull ends."""

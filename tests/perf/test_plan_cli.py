@@ -95,3 +95,24 @@ def test_plan_without_slo_or_rate_predicts_near_capacity(calibration, capsys):
     cap = float(m.group(1))
     assert 0 < cap < 1000
     assert f"predicted at {0.8 * cap:.3g} req/s" in text
+
+
+def test_plan_fits_the_cost_model_to_a_served_step_trace(calibration, tmp_path, capsys):
+    trace = tmp_path / "steps.jsonl"
+    truth = CostModel(SPEC, bandwidth=0.0, matmul_rate=0.0, o_step=0.03, o_tok=5e-4)
+    lines = []
+    for i, n in enumerate(range(40, 1300, 60)):
+        s = truth.predict(n, 1, n, n * (n + 1) // 2)
+        lines.append(json.dumps({"t": 100.0 + i, "s": s, "tokens": n, "reqs": 1, "kv": n, "pairs": n * (n + 1) // 2}))
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "plan.json"
+    args = parse(["--calibration", calibration, "--calibration-trace", str(trace), "--workload", "fixed:512:1",
+                  "--rate", "0.5", "--num-requests", "10", "--out", str(out)])
+    assert args.func(args) == 0
+    assert "cost model fitted to 21 served steps" in capsys.readouterr().out
+    cm = json.loads(out.read_text())["cost_model"]
+    fitted = CostModel.from_dict({**cm, "format": "tokenmill-cost-model-1", "info": {}})
+    assert fitted.predict(512, 1, 512, 512 * 513 // 2) == pytest.approx(0.03 + 512 * 5e-4, rel=0.02)
+    args = parse(["--calibration", calibration, "--calibration-trace", str(tmp_path / "none.jsonl"), "--rate", "1"])
+    assert args.func(args) == 2
+    assert "step trace not found" in capsys.readouterr().err

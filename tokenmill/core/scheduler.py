@@ -396,8 +396,14 @@ class Scheduler:
             else:  # recompute the prompt after the local hits (the new blocks were never cached)
                 req.num_computed_tokens = num_hit
             kt.ready.append(req)
+        return self.take_first_token_outputs()
+
+    def take_first_token_outputs(self) -> list[EngineCoreOutput]:
+        """The producer's first tokens of consumer requests added since the last call. The engine loops report
+        them as soon as they add the requests (between steps), not after the step that follows: that step, a
+        whole decode step of the other requests, would sit on the request's time to first token."""
         outs = []
-        for req, token, status, stop_reason in kt.take_first():
+        for req, token, status, stop_reason in self.kv_transfer.take_first():
             outs.append(EngineCoreOutput(req.request_id, [token],
                                          finish_reason=req.finish_reason.value if status is not None else None,
                                          stop_reason=stop_reason, first_scheduled_time=req.first_scheduled_time))

@@ -227,6 +227,8 @@ class AsyncEngine:
             try:
                 kind, rid, payload = self._commands.get_nowait()
             except queue.Empty:
+                # the first tokens of transferred requests (disaggregated decode) go out now, not after a step
+                self._deliver_step(eng.ready_outputs())
                 return
             if kind == "add":
                 prompt, params, prepared, arrival, lora = payload

@@ -160,7 +160,7 @@ class _EngineLoop:
             self.ctx.destroy(linger=2000)
 
     def _drain(self) -> None:
-        """All queued commands, then one "out" with the stats they changed."""
+        """All queued commands, then one "out" with the stats they changed and the outputs known without a step."""
         zmq, core = self.zmq, self.core
         changed = False
         while True:
@@ -183,8 +183,8 @@ class _EngineLoop:
             elif kind == "shutdown":
                 self.stopping = True
             changed = True
-        if changed:
-            self.send(("out", [], core.stats()))
+        if changed:  # with the first tokens of transferred requests (disaggregated decode): now, not after a step
+            self.send(("out", core.take_ready_outputs(), core.stats()))
 
     def _send_finetune_updates(self) -> None:
         ft = self.core.finetune

@@ -142,6 +142,11 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def take_ready_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs known without a step: the producer's first tokens of requests just added to a consumer
+        (disaggregated decode); the engine loops send them right after adding requests."""
+        return self.scheduler.take_first_token_outputs()
+
     def has_training(self) -> bool:
         """A fine-tuning job is queued or running: step() trains when there is no request to serve."""
         return self.finetune is not None and self.finetune.has_work()

@@ -189,7 +189,15 @@ class LLMEngine:
         return self.core.has_work()
 
     def step(self) -> list[RequestOutput]:
-        outs, stopped = self.output_processor.process(self.core.step())
+        return self._process(self.core.step())
+
+    def ready_outputs(self) -> list[RequestOutput]:
+        """What the core knows without a step (EngineCore.take_ready_outputs): the first token of a request whose
+        prompt ran on a prefill instance, reported when it is added rather than after the next step."""
+        return self._process(self.core.take_ready_outputs())
+
+    def _process(self, core_outputs: list) -> list[RequestOutput]:
+        outs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outs

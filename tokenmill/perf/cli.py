@@ -1,7 +1,7 @@
 """`tokenmill plan`: memory plan, predicted goodput and the batch settings that maximize it.
 
     tokenmill plan [--model M] [--workload chat --slo-ttft 2000 --slo-tpot 150 --rate 2]
-                   [--calibrate [--save-calibration F] | --calibration F]
+                   [--calibrate [--save-calibration F] | --calibration F] [--calibration-trace STEPS.jsonl]
 """
 from __future__ import annotations
 
@@ -199,6 +199,13 @@ def _plan(args: argparse.Namespace) -> int:
     mem = memory_report(spec, weights, device, args, max_len, kv_dtype)
     typical = round(sum(r.prompt_len + r.output_len for r in probe) / len(probe))
     cost = saved if saved is not None else get_cost_model(args, spec, device)
+    if args.calibration_trace:  # the model refitted to what a served instance's steps took (perf/step_trace.py)
+        from tokenmill.perf.step_trace import fit_trace_like, read_step_trace
+
+        cost = fit_trace_like(cost, read_step_trace(args.calibration_trace))
+        print(f"cost model fitted to {cost.info['num_steps']} served steps of {args.calibration_trace} (median "
+              f"error {cost.info['median_rel_error']:.1%}, steps of {cost.info['trace_tokens_range'][0]}-"
+              f"{cost.info['trace_tokens_range'][1]} tokens)")
     out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "kv_cache_dtype": kv_dtype,
                                       "kv_bytes_per_token": mem.kv_bytes_per_token,
                                       "kv_cache_bytes": mem.kv_cache_bytes, "kv_tokens": mem.max_tokens,
@@ -307,6 +314,9 @@ def add_plan_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="load the model and time real steps first")
     p.add_argument("--calibration", default=None, metavar="FILE", help="a saved calibration (JSON)")
     p.add_argument("--save-calibration", default=None, metavar="FILE", help="with --calibrate: save it here")
+    p.add_argument("--calibration-trace", default=None, metavar="FILE",
+                   help="fit the cost model to a served instance's step trace (`serve --step-trace FILE`): the steps "
+                        "it ran serving the workload, at the speed it ran them (regimes from --calibration if given)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     from tokenmill.perf.fleet_cli import add_fleet_args

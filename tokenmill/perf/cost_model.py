@@ -272,21 +272,38 @@ class CostModel:
 
 
 def _nnls(A: Any, b: Any, iters: int = 50) -> Any:
-    """Non-negative least squares by dropping negative coefficients (small problems), columns scaled."""
+    """Non-negative least squares (Lawson-Hanson active set; columns scaled). A column enters while the residual
+    still pulls it up; a step that would turn an entered coefficient negative stops at zero and drops it. The
+    coefficients of collinear columns (the overheads of one regime) can share the fit instead of one being dropped
+    for good on its first negative value. `iters` bounds the outer loop in units of the column count."""
     import numpy as np
 
     scale = np.maximum(np.abs(A).max(axis=0), 1e-30)
     As = A / scale
-    active = np.ones(A.shape[1], dtype=bool)
-    active &= np.abs(A).max(axis=0) > 0
-    x = np.zeros(A.shape[1])
-    for _ in range(iters):
-        x[:] = 0.0
-        sol, *_ = np.linalg.lstsq(As[:, active], b, rcond=None)
-        x[active] = sol
-        if (x >= 0).all():
+    usable = np.abs(A).max(axis=0) > 0
+    n = A.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    tol = 1e-10 * max(1.0, float(np.abs(As).max()) * float(np.abs(b).max()) * len(b))
+    for _ in range(iters * max(1, n)):
+        w = As.T @ (b - As @ x)
+        free = usable & ~passive & (w > tol)
+        if not free.any():
             break
-        active &= x > 0
+        passive[np.argmax(np.where(free, w, -np.inf))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive], *_ = np.linalg.lstsq(As[:, passive], b, rcond=None)
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = float(np.min(x[neg] / (x[neg] - z[neg])))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+            if not passive.any():
+                break
     return np.maximum(x, 0.0) / scale
 
 

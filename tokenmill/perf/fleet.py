@@ -13,6 +13,9 @@ disaggregated   P prefill instances run each prompt (the real Scheduler, one out
                 every joined request produces a token, step time from the cost model with the batch's
                 context lengths.
 
+Every request reaches an instance's scheduler ingress_s after the client sends it (HTTP, chat template, tokenizing,
+the hand-off to the engine process); TTFT counts from the send.
+
 Goodput per instance is DistServe's figure: the highest request rate at which >= 90% of requests meet both
 SLOs, divided by the number of instances. Pure Python; no torch.
 """
@@ -45,6 +48,7 @@ class FleetSpec:
     transfer_s_per_block: float = 0.0  # KV transfer prefill -> decode, seconds per block
     transfer_s_per_pull: float = 0.0  # and seconds per transfer (connection, header)
     hop_s: float = 0.0  # prefill answer -> decode instance (router, the decode instance's request handling)
+    ingress_s: float = 0.0  # client's send -> the (first) instance's scheduler: HTTP, chat template, tokenizing
 
     def validate(self) -> None:
         if self.instances < 1:
@@ -56,7 +60,8 @@ class FleetSpec:
             raise ConfigError(f"unknown router policy {self.router_policy!r} (choose from "
                               f"{', '.join(FLEET_POLICIES)})")
         for what, v in (("transfer cost per block", self.transfer_s_per_block),
-                        ("transfer cost per pull", self.transfer_s_per_pull), ("hop time", self.hop_s)):
+                        ("transfer cost per pull", self.transfer_s_per_pull), ("hop time", self.hop_s),
+                        ("ingress time", self.ingress_s)):
             if not v >= 0:
                 raise ConfigError(f"{what} must be >= 0, got {v}")
 
@@ -221,13 +226,14 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
         n_in = min(r.prompt_len, cfg.max_model_len - 1)
         n_out = max(1, min(r.output_len, cfg.max_model_len - n_in))
         lens[i] = (n_in, n_out)
+        t_in = r.arrival_s + spec.ingress_s  # when the request reaches an instance's scheduler
         for s in front:
-            s.advance_to(r.arrival_s)
+            s.advance_to(t_in)
         ids = _token_ids(i, n_in)
         hashes = prompt_block_hashes(ids[:-1], cfg.block_size) if policy.needs_hashes else []
         k = _route(policy, front, hashes)
         where[i] = k
-        front[k].add(f"r{i}", ids, 1 if spec.prefill_instances else n_out, r.arrival_s)
+        front[k].add(f"r{i}", ids, 1 if spec.prefill_instances else n_out, t_in)
     for s in front:
         s.drain(max_sim_s)
     first: dict[int, float] = {}

@@ -1,0 +1,78 @@
+"""The cost model fitted to a served instance's step trace (`tokenmill serve --step-trace FILE`).
+
+`calibrate()` (cost_model.py) times a fixed plan of steps on an idle engine in process. A served instance can run
+its steps at another speed, and the plan's few prefill sizes can fit the steps an instance runs most only
+roughly: on the 2-core box of bench/results/s19, a producer's single-prompt prefills of 70-1250 tokens came out
+of the in-process fit 20-40% low (short) to 10-20% high (long), and under the disaggregated load the served
+prefill steps took about 1.15x the same steps in process. `fit_trace` fits the same cost model (same terms and
+kernel regimes) to the steps an instance ran while serving: for an instance that runs one kind of step (a
+prefill or a decode instance), a trace of it serving other requests of the workload is its calibration.
+
+Each trace line is one step: {"t": wall-clock start, "s": seconds, "tokens", "reqs", "kv", "pairs"} (StepShape's
+fields). Pure Python apart from the fit (numpy).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from tokenmill.errors import ConfigError
+from tokenmill.perf.cost_model import CostModel, ModelSpec, StepShape
+
+MIN_TRACE_STEPS = 12
+# Step sizes (tokens) where a trace fit gets a new regime besides the engine's kernel switches. A step's cost per
+# token grows with its size as the activations outgrow the caches (one CPU core here: 0.37 ms a token at 70-260
+# tokens, 0.5-0.6 ms at 500-1250); with one line from 64 to 2048 tokens the fit put that curvature into the
+# attention-pair term, which then under-predicted steps of several prompts by 8-18% (in process, 2 x 600 tokens
+# took 0.93x the time of one 1200-token prompt, not the 0.75x the pair term says). A regime with fewer than 3
+# traced steps is merged into the next (CostModel.fit), so a decode trace loses these.
+TRACE_SIZE_REGIMES = (256, 1024)
+
+
+def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
+                    t1: Optional[float] = None) -> list[tuple[StepShape, float]]:
+    """(shape, seconds) of each step that started within [t0, t1] (wall clock; None: unbounded)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"step trace not found: {path}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            t, shape = float(r["t"]), StepShape(int(r["tokens"]), int(r["reqs"]), int(r["kv"]), int(r["pairs"]))
+            secs = float(r["s"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}:{n}: not a step trace line") from None
+        if (t0 is None or t >= t0) and (t1 is None or t <= t1) and shape.num_tokens > 0 and secs > 0:
+            out.append((shape, secs))
+    return out
+
+
+def fit_trace(spec: ModelSpec, samples: list[tuple[StepShape, float]], device: str = "cpu",
+              switch_tokens: tuple[int, ...] = (), min_steps: int = MIN_TRACE_STEPS) -> CostModel:
+    """A CostModel of `spec` fitted to served steps; `switch_tokens`: the engine's kernel regimes (a calibration's
+    `switch_tokens`); regimes the trace holds fewer than 3 steps of are merged into the next (CostModel.fit), so
+    the model is meant for the kinds of step the trace holds."""
+    if len(samples) < min_steps:
+        raise ConfigError(f"a step trace of {len(samples)} steps is too short to fit the cost model (at least "
+                          f"{min_steps})")
+    model = CostModel.prior(spec, device).with_switch_tokens(switch_tokens)
+    model.fit(samples)
+    tokens = [s.num_tokens for s, _ in samples]
+    model.info.update(source="step trace", trace_tokens_range=[min(tokens), max(tokens)],
+                      trace_seconds=sum(t for _, t in samples))
+    return model
+
+
+def fit_trace_like(base: CostModel, samples: list[tuple[StepShape, float]],
+                   min_steps: int = MIN_TRACE_STEPS) -> CostModel:
+    """fit_trace with the model dimensions, device and kernel regimes of another model (an in-process calibration),
+    plus TRACE_SIZE_REGIMES."""
+    model = fit_trace(base.spec, samples, base.device, (*base.switch_tokens, *TRACE_SIZE_REGIMES), min_steps)
+    model.info.update({k: v for k, v in base.info.items() if k in ("model", "dtype", "kv_cache_dtype", "num_threads",
+                                                                    "weights_total_bytes", "max_model_len")})
+    return model
