@@ -5,7 +5,8 @@ tokenmill/model/layers/quantized.py's moe_switch_rows), `before` (the switch bef
 1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert forced onto the VNNI
 int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on
 the values): gate|up Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of
---iters (the box is shared: the minimum is the least disturbed run).
+--iters (the box is shared: the minimum is the least disturbed run). `GB/s` is the layer's packed expert bytes (every
+expert is active) over the best mode's time: how close the call comes to streaming the weights once.
 
     PYTHONPATH=. python bench/moe_rows.py [--rows 1,2,4,8,16,64] [--down q6_k,q4_k] [--modes f32,before,auto,i8,amxi8,amx]
 """
@@ -66,8 +67,9 @@ def main() -> None:
           f"ms per layer call (E={E}, H={H}, I={I}, top {TOPK}, every expert m rows)")
     for down in args.down.split(","):
         ex = experts(down, g)
-        print(f"gate|up q4_k, down {down}")
-        print("   m    T " + " ".join(f"{m:>9}" for m in modes) + "   best")
+        nbytes = ex.gate_up_proj.numel() + ex.down_proj.numel()
+        print(f"gate|up q4_k, down {down}: {nbytes / 1e6:.1f} MB of packed experts per layer")
+        print("   m    T " + " ".join(f"{m:>9}" for m in modes) + "   best   GB/s")
         for m in rows:
             t = TOPK * m * E // 64
             x = torch.randn(t, H, generator=g)
@@ -78,7 +80,8 @@ def main() -> None:
                 ex.amx_min_rows, ex.i8_max_rows, ex.amx_i8_min_rows = mode_rows(mode)
                 res[mode] = timeit(lambda: fused_moe_cpu(x, ex, w, ids), args.iters) * 1e3
             best = min(res, key=res.get)
-            print(f"{m:>4} {t:>4} " + " ".join(f"{res[k]:>9.2f}" for k in modes) + f"   {best}")
+            print(f"{m:>4} {t:>4} " + " ".join(f"{res[k]:>9.2f}" for k in modes)
+                  + f"   {best:<6} {nbytes / res[best] / 1e6:5.1f}")
 
 
 if __name__ == "__main__":
