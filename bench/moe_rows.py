@@ -5,9 +5,11 @@ tokenmill/model/layers/quantized.py's moe_switch_rows), `before` (the switch bef
 1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert forced onto the VNNI
 int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on
 the values): gate|up Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of
---iters (the box is shared: the minimum is the least disturbed run).
+--iters (the box is shared: the minimum is the least disturbed run). `GB/s` is the layer's packed expert bytes (every
+expert is active) over the best mode's time: how close the call comes to streaming the weights once.
 
     PYTHONPATH=. python bench/moe_rows.py [--rows 1,2,4,8,16,64] [--down q6_k,q4_k] [--modes f32,before,auto,i8,amxi8,amx]
+        [--small-pages]
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from bench.cpu_qtypes import random_packed
+from tokenmill.model.layers.moe import _host_tensor
 from tokenmill.model.layers.quantized import moe_switch_rows
 from tokenmill.ops.cpu.qlinear import amx_available
 from tokenmill.ops.moe.cpu import MoEWorkspace, fused_moe_cpu
@@ -26,9 +29,11 @@ E, H, I, TOPK = 64, 2048, 1024, 8
 BIG = 1 << 30
 
 
-def experts(down: str, g: torch.Generator) -> SimpleNamespace:
+def experts(down: str, g: torch.Generator, huge_pages: bool) -> SimpleNamespace:
     w13 = torch.stack([random_packed("q4_k", 2 * I, H, g) for _ in range(E)])  # [E, 2I, rb(H)]
     w2 = torch.stack([random_packed(down, H, I, g) for _ in range(E)])  # [E, H, rb(I)]
+    if huge_pages:  # where a model's PackedExperts keep them
+        w13, w2 = (_host_tensor(*w.shape, dtype=w.dtype).copy_(w) for w in (w13, w2))
     return SimpleNamespace(qtype="q4_k", down_qtype=down, gate_up_proj=w13, down_proj=w2, intermediate_size=I,
                            num_experts=E, amx_min_rows=0, i8_max_rows=0, amx_i8_min_rows=0,
                            workspace=MoEWorkspace())  # as finalize_quantized gives a model's experts
@@ -57,17 +62,20 @@ def main() -> None:
     ap.add_argument("--down", default="q6_k,q4_k")
     ap.add_argument("--modes", default="f32,auto,i8,amxi8,amx")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--small-pages", action="store_true",
+                    help="keep the experts on 4 KiB pages (a model's packed experts ask for 2 MiB ones)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     rows = [int(r) for r in args.rows.split(",")]
     modes = args.modes.split(",")
-    print(f"threads {args.threads}, AMX: {amx_available()}, auto (amx_min_rows, i8_max_rows) = {moe_switch_rows()}; "
+    print(f"threads {args.threads}, {'4 KiB' if args.small_pages else '2 MiB'} pages, AMX: {amx_available()}, auto (amx_min_rows, i8_max_rows) = {moe_switch_rows()}; "
           f"ms per layer call (E={E}, H={H}, I={I}, top {TOPK}, every expert m rows)")
     for down in args.down.split(","):
-        ex = experts(down, g)
-        print(f"gate|up q4_k, down {down}")
-        print("   m    T " + " ".join(f"{m:>9}" for m in modes) + "   best")
+        ex = experts(down, g, not args.small_pages)
+        nbytes = ex.gate_up_proj.numel() + ex.down_proj.numel()
+        print(f"gate|up q4_k, down {down}: {nbytes / 1e6:.1f} MB of packed experts per layer")
+        print("   m    T " + " ".join(f"{m:>9}" for m in modes) + "   best   GB/s")
         for m in rows:
             t = TOPK * m * E // 64
             x = torch.randn(t, H, generator=g)
@@ -78,7 +86,8 @@ def main() -> None:
                 ex.amx_min_rows, ex.i8_max_rows, ex.amx_i8_min_rows = mode_rows(mode)
                 res[mode] = timeit(lambda: fused_moe_cpu(x, ex, w, ids), args.iters) * 1e3
             best = min(res, key=res.get)
-            print(f"{m:>4} {t:>4} " + " ".join(f"{res[k]:>9.2f}" for k in modes) + f"   {best}")
+            print(f"{m:>4} {t:>4} " + " ".join(f"{res[k]:>9.2f}" for k in modes)
+                  + f"   {best:<6} {nbytes / res[best] / 1e6:5.1f}")
 
 
 if __name__ == "__main__":

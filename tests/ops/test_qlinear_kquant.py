@@ -126,7 +126,7 @@ def test_bad_arguments():
 
 
 def _build_variant(tmp_path, march: str) -> ctypes.CDLL:
-    """qlinear.c + qlinear_k.c + qlinear_amx.c built for an older CPU (-march), runnable on this one."""
+    """The qlinear library's units built for an older CPU (-march), runnable on this one."""
     from tokenmill.ops.cpu import build
 
     cc = shutil.which("gcc")

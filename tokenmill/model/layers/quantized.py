@@ -41,11 +41,11 @@ HEAD_AMX_MIN_ROWS = 10
 # A MoE layer's packed experts under gemm auto on an AMX CPU (csrc/moe.c): an expert given 1..MOE_I8_MAX_ROWS rows
 # in a step takes int8 activations (the VNNI tiles below MOE_AMX_I8_MIN_ROWS rows, else the AMX int8 tiles), more
 # rows (from MOE_AMX_MIN_ROWS) the AMX bf16 tiles. `bench/moe_rows.py` (OLMoE's 64 experts of 2048 x 1024, Q4_K
-# gate|up, Q6_K down, every expert m rows, 2 threads, ms per layer, VNNI / AMX int8 / AMX bf16): m=3 58 / 67 / 95,
-# m=4 61 / 55 / 94, m=12 166 / 82 / 123, m=32 583 / 117 / 141, m=48 853 / 161 / 163 (a loaded box); m=64 (quiet)
-# 632 / 149 / 121.
+# gate|up, Q6_K down, every expert m rows, 2 threads, ms per layer, VNNI / AMX int8, bench/results/s19): m=4 22 / 36,
+# m=8 29 / 37, m=10 37 / 41, m=12 43 / 43, m=16 54 / 46 (the VNNI tiles read each weight once for up to 8 rows);
+# earlier (s18, AMX int8 / AMX bf16): m=32 117 / 141, m=48 161 / 163 (a loaded box); m=64 (quiet) 149 / 121.
 MOE_I8_MAX_ROWS = 48
-MOE_AMX_I8_MIN_ROWS = 4
+MOE_AMX_I8_MIN_ROWS = 12
 MOE_AMX_MIN_ROWS = AMX_MIN_ROWS
 
 

@@ -52,9 +52,8 @@ static int64_t make_tasks(const int64_t *count, int64_t E, int64_t N, int64_t i8
 // rows (prefill) take qlinear_f32 and are left alone. An expert of amx_i8_min_m rows or more (and at most i8_max_m)
 // takes the AMX int8 tiles where built and granted: its rows also in their quad layout (xb from tile tb[e] on).
 typedef struct {
-    int8_t *xq, *xb;
-    float *xsc, *xs, *xscT, *xsT;
-    int32_t *xq4;
+    int8_t *xq, *xqv, *xb;
+    float *xsc, *xs, *xsc2, *xs16, *xscT, *xsT;
     int64_t *tb;  // per expert: its first 16-row tile in xb, -1 where it takes the VNNI tiles
 } prepared_t;
 
@@ -80,9 +79,11 @@ static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int
     pr->xq = (int8_t *)malloc((size_t)(P * Kdim + 64));
     pr->xsc = (float *)malloc((size_t)(P * nb + 1) * sizeof(float));
     pr->xs = (float *)malloc((size_t)(P * nb + 1) * sizeof(float));
-    pr->xq4 = (int32_t *)malloc((size_t)(P * Kdim / 4 + 16) * sizeof(int32_t));
+    pr->xqv = (int8_t *)malloc((size_t)(P * Kdim + 64));
+    pr->xsc2 = (float *)malloc((size_t)(P * Kdim / 16 + 16) * sizeof(float));
+    pr->xs16 = (float *)malloc((size_t)(P * Kdim / 16 + 16) * sizeof(float));
     pr->tb = (int64_t *)malloc((size_t)E * sizeof(int64_t));
-    if (!pr->xq || !pr->xsc || !pr->xs || !pr->xq4 || !pr->tb) return -1;
+    if (!pr->xq || !pr->xsc || !pr->xs || !pr->xqv || !pr->xsc2 || !pr->xs16 || !pr->tb) return -1;
     int64_t tiles = 0;
     for (int64_t e = 0; e < E; e++) {
         pr->tb[e] = -1;
@@ -104,8 +105,8 @@ static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int
     for (int64_t e = 0; e < E; e++) {
         const int64_t s = start[e];
         if (count[e] == 0 || !i8_rows(count[e], i8_max_m)) continue;
-        tm_prepare_x_i8(a + s * Kdim, count[e], Kdim, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
-                        pr->xs + s * nb);
+        tm_prepare_x_i8(a + s * Kdim, count[e], Kdim, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xs + s * nb,
+                        pr->xqv + s * Kdim, pr->xsc2 + s * (Kdim / 16), pr->xs16 + s * (Kdim / 16));
 #if defined(TM_AMX_I8)
         if (pr->tb[e] >= 0)
             tm_prepare_x_amx_i8(pr->xq + s * Kdim, pr->xsc + s * nb, pr->xs + s * nb, count[e], Kdim,
@@ -121,7 +122,8 @@ static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int
 }
 
 static void release(prepared_t *pr) {
-    free(pr->xq); free(pr->xb); free(pr->xsc); free(pr->xs); free(pr->xscT); free(pr->xsT); free(pr->xq4); free(pr->tb);
+    free(pr->xq); free(pr->xb); free(pr->xsc); free(pr->xs); free(pr->xscT); free(pr->xsT); free(pr->xqv); free(pr->xsc2); free(pr->xs16);
+    free(pr->tb);
     memset(pr, 0, sizeof(*pr));
 }
 
@@ -158,8 +160,8 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
 #endif
             if (pr->xq != NULL && i8_rows(m, i8_max_m)) {
                 const int64_t nb = Kdim / QK;
-                tm_qlinear_i8_prepared(qtype, pr->xq + s * Kdim, pr->xsc + s * nb, pr->xq4 + s * (Kdim / 4),
-                                       pr->xs + s * nb, m, Kdim, wt, t.nc, NULL, tmp, t.nc);
+                tm_qlinear_i8_prepared(qtype, pr->xqv + s * Kdim, pr->xsc2 + s * (Kdim / 16), pr->xs + s * nb,
+                                       pr->xs16 + s * (Kdim / 16), m, Kdim, wt, t.nc, NULL, tmp, t.nc);
             } else
 #endif
             if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, amx_min_m) != 0) {

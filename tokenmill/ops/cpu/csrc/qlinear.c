@@ -273,29 +273,6 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
 }
 #endif  // TM_AVX512
 
-#if defined(TM_I8_DIRECT)
-void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4, float *xs) {
-    tm_quantize_x_i8(x, M, K, xq, xsc, xq4);
-    for (int64_t i = 0; i < M * K / QK; i++) {  // the mins' sums of x from the quantized x too: exactly W . xq
-        int32_t t = 0;
-        for (int j = 0; j < QK / 4; j++) t += xq4[i * (QK / 4) + j];
-        xs[i] = xsc[i] * (float)t;
-    }
-}
-
-void tm_qlinear_i8_prepared(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs,
-                            int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias, float *y,
-                            int64_t ldy) {
-    const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m += DIRECT_MAX_ROWS) {
-            const int R = (int)(M - m < DIRECT_MAX_ROWS ? M - m : DIRECT_MAX_ROWS);
-            tm_direct_tile_gen_i8(qtype, xq + m * K, xsc + m * nb, xq4 + m * (K / 4), xs + m * nb, R, K,
-                                  w + n * row_bytes, y + m * ldy + n, ldy, bias ? bias[n] : 0.0f);
-        }
-}
-#endif
-
 static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
                           const float *bias, float *y, int64_t ldy, int approx) {
     const int64_t nb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);  // nb: groups of 32
@@ -303,19 +280,20 @@ static int qlinear_direct(int qtype, const float *x, int64_t M, int64_t K, const
     if (!xs) return -1;
 #if defined(TM_I8_DIRECT)
     if (approx && i8_direct_type(qtype)) {  // int8 activations, as llama.cpp decodes (gemm auto)
-        int8_t *xq = (int8_t *)malloc((size_t)(M * K + 64));
+        int8_t *xq = (int8_t *)malloc((size_t)(M * K + 64)), *xqv = (int8_t *)malloc((size_t)(M * K + 64));
         float *xsc = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
-        int32_t *xq4 = (int32_t *)malloc((size_t)(M * K / 4 + 16) * sizeof(int32_t));
+        float *xsc2 = (float *)malloc((size_t)(M * K / 16 + 16) * sizeof(float));
+        float *xs16 = (float *)malloc((size_t)(M * K / 16 + 16) * sizeof(float));
         int rc = -1;
-        if (xq && xsc && xq4) {
-            tm_prepare_x_i8(x, M, K, xq, xsc, xq4, xs);
+        if (xq && xqv && xsc && xsc2 && xs16) {
+            tm_prepare_x_i8(x, M, K, xq, xsc, xs, xqv, xsc2, xs16);
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && N * K * M >= (1 << 15))
             for (int64_t n = 0; n < N; n++)
-                tm_qlinear_i8_prepared(qtype, xq, xsc, xq4, xs, M, K, w + n * row_bytes, 1, bias ? bias + n : NULL,
+                tm_qlinear_i8_prepared(qtype, xqv, xsc2, xs, xs16, M, K, w + n * row_bytes, 1, bias ? bias + n : NULL,
                                        y + n, ldy);
             rc = 0;
         }
-        free(xq); free(xsc); free(xq4); free(xs);
+        free(xq); free(xqv); free(xsc); free(xsc2); free(xs16); free(xs);
         return rc;
     }
 #else

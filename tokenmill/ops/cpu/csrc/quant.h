@@ -235,23 +235,24 @@ void tm_dequant_row_gen(int qtype, const uint8_t *row, int64_t K, float *out);
 void tm_direct_tile_gen(int qtype, const float *x, const float *xs, int R, int64_t K, const uint8_t *wrow, float *y,
                         int64_t ldy, float bias);
 
-// The int8-activation variant of the direct path for the k-quants (qlinear_k.c), where the compiler targets
-// AVX512-VNNI: x row r is quantized per sub-block of 32 (x ~= xsc[g] * xq, xq in [-127, 127]), each sub-block's
-// weight integers meet xq in one byte dot product (vpdpbusd) and the scales multiply the integer sums. llama.cpp's
+// The int8-activation variant of the direct path for the k-quants (qlinear_i8.c), where the compiler targets
+// AVX512-VNNI: x row r is rounded per sub-block of 32 (x ~= xsc[g] * xq, xq in [-127, 127]), each sub-block's
+// weight integers meet xq in a byte dot product (vpdpbusd) and the scales multiply the integer sums. llama.cpp's
 // decode math (its Q8_K activations), here with a scale per 32 values; only for gemm auto (an approximation).
 #if defined(TM_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define TM_I8_DIRECT 1
+// Rows of x one pass over the weights serves (more rows: several passes, each weight row then read from cache).
+#define I8_TILE_ROWS 8
 static inline int i8_direct_type(int qtype) { return qtype == Q4_K || qtype == Q5_K || qtype == Q6_K; }
-// x [M, K] -> xq [M, K], xsc [M, K / 32], xq4 [M, K / 4] (sums of 4 consecutive xq).
-void tm_quantize_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4);
-void tm_direct_tile_gen_i8(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs, int R,
-                           int64_t K, const uint8_t *wrow, float *y, int64_t ldy, float bias);
-// x [M, K] quantized once for many calls (qlinear.c): tm_quantize_x_i8, and xs [M, K / 32] the sub-block sums of
-// the quantized x (the mins' term, so the result is exactly W . rounded x).
-void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, int32_t *xq4, float *xs);
+// x [M, K] rounded once for many calls: xq [M, K], xsc [M, K / 32] (scales), xs [M, K / 32] (sums of each 32 of the
+// rounded x: the mins' term, so the result is exactly W . rounded x); for tm_qlinear_i8_prepared also xqv [M, K]
+// (xq in its vectors' order), xsc2 [M, K / 16] (each scale twice) and xs16 [M, K / 16] (-32 times the sums of each
+// 16: Q6_K's offset).
+void tm_prepare_x_i8(const float *x, int64_t M, int64_t K, int8_t *xq, float *xsc, float *xs, int8_t *xqv,
+                     float *xsc2, float *xs16);
 // y[M, N] (row stride ldy) = rounded x . W^T (+ bias, may be NULL) from a prepared x, on the calling thread (no
-// allocation): qlinear's direct path per output row, moe.c's tasks.
-void tm_qlinear_i8_prepared(int qtype, const int8_t *xq, const float *xsc, const int32_t *xq4, const float *xs,
+// allocation): qlinear's direct path per output row, moe.c's tasks. Up to I8_TILE_ROWS rows in one pass.
+void tm_qlinear_i8_prepared(int qtype, const int8_t *xqv, const float *xsc2, const float *xs, const float *xs16,
                             int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias, float *y,
                             int64_t ldy);
 #endif
