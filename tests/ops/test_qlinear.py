@@ -190,3 +190,10 @@ def test_tiny_quantized_gguf_auto_equals_none(name, tmp_path):
             out.append(model.compute_logits(h))
     for got, ref in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    if QL.amx_available():  # gemm auto (bf16) on an AMX CPU: the small model's tiles are made once at load
+        bf16 = load_model(src, cfg, torch.float32, "cpu", quantization="auto", gemm_dtype="auto")
+        linears = [m for m in bf16.modules() if type(m) is QuantizedLinear]
+        assert linears and all(m.qpanels is not None and m.amx_min_rows for m in linears)
+        x = torch.randn(7, linears[0].in_features)
+        ref = QL.qlinear(x, linears[0].weight, linears[0].qtype, linears[0].bias, amx_min_rows=4)
+        assert torch.equal(linears[0](x), ref)  # the tiles made once are the tiles each call would make

@@ -116,3 +116,22 @@ def test_plan_fits_the_cost_model_to_a_served_step_trace(calibration, tmp_path, 
     args = parse(["--calibration", calibration, "--calibration-trace", str(tmp_path / "none.jsonl"), "--rate", "1"])
     assert args.func(args) == 2
     assert "step trace not found" in capsys.readouterr().err
+
+
+def test_amx_tiles_are_counted_for_a_small_quantized_gguf_on_an_amx_cpu(tmp_path):
+    """gemm auto keeps a small packed model's linears as AMX bf16 tiles too (QuantizedLinear.pack_amx): plan counts
+    them where the engine would make them (a GGUF on a CPU with AMX), and nowhere else."""
+    from tokenmill.model.layers.quantized import DENSE_COPY_MAX_BYTES
+    from tokenmill.ops.cpu.qlinear import amx_available
+    from tokenmill.perf.cli import amx_tiles_bytes
+
+    want = 2 * (SPEC.layer_params + SPEC.lm_head_params) if amx_available() else 0
+    assert 0 < 2 * (SPEC.layer_params + SPEC.lm_head_params) <= DENSE_COPY_MAX_BYTES
+    assert amx_tiles_bytes(SPEC, None, "cpu") == want  # None: the bundled SmolLM2 GGUF
+    assert amx_tiles_bytes(SPEC, None, "cuda") == 0
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert amx_tiles_bytes(SPEC, str(hf), "cpu") == 0  # a Hugging Face folder: no packed linears
+    big = ModelSpec(80, 8192, 64, 8, 128, 28672, 128256)
+    assert amx_tiles_bytes(big, None, "cpu") == 0  # over the cap: no tiles

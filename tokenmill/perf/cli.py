@@ -33,6 +33,7 @@ class MemoryReport:
     block_size: int
     max_model_len: int
     kv_cache_dtype: str = "float32"  # resolved (kv_quant.resolve_kv_cache_dtype)
+    amx_tiles_bytes: int = 0  # gemm auto on an AMX CPU: a small quantized model's linears also kept as bf16 tiles
 
     @property
     def num_blocks(self) -> int:
@@ -49,6 +50,8 @@ class MemoryReport:
     def lines(self, typical_len: int) -> list[str]:
         return [f"memory ({self.device}):",
                 f"  weights              {self.weights_bytes / GiB:8.3f} GiB",
+                *([f"  AMX bf16 tiles       {self.amx_tiles_bytes / GiB:8.3f} GiB (gemm auto: the packed linears' "
+                   "tiles made once, for faster many-row steps)"] if self.amx_tiles_bytes else []),
                 f"  KV per token         {self.kv_bytes_per_token / 1024:8.1f} KiB ({self.kv_cache_dtype})",
                 f"  KV cache             {self.kv_cache_bytes / GiB:8.3f} GiB = {self.num_blocks:,} blocks x "
                 f"{self.block_size} tokens = {self.max_tokens:,} tokens",
@@ -89,6 +92,19 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
     return spec, params * nb, max_len
 
 
+def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str) -> int:
+    """What gemm auto adds on this machine for a quantized GGUF: its linears' AMX bf16 tiles (2 bytes a weight,
+    QuantizedLinear.pack_amx) when the CPU has AMX and they fit the dense-copy cap; else 0."""
+    from tokenmill.model.layers.quantized import DENSE_COPY_MAX_BYTES
+    from tokenmill.model.loader import resolve_model_source
+    from tokenmill.ops.cpu.qlinear import amx_available
+
+    if device != "cpu" or resolve_model_source(model).kind != "gguf" or not amx_available():
+        return 0
+    tiles = 2 * (spec.layer_params + spec.lm_head_params)
+    return tiles if tiles <= DENSE_COPY_MAX_BYTES else 0
+
+
 def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argparse.Namespace,
                   max_model_len: int, kv_cache_dtype: str = "float32") -> MemoryReport:
     """KV-cache size: --num-kv-blocks, --kv-cache-memory, the CPU default, or the GPU planner. spec's
@@ -109,7 +125,8 @@ def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argpar
         plan = plan_kv_cache(DeviceMemory(total, weights_bytes, act, 2 * GiB, device), args.gpu_memory_utilization,
                              per_token, args.block_size, max_model_len)
         kv = plan.kv_cache_bytes
-    return MemoryReport(device, weights_bytes, per_token, kv, args.block_size, max_model_len, kv_cache_dtype)
+    return MemoryReport(device, weights_bytes, per_token, kv, args.block_size, max_model_len, kv_cache_dtype,
+                        amx_tiles_bytes(spec, getattr(args, "model", None), device))
 
 
 def _cuda_total() -> int:
@@ -206,7 +223,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"cost model fitted to {cost.info['num_steps']} served steps of {args.calibration_trace} (median "
               f"error {cost.info['median_rel_error']:.1%}, steps of {cost.info['trace_tokens_range'][0]}-"
               f"{cost.info['trace_tokens_range'][1]} tokens)")
-    out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "kv_cache_dtype": kv_dtype,
+    out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "amx_tiles_bytes": mem.amx_tiles_bytes,
+                                      "kv_cache_dtype": kv_dtype,
                                       "kv_bytes_per_token": mem.kv_bytes_per_token,
                                       "kv_cache_bytes": mem.kv_cache_bytes, "kv_tokens": mem.max_tokens,
                                       "max_requests_at_max_model_len": mem.max_requests(max_len),
