@@ -21,9 +21,9 @@
 
 #define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
 
-// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp (AVX-512 / AVX2), threads for long steps.
-// The AVX-512 lanes divide by 1 + e(-g) as a reciprocal estimate refined by one Newton step (~1 ulp): a 512-bit
-// division issues at half the rate of a 256-bit one, and this loop ran at ~4% of a prefill step.
+// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp (AVX-512 / AVX2, the same values lane for
+// lane) and a true division (a Newton-refined reciprocal estimate was tried: its last-bit differences flipped a
+// greedy token of the bf16 LoRA fused-vs-per-op test), threads for long steps.
 static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
     for (int64_t t = 0; t < T; t++) {
@@ -31,13 +31,11 @@ static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
         float *a = act + t * I;
         int64_t i = 0;
 #ifdef __AVX512F__
-        const __m512 one16 = _mm512_set1_ps(1.0f), two16 = _mm512_set1_ps(2.0f);
+        const __m512 one16 = _mm512_set1_ps(1.0f);
         for (; i + 16 <= I; i += 16) {
             const __m512 gv = _mm512_loadu_ps(g + i);
             const __m512 d = _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-            __m512 r = _mm512_rcp14_ps(d);
-            r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two16));
-            _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(gv, r), _mm512_loadu_ps(u + i)));
+            _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, d), _mm512_loadu_ps(u + i)));
         }
 #endif
 #ifdef __AVX2__
