@@ -223,14 +223,16 @@ class AsyncEngine:
 
     def _drain(self) -> None:
         eng = self.engine
+        added = False
         while True:
             try:
                 kind, rid, payload = self._commands.get_nowait()
             except queue.Empty:
-                # the first tokens of transferred requests (disaggregated decode) go out now, not after a step
-                self._deliver_step(eng.ready_outputs())
+                if added:  # the first tokens of transferred requests (disaggregated decode): now, not after a step
+                    self._deliver_step(eng.ready_outputs())
                 return
             if kind == "add":
+                added = True
                 prompt, params, prepared, arrival, lora = payload
                 if rid not in self._streams:
                     continue  # the client left before the request reached the engine

@@ -199,15 +199,15 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
 #pragma omp parallel if (TM_TOP_LEVEL)
     {
         // two panels in pair layout ([k-block][16 pairs][16 outputs] words each) and a 16 x 16 float scratch tile
-        uint32_t *panel = packed ? (uint32_t *)aligned_alloc(64, 64)
+        uint32_t *panel = packed ? NULL  // the tiles are read from the packed panels
                                  : (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
         float *cb = (float *)aligned_alloc(64, 256 * sizeof(float));
-        if (!panel || !cb) {
+        if ((!packed && !panel) || !cb) {
 #pragma omp atomic write
             rc = -1;
         } else {
             amx_config();
-            uint32_t *p0 = panel, *p1 = panel + nkb * 256;
+            uint32_t *p0 = panel, *p1 = panel ? panel + nkb * 256 : NULL;
 #pragma omp for schedule(static)
             for (int64_t pp = 0; pp < npairs; pp++) {
                 const int64_t n0 = pp * 32;
