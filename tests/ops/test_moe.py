@@ -275,8 +275,39 @@ def test_workspace_gives_the_same_results():
     assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain)
     assert packed.workspace.buf.numel() == 80 * (2 * 256 + 3 * 256)
     assert torch.equal(fused_moe_cpu(x[:5], packed, w[:5], ids[:5]), plain5)  # a smaller call reuses it
-    packed.workspace = MoEWorkspace(max_bytes=1024)
-    assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain) and packed.workspace.buf.numel() == 0
+    packed.workspace = MoEWorkspace(max_bytes=1024)  # not even one token's pairs: 1-token calls, own buffers
+    got = fused_moe_cpu(x, packed, w, ids)
+    assert (got - plain).abs().max() < 1e-6 * plain.abs().max() and packed.workspace.buf.numel() == 0
+
+
+@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
+@pytest.mark.parametrize("gemm", ["float32", "auto"])
+def test_calls_past_the_workspace_cap_run_in_slices_that_fit(gemm):
+    """A call whose row buffers exceed the workspace's cap (a long prefill chunk) runs in slices of tokens that fit
+    it, each in the shared buffer (never larger than the cap), with the results of one whole call (same values up
+    to the paths the experts' per-slice row counts pick) and of the reference."""
+    from tokenmill.model.layers.quantized import moe_switch_rows
+    from tokenmill.ops.moe.cpu import MoEWorkspace, slice_tokens
+
+    packed = _kquant_packed(8, "q4_k", "q6_k")
+    if gemm == "auto":
+        packed.amx_min_rows, packed.i8_max_rows, packed.amx_i8_min_rows = moe_switch_rows()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(61, 256, generator=g)
+    w, ids = select_experts(torch.randn(61, 8, generator=g), 2, True)
+    whole = fused_moe_cpu(x, packed, w, ids)  # no workspace: one call
+    per_token = 2 * 4 * (2 * 256 + 3 * 256)  # bytes: 2 pairs a token
+    packed.workspace = MoEWorkspace(max_bytes=7 * per_token + 100)
+    assert slice_tokens(packed, 61, 2, 256) == 7 and slice_tokens(packed, 7, 2, 256) == 7
+    assert slice_tokens(packed, 5, 2, 256) == 5
+    got = fused_moe_cpu(x, packed, w, ids)
+    assert packed.workspace.buf.numel() * 4 == 7 * per_token  # the slices used the shared buffer
+    scale = whole.abs().max().item()
+    assert (got - whole).abs().max().item() < (1e-5 if gemm == "float32" else 2e-2) * scale
+    ref = fused_moe_reference(x, packed, w, ids)
+    assert (got - ref).abs().max().item() < (1e-5 if gemm == "float32" else 2e-2) * scale
+    empty = fused_moe_cpu(x[:0], packed, w[:0], ids[:0])
+    assert empty.shape == (0, 256)
 
 
 def test_cpu_op_takes_dense_experts_to_the_grouped_path():

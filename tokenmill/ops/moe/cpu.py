@@ -77,11 +77,16 @@ class MoEWorkspace:
     MoE layers of one model (they run one after another). glibc maps blocks over its mmap threshold (32 MiB at
     most) afresh on every call, so without it a 512-token prefill step page-faulted ~100 MiB per layer
     (bench/moe_rows.py: 64 rows an expert, 133 ms a layer against 104 with the buffers kept). It grows to the
-    largest call up to max_bytes; larger calls allocate their own."""
+    largest call up to max_bytes; fused_moe_cpu runs a larger call in slices of tokens that fit (a 2048-token
+    prefill chunk of OLMoE needs 470 MB: page-faulted afresh in every layer it took 388 ms a layer against 262 in
+    1170-token slices; the experts' row counts of a slice still fill the AMX tiles, so slicing costs nothing)."""
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes
         self.buf = torch.empty(0, dtype=torch.float32)
+
+    def fits(self, floats: int) -> bool:
+        return floats * 4 <= self.max_bytes
 
     def get(self, floats: int) -> Optional[torch.Tensor]:
         if floats * 4 > self.max_bytes:
@@ -91,15 +96,31 @@ class MoEWorkspace:
         return self.buf
 
 
+def _pair_floats(experts: Any, hidden: int) -> int:
+    """Workspace floats the C op needs per token-expert pair: gathered x, gate|up, activation, expert output."""
+    return 2 * hidden + 3 * experts.intermediate_size
+
+
 def _scratch(experts: Any, pairs: int, hidden: int) -> tuple[Optional[int], int]:
     """(pointer, floats) of the experts' shared workspace for a call of `pairs` token-expert pairs, or (None, 0)."""
     ws = getattr(experts, "workspace", None)
-    buf = ws.get(pairs * (2 * hidden + 3 * experts.intermediate_size)) if ws is not None else None
+    buf = ws.get(pairs * _pair_floats(experts, hidden)) if ws is not None else None
     return (buf.data_ptr(), buf.numel()) if buf is not None else (None, 0)
 
 
+def slice_tokens(experts: Any, tokens: int, top_k: int, hidden: int) -> int:
+    """Tokens per C call: all of them, or as many as the experts' workspace holds (at least one) when the whole
+    call would not fit it."""
+    ws = getattr(experts, "workspace", None)
+    per_token = top_k * _pair_floats(experts, hidden)
+    if ws is None or ws.fits(tokens * per_token):
+        return max(tokens, 1)
+    return max(1, ws.max_bytes // (4 * per_token))
+
+
 def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The CPU op: packed experts (float32 activations on the CPU) in one C call, everything else grouped."""
+    """The CPU op: packed experts (float32 activations on the CPU) in one C call (or one per slice of tokens that
+    fits the experts' workspace), everything else grouped."""
     qtype, down_qtype = getattr(experts, "qtype", None), getattr(experts, "down_qtype", None)
     lib = _lib() if qtype in QTYPES and down_qtype in QTYPES else None
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -110,12 +131,16 @@ def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, top
     w = topk_weights.to(torch.float32).contiguous()
     w13, w2 = experts.gate_up_proj, experts.down_proj  # uint8 [E, 2I, rb(H)], [E, H, rb(I)]
     out = torch.empty(t, hidden, dtype=torch.float32)
-    rc = lib.tm_moe_packed(QTYPES[qtype][0], QTYPES[down_qtype][0], x.data_ptr(), t, hidden, experts.intermediate_size,
-                           experts.num_experts, ids.shape[1], ids.data_ptr(), w.data_ptr(), w13.data_ptr(),
-                           w13.shape[-1], w2.data_ptr(), w2.shape[-1], DIRECT_MAX_ROWS,
-                           getattr(experts, "i8_max_rows", DIRECT_MAX_ROWS), getattr(experts, "amx_i8_min_rows", 0),
-                           getattr(experts, "amx_min_rows", 0), *_scratch(experts, ids.numel(), hidden),
-                           out.data_ptr())
-    if rc != 0:
-        raise ValueError(f"fused MoE kernel: {_ERRORS.get(rc, f'error {rc}')}")
+    k = ids.shape[1]
+    step = slice_tokens(experts, t, k, hidden)
+    for t0 in range(0, max(t, 1), step):
+        n = min(step, t - t0)  # rows t0 .. t0 + n of x, ids, w and out (contiguous)
+        rc = lib.tm_moe_packed(QTYPES[qtype][0], QTYPES[down_qtype][0], x[t0:].data_ptr(), n, hidden,
+                               experts.intermediate_size, experts.num_experts, k, ids[t0:].data_ptr(),
+                               w[t0:].data_ptr(), w13.data_ptr(), w13.shape[-1], w2.data_ptr(), w2.shape[-1],
+                               DIRECT_MAX_ROWS, getattr(experts, "i8_max_rows", DIRECT_MAX_ROWS),
+                               getattr(experts, "amx_i8_min_rows", 0), getattr(experts, "amx_min_rows", 0),
+                               *_scratch(experts, n * k, hidden), out[t0:].data_ptr())
+        if rc != 0:
+            raise ValueError(f"fused MoE kernel: {_ERRORS.get(rc, f'error {rc}')}")
     return out
