@@ -239,9 +239,21 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
  * are scattered over the pool, out of the hardware prefetcher's sight: without help a core alternates computing a
  * chunk and stalling on the next (one layer's 64-decode call ran at ~compute + transfer time). The frontier walks
  * the blocks of the thread's items in the order they will be computed, across item boundaries, and stays
- * PF_BLOCKS blocks ahead of the computation, asking for them into L2. */
-#define PF_BLOCKS 12
+ * pf_blocks() blocks ahead of the computation, asking for them into L2. The distance is in bytes: SmolLM2's bf16
+ * blocks (3 KV heads x 64) are 12 KiB of K and V, 12 of them ahead kept a 64-decode step at the transfer time,
+ * but OLMoE's (16 x 128) are 128 KiB, and 12 ahead (1.5 MiB, with the chunk being computed) overflowed the 2 MiB
+ * L2: 64 decodes at ~300 tokens ran at 12.5 GB/s with 6-12 blocks ahead, 18.6 with 1 (/tmp attention
+ * micro-benchmark, 16 x 128 heads, bf16 pool; 2 blocks 16.7, 3 15.7). */
+#define PF_BYTES (160 * 1024)
+#define PF_MAX_BLOCKS 12
 typedef struct { const Item *items; int64_t n, i; int b; } Prefetch;
+
+/* how many blocks the frontier runs ahead: PF_BYTES of K and V (of the heads an item reads), 1 to PF_MAX_BLOCKS */
+static int pf_blocks(const Args *a, int nh) {
+    const int64_t per_block = 2 * (int64_t)a->bs * nh * a->d * (a->kv_dtype == KV_F32 ? 4 : 2);
+    const int64_t n = PF_BYTES / (per_block > 0 ? per_block : 1);
+    return n < 1 ? 1 : (n > PF_MAX_BLOCKS ? PF_MAX_BLOCKS : (int)n);
+}
 
 static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
     const int BS = a->bs;
@@ -292,7 +304,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
     if (!pf && it->nq == 1) {
         own = (Prefetch){it, 1, 0, 0};
-        pf_issue(a, &own, PF_BLOCKS);
+        pf_issue(a, &own, pf_blocks(a, nh));
         pf = &own;
     }
 
@@ -333,7 +345,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes */
+        /* keep the decode stream's prefetch frontier pf_blocks() ahead of the blocks this chunk consumes */
         if (pf) pf_issue(a, pf, nblk);
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
@@ -538,7 +550,7 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const int64_t lo = t == 0 ? 0 : split_at[t - 1], hi = t == nt - 1 ? ni : split_at[t];
             Prefetch pf = {items + lo, hi - lo, 0, 0};
-            pf_issue(&a, &pf, PF_BLOCKS);
+            pf_issue(&a, &pf, pf_blocks(&a, hi > lo && items[lo].kvh < 0 ? hkv : 1));
             for (int64_t w = lo; w < hi; w++)
                 if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, &pf);
         } else {
