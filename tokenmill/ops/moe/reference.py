@@ -51,3 +51,22 @@ def fused_moe_reference_i8(x: torch.Tensor, experts: Any, topk_weights: torch.Te
         y = round_int8_per_32((F.silu(gate) * up).float()).double() @ w2[e].double().T  # [T, H]
         out += (topk_weights.double() * (topk_ids == e)).sum(dim=-1, keepdim=True) * y
     return out.float()
+
+
+def fused_moe_reference_bf16(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor,
+                             topk_ids: torch.Tensor) -> torch.Tensor:
+    """The reference with each expert projection's input and weights rounded to bfloat16 (gemm auto's AMX bf16 tiles
+    for experts with many rows: csrc/qlinear_amx.c), float64 sums, [T, H] float32."""
+    w13, w2 = experts.dense()  # [E, 2I, H], [E, H, I]
+    t = topk_ids.shape[0]
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float64)
+
+    def bf(a: torch.Tensor) -> torch.Tensor:
+        return a.float().to(torch.bfloat16).double()
+
+    xr = bf(x)
+    for e in range(w13.shape[0]):
+        gate, up = (xr @ bf(w13[e]).T).chunk(2, dim=-1)  # [T, I] each
+        y = bf((F.silu(gate) * up).float()) @ bf(w2[e]).T  # [T, H]
+        out += (topk_weights.double() * (topk_ids == e)).sum(dim=-1, keepdim=True) * y
+    return out.float()

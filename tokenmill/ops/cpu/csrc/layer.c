@@ -21,33 +21,10 @@
 
 #define POST_BLOCK 512  // rows per block of the post-attention half (the AMX path's pass size)
 
-// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)]; vectorized exp (AVX-512 / AVX2, the same values lane for
-// lane) and a true division (a Newton-refined reciprocal estimate was tried: its last-bit differences flipped a
-// greedy token of the bf16 LoRA fused-vs-per-op test), threads for long steps.
+// act[t, i] = silu(g) * u for gu rows [g (I) | u (I)] (simd.h's tm_silu_mul_row), threads for long steps.
 static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 #pragma omp parallel for schedule(static) if (T * I >= (1 << 16))
-    for (int64_t t = 0; t < T; t++) {
-        const float *g = gu + t * 2 * I, *u = g + I;
-        float *a = act + t * I;
-        int64_t i = 0;
-#ifdef __AVX512F__
-        const __m512 one16 = _mm512_set1_ps(1.0f);
-        for (; i + 16 <= I; i += 16) {
-            const __m512 gv = _mm512_loadu_ps(g + i);
-            const __m512 d = _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-            _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, d), _mm512_loadu_ps(u + i)));
-        }
-#endif
-#ifdef __AVX2__
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (; i + 8 <= I; i += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + i);
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
-            _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
+    for (int64_t t = 0; t < T; t++) tm_silu_mul_row(gu + t * 2 * I, gu + t * 2 * I + I, act + t * I, I);
 }
 
 // x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).

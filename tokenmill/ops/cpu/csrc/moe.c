@@ -20,6 +20,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "quant.h"
+#include "simd.h"
 
 #define TILE_N 64       // output rows per task
 #define TILE_N_AMX 256  // ... for an expert whose rows take the AMX path: each call converts its rows of x to bf16
@@ -55,6 +56,12 @@ typedef struct {
     int8_t *xq, *xqv, *xb;
     float *xsc, *xs, *xsc2, *xs16, *xscT, *xsT;
     int64_t *tb;  // per expert: its first 16-row tile in xb, -1 where it takes the VNNI tiles
+    // The rows of the experts that take the AMX bf16 tiles, rounded to bf16 once for all of their tasks (each task
+    // converted them again): x16 [P + 16, K] (the rows in a's order; 16 rows of slack for the tiles' padding rows),
+    // in the caller's scratch (x16_owned 0) or allocated; amx16[e] 1 for those experts.
+    uint16_t *x16;
+    int x16_owned;
+    char *amx16;
 } prepared_t;
 
 static inline int i8_rows(int64_t m, int64_t i8_max_m) { return m <= i8_max_m; }
@@ -121,9 +128,41 @@ static int prepare(int qtype, const float *a, int64_t P, int64_t Kdim, const int
     return 0;
 }
 
+// The experts of the AMX bf16 tiles (rows past the int8 paths', amx_min_m or more, tiles granted): their rows of a
+// rounded to bf16 into scratch (x16_floats floats there, NULL: allocate). 0, -1 out of memory.
+static int prepare_bf16(const float *a, int64_t P, int64_t Kdim, const int64_t *start, const int64_t *count,
+                        int64_t E, int64_t i8_max_m, int64_t amx_min_m, float *scratch, int64_t x16_floats,
+                        prepared_t *pr) {
+#if defined(TM_AMX)
+    if (amx_min_m <= 0 || !tm_amx_enabled() || Kdim % 32) return 0;
+    int64_t any = 0;
+    pr->amx16 = (char *)calloc((size_t)E, 1);
+    if (!pr->amx16) return -1;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t m = count[e];
+        pr->amx16[e] = m > 0 && m >= amx_min_m && !(pr->xq != NULL && i8_rows(m, i8_max_m));
+        any |= pr->amx16[e];
+    }
+    if (!any) return 0;
+    const int64_t need = ((P + 16) * Kdim + 1) / 2;  // floats
+    pr->x16_owned = scratch == NULL || x16_floats < need;
+    pr->x16 = pr->x16_owned ? (uint16_t *)malloc((size_t)need * sizeof(float)) : (uint16_t *)scratch;
+    if (!pr->x16) return -1;
+    memset(pr->x16 + P * Kdim, 0, (size_t)(16 * Kdim) * 2);
+#pragma omp parallel for schedule(dynamic, 1) if (P * Kdim >= (1 << 16))
+    for (int64_t e = 0; e < E; e++)
+        if (pr->amx16[e]) tm_x_to_bf16(a + start[e] * Kdim, count[e], Kdim, pr->x16 + start[e] * Kdim, Kdim);
+#else
+    (void)a; (void)P; (void)Kdim; (void)start; (void)count; (void)E; (void)i8_max_m; (void)amx_min_m; (void)scratch;
+    (void)x16_floats; (void)pr;
+#endif
+    return 0;
+}
+
 static void release(prepared_t *pr) {
     free(pr->xq); free(pr->xb); free(pr->xsc); free(pr->xs); free(pr->xscT); free(pr->xsT); free(pr->xqv); free(pr->xsc2); free(pr->xs16);
-    free(pr->tb);
+    free(pr->tb); free(pr->amx16);
+    if (pr->x16_owned) free(pr->x16);
     memset(pr, 0, sizeof(*pr));
 }
 
@@ -146,30 +185,41 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
             const task_t t = tasks[i];
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
+            float *yt = y + s * N + t.n0;  // the task's block of y (row stride N): the tiles' paths write it directly
+#if defined(TM_AMX)
+            if (pr->x16 != NULL && pr->amx16[t.e]) {
+                if (tm_qlinear_amx_bf16x(qtype, pr->x16 + s * Kdim, Kdim, m, Kdim, wt, t.nc, yt, N) != 0) {
+#pragma omp atomic write
+                    err = -1;
+                }
+                continue;
+            }
+#endif
 #if defined(TM_I8_DIRECT)
 #if defined(TM_AMX_I8)
             if (pr->xq != NULL && i8_rows(m, i8_max_m) && pr->tb[t.e] >= 0) {
                 const int64_t nb = Kdim / QK, tb = pr->tb[t.e];
                 if (tm_qlinear_amx_i8(qtype, pr->xb + tb * 16 * Kdim, pr->xscT + tb * 16 * nb, pr->xsT + tb * 16 * nb, m,
-                                      Kdim, wt, t.nc, tmp, t.nc) != 0) {
+                                      Kdim, wt, t.nc, yt, N) != 0) {
 #pragma omp atomic write
                     err = -1;
-                    continue;
                 }
-            } else
+                continue;
+            }
 #endif
             if (pr->xq != NULL && i8_rows(m, i8_max_m)) {
                 const int64_t nb = Kdim / QK;
                 tm_qlinear_i8_prepared(qtype, pr->xqv + s * Kdim, pr->xsc2 + s * (Kdim / 16), pr->xs + s * nb,
-                                       pr->xs16 + s * (Kdim / 16), m, Kdim, wt, t.nc, NULL, tmp, t.nc);
-            } else
+                                       pr->xs16 + s * (Kdim / 16), m, Kdim, wt, t.nc, NULL, yt, N);
+                continue;
+            }
 #endif
             if (qlinear_f32(qtype, a + s * Kdim, m, Kdim, wt, t.nc, NULL, tmp, direct_max_m, amx_min_m) != 0) {
 #pragma omp atomic write
                 err = -7;
                 continue;
             }
-            for (int64_t r = 0; r < m; r++) memcpy(y + (s + r) * N + t.n0, tmp + r * t.nc, (size_t)t.nc * sizeof(float));
+            for (int64_t r = 0; r < m; r++) memcpy(yt + r * N, tmp + r * t.nc, (size_t)t.nc * sizeof(float));
         }
         free(tmp);
     }
@@ -182,7 +232,8 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
 // build): the AMX int8 tiles from amx_i8_min_m rows (where built and granted), else the VNNI tiles; a longer run of
 // amx_min_m or more rows takes qlinear's AMX bf16 path (where this library's tm_amx_init enabled it), as the dense
 // layers do under --gemm-dtype auto. amx_min_m 0: exact float32. ws (may be NULL): ws_floats floats of scratch the
-// call uses instead of allocating its row buffers when there are at least T * K * (2H + 3I).
+// call uses instead of allocating its row buffers when there are at least T * K * (2H + 3I) (with 8H more, also the
+// AMX bf16 experts' converted rows).
 // Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
 // of the block, unknown type).
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
@@ -220,18 +271,23 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, i8_max_m, amx_min_m, tasks);
     rc = prepare(qtype13, xs, P, H, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
+    // gate|up's bf16 rows in y's region (free until the down projection) plus the slack past the row buffers
+    if (rc == 0)
+        rc = prepare_bf16(xs, P, H, start, count, E, i8_max_m, amx_min_m, own ? NULL : y,
+                          own ? 0 : ws_floats - P * (H + 3 * I), &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
                           direct_max_m, i8_max_m, amx_min_m, g);
     if (rc != 0) goto done;
 #pragma omp parallel for schedule(static) if (P * I >= (1 << 15))
-    for (int64_t p = 0; p < P; p++) {
-        const float *gp = g + p * 2 * I;
-        for (int64_t i = 0; i < I; i++) act[p * I + i] = gp[i] / (1.0f + expf(-gp[i])) * gp[I + i];
-    }
+    for (int64_t p = 0; p < P; p++) tm_silu_mul_row(g + p * 2 * I, g + p * 2 * I + I, act + p * I, I);
     release(&pr);
     nt = make_tasks(count, E, H, i8_max_m, amx_min_m, tasks);
     rc = prepare(qtype2, act, P, I, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
+    // down's bf16 rows in xs's and g's regions (free now)
+    if (rc == 0)
+        rc = prepare_bf16(act, P, I, start, count, E, i8_max_m, amx_min_m, own ? NULL : xs, own ? 0 : P * (H + 2 * I),
+                          &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
                           i8_max_m, amx_min_m, y);

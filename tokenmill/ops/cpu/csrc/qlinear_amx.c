@@ -169,23 +169,27 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
 
 // With `packed` (tm_qlinear_amx_pack's panels of W) the tiles read the panels; otherwise each call dequantizes
 // W's panels as it goes. Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
+// x16 (NULL: none): x already in bf16, rows xs16 elements apart, readable up to the next multiple of 16 rows (the
+// values of rows past M do not matter: they only reach the tiles' rows that are never stored); x is then unused.
 static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                    float *y, int64_t ldy, const uint32_t *packed) {
+                    float *y, int64_t ldy, const uint32_t *packed, const uint16_t *x16, int64_t xs16) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
             const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
-            const int rc = amx_gemm(qtype, x + m * K, mm, K, w, N, bias, y + m * ldy, ldy, packed);
+            const int rc = amx_gemm(qtype, x16 ? x : x + m * K, mm, K, w, N, bias, y + m * ldy, ldy, packed,
+                                    x16 ? x16 + m * xs16 : NULL, xs16);
             if (rc) return rc;
         }
         return 0;
     }
     const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
     const int64_t mpad = (M + 15) / 16 * 16, npairs = (N + 31) / 32;  // panel pairs: 32 outputs
-    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
-    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
-    if (!xb) return -1;
+    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride XS * 2)
+    const int64_t XS = x16 ? xs16 : K;
+    uint16_t *xb = x16 ? NULL : (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
+    if (!x16 && !xb) return -1;
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
-    for (int64_t m = 0; m < mpad; m++) {
+    for (int64_t m = 0; m < (x16 ? 0 : mpad); m++) {
         uint16_t *dst = xb + m * K;
         if (m >= M) {
             memset(dst, 0, (size_t)K * 2);
@@ -231,9 +235,9 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    const uint16_t *xa = xb + m0 * K;
+                    const uint16_t *xa = (x16 ? x16 : xb) + m0 * XS;
                     for (int64_t b = 0; b < nkb; b++) {
-                        _tile_loadd(4, xa + b * 32, K * 2);
+                        _tile_loadd(4, xa + b * 32, XS * 2);
                         _tile_loadd(6, p0 + b * 256, 64);
                         _tile_dpbf16ps(0, 4, 6);
                         if (nr[1]) {
@@ -241,7 +245,7 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                             _tile_dpbf16ps(1, 4, 7);
                         }
                         if (ms[1]) {
-                            _tile_loadd(5, xa + 16 * K + b * 32, K * 2);
+                            _tile_loadd(5, xa + 16 * XS + b * 32, XS * 2);
                             _tile_dpbf16ps(2, 5, 6);
                             if (nr[1]) _tile_dpbf16ps(3, 5, 7);
                         }
@@ -270,12 +274,27 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
 
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy) {
-    return amx_gemm(qtype, x, M, K, w, N, bias, y, ldy, NULL);
+    return amx_gemm(qtype, x, M, K, w, N, bias, y, ldy, NULL, NULL, 0);
+}
+
+int tm_qlinear_amx_bf16x(int qtype, const uint16_t *x16, int64_t xs16, int64_t M, int64_t K, const uint8_t *w,
+                         int64_t N, float *y, int64_t ldy) {
+    const int bb = block_bytes(qtype);
+    if (bb == 0 || K % block_weights(qtype) != 0 || M < 0 || N < 0 || ldy < N || xs16 < K) return -1;
+    return amx_gemm(qtype, NULL, M, K, w, N, NULL, y, ldy, NULL, x16, xs16);
+}
+
+void tm_x_to_bf16(const float *x, int64_t M, int64_t K, uint16_t *out, int64_t ldo) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 32)
+            _mm512_storeu_si512((void *)(out + m * ldo + k),
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + k + 16),
+                                                             _mm512_loadu_ps(x + m * K + k)));
 }
 
 int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
                           float *y, int64_t ldy) {
-    return amx_gemm(-1, x, M, K, NULL, N, bias, y, ldy, panels);
+    return amx_gemm(-1, x, M, K, NULL, N, bias, y, ldy, panels, NULL, 0);
 }
 
 #define PACK(QT)                                                                                     \

@@ -267,6 +267,14 @@ int tm_amx_enabled(void);
 // qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy);
+// The same from x already in bf16 (rows xs16 >= K elements apart, readable up to the next multiple of 16 rows;
+// tm_x_to_bf16 makes it: K a multiple of 32), no bias: the fused MoE op converts an expert's rows once for all its
+// tasks. 0, -1 bad arguments or out of memory.
+int tm_qlinear_amx_bf16x(int qtype, const uint16_t *x16, int64_t xs16, int64_t M, int64_t K, const uint8_t *w,
+                         int64_t N, float *y, int64_t ldy);
+// out[m, :K] (rows ldo apart) = x[m, :] (M rows of K, a multiple of 32) rounded to bf16 (nearest even), as amx_gemm
+// rounds x.
+void tm_x_to_bf16(const float *x, int64_t M, int64_t K, uint16_t *out, int64_t ldo);
 // The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call.
 int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
                           float *y, int64_t ldy);
