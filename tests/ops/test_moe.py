@@ -333,7 +333,13 @@ def test_workspace_gives_the_same_results():
     plain, plain5 = fused_moe_cpu(x, packed, w, ids), fused_moe_cpu(x[:5], packed, w[:5], ids[:5])
     packed.workspace = MoEWorkspace()
     assert torch.equal(fused_moe_cpu(x, packed, w, ids), plain)
-    assert packed.workspace.buf.numel() == 80 * (2 * 256 + 3 * 256)
+    assert packed.workspace.buf.numel() == 80 * (256 + 3 * 256) + 8 * 256
+    from tokenmill.ops.moe.cpu import _lib, _ws_floats
+
+    for pairs, hidden, inter in ((80, 256, 256), (7, 2048, 1024), (3, 2048, 768), (0, 4096, 14336)):
+        packed.intermediate_size = inter  # what the Python sizing asks for = what the C op checks
+        assert _ws_floats(packed, pairs, hidden) == _lib().tm_moe_ws_floats(pairs, hidden, inter)
+    packed.intermediate_size = 256
     assert torch.equal(fused_moe_cpu(x[:5], packed, w[:5], ids[:5]), plain5)  # a smaller call reuses it
     packed.workspace = MoEWorkspace(max_bytes=1024)  # not even one token's pairs: 1-token calls, own buffers
     got = fused_moe_cpu(x, packed, w, ids)
@@ -356,12 +362,12 @@ def test_calls_past_the_workspace_cap_run_in_slices_that_fit(gemm):
     x = torch.randn(61, 256, generator=g)
     w, ids = select_experts(torch.randn(61, 8, generator=g), 2, True)
     whole = fused_moe_cpu(x, packed, w, ids)  # no workspace: one call
-    per_token = 2 * 4 * (2 * 256 + 3 * 256)  # bytes: 2 pairs a token
-    packed.workspace = MoEWorkspace(max_bytes=7 * per_token + 100)
+    per_token, slack = 2 * (256 + 3 * 256), 8 * 256  # floats: 2 pairs a token; the tiles' slack
+    packed.workspace = MoEWorkspace(max_bytes=4 * (7 * per_token + slack) + 100)
     assert slice_tokens(packed, 61, 2, 256) == 7 and slice_tokens(packed, 7, 2, 256) == 7
     assert slice_tokens(packed, 5, 2, 256) == 5
     got = fused_moe_cpu(x, packed, w, ids)
-    assert packed.workspace.buf.numel() * 4 == 7 * per_token  # the slices used the shared buffer
+    assert packed.workspace.buf.numel() == 7 * per_token + slack  # the slices used the shared buffer
     scale = whole.abs().max().item()
     assert (got - whole).abs().max().item() < (1e-5 if gemm == "float32" else 2e-2) * scale
     ref = fused_moe_reference(x, packed, w, ids)

@@ -31,6 +31,8 @@ def _lib() -> Optional[ctypes.CDLL]:
         lib.tm_moe_packed.argtypes = [ctypes.c_int, ctypes.c_int, _P, _L, _L, _L, _L, _L, _P, _P, _P, _L, _P, _L, _L,
                                       _L, _L, _L, _P, _L, _P]
         lib.tm_moe_packed.restype = ctypes.c_int
+        lib.tm_moe_ws_floats.argtypes = [_L, _L, _L]
+        lib.tm_moe_ws_floats.restype = _L
         lib.tm_amx_init.argtypes = []
         lib.tm_amx_init.restype = ctypes.c_int
         lib.tm_amx_init()  # this library's own copy of the AMX switch (experts' amx_min_rows use it)
@@ -77,11 +79,13 @@ class MoEWorkspace:
     MoE layers of one model (they run one after another). glibc maps blocks over its mmap threshold (32 MiB at
     most) afresh on every call, so without it a 512-token prefill step page-faulted ~100 MiB per layer
     (bench/moe_rows.py: 64 rows an expert, 133 ms a layer against 104 with the buffers kept). It grows to the
-    largest call up to max_bytes; fused_moe_cpu runs a larger call in slices of tokens that fit (a 2048-token
-    prefill chunk of OLMoE needs 470 MB: page-faulted afresh in every layer it took 388 ms a layer against 262 in
-    1170-token slices; the experts' row counts of a slice still fill the AMX tiles, so slicing costs nothing)."""
+    largest call up to max_bytes; fused_moe_cpu runs a larger call in slices of tokens that fit (page-faulted afresh
+    in every layer, a 2048-token OLMoE chunk's 470 MB took 388 ms a layer against 262 in 1170-token slices). The
+    default cap holds a 2048-token step (the default token budget) of OLMoE-1B-7B (top 8 of 64 experts of 1024,
+    hidden 2048: 335 MB) in one call: each expert's weights are dequantized into the AMX tiles once per call, so
+    one call (163 ms a layer) beats two slices (200 ms)."""
 
-    def __init__(self, max_bytes: int = 256 << 20):
+    def __init__(self, max_bytes: int = 384 << 20):
         self.max_bytes = max_bytes
         self.buf = torch.empty(0, dtype=torch.float32)
 
@@ -96,15 +100,17 @@ class MoEWorkspace:
         return self.buf
 
 
-def _pair_floats(experts: Any, hidden: int) -> int:
-    """Workspace floats the C op needs per token-expert pair: gathered x, gate|up, activation, expert output."""
-    return 2 * hidden + 3 * experts.intermediate_size
+def _ws_floats(experts: Any, pairs: int, hidden: int) -> int:
+    """Workspace floats the C op uses for `pairs` token-expert pairs (csrc/moe.c tm_moe_ws_floats): gathered x
+    (then the expert outputs), gate|up, activations (or, before them, the AMX experts' bf16 rows), tile slack."""
+    inter = experts.intermediate_size
+    return pairs * (hidden + 2 * inter + max(inter, hidden // 2)) + 8 * hidden
 
 
 def _scratch(experts: Any, pairs: int, hidden: int) -> tuple[Optional[int], int]:
     """(pointer, floats) of the experts' shared workspace for a call of `pairs` token-expert pairs, or (None, 0)."""
     ws = getattr(experts, "workspace", None)
-    buf = ws.get(pairs * _pair_floats(experts, hidden)) if ws is not None else None
+    buf = ws.get(_ws_floats(experts, pairs, hidden)) if ws is not None else None
     return (buf.data_ptr(), buf.numel()) if buf is not None else (None, 0)
 
 
@@ -112,10 +118,10 @@ def slice_tokens(experts: Any, tokens: int, top_k: int, hidden: int) -> int:
     """Tokens per C call: all of them, or as many as the experts' workspace holds (at least one) when the whole
     call would not fit it."""
     ws = getattr(experts, "workspace", None)
-    per_token = top_k * _pair_floats(experts, hidden)
-    if ws is None or ws.fits(tokens * per_token):
+    if ws is None or ws.fits(_ws_floats(experts, tokens * top_k, hidden)):
         return max(tokens, 1)
-    return max(1, ws.max_bytes // (4 * per_token))
+    per_token = _ws_floats(experts, top_k, hidden) - _ws_floats(experts, 0, hidden)
+    return max(1, (ws.max_bytes // 4 - _ws_floats(experts, 0, hidden)) // per_token)
 
 
 def fused_moe_cpu(x: torch.Tensor, experts: Any, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,8 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_i8_min_m,
                   int64_t amx_min_m, float *ws, int64_t ws_floats, float *out);
+// Floats of scratch tm_moe_packed uses for P token-expert pairs (hidden H, expert intermediate I).
+int64_t tm_moe_ws_floats(int64_t P, int64_t H, int64_t I);
 
 // Batched LoRA in the fused layer (lora.c). proj: 0 qkv, 1 o, 2 gate_up, 3 down; a [S, in, k], b [S, k, out]
 // (NULL: no LoRA on that projection); num_groups contiguous row spans (starts, lens) of adapter slots (slots).

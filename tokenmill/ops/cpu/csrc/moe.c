@@ -232,10 +232,14 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
 // build): the AMX int8 tiles from amx_i8_min_m rows (where built and granted), else the VNNI tiles; a longer run of
 // amx_min_m or more rows takes qlinear's AMX bf16 path (where this library's tm_amx_init enabled it), as the dense
 // layers do under --gemm-dtype auto. amx_min_m 0: exact float32. ws (may be NULL): ws_floats floats of scratch the
-// call uses instead of allocating its row buffers when there are at least T * K * (2H + 3I) (with 8H more, also the
-// AMX bf16 experts' converted rows).
+// call uses instead of allocating its row buffers when there are at least tm_moe_ws_floats(P, H, I) of them.
 // Returns 0; -1 out of memory; -2 an expert id out of range; -7 qlinear rejected its arguments (K not a multiple
 // of the block, unknown type).
+// The scratch of a call of P token-expert pairs: xs [P, H] (gathered rows, then the experts' outputs y), g [P, 2I]
+// (gate|up), act [P, max(I, H / 2)] (the activations; during gate|up the AMX experts' bf16 rows of x), and 16
+// rows of H bf16 of slack for the tiles' padding rows.
+int64_t tm_moe_ws_floats(int64_t P, int64_t H, int64_t I) { return P * (H + 2 * I + (I > H / 2 ? I : H / 2)) + 8 * H; }
+
 int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H, int64_t I, int64_t E, int64_t K,
                   const int64_t *topk_ids, const float *topk_w, const uint8_t *w13, int64_t row_bytes_h,
                   const uint8_t *w2, int64_t row_bytes_i, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_i8_min_m,
@@ -250,11 +254,11 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     const int64_t max_tasks = E * ((2 * I + TILE_N - 1) / TILE_N + (H + TILE_N - 1) / TILE_N);
     task_t *tasks = (task_t *)malloc((size_t)(max_tasks + 1) * sizeof(task_t));
     // xs [P, H], g [P, 2I], act [P, I], y [P, H]: in the caller's workspace where it is large enough
-    const int own = ws == NULL || ws_floats < P * (2 * H + 3 * I);
+    const int own = ws == NULL || ws_floats < tm_moe_ws_floats(P, H, I);
     float *xs = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws;
     float *g = own ? (float *)malloc((size_t)(P * 2 * I) * sizeof(float)) : ws + P * H;
     float *act = own ? (float *)malloc((size_t)(P * I) * sizeof(float)) : ws + P * (H + 2 * I);
-    float *y = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : ws + P * (H + 3 * I);
+    float *y = own ? (float *)malloc((size_t)(P * H) * sizeof(float)) : xs;  // xs is dead once gate|up has run
     int rc = -1;
     prepared_t pr;
     memset(&pr, 0, sizeof(pr));
@@ -271,10 +275,10 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     for (int64_t p = 0; p < P; p++) memcpy(xs + pos[p] * H, x + (p / K) * H, (size_t)H * sizeof(float));
     int64_t nt = make_tasks(count, E, 2 * I, i8_max_m, amx_min_m, tasks);
     rc = prepare(qtype13, xs, P, H, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
-    // gate|up's bf16 rows in y's region (free until the down projection) plus the slack past the row buffers
+    // gate|up's bf16 rows in act's region (free until silu) and the slack after it
     if (rc == 0)
-        rc = prepare_bf16(xs, P, H, start, count, E, i8_max_m, amx_min_m, own ? NULL : y,
-                          own ? 0 : ws_floats - P * (H + 3 * I), &pr);
+        rc = prepare_bf16(xs, P, H, start, count, E, i8_max_m, amx_min_m, own ? NULL : act,
+                          own ? 0 : ws_floats - P * (H + 2 * I), &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype13, xs, &pr, H, w13, 2 * I, row_bytes_h, start, count, tasks, nt, max_rows,
                           direct_max_m, i8_max_m, amx_min_m, g);
@@ -284,10 +288,9 @@ int tm_moe_packed(int qtype13, int qtype2, const float *x, int64_t T, int64_t H,
     release(&pr);
     nt = make_tasks(count, E, H, i8_max_m, amx_min_m, tasks);
     rc = prepare(qtype2, act, P, I, start, count, E, i8_max_m, amx_i8_min_m, amx_min_m, &pr);
-    // down's bf16 rows in xs's and g's regions (free now)
+    // down's bf16 rows in g's region (free after silu; not y's = xs's, which the tiles write)
     if (rc == 0)
-        rc = prepare_bf16(act, P, I, start, count, E, i8_max_m, amx_min_m, own ? NULL : xs, own ? 0 : P * (H + 2 * I),
-                          &pr);
+        rc = prepare_bf16(act, P, I, start, count, E, i8_max_m, amx_min_m, own ? NULL : g, own ? 0 : P * 2 * I, &pr);
     if (rc == 0)
         rc = grouped_gemm(qtype2, act, &pr, I, w2, H, row_bytes_i, start, count, tasks, nt, max_rows, direct_max_m,
                           i8_max_m, amx_min_m, y);
