@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as G  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
-TYPES = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0}
+TYPES = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0, "bf16": G.BF16, "f16": G.F16}  # bf16 / f16: weights as they are
 needs_kernel = pytest.mark.skipif(not QL.available(), reason=f"qlinear kernel not built: {build_error('qlinear')}")
 
 
@@ -24,8 +24,8 @@ def _packed(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, to
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
     q = gguf_quantize(w, TYPES[qtype])
-    ref = gguf_dequantize(q, TYPES[qtype]).reshape(n, k)
-    return torch.from_numpy(np.ascontiguousarray(q)).reshape(n, -1), torch.from_numpy(ref.copy())
+    ref = gguf_dequantize(q, TYPES[qtype]).reshape(n, k).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(q).view(np.uint8)).reshape(n, -1), torch.from_numpy(ref.copy())
 
 
 @pytest.mark.parametrize("qtype", list(TYPES))

@@ -23,7 +23,11 @@ QK_K = 256  # weights per k-quant super-block
 QTYPES: dict[str, tuple[int, int, int]] = {
     "q4_0": (0, 18, QK), "q4_1": (1, 20, QK), "q8_0": (2, 34, QK), "q5_0": (3, 22, QK), "q5_1": (4, 24, QK),
     "q4_k": (5, 144, QK_K), "q5_k": (6, 176, QK_K), "q6_k": (7, 210, QK_K),
+    "bf16": (8, 64, QK), "f16": (9, 64, QK),  # 16-bit floats as they are (a "block": 32 of them, no scale)
 }
+# the 16-bit float "types": a bf16 / f16 checkpoint's weights kept in their own bytes (2 a weight), not blocks of
+# small integers; the block types are the others
+FLOAT16_QTYPES = ("bf16", "f16")
 # up to this many rows the kernel unpacks each block into registers (no float buffer); measured crossover
 DIRECT_MAX_ROWS = 3
 
@@ -197,6 +201,8 @@ def dequantize(qweight: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
     order, in torch: equal to gguf.quants.dequantize bit for bit)."""
     n = qweight.shape[0]
     qk = block_size(qtype)
+    if qtype in FLOAT16_QTYPES:
+        return qweight.contiguous().view(torch.bfloat16 if qtype == "bf16" else torch.float16).float().reshape(n, k)
     blocks = qweight.reshape(n, k // qk, QTYPES[qtype][1])  # [N, nb, bytes]
     if qtype in ("q4_k", "q5_k", "q6_k"):
         return _dequantize_k(blocks, qtype).reshape(n, k)

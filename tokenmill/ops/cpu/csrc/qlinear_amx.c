@@ -220,7 +220,7 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                 } else
                     switch (qtype) {
                         PANELS(Q4_0); PANELS(Q4_1); PANELS(Q8_0); PANELS(Q5_0); PANELS(Q5_1); PANELS(Q4_K); PANELS(Q5_K);
-                        PANELS(Q6_K);
+                        PANELS(Q6_K); PANELS(BF16); PANELS(F16);
                         default: break;
                     }
                 for (int64_t m0 = 0; m0 < M; m0 += 32) {
@@ -291,6 +291,7 @@ int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint3
     const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * bb, npanels = (N + 31) / 32 * 2;
     switch (qtype) {
         PACK(Q4_0); PACK(Q4_1); PACK(Q8_0); PACK(Q5_0); PACK(Q5_1); PACK(Q4_K); PACK(Q5_K); PACK(Q6_K);
+        PACK(BF16); PACK(F16);
         default: return -1;
     }
     return 0;
