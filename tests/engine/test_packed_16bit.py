@@ -125,3 +125,29 @@ def test_bf16_folder_runs_fused_and_stays_close_to_transformers(smollm2_bf16, gg
         assert got[0] == want[0]
         same += next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
     assert same >= 0.75 * 16 * len(prompts), same
+
+
+@needs_kernel
+def test_gguf_f16_and_bf16_tensors_stay_packed(tmp_path):
+    """A GGUF's F16 / BF16 linears and embedding (llama.cpp's converter writes F16 by default) stay in their 2-byte
+    form under quantization auto, as the block types do; the exact kernels equal the dequantized model."""
+    import gguf
+
+    from tests.model.tiny_models import save_tiny_gguf
+    from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear
+
+    G = gguf.GGMLQuantizationType
+    qtypes = {"token_embd.weight": G.F16,
+              **{f"blk.{i}.{t}.weight": G.F16 for i in range(2) for t in ("attn_q", "attn_k", "attn_v", "attn_output")},
+              **{f"blk.{i}.{t}.weight": G.BF16 for i in range(2) for t in ("ffn_gate", "ffn_up", "ffn_down")}}
+    src = resolve_model_source(save_tiny_gguf(build_tiny_model("smollm"), str(tmp_path / "h.gguf"), qtypes=qtypes))
+    cfg = load_hf_config(src)
+    none = load_model(src, cfg, torch.float32, "cpu", quantization="none")
+    auto = load_model(src, cfg, torch.float32, "cpu", quantization="auto", gemm_dtype="float32")
+    layer = auto.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedLinear) and layer.self_attn.qkv_proj.qtype == "f16"
+    assert isinstance(layer.mlp.gate_up_proj, QuantizedLinear) and layer.mlp.gate_up_proj.qtype == "bf16"
+    assert isinstance(auto.model.embed_tokens, QuantizedEmbedding) and auto.model.embed_tokens.qtype == "f16"
+    ids = torch.tensor([1, 17, 300, 5, 42, 9, 400, 3])
+    for got, want in zip(_sublayers(auto, ids), _sublayers(none, ids)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
