@@ -394,7 +394,7 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (bb == 0 || K % block_weights((int)p->qtype) != 0 || M < 0 || N < 0) return -1;
 #if defined(TM_AMX)
         if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
-            return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N);
+            return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N, p->glu);
 #endif
         return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
     }
@@ -411,6 +411,19 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (rc) return rc;
     }
     return 0;
+}
+
+int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t I, const float *bias,
+                   float *act, int64_t amx_min_m) {
+#if defined(TM_AMX)
+    if (qtype != TM_QPANELS) return 0;
+    const tm_qpanels *p = (const tm_qpanels *)w;
+    if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m || !tm_amx_enabled()) return 0;
+    return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
+#else
+    (void)qtype; (void)x; (void)M; (void)K; (void)w; (void)I; (void)bias; (void)act; (void)amx_min_m;
+    return 0;
+#endif
 }
 
 // out[r, :] = dequantized row rows[r] of W [N, K] (an embedding lookup). Returns 0, -1 on bad arguments,

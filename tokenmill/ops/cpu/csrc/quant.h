@@ -294,9 +294,14 @@ int tm_amx_enabled(void);
 // qlinear_f32). 0, -1 out of memory.
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy);
-// The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call.
+// The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call (glu > 0:
+// tm_qlinear_amx_pack_glu's panels of a gate|up W with N = 2 * glu; the output columns as usual).
 int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
-                          float *y, int64_t ldy);
+                          float *y, int64_t ldy, int64_t glu);
+// act[M, I] = silu(gate) * up of x @ W^T (+ bias) from tm_qlinear_amx_pack_glu's panels of W [2I, K] (I % 16 == 0),
+// the gate|up output never written. 0, -1 bad arguments / out of memory.
+int tm_qlinear_amx_glu(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t I, const float *bias,
+                       float *act);
 #endif
 
 // The AMX int8 path for the k-quants (qlinear_amx_i8.c): int8 activations as the direct path's, any number of rows.
