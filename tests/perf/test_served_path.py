@@ -11,7 +11,8 @@ import pytest
 
 from tokenmill.errors import ConfigError
 from tokenmill.perf.cost_model import CostModel, ModelSpec, StepShape
-from tokenmill.perf.served_path import assign_fcfs, fit_first_token_path, spread_of_trace
+from tokenmill.perf.served_path import (assign_fcfs, fit_first_token_path, fit_first_token_path_relative,
+                                        spread_of_trace)
 
 SPEC = ModelSpec(30, 576, 9, 3, 64, 1536, 49152)
 CPU = CostModel(SPEC, bandwidth=20e9, matmul_rate=1.3e12, o_step=0.004, o_req=0.0003, o_tok=0.0001)
@@ -49,6 +50,17 @@ def test_fit_recovers_hop_burst_and_return():
     assert p.return_s == pytest.approx(0.009, abs=1e-9)
     assert p.hop_s == pytest.approx(0.007, abs=0.002)
     assert p.hop_s_per_request == pytest.approx(0.004, abs=0.002)
+
+
+def test_relative_send_times_are_aligned_by_the_first_prefill_step():
+    """A benchmark's records count from its own start: shifted by the first step's start less ingress."""
+    prefill, decode, reqs = _served_pass(0.007, 0.004, 0.009, seed=2)
+    first_send = reqs[0][0]
+    prefill = [(t, s, k) for t, s, k in prefill]
+    prefill[0] = (first_send + 0.007, prefill[0][1], prefill[0][2])  # the first prompt: ingress after its send
+    exact = fit_first_token_path(prefill, decode, reqs)
+    rel = fit_first_token_path_relative(prefill, decode, [(t - first_send + 3.0, f) for t, f in reqs[::-1]], 0.007)
+    assert rel == exact
 
 
 def test_fit_with_an_idle_decode_instance_reads_the_whole_way():

@@ -101,6 +101,18 @@ def fit_first_token_path(prefill_steps: Sequence[tuple[float, float, int]], deco
                           len(requests))
 
 
+def fit_first_token_path_relative(prefill_steps: Sequence[tuple[float, float, int]],
+                                  decode_steps: Sequence[tuple[float, float]], requests: Sequence[tuple[float, float]],
+                                  ingress_s: float) -> FirstTokenPath:
+    """fit_first_token_path for a client whose send times are relative to its own start (a benchmark's records):
+    aligned to the wall clock by the first prefill step, which starts ingress_s after the first send."""
+    if not prefill_steps or not requests:
+        raise ConfigError("no prefill steps or no requests to fit the first-token path to")
+    reqs = sorted(requests)
+    offset = min(t for t, _, _ in prefill_steps) - ingress_s - reqs[0][0]
+    return fit_first_token_path(sorted(prefill_steps), decode_steps, [(t + offset, f) for t, f in reqs])
+
+
 def spread_of_trace(model: CostModel, samples: Sequence[tuple[StepShape, float]],
                     starts: Optional[Sequence[float]] = None, window_s: float = SPEED_WINDOW_S) -> StepSpread:
     """The scatter of traced steps around `model`: every step's (tokens, measured / predicted) as the residuals

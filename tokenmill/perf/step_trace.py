@@ -33,6 +33,12 @@ TRACE_SIZE_REGIMES = (256, 1024)
 def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
                     t1: Optional[float] = None) -> list[tuple[StepShape, float]]:
     """(shape, seconds) of each step that started within [t0, t1] (wall clock; None: unbounded)."""
+    return [(shape, secs) for _, shape, secs in read_step_trace_timed(path, t0, t1)]
+
+
+def read_step_trace_timed(path: Union[str, Path], t0: Optional[float] = None,
+                          t1: Optional[float] = None) -> list[tuple[float, StepShape, float]]:
+    """(wall-clock start, shape, seconds) of each step that started within [t0, t1]."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -48,7 +54,7 @@ def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ConfigError(f"{path}:{n}: not a step trace line") from None
         if (t0 is None or t >= t0) and (t1 is None or t <= t1) and shape.num_tokens > 0 and secs > 0:
-            out.append((shape, secs))
+            out.append((t, shape, secs))
     return out
 
 
