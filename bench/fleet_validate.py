@@ -167,7 +167,8 @@ def served_calibration(base: str, args, rate: float, tok, cost: CostModel, trace
                                                 [t for t, _, _ in timed[side]])
     ok = [(r.start_s, r.ttft_s) for r in m.records if r.success and r.ttft_s is not None]
     try:
-        out["path"] = fit_first_token_path_relative([(t, s, sh.num_reqs) for t, sh, s in timed["prefill"]],
+        out["path"] = fit_first_token_path_relative([(t, s, sh.num_reqs) for t, sh, s in timed["prefill"]
+                                                     if sh.num_tokens > sh.num_reqs],  # prefill steps only
                                                     [(t, s) for t, _, s in timed["decode"]], ok, ingress_s)
     except ConfigError as e:
         print(f"first-token path not fitted ({e}): the idle hop stands", flush=True)
