@@ -266,3 +266,18 @@ def test_queueing_turns_step_scatter_into_a_wider_ttft_median_band():
     assert bands[1] > bands[0]
     with pytest.raises(ConfigError):
         fleet_replicates(reqs, CPU, SimConfig(), spec, StepSpread(), replicates=0)
+
+
+def test_parts_split_each_ttft_into_queue_step_and_after():
+    """parts: queue (send to the step's start, less ingress) + the step + after = TTFT - ingress, per request."""
+    spec = FleetSpec(2, 1, hop_s=0.006, ingress_s=0.007, hop_s_per_request=0.002, return_s=0.004)
+    p320 = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    reqs = [SimRequest(320, 4, 0.0), SimRequest(320, 4, 0.01)]  # r1 queues behind r0's prefill
+    parts: dict = {}
+    r = simulate_fleet(reqs, CPU, SimConfig(), spec, parts=parts)
+    assert set(parts) == {0, 1}
+    for i, p in parts.items():
+        assert p["queue_s"] + p["step_s"] + p["after_s"] + 0.007 == pytest.approx(r.ttft_s[i])
+    assert parts[0]["queue_s"] == pytest.approx(0.0) and parts[0]["step_s"] == pytest.approx(p320)
+    assert parts[1]["queue_s"] == pytest.approx(p320 - 0.01)
+    assert parts[0]["after_s"] == pytest.approx(0.006 + 0.004)  # an idle decode side takes it at once

@@ -173,6 +173,7 @@ class InstanceSim:
                                policy=qp, clock=self.clock)
         self.reqs: dict[str, Request] = {}
         self.finish: dict[str, float] = {}
+        self.first_step: dict[str, tuple[float, float]] = {}  # (start, end) of the step that sampled its 1st token
         self.steps = 0
 
     def load(self) -> BackendLoad:
@@ -204,6 +205,7 @@ class InstanceSim:
         if out.total_num_scheduled_tokens == 0:
             return False
         shape = shape_of_schedule(out)
+        start = self.clock.t
         self.clock.t += self.cost.predict_shape(shape) * self.jitter(shape.num_tokens)
         self.steps += 1
         ids, toks = [], []
@@ -211,6 +213,8 @@ class InstanceSim:
             r = self.sched.requests[rid]
             ids.append(rid)
             toks.append([_TOKEN] if r.num_computed_tokens >= r.num_tokens else [])
+            if toks[-1] and rid not in self.first_step:
+                self.first_step[rid] = (start, self.clock.t)
         for o in self.sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, sampled_token_ids=toks,
                                                                       logprobs=[None] * len(ids))):
             if o.finished:
@@ -293,11 +297,13 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
                    slo_ttft_ms: Optional[float] = None, slo_tpot_ms: Optional[float] = None, rate: float = 0.0,
                    max_sim_s: float = 1e6, decode_cost: Optional[CostModel] = None,
                    spread: Optional[StepSpread] = None, decode_spread: Optional[StepSpread] = None,
-                   seed: int = 0) -> SimResult:
+                   seed: int = 0, parts: Optional[dict[int, dict[str, float]]] = None) -> SimResult:
     """The whole fleet's latencies and goodput (SimResult over all instances). decode_cost: the decode instances'
     step costs when they differ from the others' (`cost`): other hardware, or another speed. spread /
     decode_spread (default: spread): the steps' scatter around the cost models, drawn from `seed`; None: every
-    step takes its predicted time."""
+    step takes its predicted time. parts: filled with each request's TTFT components (index in `requests` ->
+    {"queue_s": send to its first step's start, less ingress_s; "step_s": that step, the prefill (all of it
+    without chunking); "after_s": its end to the client's first token})."""
     spec.validate()
     for sp in (spread, decode_spread):
         if sp is not None:
@@ -359,6 +365,11 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
         for s in back:
             for rid, t in s.finish.items():
                 finish[int(rid[1:])] = t + spec.return_s
+    if parts is not None:
+        for i in first:
+            start, end = front[where[i]].first_step[f"r{i}"]
+            parts[i] = {"queue_s": start - requests[i].arrival_s - spec.ingress_s, "step_s": end - start,
+                        "after_s": first[i] - end}
     res = SimResult(rate=rate, num_requests=len(requests), completed=0, rejected=0, duration_s=0.0,
                     num_steps=sum(s.steps for s in front) + sum(s.steps for s in back),
                     num_preemptions=sum(s.sched.num_preemptions for s in front))

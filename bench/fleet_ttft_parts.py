@@ -1,0 +1,89 @@
+"""Each request's TTFT in parts, measured (step traces) against simulated, for a `bench/fleet_validate.py --mode
+disagg` result and the step traces of its run (--trace-dir).
+
+Measured, per request (send order = FCFS order of the producer's prefill steps; the client's send times aligned to
+the trace by the first prefill step, which starts ingress_s after the first send): queue (send to its prefill step's
+start, less ingress_s), step (that prefill step), after (its end to the client's first token: the hop to the
+consumer, the consumer's step in progress, the way back). Simulated: the same parts from simulate_fleet(parts=)
+with the served calibration's cost models, with the idle hop (hop_s only) and with the first-token path fitted
+under load (when the result has one).
+
+  python bench/fleet_ttft_parts.py --result bench/results/s20/fleet_validate_disagg_run1.json --trace-dir /tmp/fv/run1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tokenmill.perf.cost_model import CostModel  # noqa: E402
+from tokenmill.perf.fleet import FleetSpec, simulate_fleet  # noqa: E402
+from tokenmill.perf.served_path import assign_fcfs  # noqa: E402
+from tokenmill.perf.simulator import SimConfig, SimRequest  # noqa: E402
+
+CHAT_TEMPLATE_TOKENS = 30  # tokenmill/perf/cli.py's, without importing the CLI
+
+
+def measured_parts(row: dict, prefill_rows: list[dict], ingress_s: float) -> list[dict[str, float]]:
+    reqs = row["measured_requests"]  # [prompt, output, TTFT s, TPOT s, sent at s], send order
+    steps = [r for r in prefill_rows if row["t0"] <= r["t"] <= row["t1"] and r["tokens"] > r["reqs"]]
+    if sum(r["reqs"] for r in steps) == len(reqs) + 1:  # the first rate's warm-up request
+        steps = steps[1:]
+    which = assign_fcfs([r["reqs"] for r in steps], len(reqs))
+    offset = steps[0]["t"] - ingress_s - reqs[0][4]
+    out = []
+    for (_, _, ttft, _, sent), k in zip(reqs, which):
+        st = steps[k]
+        send = offset + sent
+        out.append({"queue_s": st["t"] - send - ingress_s, "step_s": st["s"], "after_s": send + ttft - st["t"] - st["s"],
+                    "ttft_s": ttft})
+    return out
+
+
+def simulated_parts(row: dict, result: dict, spec: FleetSpec) -> list[dict[str, float]]:
+    sc = result["served_calibration"]
+    reqs = [SimRequest(p + CHAT_TEMPLATE_TOKENS, n, sent) for p, n, _, _, sent in row["measured_requests"]]
+    parts: dict[int, dict[str, float]] = {}
+    res = simulate_fleet(reqs, CostModel.from_dict(sc["prefill_cost_model"]), SimConfig(policy="fcfs"), spec,
+                         rate=row["rate"], decode_cost=CostModel.from_dict(sc["decode_cost_model"]), parts=parts)
+    return [{**parts[i], "ttft_s": rec[2]} for i, rec in enumerate(res.records)]
+
+
+def summary(parts: list[dict[str, float]]) -> str:
+    med = {k: statistics.median(p[k] for p in parts) * 1e3 for k in ("queue_s", "step_s", "after_s", "ttft_s")}
+    mean = {k: statistics.fmean(p[k] for p in parts) * 1e3 for k in ("queue_s", "step_s", "after_s", "ttft_s")}
+    return " | ".join(f"{k[:-2]} {med[k]:6.0f} / {mean[k]:6.0f}" for k in med)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--result", required=True, help="a fleet_validate.py --mode disagg JSON")
+    ap.add_argument("--trace-dir", required=True, help="its --trace-dir (prefill.jsonl, decode.jsonl)")
+    args = ap.parse_args(argv)
+    result = json.loads(Path(args.result).read_text())
+    rows = [json.loads(line) for line in (Path(args.trace_dir) / "prefill.jsonl").read_text().splitlines() if line]
+    sp = result["spec"]
+    idle = FleetSpec(2, 1, result["policy"], sp["transfer_s_per_block"], sp["transfer_s_per_pull"], sp["hop_s"],
+                     sp["ingress_s"])
+    path = result["served_calibration"].get("path")
+    specs = [("simulated, idle hop", idle)]
+    if path:
+        specs.append(("simulated, path under load", replace(idle, hop_s=path["hop_s"], return_s=path["return_s"],
+                                                             hop_s_per_request=path["hop_s_per_request"])))
+    print("ms, median / mean over the rate's requests")
+    for row in result["rows"]:
+        print(f"rate {row['rate']:g}")
+        print(f"  {'measured':28s} {summary(measured_parts(row, rows, sp['ingress_s']))}")
+        for label, spec in specs:
+            print(f"  {label:28s} {summary(simulated_parts(row, result, spec))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
