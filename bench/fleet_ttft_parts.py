@@ -6,13 +6,14 @@ the trace by the first prefill step, which starts ingress_s after the first send
 start, less ingress_s), step (that prefill step), after (its end to the client's first token: the hop to the
 consumer, the consumer's step in progress, the way back). Simulated: the same parts from simulate_fleet(parts=)
 with the served calibration's cost models, with the idle hop (hop_s only) and with the first-token path fitted
-under load (when the result has one).
+under load and the traced time between steps (when the result has them).
 
   python bench/fleet_ttft_parts.py --result bench/results/s20/fleet_validate_disagg_run1.json --trace-dir /tmp/fv/run1
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -64,18 +65,22 @@ def summary(parts: list[dict[str, float]]) -> str:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--result", required=True, help="a fleet_validate.py --mode disagg JSON")
-    ap.add_argument("--trace-dir", required=True, help="its --trace-dir (prefill.jsonl, decode.jsonl)")
+    ap.add_argument("--trace-dir", required=True, help="its --trace-dir (prefill.jsonl or prefill.jsonl.gz)")
     args = ap.parse_args(argv)
     result = json.loads(Path(args.result).read_text())
-    rows = [json.loads(line) for line in (Path(args.trace_dir) / "prefill.jsonl").read_text().splitlines() if line]
+    trace = Path(args.trace_dir) / "prefill.jsonl"
+    text = trace.read_text() if trace.exists() else gzip.decompress(trace.with_suffix(".jsonl.gz").read_bytes()).decode()
+    rows = [json.loads(line) for line in text.splitlines() if line]
     sp = result["spec"]
     idle = FleetSpec(2, 1, result["policy"], sp["transfer_s_per_block"], sp["transfer_s_per_pull"], sp["hop_s"],
                      sp["ingress_s"])
-    path = result["served_calibration"].get("path")
+    sc = result["served_calibration"]
+    path = sc.get("path")
     specs = [("simulated, idle hop", idle)]
     if path:
-        specs.append(("simulated, path under load", replace(idle, hop_s=path["hop_s"], return_s=path["return_s"],
-                                                             hop_s_per_request=path["hop_s_per_request"])))
+        specs.append(("simulated, path under load", replace(
+            idle, hop_s=path["hop_s"], return_s=path["return_s"], hop_s_per_request=path["hop_s_per_request"],
+            step_gap_s=sc.get("prefill_step_gap_s", 0.0), decode_step_gap_s=sc.get("decode_step_gap_s", 0.0))))
     print("ms, median / mean over the rate's requests")
     for row in result["rows"]:
         print(f"rate {row['rate']:g}")

@@ -15,7 +15,7 @@
    and each instance's cost model fitted to its step trace of that pass (tokenmill/perf/step_trace.py), the
    first token's path under that load (tokenmill/perf/served_path.py: the hop to the consumer's engine, the
    delay per other prompt of the same prefill step, the return leg from the consumer's step boundary to the
-   client) and each side's step scatter around its fitted model; 6. `bench serve` through the router at each
+   client), the engine loops' time between steps and each side's step scatter around its fitted model; 6. `bench serve` through the router at each
    rate; 7. `simulate_fleet` over 1P + 1D with that transfer cost, ingress and hop, from the in-process
    calibration and from the served one: one run at the fitted step times, and --replicates runs with the
    steps drawn from the served scatter (fleet_replicates: the median and 10-90% band of each figure).
@@ -52,7 +52,8 @@ from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS, kv_cache_dtype_for  # noqa:
 from tokenmill.perf.cost_model import CostModel  # noqa: E402
 from tokenmill.errors import ConfigError  # noqa: E402
 from tokenmill.perf.fleet import FleetSpec, fleet_replicates, replicate_figures, simulate_fleet  # noqa: E402
-from tokenmill.perf.served_path import fit_first_token_path_relative, spread_of_trace  # noqa: E402
+from tokenmill.perf.served_path import (fit_first_token_path_relative, spread_of_trace,  # noqa: E402
+                                        step_gap_of_trace)
 from tokenmill.perf.simulator import SimConfig, requests_from_workload  # noqa: E402
 from tokenmill.perf.step_trace import fit_trace_like, read_step_trace, read_step_trace_timed  # noqa: E402
 
@@ -165,6 +166,7 @@ def served_calibration(base: str, args, rate: float, tok, cost: CostModel, trace
         out[f"{side}_vs_in_process"] = drift_of_trace(traces[side], t0, t1, cost)
         out[f"{side}_spread"] = spread_of_trace(model, [(sh, s) for _, sh, s in timed[side]],
                                                 [t for t, _, _ in timed[side]])
+        out[f"{side}_step_gap_s"] = step_gap_of_trace([(t, s) for t, _, s in timed[side]])
     ok = [(r.start_s, r.ttft_s) for r in m.records if r.success and r.ttft_s is not None]
     try:
         out["path"] = fit_first_token_path_relative([(t, s, sh.num_reqs) for t, sh, s in timed["prefill"]
@@ -216,11 +218,13 @@ def run_rates(base: str, args, rates: list[float], tok, cost: CostModel, traces:
 def served_prediction(reqs, meas: dict, err: dict, spec: FleetSpec, served: dict, rate: float,
                       replicates: int) -> dict:
     """The predictions from the served calibration (each side's model fitted to its steps of that pass): with
-    the idle hop as before (for comparison), with the first-token path fitted under load, and the median and
-    10-90% band of `replicates` runs with the steps drawn from the pass's scatter."""
+    the idle hop and no time between steps as before (for comparison), with the first-token path fitted under
+    load and the traced time between steps, and the median and 10-90% band of `replicates` runs with the steps
+    drawn from the pass's scatter."""
     path = served["path"]
-    spec_s = spec if path is None else replace(spec, hop_s=path.hop_s, return_s=path.return_s,
-                                               hop_s_per_request=path.hop_s_per_request)
+    spec_s = replace(spec, step_gap_s=served["prefill_step_gap_s"], decode_step_gap_s=served["decode_step_gap_s"])
+    if path is not None:
+        spec_s = replace(spec_s, hop_s=path.hop_s, return_s=path.return_s, hop_s_per_request=path.hop_s_per_request)
     kw = {"rate": rate, "decode_cost": served["decode"]}
     cfg = SimConfig(policy="fcfs")
     idle = _pick(simulate_fleet(reqs, served["prefill"], cfg, spec, **kw).summary())
@@ -308,6 +312,8 @@ def main(argv: list[str]) -> int:
                 print(f"first-token path under load: {path.hop_s * 1e3:.1f} ms to the consumer's engine + "
                       f"{path.hop_s_per_request * 1e3:.1f} ms per other prompt of the prefill step, "
                       f"{path.return_s * 1e3:.1f} ms from its step boundary to the client", flush=True)
+            print(f"between steps: {served['prefill_step_gap_s'] * 1e3:.2f} ms (producer), "
+                  f"{served['decode_step_gap_s'] * 1e3:.2f} ms (consumer)", flush=True)
             print("step scatter: " + ", ".join(
                 f"{k} residual log-sd {v['residual_log_sd']:.3f}, speed sigma {v['speed_sigma']:.3f}"
                 for k, v in (("prefill", spread_summary(served["prefill_spread"])),

@@ -281,3 +281,20 @@ def test_parts_split_each_ttft_into_queue_step_and_after():
     assert parts[0]["queue_s"] == pytest.approx(0.0) and parts[0]["step_s"] == pytest.approx(p320)
     assert parts[1]["queue_s"] == pytest.approx(p320 - 0.01)
     assert parts[0]["after_s"] == pytest.approx(0.006 + 0.004)  # an idle decode side takes it at once
+
+
+def test_step_gaps_lengthen_the_step_period_not_the_step():
+    """step_gap_s / decode_step_gap_s: the engine loop's time between steps; a token is out at its step's end,
+    the next step starts a gap later."""
+    p320 = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    base = FleetSpec(2, 1)
+    gap = dataclasses.replace(base, step_gap_s=0.003, decode_step_gap_s=0.001)
+    two = [SimRequest(320, 11, 0.0), SimRequest(320, 11, 0.0005)]  # r1 waits for r0's step, and its gap
+    a, b = simulate_fleet(two, CPU, SimConfig(), base), simulate_fleet(two, CPU, SimConfig(), gap)
+    assert b.ttft_s[0] == pytest.approx(a.ttft_s[0]) == pytest.approx(p320)
+    assert b.ttft_s[1] == pytest.approx(a.ttft_s[1] + 0.003)
+    one = [SimRequest(320, 11, 0.0)]
+    assert simulate_fleet(one, CPU, SimConfig(), gap).tpot_s[0] == pytest.approx(  # 10 decode steps, 9 gaps inside
+        simulate_fleet(one, CPU, SimConfig(), base).tpot_s[0] + 0.001 * 9 / 10)
+    with pytest.raises(ConfigError, match="step gap"):
+        FleetSpec(2, 1, decode_step_gap_s=-1.0).validate()

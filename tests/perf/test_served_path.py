@@ -12,7 +12,7 @@ import pytest
 from tokenmill.errors import ConfigError
 from tokenmill.perf.cost_model import CostModel, ModelSpec, StepShape
 from tokenmill.perf.served_path import (assign_fcfs, fit_first_token_path, fit_first_token_path_relative,
-                                        spread_of_trace)
+                                        spread_of_trace, step_gap_of_trace)
 
 SPEC = ModelSpec(30, 576, 9, 3, 64, 1536, 49152)
 CPU = CostModel(SPEC, bandwidth=20e9, matmul_rate=1.3e12, o_step=0.004, o_req=0.0003, o_tok=0.0001)
@@ -102,6 +102,15 @@ def test_spread_of_trace_residuals_and_speed_drift():
     assert spread_of_trace(CPU, steady).speed_sigma == 0.0  # no start times: no windows
     with pytest.raises(ConfigError):
         spread_of_trace(CPU, [])
+
+
+def test_step_gap_is_the_busy_time_between_steps():
+    steps, t = [], 0.0
+    for k in range(30):
+        steps.append((t, 0.05))
+        t += 0.05 + (0.003 if k % 10 else 0.5)  # every tenth gap is idle time
+    assert step_gap_of_trace(steps[::-1]) == pytest.approx(0.003)
+    assert step_gap_of_trace([(0.0, 0.1), (1.0, 0.1)]) == 0.0
 
 
 def test_no_torch():

@@ -65,6 +65,8 @@ class FleetSpec:
     ingress_s: float = 0.0  # client's send -> the (first) instance's scheduler: HTTP, chat template, tokenizing
     hop_s_per_request: float = 0.0  # added to hop_s per other request finished by the same prefill step
     return_s: float = 0.0  # the decode instance's first token -> the client (its API process, the router's stream)
+    step_gap_s: float = 0.0  # the engine loop's time between two steps of a (prefill or colocated) instance
+    decode_step_gap_s: float = 0.0  # and of a decode instance (a step trace: the next start - this end)
 
     def validate(self) -> None:
         if self.instances < 1:
@@ -78,7 +80,8 @@ class FleetSpec:
         for what, v in (("transfer cost per block", self.transfer_s_per_block),
                         ("transfer cost per pull", self.transfer_s_per_pull), ("hop time", self.hop_s),
                         ("ingress time", self.ingress_s), ("hop time per request", self.hop_s_per_request),
-                        ("return time", self.return_s)):
+                        ("return time", self.return_s), ("step gap", self.step_gap_s),
+                        ("decode step gap", self.decode_step_gap_s)):
             if not v >= 0:
                 raise ConfigError(f"{what} must be >= 0, got {v}")
 
@@ -160,13 +163,13 @@ class InstanceSim:
     """One instance: the real Scheduler on its own clock, stepped up to a given time."""
 
     def __init__(self, cost: CostModel, cfg: SimConfig, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float],
-                 jitter: Optional[_Jitter] = None):
+                 jitter: Optional[_Jitter] = None, gap_s: float = 0.0):
         sc = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                              policy=cfg.policy, long_prefill_token_threshold=cfg.long_prefill_token_threshold,
                              max_long_partial_prefills=cfg.max_long_partial_prefills, slo_reject=cfg.slo_reject)
         qp = make_queue_policy(cfg.policy, slo_reject=cfg.slo_reject, default_ttft_ms=slo_ttft_ms,
                                default_tpot_ms=slo_tpot_ms, cost_model=cost)
-        self.cost, self.cfg = cost, cfg
+        self.cost, self.cfg, self.gap_s = cost, cfg, gap_s
         self.jitter = jitter or _Jitter(None, random.Random(0))
         self.clock = _Clock()
         self.sched = Scheduler(sc, cfg.num_blocks, cfg.block_size, cfg.max_model_len, cfg.enable_prefix_caching,
@@ -219,6 +222,7 @@ class InstanceSim:
                                                                       logprobs=[None] * len(ids))):
             if o.finished:
                 self.finish[o.req_id] = self.clock.t
+        self.clock.t += self.gap_s  # the engine loop's bookkeeping before it can take requests or step again
         return True
 
 
@@ -226,8 +230,8 @@ class DecodeSim:
     """A decode-only instance: requests arrive with their first token; FCFS admission while max_num_seqs and the
     KV blocks allow, then the pull (transfer_s), then each step decodes one token for every pulled request."""
 
-    def __init__(self, cost: CostModel, cfg: SimConfig, jitter: Optional[_Jitter] = None):
-        self.cost, self.cfg = cost, cfg
+    def __init__(self, cost: CostModel, cfg: SimConfig, jitter: Optional[_Jitter] = None, gap_s: float = 0.0):
+        self.cost, self.cfg, self.gap_s = cost, cfg, gap_s
         self.jitter = jitter or _Jitter(None, random.Random(0))
         self.t = 0.0
         self.queue: list[tuple[str, int, int, float]] = []  # (rid, context, tokens left, transfer s)
@@ -285,6 +289,7 @@ class DecodeSim:
                 self.finish[a[0]] = self.t
                 self.free_blocks += a[3]
         self.active = [a for a in self.active if a[2] > 0]
+        self.t += self.gap_s
 
 
 def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
@@ -311,7 +316,8 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
     rng = random.Random(seed)
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     n_front = spec.prefill_instances or spec.instances
-    front = [InstanceSim(cost, cfg, slo_ttft_ms, slo_tpot_ms, _Jitter(spread, rng)) for _ in range(n_front)]
+    front = [InstanceSim(cost, cfg, slo_ttft_ms, slo_tpot_ms, _Jitter(spread, rng), spec.step_gap_s)
+             for _ in range(n_front)]
     policy = make_policy(spec.router_policy)
     where: dict[int, int] = {}
     lens: dict[int, tuple[int, int]] = {}
@@ -343,7 +349,7 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
     if spec.prefill_instances:
         finish = {}
         dspread = decode_spread if decode_spread is not None else spread
-        back = [DecodeSim(decode_cost or cost, cfg, _Jitter(dspread, rng))
+        back = [DecodeSim(decode_cost or cost, cfg, _Jitter(dspread, rng), spec.decode_step_gap_s)
                 for _ in range(spec.instances - spec.prefill_instances)]
         dpol = make_policy("least-load" if spec.router_policy == "prefix" else spec.router_policy)
         burst: dict[tuple[int, float], int] = {}  # requests each prefill step finished

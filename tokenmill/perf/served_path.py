@@ -12,11 +12,14 @@ router, both API processes and the benchmark client on the same cores), under lo
   producer's answers, the router's forwards and the consumer's request handling run one after another): about
   7 ms + 4 ms per other request, against which the consumer's next boundary is often missed, costing a whole
   decode step (50-80 ms at 2 req/s);
+- between two traced steps the engine loop spent 2-3 ms on the producer (its outputs, the hand-over of the
+  prompt's blocks to the KV connector, new requests) and 0.4-0.5 ms on the consumer: 1-2% of a decode step,
+  which the trace's step times leave out;
 - single served prefill steps took 0.75-1.3x their fitted time (log-sd about 0.1 for steps of 256+ tokens, more
   for short ones), and the producer's speed moved by 3-7% between the calibration pass and the run it predicts.
 
 `fit_first_token_path` reads those figures off one served pass (both instances' step traces and the client's
-send and first-token times); `spread_of_trace` the scatter. Pure Python; no torch.
+send and first-token times); `step_gap_of_trace` the time between steps; `spread_of_trace` the scatter. Pure Python; no torch.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from tokenmill.perf.fleet import StepSpread
 # was idle and took the request at once).
 MAX_RETURN_S = 0.05
 SPEED_WINDOW_S = 5.0
+MAX_STEP_GAP_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,15 @@ def fit_first_token_path_relative(prefill_steps: Sequence[tuple[float, float, in
     reqs = sorted(requests)
     offset = min(t for t, _, _ in prefill_steps) - ingress_s - reqs[0][0]
     return fit_first_token_path(sorted(prefill_steps), decode_steps, [(t + offset, f) for t, f in reqs])
+
+
+def step_gap_of_trace(steps: Sequence[tuple[float, float]], max_gap_s: float = MAX_STEP_GAP_S) -> float:
+    """The engine loop's time between two steps when it has work (FleetSpec.step_gap_s / decode_step_gap_s): the
+    median of next start - (start + seconds) over consecutive traced steps (start, seconds) less than max_gap_s
+    apart (longer gaps are idle time); 0.0 when none are."""
+    s = sorted(steps)
+    gaps = [b[0] - a[0] - a[1] for a, b in zip(s, s[1:]) if 0.0 <= b[0] - a[0] - a[1] < max_gap_s]
+    return statistics.median(gaps) if gaps else 0.0
 
 
 def spread_of_trace(model: CostModel, samples: Sequence[tuple[StepShape, float]],
