@@ -2,6 +2,7 @@
 back; window and malformed-line handling; the fitted model replaces a miscalibrated one in the fleet simulator."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -52,6 +53,9 @@ def test_window_and_bad_lines(tmp_path):
     timed = read_step_trace_timed(path, t0=103.0, t1=106.5)
     assert [t for t, _, _ in timed] == [103.0, 104.0, 105.0, 106.0]
     assert [(sh, s) for _, sh, s in timed] == read_step_trace(path, t0=103.0, t1=106.5)
+    gz = tmp_path / "steps.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_step_trace_timed(gz, t0=103.0, t1=106.5) == timed
     path.write_text(path.read_text() + "\n" + '{"t": 1, "s": 0.1}\n')
     with pytest.raises(ConfigError, match=r"steps.jsonl:\d+: not a step trace line"):
         read_step_trace(path)

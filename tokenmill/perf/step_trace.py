@@ -13,6 +13,7 @@ fields). Pure Python apart from the fit (numpy).
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -38,9 +39,11 @@ def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
 
 def read_step_trace_timed(path: Union[str, Path], t0: Optional[float] = None,
                           t1: Optional[float] = None) -> list[tuple[float, StepShape, float]]:
-    """(wall-clock start, shape, seconds) of each step that started within [t0, t1]."""
+    """(wall-clock start, shape, seconds) of each step that started within [t0, t1]; a path ending in .gz is read
+    decompressed (kept traces)."""
     try:
-        text = Path(path).read_text()
+        p = Path(path)
+        text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"step trace not found: {path}") from None
     out = []
