@@ -16,12 +16,13 @@ disaggregated   P prefill instances run each prompt (the real Scheduler, one out
                 requests, and it joins the batch at the first step after the pull; each step every joined
                 request produces a token, step time from the cost model with the batch's context lengths.
 
-Step-time spread (StepSpread): served steps scatter around the cost model (per step: log-sd step_sigma; and each
-instance's speed over a run: log-sd speed_sigma). Queueing turns that scatter into a longer and wider TTFT tail, and
-the median of a few dozen requests at moderate load falls between the unqueued and the queued requests, where one
-slow step moves it by 20% (bench/results/s20). simulate_fleet(spread=, seed=) draws one such run (mean-preserving
-log-normal factors); fleet_replicates() runs many and gives each figure's median and spread over runs: what one
-measured run should fall within.
+Step-time spread (StepSpread): served steps scatter around the cost model (per step: the traced steps' own
+residuals, or a log-normal; and each instance's speed over a run). Queueing turns that scatter into a longer and
+wider TTFT tail, and the median of a few dozen requests at moderate load falls between the unqueued and the queued
+requests, where two slow steps moved it by 19% (bench/results/s20). simulate_fleet(spread=, seed=) draws one such
+run (factors of mean 1); fleet_replicates() runs many and gives each figure's median and 10-90% band over runs:
+what one measured run should fall within, as far as the scatter goes. Engine loops spend step_gap_s /
+decode_step_gap_s between steps (outputs, new requests), which a step trace's step times leave out.
 
 Every request reaches an instance's scheduler ingress_s after the client sends it (HTTP, chat template, tokenizing,
 the hand-off to the engine process); TTFT counts from the send.
