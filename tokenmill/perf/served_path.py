@@ -2,24 +2,26 @@
 and how the served steps scatter around their cost model (tokenmill/perf/fleet.py: FleetSpec's hop_s /
 hop_s_per_request / return_s, StepSpread).
 
-On the 2-core box of bench/results/s20 (a producer and a consumer, one core each, behind `tokenmill router`; the
-router, both API processes and the benchmark client on the same cores), under load:
+On the 2-core box of bench/results/s19 and s20 (a producer and a consumer, one core each, behind `tokenmill
+router`; the router, both API processes and the benchmark client on the same cores), under load:
 - the client's first token came 3-4 ms (1 req/s) to ~9 ms (2 req/s) after the consumer's step boundary that took
   the request (its API process and the router's stream): `return_s`. The idle probe's `hop_s` (the prefill step's
   end to the first token, ~10 ms) holds both legs, and the simulator used to put all of it before the consumer's
   boundary, so a request that reached the consumer just before a boundary came out one leg early;
 - the requests one prefill step finished reached the consumer together, later the more there were (the
-  producer's answers, the router's forwards and the consumer's request handling run one after another): about
-  7 ms + 4 ms per other request, against which the consumer's next boundary is often missed, costing a whole
+  producer's answers, the router's forwards and the consumer's request handling run one after another): 5-12 ms
+  + 2-10 ms per other request (noisy: few passes have many bursts), against which the consumer's next boundary is often missed, costing a whole
   decode step (50-80 ms at 2 req/s);
 - between two traced steps the engine loop spent 2-3 ms on the producer (its outputs, the hand-over of the
   prompt's blocks to the KV connector, new requests) and 0.4-0.5 ms on the consumer: 1-2% of a decode step,
   which the trace's step times leave out;
-- single served prefill steps took 0.75-1.3x their fitted time (log-sd about 0.1 for steps of 256+ tokens, more
-  for short ones), and the producer's speed moved by 3-7% between the calibration pass and the run it predicts.
+- single served prefill steps took 0.75-1.35x their fitted time (log-sd about 0.1 for steps of 256+ tokens, more
+  for short ones), and the producer's speed moved by 2-7% (once 21%) between the calibration pass and the run it
+  predicts, which the windows of one pass do not show.
 
 `fit_first_token_path` reads those figures off one served pass (both instances' step traces and the client's
-send and first-token times); `step_gap_of_trace` the time between steps; `spread_of_trace` the scatter. Pure Python; no torch.
+send and first-token times); `step_gap_of_trace` the time between steps; `spread_of_trace` the scatter. Pure
+Python; no torch.
 """
 from __future__ import annotations
 
