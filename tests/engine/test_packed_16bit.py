@@ -38,9 +38,11 @@ def _sublayers(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @needs_kernel
-@pytest.mark.parametrize("name,dtype,qtype", [("smollm", torch.bfloat16, "bf16"), ("llama", torch.float16, "f16")])
+@pytest.mark.parametrize("name,dtype,qtype", [("smollm", torch.bfloat16, "bf16"), ("llama", torch.float16, "f16"),
+                                              ("qwen2", torch.bfloat16, "bf16"), ("qwen3", torch.bfloat16, "bf16")])
 def test_packed_16bit_equals_the_float32_model(name, dtype, qtype, tmp_path):
-    """tied (embedding = LM head) and untied heads; bf16 and f16 weights, exact kernels."""
+    """tied (embedding = LM head) and untied heads, q/k/v biases (qwen2), q/k norms (qwen3); bf16 and f16
+    weights, exact kernels."""
     from tokenmill.model.layers.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedLMHead
 
     src = resolve_model_source(_save(name, str(tmp_path), dtype))
