@@ -4,6 +4,10 @@ prefill-only steps of P prompts of 200 tokens (P x 200 tokens a step, as the sch
 requests). What `bench/cpu_mixed_profile.py` runs mixed, split so an A/B of a kernel change reads directly.
 
     PYTHONPATH=.:bench python bench/cpu_batch_steps.py [--decodes 64,16] [--steps 70] [--prefill 10] [--repeats 5]
+        [--plain-glu-tiles]
+
+--plain-glu-tiles: the gate|up linears' plain AMX tiles (the g|u output, then a silu pass) instead of the tiles
+paired for the fused layer's silu(gate) * up epilogue (the default where the tiles are made once): an A/B of it.
 """
 from __future__ import annotations
 
@@ -37,6 +41,19 @@ def _add(sched: Scheduler, n: int, output: int, tag: str) -> None:
                                   output))
 
 
+def _tiles(model, plain: bool) -> None:
+    """--plain-glu-tiles: re-make the gate|up tiles unpaired and re-install the fused layers (which read them)."""
+    from tokenmill.ops.cpu.layer import fuse_cpu_layers
+
+    mlps = [layer.mlp for layer in model.model.layers]
+    if plain and all(getattr(m.gate_up_proj, "qpanels", None) is not None for m in mlps):
+        for m in mlps:
+            m.gate_up_proj.pack_amx()
+        fuse_cpu_layers(model)
+    print("gate|up tiles:", "plain" if plain else "paired (GLU epilogue)" if all(
+        getattr(getattr(m.gate_up_proj, "qpanels", None), "glu", 0) for m in mlps) else "none")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decodes", default="64,16", help="running requests of the decode-only steps, comma-separated")
@@ -44,10 +61,12 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=10, help="prompts of 200 tokens per prefill-only step")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plain-glu-tiles", action="store_true", help="gate|up tiles without the GLU epilogue")
     args = ap.parse_args()
     for c in [int(v) for v in args.decodes.split(",") if v]:
         llm = LLM(enable_prefix_caching=False, num_threads=args.threads, max_num_seqs=c)
         core = llm.engine.core
+        _tiles(core.runner.model, args.plain_glu_tiles)
         sched = _scheduler(core.runner, core.config.scheduler, core.config.cache.block_size)
         _add(sched, c, args.steps + 10, "d")
         times = []
@@ -61,6 +80,7 @@ def main() -> None:
     if args.prefill:
         llm = LLM(enable_prefix_caching=False, num_threads=args.threads, max_num_seqs=args.prefill)
         core = llm.engine.core
+        _tiles(core.runner.model, args.plain_glu_tiles)
         times = []
         for r in range(args.repeats + 1):
             sched = _scheduler(core.runner, core.config.scheduler, core.config.cache.block_size)

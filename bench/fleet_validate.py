@@ -12,8 +12,13 @@
    4. the served path's fixed latencies at idle (`ingress_s`: a short request's send through the router to its
    prefill step in the producer's step trace; `hop_s`: that step's end to the first token); 5. a served
    calibration: `bench serve` of other requests of the workload (--served-calibration-seed) through the router,
-   and each instance's cost model fitted to its step trace of that pass (tokenmill/perf/step_trace.py); 6. `bench serve` through the router at each rate; 7. `simulate_fleet` over
-   1P + 1D with that transfer cost, ingress and hop, from the in-process calibration and from the served one.
+   and each instance's cost model fitted to its step trace of that pass (tokenmill/perf/step_trace.py), the
+   first token's path under that load (tokenmill/perf/served_path.py: the hop to the consumer's engine, the
+   delay per other prompt of the same prefill step, the return leg from the consumer's step boundary to the
+   client), the engine loops' time between steps and each side's step scatter around its fitted model; 6. `bench serve` through the router at each
+   rate; 7. `simulate_fleet` over 1P + 1D with that transfer cost, ingress and hop, from the in-process
+   calibration and from the served one: one run at the fitted step times, and --replicates runs with the
+   steps drawn from the served scatter (fleet_replicates: the median and 10-90% band of each figure).
 
   flock -x /work/cpu.lock env PYTHONPATH=. python bench/fleet_validate.py --workload chat --rate 1,2 \\
       --num-requests 40 [--mode disagg] [--policy least-load] [--calibration cal.json] [--out result.json]
@@ -23,11 +28,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -43,9 +50,12 @@ from tokenmill.bench.launch import free_port, server_process  # noqa: E402
 from tokenmill.bench.serve import parse_rates, run_serve_benchmark  # noqa: E402
 from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS, kv_cache_dtype_for  # noqa: E402
 from tokenmill.perf.cost_model import CostModel  # noqa: E402
-from tokenmill.perf.fleet import FleetSpec, simulate_fleet  # noqa: E402
+from tokenmill.errors import ConfigError  # noqa: E402
+from tokenmill.perf.fleet import FleetSpec, fleet_replicates, replicate_figures, simulate_fleet  # noqa: E402
+from tokenmill.perf.served_path import (fit_first_token_path_relative, spread_of_trace,  # noqa: E402
+                                        step_gap_of_trace)
 from tokenmill.perf.simulator import SimConfig, requests_from_workload  # noqa: E402
-from tokenmill.perf.step_trace import fit_trace_like, read_step_trace  # noqa: E402
+from tokenmill.perf.step_trace import fit_trace_like, read_step_trace, read_step_trace_timed  # noqa: E402
 
 ENV = {"PYTHONPATH": str(ROOT)}
 # no prefix caching: each rate resends the same seeded prompts (the simulator models no cache either)
@@ -134,21 +144,44 @@ def read_trace_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def served_calibration(base: str, args, rate: float, tok, cost: CostModel, traces: dict[str, Path]) -> dict:
+def served_calibration(base: str, args, rate: float, tok, cost: CostModel, traces: dict[str, Path],
+                       ingress_s: float) -> dict:
     """`bench serve` of other requests of the workload (seed args.served_calibration_seed) through the router, then
-    each side's cost model fitted to its step trace of that pass ({"prefill": model, "decode": model, ...})."""
+    each side's cost model fitted to its step trace of that pass ({"prefill": model, "decode": model, ...}), the
+    step scatter around it ({"prefill_spread": StepSpread, ...}) and the first token's path ({"path": ...}, None
+    when the trace does not hold one whole prompt per request and step). No warm-up request (the idle probes
+    warmed the servers): every prefill step of the pass is one of its requests'."""
     t0 = time.time()
     m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.served_calibration_requests,
-                            seed=args.served_calibration_seed, progress=False, tokenizer=tok, warmup=True)[0]
+                            seed=args.served_calibration_seed, progress=False, tokenizer=tok, warmup=False)[0]
     t1 = time.time()
     out = {"rate": rate, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
            "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)), "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
            "measured": _pick(m.summary)}
+    timed = {}
     for side in ("prefill", "decode"):
-        model = fit_trace_like(cost, read_step_trace(traces[side], t0, t1))
+        timed[side] = read_step_trace_timed(traces[side], t0, t1)
+        model = fit_trace_like(cost, [(sh, s) for _, sh, s in timed[side]])
         out[side] = model
         out[f"{side}_vs_in_process"] = drift_of_trace(traces[side], t0, t1, cost)
+        out[f"{side}_spread"] = spread_of_trace(model, [(sh, s) for _, sh, s in timed[side]],
+                                                [t for t, _, _ in timed[side]])
+        out[f"{side}_step_gap_s"] = step_gap_of_trace([(t, s) for t, _, s in timed[side]])
+    ok = [(r.start_s, r.ttft_s) for r in m.records if r.success and r.ttft_s is not None]
+    try:
+        out["path"] = fit_first_token_path_relative([(t, s, sh.num_reqs) for t, sh, s in timed["prefill"]
+                                                     if sh.num_tokens > sh.num_reqs],  # prefill steps only
+                                                    [(t, s) for t, _, s in timed["decode"]], ok, ingress_s)
+    except ConfigError as e:
+        print(f"first-token path not fitted ({e}): the idle hop stands", flush=True)
+        out["path"] = None
     return out
+
+
+def spread_summary(sp) -> dict:
+    logs = [math.log(r) for _, r in sp.residuals]
+    return {"speed_sigma": sp.speed_sigma, "num_residuals": len(logs),
+            "residual_log_sd": statistics.pstdev(logs) if len(logs) > 1 else 0.0}
 
 
 def kv_counters(base: str) -> dict:
@@ -182,6 +215,34 @@ def run_rates(base: str, args, rates: list[float], tok, cost: CostModel, traces:
     return measured
 
 
+def served_prediction(reqs, meas: dict, err: dict, spec: FleetSpec, served: dict, rate: float,
+                      replicates: int) -> dict:
+    """The predictions from the served calibration (each side's model fitted to its steps of that pass): with
+    the idle hop and no time between steps as before (for comparison), with the first-token path fitted under
+    load and the traced time between steps, and the median and 10-90% band of `replicates` runs with the steps
+    drawn from the pass's scatter."""
+    path = served["path"]
+    spec_s = replace(spec, step_gap_s=served["prefill_step_gap_s"], decode_step_gap_s=served["decode_step_gap_s"])
+    if path is not None:
+        spec_s = replace(spec_s, hop_s=path.hop_s, return_s=path.return_s, hop_s_per_request=path.hop_s_per_request)
+    kw = {"rate": rate, "decode_cost": served["decode"]}
+    cfg = SimConfig(policy="fcfs")
+    idle = _pick(simulate_fleet(reqs, served["prefill"], cfg, spec, **kw).summary())
+    sim_s = simulate_fleet(reqs, served["prefill"], cfg, spec_s, **kw)
+    p_s = _pick(sim_s.summary())
+    e_s = {k: p_s[k] / meas[k] - 1 for k in err}
+    band = replicate_figures(fleet_replicates(reqs, served["prefill"], cfg, spec_s, served["prefill_spread"],
+                                              replicates, decode_spread=served["decode_spread"], **kw))
+    e_r = {k: band[k]["median"] / meas[k] - 1 for k in err}
+    return {"predicted_served_calibration": p_s, "error_served_calibration": e_s,
+            "within_20pct_served_calibration": all(abs(e) <= 0.2 for e in e_s.values()),
+            "predicted_served_idle_path": idle, "error_served_idle_path": {k: idle[k] / meas[k] - 1 for k in err},
+            "predicted_served_replicates": band, "error_served_replicates": e_r,
+            "within_20pct_served_replicates": all(abs(e) <= 0.2 for e in e_r.values()),
+            "measured_within_band": {k: band[k]["p10"] <= meas[k] <= band[k]["p90"] for k in err},
+            "predicted_requests_served_calibration": [list(x[:4]) for x in sim_s.records]}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="colocated", choices=["colocated", "disagg"],
@@ -201,6 +262,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--served-calibration-seed", type=int, default=1,
                     help="disagg: the calibration pass's requests (the measured rates use seed 0)")
     ap.add_argument("--trace-dir", default=None, help="keep the instances' step traces here (default: a temporary dir)")
+    ap.add_argument("--replicates", type=int, default=40,
+                    help="disagg: simulated runs with the served step scatter (the prediction's median and band)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tok = default_tokenizer()
@@ -236,13 +299,25 @@ def main(argv: list[str]) -> int:
             print(f"served path at idle: {hop['ingress_s'] * 1e3:.1f} ms send -> prefill step, {hop['hop_s'] * 1e3:.1f} "
                   f"ms step end -> first token (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms through the router, "
                   f"{hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
-            served = served_calibration(base, args, args.served_calibration_rate or max(rates), tok, cost, traces)
+            served = served_calibration(base, args, args.served_calibration_rate or max(rates), tok, cost, traces,
+                                        hop["ingress_s"])
             print(f"served calibration ({served['num_requests']} requests, seed {served['seed']}, "
                   f"{served['rate']:g} req/s): the served steps took {served['prefill_vs_in_process']:.2f}x (prefill), "
                   f"{served['decode_vs_in_process']:.2f}x (decode) the in-process model's predictions; fitted to "
                   f"{served['prefill'].info['num_steps']} / {served['decode'].info['num_steps']} steps, median error "
                   f"{served['prefill'].info['median_rel_error']:.1%} / {served['decode'].info['median_rel_error']:.1%}",
                   flush=True)
+            path = served["path"]
+            if path is not None:
+                print(f"first-token path under load: {path.hop_s * 1e3:.1f} ms to the consumer's engine + "
+                      f"{path.hop_s_per_request * 1e3:.1f} ms per other prompt of the prefill step, "
+                      f"{path.return_s * 1e3:.1f} ms from its step boundary to the client", flush=True)
+            print(f"between steps: {served['prefill_step_gap_s'] * 1e3:.2f} ms (producer), "
+                  f"{served['decode_step_gap_s'] * 1e3:.2f} ms (consumer)", flush=True)
+            print("step scatter: " + ", ".join(
+                f"{k} residual log-sd {v['residual_log_sd']:.3f}, speed sigma {v['speed_sigma']:.3f}"
+                for k, v in (("prefill", spread_summary(served["prefill_spread"])),
+                             ("decode", spread_summary(served["decode_spread"])))), flush=True)
             measured = run_rates(base, args, rates, tok, cost, traces, kv_url=d_url)
         spec = FleetSpec(instances=2, prefill_instances=1, router_policy=args.policy,
                          transfer_s_per_block=max(0.0, transfer["per_block_s"]),
@@ -260,15 +335,7 @@ def main(argv: list[str]) -> int:
                                         decode_cost=cost.scaled(back)).summary())
         err = {k: pred[k] / meas[k] - 1 for k in ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s") if meas[k]}
         err_speed = {k: at_speed[k] / meas[k] - 1 for k in err}
-        row_served = {}
-        if served is not None:  # each side's model fitted to its served steps of the calibration pass
-            sim_s = simulate_fleet(reqs, served["prefill"], SimConfig(policy="fcfs"), spec, rate=m.rate,
-                                   decode_cost=served["decode"])
-            p_s = _pick(sim_s.summary())
-            e_s = {k: p_s[k] / meas[k] - 1 for k in err}
-            row_served = {"predicted_served_calibration": p_s, "error_served_calibration": e_s,
-                          "within_20pct_served_calibration": all(abs(e) <= 0.2 for e in e_s.values()),
-                          "predicted_requests_served_calibration": [list(x[:4]) for x in sim_s.records]}
+        row_served = {} if served is None else served_prediction(reqs, meas, err, spec, served, m.rate, args.replicates)
         rows.append({"rate": m.rate, "measured": meas, "predicted": pred, "error": err,
                      "within_20pct": all(abs(e) <= 0.2 for e in err.values()), "predicted_at_run_speed": at_speed,
                      "error_at_run_speed": err_speed, **row_served, **extra,
@@ -282,12 +349,21 @@ def main(argv: list[str]) -> int:
         m = r["measured"]
         preds = [("  in-process calibration", r["predicted"], r["error"])]
         if "predicted_served_calibration" in r:
+            preds.append(("  served calibration, idle path", r["predicted_served_idle_path"],
+                          r["error_served_idle_path"]))
             preds.append(("  served calibration", r["predicted_served_calibration"], r["error_served_calibration"]))
+            band = r["predicted_served_replicates"]
+            preds.append(("  served calibration, median of runs with its scatter",
+                          {k: v["median"] for k, v in band.items()}, r["error_served_replicates"]))
         preds.append(("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"]))
         for label, p, e in preds:
             print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
                   f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
                   f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%}){label}")
+        if "predicted_served_replicates" in r:
+            print("      10-90% band of those runs: " + ", ".join(
+                f"{k} {v['p10']:.1f}-{v['p90']:.1f}{'' if r['measured_within_band'][k] else ' (measured outside)'}"
+                for k, v in r["predicted_served_replicates"].items()))
         print(f"      run speed vs calibration (step time measured / predicted): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["run_speed_vs_calibration"].items() if v))
     if args.out:
@@ -296,8 +372,12 @@ def main(argv: list[str]) -> int:
             "policy": args.policy, "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
             "cost_model": cost.to_dict(), "calibration": ref, "transfer": transfer, "hop": hop,
             "served_calibration": None if served is None else {
-                **{k: v for k, v in served.items() if k not in ("prefill", "decode")},
-                "prefill_cost_model": served["prefill"].to_dict(), "decode_cost_model": served["decode"].to_dict()},
+                **{k: v for k, v in served.items() if k not in ("prefill", "decode", "path", "prefill_spread",
+                                                                 "decode_spread")},
+                "prefill_cost_model": served["prefill"].to_dict(), "decode_cost_model": served["decode"].to_dict(),
+                "path": None if served["path"] is None else asdict(served["path"]),
+                "prefill_spread": spread_summary(served["prefill_spread"]),
+                "decode_spread": spread_summary(served["decode_spread"]), "replicates": args.replicates},
             "spec": {"transfer_s_per_block": spec.transfer_s_per_block, "transfer_s_per_pull": spec.transfer_s_per_pull,
                      "hop_s": spec.hop_s, "ingress_s": spec.ingress_s}, "rows": rows}, indent=1))
     return 0

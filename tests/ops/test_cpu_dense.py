@@ -33,6 +33,8 @@ def test_prepacked_equals_f_linear(rows):
 
 
 def test_bf16_checkpoint_greedy_same_with_and_without(tmp_path, gguf_tokenizer_path):
+    """The per-op bfloat16 model (quantization none; the default on an AMX CPU packs the weights instead:
+    tests/engine/test_packed_16bit.py): its prepacked linears give the same greedy tokens as plain torch."""
     from transformers import AutoModelForCausalLM
 
     from tests.model.tiny_models import tiny_config
@@ -43,7 +45,7 @@ def test_bf16_checkpoint_greedy_same_with_and_without(tmp_path, gguf_tokenizer_p
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(tmp_path))
     llm = LLM(model=str(tmp_path), tokenizer=gguf_tokenizer_path, dtype="bfloat16", max_model_len=256,
-              num_kv_blocks=64)
+              quantization="none", num_kv_blocks=64)
     model = llm.engine.core.runner.model
     assert model.model.layers[0].mlp.down_proj.fast_path is not None  # installed by the CPU device setup
     prompts = [[1, 504, 3, 88, 900], [4, 5, 6, 7], list(range(10, 60))]

@@ -174,3 +174,39 @@ def test_bf16_kv_cache_fused_vs_per_op_and_close_to_float32():
         diffs = [abs(x.logprob - y.logprob) for x, y in zip(a, b)]
         assert max(diffs) < 0.15 and sum(diffs) / len(diffs) < 0.03, diffs
     assert bf.engine.core.scheduler.kv.num_used_blocks == 0
+
+
+def test_glu_epilogue_equals_plain_panels():
+    """gemm auto on an AMX CPU: the gate|up tiles pair each 16 gates with their ups and the fused layer writes
+    silu(gate) * up from the accumulators (no g|u pass). Bit for bit what the plain tiles + silu pass give, for a
+    one-call step (64 decodes) and a long step in halves (a 600-token chunk beside them)."""
+    from tokenmill.ops.cpu.qlinear import amx_available
+
+    if not amx_available():
+        pytest.skip("no AMX (bf16 tiles) on this CPU")
+    llm = LLM(max_model_len=1024, enable_prefix_caching=False, num_kv_blocks=160)
+    model = llm.engine.core.runner.model
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(m.gate_up_proj.qpanels is not None and m.gate_up_proj.qpanels.glu == m.down_proj.in_features
+               for m in mlps)
+
+    def forward(n_prefill: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        caches = [torch.randn(2, 320, 16, model.num_kv_heads, model.head_dim).bfloat16()
+                  for _ in range(model.config.num_hidden_layers)]
+        seqs = [[7 + i] for i in range(64)] + ([list(range(100, 100 + n_prefill))] if n_prefill else [])
+        ctx = [20 + i // 2 for i in range(64)] + ([0] * bool(n_prefill))  # 21-52 tokens: 4 blocks each
+        tables = [list(range(4 * i, 4 * i + 4)) for i in range(64)] + (
+            [list(range(256, 256 + (n_prefill + 15) // 16))] if n_prefill else [])
+        batch = build_forward_batch(seqs, ctx, tables, 16)
+        with torch.inference_mode():
+            return model(batch.input_ids, batch.positions, caches, batch)
+
+    paired = [forward(0), forward(600)]
+    for m in mlps:
+        m.gate_up_proj.pack_amx()  # the plain tiles
+    fuse_cpu_layers(model)
+    assert all(m.gate_up_proj.qpanels.glu == 0 for m in mlps)
+    plain = [forward(0), forward(600)]
+    for a, b in zip(paired, plain):
+        assert torch.equal(a, b)

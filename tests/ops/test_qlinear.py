@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as G  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
-TYPES = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0}
+TYPES = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0, "bf16": G.BF16, "f16": G.F16}  # bf16 / f16: weights as they are
 needs_kernel = pytest.mark.skipif(not QL.available(), reason=f"qlinear kernel not built: {build_error('qlinear')}")
 
 
@@ -24,8 +24,8 @@ def _packed(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, to
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
     q = gguf_quantize(w, TYPES[qtype])
-    ref = gguf_dequantize(q, TYPES[qtype]).reshape(n, k)
-    return torch.from_numpy(np.ascontiguousarray(q)).reshape(n, -1), torch.from_numpy(ref.copy())
+    ref = gguf_dequantize(q, TYPES[qtype]).reshape(n, k).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(q).view(np.uint8)).reshape(n, -1), torch.from_numpy(ref.copy())
 
 
 @pytest.mark.parametrize("qtype", list(TYPES))
@@ -197,3 +197,26 @@ def test_tiny_quantized_gguf_auto_equals_none(name, tmp_path):
         x = torch.randn(7, linears[0].in_features)
         ref = QL.qlinear(x, linears[0].weight, linears[0].qtype, linears[0].bias, amx_min_rows=4)
         assert torch.equal(linears[0](x), ref)  # the tiles made once are the tiles each call would make
+
+
+@pytest.mark.skipif(not QL.amx_available(), reason="no AMX (bf16 tiles) on this CPU, or the kernel was built without it")
+@pytest.mark.parametrize("qtype", ["q4_1", "bf16"])
+@pytest.mark.parametrize("m", [4, 17, 530])
+def test_glu_panels_same_outputs_and_fused_silu(qtype, m):
+    """gate|up panels paired for the GLU epilogue: the linear's outputs are bit-identical to the plain panels', and
+    the one-pass silu(gate) * up equals silu of those outputs (the fused layer's silu_mul_rows: the same values)."""
+    i, k = 48, 160
+    packed, w = _packed(qtype, 2 * i, k, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x, b = torch.randn(m, k, generator=g), torch.randn(2 * i, generator=g)
+    keep_plain, plain = QL.amx_pack(packed, qtype, k)  # (the structs point into the panel tensors: kept alive)
+    keep_paired, paired = QL.amx_pack(packed, qtype, k, glu=i)
+    for bias in (None, b):
+        ref = QL.qlinear(x, packed, qtype, bias, amx_min_rows=4, qpanels=plain)
+        assert torch.equal(QL.qlinear(x, packed, qtype, bias, amx_min_rows=4, qpanels=paired), ref)
+        act = QL.glu_linear(x, paired, bias, amx_min_rows=4)
+        torch.testing.assert_close(act, torch.nn.functional.silu(ref[:, :i]) * ref[:, i:], rtol=1e-6, atol=1e-6)
+    assert QL.glu_linear(x[:3], paired, amx_min_rows=4) is None  # below the AMX rows: the caller's own path
+    assert QL.glu_linear(x, plain, amx_min_rows=4) is None  # plain panels: no epilogue
+    with pytest.raises(ValueError):
+        QL.amx_pack(packed[:40], qtype, k, glu=20)  # not gate|up of a multiple of 16

@@ -159,3 +159,142 @@ def test_per_type_rates_compose_splits():
     assert r.per_instance(4, 0) == 2.0
     assert r.per_instance(4, 1) == min(6.0, 9.0) / 4
     assert r.per_instance(4, 2) == min(12.0, 6.0) / 4
+
+
+def test_return_leg_comes_after_the_decode_boundary():
+    """return_s (the decode side's first token -> the client) adds to TTFT and e2e, not TPOT; hop_s alone is the
+    way to the decode instance's engine, so a request that just makes a boundary keeps making it."""
+    p16 = CPU.predict(16, 1, 16, 16 * 17 // 2)
+    base = FleetSpec(2, 1, hop_s=0.005)
+    ret = dataclasses.replace(base, return_s=0.009)
+    one = [SimRequest(16, 5, 0.0)]
+    a, b = simulate_fleet(one, CPU, SimConfig(), base), simulate_fleet(one, CPU, SimConfig(), ret)
+    assert b.ttft_s[0] == pytest.approx(a.ttft_s[0] + 0.009) == pytest.approx(p16 + 0.014)
+    assert b.e2e_s[0] == pytest.approx(a.e2e_s[0] + 0.009)
+    assert b.tpot_s == pytest.approx(a.tpot_s)
+    # r1 reaches the decode side 2 ms before r0's step 7 ends: taken at that boundary with or without return_s
+    ends = _decode_ends(p16 + 0.005, 17, 40)
+    a1 = ends[6] - 0.002 - p16 - 0.005
+    two = [SimRequest(16, 41, 0.0), SimRequest(16, 1, a1)]
+    assert simulate_fleet(two, CPU, SimConfig(), ret).ttft_s[1] == pytest.approx(ends[6] + 0.009 - a1)
+    with pytest.raises(ConfigError, match="return time"):
+        FleetSpec(2, 1, return_s=-0.001).validate()
+
+
+def test_a_prefill_steps_requests_reach_the_decode_side_together_later_per_request():
+    """hop_s_per_request: the k requests one prefill step finished arrive hop_s + (k - 1) x per request after it."""
+    three = [SimRequest(100, 1, 0.0) for _ in range(3)]  # one prefill step of 3 prompts
+    spec = FleetSpec(2, 1, hop_s=0.006, hop_s_per_request=0.004)
+    r = simulate_fleet(three, CPU, SimConfig(), spec)
+    p = CPU.predict(300, 3, 300, 3 * 100 * 101 // 2)
+    assert r.ttft_s == pytest.approx([p + 0.006 + 2 * 0.004] * 3)
+    alone = simulate_fleet(three[:1], CPU, SimConfig(), spec)
+    assert alone.ttft_s[0] == pytest.approx(CPU.predict(100, 1, 100, 100 * 101 // 2) + 0.006)
+    with pytest.raises(ConfigError, match="per request"):
+        FleetSpec(2, 1, hop_s_per_request=-1.0).validate()
+
+
+def _load_reqs(n: int = 40, rate: float = 2.0) -> list[SimRequest]:
+    return requests_from_workload("chat", n, rate, seed=3)
+
+
+def test_no_spread_or_zero_spread_is_the_deterministic_simulation():
+    from tokenmill.perf.fleet import StepSpread
+
+    reqs, spec = _load_reqs(), FleetSpec(2, 1, hop_s=0.005, transfer_s_per_block=0.0004)
+    base = simulate_fleet(reqs, CPU, SimConfig(), spec)
+    for sp in (StepSpread(), StepSpread(residuals=((100, 1.0), (300, 1.0), (900, 1.0)))):
+        r = simulate_fleet(reqs, CPU, SimConfig(), spec, spread=sp, seed=7)
+        assert r.ttft_s == pytest.approx(base.ttft_s) and r.e2e_s == pytest.approx(base.e2e_s)
+
+
+def test_spread_draws_are_seeded_and_mean_preserving():
+    """The same seed gives the same run; a residual pool's mean is taken out, so a pool of [0.5, 1.5] scatters
+    steps by +-50% around the model and the total busy time stays about the model's."""
+    from tokenmill.perf.fleet import StepSpread, _Jitter
+    import random
+
+    sp = StepSpread(residuals=tuple((n, r) for n in (100, 200, 400, 800) for r in (1.0, 3.0)))  # mean 2 -> 0.5 / 1.5
+    j = _Jitter(sp, random.Random(1))
+    draws = [j(300) for _ in range(4000)]
+    assert set(round(x, 9) for x in draws) == {0.5, 1.5}
+    assert sum(draws) / len(draws) == pytest.approx(1.0, abs=0.03)
+    logn = _Jitter(StepSpread(step_sigma=0.2), random.Random(2))
+    assert sum(logn() for _ in range(20000)) / 20000 == pytest.approx(1.0, abs=0.01)
+    reqs, spec = _load_reqs(), FleetSpec(2, 1, hop_s=0.005)
+    a = simulate_fleet(reqs, CPU, SimConfig(), spec, spread=sp, seed=4)
+    b = simulate_fleet(reqs, CPU, SimConfig(), spec, spread=sp, seed=4)
+    c = simulate_fleet(reqs, CPU, SimConfig(), spec, spread=sp, seed=5)
+    assert a.ttft_s == b.ttft_s and a.ttft_s != c.ttft_s
+    with pytest.raises(ConfigError, match="speed sigma"):
+        simulate_fleet(reqs, CPU, SimConfig(), spec, spread=StepSpread(speed_sigma=-0.1))
+    with pytest.raises(ConfigError, match="residuals"):
+        StepSpread(residuals=((100, 0.0),)).validate()
+
+
+def test_residuals_are_drawn_from_steps_of_similar_size():
+    """A step draws from the traced steps nearest its token count: short steps' large scatter does not reach long
+    steps."""
+    from tokenmill.perf.fleet import RESIDUAL_NEIGHBOURS, StepSpread, _Jitter
+    import random
+
+    short = [(60 + k, r) for k in range(RESIDUAL_NEIGHBOURS) for r in (0.5, 1.5)]
+    long = [(1000 + k, 1.0) for k in range(RESIDUAL_NEIGHBOURS)]
+    j = _Jitter(StepSpread(residuals=tuple(short + long)), random.Random(0))
+    assert {j(1200) for _ in range(200)} == {1.0}
+    assert {round(j(64), 9) for _ in range(200)} == {0.5, 1.5}
+
+
+def test_queueing_turns_step_scatter_into_a_wider_ttft_median_band():
+    """fleet_replicates / replicate_figures: the median of simulated runs' TTFT p50 and its 10-90% band; a
+    wider step scatter widens the band, and the band holds the deterministic run's figure here."""
+    from tokenmill.perf.fleet import StepSpread, fleet_replicates, replicate_figures
+
+    reqs = _load_reqs(60, 3.0)
+    spec = FleetSpec(2, 1, hop_s=0.005, transfer_s_per_block=0.0004)
+    det = simulate_fleet(reqs, CPU, SimConfig(), spec).summary()["ttft_ms"]["p50"]
+    bands = []
+    for sigma in (0.05, 0.3):
+        runs = fleet_replicates(reqs, CPU, SimConfig(), spec, StepSpread(step_sigma=sigma), replicates=16, seed=1)
+        assert len(runs) == 16 and all(r.completed == 60 for r in runs)
+        f = replicate_figures(runs)
+        assert set(f) == {"ttft_p50_ms", "tpot_p50_ms", "output_tok_s"}
+        for v in f.values():
+            assert v["p10"] <= v["median"] <= v["p90"]
+        bands.append(f["ttft_p50_ms"]["p90"] - f["ttft_p50_ms"]["p10"])
+        assert f["ttft_p50_ms"]["p10"] * 0.9 <= det <= f["ttft_p50_ms"]["p90"] * 1.1
+    assert bands[1] > bands[0]
+    with pytest.raises(ConfigError):
+        fleet_replicates(reqs, CPU, SimConfig(), spec, StepSpread(), replicates=0)
+
+
+def test_parts_split_each_ttft_into_queue_step_and_after():
+    """parts: queue (send to the step's start, less ingress) + the step + after = TTFT - ingress, per request."""
+    spec = FleetSpec(2, 1, hop_s=0.006, ingress_s=0.007, hop_s_per_request=0.002, return_s=0.004)
+    p320 = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    reqs = [SimRequest(320, 4, 0.0), SimRequest(320, 4, 0.01)]  # r1 queues behind r0's prefill
+    parts: dict = {}
+    r = simulate_fleet(reqs, CPU, SimConfig(), spec, parts=parts)
+    assert set(parts) == {0, 1}
+    for i, p in parts.items():
+        assert p["queue_s"] + p["step_s"] + p["after_s"] + 0.007 == pytest.approx(r.ttft_s[i])
+    assert parts[0]["queue_s"] == pytest.approx(0.0) and parts[0]["step_s"] == pytest.approx(p320)
+    assert parts[1]["queue_s"] == pytest.approx(p320 - 0.01)
+    assert parts[0]["after_s"] == pytest.approx(0.006 + 0.004)  # an idle decode side takes it at once
+
+
+def test_step_gaps_lengthen_the_step_period_not_the_step():
+    """step_gap_s / decode_step_gap_s: the engine loop's time between steps; a token is out at its step's end,
+    the next step starts a gap later."""
+    p320 = CPU.predict(320, 1, 320, 320 * 321 // 2)
+    base = FleetSpec(2, 1)
+    gap = dataclasses.replace(base, step_gap_s=0.003, decode_step_gap_s=0.001)
+    two = [SimRequest(320, 11, 0.0), SimRequest(320, 11, 0.0005)]  # r1 waits for r0's step, and its gap
+    a, b = simulate_fleet(two, CPU, SimConfig(), base), simulate_fleet(two, CPU, SimConfig(), gap)
+    assert b.ttft_s[0] == pytest.approx(a.ttft_s[0]) == pytest.approx(p320)
+    assert b.ttft_s[1] == pytest.approx(a.ttft_s[1] + 0.003)
+    one = [SimRequest(320, 11, 0.0)]
+    assert simulate_fleet(one, CPU, SimConfig(), gap).tpot_s[0] == pytest.approx(  # 10 decode steps, 9 gaps inside
+        simulate_fleet(one, CPU, SimConfig(), base).tpot_s[0] + 0.001 * 9 / 10)
+    with pytest.raises(ConfigError, match="step gap"):
+        FleetSpec(2, 1, decode_step_gap_s=-1.0).validate()

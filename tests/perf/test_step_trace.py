@@ -2,6 +2,7 @@
 back; window and malformed-line handling; the fitted model replaces a miscalibrated one in the fleet simulator."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from tokenmill.errors import ConfigError
 from tokenmill.perf.cost_model import CostModel, ModelSpec, StepShape
 from tokenmill.perf.fleet import FleetSpec, simulate_fleet
 from tokenmill.perf.simulator import SimConfig, SimRequest
-from tokenmill.perf.step_trace import fit_trace, fit_trace_like, read_step_trace
+from tokenmill.perf.step_trace import fit_trace, fit_trace_like, read_step_trace, read_step_trace_timed
 
 SPEC = ModelSpec(30, 576, 9, 3, 64, 1536, 49152, dtype_bytes=2, kv_dtype_bytes=2)
 # what the served producer "really" costs: 30 ms a step + 0.5 ms a token + the attention pairs
@@ -49,6 +50,12 @@ def test_window_and_bad_lines(tmp_path):
     write_trace(path, [prefill(n) for n in SIZES], t_start=100.0)
     assert len(read_step_trace(path, t0=103.0, t1=106.5)) == 4  # steps starting at 103, 104, 105, 106
     assert read_step_trace(path, t0=10_000.0) == []
+    timed = read_step_trace_timed(path, t0=103.0, t1=106.5)
+    assert [t for t, _, _ in timed] == [103.0, 104.0, 105.0, 106.0]
+    assert [(sh, s) for _, sh, s in timed] == read_step_trace(path, t0=103.0, t1=106.5)
+    gz = tmp_path / "steps.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_step_trace_timed(gz, t0=103.0, t1=106.5) == timed
     path.write_text(path.read_text() + "\n" + '{"t": 1, "s": 0.1}\n')
     with pytest.raises(ConfigError, match=r"steps.jsonl:\d+: not a step trace line"):
         read_step_trace(path)

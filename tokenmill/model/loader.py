@@ -105,7 +105,7 @@ def load_hf_config(source: ModelSource) -> Any:
 def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", progress: Optional[bool] = None, seed: int = 0,
                quantization: str = "auto", gemm_dtype: str = "auto", tp: Any = None,
-               expert_parallel: bool = False, expert_offload: bool = False) -> nn.Module:
+               expert_parallel: bool = False, expert_offload: bool = False, packed_16bit: bool = False) -> nn.Module:
     """Build the model for hf_config on `device` and fill its weights; returns it in eval mode.
 
     load_format: auto (by source kind), safetensors, gguf, dummy (random weights, no files read).
@@ -121,6 +121,8 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     a ConfigError for a dense model.
     expert_offload: build and load on the CPU, then move everything but the MoE experts to `device` (the experts
     stay in host memory for tokenmill/model/layers/expert_offload.py).
+    packed_16bit: (cpu_packs_16bit's answer, with dtype float32) a safetensors checkpoint's bf16 / f16 linear and
+    embedding weights stay in their 2-byte form, packed for the CPU kernels like a GGUF's blocks.
     """
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load_format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
@@ -156,7 +158,17 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
     elif fmt == "safetensors":
         files = safetensors_files(source.path)
         total = sum(os.path.getsize(f) for f in files)
-        load_weights(model, _iter_safetensors(files, lazy=sharded), _show(progress, None, total), desc=source.name)
+        raw16: set[str] = set()
+        if packed_16bit:
+            from tokenmill.model.layers.quantized import quantize_modules
+
+            raw16 = quantize_modules(model, safetensors_16bit_types(files))
+        load_weights(model, _iter_safetensors(files, lazy=sharded, raw=raw16), _show(progress, None, total),
+                     desc=source.name)
+        if raw16:
+            from tokenmill.model.layers.quantized import finalize_quantized, resolve_gemm_dtype
+
+            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype))
     else:
         from tokenmill.model.gguf_utils import gguf_tensor_types, iter_gguf_weights
 
@@ -216,19 +228,77 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-def _iter_safetensors(files: list[str], lazy: bool = False) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) of every tensor; lazy: (name, safetensors slice), read when indexed."""
+def _iter_safetensors(files: list[str], lazy: bool = False,
+                      raw: frozenset[str] | set[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every tensor; lazy: (name, safetensors slice), read when indexed. Names in `raw` (2-D
+    16-bit tensors, safetensors_16bit_types) come as their bytes: uint8 [rows, 2 * columns]."""
     from safetensors import safe_open
 
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
+                    if name in raw:
+                        yield name, f.get_tensor(name).contiguous().view(torch.uint8)
+                    else:
+                        yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError, OSError on truncated / corrupt files
             raise ModelLoadError(f"cannot read weights file {file}: {type(e).__name__}: {e}") from None
+
+
+_SAFETENSORS_16BIT = {"BF16": "bf16", "F16": "f16"}
+
+
+def safetensors_16bit_types(files: list[str]) -> dict[str, str]:
+    """Checkpoint name -> "bf16" / "f16" for every 2-D tensor stored in a 16-bit float type (headers only)."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    kind = _SAFETENSORS_16BIT.get(sl.get_dtype())
+                    if kind is not None and len(sl.get_shape()) == 2:
+                        out[name] = kind
+        except Exception as e:  # SafetensorError, OSError on truncated / corrupt files
+            raise ModelLoadError(f"cannot read weights file {file}: {type(e).__name__}: {e}") from None
+    return out
+
+
+def cpu_packs_16bit(source: ModelSource, dtype: torch.dtype, device: torch.device | str, quantization: str,
+                    gemm_dtype: str, load_format: str = "auto") -> bool:
+    """Whether a bfloat16 request runs as float32 activations over the checkpoint's own 16-bit weights.
+
+    On a CPU with AMX (gemm_dtype resolving to bfloat16), `--dtype bfloat16` with quantization auto on a Hugging
+    Face folder whose floating tensors are all bf16 / f16 keeps each linear and embedding weight in its 2-byte
+    form, packed for the CPU kernels (AMX tiles made once, the fused C layer), and computes in float32 between
+    them: the linears round their inputs to bf16 on the tile unit, as `gemm_dtype` bfloat16 does for a GGUF. The
+    same weights and memory as the bfloat16 model, the GGUF path's speed; quantization none keeps the per-op
+    bfloat16 model."""
+    from tokenmill.model.layers.quantized import resolve_gemm_dtype
+    from tokenmill.ops.cpu.qlinear import amx_available, available
+
+    if (source.kind != "hf" or torch.device(device).type != "cpu" or dtype != torch.bfloat16
+            or quantization != "auto" or load_format not in ("auto", "safetensors")):
+        return False
+    if resolve_gemm_dtype(gemm_dtype) != torch.bfloat16 or not amx_available() or not available():
+        return False
+    from safetensors import safe_open
+
+    try:
+        for file in safetensors_files(source.path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                if any(f.get_slice(n).get_dtype() not in _SAFETENSORS_16BIT or ".experts." in n for n in f.keys()):
+                    return False  # a float32 tensor, or MoE experts (the MoE op takes GGUF blocks only)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the weights in {source.path}: {type(e).__name__}: {e}") from None
+    return True
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], progress: bool = False,

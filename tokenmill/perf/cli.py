@@ -92,14 +92,21 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
     return spec, params * nb, max_len
 
 
-def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str) -> int:
-    """What gemm auto adds on this machine for a quantized GGUF: its linears' AMX bf16 tiles (2 bytes a weight,
+def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: str = "auto") -> int:
+    """What gemm auto adds on this machine for a quantized GGUF, or a bf16 / f16 folder under dtype bfloat16
+    (tokenmill.model.loader.cpu_packs_16bit): its linears' AMX bf16 tiles (2 bytes a weight,
     QuantizedLinear.pack_amx) when the CPU has AMX and they fit the dense-copy cap; else 0."""
+    import torch
+
     from tokenmill.model.layers.quantized import DENSE_COPY_MAX_BYTES
-    from tokenmill.model.loader import resolve_model_source
+    from tokenmill.model.loader import cpu_packs_16bit, resolve_model_source
     from tokenmill.ops.cpu.qlinear import amx_available
 
-    if device != "cpu" or resolve_model_source(model).kind != "gguf" or not amx_available():
+    src = resolve_model_source(model)
+    if device != "cpu" or not amx_available():
+        return 0
+    if src.kind != "gguf" and not (dtype == "bfloat16"
+                                   and cpu_packs_16bit(src, torch.bfloat16, "cpu", "auto", "auto")):
         return 0
     tiles = 2 * (spec.layer_params + spec.lm_head_params)
     return tiles if tiles <= DENSE_COPY_MAX_BYTES else 0
@@ -126,7 +133,7 @@ def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argpar
                              per_token, args.block_size, max_model_len)
         kv = plan.kv_cache_bytes
     return MemoryReport(device, weights_bytes, per_token, kv, args.block_size, max_model_len, kv_cache_dtype,
-                        amx_tiles_bytes(spec, getattr(args, "model", None), device))
+                        amx_tiles_bytes(spec, getattr(args, "model", None), device, getattr(args, "dtype", "auto")))
 
 
 def _cuda_total() -> int:

@@ -5,13 +5,24 @@ colocated       every instance runs prefill and decode: the real tokenmill.core 
                 policy (tokenmill/router/policy.py, the same module the router runs) sees each instance's
                 running / waiting / KV figures at the moment a request arrives.
 disaggregated   P prefill instances run each prompt (the real Scheduler, one output token); the request then
-                reaches one of D decode instances hop_s later (the router's second hop), which reports the
-                producer's first token at its next step boundary (TTFT ends there: the engine loop takes new
-                requests between steps); a request is admitted when its blocks (prompt + output) fit, its KV
-                is pulled (transfer_s_per_pull + transfer_s_per_block per block) while the instance steps
-                its other requests, and it joins the batch at the first step after the pull; each step
-                every joined request produces a token, step time from the cost model with the batch's
-                context lengths.
+                reaches one of D decode instances hop_s later (the router's second hop), plus
+                hop_s_per_request for each other request the same prefill step finished (their answers,
+                forwards and the decode side's request handling run one after another on shared cores, and
+                the burst arrives together); the decode instance takes it at its next step boundary (the
+                engine loop takes new requests between steps) and its first token reaches the client
+                return_s later (the decode instance's API process and the router's stream: TTFT ends
+                there); a request is admitted when its blocks (prompt + output) fit, its KV is pulled
+                (transfer_s_per_pull + transfer_s_per_block per block) while the instance steps its other
+                requests, and it joins the batch at the first step after the pull; each step every joined
+                request produces a token, step time from the cost model with the batch's context lengths.
+
+Step-time spread (StepSpread): served steps scatter around the cost model (per step: the traced steps' own
+residuals, or a log-normal; and each instance's speed over a run). Queueing turns that scatter into a longer and
+wider TTFT tail, and the median of a few dozen requests at moderate load falls between the unqueued and the queued
+requests, where two slow steps moved it by 19% (bench/results/s20). simulate_fleet(spread=, seed=) draws one such
+run (factors of mean 1); fleet_replicates() runs many and gives each figure's median and 10-90% band over runs:
+what one measured run should fall within, as far as the scatter goes. Engine loops spend step_gap_s /
+decode_step_gap_s between steps (outputs, new requests), which a step trace's step times leave out.
 
 Every request reaches an instance's scheduler ingress_s after the client sends it (HTTP, chat template, tokenizing,
 the hand-off to the engine process); TTFT counts from the send.
@@ -21,9 +32,12 @@ SLOs, divided by the number of instances. Pure Python; no torch.
 """
 from __future__ import annotations
 
+import bisect
 import math
+import random
+import statistics
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.outputs import ModelRunnerOutput
@@ -31,7 +45,7 @@ from tokenmill.core.policies import make_policy as make_queue_policy
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.errors import ConfigError, TokenmillError
 from tokenmill.perf.cost_model import CostModel, shape_of_schedule
-from tokenmill.perf.simulator import SimConfig, SimRequest, SimResult, _Clock
+from tokenmill.perf.simulator import SimConfig, SimRequest, SimResult, _Clock, _pct
 from tokenmill.request import Request, RequestStatus
 from tokenmill.router.policy import BackendLoad, RoutingPolicy, make_policy, prompt_block_hashes
 from tokenmill.sampling_params import SamplingParams
@@ -47,8 +61,13 @@ class FleetSpec:
     router_policy: str = "least-load"
     transfer_s_per_block: float = 0.0  # KV transfer prefill -> decode, seconds per block
     transfer_s_per_pull: float = 0.0  # and seconds per transfer (connection, header)
-    hop_s: float = 0.0  # prefill answer -> decode instance (router, the decode instance's request handling)
+    hop_s: float = 0.0  # prefill step's end -> the decode instance's engine (router, the decode side's request
+    # handling; with return_s = 0, as before s20, the whole way to the client's first token)
     ingress_s: float = 0.0  # client's send -> the (first) instance's scheduler: HTTP, chat template, tokenizing
+    hop_s_per_request: float = 0.0  # added to hop_s per other request finished by the same prefill step
+    return_s: float = 0.0  # the decode instance's first token -> the client (its API process, the router's stream)
+    step_gap_s: float = 0.0  # the engine loop's time between two steps of a (prefill or colocated) instance
+    decode_step_gap_s: float = 0.0  # and of a decode instance (a step trace: the next start - this end)
 
     def validate(self) -> None:
         if self.instances < 1:
@@ -61,7 +80,9 @@ class FleetSpec:
                               f"{', '.join(FLEET_POLICIES)})")
         for what, v in (("transfer cost per block", self.transfer_s_per_block),
                         ("transfer cost per pull", self.transfer_s_per_pull), ("hop time", self.hop_s),
-                        ("ingress time", self.ingress_s)):
+                        ("ingress time", self.ingress_s), ("hop time per request", self.hop_s_per_request),
+                        ("return time", self.return_s), ("step gap", self.step_gap_s),
+                        ("decode step gap", self.decode_step_gap_s)):
             if not v >= 0:
                 raise ConfigError(f"{what} must be >= 0, got {v}")
 
@@ -75,6 +96,65 @@ class FleetSpec:
         return f"{self.prefill_instances}P + {self.instances - self.prefill_instances}D"
 
 
+@dataclass(frozen=True)
+class StepSpread:
+    """How an instance's served steps scatter around its cost model. Each step's time is multiplied by a factor of
+    mean 1: drawn from `residuals` when given (measured / predicted time of traced steps, as (step tokens, ratio);
+    a step draws from the RESIDUAL_NEIGHBOURS traced steps nearest its size, their mean taken out, so the tails
+    are the served steps' own), else log-normal with log-sd step_sigma; all of an instance's steps in one run are
+    also multiplied by a log-normal factor of log-sd speed_sigma (the machine's speed over a run, which drifts
+    between a calibration and the run it predicts)."""
+
+    step_sigma: float = 0.0
+    speed_sigma: float = 0.0
+    residuals: tuple[tuple[int, float], ...] = ()
+
+    def validate(self) -> None:
+        for what, v in (("step sigma", self.step_sigma), ("speed sigma", self.speed_sigma)):
+            if not 0 <= v < 2:
+                raise ConfigError(f"{what} must be in [0, 2), got {v}")
+        if any(not (n > 0 and r > 0) for n, r in self.residuals):
+            raise ConfigError("step residuals must be (tokens > 0, ratio > 0) pairs")
+
+
+RESIDUAL_NEIGHBOURS = 16
+
+
+def _lognormal(rng: random.Random, sigma: float) -> float:
+    """A log-normal factor of mean 1 (1.0 without drawing when sigma is 0)."""
+    return math.exp(rng.gauss(-sigma * sigma / 2, sigma)) if sigma > 0 else 1.0
+
+
+class _Jitter:
+    """One instance's step-time factors in one simulated run (1.0 throughout without a spread)."""
+
+    def __init__(self, spread: Optional[StepSpread], rng: random.Random):
+        self.spread, self.rng = spread, rng
+        self.speed = _lognormal(rng, spread.speed_sigma) if spread else 1.0
+        res = sorted(spread.residuals) if spread else []
+        self.tokens = [n for n, _ in res]
+        self.ratios = [r for _, r in res]
+        self.pools: dict[int, tuple[list[float], float]] = {}  # first neighbour index -> (ratios, their mean)
+
+    def __call__(self, num_tokens: int = 1) -> float:
+        if self.spread is None:
+            return 1.0
+        if not self.ratios:
+            return self.speed * _lognormal(self.rng, self.spread.step_sigma)
+        k = min(RESIDUAL_NEIGHBOURS, len(self.ratios))
+        i = bisect.bisect_left(self.tokens, num_tokens)
+        lo = max(0, min(i - k // 2, len(self.ratios) - k))
+        while lo > 0 and num_tokens - self.tokens[lo - 1] < self.tokens[lo + k - 1] - num_tokens:
+            lo -= 1
+        while lo + k < len(self.ratios) and self.tokens[lo + k] - num_tokens < num_tokens - self.tokens[lo]:
+            lo += 1
+        if lo not in self.pools:
+            pool = self.ratios[lo:lo + k]
+            self.pools[lo] = (pool, sum(pool) / k)
+        pool, mean = self.pools[lo]
+        return self.speed * self.rng.choice(pool) / mean
+
+
 def _token_ids(i: int, n: int) -> list[int]:
     base = 100 + 7919 * i  # as simulate(): no two requests share a prefix
     return [(base + j) % 49000 + 100 for j in range(n)]
@@ -83,18 +163,21 @@ def _token_ids(i: int, n: int) -> list[int]:
 class InstanceSim:
     """One instance: the real Scheduler on its own clock, stepped up to a given time."""
 
-    def __init__(self, cost: CostModel, cfg: SimConfig, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float]):
+    def __init__(self, cost: CostModel, cfg: SimConfig, slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float],
+                 jitter: Optional[_Jitter] = None, gap_s: float = 0.0):
         sc = SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                              policy=cfg.policy, long_prefill_token_threshold=cfg.long_prefill_token_threshold,
                              max_long_partial_prefills=cfg.max_long_partial_prefills, slo_reject=cfg.slo_reject)
         qp = make_queue_policy(cfg.policy, slo_reject=cfg.slo_reject, default_ttft_ms=slo_ttft_ms,
                                default_tpot_ms=slo_tpot_ms, cost_model=cost)
-        self.cost, self.cfg = cost, cfg
+        self.cost, self.cfg, self.gap_s = cost, cfg, gap_s
+        self.jitter = jitter or _Jitter(None, random.Random(0))
         self.clock = _Clock()
         self.sched = Scheduler(sc, cfg.num_blocks, cfg.block_size, cfg.max_model_len, cfg.enable_prefix_caching,
                                policy=qp, clock=self.clock)
         self.reqs: dict[str, Request] = {}
         self.finish: dict[str, float] = {}
+        self.first_step: dict[str, tuple[float, float]] = {}  # (start, end) of the step that sampled its 1st token
         self.steps = 0
 
     def load(self) -> BackendLoad:
@@ -125,17 +208,22 @@ class InstanceSim:
         out = self.sched.schedule()
         if out.total_num_scheduled_tokens == 0:
             return False
-        self.clock.t += self.cost.predict_shape(shape_of_schedule(out))
+        shape = shape_of_schedule(out)
+        start = self.clock.t
+        self.clock.t += self.cost.predict_shape(shape) * self.jitter(shape.num_tokens)
         self.steps += 1
         ids, toks = [], []
         for rid in out.num_scheduled_tokens:
             r = self.sched.requests[rid]
             ids.append(rid)
             toks.append([_TOKEN] if r.num_computed_tokens >= r.num_tokens else [])
+            if toks[-1] and rid not in self.first_step:
+                self.first_step[rid] = (start, self.clock.t)
         for o in self.sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, sampled_token_ids=toks,
                                                                       logprobs=[None] * len(ids))):
             if o.finished:
                 self.finish[o.req_id] = self.clock.t
+        self.clock.t += self.gap_s  # the engine loop's bookkeeping before it can take requests or step again
         return True
 
 
@@ -143,8 +231,9 @@ class DecodeSim:
     """A decode-only instance: requests arrive with their first token; FCFS admission while max_num_seqs and the
     KV blocks allow, then the pull (transfer_s), then each step decodes one token for every pulled request."""
 
-    def __init__(self, cost: CostModel, cfg: SimConfig):
-        self.cost, self.cfg = cost, cfg
+    def __init__(self, cost: CostModel, cfg: SimConfig, jitter: Optional[_Jitter] = None, gap_s: float = 0.0):
+        self.cost, self.cfg, self.gap_s = cost, cfg, gap_s
+        self.jitter = jitter or _Jitter(None, random.Random(0))
         self.t = 0.0
         self.queue: list[tuple[str, int, int, float]] = []  # (rid, context, tokens left, transfer s)
         self.active: list[list] = []  # [rid, context, tokens left, blocks, KV ready at]
@@ -192,7 +281,7 @@ class DecodeSim:
             return
         b = len(run)
         ctx = sum(a[1] for a in run)
-        self.t += self.cost.predict(b, b, ctx, ctx)
+        self.t += self.cost.predict(b, b, ctx, ctx) * self.jitter(b)
         self.steps += 1
         for a in run:
             a[1] += 1
@@ -201,6 +290,7 @@ class DecodeSim:
                 self.finish[a[0]] = self.t
                 self.free_blocks += a[3]
         self.active = [a for a in self.active if a[2] > 0]
+        self.t += self.gap_s
 
 
 def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
@@ -211,13 +301,24 @@ def _route(policy: RoutingPolicy, sims: Sequence, hashes: list[int]) -> int:
 
 def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, spec: FleetSpec,
                    slo_ttft_ms: Optional[float] = None, slo_tpot_ms: Optional[float] = None, rate: float = 0.0,
-                   max_sim_s: float = 1e6, decode_cost: Optional[CostModel] = None) -> SimResult:
+                   max_sim_s: float = 1e6, decode_cost: Optional[CostModel] = None,
+                   spread: Optional[StepSpread] = None, decode_spread: Optional[StepSpread] = None,
+                   seed: int = 0, parts: Optional[dict[int, dict[str, float]]] = None) -> SimResult:
     """The whole fleet's latencies and goodput (SimResult over all instances). decode_cost: the decode instances'
-    step costs when they differ from the others' (`cost`): other hardware, or another speed."""
+    step costs when they differ from the others' (`cost`): other hardware, or another speed. spread /
+    decode_spread (default: spread): the steps' scatter around the cost models, drawn from `seed`; None: every
+    step takes its predicted time. parts: filled with each request's TTFT components (index in `requests` ->
+    {"queue_s": send to its first step's start, less ingress_s; "step_s": that step, the prefill (all of it
+    without chunking); "after_s": its end to the client's first token})."""
     spec.validate()
+    for sp in (spread, decode_spread):
+        if sp is not None:
+            sp.validate()
+    rng = random.Random(seed)
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     n_front = spec.prefill_instances or spec.instances
-    front = [InstanceSim(cost, cfg, slo_ttft_ms, slo_tpot_ms) for _ in range(n_front)]
+    front = [InstanceSim(cost, cfg, slo_ttft_ms, slo_tpot_ms, _Jitter(spread, rng), spec.step_gap_s)
+             for _ in range(n_front)]
     policy = make_policy(spec.router_policy)
     where: dict[int, int] = {}
     lens: dict[int, tuple[int, int]] = {}
@@ -248,14 +349,20 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
     back: list[DecodeSim] = []
     if spec.prefill_instances:
         finish = {}
-        back = [DecodeSim(decode_cost or cost, cfg) for _ in range(spec.instances - spec.prefill_instances)]
+        dspread = decode_spread if decode_spread is not None else spread
+        back = [DecodeSim(decode_cost or cost, cfg, _Jitter(dspread, rng), spec.decode_step_gap_s)
+                for _ in range(spec.instances - spec.prefill_instances)]
         dpol = make_policy("least-load" if spec.router_policy == "prefix" else spec.router_policy)
-        for t, i in sorted((first[i] + spec.hop_s, i) for i in first):
+        burst: dict[tuple[int, float], int] = {}  # requests each prefill step finished
+        for i in first:
+            burst[where[i], first[i]] = burst.get((where[i], first[i]), 0) + 1
+        arrive = {i: first[i] + spec.hop_s + spec.hop_s_per_request * (burst[where[i], first[i]] - 1) for i in first}
+        for t, i in sorted((arrive[i], i) for i in first):
             for s in back:
                 s.advance_to(t)
             n_in, n_out = lens[i]
             d = back[_route(dpol, back, [])]
-            first[i] = d.t  # the decode instance reports the first token when it takes the request
+            first[i] = d.t + spec.return_s  # the decode instance reports the first token when it takes the request
             if n_out <= 1:
                 finish[i] = first[i]
                 continue
@@ -264,7 +371,12 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
             s.drain(max_sim_s)
         for s in back:
             for rid, t in s.finish.items():
-                finish[int(rid[1:])] = t
+                finish[int(rid[1:])] = t + spec.return_s
+    if parts is not None:
+        for i in first:
+            start, end = front[where[i]].first_step[f"r{i}"]
+            parts[i] = {"queue_s": start - requests[i].arrival_s - spec.ingress_s, "step_s": end - start,
+                        "after_s": first[i] - end}
     res = SimResult(rate=rate, num_requests=len(requests), completed=0, rejected=0, duration_s=0.0,
                     num_steps=sum(s.steps for s in front) + sum(s.steps for s in back),
                     num_preemptions=sum(s.sched.num_preemptions for s in front))
@@ -291,6 +403,36 @@ def simulate_fleet(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, 
     res.rejected = len(requests) - res.completed
     res.duration_s = max(end, 1e-9)
     return res
+
+
+REPLICATE_FIGURES = ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s")
+
+
+def fleet_replicates(requests: list[SimRequest], cost: CostModel, cfg: SimConfig, spec: FleetSpec,
+                     spread: StepSpread, replicates: int = 30, seed: int = 0, **kw: Any) -> list[SimResult]:
+    """simulate_fleet of the same arrivals `replicates` times, each run's step times drawn from `spread` (seeds
+    seed, seed + 1, ...); kw: simulate_fleet's other arguments (decode_cost, decode_spread, rate, SLOs)."""
+    if replicates < 1:
+        raise ConfigError(f"replicates must be at least 1, got {replicates}")
+    return [simulate_fleet(requests, cost, cfg, spec, spread=spread, seed=seed + k, **kw) for k in range(replicates)]
+
+
+def replicate_figures(results: list[SimResult]) -> dict[str, dict[str, float]]:
+    """Each figure of REPLICATE_FIGURES over simulated runs: its median (the prediction of one run's figure) and
+    its 10th / 90th percentiles across runs (the band one measured run falls within 8 times out of 10)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in REPLICATE_FIGURES:
+        vals = []
+        for r in results:
+            s = r.summary()
+            if name == "output_tok_s":
+                vals.append(s["output_throughput"])
+            elif s[name.removesuffix("_p50_ms") + "_ms"]:
+                vals.append(s[name.removesuffix("_p50_ms") + "_ms"]["p50"])
+        vals.sort()
+        out[name] = ({"median": statistics.median(vals), "p10": _pct(vals, 10), "p90": _pct(vals, 90)} if vals
+                     else {"median": 0.0, "p10": 0.0, "p90": 0.0})
+    return out
 
 
 def max_goodput_rate(make_requests, cost: CostModel, cfg: SimConfig, spec: FleetSpec, slo_ttft_ms: Optional[float],

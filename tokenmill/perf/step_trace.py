@@ -13,6 +13,7 @@ fields). Pure Python apart from the fit (numpy).
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -33,8 +34,16 @@ TRACE_SIZE_REGIMES = (256, 1024)
 def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
                     t1: Optional[float] = None) -> list[tuple[StepShape, float]]:
     """(shape, seconds) of each step that started within [t0, t1] (wall clock; None: unbounded)."""
+    return [(shape, secs) for _, shape, secs in read_step_trace_timed(path, t0, t1)]
+
+
+def read_step_trace_timed(path: Union[str, Path], t0: Optional[float] = None,
+                          t1: Optional[float] = None) -> list[tuple[float, StepShape, float]]:
+    """(wall-clock start, shape, seconds) of each step that started within [t0, t1]; a path ending in .gz is read
+    decompressed (kept traces)."""
     try:
-        text = Path(path).read_text()
+        p = Path(path)
+        text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"step trace not found: {path}") from None
     out = []
@@ -48,7 +57,7 @@ def read_step_trace(path: Union[str, Path], t0: Optional[float] = None,
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ConfigError(f"{path}:{n}: not a step trace line") from None
         if (t0 is None or t >= t0) and (t1 is None or t <= t1) and shape.num_tokens > 0 and secs > 0:
-            out.append((shape, secs))
+            out.append((t, shape, secs))
     return out
 
 

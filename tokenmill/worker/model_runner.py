@@ -84,7 +84,7 @@ class ModelRunner:
 
     # ---- loading -------------------------------------------------------------------------------
     def load(self) -> None:
-        from tokenmill.model.loader import load_hf_config, load_model, resolve_model_source
+        from tokenmill.model.loader import cpu_packs_16bit, load_hf_config, load_model, resolve_model_source
 
         t0 = time.perf_counter()
         mc = self.config.model
@@ -93,10 +93,17 @@ class ModelRunner:
         self.source = resolve_model_source(mc.model)
         self.hf_config = load_hf_config(self.source)
         self._check_latent_kv()
+        packed_16bit = (self.tp is None or self.tp.world_size == 1) and cpu_packs_16bit(
+            self.source, self.dtype, self.device, mc.quantization, mc.gemm_dtype, mc.load_format)
+        if packed_16bit:
+            logger.info("dtype bfloat16 on this AMX CPU: the checkpoint's 16-bit weights stay packed for the CPU "
+                        "kernels (AMX tiles, the fused layer), float32 between them (quantization none: the "
+                        "per-op bfloat16 model)")
+            self.dtype = torch.float32
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
                                 quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp,
                                 expert_parallel=self.config.parallel.enable_expert_parallel,
-                                expert_offload=mc.moe_expert_cache_gb is not None)
+                                expert_offload=mc.moe_expert_cache_gb is not None, packed_16bit=packed_16bit)
         self.device_setup.attach(self.model)
         if mc.moe_expert_cache_gb is not None:
             install_expert_offload(self.model, mc.moe_expert_cache_gb, mc.moe_expert_prefetch, self.device,

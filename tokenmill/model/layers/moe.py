@@ -253,7 +253,7 @@ def quantize_experts(model: nn.Module, types: dict[str, str]) -> set[str]:
     (like layers.quantized.quantize_modules for linears): gate and up in one type, down in that type or another
     (Q4_K_M's Q6_K down). types: checkpoint name -> GGUF type (lower case). Returns the checkpoint names to load as
     raw blocks."""
-    from tokenmill.ops.cpu.qlinear import QTYPES, block_size
+    from tokenmill.ops.cpu.qlinear import FLOAT16_QTYPES, QTYPES, block_size
 
     raw: set[str] = set()
     for name, module in list(model.named_modules()):
@@ -269,6 +269,8 @@ def quantize_experts(model: nn.Module, types: dict[str, str]) -> set[str]:
         if len(gate_up) != 1 or len(down) != 1:
             continue
         qtype, down_qtype = next(iter(gate_up)), next(iter(down))
+        if {qtype, down_qtype} & set(FLOAT16_QTYPES):  # experts in 16-bit floats: dense (the MoE op takes blocks)
+            continue
         if qtype not in QTYPES or down_qtype not in QTYPES or ex.hidden_size % block_size(qtype) \
                 or ex.intermediate_size % block_size(down_qtype):
             continue

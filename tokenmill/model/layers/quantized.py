@@ -140,10 +140,12 @@ class QuantizedLinear(nn.Module):
         """The weight as float32 [out, in] (the reference dequantizer)."""
         return dequantize(self.weight.data, self.qtype, self.in_features)
 
-    def pack_amx(self) -> None:
+    def pack_amx(self, glu: int = 0) -> None:
         """Keep the AMX path's bf16 tiles of the weight (2 bytes a weight, amx_panel_bytes) so its calls stop
-        dequantizing: one layer of SmolLM2 at 64 rows ran ~0.65 ms, of which most was making the tiles."""
-        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.in_features)
+        dequantizing: one layer of SmolLM2 at 64 rows ran ~0.65 ms, of which most was making the tiles. glu = I:
+        this is a gate|up linear, its tiles pair each 16 gates with their ups (the fused layer then writes
+        silu(gate) * up from the accumulators; this module's outputs are unchanged)."""
+        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.in_features, glu=glu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_min_rows:
@@ -349,6 +351,18 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     return raw
 
 
+def _glu_sizes(model: nn.Module) -> dict[int, int]:
+    """id(gate_up_proj) -> intermediate size of the gated MLPs whose packed gate|up can pair its tiles (I % 16)."""
+    from tokenmill.model.layers.mlp import GatedMLP
+
+    out: dict[int, int] = {}
+    for m in model.modules():
+        gu = getattr(m, "gate_up_proj", None) if isinstance(m, GatedMLP) else None
+        if type(gu) is QuantizedLinear and gu.out_features % 32 == 0 and gu.output_sizes == [gu.out_features // 2] * 2:
+            out[id(gu)] = gu.out_features // 2
+    return out
+
+
 def dense_switch_rows(modules) -> Optional[int]:
     """Fewest rows from which any of these modules (packed linears) runs its dense copy (None: none does)."""
     rows = [m.dense_min_rows for m in modules
@@ -399,8 +413,9 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
         panel_bytes = (sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform)
                        + sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads))
         if panel_bytes <= max_copy_bytes:
+            glu = _glu_sizes(model)
             for module in uniform + heads:
-                module.pack_amx()
+                module.pack_amx(**({"glu": glu[id(module)]} if id(module) in glu else {}))
         return
     elem = torch.tensor([], dtype=dense_dtype).element_size()
     copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)

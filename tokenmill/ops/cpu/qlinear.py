@@ -23,7 +23,11 @@ QK_K = 256  # weights per k-quant super-block
 QTYPES: dict[str, tuple[int, int, int]] = {
     "q4_0": (0, 18, QK), "q4_1": (1, 20, QK), "q8_0": (2, 34, QK), "q5_0": (3, 22, QK), "q5_1": (4, 24, QK),
     "q4_k": (5, 144, QK_K), "q5_k": (6, 176, QK_K), "q6_k": (7, 210, QK_K),
+    "bf16": (8, 64, QK), "f16": (9, 64, QK),  # 16-bit floats as they are (a "block": 32 of them, no scale)
 }
+# the 16-bit float "types": a bf16 / f16 checkpoint's weights kept in their own bytes (2 a weight), not blocks of
+# small integers; the block types are the others
+FLOAT16_QTYPES = ("bf16", "f16")
 # up to this many rows the kernel unpacks each block into registers (no float buffer); measured crossover
 DIRECT_MAX_ROWS = 3
 
@@ -48,6 +52,10 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.tm_qlinear_amx_pack.restype = ctypes.c_int
     lib.tm_qlinear_amx_panel_words.argtypes = [i64, i64]
     lib.tm_qlinear_amx_panel_words.restype = i64
+    lib.tm_qlinear_amx_pack_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_amx_pack_glu.restype = ctypes.c_int
+    lib.tm_qlinear_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
+    lib.tm_qlinear_glu.restype = ctypes.c_int
     return lib
 
 
@@ -80,8 +88,9 @@ QPANELS = -2  # qlinear_any's type for a weight with its AMX panels (csrc/kernel
 
 class QPanels(ctypes.Structure):
     """csrc/kernels.h tm_qpanels: a packed weight and its AMX panels (the bf16 tiles the AMX path would dequantize
-    on every call, made once)."""
-    _fields_ = [("qtype", ctypes.c_int64), ("w", ctypes.c_void_p), ("panels", ctypes.c_void_p)]
+    on every call, made once). glu = I: a gate|up weight [2I, K] whose panels pair each 16 gates with their ups
+    (amx_pack's glu), for the fused layer's silu(gate) * up epilogue."""
+    _fields_ = [("qtype", ctypes.c_int64), ("w", ctypes.c_void_p), ("panels", ctypes.c_void_p), ("glu", ctypes.c_int64)]
 
 
 def amx_panel_bytes(k: int, n: int) -> int:
@@ -89,10 +98,12 @@ def amx_panel_bytes(k: int, n: int) -> int:
     return (n + 31) // 32 * 32 * k * 2
 
 
-def amx_pack(qweight: torch.Tensor, qtype: str, k: int) -> tuple[torch.Tensor, QPanels]:
+def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[torch.Tensor, QPanels]:
     """The AMX panels of a packed weight [N, row_bytes] and the struct the kernels take (it holds raw pointers:
     the caller keeps both tensors alive and in place). Calls of the AMX path then read the panels, the same bf16
-    values it would dequantize per call, so results are unchanged. Needs amx_available()."""
+    values it would dequantize per call, so results are unchanged. glu = I (a multiple of 16, N = 2I): the weight
+    is gate|up and its panels pair gates with their ups (same outputs; glu_linear can then fuse silu(gate) * up).
+    Needs amx_available()."""
     lib = _lib()
     if lib is None or not amx_available():
         raise RuntimeError("the AMX path is not available on this machine")
@@ -102,12 +113,36 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int) -> tuple[torch.Tensor, Q
     if qweight.shape[1] != row_bytes(qtype, k):
         raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
                          f"{row_bytes(qtype, k)}")
+    if glu and (glu % 16 or n != 2 * glu):
+        raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
     panels = torch.empty(lib.tm_qlinear_amx_panel_words(k, n), dtype=torch.int32)
-    if lib.tm_qlinear_amx_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()) != 0:
+    rc = (lib.tm_qlinear_amx_pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, panels.data_ptr()) if glu
+          else lib.tm_qlinear_amx_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()))
+    if rc != 0:
         raise ValueError(f"tm_qlinear_amx_pack rejected its arguments ({qtype}, K={k})")
     st = QPanels()
-    st.qtype, st.w, st.panels = QTYPES[qtype][0], qweight.data_ptr(), panels.data_ptr()
+    st.qtype, st.w, st.panels, st.glu = QTYPES[qtype][0], qweight.data_ptr(), panels.data_ptr(), glu
     return panels, st
+
+
+def glu_linear(x: torch.Tensor, qpanels: QPanels, bias: Optional[torch.Tensor] = None,
+               amx_min_rows: int = 1) -> Optional[torch.Tensor]:
+    """silu(g) * u for [g | u] = x @ W^T (+ bias) in one AMX pass from amx_pack(..., glu=I)'s struct (the fused
+    layer's epilogue, csrc tm_qlinear_glu): float32 [M, I], or None where the kernel does not take it (fewer than
+    amx_min_rows rows, no AMX, no glu panels)."""
+    lib = _lib()
+    if lib is None or qpanels.glu <= 0:
+        return None
+    i = int(qpanels.glu)
+    x2 = x.float().contiguous()
+    act = torch.empty(x2.shape[0], i)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    rc = lib.tm_qlinear_glu(QPANELS, x2.data_ptr(), x2.shape[0], x2.shape[1], ctypes.addressof(qpanels), i,
+                            bias.data_ptr() if bias is not None else None, act.data_ptr(), amx_min_rows)
+    if rc < 0:
+        raise ValueError("tm_qlinear_glu failed")
+    return act if rc == 1 else None
 
 
 def qlinear_parts(x: torch.Tensor, parts: list[tuple[str, torch.Tensor]], qparts: Optional[QParts] = None,
@@ -197,6 +232,8 @@ def dequantize(qweight: torch.Tensor, qtype: str, k: int) -> torch.Tensor:
     order, in torch: equal to gguf.quants.dequantize bit for bit)."""
     n = qweight.shape[0]
     qk = block_size(qtype)
+    if qtype in FLOAT16_QTYPES:
+        return qweight.contiguous().view(torch.bfloat16 if qtype == "bf16" else torch.float16).float().reshape(n, k)
     blocks = qweight.reshape(n, k // qk, QTYPES[qtype][1])  # [N, nb, bytes]
     if qtype in ("q4_k", "q5_k", "q6_k"):
         return _dequantize_k(blocks, qtype).reshape(n, k)

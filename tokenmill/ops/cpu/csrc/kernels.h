@@ -37,13 +37,22 @@ typedef struct {
     int64_t qtype;           // W's block type
     const uint8_t *w;        // W's packed rows
     const uint32_t *panels;  // W in the AMX tiles' bf16 pair layout, or NULL
+    int64_t glu;             // 0, or I: W is gate|up [2I, K] and the panels are tm_qlinear_amx_pack_glu's
 } tm_qpanels;
 int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out);
+// The panels of a gate|up W [2I, K] (I % 16 == 0) ordered so that each pair of panels holds 16 gates and their 16
+// ups: the AMX path can then write silu(gate) * up straight from its accumulators (tm_qlinear_glu).
+int tm_qlinear_amx_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out);
 int64_t tm_qlinear_amx_panel_words(int64_t K, int64_t N);
 // qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y, for TM_QPANELS the
 // tm_qpanels at w.
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,
                 float *y, int64_t direct_max_m, int64_t amx_min_m);
+// act[M, I] = silu(g) * u for [g | u] = x W^T (+ bias) in one pass, where the AMX path takes it: qtype TM_QPANELS
+// with glu == I and M >= amx_min_m on a granted tile unit. 1: done; 0: not taken (the caller runs qlinear_any and
+// its own silu, same values); -1: the kernel failed.
+int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t I, const float *bias,
+                   float *act, int64_t amx_min_m);
 // 1 where gemm auto's k-quant direct path takes int8 activations (compiled for AVX512-VNNI), else 0.
 int tm_qlinear_i8_direct(void);
 int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out);

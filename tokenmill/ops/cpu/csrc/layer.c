@@ -125,9 +125,14 @@ int tm_llama_layer_post(const float *att, float *residual, int64_t T, int64_t E,
         if (qlinear_any(qt_o, att + t0 * nq, m, nq, w_o, E, b_o, o, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
         if (tm_lora_apply(lora, 1, att + t0 * nq, t0, m, nq, o, E) != 0) { rc = -1; break; }
         add_rmsnorm_f32(o, res, ln2, m, E, eps, res, x);
-        if (qlinear_any(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
-        if (tm_lora_apply(lora, 2, x, t0, m, E, gu, 2 * I) != 0) { rc = -1; break; }
-        silu_mul_rows(gu, m, I, act);
+        // many rows on the AMX tiles without LoRA: silu(g) * u straight from the accumulators (g|u never stored)
+        const int glu = lora ? 0 : tm_qlinear_glu(qt_gu, x, m, E, w_gu, I, b_gu, act, amx_min_m);
+        if (glu < 0) { rc = -1; break; }
+        if (!glu) {
+            if (qlinear_any(qt_gu, x, m, E, w_gu, 2 * I, b_gu, gu, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
+            if (tm_lora_apply(lora, 2, x, t0, m, E, gu, 2 * I) != 0) { rc = -1; break; }
+            silu_mul_rows(gu, m, I, act);
+        }
         if (qlinear_any(qt_dn, act, m, I, w_dn, E, b_dn, y, direct_max_m, amx_min_m) != 0) { rc = -7; break; }
         if (tm_lora_apply(lora, 3, act, t0, m, I, y, E) != 0) rc = -1;
     }

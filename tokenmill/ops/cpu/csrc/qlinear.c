@@ -20,6 +20,10 @@
 
 // Dequantize one row of K weights (K/32 blocks) into out[K].
 static void dequant_row(int qtype, const uint8_t *row, int64_t K, float *out) {
+    if (float16_type(qtype)) {
+        for (int64_t k = 0; k < K; k++) out[k] = qtype == BF16 ? bf16_to_f32(row + 2 * k) : f16_to_f32(row + 2 * k);
+        return;
+    }
     if (generic_type(qtype)) {
         tm_dequant_row_gen(qtype, row, K, out);
         return;
@@ -210,6 +214,8 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
     if (generic_type(qtype)) tm_direct_tile_gen(qtype, x, xs, R, K, wrow, y, ldy, bias);
     else if (qtype == Q4_1) TILE512_ROWS(Q4_1);
     else if (qtype == Q4_0) TILE512_ROWS(Q4_0);
+    else if (qtype == BF16) TILE512_ROWS(BF16);
+    else if (qtype == F16) TILE512_ROWS(F16);
     else TILE512_ROWS(Q8_0);
 }
 #else
@@ -221,6 +227,16 @@ static void direct_tile(int qtype, const float *x, const float *xs, int R, int64
     }
     const int bb = block_bytes(qtype);
     const int64_t nb = K / QK;
+    if (float16_type(qtype)) {  // (AVX2 / scalar builds) each block converted, then dotted with the rows
+        float w[QK], acc[DIRECT_MAX_ROWS] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            dequant_row(qtype, wrow + b * bb, QK, w);
+            for (int r = 0; r < R; r++)
+                for (int i = 0; i < QK; i++) acc[r] += w[i] * x[r * K + b * QK + i];
+        }
+        for (int r = 0; r < R; r++) y[r * ldy] = acc[r] + bias;
+        return;
+    }
 #if defined(__AVX2__)
     __m256 acc[DIRECT_MAX_ROWS];
     float msum[DIRECT_MAX_ROWS];
@@ -378,7 +394,7 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (bb == 0 || K % block_weights((int)p->qtype) != 0 || M < 0 || N < 0) return -1;
 #if defined(TM_AMX)
         if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
-            return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N);
+            return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N, p->glu);
 #endif
         return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
     }
@@ -395,6 +411,19 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (rc) return rc;
     }
     return 0;
+}
+
+int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t I, const float *bias,
+                   float *act, int64_t amx_min_m) {
+#if defined(TM_AMX)
+    if (qtype != TM_QPANELS) return 0;
+    const tm_qpanels *p = (const tm_qpanels *)w;
+    if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m || !tm_amx_enabled()) return 0;
+    return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
+#else
+    (void)qtype; (void)x; (void)M; (void)K; (void)w; (void)I; (void)bias; (void)act; (void)amx_min_m;
+    return 0;
+#endif
 }
 
 // out[r, :] = dequantized row rows[r] of W [N, K] (an embedding lookup). Returns 0, -1 on bad arguments,

@@ -152,11 +152,27 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
 
 #define AMX_STORE(T, I, J)                                                                                        \
     do {                                                                                                          \
-        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, y + (m0 + 16 * (I)) * ldy + n0 + 16 * (J), ldy * 4);         \
+        float *dst_ = y + (m0 + 16 * (I)) * ldy + ((J) ? c1 : c0);                                                 \
+        if (ms[I] == 16 && nr[J] == 16) _tile_stored(T, dst_, ldy * 4);                                           \
         else {                                                                                                    \
             _tile_stored(T, cb, 64);                                                                              \
-            for (int t = 0; t < ms[I]; t++)                                                                       \
-                memcpy(y + (m0 + 16 * (I) + t) * ldy + n0 + 16 * (J), cb + t * 16, (size_t)nr[J] * 4);             \
+            for (int t = 0; t < ms[I]; t++) memcpy(dst_ + t * ldy, cb + t * 16, (size_t)nr[J] * 4);                \
+        }                                                                                                         \
+    } while (0)
+
+// GLU output: tiles TG (gate) and TU (up) of token block I -> act[t, c0 + j] = silu(g + bias) * (u + bias), the
+// values and operations of layer.c's silu_mul_rows (16 lanes, exp16 and a true division), I a multiple of 16.
+#define AMX_GLU(TG, TU, I)                                                                                        \
+    do {                                                                                                          \
+        _tile_stored(TG, cb, 64);                                                                                 \
+        _tile_stored(TU, cu, 64);                                                                                 \
+        const __m512 bg_ = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();                              \
+        const __m512 bu_ = bias ? _mm512_loadu_ps(bias + c1) : _mm512_setzero_ps();                              \
+        for (int t = 0; t < ms[I]; t++) {                                                                         \
+            __m512 g_ = _mm512_load_ps(cb + t * 16), u_ = _mm512_load_ps(cu + t * 16);                            \
+            if (bias) { g_ = _mm512_add_ps(g_, bg_); u_ = _mm512_add_ps(u_, bu_); }                               \
+            const __m512 d_ = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g_)));  \
+            _mm512_storeu_ps(act + (m0 + 16 * (I) + t) * glu + c0, _mm512_mul_ps(_mm512_div_ps(g_, d_), u_));     \
         }                                                                                                         \
     } while (0)
 
@@ -168,23 +184,26 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
         break
 
 // With `packed` (tm_qlinear_amx_pack's panels of W) the tiles read the panels; otherwise each call dequantizes
-// W's panels as it goes. Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
+// W's panels as it goes. glu > 0: the panels are tm_qlinear_amx_pack_glu's (W = [gate (glu rows); up (glu rows)],
+// pair p = gate rows 16p.. and up rows 16p..): y gets the usual [gate | up] columns, or with `act` (y unused)
+// act[M, glu] = silu(gate) * up. Returns 0, -1 out of memory. K % block_weights(qtype) == 0 (checked by the caller).
 // x16 (NULL: none): x already in bf16, rows xs16 elements apart, readable up to the next multiple of 16 rows (the
 // values of rows past M do not matter: they only reach the tiles' rows that are never stored); x is then unused.
 static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
-                    float *y, int64_t ldy, const uint32_t *packed, const uint16_t *x16, int64_t xs16) {
+                    float *y, int64_t ldy, const uint32_t *packed, int64_t glu, float *act, const uint16_t *x16,
+                    int64_t xs16) {
     if (M > AMX_MAX_M) {  // keep x (bf16) L2-resident: a long prefill runs in row chunks (weights dequantized again)
         for (int64_t m = 0; m < M; m += AMX_MAX_M) {
             const int64_t mm = M - m < AMX_MAX_M ? M - m : AMX_MAX_M;
-            const int rc = amx_gemm(qtype, x16 ? x : x + m * K, mm, K, w, N, bias, y + m * ldy, ldy, packed,
-                                    x16 ? x16 + m * xs16 : NULL, xs16);
+            const int rc = amx_gemm(qtype, x16 ? x : x + m * K, mm, K, w, N, bias, y ? y + m * ldy : NULL, ldy, packed,
+                                    glu, act ? act + m * glu : NULL, x16 ? x16 + m * xs16 : NULL, xs16);
             if (rc) return rc;
         }
         return 0;
     }
-    const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * block_bytes(qtype);
-    const int64_t mpad = (M + 15) / 16 * 16, npairs = (N + 31) / 32;  // panel pairs: 32 outputs
-    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride XS * 2)
+    const int64_t nkb = K / QK, row_bytes = glu ? 0 : K / block_weights(qtype) * block_bytes(qtype);
+    const int64_t mpad = (M + 15) / 16 * 16, npairs = glu ? glu / 16 : (N + 31) / 32;  // panel pairs: 32 outputs
+    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
     const int64_t XS = x16 ? xs16 : K;
     uint16_t *xb = x16 ? NULL : (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
     if (!x16 && !xb) return -1;
@@ -205,7 +224,7 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
         // two panels in pair layout ([k-block][16 pairs][16 outputs] words each) and a 16 x 16 float scratch tile
         uint32_t *panel = packed ? NULL  // the tiles are read from the packed panels
                                  : (uint32_t *)aligned_alloc(64, (size_t)(2 * nkb * 256 * 4 + 64) & ~(size_t)63);
-        float *cb = (float *)aligned_alloc(64, 256 * sizeof(float));
+        float *cb = (float *)aligned_alloc(64, 512 * sizeof(float)), *cu = cb ? cb + 256 : NULL;
         if ((!packed && !panel) || !cb) {
 #pragma omp atomic write
             rc = -1;
@@ -218,13 +237,16 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                 int nr[2];
                 nr[0] = (int)(N - n0 < 16 ? N - n0 : 16);
                 nr[1] = (int)(N - n0 - 16 < 16 ? (N - n0 - 16 > 0 ? N - n0 - 16 : 0) : 16);
+                // the output columns of the pair's two panels
+                const int64_t c0 = glu ? pp * 16 : n0, c1 = glu ? glu + pp * 16 : n0 + 16;
+                if (glu) nr[0] = nr[1] = 16;
                 if (packed) {
                     p0 = (uint32_t *)packed + 2 * pp * nkb * 256;
                     p1 = p0 + nkb * 256;
                 } else
                     switch (qtype) {
                         PANELS(Q4_0); PANELS(Q4_1); PANELS(Q8_0); PANELS(Q5_0); PANELS(Q5_1); PANELS(Q4_K); PANELS(Q5_K);
-                        PANELS(Q6_K);
+                        PANELS(Q6_K); PANELS(BF16); PANELS(F16);
                         default: break;
                     }
                 for (int64_t m0 = 0; m0 < M; m0 += 32) {
@@ -250,15 +272,20 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                             if (nr[1]) _tile_dpbf16ps(3, 5, 7);
                         }
                     }
+                    if (act) {
+                        AMX_GLU(0, 1, 0);
+                        if (ms[1]) AMX_GLU(2, 3, 1);
+                        continue;
+                    }
                     AMX_STORE(0, 0, 0);
                     if (nr[1]) AMX_STORE(1, 0, 1);
                     if (ms[1]) AMX_STORE(2, 1, 0);
                     if (ms[1] && nr[1]) AMX_STORE(3, 1, 1);
                     if (bias) {
-                        const int nn = nr[0] + nr[1];
                         for (int t = 0; t < ms[0] + ms[1]; t++) {
-                            float *yr = y + (m0 + t) * ldy + n0;
-                            for (int j = 0; j < nn; j++) yr[j] += bias[n0 + j];
+                            float *yr = y + (m0 + t) * ldy;
+                            for (int j = 0; j < nr[0]; j++) yr[c0 + j] += bias[c0 + j];
+                            for (int j = 0; j < nr[1]; j++) yr[c1 + j] += bias[c1 + j];
                         }
                     }
                 }
@@ -274,14 +301,14 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
 
 int tm_qlinear_amx(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *bias,
                    float *y, int64_t ldy) {
-    return amx_gemm(qtype, x, M, K, w, N, bias, y, ldy, NULL, NULL, 0);
+    return amx_gemm(qtype, x, M, K, w, N, bias, y, ldy, NULL, 0, NULL, NULL, 0);
 }
 
 int tm_qlinear_amx_bf16x(int qtype, const uint16_t *x16, int64_t xs16, int64_t M, int64_t K, const uint8_t *w,
                          int64_t N, float *y, int64_t ldy) {
     const int bb = block_bytes(qtype);
     if (bb == 0 || K % block_weights(qtype) != 0 || M < 0 || N < 0 || ldy < N || xs16 < K) return -1;
-    return amx_gemm(qtype, NULL, M, K, w, N, NULL, y, ldy, NULL, x16, xs16);
+    return amx_gemm(qtype, NULL, M, K, w, N, NULL, y, ldy, NULL, 0, NULL, x16, xs16);
 }
 
 void tm_x_to_bf16(const float *x, int64_t M, int64_t K, uint16_t *out, int64_t ldo) {
@@ -293,8 +320,15 @@ void tm_x_to_bf16(const float *x, int64_t M, int64_t K, uint16_t *out, int64_t l
 }
 
 int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
-                          float *y, int64_t ldy) {
-    return amx_gemm(-1, x, M, K, NULL, N, bias, y, ldy, panels, NULL, 0);
+                          float *y, int64_t ldy, int64_t glu) {
+    if (glu && (glu % 16 || N != 2 * glu)) return -1;
+    return amx_gemm(-1, x, M, K, NULL, N, bias, y, ldy, panels, glu, NULL, NULL, 0);
+}
+
+int tm_qlinear_amx_glu(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t I, const float *bias,
+                       float *act) {
+    if (I <= 0 || I % 16) return -1;
+    return amx_gemm(-1, x, M, K, NULL, 2 * I, bias, NULL, 0, panels, I, act, NULL, 0);
 }
 
 #define PACK(QT)                                                                                     \
@@ -310,7 +344,31 @@ int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint3
     const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * bb, npanels = (N + 31) / 32 * 2;
     switch (qtype) {
         PACK(Q4_0); PACK(Q4_1); PACK(Q8_0); PACK(Q5_0); PACK(Q5_1); PACK(Q4_K); PACK(Q5_K); PACK(Q6_K);
+        PACK(BF16); PACK(F16);
         default: return -1;
+    }
+    return 0;
+}
+// The panels of a gate|up weight W [2I, K] for the GLU epilogue (amx_gemm's glu): pair p holds gate rows 16p ..
+// 16p + 15, then up rows 16p .., so one pair's accumulators meet a gate and its up. I a multiple of 16; as many
+// words as tm_qlinear_amx_panel_words(K, 2I). Returns 0, -1 bad arguments.
+int tm_qlinear_amx_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
+    const int bb = block_bytes(qtype);
+    if (bb == 0 || K % block_weights(qtype) != 0 || I < 16 || I % 16) return -1;
+    const int64_t nkb = K / QK, row_bytes = K / block_weights(qtype) * bb, N = I;
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *wh = w + half * I * row_bytes;
+        uint32_t *o = out + half * nkb * 256;
+#define PACK_GLU(QT)                                                                                               \
+    case QT:                                                                                                       \
+        for (int64_t pn = 0; pn < I / 16; pn++) panel_pairs(QT, wh, row_bytes, nkb, pn * 16, N, o + 2 * pn * nkb * 256); \
+        break
+        switch (qtype) {
+            PACK_GLU(Q4_0); PACK_GLU(Q4_1); PACK_GLU(Q8_0); PACK_GLU(Q5_0); PACK_GLU(Q5_1); PACK_GLU(Q4_K);
+            PACK_GLU(Q5_K); PACK_GLU(Q6_K); PACK_GLU(BF16); PACK_GLU(F16);
+            default: return -1;
+        }
+#undef PACK_GLU
     }
     return 0;
 }
@@ -319,6 +377,10 @@ int tm_amx_init(void) { return 0; }
 int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
     (void)qtype; (void)w; (void)K; (void)N; (void)out;
     return -2;  // built without the AMX path
+}
+int tm_qlinear_amx_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
+    (void)qtype; (void)w; (void)K; (void)I; (void)out;
+    return -2;
 }
 #endif
 

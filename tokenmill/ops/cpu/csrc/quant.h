@@ -12,6 +12,8 @@
 // the bit layouts):               Q4_K: f16 d, f16 dmin, u8 scales[12], u8 qs[128]          (144 bytes)
 //                                 Q5_K: f16 d, f16 dmin, u8 scales[12], u8 qh[32], u8 qs[128] (176 bytes)
 //                                 Q6_K: u8 ql[128], u8 qh[64], i8 scales[16], f16 d          (210 bytes)
+// 16-bit floats (a bf16 / f16 checkpoint's weights kept as they are; a "block" is 32 of them, no scale):
+//                                 BF16: u16 w[32] (64 bytes);  F16: f16 w[32] (64 bytes)
 // Q4_0, Q4_1 and Q8_0 have their own tuned paths (qlinear.c); the others ("generic" types, qlinear_k.c) are
 // read one sub-block of 32 weights at a time: 32 small integers q[l] and w[l] = dlo * q[l] + m for l < 16,
 // dhi * q[l] + m for l >= 16 (dlo == dhi except for Q6_K, whose scales cover 16 weights each).
@@ -26,7 +28,7 @@
 
 #define QK_K 256
 
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7 };
+enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7, BF16 = 8, F16 = 9 };
 
 // Bytes of one block of qtype (0: unknown type).
 static inline int block_bytes(int qtype) {
@@ -39,15 +41,27 @@ static inline int block_bytes(int qtype) {
         case Q4_K: return 144;
         case Q5_K: return 176;
         case Q6_K: return 210;
+        case BF16: return 64;
+        case F16: return 64;
         default: return 0;
     }
 }
 
 // Weights per block of qtype: 32, or 256 for the k-quants.
-static inline int block_weights(int qtype) { return qtype >= Q4_K ? QK_K : QK; }
+static inline int block_weights(int qtype) { return qtype >= Q4_K && qtype <= Q6_K ? QK_K : QK; }
+
+// The 16-bit float types (no scale: w = the value itself).
+static inline int float16_type(int qtype) { return qtype == BF16 || qtype == F16; }
 
 // The types read through the generic sub-block helpers below (qlinear_k.c).
 static inline int generic_type(int qtype) { return qtype >= Q5_0 && qtype <= Q6_K; }
+
+static inline float bf16_to_f32(const uint8_t *p) {
+    const uint32_t bits = (uint32_t)(p[0] | (p[1] << 8)) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 static inline float f16_to_f32(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
@@ -175,6 +189,19 @@ static inline __attribute__((always_inline)) __m256i gen_sub_q256(const int qtyp
 // One block as two vectors of 16 integer weights (as floats), with its scale d and offset m (w = d*q + m).
 static inline __attribute__((always_inline)) void block512(const int qtype, const uint8_t *blk, __m512 *q0, __m512 *q1,
                                                            float *d, float *m) {
+    if (float16_type(qtype)) {  // the weights themselves: d = 1, m = 0
+        const __m256i lo = _mm256_loadu_si256((const __m256i *)blk), hi = _mm256_loadu_si256((const __m256i *)(blk + 32));
+        if (qtype == BF16) {
+            *q0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+            *q1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        } else {
+            *q0 = _mm512_cvtph_ps(lo);
+            *q1 = _mm512_cvtph_ps(hi);
+        }
+        *d = 1.0f;
+        *m = 0.0f;
+        return;
+    }
     if (qtype != Q4_1) *d = f16_to_f32(blk);
     if (qtype == Q8_0) {
         const int8_t *qs = (const int8_t *)(blk + 2);
@@ -275,9 +302,14 @@ int tm_qlinear_amx_bf16x(int qtype, const uint16_t *x16, int64_t xs16, int64_t M
 // out[m, :K] (rows ldo apart) = x[m, :] (M rows of K, a multiple of 32) rounded to bf16 (nearest even), as amx_gemm
 // rounds x.
 void tm_x_to_bf16(const float *x, int64_t M, int64_t K, uint16_t *out, int64_t ldo);
-// The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call.
+// The same from W's panels packed once by tm_qlinear_amx_pack (kernels.h): no dequantization per call (glu > 0:
+// tm_qlinear_amx_pack_glu's panels of a gate|up W with N = 2 * glu; the output columns as usual).
 int tm_qlinear_amx_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N, const float *bias,
-                          float *y, int64_t ldy);
+                          float *y, int64_t ldy, int64_t glu);
+// act[M, I] = silu(gate) * up of x @ W^T (+ bias) from tm_qlinear_amx_pack_glu's panels of W [2I, K] (I % 16 == 0),
+// the gate|up output never written. 0, -1 bad arguments / out of memory.
+int tm_qlinear_amx_glu(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t I, const float *bias,
+                       float *act);
 #endif
 
 // The AMX int8 path for the k-quants (qlinear_amx_i8.c): int8 activations as the direct path's, any number of rows.
