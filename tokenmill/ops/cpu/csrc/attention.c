@@ -239,32 +239,48 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
  * are scattered over the pool, out of the hardware prefetcher's sight: without help a core alternates computing a
  * chunk and stalling on the next (one layer's 64-decode call ran at ~compute + transfer time). The frontier walks
  * the blocks of the thread's items in the order they will be computed, across item boundaries, and stays
- * PF_BLOCKS blocks ahead of the computation, asking for them into L2. */
-#define PF_BLOCKS 12
-typedef struct { const Item *items; int64_t n, i; int b; } Prefetch;
+ * PF_BLOCKS blocks ahead of the computation, asking for them into L2. It advances a few lines before each micro-kernel
+ * call (its share of the block), not a chunk of blocks at once: with bursts of a chunk's ~800 lines the loads and the
+ * arithmetic overlapped less (64-decode layer call ~10% slower, bench/results/s20). */
+#define PF_BLOCKS 16
+typedef struct { const Item *items; int64_t n, i; int b, t, x; } Prefetch; /* next: line x of token t of block b */
 
-static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
+/* Issue the frontier's next nlines cache-line prefetches (line by line through the block's tokens, each K line with
+ * its V line), crossing block and item boundaries. */
+static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
     const int BS = a->bs;
     const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
     const int64_t kst_pool = (int64_t)a->hkv * a->d;
-    const int64_t plane = a->num_blocks * a->bs * kst_pool;
-    while (nblocks > 0 && pf->i < pf->n) {
+    const int64_t plane = a->num_blocks * a->bs * kst_pool * esize;
+    while (nlines > 0 && pf->i < pf->n) {
         const Item *it = &pf->items[pf->i];
         const int kb = it->k0 / BS + pf->b;
-        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; continue; }
+        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; pf->t = 0; pf->x = 0; continue; }
         const int nh = it->kvh < 0 ? a->hkv : 1, kvh0 = it->kvh < 0 ? 0 : it->kvh;
         const int32_t blk = a->bt[(int64_t)it->req * a->bt_stride + kb];
         const char *kp = a->kv + (((int64_t)blk * BS) * kst_pool + (int64_t)kvh0 * a->d) * esize;
-        const char *vp = kp + plane * esize;
         const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
-        for (int t = 0; t < BS; t++)
-            for (int64_t off = 0; off < span; off += 64) {
-                __builtin_prefetch(kp + t * row + off, 0, 2);  /* read, into L2 (prefetcht1) */
-                __builtin_prefetch(vp + t * row + off, 0, 2);
-            }
-        pf->b++;
-        nblocks--;
+        const int lpt = (int)((span + 63) / 64);
+        int t = pf->t, x = pf->x;
+        for (; t < BS && nlines > 0; nlines -= 2) {
+            const char *p = kp + t * row + x * 64;
+            __builtin_prefetch(p, 0, 2); /* read, into L2 (prefetcht1) */
+            __builtin_prefetch(p + plane, 0, 2);
+            if (++x == lpt) { x = 0; t++; }
+        }
+        if (t == BS) { pf->b++; t = 0; x = 0; }
+        pf->t = t; pf->x = x;
     }
+}
+
+/* lines of one block of this item's K and V (what the frontier advances per block consumed) */
+static inline int64_t pf_block_lines(const Args *a, const Item *it) {
+    const int nh = it->kvh < 0 ? a->hkv : 1, esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    return 2 * (int64_t)a->bs * (((int64_t)nh * a->d * esize + 63) / 64);
+}
+
+static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
+    if (pf->i < pf->n) pf_lines(a, pf, nblocks * pf_block_lines(a, &pf->items[pf->i]));
 }
 
 static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, float *pm, float *pl, int rows_alloc,
@@ -291,7 +307,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int direct = kv_in_place(a->kv_dtype, D);
     Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
     if (!pf && it->nq == 1) {
-        own = (Prefetch){it, 1, 0, 0};
+        own = (Prefetch){it, 1, 0, 0, 0, 0};
         pf_issue(a, &own, PF_BLOCKS);
         pf = &own;
     }
@@ -333,8 +349,9 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes */
-        if (pf) pf_issue(a, pf, nblk);
+        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes: each of the
+         * 2 x nh micro-kernel calls per block advances it by its share of a block */
+        const int64_t pf_step = pf ? (pf_block_lines(a, it) + 2 * nh - 1) / (2 * nh) : 0;
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
         for (int b = 0; b < nblk; b++)
@@ -344,6 +361,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *Q = sc->qt + (int64_t)hh * G * D;
                 const char *K = Ks[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+                if (pf) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
@@ -371,6 +389,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *P = sc->s + (int64_t)hh * G * sst + cols[b];
                 const char *V = Vs[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+                if (pf) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
@@ -537,7 +556,7 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
         if (split_at) { /* all decodes: each thread a contiguous run of items with half the keys, prefetched */
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const int64_t lo = t == 0 ? 0 : split_at[t - 1], hi = t == nt - 1 ? ni : split_at[t];
-            Prefetch pf = {items + lo, hi - lo, 0, 0};
+            Prefetch pf = {items + lo, hi - lo, 0, 0, 0, 0};
             pf_issue(&a, &pf, PF_BLOCKS);
             for (int64_t w = lo; w < hi; w++)
                 if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, &pf);
