@@ -242,8 +242,10 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
  * PF_BLOCKS blocks ahead of the computation, asking for them into L2. It advances a few lines before each micro-kernel
  * call (its share of the block), not a chunk of blocks at once: with bursts of a chunk's ~800 lines the loads and the
  * arithmetic overlapped less (64-decode layer call ~10% slower, bench/results/s20). */
+#ifndef PF_BLOCKS
 #define PF_BLOCKS 16
-typedef struct { const Item *items; int64_t n, i; int b, t, x; } Prefetch; /* next: line x of token t of block b */
+#endif
+typedef struct { const Item *items; int64_t n, i; int b, c; } Prefetch; /* next: line c of block b */
 
 /* Issue the frontier's next nlines cache-line prefetches (line by line through the block's tokens, each K line with
  * its V line), crossing block and item boundaries. */
@@ -255,21 +257,27 @@ static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
     while (nlines > 0 && pf->i < pf->n) {
         const Item *it = &pf->items[pf->i];
         const int kb = it->k0 / BS + pf->b;
-        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; pf->t = 0; pf->x = 0; continue; }
+        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; pf->c = 0; continue; }
         const int nh = it->kvh < 0 ? a->hkv : 1, kvh0 = it->kvh < 0 ? 0 : it->kvh;
         const int32_t blk = a->bt[(int64_t)it->req * a->bt_stride + kb];
         const char *kp = a->kv + (((int64_t)blk * BS) * kst_pool + (int64_t)kvh0 * a->d) * esize;
         const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
-        const int lpt = (int)((span + 63) / 64);
-        int t = pf->t, x = pf->x;
-        for (; t < BS && nlines > 0; nlines -= 2) {
-            const char *p = kp + t * row + x * 64;
-            __builtin_prefetch(p, 0, 2); /* read, into L2 (prefetcht1) */
-            __builtin_prefetch(p + plane, 0, 2);
-            if (++x == lpt) { x = 0; t++; }
-        }
-        if (t == BS) { pf->b++; t = 0; x = 0; }
-        pf->t = t; pf->x = x;
+        const int lpt = (int)((span + 63) / 64), nl = BS * lpt;
+        int c = pf->c;
+        if (span == row) /* whole rows: the block's K (and V) lines are contiguous */
+            for (; c < nl && nlines > 0; c++, nlines -= 2) {
+                __builtin_prefetch(kp + (int64_t)c * 64, 0, 2); /* read, into L2 (prefetcht1) */
+                __builtin_prefetch(kp + plane + (int64_t)c * 64, 0, 2);
+            }
+        else
+            for (; c < nl && nlines > 0; c++, nlines -= 2) {
+                const int t = c / lpt;
+                const char *p = kp + t * row + (int64_t)(c - t * lpt) * 64;
+                __builtin_prefetch(p, 0, 2);
+                __builtin_prefetch(p + plane, 0, 2);
+            }
+        if (c == nl) { pf->b++; c = 0; }
+        pf->c = c;
     }
 }
 
@@ -307,7 +315,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int direct = kv_in_place(a->kv_dtype, D);
     Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
     if (!pf && it->nq == 1) {
-        own = (Prefetch){it, 1, 0, 0, 0, 0};
+        own = (Prefetch){it, 1, 0, 0, 0};
         pf_issue(a, &own, PF_BLOCKS);
         pf = &own;
     }
@@ -556,7 +564,7 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
         if (split_at) { /* all decodes: each thread a contiguous run of items with half the keys, prefetched */
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const int64_t lo = t == 0 ? 0 : split_at[t - 1], hi = t == nt - 1 ? ni : split_at[t];
-            Prefetch pf = {items + lo, hi - lo, 0, 0, 0, 0};
+            Prefetch pf = {items + lo, hi - lo, 0, 0, 0};
             pf_issue(&a, &pf, PF_BLOCKS);
             for (int64_t w = lo; w < hi; w++)
                 if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, &pf);
