@@ -239,12 +239,11 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
  * are scattered over the pool, out of the hardware prefetcher's sight: without help a core alternates computing a
  * chunk and stalling on the next (one layer's 64-decode call ran at ~compute + transfer time). The frontier walks
  * the blocks of the thread's items in the order they will be computed, across item boundaries, and stays
- * PF_BLOCKS blocks ahead of the computation, asking for them into L2. It advances a few lines before each micro-kernel
- * call (its share of the block), not a chunk of blocks at once: with bursts of a chunk's ~800 lines the loads and the
- * arithmetic overlapped less (64-decode layer call ~10% slower, bench/results/s20). */
-#ifndef PF_BLOCKS
-#define PF_BLOCKS 16
-#endif
+ * PF_BLOCKS blocks ahead of the computation, asking for them into L2. For whole-row (all KV heads) items it advances a
+ * few lines before each micro-kernel call (its share of the block), not a chunk of blocks at once: with bursts of a
+ * chunk's ~800 lines the loads and the arithmetic overlapped less (a 64-decode layer call took ~1.0 ms instead of
+ * ~0.75-0.85, bench/results/s20). One-head items (split-K, batch 1) still advance a chunk at a time. */
+#define PF_BLOCKS 12
 typedef struct { const Item *items; int64_t n, i; int b, c; } Prefetch; /* next: line c of block b */
 
 /* Issue the frontier's next nlines cache-line prefetches (line by line through the block's tokens, each K line with
@@ -269,12 +268,12 @@ static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
                 __builtin_prefetch(kp + (int64_t)c * 64, 0, 2); /* read, into L2 (prefetcht1) */
                 __builtin_prefetch(kp + plane + (int64_t)c * 64, 0, 2);
             }
-        else
-            for (; c < nl && nlines > 0; c++, nlines -= 2) {
-                const int t = c / lpt;
-                const char *p = kp + t * row + (int64_t)(c - t * lpt) * 64;
+        else /* one head's slice of each row: token t, line x of the slice (no division per line) */
+            for (int t = c / lpt, x = c - t * lpt; c < nl && nlines > 0; c++, nlines -= 2) {
+                const char *p = kp + t * row + (int64_t)x * 64;
                 __builtin_prefetch(p, 0, 2);
                 __builtin_prefetch(p + plane, 0, 2);
+                if (++x == lpt) { x = 0; t++; }
             }
         if (c == nl) { pf->b++; c = 0; }
         pf->c = c;
@@ -357,9 +356,11 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes: each of the
-         * 2 x nh micro-kernel calls per block advances it by its share of a block */
-        const int64_t pf_step = pf ? (pf_block_lines(a, it) + 2 * nh - 1) / (2 * nh) : 0;
+        /* keep the decode stream's prefetch frontier PF_BLOCKS ahead of the blocks this chunk consumes: one-head
+         * items a chunk at once; whole-row items by each of the 2 x nh micro-kernel calls per block, its share */
+        int64_t pf_step = 0;
+        if (pf && nh == 1) pf_issue(a, pf, nblk);
+        else if (pf) pf_step = (pf_block_lines(a, it) + 2 * nh - 1) / (2 * nh);
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
         for (int b = 0; b < nblk; b++)
@@ -369,7 +370,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *Q = sc->qt + (int64_t)hh * G * D;
                 const char *K = Ks[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
-                if (pf) pf_lines(a, pf, pf_step);
+                if (pf_step) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
@@ -397,7 +398,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *P = sc->s + (int64_t)hh * G * sst + cols[b];
                 const char *V = Vs[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
-                if (pf) pf_lines(a, pf, pf_step);
+                if (pf_step) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
