@@ -239,14 +239,17 @@ static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
  * are scattered over the pool, out of the hardware prefetcher's sight: without help a core alternates computing a
  * chunk and stalling on the next (one layer's 64-decode call ran at ~compute + transfer time). The frontier walks
  * the blocks of the thread's items in the order they will be computed, across item boundaries, and stays
- * pf_blocks() blocks ahead of the computation, asking for them into L2. The distance is in bytes: SmolLM2's bf16
- * blocks (3 KV heads x 64) are 12 KiB of K and V, 12 of them ahead kept a 64-decode step at the transfer time,
- * but OLMoE's (16 x 128) are 128 KiB, and 12 ahead (1.5 MiB, with the chunk being computed) overflowed the 2 MiB
- * L2: 64 decodes at ~300 tokens ran at 12.5 GB/s with 6-12 blocks ahead, 18.6 with 1 (/tmp attention
- * micro-benchmark, 16 x 128 heads, bf16 pool; 2 blocks 16.7, 3 15.7). */
+ * pf_blocks() blocks ahead of the computation, asking for them into L2. For whole-row (all KV heads) items it
+ * advances a few lines before each micro-kernel call (its share of the block), not a chunk of blocks at once: with
+ * bursts of a chunk's ~800 lines the loads and the arithmetic overlapped less (a 64-decode layer call took ~1.0 ms
+ * instead of ~0.75-0.85, bench/results/s20). One-head items (split-K, batch 1) still advance a chunk at a time.
+ * The distance is in bytes: SmolLM2's bf16 blocks (3 KV heads x 64) are 12 KiB of K and V, 12 of them ahead kept a
+ * 64-decode step at the transfer time, but OLMoE's (16 x 128) are 128 KiB, and 12 ahead (1.5 MiB, with the chunk
+ * being computed) overflowed the 2 MiB L2: 64 decodes at ~300 tokens ran at 12.5 GB/s with 6-12 blocks ahead, 18.6
+ * with 1 (/tmp attention micro-benchmark, 16 x 128 heads, bf16 pool; 2 blocks 16.7, 3 15.7). */
 #define PF_BYTES (160 * 1024)
 #define PF_MAX_BLOCKS 12
-typedef struct { const Item *items; int64_t n, i; int b; } Prefetch;
+typedef struct { const Item *items; int64_t n, i; int b, c; } Prefetch; /* next: line c of block b */
 
 /* how many blocks the frontier runs ahead: PF_BYTES of K and V (of the heads an item reads), 1 to PF_MAX_BLOCKS */
 static int pf_blocks(const Args *a, int nh) {
@@ -255,28 +258,48 @@ static int pf_blocks(const Args *a, int nh) {
     return n < 1 ? 1 : (n > PF_MAX_BLOCKS ? PF_MAX_BLOCKS : (int)n);
 }
 
-static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
+/* Issue the frontier's next nlines cache-line prefetches (line by line through the block's tokens, each K line with
+ * its V line), crossing block and item boundaries. */
+static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
     const int BS = a->bs;
     const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
     const int64_t kst_pool = (int64_t)a->hkv * a->d;
-    const int64_t plane = a->num_blocks * a->bs * kst_pool;
-    while (nblocks > 0 && pf->i < pf->n) {
+    const int64_t plane = a->num_blocks * a->bs * kst_pool * esize;
+    while (nlines > 0 && pf->i < pf->n) {
         const Item *it = &pf->items[pf->i];
         const int kb = it->k0 / BS + pf->b;
-        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; continue; }
+        if (kb * BS >= it->k1) { pf->i++; pf->b = 0; pf->c = 0; continue; }
         const int nh = it->kvh < 0 ? a->hkv : 1, kvh0 = it->kvh < 0 ? 0 : it->kvh;
         const int32_t blk = a->bt[(int64_t)it->req * a->bt_stride + kb];
         const char *kp = a->kv + (((int64_t)blk * BS) * kst_pool + (int64_t)kvh0 * a->d) * esize;
-        const char *vp = kp + plane * esize;
         const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
-        for (int t = 0; t < BS; t++)
-            for (int64_t off = 0; off < span; off += 64) {
-                __builtin_prefetch(kp + t * row + off, 0, 2);  /* read, into L2 (prefetcht1) */
-                __builtin_prefetch(vp + t * row + off, 0, 2);
+        const int lpt = (int)((span + 63) / 64), nl = BS * lpt;
+        int c = pf->c;
+        if (span == row) /* whole rows: the block's K (and V) lines are contiguous */
+            for (; c < nl && nlines > 0; c++, nlines -= 2) {
+                __builtin_prefetch(kp + (int64_t)c * 64, 0, 2); /* read, into L2 (prefetcht1) */
+                __builtin_prefetch(kp + plane + (int64_t)c * 64, 0, 2);
             }
-        pf->b++;
-        nblocks--;
+        else /* one head's slice of each row: token t, line x of the slice (no division per line) */
+            for (int t = c / lpt, x = c - t * lpt; c < nl && nlines > 0; c++, nlines -= 2) {
+                const char *p = kp + t * row + (int64_t)x * 64;
+                __builtin_prefetch(p, 0, 2);
+                __builtin_prefetch(p + plane, 0, 2);
+                if (++x == lpt) { x = 0; t++; }
+            }
+        if (c == nl) { pf->b++; c = 0; }
+        pf->c = c;
     }
+}
+
+/* lines of one block of this item's K and V (what the frontier advances per block consumed) */
+static inline int64_t pf_block_lines(const Args *a, const Item *it) {
+    const int nh = it->kvh < 0 ? a->hkv : 1, esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    return 2 * (int64_t)a->bs * (((int64_t)nh * a->d * esize + 63) / 64);
+}
+
+static void pf_issue(const Args *a, Prefetch *pf, int nblocks) {
+    if (pf->i < pf->n) pf_lines(a, pf, nblocks * pf_block_lines(a, &pf->items[pf->i]));
 }
 
 static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, float *pm, float *pl, int rows_alloc,
@@ -303,7 +326,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int direct = kv_in_place(a->kv_dtype, D);
     Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
     if (!pf && it->nq == 1) {
-        own = (Prefetch){it, 1, 0, 0};
+        own = (Prefetch){it, 1, 0, 0, 0};
         pf_issue(a, &own, pf_blocks(a, nh));
         pf = &own;
     }
@@ -345,8 +368,11 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             cols[1] = cols[nblk];
             nblk = 1;
         }
-        /* keep the decode stream's prefetch frontier pf_blocks() ahead of the blocks this chunk consumes */
-        if (pf) pf_issue(a, pf, nblk);
+        /* keep the decode stream's prefetch frontier pf_blocks() ahead of the blocks this chunk consumes: one-head
+         * items a chunk at once; whole-row items by each of the 2 x nh micro-kernel calls per block, its share */
+        int64_t pf_step = 0;
+        if (pf && nh == 1) pf_issue(a, pf, nblk);
+        else if (pf) pf_step = (pf_block_lines(a, it) + 2 * nh - 1) / (2 * nh);
         const int nk = cols[nblk];
         const int hsz = D * (direct ? esize : 4); /* bytes between two heads' slices of a K/V row */
         for (int b = 0; b < nblk; b++)
@@ -356,6 +382,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *Q = sc->qt + (int64_t)hh * G * D;
                 const char *K = Ks[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+                if (pf_step) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
@@ -383,6 +410,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const float *P = sc->s + (int64_t)hh * G * sst + cols[b];
                 const char *V = Vs[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
+                if (pf_step) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
                 if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype == KV_BF16);
                 else
@@ -549,7 +577,7 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
         if (split_at) { /* all decodes: each thread a contiguous run of items with half the keys, prefetched */
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const int64_t lo = t == 0 ? 0 : split_at[t - 1], hi = t == nt - 1 ? ni : split_at[t];
-            Prefetch pf = {items + lo, hi - lo, 0, 0};
+            Prefetch pf = {items + lo, hi - lo, 0, 0, 0};
             pf_issue(&a, &pf, pf_blocks(&a, hi > lo && items[lo].kvh < 0 ? hkv : 1));
             for (int64_t w = lo; w < hi; w++)
                 if (mem) run_item(&a, &items[w], &sc, pacc, pm, pl, rows_alloc, &pf);
