@@ -223,3 +223,52 @@ def test_kquant_expert_gguf_stays_packed(tmp_path):
     for op in (fused_moe_grouped, fused_moe_cpu):
         packed.set_moe_op(op)
         assert (_logits(packed) - ref).abs().max().item() < 1e-3
+
+
+def test_amx_tile_plan():
+    """Which bf16 tiles gemm auto makes at load: a dense model's layers and head while they fit the cap together; a
+    MoE model's layers only (the head's tiles bought OLMoE no decode speed worth their 192 MiB)."""
+    from tokenmill.model.layers.quantized import amx_tile_plan
+
+    assert amx_tile_plan(60, 40, False, 100) == (True, True)
+    assert amx_tile_plan(60, 41, False, 100) == (False, False)
+    assert amx_tile_plan(0, 40, False, 100) == (False, True)  # nothing packed in the layers
+    assert amx_tile_plan(60, 40, True, 100) == (True, False)
+    assert amx_tile_plan(100, 900, True, 100) == (True, False)  # the head does not count against a MoE's cap
+    assert amx_tile_plan(101, 0, True, 100) == (False, False)
+
+
+def test_moe_amx_tiles_skip_the_lm_head(tmp_path):
+    """gemm auto on an AMX CPU: a MoE GGUF's uniform attention linears keep their tiles made once, its q|k|v with
+    a Q6_K v (mixed) and its LM head none, and `tokenmill plan` counts the bytes the engine made."""
+    import gguf
+
+    from tests.ops.kquant_blocks import requantize_gguf
+    from tokenmill.model.layers.quantized import HEAD_AMX_MIN_ROWS, MixedQuantizedLinear, QuantizedLMHead
+    from tokenmill.ops.cpu.qlinear import amx_available
+    from tokenmill.perf.cli import amx_tiles_bytes
+    from tokenmill.perf.cost_model import ModelSpec
+
+    if not amx_available():
+        pytest.skip("gemm auto makes no tiles without AMX")
+    G = gguf.GGMLQuantizationType
+    hf = build_tiny_model("olmoe", hidden_size=256, intermediate_size=256)
+    n = hf.config.num_hidden_layers
+    qtypes = {f"blk.{i}.{t}.weight": G.Q4_K for i in range(n) for t in
+              ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+    qtypes.update({"blk.0.attn_v.weight": G.Q6_K, "output.weight": G.Q6_K})  # layer 0: a mixed q|k|v
+    path = requantize_gguf(save_tiny_gguf(hf, str(tmp_path / "f32.gguf")), str(tmp_path / "q4_k_m.gguf"), qtypes)
+    src = resolve_model_source(path)
+    cfg = load_hf_config(src)
+    model = load_model(src, cfg, torch.float32, "cpu", gemm_dtype="auto")
+    head, layers = model.lm_head, model.model.layers
+    assert isinstance(head, QuantizedLMHead) and head.qpanels is None and head.amx_min_rows == HEAD_AMX_MIN_ROWS
+    assert isinstance(layers[0].self_attn.qkv_proj, MixedQuantizedLinear)
+    tiled = [layers[0].self_attn.o_proj] + [m for layer in layers[1:] for m in (layer.self_attn.qkv_proj,
+                                                                                 layer.self_attn.o_proj)]
+    assert all(m.qpanels is not None for m in tiled)
+    made = sum(m.panels.numel() * m.panels.element_size() for m in model.modules() if getattr(m, "panels", None)
+               is not None)
+    assert made == amx_tiles_bytes(ModelSpec.from_hf_config(cfg), path, "cpu") > 0
+    ref = load_model(src, cfg, torch.float32, "cpu", quantization="none")
+    assert (_logits(model) - _logits(ref)).abs().max().item() < 0.1  # bf16 activations on the AMX path

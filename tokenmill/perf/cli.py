@@ -95,11 +95,13 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
 def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: str = "auto") -> int:
     """What gemm auto adds on this machine for a quantized GGUF, or a bf16 / f16 folder under dtype bfloat16
     (tokenmill.model.loader.cpu_packs_16bit): its linears' AMX bf16 tiles (2 bytes a weight,
-    QuantizedLinear.pack_amx) when the CPU has AMX and they fit the dense-copy cap; else 0."""
+    QuantizedLinear.pack_amx) as tokenmill.model.layers.quantized.amx_tile_plan chooses them (a MoE model: its
+    attention linears only, no LM head; a merged q|k|v or gate|up whose shards differ in block type, none); else
+    0."""
     import torch
 
-    from tokenmill.model.layers.quantized import DENSE_COPY_MAX_BYTES
-    from tokenmill.model.loader import cpu_packs_16bit, resolve_model_source
+    from tokenmill.model.layers.quantized import amx_tile_plan
+    from tokenmill.model.loader import cpu_packs_16bit, load_hf_config, resolve_model_source
     from tokenmill.ops.cpu.qlinear import amx_available
 
     src = resolve_model_source(model)
@@ -108,8 +110,24 @@ def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: s
     if src.kind != "gguf" and not (dtype == "bfloat16"
                                    and cpu_packs_16bit(src, torch.bfloat16, "cpu", "auto", "auto")):
         return 0
-    tiles = 2 * (spec.layer_params + spec.lm_head_params)
-    return tiles if tiles <= DENSE_COPY_MAX_BYTES else 0
+    cfg = load_hf_config(src)
+    moe = any(getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    mlp = 3 * spec.num_layers * spec.hidden_size * spec.intermediate_size
+    layers = 2 * (spec.layer_params - mlp if moe else spec.layer_params)  # routed experts: never tiled
+    head = 2 * spec.lm_head_params
+    if src.kind == "gguf":  # a Q4_K_M file's q|k|v with a Q6_K v (MixedQuantizedLinear) keeps dequantizing per call
+        from tokenmill.model.gguf_utils import gguf_tensor_types
+
+        types = gguf_tensor_types(src.gguf_reader())
+        h, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        merged = [(("q_proj", "k_proj", "v_proj"), "self_attn", h * (q + 2 * kv))]
+        merged += [] if moe else [(("gate_proj", "up_proj"), "mlp", 2 * h * spec.intermediate_size)]
+        for i in range(spec.num_layers):
+            for names, sub, params in merged:
+                if len({types.get(f"model.layers.{i}.{sub}.{n}.weight") for n in names}) > 1:
+                    layers -= 2 * params
+    tile_layers, tile_head = amx_tile_plan(layers, head, moe)
+    return layers * tile_layers + head * tile_head
 
 
 def memory_report(spec: ModelSpec, weights_bytes: int, device: str, args: argparse.Namespace,

@@ -388,6 +388,23 @@ def amx_switch_rows(modules) -> Optional[int]:
     return min(rows) if rows else None
 
 
+def amx_tile_plan(layer_bytes: int, head_bytes: int, moe: bool,
+                  max_bytes: int = DENSE_COPY_MAX_BYTES) -> tuple[bool, bool]:
+    """Which AMX bf16 tiles gemm auto makes once at load (2 bytes a weight, QuantizedLinear.pack_amx): (the layers'
+    uniform packed linears, the LM head), given their tiles' bytes. Tiles pay where the tiled linears are most of
+    a step's work, and they cost resident memory (#21: within 10% of the file plus KV):
+    - a dense model tiles both while they total at most max_bytes (the dense copies' cap): SmolLM2's 0.25 GiB are
+      worth 10-20% of a step at 16-64 decodes;
+    - a MoE model (routed experts, never tiled, are most of its step) tiles its layers' linears only, within the
+      cap: OLMoE-shaped Q4_K_M, 2 threads (bench/cpu_tiles_steps.py, bench/results/s20), the 49152 x 2048 head's
+      tiles (192 MiB) were worth 0% of a 64-decode step and 2% at 16, the attention linears' (320 MiB) 2% at both.
+    """
+    if moe:
+        return 0 < layer_bytes <= max_bytes, False
+    fits = layer_bytes + head_bytes <= max_bytes
+    return fits and layer_bytes > 0, fits and head_bytes > 0
+
+
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
@@ -408,14 +425,14 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
         heads = [m for m in model.modules() if isinstance(m, QuantizedLMHead)]
         for head in heads:
             head.amx_min_rows = HEAD_AMX_MIN_ROWS
-        # a small model's AMX tiles, made once, when they fit the same cap as the dense copies
+        # a small model's AMX tiles, made once (amx_tile_plan says which)
         uniform = [m for m in linears if m.qtype != "mixed"]  # mixed shards keep dequantizing per call
-        panel_bytes = (sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform)
-                       + sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads))
-        if panel_bytes <= max_copy_bytes:
-            glu = _glu_sizes(model)
-            for module in uniform + heads:
-                module.pack_amx(**({"glu": glu[id(module)]} if id(module) in glu else {}))
+        tile_layers, tile_heads = amx_tile_plan(
+            sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
+            sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
+        glu = _glu_sizes(model)
+        for module in (uniform if tile_layers else []) + (heads if tile_heads else []):
+            module.pack_amx(**({"glu": glu[id(module)]} if id(module) in glu else {}))
         return
     elem = torch.tensor([], dtype=dense_dtype).element_size()
     copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)
