@@ -263,36 +263,6 @@ def test_int8_rows_match_rounded_reference(qtype, down_qtype, switch):
 
 
 @pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
-@pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q4_1", "q8_0")])
-def test_amx_bf16_rows_match_bf16_rounded_reference(qtype, down_qtype):
-    """Experts past the int8 paths' rows take the AMX bf16 tiles on rows rounded to bf16 once per expert (not once
-    per task), written straight into the op's row buffers: within float32 sums of the reference on bf16-rounded
-    activations and weights; an expert of more than 512 rows (the tiles' row chunks) and experts with no rows
-    included. On a CPU without AMX the float32 path runs: within bf16 rounding of that reference."""
-    from tokenmill.model.layers.quantized import moe_switch_rows
-    from tokenmill.ops.cpu.qlinear import amx_available
-    from tokenmill.ops.moe.cpu import MoEWorkspace
-    from tokenmill.ops.moe.reference import fused_moe_reference_bf16
-
-    packed = _kquant_packed(8, qtype, down_qtype)
-    packed.amx_min_rows, packed.i8_max_rows, packed.amx_i8_min_rows = moe_switch_rows()
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(600, 256, generator=g)
-    w, ids = select_experts(torch.randn(600, 6, generator=g), 2, True)  # experts 6 and 7 get no rows
-    ids[:, 0] = 3  # expert 3: 600 rows
-    ref = fused_moe_reference_bf16(x, packed, w, ids)
-    scale = ref.abs().max().item()
-    for ws in (None, MoEWorkspace()):  # rows allocated per call, and in the shared scratch
-        packed.workspace = ws
-        got = fused_moe_cpu(x, packed, w, ids)
-        err = (got - ref).abs()
-        if amx_available():
-            assert err.max().item() < 2e-3 * scale and err.mean().item() < 2e-5 * scale
-        else:
-            assert err.max().item() < 2e-2 * scale
-
-
-@pytest.mark.skipif(not moe_kernel_available(), reason=f"moe kernel not built: {build_error('moe')}")
 @pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q5_k", "q4_k"), ("q6_k", "q5_k")])
 def test_vnni_rows_of_every_count_match_rounded_reference(qtype, down_qtype):
     """The VNNI int8 tiles (csrc/qlinear_i8.c) for experts of 1 to 10 rows each: one pass over the weights for up to
