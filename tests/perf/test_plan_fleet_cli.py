@@ -37,3 +37,25 @@ def test_fleet_plan_per_type(calibration, capsys):  # noqa: F811
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "one instance alone: colocated" in text and "2P + 1D" in text and "best:" in text
+
+
+def test_fleet_plan_served_path_latencies(calibration, tmp_path, capsys):  # noqa: F811
+    """The served path's fixed latencies (what bench/fleet_validate.py fits from step traces) reach the simulated
+    fleet: a disaggregated split's TTFT grows by about what they add, and they are recorded in --out."""
+    def plan(*extra: str) -> dict:
+        out = tmp_path / "plan.json"
+        args = parse(["--calibration", calibration, "--workload", "fixed:200:8", "--slo-ttft", "3000",
+                      "--slo-tpot", "100", "--rate", "0.5", "--num-requests", "12", "--instances", "2",
+                      "--prefill-instances", "1", "--out", str(out), *extra])
+        assert args.func(args) == 0
+        return json.loads(out.read_text())["fleet"]
+
+    base = plan()
+    slow = plan("--ingress-ms", "40", "--return-ms", "60", "--hop-ms-per-request", "5", "--step-gap-ms", "1",
+                "--decode-step-gap-ms", "1")
+    assert slow["ingress_s"] == 0.04 and slow["return_s"] == 0.06 and base["return_s"] == 0.0
+    added = slow["splits"][0]["ttft_ms"]["p50"] - base["splits"][0]["ttft_ms"]["p50"]
+    assert 90 <= added <= 200, added  # 40 + 60 ms of fixed latency, a step boundary or a gap more at most
+    args = parse(["--calibration", calibration, "--num-requests", "5", "--instances", "2", "--rate", "1",
+                  "--return-ms", "-1"])
+    assert args.func(args) == 2 and "--return-ms must be >= 0" in capsys.readouterr().err

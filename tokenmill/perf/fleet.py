@@ -489,15 +489,19 @@ class PerTypeRates:
 
 def per_type_rates(make_requests, cost: CostModel, cfg: SimConfig, router_policy: str, transfer_s_per_block: float,
                    slo_ttft_ms: Optional[float], slo_tpot_ms: Optional[float], target: float = 0.9,
-                   feeders: int = 4, transfer_s_per_pull: float = 0.0, hop_s: float = 0.0) -> PerTypeRates:
+                   feeders: int = 4, transfer_s_per_pull: float = 0.0, hop_s: float = 0.0,
+                   path: Optional[dict[str, float]] = None) -> PerTypeRates:
     """Each instance kind's goodput rate, simulated alone: cheap enough for large fleets, where simulating every
     split of N instances at N times the rate is not. The TTFT and TPOT targets are met separately (each by
-    >= target of requests), so a split's figure can be above what the whole fleet attains on both at once."""
-    colo = max_goodput_rate(make_requests, cost, cfg, FleetSpec(1, 0, router_policy), slo_ttft_ms, slo_tpot_ms,
-                            target)
+    >= target of requests), so a split's figure can be above what the whole fleet attains on both at once.
+    path: FleetSpec's served-path fields (ingress_s, hop_s_per_request, return_s, step_gap_s, decode_step_gap_s)."""
+    path = path or {}
+    colo = max_goodput_rate(make_requests, cost, cfg, FleetSpec(1, 0, router_policy, **path), slo_ttft_ms,
+                            slo_tpot_ms, target)
     pre = max_goodput_rate(make_requests, cost, cfg, FleetSpec(2, 1, router_policy, transfer_s_per_block,
-                                                               transfer_s_per_pull, hop_s), slo_ttft_ms, None, target)
+                                                               transfer_s_per_pull, hop_s, **path),
+                           slo_ttft_ms, None, target)
     dec = max_goodput_rate(make_requests, cost, cfg, FleetSpec(feeders + 1, feeders, router_policy,
-                                                               transfer_s_per_block, transfer_s_per_pull, hop_s),
-                           None, slo_tpot_ms, target)
+                                                               transfer_s_per_block, transfer_s_per_pull, hop_s,
+                                                               **path), None, slo_tpot_ms, target)
     return PerTypeRates(colo, pre, dec)

@@ -24,6 +24,18 @@ def add_fleet_args(p: argparse.ArgumentParser) -> None:
                    help="KV transfer: fixed cost of each pull (connection, header), on top of the per-block cost")
     g.add_argument("--hop-ms", type=float, default=0.0,
                    help="disaggregated: prefill answer -> decode instance (the router's second hop)")
+    g.add_argument("--hop-ms-per-request", type=float, default=0.0,
+                   help="disaggregated: added to --hop-ms per other prompt the same prefill step finished (a burst "
+                        "reaches the decode instance one request after another)")
+    g.add_argument("--ingress-ms", type=float, default=0.0,
+                   help="client's send -> the first instance's scheduler (HTTP, chat template, tokenizing, router)")
+    g.add_argument("--return-ms", type=float, default=0.0,
+                   help="disaggregated: the decode instance's first token -> the client")
+    g.add_argument("--step-gap-ms", type=float, default=0.0,
+                   help="the engine loop's time between two steps of a prefill or colocated instance")
+    g.add_argument("--decode-step-gap-ms", type=float, default=0.0,
+                   help="the same for a decode instance (bench/fleet_validate.py fits these five from a served "
+                        "pass's step traces: tokenmill/perf/served_path.py)")
     g.add_argument("--fleet-method", default="simulate", choices=["simulate", "per-type"],
                    help="simulate: the whole fleet at each split (exact, slow for large N); per-type: the goodput "
                         "rate of one colocated, one prefill and one decode instance, combined per split (DistServe)")
@@ -42,10 +54,16 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     block_bytes = cost.spec.kv_bytes_per_token * cfg.block_size
     per_block_s = (args.transfer_ms_per_block / 1e3 if args.transfer_ms_per_block is not None
                    else block_bytes / (args.transfer_gbps * 1e9))
-    for flag, v in (("--transfer-ms-per-pull", args.transfer_ms_per_pull), ("--hop-ms", args.hop_ms)):
+    path_ms = {"hop_s_per_request": ("--hop-ms-per-request", args.hop_ms_per_request),
+               "ingress_s": ("--ingress-ms", args.ingress_ms), "return_s": ("--return-ms", args.return_ms),
+               "step_gap_s": ("--step-gap-ms", args.step_gap_ms),
+               "decode_step_gap_s": ("--decode-step-gap-ms", args.decode_step_gap_ms)}
+    for flag, v in (("--transfer-ms-per-pull", args.transfer_ms_per_pull), ("--hop-ms", args.hop_ms),
+                    *path_ms.values()):
         if not v >= 0:
             raise ConfigError(f"{flag} must be >= 0, got {v}")
     pull_s, hop_s = args.transfer_ms_per_pull / 1e3, args.hop_ms / 1e3
+    path = {field: v / 1e3 for field, (_, v) in path_ms.items()}  # the served path's fixed latencies, seconds
     splits = [args.prefill_instances] if args.prefill_instances is not None else list(range(n))
 
     def make(rate: float):
@@ -63,12 +81,12 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
         if not (args.slo_ttft and args.slo_tpot):
             raise ConfigError("--fleet-method per-type needs both --slo-ttft and --slo-tpot")
         rates = per_type_rates(make, cost, cfg, args.router_policy, per_block_s, args.slo_ttft, args.slo_tpot,
-                               transfer_s_per_pull=pull_s, hop_s=hop_s)
+                               transfer_s_per_pull=pull_s, hop_s=hop_s, path=path)
         print(f"  one instance alone: colocated {rates.colocated:.3f} req/s, prefill {rates.prefill:.3f} req/s "
               f"(TTFT), decode {rates.decode:.3f} req/s (TPOT)")
         print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11}")
         for p in splits:
-            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s)
+            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s, **path)
             per = rates.per_instance(n, p)
             rows.append({"split": s.label, "prefill_instances": p, "goodput_per_instance": per, "rate": per * n})
             print(f"  {s.label:>14} {per:>12.3f} {per * n:>11.3f}")
@@ -76,7 +94,7 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
     else:
         print(f"  {'split':>14} {'goodput/inst':>12} {'fleet req/s':>11} {'TTFT p50':>9} {'TPOT p50':>9} {'attain':>7}")
         for p in splits:
-            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s)
+            s = FleetSpec(n, p, args.router_policy, per_block_s, pull_s, hop_s, **path)
             if args.rate is not None:
                 rate = args.rate
             elif args.slo_ttft or args.slo_tpot:
@@ -96,7 +114,7 @@ def plan_fleet(args: argparse.Namespace, cost: CostModel, cfg: SimConfig, out: d
         line += f", {best['goodput_per_instance'] / colo['goodput_per_instance']:.2f}x colocated"
     print(line + "; predicted by simulation)")
     out["fleet"] = {"instances": n, "router_policy": args.router_policy, "transfer_s_per_block": per_block_s,
-                    "transfer_s_per_pull": pull_s, "hop_s": hop_s,
+                    "transfer_s_per_pull": pull_s, "hop_s": hop_s, **path,
                     "splits": rows, "best": best["split"]}
 
 
