@@ -135,3 +135,29 @@ def test_amx_tiles_are_counted_for_a_small_quantized_gguf_on_an_amx_cpu(tmp_path
     assert amx_tiles_bytes(SPEC, str(hf), "cpu") == 0  # a Hugging Face folder: no packed linears
     big = ModelSpec(80, 8192, 64, 8, 128, 28672, 128256)
     assert amx_tiles_bytes(big, None, "cpu") == 0  # over the cap: no tiles
+
+
+def test_plan_weights_of_a_packed_gguf_are_the_file():
+    """quantization auto keeps a GGUF's blocks packed on the CPU: plan counts the file's bytes, not float32
+    parameters (SmolLM2's Q4_1 file is ~0.1 GB against ~0.5 GB of float32)."""
+    import os
+
+    from tokenmill.model.loader import resolve_model_source
+    from tokenmill.ops.cpu.qlinear import available
+    from tokenmill.perf.cli import model_spec_for
+
+    path = resolve_model_source(None).gguf_path
+    _, weights, _ = model_spec_for(None, "auto", "cpu")
+    assert weights == (os.path.getsize(path) if available() else 538057728)
+    assert model_spec_for(None, "bfloat16", "cpu")[1] == 538057728 // 2  # no packing for a bfloat16 model
+
+
+def test_calibration_records_resident_weight_bytes():
+    import torch
+
+    from tokenmill.perf.cost_model import _resident_weight_bytes
+
+    m = torch.nn.Linear(4, 3)
+    m.register_buffer("packed", torch.zeros(10, dtype=torch.uint8))
+    assert _resident_weight_bytes(m, 999) == (12 + 3) * 4 + 10  # parameters and buffers at their own size
+    assert _resident_weight_bytes(None, 999) == 999

@@ -89,6 +89,13 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
     max_len = int(getattr(cfg, "max_position_embeddings", None) or 2048)
+    if src.kind == "gguf" and device == "cpu" and _model_dtype(dtype, device) == "float32":
+        import os
+
+        from tokenmill.ops.cpu.qlinear import available
+
+        if available():  # quantization auto keeps the file's blocks packed (MoE experts too): about the file's size
+            return spec, os.path.getsize(src.gguf_path), max_len
     return spec, params * nb, max_len
 
 

@@ -351,6 +351,15 @@ def _core_of(engine: Any) -> Any:
     return engine.core if hasattr(engine, "core") else engine
 
 
+def _resident_weight_bytes(model: Any, estimate: int) -> int:
+    """Bytes of the loaded model's parameters and buffers as they sit in memory (packed GGUF / 16-bit weights at
+    their own size; the AMX tiles are counted apart, perf/cli.py amx_tiles_bytes); `estimate` without a model."""
+    if model is None or not hasattr(model, "parameters"):
+        return estimate
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) or estimate
+
+
 def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_case: int = 12,
               repeats: int = 1) -> CostModel:
     """Time real steps of varied shape on the engine's device and fit a CostModel to them."""
@@ -396,7 +405,7 @@ def calibrate(llm_or_engine: Any, plan: tuple = CALIBRATION_PLAN, max_steps_per_
     total_params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
     model.info.update(model=cfg_model.model, dtype=str(runner.dtype).removeprefix("torch."),
                       kv_cache_dtype=runner.kv_cache_dtype,
-                      weights_total_bytes=total_params * spec.dtype_bytes,
+                      weights_total_bytes=_resident_weight_bytes(runner.model, total_params * spec.dtype_bytes),
                       max_model_len=int(getattr(hf, "max_position_embeddings", None) or runner.max_model_len),
                       num_threads=_num_threads())
     model.info["samples"] = [[s.num_tokens, s.num_reqs, s.kv_tokens_read, s.attn_pairs, t] for s, t in samples]
