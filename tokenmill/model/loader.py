@@ -251,22 +251,26 @@ def _iter_safetensors(files: list[str], lazy: bool = False,
 _SAFETENSORS_16BIT = {"BF16": "bf16", "F16": "f16"}
 
 
-def safetensors_16bit_types(files: list[str]) -> dict[str, str]:
-    """Checkpoint name -> "bf16" / "f16" for every 2-D tensor stored in a 16-bit float type (headers only)."""
+def _safetensors_headers(files: list[str]) -> dict[str, tuple[str, int]]:
+    """Checkpoint name -> (safetensors dtype, number of dims) of every tensor (headers only)."""
     from safetensors import safe_open
 
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, int]] = {}
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    kind = _SAFETENSORS_16BIT.get(sl.get_dtype())
-                    if kind is not None and len(sl.get_shape()) == 2:
-                        out[name] = kind
+                    out[name] = (sl.get_dtype(), len(sl.get_shape()))
         except Exception as e:  # SafetensorError, OSError on truncated / corrupt files
             raise ModelLoadError(f"cannot read weights file {file}: {type(e).__name__}: {e}") from None
     return out
+
+
+def safetensors_16bit_types(files: list[str]) -> dict[str, str]:
+    """Checkpoint name -> "bf16" / "f16" for every 2-D tensor stored in a 16-bit float type (headers only)."""
+    return {name: _SAFETENSORS_16BIT[dt] for name, (dt, ndim) in _safetensors_headers(files).items()
+            if dt in _SAFETENSORS_16BIT and ndim == 2}
 
 
 def cpu_packs_16bit(source: ModelSource, dtype: torch.dtype, device: torch.device | str, quantization: str,
@@ -287,18 +291,9 @@ def cpu_packs_16bit(source: ModelSource, dtype: torch.dtype, device: torch.devic
         return False
     if resolve_gemm_dtype(gemm_dtype) != torch.bfloat16 or not amx_available() or not available():
         return False
-    from safetensors import safe_open
-
-    try:
-        for file in safetensors_files(source.path):
-            with safe_open(file, framework="pt", device="cpu") as f:
-                if any(f.get_slice(n).get_dtype() not in _SAFETENSORS_16BIT or ".experts." in n for n in f.keys()):
-                    return False  # a float32 tensor, or MoE experts (the MoE op takes GGUF blocks only)
-    except ModelLoadError:
-        raise
-    except Exception as e:
-        raise ModelLoadError(f"cannot read the weights in {source.path}: {type(e).__name__}: {e}") from None
-    return True
+    headers = _safetensors_headers(safetensors_files(source.path))
+    # a float32 tensor, or MoE experts (the MoE op takes GGUF blocks only): not this path
+    return all(dt in _SAFETENSORS_16BIT and ".experts." not in name for name, (dt, _) in headers.items())
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], progress: bool = False,

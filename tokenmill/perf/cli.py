@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -90,8 +91,6 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
     params = spec.layer_params + spec.lm_head_params * (1 if tied else 2) + spec.num_layers * 2 * spec.hidden_size
     max_len = int(getattr(cfg, "max_position_embeddings", None) or 2048)
     if src.kind == "gguf" and device == "cpu" and _model_dtype(dtype, device) == "float32":
-        import os
-
         from tokenmill.ops.cpu.qlinear import available
 
         if available():  # quantization auto keeps the file's blocks packed (MoE experts too): about the file's size

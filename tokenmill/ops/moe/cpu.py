@@ -101,10 +101,9 @@ class MoEWorkspace:
 
 
 def _ws_floats(experts: Any, pairs: int, hidden: int) -> int:
-    """Workspace floats the C op uses for `pairs` token-expert pairs (csrc/moe.c tm_moe_ws_floats): gathered x
-    (then the expert outputs), gate|up, activations (or, before them, the AMX experts' bf16 rows), tile slack."""
-    inter = experts.intermediate_size
-    return pairs * (hidden + 2 * inter + max(inter, hidden // 2)) + 8 * hidden
+    """Workspace floats the C op uses for `pairs` token-expert pairs (csrc/moe.c tm_moe_ws_floats; only called
+    where the library is loaded): gathered x (then the expert outputs), gate|up, activations, tile slack."""
+    return _lib().tm_moe_ws_floats(pairs, hidden, experts.intermediate_size)
 
 
 def _scratch(experts: Any, pairs: int, hidden: int) -> tuple[Optional[int], int]:

@@ -160,19 +160,17 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
         }                                                                                                         \
     } while (0)
 
-// GLU output: tiles TG (gate) and TU (up) of token block I -> act[t, c0 + j] = silu(g + bias) * (u + bias), the
-// values and operations of layer.c's silu_mul_rows (16 lanes, exp16 and a true division), I a multiple of 16.
+// GLU output: tiles TG (gate) and TU (up) of token block I -> act[t, c0 + j] = silu(g + bias) * (u + bias) by
+// simd.h's tm_silu_mul_row, the function layer.c's silu pass runs (the same values), I a multiple of 16.
 #define AMX_GLU(TG, TU, I)                                                                                        \
     do {                                                                                                          \
         _tile_stored(TG, cb, 64);                                                                                 \
         _tile_stored(TU, cu, 64);                                                                                 \
-        const __m512 bg_ = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();                              \
-        const __m512 bu_ = bias ? _mm512_loadu_ps(bias + c1) : _mm512_setzero_ps();                              \
         for (int t = 0; t < ms[I]; t++) {                                                                         \
-            __m512 g_ = _mm512_load_ps(cb + t * 16), u_ = _mm512_load_ps(cu + t * 16);                            \
-            if (bias) { g_ = _mm512_add_ps(g_, bg_); u_ = _mm512_add_ps(u_, bu_); }                               \
-            const __m512 d_ = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g_)));  \
-            _mm512_storeu_ps(act + (m0 + 16 * (I) + t) * glu + c0, _mm512_mul_ps(_mm512_div_ps(g_, d_), u_));     \
+            float *g_ = cb + t * 16, *u_ = cu + t * 16;                                                           \
+            if (bias)                                                                                             \
+                for (int j = 0; j < 16; j++) { g_[j] += bias[c0 + j]; u_[j] += bias[c1 + j]; }                    \
+            tm_silu_mul_row(g_, u_, act + (m0 + 16 * (I) + t) * glu + c0, 16);                                     \
         }                                                                                                         \
     } while (0)
 
