@@ -118,6 +118,39 @@ def test_plan_fits_the_cost_model_to_a_served_step_trace(calibration, tmp_path, 
     assert "step trace not found" in capsys.readouterr().err
 
 
+def test_plan_pools_calibration_traces_and_reports_their_drift(calibration, tmp_path, capsys):
+    """--calibration-trace repeated: passes taken at different times (before and after a run) are fitted together,
+    and each pass's speed against that fit (the machine's drift between them) is printed and saved."""
+    truth = CostModel(SPEC, bandwidth=0.0, matmul_rate=0.0, o_step=0.03, o_tok=5e-4)
+    paths = []
+    for k, scale in enumerate((1.0, 1.2)):
+        lines = []
+        for i, n in enumerate(range(40, 1300, 60)):
+            s = truth.predict(n, 1, n, n * (n + 1) // 2) * scale
+            lines.append(json.dumps({"t": 100.0 + 50 * k + i, "s": s, "tokens": n, "reqs": 1, "kv": n,
+                                     "pairs": n * (n + 1) // 2}))
+        paths.append(tmp_path / f"pass{k}.jsonl")
+        paths[-1].write_text("\n".join(lines) + "\n")
+    out = tmp_path / "plan.json"
+    args = parse(["--calibration", calibration, "--calibration-trace", str(paths[0]), "--calibration-trace",
+                  str(paths[1]), "--workload", "fixed:512:1", "--rate", "0.5", "--num-requests", "10",
+                  "--out", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "cost model fitted to 42 served steps" in text and "drift between them 20.0%" in text
+    plan = json.loads(out.read_text())
+    assert plan["calibration_traces"]["drift"] == pytest.approx(0.2, rel=0.01)
+    assert plan["calibration_traces"]["files"] == [str(p) for p in paths]
+    fitted = CostModel.from_dict({**plan["cost_model"], "format": "tokenmill-cost-model-1", "info": {}})
+    assert fitted.predict(512, 1, 512, 512 * 513 // 2) == pytest.approx(1.1 * (0.03 + 512 * 5e-4), rel=0.03)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = parse(["--calibration", calibration, "--calibration-trace", str(paths[0]), "--calibration-trace",
+                  str(empty), "--rate", "1"])
+    assert args.func(args) == 2
+    assert "empty.jsonl holds no steps" in capsys.readouterr().err
+
+
 def test_amx_tiles_are_counted_for_a_small_quantized_gguf_on_an_amx_cpu(tmp_path):
     """gemm auto keeps a small packed model's linears as AMX bf16 tiles too (QuantizedLinear.pack_amx): plan counts
     them where the engine would make them (a GGUF on a CPU with AMX), and nowhere else."""

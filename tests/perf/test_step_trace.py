@@ -117,3 +117,28 @@ def test_served_calibration_fixes_the_disaggregated_prediction(tmp_path):
     assert simulate_fleet(reqs, served, SimConfig(), spec, decode_cost=TRUE).ttft_s == pytest.approx(truth, rel=0.03)
     short = simulate_fleet(reqs, calib, SimConfig(), spec, decode_cost=TRUE).ttft_s
     assert all(s < 0.86 * t for s, t in zip(short, truth))
+
+
+def test_passes_fitted_together_show_the_drift_between_them():
+    from tokenmill.perf.step_trace import fit_passes_like, speed_drift, trace_speed
+
+    base = fit_trace(SPEC, [(prefill(n), TRUE.predict_shape(prefill(n))) for n in SIZES], switch_tokens=(4, 64))
+    before = [(prefill(n), TRUE.predict_shape(prefill(n))) for n in SIZES]
+    after = [(prefill(n), TRUE.predict_shape(prefill(n)) * 1.1) for n in SIZES]  # the machine 10% slower
+    assert trace_speed(TRUE, after) == pytest.approx(1.1)
+    model, speeds = fit_passes_like(base, [before, after])
+    assert speeds[1] / speeds[0] == pytest.approx(1.1, rel=0.01)
+    assert speeds[0] == pytest.approx(1 / 1.05, rel=0.02) and speeds[1] == pytest.approx(1.1 / 1.05, rel=0.02)
+    assert model.info["pass_speeds"] == speeds
+    for n in (100, 700):  # the pooled fit sits at the passes' mean speed
+        assert model.predict_shape(prefill(n)) == pytest.approx(1.05 * TRUE.predict_shape(prefill(n)), rel=0.03)
+    assert speed_drift(speeds) == pytest.approx(0.1, rel=0.01)
+    assert speed_drift([1.3]) == 0.0
+    one, (s1,) = fit_passes_like(base, [before])
+    assert s1 == pytest.approx(1.0, rel=0.01)
+    with pytest.raises(ConfigError, match="needs traced steps"):
+        fit_passes_like(base, [before, []])
+    with pytest.raises(ConfigError, match="no traced steps"):
+        trace_speed(TRUE, [])
+    with pytest.raises(ConfigError, match="positive"):
+        speed_drift([])

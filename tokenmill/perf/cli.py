@@ -1,7 +1,7 @@
 """`tokenmill plan`: memory plan, predicted goodput and the batch settings that maximize it.
 
     tokenmill plan [--model M] [--workload chat --slo-ttft 2000 --slo-tpot 150 --rate 2]
-                   [--calibrate [--save-calibration F] | --calibration F] [--calibration-trace STEPS.jsonl]
+                   [--calibrate [--save-calibration F] | --calibration F] [--calibration-trace STEPS.jsonl ...]
 """
 from __future__ import annotations
 
@@ -247,13 +247,24 @@ def _plan(args: argparse.Namespace) -> int:
     mem = memory_report(spec, weights, device, args, max_len, kv_dtype)
     typical = round(sum(r.prompt_len + r.output_len for r in probe) / len(probe))
     cost = saved if saved is not None else get_cost_model(args, spec, device)
+    traces_info = None
     if args.calibration_trace:  # the model refitted to what a served instance's steps took (perf/step_trace.py)
-        from tokenmill.perf.step_trace import fit_trace_like, read_step_trace
+        from tokenmill.perf.step_trace import fit_passes_like, read_step_trace, speed_drift
 
-        cost = fit_trace_like(cost, read_step_trace(args.calibration_trace))
-        print(f"cost model fitted to {cost.info['num_steps']} served steps of {args.calibration_trace} (median "
+        passes = [read_step_trace(p) for p in args.calibration_trace]
+        for p, steps in zip(args.calibration_trace, passes):
+            if not steps:
+                raise ConfigError(f"step trace {p} holds no steps")
+        cost, speeds = fit_passes_like(cost, passes)
+        names = ", ".join(args.calibration_trace)
+        print(f"cost model fitted to {cost.info['num_steps']} served steps of {names} (median "
               f"error {cost.info['median_rel_error']:.1%}, steps of {cost.info['trace_tokens_range'][0]}-"
               f"{cost.info['trace_tokens_range'][1]} tokens)")
+        traces_info = {"files": list(args.calibration_trace), "speeds": speeds, "drift": speed_drift(speeds)}
+        if len(speeds) > 1:
+            print("the traces' speeds against that fit: " + ", ".join(f"{v:.3f}x" for v in speeds) +
+                  f" (drift between them {traces_info['drift']:.1%}: the machine's speed moves by as much between "
+                  f"passes, and a single pass's prediction with it)")
     out: dict[str, Any] = {"memory": {"weights_bytes": mem.weights_bytes, "amx_tiles_bytes": mem.amx_tiles_bytes,
                                       "kv_cache_dtype": kv_dtype,
                                       "kv_bytes_per_token": mem.kv_bytes_per_token,
@@ -261,6 +272,8 @@ def _plan(args: argparse.Namespace) -> int:
                                       "max_requests_at_max_model_len": mem.max_requests(max_len),
                                       "max_requests_at_workload_mean": mem.max_requests(typical)},
                            "cost_model": {k: v for k, v in cost.to_dict().items() if k != "info"}}
+    if traces_info is not None:
+        out["calibration_traces"] = traces_info
     print("\n".join(mem.lines(typical)))
     calibrated = cost.info.get("calibrated", False)
     print(f"cost model: {'calibrated' if calibrated else 'UNCALIBRATED roofline prior (use --calibrate)'}; "
@@ -363,9 +376,11 @@ def add_plan_args(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="load the model and time real steps first")
     p.add_argument("--calibration", default=None, metavar="FILE", help="a saved calibration (JSON)")
     p.add_argument("--save-calibration", default=None, metavar="FILE", help="with --calibrate: save it here")
-    p.add_argument("--calibration-trace", default=None, metavar="FILE",
+    p.add_argument("--calibration-trace", default=None, metavar="FILE", action="append",
                    help="fit the cost model to a served instance's step trace (`serve --step-trace FILE`): the steps "
-                        "it ran serving the workload, at the speed it ran them (regimes from --calibration if given)")
+                        "it ran serving the workload, at the speed it ran them (regimes from --calibration if given); "
+                        "repeat it for passes taken at different times: one fit to all of them, and each pass's "
+                        "speed against it (the machine's drift between passes) is printed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the plan as JSON here")
     from tokenmill.perf.fleet_cli import add_fleet_args

@@ -85,3 +85,33 @@ def fit_trace_like(base: CostModel, samples: list[tuple[StepShape, float]],
     model.info.update({k: v for k, v in base.info.items() if k in ("model", "dtype", "kv_cache_dtype", "num_threads",
                                                                     "weights_total_bytes", "max_model_len")})
     return model
+
+
+def trace_speed(model: CostModel, samples: list[tuple[StepShape, float]]) -> float:
+    """How fast the traced steps ran against `model`: their summed time over the model's (time-weighted, as
+    latencies see it; > 1: slower than the model)."""
+    pred = sum(model.predict_shape(s) for s, _ in samples)
+    if not samples or pred <= 0:
+        raise ConfigError("no traced steps to measure the speed of")
+    return sum(t for _, t in samples) / pred
+
+
+def fit_passes_like(base: CostModel, passes: list[list[tuple[StepShape, float]]],
+                    min_steps: int = MIN_TRACE_STEPS) -> tuple[CostModel, list[float]]:
+    """One cost model fitted to the steps of several served passes together (fit_trace_like over their union: the
+    machine's mean speed over the passes), and each pass's speed against it (trace_speed). Passes of the same
+    requests taken at different times (before and after a measured run, or on different days) show the machine's
+    drift between them in those speeds, which the scatter within one pass does not (served_path.spread_of_trace)."""
+    if not passes or any(not p for p in passes):
+        raise ConfigError("every calibration pass needs traced steps")
+    model = fit_trace_like(base, [x for p in passes for x in p], min_steps)
+    speeds = [trace_speed(model, p) for p in passes]
+    model.info["pass_speeds"] = speeds
+    return model, speeds
+
+
+def speed_drift(speeds: list[float]) -> float:
+    """The largest relative difference between the speeds of several passes (max / min - 1; 0.0 for one)."""
+    if not speeds or min(speeds) <= 0:
+        raise ConfigError("speeds must be positive")
+    return max(speeds) / min(speeds) - 1.0
