@@ -16,9 +16,15 @@
    first token's path under that load (tokenmill/perf/served_path.py: the hop to the consumer's engine, the
    delay per other prompt of the same prefill step, the return leg from the consumer's step boundary to the
    client), the engine loops' time between steps and each side's step scatter around its fitted model; 6. `bench serve` through the router at each
-   rate; 7. `simulate_fleet` over 1P + 1D with that transfer cost, ingress and hop, from the in-process
-   calibration and from the served one: one run at the fitted step times, and --replicates runs with the
-   steps drawn from the served scatter (fleet_replicates: the median and 10-90% band of each figure).
+   rate, each followed by another calibration pass of the same requests (unless --single-calibration), so that
+   every rate is bracketed by a pass just before and one just after it; 7. `simulate_fleet` over 1P + 1D with
+   that transfer cost, ingress and hop, from the in-process calibration and from the first pass (the single
+   calibration: one run at the fitted step times, and --replicates runs with the steps drawn from the served
+   scatter, fleet_replicates: the median and 10-90% band of each figure), and per rate from its bracketing
+   passes: each alone, the first pass's calibration scaled by their mean speed against it (drift-corrected: only
+   the drift between passes taken out) and both passes fitted together (bracketing). The drift: each pass's
+   step times against the first pass's fit (the same requests each time), and each rate's against every fit.
+   Every prediction comes from calibration passes of other requests (seed 1), never from the measured rate.
 
   flock -x /work/cpu.lock env PYTHONPATH=. python bench/fleet_validate.py --workload chat --rate 1,2 \\
       --num-requests 40 [--mode disagg] [--policy least-load] [--calibration cal.json] [--out result.json]
@@ -52,10 +58,10 @@ from tokenmill.perf.cli import CHAT_TEMPLATE_TOKENS, kv_cache_dtype_for  # noqa:
 from tokenmill.perf.cost_model import CostModel  # noqa: E402
 from tokenmill.errors import ConfigError  # noqa: E402
 from tokenmill.perf.fleet import FleetSpec, fleet_replicates, replicate_figures, simulate_fleet  # noqa: E402
-from tokenmill.perf.served_path import (fit_first_token_path_relative, spread_of_trace,  # noqa: E402
+from tokenmill.perf.served_path import (FirstTokenPath, fit_first_token_path, spread_of_trace,  # noqa: E402
                                         step_gap_of_trace)
 from tokenmill.perf.simulator import SimConfig, requests_from_workload  # noqa: E402
-from tokenmill.perf.step_trace import fit_trace_like, read_step_trace, read_step_trace_timed  # noqa: E402
+from tokenmill.perf.step_trace import fit_passes_like, read_step_trace_timed, speed_drift, trace_speed  # noqa: E402
 
 ENV = {"PYTHONPATH": str(ROOT)}
 # no prefix caching: each rate resends the same seeded prompts (the simulator models no cache either)
@@ -144,37 +150,80 @@ def read_trace_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def served_calibration(base: str, args, rate: float, tok, cost: CostModel, traces: dict[str, Path],
-                       ingress_s: float) -> dict:
-    """`bench serve` of other requests of the workload (seed args.served_calibration_seed) through the router, then
-    each side's cost model fitted to its step trace of that pass ({"prefill": model, "decode": model, ...}), the
-    step scatter around it ({"prefill_spread": StepSpread, ...}) and the first token's path ({"path": ...}, None
-    when the trace does not hold one whole prompt per request and step). No warm-up request (the idle probes
+def run_pass(base: str, args, rate: float, tok, traces: dict[str, Path]) -> dict:
+    """One served calibration pass: `bench serve` of other requests of the workload (seed
+    args.served_calibration_seed, the same requests in every pass) through the router, and what each side's step
+    trace and the client recorded meanwhile (raw; calibration_of fits them). No warm-up request (the idle probes
     warmed the servers): every prefill step of the pass is one of its requests'."""
     t0 = time.time()
     m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.served_calibration_requests,
                             seed=args.served_calibration_seed, progress=False, tokenizer=tok, warmup=False)[0]
     t1 = time.time()
-    out = {"rate": rate, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
-           "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)), "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
-           "measured": _pick(m.summary)}
-    timed = {}
+    return {"rate": rate, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
+            "t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
+            "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)), "measured": _pick(m.summary),
+            "timed": {side: read_step_trace_timed(traces[side], t0, t1) for side in ("prefill", "decode")},
+            "requests": [(r.start_s, r.ttft_s) for r in m.records if r.success and r.ttft_s is not None]}
+
+
+def pooled_path(passes: list[dict], ingress_s: float) -> FirstTokenPath:
+    """The first-token path fitted to the requests of several passes together (each pass's client clock aligned
+    to the wall clock by its first prefill step, as fit_first_token_path_relative does for one)."""
+    pre, dec, reqs = [], [], []
+    for p in passes:
+        steps = [(t, s, sh.num_reqs) for t, sh, s in p["timed"]["prefill"] if sh.num_tokens > sh.num_reqs]
+        if not steps or not p["requests"]:
+            raise ConfigError("a pass without prefill steps or requests")
+        rq = sorted(p["requests"])
+        offset = min(t for t, _, _ in steps) - ingress_s - rq[0][0]
+        pre += steps
+        dec += [(t, s) for t, _, s in p["timed"]["decode"]]
+        reqs += [(t + offset, f) for t, f in rq]
+    return fit_first_token_path(sorted(pre), sorted(dec), sorted(reqs))
+
+
+def calibration_of(passes: list[dict], cost: CostModel, ingress_s: float) -> dict:
+    """Each side's cost model fitted to its steps of the given passes together ({"prefill": model, "decode":
+    model, ...}; fit_passes_like: one pass, or the mean speed of the passes bracketing a measured rate), each
+    pass's speed against it, the step scatter around it ({"prefill_spread": StepSpread, ...}), the engine loops'
+    time between steps and the first token's path ({"path": ...}, None when a pass's trace does not hold one whole
+    prompt per request and step)."""
+    out = {"passes": [p["start_utc"] + "-" + p["end_utc"] for p in passes]}
     for side in ("prefill", "decode"):
-        timed[side] = read_step_trace_timed(traces[side], t0, t1)
-        model = fit_trace_like(cost, [(sh, s) for _, sh, s in timed[side]])
-        out[side] = model
-        out[f"{side}_vs_in_process"] = drift_of_trace(traces[side], t0, t1, cost)
-        out[f"{side}_spread"] = spread_of_trace(model, [(sh, s) for _, sh, s in timed[side]],
-                                                [t for t, _, _ in timed[side]])
-        out[f"{side}_step_gap_s"] = step_gap_of_trace([(t, s) for t, _, s in timed[side]])
-    ok = [(r.start_s, r.ttft_s) for r in m.records if r.success and r.ttft_s is not None]
+        per_pass = [[(sh, s) for _, sh, s in p["timed"][side]] for p in passes]
+        timed = [x for p in passes for x in p["timed"][side]]
+        out[side], out[f"{side}_pass_speeds"] = fit_passes_like(cost, per_pass)
+        out[f"{side}_vs_in_process"] = trace_speed(cost, [(sh, s) for _, sh, s in timed])
+        out[f"{side}_spread"] = spread_of_trace(out[side], [(sh, s) for _, sh, s in timed], [t for t, _, _ in timed])
+        out[f"{side}_step_gap_s"] = statistics.fmean(step_gap_of_trace([(t, s) for t, _, s in p["timed"][side]])
+                                                     for p in passes)
     try:
-        out["path"] = fit_first_token_path_relative([(t, s, sh.num_reqs) for t, sh, s in timed["prefill"]
-                                                     if sh.num_tokens > sh.num_reqs],  # prefill steps only
-                                                    [(t, s) for t, _, s in timed["decode"]], ok, ingress_s)
+        out["path"] = pooled_path(passes, ingress_s)
     except ConfigError as e:
         print(f"first-token path not fitted ({e}): the idle hop stands", flush=True)
         out["path"] = None
+    return out
+
+
+def pass_summary(p: dict, cost: CostModel, first: dict) -> dict:
+    """A pass for the JSON: its window, measured figures and each side's speed against the in-process model and
+    against the first pass's served fit (the drift since the first pass)."""
+    out = {k: p[k] for k in ("rate", "seed", "num_requests", "start_utc", "end_utc", "t0", "t1", "measured",
+                             "requests")}
+    for side in ("prefill", "decode"):
+        samples = [(sh, s) for _, sh, s in p["timed"][side]]
+        out[f"{side}_steps"] = len(samples)
+        out[f"{side}_vs_in_process"] = trace_speed(cost, samples)
+        out[f"{side}_vs_first_pass"] = trace_speed(first[side], samples)
+    return out
+
+
+def run_speed(traces: dict[str, Path], t0: float, t1: float, model_of: dict) -> dict:
+    """Each side's measured step time during [t0, t1] over model_of[side]'s predictions (None without steps)."""
+    out = {}
+    for side in ("prefill", "decode"):
+        samples = [(sh, s) for _, sh, s in read_step_trace_timed(traces[side], t0, t1)]
+        out[side] = trace_speed(model_of[side], samples) if samples else None
     return out
 
 
@@ -196,23 +245,20 @@ def kv_counters(base: str) -> dict:
     return out
 
 
-def run_rates(base: str, args, rates: list[float], tok, cost: CostModel, traces: dict[str, Path],
-              kv_url: str = "") -> list:
-    """`bench serve` at each rate: (result, extra row fields); run_speed_vs_calibration: per step trace, the
-    instances' measured step times over the calibration's predictions for the same steps during that rate."""
-    measured = []
-    for i, rate in enumerate(rates):
-        before = kv_counters(kv_url) if kv_url else {}
-        t0 = time.time()
-        m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.num_requests, seed=0,
-                                progress=False, tokenizer=tok, warmup=i == 0)[0]
-        t1 = time.time()
-        after = kv_counters(kv_url) if kv_url else {}
-        measured.append((m, {"t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
-                             "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
-                             "run_speed_vs_calibration": {k: drift_of_trace(p, t0, t1, cost) for k, p in traces.items()},
-                             **{k: after[k] - before.get(k, 0.0) for k in after}}))
-    return measured
+def run_rate(base: str, args, rate: float, tok, cost: CostModel, traces: dict[str, Path], warmup: bool,
+             kv_url: str = "") -> tuple:
+    """`bench serve` at one rate (seed 0): (result, extra row fields); run_speed_vs_calibration: per step trace,
+    the instances' measured step times over the in-process calibration's predictions for the same steps."""
+    before = kv_counters(kv_url) if kv_url else {}
+    t0 = time.time()
+    m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.num_requests, seed=0,
+                            progress=False, tokenizer=tok, warmup=warmup)[0]
+    t1 = time.time()
+    after = kv_counters(kv_url) if kv_url else {}
+    return m, {"t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
+               "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
+               "run_speed_vs_calibration": {k: drift_of_trace(p, t0, t1, cost) for k, p in traces.items()},
+               **{k: after[k] - before.get(k, 0.0) for k in after}}
 
 
 def served_prediction(reqs, meas: dict, err: dict, spec: FleetSpec, served: dict, rate: float,
@@ -231,16 +277,175 @@ def served_prediction(reqs, meas: dict, err: dict, spec: FleetSpec, served: dict
     sim_s = simulate_fleet(reqs, served["prefill"], cfg, spec_s, **kw)
     p_s = _pick(sim_s.summary())
     e_s = {k: p_s[k] / meas[k] - 1 for k in err}
+    out = {"predicted_served_calibration": p_s, "error_served_calibration": e_s,
+           "within_20pct_served_calibration": all(abs(e) <= 0.2 for e in e_s.values()),
+           "predicted_served_idle_path": idle, "error_served_idle_path": {k: idle[k] / meas[k] - 1 for k in err},
+           "predicted_requests_served_calibration": [list(x[:4]) for x in sim_s.records]}
+    if replicates < 1:
+        return out
     band = replicate_figures(fleet_replicates(reqs, served["prefill"], cfg, spec_s, served["prefill_spread"],
                                               replicates, decode_spread=served["decode_spread"], **kw))
     e_r = {k: band[k]["median"] / meas[k] - 1 for k in err}
-    return {"predicted_served_calibration": p_s, "error_served_calibration": e_s,
-            "within_20pct_served_calibration": all(abs(e) <= 0.2 for e in e_s.values()),
-            "predicted_served_idle_path": idle, "error_served_idle_path": {k: idle[k] / meas[k] - 1 for k in err},
-            "predicted_served_replicates": band, "error_served_replicates": e_r,
+    return {**out, "predicted_served_replicates": band, "error_served_replicates": e_r,
             "within_20pct_served_replicates": all(abs(e) <= 0.2 for e in e_r.values()),
-            "measured_within_band": {k: band[k]["p10"] <= meas[k] <= band[k]["p90"] for k in err},
-            "predicted_requests_served_calibration": [list(x[:4]) for x in sim_s.records]}
+            "measured_within_band": {k: band[k]["p10"] <= meas[k] <= band[k]["p90"] for k in err}}
+
+
+def print_served(served: dict, first: dict) -> None:
+    print(f"served calibration ({first['num_requests']} requests, seed {first['seed']}, {first['rate']:g} req/s, "
+          f"{first['start_utc']}-{first['end_utc']}): the served steps took {served['prefill_vs_in_process']:.2f}x "
+          f"(prefill), {served['decode_vs_in_process']:.2f}x (decode) the in-process model's predictions; fitted to "
+          f"{served['prefill'].info['num_steps']} / {served['decode'].info['num_steps']} steps, median error "
+          f"{served['prefill'].info['median_rel_error']:.1%} / {served['decode'].info['median_rel_error']:.1%}",
+          flush=True)
+    path = served["path"]
+    if path is not None:
+        print(f"first-token path under load: {path.hop_s * 1e3:.1f} ms to the consumer's engine + "
+              f"{path.hop_s_per_request * 1e3:.1f} ms per other prompt of the prefill step, "
+              f"{path.return_s * 1e3:.1f} ms from its step boundary to the client", flush=True)
+    print(f"between steps: {served['prefill_step_gap_s'] * 1e3:.2f} ms (producer), "
+          f"{served['decode_step_gap_s'] * 1e3:.2f} ms (consumer)", flush=True)
+    print("step scatter: " + ", ".join(
+        f"{k} residual log-sd {v['residual_log_sd']:.3f}, speed sigma {v['speed_sigma']:.3f}"
+        for k, v in (("prefill", spread_summary(served["prefill_spread"])),
+                     ("decode", spread_summary(served["decode_spread"])))), flush=True)
+
+
+def run_disagg(args, rates: list[float], tok, cost: CostModel, traces: dict[str, Path]) -> tuple:
+    """The disaggregated pair's measured rates with served calibration passes: one before the first rate (the
+    single calibration) and, unless --single-calibration, one after each rate (so that every rate is bracketed by
+    the passes just before and just after it). Returns (measured, transfer, hop, passes)."""
+    if args.transfer_ms_per_block is not None:
+        transfer = {"per_block_s": args.transfer_ms_per_block / 1e3, "given": True}
+    else:
+        transfer = measure_transfer([int(t) for t in args.transfer_tokens.split(",")], 3)
+        print(f"KV transfer ({transfer['kv_dtype']}): {transfer['per_block_s'] * 1e3:.2f} ms per block + "
+              f"{transfer['fixed_s'] * 1e3:.1f} ms per pull", flush=True)
+    for p in traces.values():
+        p.unlink(missing_ok=True)
+    cal_rate = args.served_calibration_rate or max(rates)
+    with disagg_servers(args.policy, traces) as (base, p_url, d_url):
+        hop = measure_hop(base, p_url, traces["prefill"])
+        print(f"served path at idle: {hop['ingress_s'] * 1e3:.1f} ms send -> prefill step, {hop['hop_s'] * 1e3:.1f} "
+              f"ms step end -> first token (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms through the router, "
+              f"{hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
+        passes = [run_pass(base, args, cal_rate, tok, traces)]
+        print_served(calibration_of(passes, cost, hop["ingress_s"]), passes[0])
+        measured = []
+        for i, rate in enumerate(rates):
+            measured.append(run_rate(base, args, rate, tok, cost, traces, i == 0, kv_url=d_url))
+            print(f"rate {rate:g}: {measured[-1][1]['start_utc']}-{measured[-1][1]['end_utc']}", flush=True)
+            if not args.single_calibration:
+                passes.append(run_pass(base, args, cal_rate, tok, traces))
+                print(f"calibration pass {len(passes) - 1}: {passes[-1]['start_utc']}-{passes[-1]['end_utc']}",
+                      flush=True)
+    return measured, transfer, hop, passes
+
+
+def _point(pred: dict) -> dict:
+    return {"predicted": pred["predicted_served_calibration"], "error": pred["error_served_calibration"]}
+
+
+def drift_corrected(first: dict, speeds: dict[str, float]) -> dict:
+    """The first pass's calibration (its fits' shapes, path, gaps and scatter) with each side's cost model scaled
+    by `speeds[side]`: the drift between calibration passes taken out and nothing else changed."""
+    return {**first, "prefill": first["prefill"].scaled(speeds["prefill"]),
+            "decode": first["decode"].scaled(speeds["decode"])}
+
+
+def interleaved_row(i: int, reqs, meas: dict, err: dict, spec: FleetSpec, rate: float, passes: list[dict],
+                    alone: list[dict], summ: list[dict], cost: CostModel, ingress_s: float, traces: dict[str, Path],
+                    extra: dict, replicates: int) -> dict:
+    """Rate i predicted from the calibration passes just before (i) and just after (i + 1) it: each alone; the
+    first pass's calibration scaled by the mean speed of the two against it (drift-corrected: the single
+    calibration with only the drift between passes taken out); both fitted together (bracketing: every figure
+    of the calibration refitted to the two passes); and each side's speed during the rate against those fits."""
+    brk = calibration_of([passes[i], passes[i + 1]], cost, ingress_s)
+    b = served_prediction(reqs, meas, err, spec, brk, rate, replicates)
+    speeds = {side: statistics.fmean(summ[k][f"{side}_vs_first_pass"] / summ[0][f"{side}_vs_first_pass"]
+                                     for k in (i, i + 1)) for side in ("prefill", "decode")}
+    dc = drift_corrected(alone[0], speeds)
+    d = served_prediction(reqs, meas, err, spec, dc, rate, replicates)
+    t0, t1 = extra["t0"], extra["t1"]
+    return {"passes": [i, i + 1], "drift_speeds": speeds,
+            "drift_corrected": {k: v for k, v in d.items() if k != "predicted_requests_served_calibration"},
+            "preceding": _point(served_prediction(reqs, meas, err, spec, alone[i], rate, 0)),
+            "following": _point(served_prediction(reqs, meas, err, spec, alone[i + 1], rate, 0)),
+            "bracketing": {k: v for k, v in b.items() if k != "predicted_requests_served_calibration"},
+            "bracketing_calibration": cal_json(brk),
+            "run_speed": {"vs_first_pass": run_speed(traces, t0, t1, alone[0]),
+                          "vs_preceding": run_speed(traces, t0, t1, alone[i]),
+                          "vs_following": run_speed(traces, t0, t1, alone[i + 1]),
+                          "vs_drift_corrected": run_speed(traces, t0, t1, dc),
+                          "vs_bracketing": run_speed(traces, t0, t1, brk)}}
+
+
+def cal_json(cal: dict) -> dict:
+    return {**{k: v for k, v in cal.items() if k not in ("prefill", "decode", "path", "prefill_spread",
+                                                         "decode_spread")},
+            "prefill_cost_model": cal["prefill"].to_dict(), "decode_cost_model": cal["decode"].to_dict(),
+            "path": None if cal["path"] is None else asdict(cal["path"]),
+            "prefill_spread": spread_summary(cal["prefill_spread"]), "decode_spread": spread_summary(cal["decode_spread"])}
+
+
+def _fig(m: dict, p: dict, e: dict) -> str:
+    return (f"{m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
+            f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
+            f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%})")
+
+
+def print_rows(rows: list[dict], spec: FleetSpec, args, drift: dict) -> None:
+    print(f"{spec.label}, {args.workload}, {args.num_requests} requests")
+    print(f"{'rate':>5} | {'TTFT p50 meas / pred':>27} | {'TPOT p50 meas / pred':>27} | {'out tok/s meas / pred':>27}")
+    for r in rows:
+        m = r["measured"]
+        preds = [("  in-process calibration", r["predicted"], r["error"])]
+        if "predicted_served_calibration" in r:
+            preds.append(("  served calibration, idle path", r["predicted_served_idle_path"],
+                          r["error_served_idle_path"]))
+            preds.append(("  served calibration (single pass, before the rates)", r["predicted_served_calibration"],
+                          r["error_served_calibration"]))
+            band = r["predicted_served_replicates"]
+            preds.append(("  single pass, median of runs with its scatter",
+                          {k: v["median"] for k, v in band.items()}, r["error_served_replicates"]))
+        it = r.get("interleaved")
+        if it:
+            i, j = it["passes"]
+            preds.append((f"  pass {i} (just before)", it["preceding"]["predicted"], it["preceding"]["error"]))
+            preds.append((f"  pass {j} (just after)", it["following"]["predicted"], it["following"]["error"]))
+            dd = it["drift_corrected"]
+            sp = it["drift_speeds"]
+            preds.append((f"  pass 0 x the speed of passes {i}+{j} ({sp['prefill']:.3f} / {sp['decode']:.3f}: "
+                          f"drift-corrected)", dd["predicted_served_calibration"], dd["error_served_calibration"]))
+            preds.append(("  drift-corrected, median of runs with its scatter",
+                          {k: v["median"] for k, v in dd["predicted_served_replicates"].items()},
+                          dd["error_served_replicates"]))
+            bb = it["bracketing"]
+            preds.append((f"  passes {i}+{j} fitted together (bracketing)", bb["predicted_served_calibration"],
+                          bb["error_served_calibration"]))
+            preds.append(("  bracketing, median of runs with its scatter",
+                          {k: v["median"] for k, v in bb["predicted_served_replicates"].items()},
+                          bb["error_served_replicates"]))
+        preds.append(("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"]))
+        for label, p, e in preds:
+            print(f"{r['rate']:>5g} | {_fig(m, p, e)}{label}")
+        for name, rr in (("single pass", r), ("drift-corrected", (it or {}).get("drift_corrected", {})),
+                         ("bracketing", (it or {}).get("bracketing", {}))):
+            if "predicted_served_replicates" in rr:
+                print(f"      10-90% band ({name}): " + ", ".join(
+                    f"{k} {v['p10']:.1f}-{v['p90']:.1f}{'' if rr['measured_within_band'][k] else ' (measured outside)'}"
+                    for k, v in rr["predicted_served_replicates"].items()))
+        print(f"      run speed vs in-process calibration (step time measured / predicted): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["run_speed_vs_calibration"].items() if v))
+        if it:
+            print("      run speed vs served fits (producer / consumer): " + ", ".join(
+                f"{k.removeprefix('vs_')} {v['prefill'] or 0:.3f} / {v['decode'] or 0:.3f}"
+                for k, v in it["run_speed"].items()))
+    if drift:
+        print("calibration passes, each side's speed against pass 0's fit (producer / consumer): " + ", ".join(
+            f"pass {k} {p['start_utc']} {p['prefill_vs_first_pass']:.3f} / {p['decode_vs_first_pass']:.3f}"
+            for k, p in enumerate(drift["passes"])))
+        print(f"drift between passes (max / min - 1): producer {drift['prefill']:.1%}, consumer {drift['decode']:.1%}")
 
 
 def main(argv: list[str]) -> int:
@@ -257,10 +462,12 @@ def main(argv: list[str]) -> int:
                     help="disagg: the KV transfer cost per block instead of measuring it")
     ap.add_argument("--transfer-tokens", default="32,128,512,2048", help="disagg: prompt lengths of the measured pulls")
     ap.add_argument("--served-calibration-rate", type=float, default=None,
-                    help="disagg: rate of the served calibration pass (default: the highest --rate)")
+                    help="disagg: rate of the served calibration passes (default: the highest --rate)")
     ap.add_argument("--served-calibration-requests", type=int, default=60)
     ap.add_argument("--served-calibration-seed", type=int, default=1,
-                    help="disagg: the calibration pass's requests (the measured rates use seed 0)")
+                    help="disagg: the calibration passes' requests (the measured rates use seed 0)")
+    ap.add_argument("--single-calibration", action="store_true",
+                    help="disagg: one calibration pass before the rates only (default: also one after each rate)")
     ap.add_argument("--trace-dir", default=None, help="keep the instances' step traces here (default: a temporary dir)")
     ap.add_argument("--replicates", type=int, default=40,
                     help="disagg: simulated runs with the served step scatter (the prediction's median and band)")
@@ -274,6 +481,8 @@ def main(argv: list[str]) -> int:
           f"{ref['prefill_512_ms']:.0f} ms", flush=True)
     rates = parse_rates(args.rate)
     transfer = hop = served = None
+    passes: list[dict] = []
+    alone: list[dict] = []
     tmp = tempfile.TemporaryDirectory()
     trace_dir = Path(args.trace_dir or tmp.name)
     trace_dir.mkdir(parents=True, exist_ok=True)
@@ -282,49 +491,25 @@ def main(argv: list[str]) -> int:
         cmd = serve_cmd("fcfs", 10000, 1000, [*COMMON, "--step-trace", str(traces["all"]), "--data-parallel-size", "2",
                                               "--data-parallel-policy", args.policy])
         with server_process(cmd, log_path="/tmp/fleet_validate.log", env=ENV) as base:
-            measured = run_rates(base, args, rates, tok, cost, traces)
+            measured = [run_rate(base, args, rate, tok, cost, traces, i == 0) for i, rate in enumerate(rates)]
         spec = FleetSpec(instances=2, router_policy=args.policy)
     else:
-        if args.transfer_ms_per_block is not None:
-            transfer = {"per_block_s": args.transfer_ms_per_block / 1e3, "given": True}
-        else:
-            transfer = measure_transfer([int(t) for t in args.transfer_tokens.split(",")], 3)
-            print(f"KV transfer ({transfer['kv_dtype']}): {transfer['per_block_s'] * 1e3:.2f} ms per block + "
-                  f"{transfer['fixed_s'] * 1e3:.1f} ms per pull", flush=True)
         traces = {k: trace_dir / f"{k}.jsonl" for k in ("prefill", "decode")}
-        for p in traces.values():
-            p.unlink(missing_ok=True)
-        with disagg_servers(args.policy, traces) as (base, p_url, d_url):
-            hop = measure_hop(base, p_url, traces["prefill"])
-            print(f"served path at idle: {hop['ingress_s'] * 1e3:.1f} ms send -> prefill step, {hop['hop_s'] * 1e3:.1f} "
-                  f"ms step end -> first token (TTFT {hop['router_ttft_s'] * 1e3:.0f} ms through the router, "
-                  f"{hop['direct_ttft_s'] * 1e3:.0f} ms from the producer)", flush=True)
-            served = served_calibration(base, args, args.served_calibration_rate or max(rates), tok, cost, traces,
-                                        hop["ingress_s"])
-            print(f"served calibration ({served['num_requests']} requests, seed {served['seed']}, "
-                  f"{served['rate']:g} req/s): the served steps took {served['prefill_vs_in_process']:.2f}x (prefill), "
-                  f"{served['decode_vs_in_process']:.2f}x (decode) the in-process model's predictions; fitted to "
-                  f"{served['prefill'].info['num_steps']} / {served['decode'].info['num_steps']} steps, median error "
-                  f"{served['prefill'].info['median_rel_error']:.1%} / {served['decode'].info['median_rel_error']:.1%}",
-                  flush=True)
-            path = served["path"]
-            if path is not None:
-                print(f"first-token path under load: {path.hop_s * 1e3:.1f} ms to the consumer's engine + "
-                      f"{path.hop_s_per_request * 1e3:.1f} ms per other prompt of the prefill step, "
-                      f"{path.return_s * 1e3:.1f} ms from its step boundary to the client", flush=True)
-            print(f"between steps: {served['prefill_step_gap_s'] * 1e3:.2f} ms (producer), "
-                  f"{served['decode_step_gap_s'] * 1e3:.2f} ms (consumer)", flush=True)
-            print("step scatter: " + ", ".join(
-                f"{k} residual log-sd {v['residual_log_sd']:.3f}, speed sigma {v['speed_sigma']:.3f}"
-                for k, v in (("prefill", spread_summary(served["prefill_spread"])),
-                             ("decode", spread_summary(served["decode_spread"])))), flush=True)
-            measured = run_rates(base, args, rates, tok, cost, traces, kv_url=d_url)
+        measured, transfer, hop, passes = run_disagg(args, rates, tok, cost, traces)
+        alone = [calibration_of([p], cost, hop["ingress_s"]) for p in passes]  # alone[0]: the single calibration
+        served = alone[0]
         spec = FleetSpec(instances=2, prefill_instances=1, router_policy=args.policy,
                          transfer_s_per_block=max(0.0, transfer["per_block_s"]),
                          transfer_s_per_pull=max(0.0, transfer.get("fixed_s", 0.0)), hop_s=hop["hop_s"],
                          ingress_s=hop["ingress_s"])
+    t_sim = time.time()
+    drift = {}
+    if passes:
+        summ = [pass_summary(p, cost, alone[0]) for p in passes]
+        drift = {"passes": summ, **{side: speed_drift([p[f"{side}_vs_first_pass"] for p in summ])
+                                    for side in ("prefill", "decode")}}
     rows = []
-    for m, extra in measured:
+    for i, (m, extra) in enumerate(measured):
         reqs = requests_from_workload(args.workload, args.num_requests, m.rate, 0,
                                       chat_overhead=CHAT_TEMPLATE_TOKENS, tokenizer=tok)
         sim = simulate_fleet(reqs, cost, SimConfig(policy="fcfs"), spec, rate=m.rate)
@@ -336,6 +521,9 @@ def main(argv: list[str]) -> int:
         err = {k: pred[k] / meas[k] - 1 for k in ("ttft_p50_ms", "tpot_p50_ms", "output_tok_s") if meas[k]}
         err_speed = {k: at_speed[k] / meas[k] - 1 for k in err}
         row_served = {} if served is None else served_prediction(reqs, meas, err, spec, served, m.rate, args.replicates)
+        if len(passes) > i + 1:
+            row_served["interleaved"] = interleaved_row(i, reqs, meas, err, spec, m.rate, passes, alone, summ,
+                                                        cost, hop["ingress_s"], traces, extra, args.replicates)
         rows.append({"rate": m.rate, "measured": meas, "predicted": pred, "error": err,
                      "within_20pct": all(abs(e) <= 0.2 for e in err.values()), "predicted_at_run_speed": at_speed,
                      "error_at_run_speed": err_speed, **row_served, **extra,
@@ -343,41 +531,17 @@ def main(argv: list[str]) -> int:
                      "measured_requests": [[r.prompt_len, r.output_tokens, r.ttft_s, r.tpot_s, r.scheduled_s]
                                            for r in sorted(m.records, key=lambda r: r.scheduled_s)],
                      "predicted_requests": [list(x[:4]) for x in sim.records]})
-    print(f"{spec.label}, {args.workload}, {args.num_requests} requests")
-    print(f"{'rate':>5} | {'TTFT p50 meas / pred':>27} | {'TPOT p50 meas / pred':>27} | {'out tok/s meas / pred':>27}")
-    for r in rows:
-        m = r["measured"]
-        preds = [("  in-process calibration", r["predicted"], r["error"])]
-        if "predicted_served_calibration" in r:
-            preds.append(("  served calibration, idle path", r["predicted_served_idle_path"],
-                          r["error_served_idle_path"]))
-            preds.append(("  served calibration", r["predicted_served_calibration"], r["error_served_calibration"]))
-            band = r["predicted_served_replicates"]
-            preds.append(("  served calibration, median of runs with its scatter",
-                          {k: v["median"] for k, v in band.items()}, r["error_served_replicates"]))
-        preds.append(("  at run speed", r["predicted_at_run_speed"], r["error_at_run_speed"]))
-        for label, p, e in preds:
-            print(f"{r['rate']:>5g} | {m['ttft_p50_ms']:>8.0f} / {p['ttft_p50_ms']:>6.0f} ({e['ttft_p50_ms']:+.0%}) | "
-                  f"{m['tpot_p50_ms']:>8.1f} / {p['tpot_p50_ms']:>6.1f} ({e['tpot_p50_ms']:+.0%}) | "
-                  f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%}){label}")
-        if "predicted_served_replicates" in r:
-            print("      10-90% band of those runs: " + ", ".join(
-                f"{k} {v['p10']:.1f}-{v['p90']:.1f}{'' if r['measured_within_band'][k] else ' (measured outside)'}"
-                for k, v in r["predicted_served_replicates"].items()))
-        print(f"      run speed vs calibration (step time measured / predicted): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in r["run_speed_vs_calibration"].items() if v))
+    print(f"predictions took {time.time() - t_sim:.0f} s", flush=True)
+    print_rows(rows, spec, args, drift)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "mode": args.mode, "fleet": spec.label, "workload": args.workload, "num_requests": args.num_requests,
             "policy": args.policy, "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
             "cost_model": cost.to_dict(), "calibration": ref, "transfer": transfer, "hop": hop,
             "served_calibration": None if served is None else {
-                **{k: v for k, v in served.items() if k not in ("prefill", "decode", "path", "prefill_spread",
-                                                                 "decode_spread")},
-                "prefill_cost_model": served["prefill"].to_dict(), "decode_cost_model": served["decode"].to_dict(),
-                "path": None if served["path"] is None else asdict(served["path"]),
-                "prefill_spread": spread_summary(served["prefill_spread"]),
-                "decode_spread": spread_summary(served["decode_spread"]), "replicates": args.replicates},
+                **{k: v for k, v in drift["passes"][0].items() if k not in ("t0", "t1", "requests")}, **cal_json(served),
+                "replicates": args.replicates},
+            "calibration_passes": drift,
             "spec": {"transfer_s_per_block": spec.transfer_s_per_block, "transfer_s_per_pull": spec.transfer_s_per_pull,
                      "hop_s": spec.hop_s, "ingress_s": spec.ingress_s}, "rows": rows}, indent=1))
     return 0
