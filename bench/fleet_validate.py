@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cpu_account import share, snapshot  # noqa: E402
 from goodput_compare import default_tokenizer, serve_cmd  # noqa: E402
 from goodput_validate import _pick, calibrate_default, drift_of_trace, reference_times  # noqa: E402
 
@@ -155,11 +156,11 @@ def run_pass(base: str, args, rate: float, tok, traces: dict[str, Path]) -> dict
     args.served_calibration_seed, the same requests in every pass) through the router, and what each side's step
     trace and the client recorded meanwhile (raw; calibration_of fits them). No warm-up request (the idle probes
     warmed the servers): every prefill step of the pass is one of its requests'."""
-    t0 = time.time()
+    c0, t0 = snapshot(), time.time()
     m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.served_calibration_requests,
                             seed=args.served_calibration_seed, progress=False, tokenizer=tok, warmup=False)[0]
-    t1 = time.time()
-    return {"rate": rate, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
+    t1, cpu = time.time(), share(c0, snapshot())
+    return {"rate": rate, "cpu": cpu, "seed": args.served_calibration_seed, "num_requests": args.served_calibration_requests,
             "t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
             "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)), "measured": _pick(m.summary),
             "timed": {side: read_step_trace_timed(traces[side], t0, t1) for side in ("prefill", "decode")},
@@ -209,7 +210,7 @@ def pass_summary(p: dict, cost: CostModel, first: dict) -> dict:
     """A pass for the JSON: its window, measured figures and each side's speed against the in-process model and
     against the first pass's served fit (the drift since the first pass)."""
     out = {k: p[k] for k in ("rate", "seed", "num_requests", "start_utc", "end_utc", "t0", "t1", "measured",
-                             "requests")}
+                             "requests", "cpu")}
     for side in ("prefill", "decode"):
         samples = [(sh, s) for _, sh, s in p["timed"][side]]
         out[f"{side}_steps"] = len(samples)
@@ -250,12 +251,12 @@ def run_rate(base: str, args, rate: float, tok, cost: CostModel, traces: dict[st
     """`bench serve` at one rate (seed 0): (result, extra row fields); run_speed_vs_calibration: per step trace,
     the instances' measured step times over the in-process calibration's predictions for the same steps."""
     before = kv_counters(kv_url) if kv_url else {}
-    t0 = time.time()
+    c0, t0 = snapshot(), time.time()
     m = run_serve_benchmark(base, args.workload, [rate], num_requests=args.num_requests, seed=0,
                             progress=False, tokenizer=tok, warmup=warmup)[0]
-    t1 = time.time()
+    t1, cpu = time.time(), share(c0, snapshot())
     after = kv_counters(kv_url) if kv_url else {}
-    return m, {"t0": t0, "t1": t1, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
+    return m, {"t0": t0, "t1": t1, "cpu": cpu, "start_utc": time.strftime("%H:%M:%S", time.gmtime(t0)),
                "end_utc": time.strftime("%H:%M:%S", time.gmtime(t1)),
                "run_speed_vs_calibration": {k: drift_of_trace(p, t0, t1, cost) for k, p in traces.items()},
                **{k: after[k] - before.get(k, 0.0) for k in after}}
@@ -394,6 +395,11 @@ def _fig(m: dict, p: dict, e: dict) -> str:
             f"{m['output_tok_s']:>8.1f} / {p['output_tok_s']:>6.1f} ({e['output_tok_s']:+.0%})")
 
 
+def cpu_line(c: dict) -> str:
+    return (f"this run's processes {c['ours']:.0%}, other processes {c['others']:.1%}, steal {c['steal']:.1%}, "
+            f"idle {c['idle']:.0%} of the cores")
+
+
 def print_rows(rows: list[dict], spec: FleetSpec, args, drift: dict) -> None:
     print(f"{spec.label}, {args.workload}, {args.num_requests} requests")
     print(f"{'rate':>5} | {'TTFT p50 meas / pred':>27} | {'TPOT p50 meas / pred':>27} | {'out tok/s meas / pred':>27}")
@@ -435,6 +441,8 @@ def print_rows(rows: list[dict], spec: FleetSpec, args, drift: dict) -> None:
                 print(f"      10-90% band ({name}): " + ", ".join(
                     f"{k} {v['p10']:.1f}-{v['p90']:.1f}{'' if rr['measured_within_band'][k] else ' (measured outside)'}"
                     for k, v in rr["predicted_served_replicates"].items()))
+        if r.get("cpu"):
+            print("      CPU time meanwhile: " + cpu_line(r["cpu"]))
         print(f"      run speed vs in-process calibration (step time measured / predicted): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["run_speed_vs_calibration"].items() if v))
         if it:
@@ -445,6 +453,9 @@ def print_rows(rows: list[dict], spec: FleetSpec, args, drift: dict) -> None:
         print("calibration passes, each side's speed against pass 0's fit (producer / consumer): " + ", ".join(
             f"pass {k} {p['start_utc']} {p['prefill_vs_first_pass']:.3f} / {p['decode_vs_first_pass']:.3f}"
             for k, p in enumerate(drift["passes"])))
+        for k, p in enumerate(drift["passes"]):
+            if p.get("cpu"):
+                print(f"      pass {k}: CPU time meanwhile: " + cpu_line(p["cpu"]))
         print(f"drift between passes (max / min - 1): producer {drift['prefill']:.1%}, consumer {drift['decode']:.1%}")
 
 
