@@ -25,6 +25,8 @@
    the drift between passes taken out) and both passes fitted together (bracketing). The drift: each pass's
    step times against the first pass's fit (the same requests each time), and each rate's against every fit.
    Every prediction comes from calibration passes of other requests (seed 1), never from the measured rate.
+   Each pass's and rate's CPU time is split into this run's processes, other processes and steal
+   (bench/cpu_account.py). Tables of results: bench/fleet_validate_table.py.
 
   flock -x /work/cpu.lock env PYTHONPATH=. python bench/fleet_validate.py --workload chat --rate 1,2 \\
       --num-requests 40 [--mode disagg] [--policy least-load] [--calibration cal.json] [--out result.json]
