@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tests.engine.test_tokenizer import smol  # noqa: F401 - session fixture
-from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, StopChecker, backend_decode
 
 TEXTS = [
     "Hello world, how are you today?",
@@ -142,6 +142,32 @@ def test_sentencepiece_spaces_survive_window_starts(sp):
     assert out == " Hello world this is a tiny tokenizer"
     assert deltas[:-1] == [p.replace("▁", " ") for p in pieces]  # one delta per token, its space kept
     assert stream(sp, [sp.bos_token_id], ids)[1] == "Hello world this is a tiny tokenizer"  # BOS is no text
+
+
+def test_backend_decode_is_the_tokenizers_decode(smol, sp):  # noqa: F811
+    """The Rust decode the detokenizer calls directly gives what tokenizer.decode gives, special tokens kept
+    or skipped; a tokenizer that overrides decoding (or is no transformers one) keeps its own decode."""
+    rng = random.Random(2)
+    for tok in (smol, sp):
+        fast = backend_decode(tok)
+        assert fast is not None
+        for _ in range(200):
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 9))]
+            for skip in (True, False):
+                assert fast(ids, skip_special_tokens=skip) == tok.decode(
+                    ids, skip_special_tokens=skip, spaces_between_special_tokens=True,
+                    clean_up_tokenization_spaces=False)
+
+    class Shouting(type(smol)):
+        def _decode(self, token_ids, **kw):
+            return super()._decode(token_ids, **kw).upper()
+
+    loud = Shouting.__new__(Shouting)
+    loud.__dict__.update(smol.__dict__)
+    assert backend_decode(loud) is None
+    ids = smol.encode("hello there")
+    assert stream(loud, [], ids)[1] == "HELLO THERE"
+    assert backend_decode(object()) is None
 
 
 # ---------------------------------------------------------------- stop strings

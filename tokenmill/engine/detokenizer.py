@@ -12,11 +12,29 @@ still become a stop string, so a client never sees part of one.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Optional, Sequence
 
 # How many prompt ids give the first output token its context (a UTF-8 character is at most 4 bytes).
 _PROMPT_CONTEXT = 5
 _REPLACEMENT = "\ufffd"
+
+
+def backend_decode(tokenizer: Any) -> Optional[Callable[..., str]]:
+    """The Rust `tokenizers` decode behind a transformers fast tokenizer that overrides neither `decode` nor
+    `_decode`: there ``tokenizer.decode(ids, skip_special_tokens=s, clean_up_tokenization_spaces=False)`` is
+    ``backend.decode(ids, skip_special_tokens=s)`` (spaces_between_special_tokens is for slow tokenizers only),
+    without transformers' Python layers around each call, which cost most of a streamed token's
+    detokenization. None for any other tokenizer."""
+    transformers = sys.modules.get("transformers")  # a transformers tokenizer has imported it
+    fast = getattr(transformers, "PreTrainedTokenizerFast", None) if transformers is not None else None
+    if fast is None or not isinstance(tokenizer, fast):
+        return None
+    cls = type(tokenizer)
+    if getattr(cls, "decode", None) is not getattr(fast, "decode", None) or \
+            getattr(cls, "_decode", None) is not getattr(fast, "_decode", None):
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
 
 
 class IncrementalDetokenizer:
@@ -35,6 +53,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
+        self._backend = backend_decode(tokenizer)
         tail = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         if tail and self._decode(tail).endswith(_REPLACEMENT):
             tail = []  # the prompt ends inside a character: no context is better than a broken one
@@ -46,6 +65,8 @@ class IncrementalDetokenizer:
         self.output_text = ""
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      spaces_between_special_tokens=self.spaces_between_special_tokens,
                                      clean_up_tokenization_spaces=False)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from json.encoder import encode_basestring as _encode_str  # json.dumps(str, ensure_ascii=False)'s encoder
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import Request
@@ -61,6 +62,24 @@ def error_body(message: str, err_type: str, param: Optional[str] = None,
 def sse(obj: Any) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+class TextChunk:
+    """The SSE event of a streamed chunk with one choice that carries only text: a completion's
+    {"index", "text", "logprobs": null, "finish_reason": null} or a chat's {"index", "delta": {"content"},
+    "logprobs": null, "finish_reason": null} (most chunks of a stream). The body's fixed fields are
+    serialized once: byte for byte what `sse` gives for the same dict, at a fraction of json.dumps's cost."""
+
+    def __init__(self, head: dict[str, Any], chat: bool, usage: bool):
+        fixed = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+        self._head = f'data: {fixed[:-1]},"choices":[{{"index":'
+        self._mid = ',"delta":{"content":' if chat else ',"text":'
+        close = "}" if chat else ""
+        usage_part = ',"usage":null' if usage else ""
+        self._tail = f'{close},"logprobs":null,"finish_reason":null}}]{usage_part}}}\n\n'
+
+    def __call__(self, index: int, text: str) -> str:
+        return f"{self._head}{index:d}{self._mid}{_encode_str(text)}{self._tail}"
 
 
 def stream_error(e: Exception) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from tokenmill.server import protocol as P
 from tokenmill.server.chat_tools import ChatTools, ToolStream, finish_reason, prepare_tools
 from tokenmill.server.constraints import check_grammar
 from tokenmill.server.generation import (EngineRequestError, Generation, ModelNotFoundError, RequestTimeoutError,
-                                         ServerShuttingDownError, SSEResponse, error_body, merge_generations,
-                                         sse, stream_error, until_disconnect, usage_of)
+                                         ServerShuttingDownError, SSEResponse, TextChunk, error_body,
+                                         merge_generations, sse, stream_error, until_disconnect, usage_of)
 from tokenmill.server.metrics import ServerMetrics
 
 logger = logging.getLogger("tokenmill.server")
@@ -357,10 +357,13 @@ class OpenAIServing:
             plps = self.vllm_prompt_logprobs(gen.pending.prompt_logprobs if gen.pending else None,
                                              gen.prompt_ids, prompt_logprobs)
 
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": _served_name(gen, self.model_name)}
+        text_chunk = TextChunk(head, chat=True, usage=include_usage)
+
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
             nonlocal plps
-            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": _served_name(gen, self.model_name), "choices": choices}
+            body: dict[str, Any] = {**head, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             if plps is not None:
@@ -375,6 +378,9 @@ class OpenAIServing:
             sent = _Sent()
             async for out in gen.outputs():
                 for idx, text, _ids, lps, finish, stop_reason in sent.deltas(0, out):
+                    if finish is None and lps is None and plps is None and idx not in parsers:
+                        yield text_chunk(idx, text)
+                        continue
                     clp = self._chat_logprobs(lps, top_n) if lps is not None else None
                     if idx in parsers:
                         deltas = parsers[idx].feed(text) + (parsers[idx].finish() if finish is not None else [])
@@ -500,10 +506,12 @@ class OpenAIServing:
     async def _completion_stream(self, gens: list[Generation], texts: list[Optional[str]], rid: str,
                                  req: P.CompletionRequest) -> AsyncIterator[str]:
         created, n, include_usage = int(time.time()), req.n, req.include_usage
+        head = {"id": rid, "object": "text_completion", "created": created,
+                "model": _served_name(gens[0], self.model_name)}
+        text_chunk = TextChunk(head, chat=False, usage=include_usage)
 
         def chunk(choices: list[dict[str, Any]], usage: Optional[P.UsageInfo] = None) -> str:
-            body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
-                                    "model": _served_name(gens[0], self.model_name), "choices": choices}
+            body: dict[str, Any] = {**head, "choices": choices}
             if include_usage:
                 body["usage"] = usage.model_dump() if usage else None
             return sse(body)
@@ -526,6 +534,9 @@ class OpenAIServing:
             sent = _Sent()
             async for pi, out in merge_generations(gens):
                 for idx, text, ids, lps, finish, stop_reason in sent.deltas(pi * n, out):
+                    if finish is None and (lps is None or req.logprobs is None):
+                        yield text_chunk(idx, text)
+                        continue
                     choice = {"index": idx, "text": text, "logprobs": None, "finish_reason": finish}
                     if req.logprobs is not None and lps is not None:
                         lp = self._completion_logprobs(lps, ids, req.logprobs, offsets.get(idx, 0))
