@@ -8,8 +8,8 @@
 // That is what the dense bf16 copy (`gemm_dtype` bfloat16) computes, without keeping the copy or reading it.
 //
 // The tile unit computes C[16 x 16] += A[16 x 32] . B[32 x 16] (bf16 pairs). A = 16 tokens x 32 k of x (bf16,
-// copied tile by tile: each A tile 1 KiB in a row); B = one block of 16 output rows in pair ("VNNI") layout,
-// 16 k-pairs x 16 outputs x 2, made by dequantizing the 16 blocks and transposing them as 16 x 16 words; C = 16 tokens x 16 outputs, stored straight
+// x's own layout); B = one block of 16 output rows in pair ("VNNI") layout, 16 k-pairs x 16 outputs x 2, made by
+// dequantizing the 16 blocks and transposing them as 16 x 16 words; C = 16 tokens x 16 outputs, stored straight
 // into y. Work: OpenMP over pairs of panels (32 output rows), each dequantized once per call into a buffer (2 x 48
 // KiB at K = 1536, L2-resident), then every 32 tokens run over it with 2 x 2 accumulator tiles. The weight stream
 // (4.5-8.5 bits a weight, prefetched ahead) is read once per call, whatever M is.
@@ -201,25 +201,21 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
     }
     const int64_t nkb = K / QK, row_bytes = glu ? 0 : K / block_weights(qtype) * block_bytes(qtype);
     const int64_t mpad = (M + 15) / 16 * 16, npairs = glu ? glu / 16 : (N + 31) / 32;  // panel pairs: 32 outputs
-    // A tiles: x in bf16 laid out tile by tile (token block i of 16 rows, k-block b: 16 rows x 64 bytes at
-    // xb + (i * nkb + b) * 512, rows past M zero), so each tile load reads 1 KiB in a row (the hardware
-    // prefetchers follow it; x's own rows are K * 2 bytes apart); with x16, its rows as they are.
-    const int64_t a_rs = x16 ? xs16 * 2 : 64, a_kb = x16 ? 32 : 512, a_mb = x16 ? 16 * xs16 : nkb * 512;
+    // x in bf16, rows padded to a multiple of 16 with zeros (A tiles: 16 rows x 64 bytes, stride K * 2)
+    const int64_t XS = x16 ? xs16 : K;
     uint16_t *xb = x16 ? NULL : (uint16_t *)aligned_alloc(64, (size_t)(mpad * K * 2 + 63) & ~(size_t)63);
     if (!x16 && !xb) return -1;
 #pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
     for (int64_t m = 0; m < (x16 ? 0 : mpad); m++) {
-        uint16_t *dst = xb + (m / 16) * nkb * 512 + (m % 16) * 32;
+        uint16_t *dst = xb + m * K;
         if (m >= M) {
-            for (int64_t b = 0; b < nkb; b++) _mm512_store_si512((void *)(dst + b * 512), _mm512_setzero_si512());
+            memset(dst, 0, (size_t)K * 2);
             continue;
         }
-        for (int64_t b = 0; b < nkb; b++)
-            _mm512_store_si512((void *)(dst + b * 512),
-                               (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + b * 32 + 16),
-                                                            _mm512_loadu_ps(x + m * K + b * 32)));
+        for (int64_t k = 0; k < K; k += 32)
+            _mm512_storeu_si512((void *)(dst + k), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + k + 16),
+                                                                               _mm512_loadu_ps(x + m * K + k)));
     }
-    const uint16_t *xa0 = x16 ? x16 : xb;
     int rc = 0;
 #pragma omp parallel if (TM_TOP_LEVEL)
     {
@@ -259,9 +255,9 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                     _tile_zero(1);
                     _tile_zero(2);
                     _tile_zero(3);
-                    const uint16_t *xa = xa0 + (m0 / 16) * a_mb;
+                    const uint16_t *xa = (x16 ? x16 : xb) + m0 * XS;
                     for (int64_t b = 0; b < nkb; b++) {
-                        _tile_loadd(4, xa + b * a_kb, a_rs);
+                        _tile_loadd(4, xa + b * 32, XS * 2);
                         _tile_loadd(6, p0 + b * 256, 64);
                         _tile_dpbf16ps(0, 4, 6);
                         if (nr[1]) {
@@ -269,7 +265,7 @@ static int amx_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8
                             _tile_dpbf16ps(1, 4, 7);
                         }
                         if (ms[1]) {
-                            _tile_loadd(5, xa + a_mb + b * a_kb, a_rs);
+                            _tile_loadd(5, xa + 16 * XS + b * 32, XS * 2);
                             _tile_dpbf16ps(2, 5, 6);
                             if (nr[1]) _tile_dpbf16ps(3, 5, 7);
                         }
