@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", default=PROMPTS)
     ap.add_argument("--no-hooks", action="store_true", help="wall time only (no per-module timing)")
+    ap.add_argument("--fused", action="store_true", help="keep the fused C MoE layers (default: the per-op path, "
+                    "which the hooks can split; fused, only the forward, LM head and outside are timed)")
     ap.add_argument("--engine-arg", action="append", default=[], help="key=value engine arguments")
     a = ap.parse_args()
 
@@ -51,6 +53,10 @@ def main() -> None:
     eng = LLMEngine.from_config(EngineConfig.from_kwargs(model=a.model, **args))
     print(f"load {time.perf_counter() - t0:.1f} s; tokenmill from {sys.modules['tokenmill'].__file__}", flush=True)
     model = eng.core.runner.model
+    if not a.fused:
+        from tokenmill.ops.cpu.moe_layer import unfuse_moe_layers
+
+        unfuse_moe_layers(model)
     prompts = [x["ids"] for x in json.load(open(a.prompts))["throughput"][:a.streams]]
 
     acc: dict[str, float] = collections.defaultdict(float)  # ms in the current step per part
@@ -74,12 +80,13 @@ def main() -> None:
         timed(model.lm_head, "lm_head")
         timed(model.model.norm, "final_norm")
         timed(model.model.embed_tokens, "embed")
-        for layer in model.model.layers:
+        for layer in model.model.layers if not a.fused else []:  # fused: the op must stay fused_moe_cpu
             at = layer.self_attn
             timed(layer.input_layernorm, "norms")
             timed(layer.post_attention_layernorm, "norms")
             timed(at, "attn_block")
-            timed(at.qkv_proj, "qkv")
+            timed(at.qkv_proj, "qkv_mixed" if at.qkv_proj.qtype == "mixed" else "qkv_tiled"
+                  if getattr(at.qkv_proj, "qpanels", None) is not None else "qkv_plain")
             if getattr(at, "q_norm", None) is not None:
                 timed(at.q_norm, "qk_norm")
                 timed(at.k_norm, "qk_norm")
@@ -131,6 +138,8 @@ def main() -> None:
     keys = sorted({k for s in dec for k in s[2]})
     mean = {k: statistics.mean(s[2].get(k, 0.0) for s in dec) for k in keys}
     wall = statistics.mean(s[1] for s in dec)
+    qkv_parts = {k: mean[k] for k in ("qkv_mixed", "qkv_tiled", "qkv_plain") if k in mean}
+    mean["qkv"] = sum(qkv_parts.values())
     parts = {
         "experts (fused op)": mean.get("experts", 0),
         "routing (softmax, top-k, counts, op glue)": mean.get("moe_block", 0) - mean.get("router", 0) - mean.get("experts", 0),
@@ -148,7 +157,8 @@ def main() -> None:
         "LM head": mean.get("lm_head", 0),
         "outside the model (scheduler, sampler, Python)": wall - mean.get("forward", 0) - mean.get("lm_head", 0),
     }
-    print(f"decode step of {a.streams} (mean of {len(dec)}): {wall:.1f} ms")
+    print(f"decode step of {a.streams} (mean of {len(dec)}): {wall:.1f} ms; qkv by kind (all layers): "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in qkv_parts.items()))
     for k, v in parts.items():
         print(f"  {k:50s} {v:7.2f} ms  {100 * v / wall:5.1f}%")
     h = collections.Counter(expert_rows)
