@@ -147,6 +147,11 @@ class DeviceSetup:
             n = fuse_cpu_layers(model)
             if n:
                 logger.info("fused CPU decoder layers: %d", n)
+            from tokenmill.ops.cpu.moe_layer import fuse_moe_layers
+
+            n = fuse_moe_layers(model)  # MoE layers (packed experts): their decode steps in one C call
+            if n:
+                logger.info("fused CPU MoE decoder layers: %d", n)
             from tokenmill.ops.cpu.dense import prepack_bf16_linears
 
             prepack_bf16_linears(model)  # bf16 checkpoints' dense linears: oneDNN on a prepacked weight

@@ -35,6 +35,8 @@ LIBRARIES = {
     "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx"),
     "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "attention", "lora"),
     "moe": ("moe", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_amx_i8"),
+    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_amx_i8",
+                  "attention"),
 }
 
 

@@ -1,0 +1,229 @@
+"""A whole mixture-of-experts decoder layer in one C call (`csrc/moe_layer.c`) for CPU decode steps.
+
+The per-op path of an OLMoE layer at 16 decodes is ~60 PyTorch dispatches plus Python around its kernels (norms,
+q|k|v, q/k norm, rotary in PyTorch ops, K/V write, attention, o, router, softmax / top-k, the expert counts, the
+fused MoE op). `fuse_moe_layers(model)` installs `FusedMoELayer` as the `fast_path` of every layer that qualifies
+(`moe_layer_qualifies`): packed attention linears, a plain softmax top-k MoEBlock without a shared expert over
+packed experts run by the CPU fused MoE op, float32 norms and router. A step runs in one call when its attention
+would run on the paged C kernel anyway (every request's query shorter than the backend's SDPA threshold) and the
+linears would not switch to a dense copy; otherwise, or for a KV cache the kernel cannot take, it returns None and
+the layer runs its per-op path, the reference the tests compare against (tests/ops/test_cpu_moe_layer.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any, Optional
+
+import torch
+
+from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
+from tokenmill.ops.cpu.build import load_library
+from tokenmill.ops.cpu.layer import _StepMeta
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
+from tokenmill.worker.forward_batch import ForwardBatch
+
+_ERRORS = {-1: "out of memory", -2: "expert or block id out of range", -3: "unsupported KV dtype",
+           -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
+_KV_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_QK_NORMS = {None: 0, "full": 1, "head": 2}
+
+
+class TmMoELayer(ctypes.Structure):
+    """csrc/moe_layer.c tm_moe_layer_t: one layer's weights, shapes and switches (8-byte fields, in order)."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("hidden", "heads", "kv_heads", "head_dim", "window")] + \
+        [(n, ctypes.c_double) for n in ("eps", "scale", "clip")] + [("qk_norm", ctypes.c_int64)] + \
+        [(n, ctypes.c_void_p) for n in ("ln1", "ln2", "q_norm", "k_norm")] + \
+        [("qt_qkv", ctypes.c_int64), ("w_qkv", ctypes.c_void_p), ("b_qkv", ctypes.c_void_p),
+         ("qt_o", ctypes.c_int64), ("w_o", ctypes.c_void_p), ("b_o", ctypes.c_void_p),
+         ("lin_direct_max_m", ctypes.c_int64), ("lin_amx_min_m", ctypes.c_int64), ("w_router", ctypes.c_void_p)] + \
+        [(n, ctypes.c_int64) for n in ("num_experts", "top_k", "renormalize", "inter", "qt13", "qt2")] + \
+        [("w13", ctypes.c_void_p), ("w2", ctypes.c_void_p)] + \
+        [(n, ctypes.c_int64) for n in ("row_bytes_h", "row_bytes_i", "direct_max_m", "i8_max_m", "amx_i8_min_m",
+                                       "amx_min_m")] + [("expert_counts", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def _lib() -> Optional[ctypes.CDLL]:
+    lib = load_library("moe_layer")
+    if lib is not None:
+        lib.tm_moe_layer.argtypes = [_P, _P, _P, _I, _L, _P, _P, _P, _I, _L, _I, _P, _P, _L, _L, _P, _P, _I, _P, _P,
+                                     _L, _P]
+        lib.tm_moe_layer.restype = _I
+        lib.tm_moe_layer_scratch_floats.argtypes = [_L] * 6
+        lib.tm_moe_layer_scratch_floats.restype = _L
+        lib.tm_moe_ws_floats.argtypes = [_L, _L, _L]
+        lib.tm_moe_ws_floats.restype = _L
+        lib.tm_amx_init.restype = _I
+        lib.tm_amx_init()  # this library's own AMX switch (its linears and experts use amx_min_rows only if granted)
+    return lib
+
+
+def _linear_args(m: Any) -> tuple[int, int, Optional[int]]:
+    """(qlinear_any type, weight pointer, bias pointer) of a packed linear, as the per-op forward would run it."""
+    if m.qtype == "mixed":
+        qt, w = QPARTS, ctypes.addressof(m.qparts)
+    elif m.qpanels is not None:
+        qt, w = QPANELS, ctypes.addressof(m.qpanels)
+    else:
+        qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
+    return qt, w, (m.bias.data_ptr() if m.bias is not None else None)
+
+
+def moe_layer_qualifies(layer: Any) -> bool:
+    """Whether `layer` can run in one call: SelfAttention over packed linears (any q/k norm, clipping, bias), a
+    MoEBlock (softmax top-k; not DeepSeek's grouped routing) without a shared expert over PackedExperts, float32
+    norms and router, no sliding window."""
+    from tokenmill.model.layers.attention import SelfAttention
+    from tokenmill.model.layers.moe import MoEBlock, PackedExperts
+    from tokenmill.model.layers.quantized import MixedQuantizedLinear, QuantizedLinear
+
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if type(attn) is not SelfAttention or type(mlp) is not MoEBlock or mlp.shared_expert is not None:
+        return False
+    ex = mlp.experts
+    if not isinstance(ex, PackedExperts) or ex.qtype not in QTYPES or ex.down_qtype not in QTYPES:
+        return False
+    lin = [attn.qkv_proj, attn.o_proj]
+    if not all(type(m) in (QuantizedLinear, MixedQuantizedLinear) and m.weight.device.type == "cpu" for m in lin):
+        return False
+    if attn.attn.sliding_window or attn.head_dim % 2 or attn.qkv_proj.amx_min_rows != attn.o_proj.amx_min_rows:
+        return False
+    gate = mlp.gate
+    if type(gate.weight) is not torch.nn.Parameter or gate.weight.dtype != torch.float32 \
+            or not gate.weight.is_contiguous() or getattr(gate, "bias", None) is not None \
+            or gate.weight.shape != (mlp.num_experts, layer.input_layernorm.weight.shape[0]):
+        return False
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if attn.qk_norm is not None:
+        norms += [attn.q_norm, attn.k_norm]
+    if not all(n.weight.dtype == torch.float32 and n.weight.is_contiguous() and n.eps == norms[0].eps for n in norms):
+        return False
+    return all(b is None or (b.dtype == torch.float32 and b.is_contiguous()) for b in (m.bias for m in lin))
+
+
+class FusedMoELayer:
+    """The fast path of one MoE DecoderLayer (see moe_layer_qualifies); `__call__` returns (h, residual) or None
+    (use the per-op path)."""
+
+    def __init__(self, layer: Any, shared: "_Shared"):
+        from tokenmill.model.layers.quantized import dense_switch_rows
+        from tokenmill.ops.moe.cpu import fused_moe_cpu
+
+        attn, mlp = layer.self_attn, layer.mlp
+        ex = mlp.experts
+        self.shared, self.mlp, self.attn = shared, mlp, attn.attn
+        self._fused_op = fused_moe_cpu
+        lin = [attn.qkv_proj, attn.o_proj]
+        # steps of more tokens: a linear's dense copy would take them on the per-op path
+        self.max_tokens = (dense_switch_rows(lin) or 1 << 30) - 1
+        self.hidden, self.num_heads, self.num_kv_heads = ex.hidden_size, attn.num_heads, attn.num_kv_heads
+        self.head_dim = attn.head_dim
+        self.nq, self.nqkv = attn.q_size, attn.q_size + 2 * attn.kv_size
+        self._keep = (lin, mlp.gate.weight, ex.gate_up_proj, ex.down_proj)  # the pointers below point into these
+        st = TmMoELayer()
+        st.hidden, st.heads, st.kv_heads, st.head_dim, st.window = (self.hidden, attn.num_heads, attn.num_kv_heads,
+                                                                    attn.head_dim, 0)
+        st.eps, st.scale = float(layer.input_layernorm.eps), float(attn.attn.scale)
+        st.clip = float(attn.clip_qkv) if attn.clip_qkv is not None else 0.0
+        st.qk_norm = _QK_NORMS[attn.qk_norm]
+        st.ln1, st.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
+        if attn.qk_norm is not None:
+            st.q_norm, st.k_norm = attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()
+        st.qt_qkv, st.w_qkv, st.b_qkv = _linear_args(attn.qkv_proj)
+        st.qt_o, st.w_o, st.b_o = _linear_args(attn.o_proj)
+        st.lin_direct_max_m = DIRECT_MAX_ROWS
+        st.lin_amx_min_m = attn.qkv_proj.amx_min_rows  # moe_layer_qualifies: o_proj's is the same
+        st.w_router = mlp.gate.weight.data_ptr()
+        st.num_experts, st.top_k, st.renormalize, st.inter = mlp.num_experts, mlp.top_k, int(mlp.renormalize), \
+            ex.intermediate_size
+        st.qt13, st.qt2 = QTYPES[ex.qtype][0], QTYPES[ex.down_qtype][0]
+        st.w13, st.w2 = ex.gate_up_proj.data_ptr(), ex.down_proj.data_ptr()
+        st.row_bytes_h, st.row_bytes_i = ex.gate_up_proj.shape[-1], ex.down_proj.shape[-1]
+        st.direct_max_m, st.i8_max_m = DIRECT_MAX_ROWS, ex.i8_max_rows
+        st.amx_i8_min_m, st.amx_min_m = ex.amx_i8_min_rows, ex.amx_min_rows
+        st.expert_counts = mlp.expert_counts.data_ptr()
+        self.st = st
+        self.experts = ex
+
+    def __call__(self, h: torch.Tensor, residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 kv_cache: Any, batch: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        t = h.shape[0]
+        if (t > self.max_tokens or self.mlp.op is not self._fused_op
+                or batch.max_query_len >= PREFILL_MIN_TOKENS or not isinstance(self.attn.backend, CpuAttentionBackend)):
+            return None  # long chunks attend through SDPA on the per-op path; a swapped op (offload) runs there too
+        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
+                or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
+                or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+        if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != self.num_kv_heads
+                or kv_cache.shape[4] != self.head_dim or cos.shape != (t, self.head_dim) or sin.shape != cos.shape):
+            return None
+        if self.mlp.expert_counts.data_ptr() != self.st.expert_counts:
+            return None  # the counts buffer was replaced (moved): the per-op path counts into the new one
+        meta = self.shared.meta(batch)
+        if not meta.ok:
+            return None
+        if residual is None:
+            residual = torch.empty_like(h)
+            has_residual = 0
+        else:
+            if residual.dtype != torch.float32 or not residual.is_contiguous():
+                return None
+            has_residual = 1
+        out = torch.empty_like(h)
+        lib = self.shared.lib
+        scratch = self.shared.scratch(lib.tm_moe_layer_scratch_floats(t, self.hidden, self.nqkv, self.nq,
+                                                                      self.st.num_experts, self.st.top_k))
+        ws_floats = lib.tm_moe_ws_floats(t * self.st.top_k, self.hidden, self.st.inter)
+        ws = self.experts.workspace.get(ws_floats) if self.experts.workspace is not None else None
+        _, nb, bs, _, _ = kv_cache.shape
+        rc = lib.tm_moe_layer(
+            ctypes.byref(self.st), h.data_ptr(), residual.data_ptr(), has_residual, t, cos.data_ptr(), sin.data_ptr(),
+            kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype], nb, bs, meta.slots.data_ptr(), meta.tables.data_ptr(),
+            meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(), meta.qsl.data_ptr(),
+            meta.num_reqs, scratch.data_ptr(), ws.data_ptr() if ws is not None else None,
+            ws.numel() if ws is not None else 0, out.data_ptr())
+        if rc != 0:
+            raise ValueError(f"fused CPU MoE layer: {_ERRORS.get(rc, f'error {rc}')}")
+        return out, residual
+
+
+class _Shared:
+    """The library, the current step's metadata and a scratch buffer, shared by a model's fused MoE layers."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self._meta: Optional[_StepMeta] = None
+        self._scratch = torch.empty(0)
+
+    def scratch(self, numel: int) -> torch.Tensor:
+        if self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel)
+        return self._scratch
+
+    def meta(self, batch: ForwardBatch) -> _StepMeta:
+        if self._meta is None or self._meta.batch is not batch:
+            self._meta = _StepMeta(batch)
+        return self._meta
+
+
+def fuse_moe_layers(model: Any) -> int:
+    """Install the fused path on every qualifying MoE decoder layer of `model`; returns how many."""
+    layers = [layer for layer in getattr(getattr(model, "model", None), "layers", []) if moe_layer_qualifies(layer)]
+    lib = _lib() if layers else None
+    if lib is None:
+        return 0
+    shared = _Shared(lib)
+    for layer in layers:
+        layer.fast_path = FusedMoELayer(layer, shared)
+    return len(layers)
+
+
+def unfuse_moe_layers(model: Any) -> None:
+    """Back to the per-op path (the reference) on the fused MoE layers."""
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        if isinstance(getattr(layer, "fast_path", None), FusedMoELayer):
+            layer.fast_path = None
