@@ -1,15 +1,17 @@
 /* Prefill attention on the AMX tile unit (bf16 products, float32 softmax and sums): the paged attention of
  * tm_paged_attention (attention.c; same arguments and results up to bf16 rounding) for requests with many query
- * tokens, where the float32 kernel is bound by its multiply-adds.
+ * tokens, where the float32 kernel is bound by its multiply-adds and bf16 SDPA by its per-request gathers.
  *
  * Work item = (request, KV head, up to TQ query tokens); its rows are the tokens x the G query heads sharing the KV
- * head, in row tiles of 16 tokens of one head. Keys go by in chunks of KC = 32 positions (the block table read
- * directly), each staged once per item as bf16 (K rows [32][D], V transposed [D][32]) and used by every row tile.
- * Everything is computed transposed, so that a row tile's 16 queries are the 16 lanes of a vector:
- *   S^T [32 keys x 16 rows] = K . Q^T        (A: K rows; B: the item's Q, scaled and packed in pair layout once)
+ * head, in row tiles of 16 tokens of one head. Keys go by in chunks of KC = 64 positions read through the block
+ * table: K tile-loaded straight from a bf16 pool whose blocks hold whole 16-key tiles (else staged as bf16 rows),
+ * V transposed once per chunk; every row tile of the item uses them. Everything is computed transposed, so that a
+ * row tile's 16 queries are the 16 lanes of a vector:
+ *   S^T [keys x 16 rows] = K . Q^T           (A: K rows; B: the item's Q packed in pair layout once)
  *   online softmax down the key axis in float32 (one vector per key: max, exp, sum are lane-wise, no reductions
  *   across lanes; causal / sliding-window masks compare a key's position with the 16 row positions)
  *   O^T [D x 16 rows] += V^T . P^T           (B: P^T in pair layout; O^T kept in float32 in the item's scratch)
+ * A row tile takes a chunk's second half of 32 keys only where one of its rows sees one of them (diagonal chunks).
  * Probabilities are exp2(s * scale * log2 e - m) (one fused multiply-subtract). The running max m only moves when a
  * chunk's max exceeds it by more than LAZY (log2 units): between moves P stays below 2^LAZY, and O and the
  * denominator l need no rescaling (the final O / l is exact whichever m was used).
@@ -30,7 +32,8 @@ enum { PF_OK = 0, PF_NOMEM = -1, PF_BLOCK = -2, PF_DTYPE = -3, PF_SHAPE = -4, PF
 #include "amx.h"
 
 #define TQ 32        /* query tokens per item (2 row tiles a head) */
-#define KC 32        /* keys per chunk: 2 key tiles of 16 */
+#define KC 64        /* keys per chunk: two halves of 32 (2 key tiles of 16 each) */
+#define KH 32
 #define LAZY 8.0f    /* the running max moves when a chunk's max is more than this above it */
 #define DMAX 256
 
@@ -61,35 +64,33 @@ typedef struct {
     uint32_t *qp;   /* [row tiles][D / 32][16 pairs][16 lanes]: the B tiles of Q^T */
     float *ot;      /* [row tiles][D][16]: O^T */
     float *m, *l;   /* [row tiles][16] */
-    float *st;      /* [32 keys][16 lanes]: S^T of the current row tile and chunk */
-    uint32_t *pt;   /* [16 key pairs][16 lanes]: P^T in pair layout */
-    uint16_t *ks;   /* [32 keys][D]: K of the chunk, where its rows cannot be tile-loaded from the pool */
-    uint32_t *vt;   /* [D][16 key pairs]: V^T, the A tiles of 16 d each */
+    float *st;      /* [2][KC keys][16 lanes]: S^T of a row tile and chunk (two: software pipelining) */
+    uint32_t *pt;   /* [2][KC / 2 key pairs][16 lanes]: P^T in pair layout */
+    uint16_t *ks;   /* [KC keys][D]: K of the chunk, where its rows cannot be tile-loaded from the pool */
+    uint32_t *vt;   /* [2 halves][D][16 key pairs]: V^T, the A tiles of 16 d each */
 } PScratch;
 
-/* 2^x for x <= LAZY (lanes below -125 give 2^-125: no denormals); |rel err| < 3e-6, far below bf16's */
+/* 2^x = p(x - floor x) * 2^floor(x) (vreduceps, vscalefps); p of degree 4 on [0, 1): |rel err| < 3e-6, far
+ * below bf16's 2^-9. x = -inf gives NaN (callers zero those lanes); x <= -127 may give denormals or 0. */
 static inline __m512 exp2_16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-125.f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108665e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650696e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718056e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const __m512 r = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 p = _mm512_set1_ps(1.3520603197e-2f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.2037428774e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4142749325e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9300662066e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000025181f));
+    return _mm512_scalef_ps(p, x);
 }
 
 /* the pool rows (K: plane 0, V: plane 1) of keys c0 .. c0 + KC - 1 of one KV head; NULL at positions >= k1 */
 static void chunk_rows(const PArgs *a, const int32_t *table, int kvh, int plane, int c0, int k1, const char **rows) {
     const int BS = a->bs, esize = a->kv_dtype == 1 ? 2 : 4;
     const int64_t row = (int64_t)a->hkv * a->d, plane_elems = a->num_blocks * BS * row;
+    const char *base = a->kv + (plane * plane_elems + (int64_t)kvh * a->d) * esize;
+    int b = c0 / BS, o = c0 - b * BS; /* block index and offset of position c0 + k (no division per key) */
     for (int k = 0; k < KC; k++) {
-        const int p = c0 + k;
-        rows[k] = p >= k1 ? NULL
-                          : a->kv + (plane * plane_elems + ((int64_t)table[p / BS] * BS + p % BS) * row +
-                                     (int64_t)kvh * a->d) * esize;
+        rows[k] = c0 + k >= k1 ? NULL : base + ((int64_t)table[b] * BS + o) * row * esize;
+        if (++o == BS) { o = 0; b++; }
     }
 }
 
@@ -106,8 +107,7 @@ static void stage_rows(const char **rows, int D, int bf16, uint16_t *dst) {
         for (int x = 0; x < D; x += 16) _mm256_storeu_si256((__m256i *)(dst + (int64_t)k * D + x), row16(rows[k], x, bf16));
 }
 
-/* vt [D][16 key pairs] = V^T of the chunk's rows: word p of row x holds keys 2p, 2p + 1 of dim x (the A tile
- * layout) */
+/* vt [D][16 key pairs] = V^T of 32 rows: word p of row x holds keys 2p, 2p + 1 of dim x (the A tile layout) */
 static void transpose_v(const char **rows, int D, int bf16, uint32_t *vt) {
     const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -121,20 +121,21 @@ static void transpose_v(const char **rows, int D, int bf16, uint32_t *vt) {
     }
 }
 
-/* Online-softmax update of row tile rt from S^T in sc->st: P^T (pair layout) into sc->pt; l and O^T rescaled when
- * the running max moves. pos: the 16 rows' positions; full: no key of the chunk is masked for any row. */
-static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, __m512i pos, int full) {
+/* Online-softmax update of row tile rt from its S^T in st (nk keys from c0): P^T (pair layout, nk / 2 pairs) into
+ * pt; l and O^T rescaled when the running max moves. pos: the 16 rows' positions; full: no key is masked for any
+ * row (else masked scores become -inf and their probabilities 0). */
+static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, int nk, __m512i pos, int full, float *st,
+                         uint32_t *pt) {
     const int D = a->d;
     const __m512 c = _mm512_set1_ps(a->scale * 1.44269504088896341f); /* scores to log2 units */
-    float *st = sc->st;
     float *mp = sc->m + rt * 16, *lp = sc->l + rt * 16;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 cmax = ninf;
     if (full) {
-        for (int k = 0; k < KC; k++) cmax = _mm512_max_ps(cmax, _mm512_load_ps(st + k * 16));
+        for (int k = 0; k < nk; k++) cmax = _mm512_max_ps(cmax, _mm512_load_ps(st + k * 16));
     } else {
         const __m512i lo = _mm512_sub_epi32(pos, _mm512_set1_epi32(a->window)); /* keys must be > lo (window) */
-        for (int k = 0; k < KC; k++) {
+        for (int k = 0; k < nk; k++) {
             const __m512i kp = _mm512_set1_epi32(c0 + k);
             __mmask16 ok = _mm512_cmple_epi32_mask(kp, pos);
             if (a->window > 0) ok &= _mm512_cmpgt_epi32_mask(kp, lo);
@@ -148,7 +149,10 @@ static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, __m512i p
     const __mmask16 move = _mm512_cmp_ps_mask(cmax, _mm512_add_ps(m, _mm512_set1_ps(LAZY)), _CMP_GT_OQ);
     if (move) {
         const __m512 mnew = _mm512_mask_mov_ps(m, move, cmax);
-        const __m512 alpha = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), move, exp2_16(_mm512_sub_ps(m, mnew)));
+        /* rows moving from -inf: alpha 0 (their l and O are still 0) */
+        const __m512 alpha = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), move,
+                                                _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, ninf, _CMP_NEQ_OQ),
+                                                                    exp2_16(_mm512_sub_ps(m, mnew))));
         _mm512_store_ps(lp, _mm512_mul_ps(_mm512_load_ps(lp), alpha));
         float *o = sc->ot + (int64_t)rt * D * 16;
         for (int x = 0; x < D; x++) _mm512_store_ps(o + x * 16, _mm512_mul_ps(_mm512_load_ps(o + x * 16), alpha));
@@ -160,7 +164,7 @@ static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, __m512i p
     const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512 sum = _mm512_setzero_ps();
-    for (int p = 0; p < KC / 2; p++) {
+    for (int p = 0; p < nk / 2; p++) {
         const __m512 s0 = _mm512_load_ps(st + 2 * p * 16), s1 = _mm512_load_ps(st + (2 * p + 1) * 16);
         __m512 p0 = exp2_16(_mm512_fmsub_ps(s0, c, mu)), p1 = exp2_16(_mm512_fmsub_ps(s1, c, mu));
         if (!full) {
@@ -169,7 +173,7 @@ static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, __m512i p
         }
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         /* words of lanes 0..15: (p0, p1) of each row, as bf16 pairs */
-        _mm512_store_si512((void *)(sc->pt + p * 16), _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+        _mm512_store_si512((void *)(pt + p * 16), _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
     }
     _mm512_store_ps(lp, _mm512_add_ps(_mm512_load_ps(lp), sum));
 }
@@ -179,6 +183,70 @@ static void tiles_config(void) {
     static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
     static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
     tm_amx_load_tiles(rows, colsb);
+}
+
+/* S^T [32 keys x 16 rows] = K . Q^T into st: tiles 0, 1 (keys 0-15, 16-31); K in 2, 3 and 6, 7, Q^T in 4 and 5
+ * (even / odd 32 dims); two: keys 16-31 exist */
+static inline void qk_tiles(const uint32_t *qp, const uint16_t *k0p, const uint16_t *k1p, int64_t kstride, int DK,
+                            int two, float *st) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int dk = 0; dk < DK; dk += 2) {
+        _tile_loadd(4, qp + dk * 256, 64);
+        _tile_loadd(2, k0p + dk * 32, kstride);
+        if (two) _tile_loadd(3, k1p + dk * 32, kstride);
+        _tile_dpbf16ps(0, 2, 4);
+        if (two) _tile_dpbf16ps(1, 3, 4);
+        if (dk + 1 < DK) {
+            _tile_loadd(5, qp + (dk + 1) * 256, 64);
+            _tile_loadd(6, k0p + (dk + 1) * 32, kstride);
+            if (two) _tile_loadd(7, k1p + (dk + 1) * 32, kstride);
+            _tile_dpbf16ps(0, 6, 5);
+            if (two) _tile_dpbf16ps(1, 7, 5);
+        }
+    }
+    _tile_stored(0, st, 64);
+    _tile_stored(1, st + 256, 64);
+}
+
+/* O^T [D x 16 rows] (o, float32) += V^T . P^T over nh halves of 32 keys, 64 dims at a time: O^T in tiles 0-3,
+ * P^T in 4 (and 5: second half), V^T in 6, 7 (vt: the halves D x 16 words apart) */
+static inline void pv_tiles(const uint32_t *pt, const uint32_t *vt, int D, int nh, float *o) {
+    const uint32_t *vt2 = vt + D * 16;
+    _tile_loadd(4, pt, 64);
+    if (nh == 2) _tile_loadd(5, pt + 256, 64);
+    for (int x0 = 0; x0 < D; x0 += 64, o += 64 * 16, vt += 64 * 16, vt2 += 64 * 16) {
+        _tile_loadd(0, o, 64);
+        _tile_loadd(1, o + 256, 64);
+        _tile_loadd(6, vt, 64);
+        _tile_dpbf16ps(0, 6, 4);
+        _tile_loadd(7, vt + 256, 64);
+        _tile_dpbf16ps(1, 7, 4);
+        if (nh == 2) {
+            _tile_loadd(6, vt2, 64);
+            _tile_dpbf16ps(0, 6, 5);
+            _tile_loadd(7, vt2 + 256, 64);
+            _tile_dpbf16ps(1, 7, 5);
+        }
+        if (x0 + 64 <= D) {
+            _tile_loadd(2, o + 512, 64);
+            _tile_loadd(3, o + 768, 64);
+            _tile_loadd(6, vt + 512, 64);
+            _tile_dpbf16ps(2, 6, 4);
+            _tile_loadd(7, vt + 768, 64);
+            _tile_dpbf16ps(3, 7, 4);
+            if (nh == 2) {
+                _tile_loadd(6, vt2 + 512, 64);
+                _tile_dpbf16ps(2, 6, 5);
+                _tile_loadd(7, vt2 + 768, 64);
+                _tile_dpbf16ps(3, 7, 5);
+            }
+            _tile_stored(2, o + 512, 64);
+            _tile_stored(3, o + 768, 64);
+        }
+        _tile_stored(0, o, 64);
+        _tile_stored(1, o + 256, 64);
+    }
 }
 
 static void run_item(const PArgs *a, const PItem *it, PScratch *sc) {
@@ -214,72 +282,52 @@ static void run_item(const PArgs *a, const PItem *it, PScratch *sc) {
         chunk_rows(a, table, it->kvh, 0, c0, k1, krows);
         chunk_rows(a, table, it->kvh, 1, c0, k1, vrows);
         transpose_v(vrows, D, bf16, sc->vt);
+        if (c0 + KH < k1) transpose_v(vrows + KH, D, bf16, sc->vt + D * 16);
         /* K's A tiles: 16 rows of one block straight from a bf16 pool (rows past k1 only give masked scores), else
          * the chunk staged as bf16 [KC][D] */
-        const uint16_t *k0p = sc->ks, *k1p = sc->ks + 16 * D;
+        const uint16_t *kp[4];
         int64_t kstride = D * 2;
         if (direct) {
-            k0p = (const uint16_t *)krows[0];
-            k1p = (const uint16_t *)krows[16];
+            for (int i = 0; i < 4; i++) kp[i] = (const uint16_t *)krows[16 * i];
             kstride = (int64_t)a->hkv * D * 2;
         } else {
             stage_rows(krows, D, bf16, sc->ks);
+            for (int i = 0; i < 4; i++) kp[i] = sc->ks + 16 * i * D;
         }
-        for (int rt = 0; rt < RT; rt++) {
-            const int j0 = (rt % qt) * 16, jl = j0 + 15 < nq - 1 ? j0 + 15 : nq - 1;
-            const int pmin = pos0 + j0, pmax = pos0 + jl;
-            if (c0 > pmax) continue; /* every key after every row */
-            if (a->window > 0 && c0 + KC - 1 <= pmin - a->window) continue; /* every key out of every window */
-            const int full = c0 + KC - 1 <= pmin && (a->window <= 0 || c0 > pmax - a->window);
-            const __m512i pos = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(pmin),
-                                                                  _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
-                                                                                   6, 5, 4, 3, 2, 1, 0)),
-                                                 _mm512_set1_epi32(pmax));
-            /* S^T: tiles 0, 1 (keys 0-15, 16-31); K in 2, 3 and 6, 7, Q^T in 4 and 5 (even / odd 32 dims) */
-            const uint32_t *qp = sc->qp + (int64_t)rt * DK * 256;
-            const int two = c0 + 16 < k1;
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int dk = 0; dk < DK; dk += 2) {
-                _tile_loadd(4, qp + dk * 256, 64);
-                _tile_loadd(2, k0p + dk * 32, kstride);
-                if (two) _tile_loadd(3, k1p + dk * 32, kstride);
-                _tile_dpbf16ps(0, 2, 4);
-                if (two) _tile_dpbf16ps(1, 3, 4);
-                if (dk + 1 < DK) {
-                    _tile_loadd(5, qp + (dk + 1) * 256, 64);
-                    _tile_loadd(6, k0p + (dk + 1) * 32, kstride);
-                    if (two) _tile_loadd(7, k1p + (dk + 1) * 32, kstride);
-                    _tile_dpbf16ps(0, 6, 5);
-                    if (two) _tile_dpbf16ps(1, 7, 5);
+        /* software-pipelined over the row tiles: tile rt's S^T on the tile unit is issued before the softmax of the
+         * tile before it (vector unit), so the two may overlap; st and pt double-buffered */
+        int prev = -1, pbuf = 0, buf = 0, pfull = 0, pnh = 1;
+        __m512i ppos = _mm512_setzero_si512();
+        for (int rt = 0; rt <= RT; rt++) {
+            int cur = -1, full = 0, nh = 1;
+            __m512i pos = ppos;
+            if (rt < RT) {
+                const int j0 = (rt % qt) * 16, jl = j0 + 15 < nq - 1 ? j0 + 15 : nq - 1;
+                const int pmin = pos0 + j0, pmax = pos0 + jl;
+                /* skip: every key after every row, or out of every row's window; the second half only where some
+                 * row sees one of its keys */
+                if (c0 <= pmax && !(a->window > 0 && c0 + KC - 1 <= pmin - a->window)) {
+                    nh = c0 + KH <= pmax ? 2 : 1;
+                    full = c0 + KH * nh - 1 <= pmin && (a->window <= 0 || c0 > pmax - a->window);
+                    pos = _mm512_min_epi32(_mm512_add_epi32(_mm512_set1_epi32(pmin),
+                                                            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
+                                                                             3, 2, 1, 0)),
+                                           _mm512_set1_epi32(pmax));
+                    const uint32_t *qp = sc->qp + (int64_t)rt * DK * 256;
+                    float *st = sc->st + buf * KC * 16;
+                    qk_tiles(qp, kp[0], kp[1], kstride, DK, c0 + 16 < k1, st);
+                    if (nh == 2) qk_tiles(qp, kp[2], kp[3], kstride, DK, c0 + 48 < k1, st + KH * 16);
+                    cur = rt;
                 }
             }
-            _tile_stored(0, sc->st, 64);
-            _tile_stored(1, sc->st + 256, 64);
-            softmax_tile(a, sc, rt, c0, pos, full);
-            /* O^T += V^T P^T, 64 dims at a time: O^T in tiles 0-3, P^T in 4, V^T in 5-7 */
-            _tile_loadd(4, sc->pt, 64);
-            float *o = sc->ot + (int64_t)rt * D * 16;
-            const uint32_t *vt = sc->vt;
-            for (int x0 = 0; x0 < D; x0 += 64, o += 64 * 16, vt += 64 * 16) {
-                _tile_loadd(0, o, 64);
-                _tile_loadd(5, vt, 64);
-                _tile_loadd(1, o + 256, 64);
-                _tile_loadd(6, vt + 256, 64);
-                _tile_dpbf16ps(0, 5, 4);
-                _tile_dpbf16ps(1, 6, 4);
-                if (x0 + 64 <= D) {
-                    _tile_loadd(2, o + 512, 64);
-                    _tile_loadd(7, vt + 512, 64);
-                    _tile_loadd(3, o + 768, 64);
-                    _tile_dpbf16ps(2, 7, 4);
-                    _tile_loadd(5, vt + 768, 64);
-                    _tile_dpbf16ps(3, 5, 4);
-                    _tile_stored(2, o + 512, 64);
-                    _tile_stored(3, o + 768, 64);
-                }
-                _tile_stored(0, o, 64);
-                _tile_stored(1, o + 256, 64);
+            if (prev >= 0 && (cur >= 0 || rt == RT)) { /* a skipped tile leaves the pending one pending */
+                uint32_t *pt = sc->pt + pbuf * (KC / 2) * 16;
+                softmax_tile(a, sc, prev, c0, KH * pnh, ppos, pfull, sc->st + pbuf * KC * 16, pt);
+                pv_tiles(pt, sc->vt, D, pnh, sc->ot + (int64_t)prev * D * 16);
+                prev = -1;
+            }
+            if (cur >= 0) {
+                prev = cur; pbuf = buf; buf ^= 1; pfull = full; ppos = pos; pnh = nh;
             }
         }
     }
@@ -344,7 +392,7 @@ int tm_prefill_attention(const float *q, int64_t q_st, int64_t q_sh,
     {
         /* qp, ot, m, l, st, pt, ks, vt (bytes, each a multiple of 64) */
         const size_t sz[8] = {(size_t)RT * d * 32, (size_t)RT * d * 64, (size_t)RT * 64, (size_t)RT * 64,
-                              KC * 64, 16 * 64, (size_t)KC * d * 2, (size_t)d * 64};
+                              2 * KC * 64, 2 * (KC / 2) * 64, (size_t)KC * d * 2, (size_t)d * 128};
         size_t total = 0;
         for (int i = 0; i < 8; i++) total += sz[i];
         char *mem = aligned_alloc(64, total);
