@@ -50,8 +50,9 @@ class CpuAttentionBackend:
     AVX512-BF16 CPUs), requests with a prefill chunk of >= PREFILL_MIN_TOKENS queries attend in bf16: through
     the AMX prefill kernel (csrc/attention_prefill.c: bf16 tiles over the paged cache, float32 softmax) where
     `prefill_kernel_supports` the cache, else PyTorch's SDPA (the reference path on a bf16 copy of q and the
-    gathered K/V). One SmolLM2 layer, bf16 cache, 2 threads: 10 x 200-token prompts 7.0 ms SDPA, 5.2 float32
-    kernel, 1.0 AMX; one 2000-token prompt 11.7 / 37.6 / 4.1 (bench/results/s21 README "prefill attention").
+    gathered K/V). One SmolLM2 layer, bf16 cache, 2 threads (p50): 10 x 200-token prompts 6.2 ms SDPA, 4.6 float32
+    kernel, 1.25 AMX kernel; one 2000-token prompt 12.2 / 35.9 / 5.4 (bench/results/s21/README.md, "#26 prefill
+    attention").
     The other requests of the step stay on the float32 kernel.
     """
 
