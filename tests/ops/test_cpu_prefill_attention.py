@@ -113,3 +113,17 @@ def test_backend_routes_long_chunks_to_the_kernel(window):
     prefill = cpu_prefill_attention(q, kv, batch, 0.125, window)  # every request through the prefill kernel
     assert torch.equal(got[long], prefill[long])
     assert torch.equal(got[~long], cpu_paged_attention(q, kv, batch, 0.125, window)[~long])
+
+
+def test_backend_keeps_bf16_sdpa_where_the_kernel_cannot_run():
+    """head_dim 48 (not a multiple of 32): long chunks take bf16 SDPA as before the kernel, still near the reference."""
+    from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
+    from tokenmill.ops.cpu.attention import cpu_paged_attention
+
+    reqs = [(0, 70), (129, 1), (31, 130)]
+    q, kv, batch = _case(reqs, 4, 2, 48, 16)
+    got = CpuAttentionBackend(prefill_dtype=torch.bfloat16).attend(q, kv, batch, 48 ** -0.5, None)
+    long = torch.cat([torch.full((n,), n >= PREFILL_MIN_TOKENS) for _, n in reqs])
+    kernel = cpu_paged_attention(q, kv, batch, 48 ** -0.5, None)
+    assert torch.equal(got[~long], kernel[~long]) and not torch.equal(got[long], kernel[long])
+    torch.testing.assert_close(got, R.paged_attention(q, kv.float(), batch, 48 ** -0.5, None), rtol=0.05, atol=0.03)

@@ -92,7 +92,8 @@ class CpuAttentionBackend:
         if self.prefill_dtype == torch.bfloat16 and prefill_kernel_supports(kv_cache.dtype, q.shape[-1]):
             att = cpu_prefill_attention(q[tok], kv_cache, sub, scale, sliding_window)
         else:
-            gather = gather_kv_bf16 if self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32 else None
+            to_bf16 = self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32
+            gather = gather_kv_bf16 if to_bf16 else None
             att = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window, gather)
         if short is None and tok == slice(0, q.shape[0]):
             return att.to(q.dtype)  # a step of long chunks only: no scatter into a second buffer

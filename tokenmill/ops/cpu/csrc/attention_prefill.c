@@ -104,7 +104,8 @@ static inline __m256i row16(const char *r, int x, int bf16) {
 /* dst [KC][D] bf16: the rows (zeros where NULL) */
 static void stage_rows(const char **rows, int D, int bf16, uint16_t *dst) {
     for (int k = 0; k < KC; k++)
-        for (int x = 0; x < D; x += 16) _mm256_storeu_si256((__m256i *)(dst + (int64_t)k * D + x), row16(rows[k], x, bf16));
+        for (int x = 0; x < D; x += 16)
+            _mm256_storeu_si256((__m256i *)(dst + (int64_t)k * D + x), row16(rows[k], x, bf16));
 }
 
 /* vt [D][16 key pairs] = V^T of 32 rows: word p of row x holds keys 2p, 2p + 1 of dim x (the A tile layout) */
@@ -113,9 +114,11 @@ static void transpose_v(const char **rows, int D, int bf16, uint32_t *vt) {
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int x0 = 0; x0 < D; x0 += 16) {
         __m512i r[16];
-        for (int p = 0; p < 16; p++) /* key pair p: its two rows' dims x0 .. x0 + 15 interleaved */
-            r[p] = _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(row16(rows[2 * p], x0, bf16)),
-                                                                      row16(rows[2 * p + 1], x0, bf16), 1));
+        for (int p = 0; p < 16; p++) { /* key pair p: its two rows' dims x0 .. x0 + 15 interleaved */
+            const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(row16(rows[2 * p], x0, bf16)),
+                                                   row16(rows[2 * p + 1], x0, bf16), 1);
+            r[p] = _mm512_permutexvar_epi16(inter, two);
+        }
         tm_transpose16(r);
         for (int x = 0; x < 16; x++) _mm512_store_si512((void *)(vt + (int64_t)(x0 + x) * 16), r[x]);
     }
@@ -173,7 +176,8 @@ static void softmax_tile(const PArgs *a, PScratch *sc, int rt, int c0, int nk, _
         }
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         /* words of lanes 0..15: (p0, p1) of each row, as bf16 pairs */
-        _mm512_store_si512((void *)(pt + p * 16), _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+        _mm512_store_si512((void *)(pt + p * 16),
+                           _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
     }
     _mm512_store_ps(lp, _mm512_add_ps(_mm512_load_ps(lp), sum));
 }
