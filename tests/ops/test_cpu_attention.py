@@ -64,8 +64,9 @@ def test_prefill_chunks_over_cached_prefixes_mixed_with_decodes():
 
 @pytest.mark.parametrize("window", [None, 50])
 def test_backend_bf16_prefill_split(window):
-    """CpuAttentionBackend(prefill_dtype=bf16): chunks of >= 64 queries go through bf16 SDPA, the rest of the
-    step through the kernel (bit-equal to the kernel alone); with prefill_dtype None it is the kernel alone."""
+    """CpuAttentionBackend(prefill_dtype=bf16): chunks of >= 64 queries attend in bf16 (the AMX prefill kernel where
+    it runs, else SDPA), the rest of the step through the kernel (bit-equal to the kernel alone); with prefill_dtype
+    None it is the kernel alone."""
     from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
 
     reqs = [(0, 70), (129, 1), (200, 64), (16, 16), (5, 1), (31, 130), (0, 63)]

@@ -13,7 +13,8 @@ import torch
 
 from tokenmill.ops.attention.kv_quant import QuantizedKVCache, quantized_paged_attention, write_kv_quantized
 from tokenmill.ops.attention.reference import paged_attention, write_kv
-from tokenmill.ops.cpu.attention import cpu_paged_attention, gather_kv_bf16, supports_kv_dtype
+from tokenmill.ops.cpu.attention import (cpu_paged_attention, cpu_prefill_attention, gather_kv_bf16,
+                                         prefill_kernel_supports, supports_kv_dtype)
 from tokenmill.worker.forward_batch import ForwardBatch, select_requests
 
 # prefill chunks of at least this many query tokens may run in prefill_dtype (see CpuAttentionBackend)
@@ -46,9 +47,13 @@ class CpuAttentionBackend:
 
     int8/fp8 caches and KV dtypes the kernel cannot read keep the reference path.
     With prefill_dtype (bfloat16 when the model's packed linears run their large GEMMs in bf16: AMX /
-    AVX512-BF16 CPUs), requests with a prefill chunk of >= PREFILL_MIN_TOKENS queries attend through
-    PyTorch's SDPA in that dtype (the reference path on a bf16 copy of q and the gathered K/V, ~3x faster
-    than float32 for a 2k-token prompt); the other requests of the step stay on the kernel.
+    AVX512-BF16 CPUs), requests with a prefill chunk of >= PREFILL_MIN_TOKENS queries attend in bf16: through
+    the AMX prefill kernel (csrc/attention_prefill.c: bf16 tiles over the paged cache, float32 softmax) where
+    `prefill_kernel_supports` the cache, else PyTorch's SDPA (the reference path on a bf16 copy of q and the
+    gathered K/V). One SmolLM2 layer, bf16 cache, 2 threads (p50): 10 x 200-token prompts 6.2 ms SDPA, 4.6 float32
+    kernel, 1.25 AMX kernel; one 2000-token prompt 12.2 / 35.9 / 5.4 (bench/results/s21/README.md, "#26 prefill
+    attention").
+    The other requests of the step stay on the float32 kernel.
     """
 
     name = "cpu"
@@ -84,8 +89,12 @@ class CpuAttentionBackend:
             parts = batch.memo["prefill_split"] = (_as_slice(*select_requests(batch, long)),
                                                    _as_slice(*select_requests(batch, rest)) if rest else None)
         (sub, tok), short = parts
-        gather = gather_kv_bf16 if self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32 else None
-        att = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window, gather)
+        if self.prefill_dtype == torch.bfloat16 and prefill_kernel_supports(kv_cache.dtype, q.shape[-1]):
+            att = cpu_prefill_attention(q[tok], kv_cache, sub, scale, sliding_window)
+        else:
+            to_bf16 = self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32
+            gather = gather_kv_bf16 if to_bf16 else None
+            att = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window, gather)
         if short is None and tok == slice(0, q.shape[0]):
             return att.to(q.dtype)  # a step of long chunks only: no scatter into a second buffer
         out = torch.empty_like(q)

@@ -3,6 +3,8 @@
 Same semantics as `reference.paged_attention`: causal attention of the packed queries over each request's
 cached K/V, read straight from the block pool (no gather copy), one pass with online softmax, GQA heads
 sharing each K/V load, split-K for long single requests. The K/V of this step must already be written.
+`cpu_prefill_attention` is the same call on the AMX tile unit (`csrc/attention_prefill.c`, bf16 products) for
+prefill chunks, where the CPU has it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from tokenmill.worker.forward_batch import ForwardBatch
 
 KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
-           -4: "inconsistent shapes (seq_lens / query_start_loc / block tables)"}
+           -4: "inconsistent shapes (seq_lens / query_start_loc / block tables)",
+           -5: "the AMX prefill kernel is unavailable for this KV dtype / head dim"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
@@ -35,6 +38,12 @@ def _kernel() -> Optional[ctypes.CDLL]:
     lib.tm_kv_read_in_place.argtypes = [_I, _I]
     lib.tm_gather_kv_bf16.restype = _I
     lib.tm_gather_kv_bf16.argtypes = [_P, _L, _I, _L, _P, _L, _P]
+    lib.tm_prefill_attention.restype = _I
+    lib.tm_prefill_attention.argtypes = lib.tm_paged_attention.argtypes
+    lib.tm_prefill_attention_supported.restype = _I
+    lib.tm_prefill_attention_supported.argtypes = [_I, _I]
+    lib.tm_prefill_attention_init.restype = _I
+    lib.tm_prefill_attention_init()  # the tile state for the AMX prefill kernel, where the CPU has it
     return lib
 
 
@@ -58,6 +67,15 @@ def reads_kv_in_place(dtype: torch.dtype, head_dim: int) -> bool:
             and bool(lib.tm_kv_read_in_place(KV_DTYPE_CODES[dtype], int(head_dim))))
 
 
+def prefill_kernel_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `cpu_prefill_attention` runs here for a KV cache of this dtype and head dim: the library was built
+    with the AMX path (AMX-BF16 CPU), Linux granted the tile state, float32 or bfloat16 K/V, head_dim % 32 == 0
+    (<= 256)."""
+    lib = _kernel()
+    return (lib is not None and dtype in (torch.float32, torch.bfloat16)
+            and bool(lib.tm_prefill_attention_supported(KV_DTYPE_CODES[dtype], int(head_dim))))
+
+
 def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
     """t as int32 on the CPU with a unit last stride (rows of a 2-D table may keep their stride)."""
     if t.device.type != "cpu":
@@ -70,6 +88,23 @@ def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
 def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
                         sliding_window: Optional[int] = None) -> torch.Tensor:
     """q [T, H, D], kv_cache [2, num_blocks, block_size, Hkv, D] -> [T, H, D] (q's dtype; computed in float32)."""
+    return _attention("tm_paged_attention", q, kv_cache, batch, scale, sliding_window)
+
+
+def cpu_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
+                          sliding_window: Optional[int] = None) -> torch.Tensor:
+    """`cpu_paged_attention` on the AMX tile unit (csrc/attention_prefill.c): q, K, V and the probabilities rounded
+    to bfloat16, products summed and the softmax computed in float32. Meant for prefill chunks (16 query tokens of a
+    head per tile; any request works, decodes waste most of a tile). Where `prefill_kernel_supports` is false it
+    raises ValueError."""
+    if not prefill_kernel_supports(kv_cache.dtype, q.shape[-1] if q.dim() == 3 else 0):
+        raise ValueError(f"the AMX prefill kernel is unavailable here for a {kv_cache.dtype} KV cache and "
+                         f"head_dim {q.shape[-1]}")
+    return _attention("tm_prefill_attention", q, kv_cache, batch, scale, sliding_window)
+
+
+def _attention(fn: str, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float],
+               sliding_window: Optional[int]) -> torch.Tensor:
     lib = _kernel()
     if lib is None:
         raise RuntimeError(f"CPU attention kernel unavailable: {build_error('attention')}")
@@ -104,12 +139,13 @@ def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
     qsl = _int32(batch.query_start_loc, "query_start_loc")
     if tables.dim() != 2 or tables.shape[0] != batch.num_reqs or seq_lens.numel() != batch.num_reqs:
         raise ValueError("block_tables / seq_lens do not match the batch's requests")
-    rc = lib.tm_paged_attention(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
-                                KV_DTYPE_CODES[kv_cache.dtype], nb, bs, hkv, d, tables.data_ptr(), tables.stride(0),
-                                tables.shape[1], seq_lens.data_ptr(), qsl.data_ptr(), batch.num_reqs, h, float(scale),
-                                int(sliding_window or 0), out.data_ptr())
+    rc = getattr(lib, fn)(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
+                          KV_DTYPE_CODES[kv_cache.dtype], nb, bs, hkv, d, tables.data_ptr(), tables.stride(0),
+                          tables.shape[1], seq_lens.data_ptr(), qsl.data_ptr(), batch.num_reqs, h, float(scale),
+                          int(sliding_window or 0), out.data_ptr())
     if rc != 0:
-        raise ValueError(f"cpu_paged_attention: {_ERRORS.get(rc, f'error {rc}')}")
+        name = "cpu_paged_attention" if fn == "tm_paged_attention" else "cpu_prefill_attention"
+        raise ValueError(f"{name}: {_ERRORS.get(rc, f'error {rc}')}")
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 

@@ -5,8 +5,8 @@ call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of ev
 all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
 no q/k norm, a plain float32 or bfloat16 KV cache. Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
 the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
-calls around the attention backend's `attend` (bf16 SDPA for long chunks): the C linears then beat the dense
-GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
+calls around the attention backend's `attend` (bf16 for long chunks: the AMX prefill kernel, or SDPA): the C
+linears then beat the dense GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
 cache or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
 reference the tests compare against.
 """
@@ -24,7 +24,7 @@ from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
 # Steps of this many tokens or more leave the single call: on the AMX path they run as two C halves around the
-# backend's attention (SDPA for long prefill chunks), otherwise the per-op path (dense GEMM copies).
+# backend's attention (bf16 for long prefill chunks), otherwise the per-op path (dense GEMM copies).
 FUSED_MAX_TOKENS = 64
 POST_BLOCK = 512  # rows per block of the C post-attention half (csrc/layer.c POST_BLOCK): its workspace size
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
@@ -102,7 +102,8 @@ class FusedCpuLayer:
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         from tokenmill.model.layers.quantized import amx_switch_rows, dense_switch_rows
 
-        # larger steps: the two halves (AMX linears) or the per-op path (dense GEMM copies), SDPA for long chunks
+        # larger steps: the two halves (AMX linears) or the per-op path (dense GEMM copies), bf16 attention for long
+        # chunks
         self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
         self.amx_min_rows = amx_switch_rows(lin) or 0
         # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading; a linear whose
@@ -163,7 +164,7 @@ class FusedCpuLayer:
     def _split(self, h: torch.Tensor, residual: torch.Tensor, has_residual: int, cos: torch.Tensor,
                sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, meta: "_StepMeta",
                out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A long step: the two C halves around the backend's attention (bf16 SDPA for long prefill chunks)."""
+        """A long step: the two C halves around the backend's attention (bf16 for long prefill chunks)."""
         t, lib = h.shape[0], self.shared.lib
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = torch.empty(t, nq + 2 * nkv)

@@ -51,7 +51,7 @@ typedef struct { int req, kvh, q0, nq, first, nsplit; } Group;       /* split-K 
 
 typedef struct { float *qt, *s, *acc, *m, *l, *kb, *vb; } Scratch;
 
-int tm_attention_abi_version(void) { return 1; }
+int tm_attention_abi_version(void) { return 2; } /* 2: the library also exports tm_prefill_attention */
 
 int tm_kv_dtype_supported(int kv_dtype) {
     if (kv_dtype == KV_F32 || kv_dtype == KV_BF16) return 1;

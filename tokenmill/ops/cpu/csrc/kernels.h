@@ -58,7 +58,8 @@ int tm_qlinear_i8_direct(void);
 int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *rows, int64_t R, float *out);
 int tm_amx_init(void);
 
-// attention.c: paged attention over a block pool; bf16 gather of one request's K/V.
+// attention.c: paged attention over a block pool; bf16 gather of one request's K/V (the `attention` library
+// links attention.c and attention_prefill.c; tm_attention_abi_version 2: with tm_prefill_attention).
 int tm_attention_abi_version(void);
 int tm_kv_dtype_supported(int kv_dtype);
 int tm_kv_read_in_place(int kv_dtype, int d);
@@ -69,6 +70,17 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
                        int h, float scale, int window, float *out);
 int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
                       uint16_t *out);
+
+// attention_prefill.c: tm_paged_attention's arguments and results (up to bf16 rounding) on the AMX tile unit, for
+// prefill chunks. _init asks for the tile state (1: granted); _supported: whether a pool of this dtype and head dim
+// can be read (0 before a granted _init, or without the AMX build). Returns tm_paged_attention's codes, -5 unsupported.
+int tm_prefill_attention_init(void);
+int tm_prefill_attention_supported(int kv_dtype, int d);
+int tm_prefill_attention(const float *q, int64_t q_st, int64_t q_sh,
+                         const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
+                         const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
+                         const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                         int h, float scale, int window, float *out);
 
 // moe.c: a MoE layer's experts (packed gate|up and down, each its own block type) over routed tokens, one call
 // per layer.

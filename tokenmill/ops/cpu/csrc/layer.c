@@ -58,9 +58,9 @@ static void store_bf16(uint16_t *dst, const float *src, int64_t n) {
 }
 
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
-// through SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary, K/V written at their
-// slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att [T, H*D], residual add,
-// RMSNorm, MLP into out, in blocks of POST_BLOCK rows, the intermediates in `work` (min(T, POST_BLOCK) * (2E + 3I)
+// in bf16: the AMX prefill kernel or SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary,
+// K/V written at their slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att
+// [T, H*D], residual add, RMSNorm, MLP into out, in blocks of POST_BLOCK rows, the intermediates in `work` (min(T, POST_BLOCK) * (2E + 3I)
 // floats; NULL: allocated here). Long steps pass a buffer kept across layers and steps: a fresh one of over
 // 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step.
 // tm_llama_layer chains them with the paged attention kernel in between.

@@ -21,11 +21,7 @@
 
 #if defined(TM_AMX)
 #include "amx.h"
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#define AMX_ARCH_REQ_XCOMP_PERM 0x1023
-#define AMX_XFEATURE_XTILEDATA 18
 #ifndef AMX_MAX_M
 #define AMX_MAX_M 512  // rows of x per pass
 #endif
@@ -34,7 +30,7 @@ static int amx_ready = 0;  // set once by tm_amx_init (process-wide capability, 
 
 // Asks Linux for the AMX tile-data state (needed once per process before any tile instruction). 1: usable.
 int tm_amx_init(void) {
-    if (!amx_ready) amx_ready = syscall(SYS_arch_prctl, AMX_ARCH_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0;
+    if (!amx_ready) amx_ready = tm_amx_request_tiles();
     return amx_ready;
 }
 
@@ -98,33 +94,6 @@ static inline __attribute__((always_inline)) __m512i block_pairs(const int qtype
     return (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
 }
 
-// r[0..15] (16 x 16 32-bit words) transposed in place.
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {  // 128-bit lanes: rows i, i+4 and i+8, i+12
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
-
 // Dequantizes output rows n0 .. n0+15 (rows >= N are zero) into pair layout: panel[b][p][j] = word p of row
 // n0 + j's block b, i.e. the B tile of k-block b.
 static inline __attribute__((always_inline)) void panel_pairs(const int qtype, const uint8_t *w, int64_t row_bytes,
@@ -145,7 +114,7 @@ static inline __attribute__((always_inline)) void panel_pairs(const int qtype, c
                 v[j] = _mm512_setzero_si512();
             }
         }
-        transpose16(v);
+        tm_transpose16(v);
         for (int p = 0; p < 16; p++) _mm512_store_si512((void *)(panel + (b * 16 + p) * 16), v[p]);
     }
 }
