@@ -19,7 +19,7 @@ import torch
 
 from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
-from tokenmill.ops.cpu.layer import _StepMeta
+from tokenmill.ops.cpu.layer import _Shared
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
@@ -175,7 +175,7 @@ class FusedMoELayer:
             has_residual = 1
         out = torch.empty_like(h)
         lib = self.shared.lib
-        scratch = self.shared.scratch(lib.tm_moe_layer_scratch_floats(t, self.hidden, self.nqkv, self.nq,
+        scratch = self.shared.work(lib.tm_moe_layer_scratch_floats(t, self.hidden, self.nqkv, self.nq,
                                                                       self.st.num_experts, self.st.top_k))
         ws_floats = lib.tm_moe_ws_floats(t * self.st.top_k, self.hidden, self.st.inter)
         ws = self.experts.workspace.get(ws_floats) if self.experts.workspace is not None else None
@@ -189,25 +189,6 @@ class FusedMoELayer:
         if rc != 0:
             raise ValueError(f"fused CPU MoE layer: {_ERRORS.get(rc, f'error {rc}')}")
         return out, residual
-
-
-class _Shared:
-    """The library, the current step's metadata and a scratch buffer, shared by a model's fused MoE layers."""
-
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
-        self._meta: Optional[_StepMeta] = None
-        self._scratch = torch.empty(0)
-
-    def scratch(self, numel: int) -> torch.Tensor:
-        if self._scratch.numel() < numel:
-            self._scratch = torch.empty(numel)
-        return self._scratch
-
-    def meta(self, batch: ForwardBatch) -> _StepMeta:
-        if self._meta is None or self._meta.batch is not batch:
-            self._meta = _StepMeta(batch)
-        return self._meta
 
 
 def fuse_moe_layers(model: Any) -> int:

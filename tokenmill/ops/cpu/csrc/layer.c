@@ -44,19 +44,6 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
     }
 }
 
-static void store_bf16(uint16_t *dst, const float *src, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512BF16__)
-    for (; i + 16 <= n; i += 16)  // vcvtneps2bf16 rounds to nearest even, as the scalar loop
-        _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-    for (; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, src + i, 4);
-        dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
-}
-
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks
 // in bf16: the AMX prefill kernel or SDPA): tm_llama_layer_pre = residual add, RMSNorm, q|k|v projection, rotary,
 // K/V written at their slots, leaving q|k|v [T, nqkv] in qkv_out; tm_llama_layer_post = o projection of att
@@ -97,8 +84,8 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
             memcpy(kc + (cache_rows + s) * nkv, v, nkv * sizeof(float));
         } else {  // bfloat16 cache: round to nearest even (what torch's .to(torch.bfloat16) does)
             uint16_t *kc = (uint16_t *)kv;
-            store_bf16(kc + s * nkv, k, nkv);
-            store_bf16(kc + (cache_rows + s) * nkv, v, nkv);
+            tm_store_bf16_row(kc + s * nkv, k, nkv);
+            tm_store_bf16_row(kc + (cache_rows + s) * nkv, v, nkv);
         }
     }
 done:

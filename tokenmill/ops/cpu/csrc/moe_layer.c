@@ -56,17 +56,7 @@ static void store_kv_row(void *kv, int kv_dtype, int64_t row, const float *src, 
         memcpy((float *)kv + row * n, src, (size_t)n * sizeof(float));
         return;
     }
-    uint16_t *dst = (uint16_t *)kv + row * n;  // bfloat16, round to nearest even (torch's .to(torch.bfloat16))
-    int64_t i = 0;
-#if defined(__AVX512BF16__)
-    for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-    for (; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, src + i, 4);
-        dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+    tm_store_bf16_row((uint16_t *)kv + row * n, src, n);  // round to nearest even, as torch's .to(torch.bfloat16)
 }
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {

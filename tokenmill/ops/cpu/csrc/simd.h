@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -82,6 +83,21 @@ static inline void tm_silu_mul_row(const float *g, const float *u, float *a, int
     }
 #endif
     for (; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+// dst[i] = bf16(src[i]), i < n, rounded to nearest even (torch's .to(torch.bfloat16)): bf16 K/V stores of the
+// fused dense layer (layer.c) and the fused MoE layer (moe_layer.c).
+static inline void tm_store_bf16_row(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= n; i += 16)  // vcvtneps2bf16 rounds to nearest even, as the scalar loop
+        _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+    for (; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, 4);
+        dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
 }
 
 #endif  // TM_SIMD_H
