@@ -86,6 +86,30 @@ class _StepMeta:
                    and self.qsl.numel() == self.num_reqs + 1)
 
 
+def step_inputs(shared: "_Shared", num_kv_heads: int, head_dim: int, h: torch.Tensor,
+                residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any,
+                batch: ForwardBatch) -> Optional[tuple[_StepMeta, torch.Tensor, int]]:
+    """The checks a fused layer (dense here, MoE in moe_layer.py) makes of one step's inputs: (the step's metadata,
+    the residual (a new buffer when there is none yet), 1 if it holds a residual else 0), or None (the layer declines
+    the step)."""
+    t = h.shape[0]
+    if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
+            or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
+            or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+        return None
+    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != num_kv_heads
+            or kv_cache.shape[4] != head_dim or cos.shape != (t, head_dim) or sin.shape != cos.shape):
+        return None
+    meta = shared.meta(batch)
+    if not meta.ok:
+        return None
+    if residual is None:
+        return meta, torch.empty_like(h), 0
+    if residual.dtype != torch.float32 or not residual.is_contiguous():
+        return None
+    return meta, residual, 1
+
+
 class FusedCpuLayer:
     """The fast path of one dense DecoderLayer (see layer_qualifies); `__call__` returns (h, residual) or None
     (use the per-op path)."""
@@ -129,23 +153,10 @@ class FusedCpuLayer:
         split = t > self.max_tokens
         if split and not (self.amx_min_rows and isinstance(self.attn.backend, CpuAttentionBackend)):
             return None  # without the AMX path the C linears lose to the dense copies at these sizes
-        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
-                or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
-                or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
+        inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch)
+        if inputs is None:
             return None
-        if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != self.num_kv_heads
-                or kv_cache.shape[4] != self.head_dim or cos.shape != (t, self.head_dim) or sin.shape != cos.shape):
-            return None
-        meta = self.shared.meta(batch)
-        if not meta.ok:
-            return None
-        if residual is None:
-            residual = torch.empty_like(h)
-            has_residual = 0
-        else:
-            if residual.dtype != torch.float32 or not residual.is_contiguous():
-                return None
-            has_residual = 1
+        meta, residual, has_residual = inputs
         out = torch.empty_like(h)
         if split:
             return self._split(h, residual, has_residual, cos, sin, kv_cache, batch, meta, out)

@@ -19,13 +19,13 @@ import torch
 
 from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
-from tokenmill.ops.cpu.layer import _Shared
+from tokenmill.ops.cpu.layer import _KV_CODES, _Shared, step_inputs
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
 _ERRORS = {-1: "out of memory", -2: "expert or block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
-_KV_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _QK_NORMS = {None: 0, "full": 1, "head": 2}
 
@@ -154,25 +154,12 @@ class FusedMoELayer:
         if (t > self.max_tokens or self.mlp.op is not self._fused_op
                 or batch.max_query_len >= PREFILL_MIN_TOKENS or not isinstance(self.attn.backend, CpuAttentionBackend)):
             return None  # long chunks attend through SDPA on the per-op path; a swapped op (offload) runs there too
-        if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
-                or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
-                or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
-            return None
-        if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != self.num_kv_heads
-                or kv_cache.shape[4] != self.head_dim or cos.shape != (t, self.head_dim) or sin.shape != cos.shape):
-            return None
         if self.mlp.expert_counts.data_ptr() != self.st.expert_counts:
             return None  # the counts buffer was replaced (moved): the per-op path counts into the new one
-        meta = self.shared.meta(batch)
-        if not meta.ok:
+        inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch)
+        if inputs is None:
             return None
-        if residual is None:
-            residual = torch.empty_like(h)
-            has_residual = 0
-        else:
-            if residual.dtype != torch.float32 or not residual.is_contiguous():
-                return None
-            has_residual = 1
+        meta, residual, has_residual = inputs
         out = torch.empty_like(h)
         lib = self.shared.lib
         scratch = self.shared.work(lib.tm_moe_layer_scratch_floats(t, self.hidden, self.nqkv, self.nq,
