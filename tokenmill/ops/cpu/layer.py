@@ -86,6 +86,19 @@ class _StepMeta:
                    and self.qsl.numel() == self.num_reqs + 1)
 
 
+def linear_args(m: Any) -> tuple[int, int, Optional[int]]:
+    """(qtype id, weight pointer, bias pointer) of a packed linear as the C layers' qlinear_any takes it: the
+    parameters stay put after loading; a linear whose shards have different types (MixedQuantizedLinear) passes its
+    row groups, one with AMX tiles made once (QuantizedLinear.pack_amx) its panels (kept alive by the module)."""
+    if m.qtype == "mixed":
+        qt, w = QPARTS, ctypes.addressof(m.qparts)
+    elif m.qpanels is not None:
+        qt, w = QPANELS, ctypes.addressof(m.qpanels)
+    else:
+        qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
+    return qt, w, (m.bias.data_ptr() if m.bias is not None else None)
+
+
 def step_inputs(shared: "_Shared", num_kv_heads: int, head_dim: int, h: torch.Tensor,
                 residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any,
                 batch: ForwardBatch) -> Optional[tuple[_StepMeta, torch.Tensor, int]]:
@@ -130,17 +143,7 @@ class FusedCpuLayer:
         # chunks
         self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
         self.amx_min_rows = amx_switch_rows(lin) or 0
-        # (qtype id, weight pointer, bias pointer) per linear: the parameters stay put after loading; a linear whose
-        # shards have different types (MixedQuantizedLinear) passes its row groups (kept alive by the module)
-        self.linears = []
-        for m in lin:
-            if m.qtype == "mixed":
-                qt, w = QPARTS, ctypes.addressof(m.qparts)
-            elif m.qpanels is not None:  # its AMX tiles made once (QuantizedLinear.pack_amx)
-                qt, w = QPANELS, ctypes.addressof(m.qpanels)
-            else:
-                qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
-            self.linears += [qt, w, m.bias.data_ptr() if m.bias is not None else None]
+        self.linears = [a for m in lin for a in linear_args(m)]
         self.ln1, self.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
         self.attn = attn.attn  # its backend attends the long steps between the two halves
         # a ctypes pointer to this layer's TmLoRA for a step with LoRA rows, set and cleared from outside

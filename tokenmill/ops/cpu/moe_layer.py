@@ -5,9 +5,10 @@ q|k|v, q/k norm, rotary in PyTorch ops, K/V write, attention, o, router, softmax
 fused MoE op). `fuse_moe_layers(model)` installs `FusedMoELayer` as the `fast_path` of every layer that qualifies
 (`moe_layer_qualifies`): packed attention linears, a plain softmax top-k MoEBlock without a shared expert over
 packed experts run by the CPU fused MoE op, float32 norms and router. A step runs in one call when its attention
-would run on the paged C kernel anyway (every request's query shorter than the backend's SDPA threshold) and the
-linears would not switch to a dense copy; otherwise, or for a KV cache the kernel cannot take, it returns None and
-the layer runs its per-op path, the reference the tests compare against (tests/ops/test_cpu_moe_layer.py).
+would run on the paged C decode kernel anyway (every request's query shorter than PREFILL_MIN_TOKENS, where the
+backend switches to its prefill kernel) and the linears would not switch to a dense copy; otherwise, or for a KV
+cache the kernel cannot take, it returns None and the layer runs its per-op path, the reference the tests compare
+against (tests/ops/test_cpu_moe_layer.py).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 
 from tokenmill.ops.attention.backend import PREFILL_MIN_TOKENS, CpuAttentionBackend
 from tokenmill.ops.cpu.build import load_library
-from tokenmill.ops.cpu.layer import _KV_CODES, _Shared, step_inputs
-from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
+from tokenmill.ops.cpu.layer import _KV_CODES, _Shared, linear_args, step_inputs
+from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
 
 _ERRORS = {-1: "out of memory", -2: "expert or block id out of range", -3: "unsupported KV dtype",
@@ -59,17 +60,6 @@ def _lib() -> Optional[ctypes.CDLL]:
         lib.tm_amx_init.restype = _I
         lib.tm_amx_init()  # this library's own AMX switch (its linears and experts use amx_min_rows only if granted)
     return lib
-
-
-def _linear_args(m: Any) -> tuple[int, int, Optional[int]]:
-    """(qlinear_any type, weight pointer, bias pointer) of a packed linear, as the per-op forward would run it."""
-    if m.qtype == "mixed":
-        qt, w = QPARTS, ctypes.addressof(m.qparts)
-    elif m.qpanels is not None:
-        qt, w = QPANELS, ctypes.addressof(m.qpanels)
-    else:
-        qt, w = QTYPES[m.qtype][0], m.weight.data_ptr()
-    return qt, w, (m.bias.data_ptr() if m.bias is not None else None)
 
 
 def moe_layer_qualifies(layer: Any) -> bool:
@@ -132,8 +122,8 @@ class FusedMoELayer:
         st.ln1, st.ln2 = layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()
         if attn.qk_norm is not None:
             st.q_norm, st.k_norm = attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()
-        st.qt_qkv, st.w_qkv, st.b_qkv = _linear_args(attn.qkv_proj)
-        st.qt_o, st.w_o, st.b_o = _linear_args(attn.o_proj)
+        st.qt_qkv, st.w_qkv, st.b_qkv = linear_args(attn.qkv_proj)
+        st.qt_o, st.w_o, st.b_o = linear_args(attn.o_proj)
         st.lin_direct_max_m = DIRECT_MAX_ROWS
         st.lin_amx_min_m = attn.qkv_proj.amx_min_rows  # moe_layer_qualifies: o_proj's is the same
         st.w_router = mlp.gate.weight.data_ptr()
@@ -153,7 +143,7 @@ class FusedMoELayer:
         t = h.shape[0]
         if (t > self.max_tokens or self.mlp.op is not self._fused_op
                 or batch.max_query_len >= PREFILL_MIN_TOKENS or not isinstance(self.attn.backend, CpuAttentionBackend)):
-            return None  # long chunks attend through SDPA on the per-op path; a swapped op (offload) runs there too
+            return None  # long chunks attend through the prefill kernel on the per-op path; a swapped op (offload) runs there too
         if self.mlp.expert_counts.data_ptr() != self.st.expert_counts:
             return None  # the counts buffer was replaced (moved): the per-op path counts into the new one
         inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch)

@@ -29,19 +29,8 @@ static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
 
 // x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).
 static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const float *cos, const float *sin) {
-    const int half = D / 2;
 #pragma omp parallel for schedule(static) if (T * nh * D >= (1 << 15))
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * D, *s = sin + t * D;
-        for (int hh = 0; hh < nh; hh++) {
-            float *v = x + t * st + (int64_t)hh * D;
-            for (int i = 0; i < half; i++) {
-                const float x1 = v[i], x2 = v[i + half];
-                v[i] = x1 * c[i] - x2 * s[i];
-                v[i + half] = x2 * c[i + half] + x1 * s[i + half];
-            }
-        }
-    }
+    for (int64_t t = 0; t < T; t++) tm_rope_heads(x + t * st, nh, D, cos + t * D, sin + t * D);
 }
 
 // The layer in two halves around the attention, for steps whose attention runs elsewhere (long prefill chunks

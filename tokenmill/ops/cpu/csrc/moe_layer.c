@@ -90,15 +90,7 @@ static void qkv_epilogue(const tm_moe_layer_t *L, float *row, const float *c, co
         add_rmsnorm_f32(row, NULL, L->q_norm, H, D, eps, NULL, row);
         add_rmsnorm_f32(row + nq, NULL, L->k_norm, Hkv, D, eps, NULL, row + nq);
     }
-    const int64_t half = D / 2;
-    for (int64_t hh = 0; hh < H + Hkv; hh++) {  // q's heads, then k's (contiguous in the row)
-        float *v = row + hh * D;
-        for (int64_t i = 0; i < half; i++) {
-            const float x1 = v[i], x2 = v[i + half];
-            v[i] = x1 * c[i] - x2 * s[i];
-            v[i + half] = x2 * c[i + half] + x1 * s[i + half];
-        }
-    }
+    tm_rope_heads(row, H + Hkv, D, c, s);  // q's heads, then k's (contiguous in the row)
 }
 
 // logits [T, E] -> the top k of softmax(logits) per token into ids / w (renormalized if asked); ties keep the

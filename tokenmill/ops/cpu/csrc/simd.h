@@ -100,4 +100,17 @@ static inline void tm_store_bf16_row(uint16_t *dst, const float *src, int64_t n)
     }
 }
 
+// One token's nh heads of width D (consecutive in v) rotated in place, "rotate half" with that token's cos / sin
+// [D]: the rotary of the fused dense layer (layer.c) and the fused MoE layer (moe_layer.c).
+static inline void tm_rope_heads(float *v, int64_t nh, int64_t D, const float *c, const float *s) {
+    const int64_t half = D / 2;
+    for (int64_t hh = 0; hh < nh; hh++, v += D) {
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * c[i] - x2 * s[i];
+            v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    }
+}
+
 #endif  // TM_SIMD_H
