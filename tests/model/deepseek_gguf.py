@@ -81,15 +81,12 @@ def deepseek2_tensors(model: Any, legacy: bool = False) -> Iterator[tuple[str, n
             yield f"{blk}.{_MLP[module]}.weight", arr
 
 
-def save_deepseek2_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None, legacy: bool = False) -> str:
-    """Write the model as a deepseek2 GGUF file, F32 unless qtypes (GGUF tensor name ->
-    gguf.GGMLQuantizationType) says otherwise; no tokenizer (the tests pass one)."""
+def write_deepseek2_metadata(w: Any, cfg: Any, legacy: bool = False) -> None:
+    """The deepseek2.* keys the converter writes for a transformers DeepSeek config, in its order."""
     import gguf
 
-    cfg = model.config
     rope = cfg.rope_parameters
     r, rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    w = gguf.GGUFWriter(path, "deepseek2")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -140,7 +137,18 @@ def save_deepseek2_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = N
     w.add_rope_dimension_count(rope_dim)
     if rope.get("mscale_all_dim") is not None:
         w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
-    for gname, arr in deepseek2_tensors(model, legacy):
+
+
+def save_deepseek2_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None, legacy: bool = False,
+                        metadata_only: bool = False) -> str:
+    """Write the model (a transformers DeepSeek model, or only its config with metadata_only) as a deepseek2 GGUF
+    file, F32 unless qtypes (GGUF tensor name -> gguf.GGMLQuantizationType) says otherwise; no tokenizer (the tests
+    pass one)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "deepseek2")
+    write_deepseek2_metadata(w, model if metadata_only else model.config, legacy)
+    for gname, arr in ([] if metadata_only else deepseek2_tensors(model, legacy)):
         qtype = (qtypes or {}).get(gname)
         if qtype is not None:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
