@@ -179,6 +179,7 @@ def test_q8_0_gguf_stays_packed(tmp_path_factory, gguf_tokenizer_path, arch, leg
     assert (_logits(dense, ids) - ref).abs().max().item() < 1e-4
     llm = exact_llm(path, tokenizer=gguf_tokenizer_path, max_num_batched_tokens=16, block_size=4,
                     gemm_dtype="float32")
+    assert all(layer.fast_path is None for layer in llm.engine.core.runner.model.model.layers)  # no fused C layer
     prompts = _prompts(5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
