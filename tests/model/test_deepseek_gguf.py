@@ -164,7 +164,8 @@ def test_q8_0_gguf_stays_packed(tmp_path_factory, gguf_tokenizer_path, arch, leg
     packed = load_model(src, load_hf_config(src), torch.float32, "cpu", gemm_dtype="float32")
     blocks = moe_blocks(packed)
     for layer in packed.model.layers:
-        assert type(layer.self_attn.kv_b_proj) is KVBProjection and layer.self_attn.kv_b_proj.weight.dtype == torch.float32
+        kv_b = layer.self_attn.kv_b_proj
+        assert type(kv_b) is KVBProjection and kv_b.weight.dtype == torch.float32
     assert all(type(b.gate) is GroupedTopkRouter for _, b in blocks)
     if available():
         assert all(isinstance(b.experts, PackedExperts) and b.experts.qtype == "q8_0" for _, b in blocks)

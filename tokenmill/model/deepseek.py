@@ -22,12 +22,12 @@ import torch
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.decoder import CausalLM, DecoderLayer
+from tokenmill.model.deepseek_gguf import GGUF_DEEPSEEK2_BLOCK, GGUF_DEEPSEEK2_RULES, deepseek2_gguf_kwargs
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.layers.linear import ShardId
 from tokenmill.model.layers.mla import MLAttention
 from tokenmill.model.layers.mlp import GatedMLP
 from tokenmill.model.layers.moe import EXPERT_RULES, GroupedTopkMoEBlock
-from tokenmill.model.deepseek_gguf import GGUF_DEEPSEEK2_BLOCK, GGUF_DEEPSEEK2_RULES, deepseek2_gguf_kwargs
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
