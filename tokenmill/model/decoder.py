@@ -135,6 +135,12 @@ class CausalLM(nn.Module):
         """Family-specific transformers config fields from the GGUF metadata (meta(key) reads `<arch>.<key>`)."""
         return {}
 
+    @classmethod
+    def gguf_variant(cls, meta: Callable[[str], Any]) -> Optional[tuple[str, str]]:
+        """(transformers model_type, architectures entry) to build instead of the registry's, when one GGUF arch
+        covers several (deepseek.py: deepseek2 files with sigmoid gating are DeepSeek-V3); None keeps it."""
+        return None
+
     # ---- attention -----------------------------------------------------------------------------------
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -9,17 +9,20 @@ Routing follows transformers 5 (the oracle of the tests):
       weights renormalized per norm_topk_prob, times routed_scaling_factor.
 V2 rotates its rope dims in interleaved pairs; V3 when rope_interleave (the default). A V3 checkpoint's
 multi-token-prediction layers (model.layers.N for N >= num_hidden_layers) are not loaded.
-Not supported: GGUF deepseek2 files, tensor parallelism, kv_eviction="streaming".
+
+GGUF: llama.cpp's arch "deepseek2" holds V2, V2-Lite and V3 (deepseek_gguf.py reads its metadata: sigmoid gating
+makes it a V3). Not supported: tensor parallelism, kv_eviction="streaming".
 """
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
 from tokenmill.errors import ModelLoadError
 from tokenmill.model.decoder import CausalLM, DecoderLayer
+from tokenmill.model.deepseek_gguf import GGUF_DEEPSEEK2_BLOCK, GGUF_DEEPSEEK2_RULES, deepseek2_gguf_kwargs
 from tokenmill.model.layers.attention import Attention
 from tokenmill.model.layers.linear import ShardId
 from tokenmill.model.layers.mla import MLAttention
@@ -36,7 +39,8 @@ class _DeepseekForCausalLM(CausalLM):
         (r"(.*)\.mlp\.shared_experts\.gate_proj\.weight", r"\1.mlp.shared_expert.gate_up_proj.weight", lambda m: 0),
         (r"(.*)\.mlp\.shared_experts\.up_proj\.weight", r"\1.mlp.shared_expert.gate_up_proj.weight", lambda m: 1),
         (r"(.*)\.mlp\.shared_experts\.down_proj\.weight", r"\1.mlp.shared_expert.down_proj.weight", None),
-    ) + EXPERT_RULES
+    ) + GGUF_DEEPSEEK2_RULES + EXPERT_RULES
+    gguf_block_names = GGUF_DEEPSEEK2_BLOCK
     latent_kv_cache = True
     interleaved_rope: ClassVar[bool] = True
 
@@ -67,6 +71,16 @@ class _DeepseekForCausalLM(CausalLM):
     @classmethod
     def routing(cls, config: Any) -> dict[str, Any]:
         raise NotImplementedError
+
+    @classmethod
+    def gguf_config_kwargs(cls, meta: Callable[[str], Any]) -> dict[str, Any]:
+        return deepseek2_gguf_kwargs(meta)
+
+    @classmethod
+    def gguf_variant(cls, meta: Callable[[str], Any]) -> Optional[tuple[str, str]]:
+        """A deepseek2 file with sigmoid gating is a V3 (llama.cpp: expert_gating_func 2)."""
+        gating = meta("expert_gating_func")
+        return ("deepseek_v3", "DeepseekV3ForCausalLM") if gating is not None and int(gating) == 2 else None
 
     def attention_layers(self) -> list[Attention]:
         return []  # MLA computes its own attention over the latent cache: no backend to swap

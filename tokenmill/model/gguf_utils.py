@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -57,6 +58,13 @@ def gguf_config(reader: Any, path: str) -> Any:
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
+
+    variant = cls.gguf_variant(meta)  # one GGUF arch, several transformers ones (deepseek2: V2 or V3)
+    if variant is not None:
+        from tokenmill.model.registry import get_model_class
+
+        model_type, hf_arch = variant
+        cls = get_model_class(SimpleNamespace(architectures=[hf_arch]))
 
     required = ["embedding_length", "block_count", "feed_forward_length", "attention.head_count"]
     missing = [k for k in required if meta(k) is None]

@@ -52,6 +52,7 @@ _GGUF: dict[tuple[str, bool], tuple[str, str]] = {
     ("qwen2moe", True): ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3moe", True): ("qwen3_moe", "Qwen3MoeForCausalLM"),
     ("olmoe", True): ("olmoe", "OlmoeForCausalLM"),
+    ("deepseek2", True): ("deepseek_v2", "DeepseekV2ForCausalLM"),  # V3 with sigmoid gating (gguf_variant)
 }
 
 

@@ -5,7 +5,7 @@ Parameters are created with torch.empty (no init cost), so building an 8B model 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,10 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: S
 
 class Linear(nn.Module):
     """y = x W^T + b with W [out, in]."""
+
+    # False: a module that reads `weight` itself (MLA's kv_b_proj, DeepSeek's float32 router) stays a dense float
+    # Linear, its GGUF blocks dequantized at load (layers.quantized.quantize_modules never swaps it)
+    packable: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()

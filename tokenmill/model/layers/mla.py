@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.model.layers.linear import Linear
+from tokenmill.model.layers.linear import Linear, ShardId
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenmill.ops.attention.mla import mla_attention
@@ -39,6 +39,38 @@ def mla_softmax_scale(config: Any, qk_head_dim: int) -> float:
         mscale = 1.0 if factor <= 1 else 0.1 * float(p["mscale_all_dim"]) * math.log(factor) + 1.0
         scale *= mscale * mscale
     return scale
+
+
+class KVBProjection(Linear):
+    """kv_b_proj [H * (nope + v), R]: W_UK and W_UV of each head. Read as a matrix by the absorbed attention, so
+    never swapped for a packed quantized linear. Loads whole (Hugging Face, llama.cpp's older attn_kv_b) or as
+    llama.cpp's split halves: shard "k_b" [H, R, nope] (W_UK transposed, attn_k_b) and "v_b" [H, v, R]
+    (attn_v_b)."""
+
+    packable = False
+
+    def __init__(self, kv_lora_rank: int, num_heads: int, nope: int, v_dim: int, dtype: torch.dtype):
+        super().__init__(kv_lora_rank, num_heads * (nope + v_dim), dtype=dtype)
+        self.num_heads, self.nope, self.v_dim = num_heads, nope, v_dim
+        self.weight.shard_ids = ["k_b", "v_b"]  # the loader checks both halves arrived
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> list:
+        if shard_id is None:
+            super().weight_loader(param, loaded)
+            return ["k_b", "v_b"]
+        h, r, got = self.num_heads, self.in_features, tuple(loaded.shape)
+        w = param.data.view(h, self.nope + self.v_dim, r)
+        if shard_id == "k_b":
+            target, loaded = w[:, :self.nope], loaded.transpose(1, 2) if loaded.dim() == 3 else loaded
+        elif shard_id == "v_b":
+            target = w[:, self.nope:]
+        else:
+            raise ValueError(f"unknown kv_b_proj shard {shard_id!r} (k_b, v_b)")
+        if tuple(target.shape) != tuple(loaded.shape):
+            want = (h, r, self.nope) if shard_id == "k_b" else (h, self.v_dim, r)
+            raise ValueError(f"shape mismatch for {shard_id}: expected {want}, checkpoint {got}")
+        target.copy_(loaded)
+        return [shard_id]
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +109,7 @@ class MLAttention(nn.Module):
             self.q_proj = Linear(hidden, h * qk, dtype=dtype)
         self.kv_a_proj_with_mqa = Linear(hidden, r + self.rope, bias=bias, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(r, LATENT_NORM_EPS, dtype=dtype)
-        self.kv_b_proj = Linear(r, h * (self.nope + self.v_dim), dtype=dtype)
+        self.kv_b_proj = KVBProjection(r, h, self.nope, self.v_dim, dtype)
         self.o_proj = Linear(h * self.v_dim, hidden, bias=bias, dtype=dtype)
         self.scale = mla_softmax_scale(config, qk)
 

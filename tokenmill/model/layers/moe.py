@@ -210,6 +210,8 @@ class GroupedTopkRouter(Linear):
     """DeepSeek's router: a float32 [E, H] linear (float32 whatever the model dtype, like transformers) and, for
     sigmoid scoring, the float32 e_score_correction_bias [E] that steers the choice but not the weights."""
 
+    packable = False  # forward reads the float32 weight
+
     def __init__(self, hidden: int, num_experts: int, correction_bias: bool):
         super().__init__(hidden, num_experts, dtype=torch.float32)
         self.e_score_correction_bias: Optional[nn.Parameter] = None

@@ -318,6 +318,8 @@ def quantize_modules(model: nn.Module, types: dict[str, str],
     emb: Optional[QuantizedEmbedding] = None
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear):
+            if not module.packable:
+                continue
             names = _checkpoint_names(model, name, module)
             shards = module.shard_names if isinstance(module, MergedLinear) else None
             kinds = [types.get(names.get(s, "")) for s in (shards or [None])]
