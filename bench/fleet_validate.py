@@ -501,7 +501,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--transfer-tokens", default="32,128,512,2048", help="disagg: prompt lengths of the measured pulls")
     ap.add_argument("--served-calibration-rate", default=None,
                     help="disagg: rate of the served calibration passes (default: the highest --rate); 'match': "
-                         "the highest rate scaled so that the passes carry its prompt tokens per second")
+                         "the highest rate scaled so that the passes carry its prompt tokens per second (where the producer "
+                         "keeps up at that rate: an overloaded producer batches a pass into too few steps to fit)")
     ap.add_argument("--served-calibration-requests", type=int, default=60)
     ap.add_argument("--served-calibration-seed", type=int, default=1,
                     help="disagg: the calibration passes' requests (the measured rates use seed 0)")
