@@ -326,7 +326,7 @@ def run_disagg(args, rates: list[float], tok, cost: CostModel, traces: dict[str,
               f"{transfer['fixed_s'] * 1e3:.1f} ms per pull", flush=True)
     for p in traces.values():
         p.unlink(missing_ok=True)
-    cal_rate = args.served_calibration_rate or max(rates)
+    cal_rate = calibration_rate(args, rates, tok)
     with disagg_servers(args.policy, traces) as (base, p_url, d_url):
         hop = measure_hop(base, p_url, traces["prefill"])
         print(f"served path at idle: {hop['ingress_s'] * 1e3:.1f} ms send -> prefill step, {hop['hop_s'] * 1e3:.1f} "
@@ -343,6 +343,31 @@ def run_disagg(args, rates: list[float], tok, cost: CostModel, traces: dict[str,
                 print(f"calibration pass {len(passes) - 1}: {passes[-1]['start_utc']}-{passes[-1]['end_utc']}",
                       flush=True)
     return measured, transfer, hop, passes
+
+
+def calibration_rate(args, rates: list[float], tok) -> float:
+    """The calibration passes' rate: --served-calibration-rate, or the highest measured rate; `match`: the highest
+    rate times the measured requests' mean prompt length over the passes' (same workload, their seeds), so that the
+    passes carry the measured rate's prompt tokens per second (the producer's load) rather than its requests per
+    second."""
+    top = max(rates)
+    if args.served_calibration_rate is None:
+        return top
+    if args.served_calibration_rate != "match":
+        try:
+            rate = float(args.served_calibration_rate)
+        except ValueError:
+            raise ConfigError(f"--served-calibration-rate: a rate or 'match', not {args.served_calibration_rate!r}")
+        if rate <= 0:
+            raise ConfigError("--served-calibration-rate must be positive")
+        return rate
+    mean = lambda n, seed: statistics.fmean(r.prompt_len for r in requests_from_workload(
+        args.workload, n, top, seed, chat_overhead=CHAT_TEMPLATE_TOKENS, tokenizer=tok))
+    measured, passes = mean(args.num_requests, 0), mean(args.served_calibration_requests, args.served_calibration_seed)
+    rate = top * measured / passes
+    print(f"calibration passes at {rate:.2f} req/s: the measured requests' prompts average {measured:.0f} tokens, "
+          f"the passes' {passes:.0f} ({top:g} req/s x {measured / passes:.3f})", flush=True)
+    return rate
 
 
 def _point(pred: dict) -> dict:
@@ -474,8 +499,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--transfer-ms-per-block", type=float, default=None,
                     help="disagg: the KV transfer cost per block instead of measuring it")
     ap.add_argument("--transfer-tokens", default="32,128,512,2048", help="disagg: prompt lengths of the measured pulls")
-    ap.add_argument("--served-calibration-rate", type=float, default=None,
-                    help="disagg: rate of the served calibration passes (default: the highest --rate)")
+    ap.add_argument("--served-calibration-rate", default=None,
+                    help="disagg: rate of the served calibration passes (default: the highest --rate); 'match': "
+                         "the highest rate scaled so that the passes carry its prompt tokens per second (where the producer "
+                         "keeps up at that rate: an overloaded producer batches a pass into too few steps to fit)")
     ap.add_argument("--served-calibration-requests", type=int, default=60)
     ap.add_argument("--served-calibration-seed", type=int, default=1,
                     help="disagg: the calibration passes' requests (the measured rates use seed 0)")

@@ -142,3 +142,39 @@ def test_passes_fitted_together_show_the_drift_between_them():
         trace_speed(TRUE, [])
     with pytest.raises(ConfigError, match="positive"):
         speed_drift([])
+
+
+def test_co_busy_fractions_of_overlapping_traces():
+    from tokenmill.perf.step_trace import co_busy_fractions
+
+    sh = prefill(100)
+    others = [(10.0, sh, 1.0), (11.5, sh, 1.0), (20.0, sh, 0.5)]  # busy 10-11, 11.5-12.5, 20-20.5
+    steps = [(10.0, sh, 1.0), (10.5, sh, 2.0), (13.0, sh, 1.0), (19.9, sh, 0.2), (12.4, sh, 0.1)]
+    assert co_busy_fractions(steps, others) == pytest.approx([1.0, 0.75, 0.0, 0.5, 1.0])
+    assert co_busy_fractions(steps, []) == [0.0] * 5
+
+
+def test_co_busy_factor_is_fitted_from_steps_that_ran_alone_and_beside_another():
+    from tokenmill.perf.step_trace import co_busy_factor
+
+    # the other instance steps in [k, k + 0.5) of every second; this one's steps start anywhere in the second, and
+    # run 1.2x the model's time while the other steps (their time: the model's x (1 + 0.2 x co-busy fraction))
+    others = [(float(k), prefill(1), 0.5) for k in range(200)]
+    steps = []
+    for k in range(150):
+        sh = prefill(SIZES[k % len(SIZES)])
+        s = TRUE.predict_shape(sh)
+        start = k + (k % 7) / 7.0
+        end_busy = k + 0.5
+        frac = max(0.0, min(start + s, end_busy) - start) / s if start < end_busy else 0.0
+        steps.append((start, sh, s * (1 + 0.2 * frac)))
+    out = co_busy_factor(TRUE, steps, others)
+    assert out["factor"] == pytest.approx(1.2, rel=0.02)
+    assert out["r"] > 0.9 and out["alone_steps"] > 10 and out["co_busy_steps"] > 10
+    assert 0.2 < out["mean_co_busy"] < 0.8
+    flat = co_busy_factor(TRUE, [(t, sh, TRUE.predict_shape(sh)) for t, sh, _ in steps], others)
+    assert flat["factor"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="equally co-busy"):
+        co_busy_factor(TRUE, steps, [(0.0, prefill(1), 1000.0)])
+    with pytest.raises(ConfigError, match="too few"):
+        co_busy_factor(TRUE, steps[:2], others)

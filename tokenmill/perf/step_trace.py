@@ -13,8 +13,10 @@ fields). Pure Python apart from the fit (numpy).
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -115,3 +117,43 @@ def speed_drift(speeds: list[float]) -> float:
     if not speeds or min(speeds) <= 0:
         raise ConfigError("speeds must be positive")
     return max(speeds) / min(speeds) - 1.0
+
+
+def co_busy_fractions(steps: list[tuple[float, StepShape, float]],
+                      others: list[tuple[float, StepShape, float]]) -> list[float]:
+    """For each of `steps` (wall-clock start, shape, seconds; read_step_trace_timed), the fraction of its time during
+    which a step of `others` (another instance's trace, e.g. the consumer's beside a producer's) was running: 1.0
+    for a step run entirely while the other instance stepped, 0.0 for one run while it was idle. Both instances on
+    one box share its cores, caches and memory bandwidth while co-busy."""
+    spans = sorted((t, t + s) for t, _, s in others)
+    ends = [e for _, e in spans]  # non-decreasing: one instance's steps do not overlap each other
+    out = []
+    for t, _, s in steps:
+        i, covered = bisect.bisect_right(ends, t), 0.0
+        while i < len(spans) and spans[i][0] < t + s:
+            covered += max(0.0, min(t + s, spans[i][1]) - max(t, spans[i][0]))
+            i += 1
+        out.append(min(1.0, covered / s) if s > 0 else 0.0)
+    return out
+
+
+def co_busy_factor(model: CostModel, steps: list[tuple[float, StepShape, float]],
+                   others: list[tuple[float, StepShape, float]]) -> dict:
+    """How much slower an instance's steps ran while another instance stepped: the least-squares line of
+    log(measured / model) over the co-busy fraction (co_busy_fractions), its slope as a factor (`factor`: a step
+    run entirely co-busy over one run alone; 1.0: no effect), the correlation `r`, and the time-weighted mean
+    co-busy fraction (`mean_co_busy`). Steps of both kinds are needed (a trace always co-busy cannot tell)."""
+    fr = co_busy_fractions(steps, others)
+    ys = [math.log(s / model.predict_shape(sh)) for (_, sh, s) in steps]
+    if len(fr) < 3:
+        raise ConfigError("too few steps to fit a co-busy factor")
+    mx, my = sum(fr) / len(fr), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in fr)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 1e-12:
+        raise ConfigError("every step ran equally co-busy: no co-busy factor can be fitted")
+    sxy = sum((x - mx) * (y - my) for x, y in zip(fr, ys))
+    total = sum(s for _, _, s in steps)
+    return {"factor": math.exp(sxy / sxx), "r": sxy / math.sqrt(sxx * syy) if syy > 0 else 0.0,
+            "mean_co_busy": sum(f * s for f, (_, _, s) in zip(fr, steps)) / total,
+            "alone_steps": sum(1 for f in fr if f < 0.25), "co_busy_steps": sum(1 for f in fr if f > 0.75)}
