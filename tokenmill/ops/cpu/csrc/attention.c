@@ -307,6 +307,14 @@ static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
         const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
         const int lpt = (int)((span + 63) / 64), nl = BS * lpt;
         int c = pf->c;
+        if (c == 0 && a->kv_dtype == KV_I8) { /* the block's int8 scales (K and V planes), BS * hkv floats each */
+            const float *sk = a->kv_scale + (int64_t)blk * BS * a->hkv;
+            const int64_t splane = a->num_blocks * BS * a->hkv;
+            for (int64_t x = 0; x < (int64_t)BS * a->hkv; x += 16) {
+                __builtin_prefetch(sk + x, 0, 2);
+                __builtin_prefetch(sk + splane + x, 0, 2);
+            }
+        }
         if (span == row) /* whole rows: the block's K (and V) lines are contiguous */
             for (; c < nl && nlines > 0; c++, nlines -= 2) {
                 __builtin_prefetch(kp + (int64_t)c * 64, 0, 2); /* read, into L2 (prefetcht1) */
