@@ -8,7 +8,7 @@ WT=/work/wt-kvi8
 PY=$WT/.venv/bin/python
 ARGS="--decodes 64 --steps 40 --prefill 10 --repeats 4"
 for round in 1 2 3; do
-  timeout 590 flock -x /work/cpu.lock bash -c "
+  flock -x /work/cpu.lock timeout 590 bash -c "
     cd $WT
     echo \"== round $round branch bf16 (auto) \$(date -u +%H:%M:%S)\"
     PYTHONPATH=$WT:$WT/bench $PY bench/cpu_batch_steps.py $ARGS --kv-cache-dtype auto 2>&1 | grep -v Loading
