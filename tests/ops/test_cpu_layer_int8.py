@@ -1,8 +1,8 @@
 """kv_cache_dtype="int8" on the compiled CPU path (bundled SmolLM2 Q4_1 GGUF, float32 GEMMs): the fused C layer
 quantizes K/V on write as kv_quant.write_kv_quantized does and its attention reads the int8 cache with its scales;
 the forward equals the per-op path's, and greedy tokens and logprobs are close to the pure-PyTorch int8 path's
-(per-op layers, the reference attention backend: dequantize, then reference.paged_attention). fp8 caches leave the fused layer (the
-per-op path writes them in PyTorch and the kernel reads them)."""
+(per-op layers, the reference attention backend: dequantize, then reference.paged_attention). fp8 caches leave the
+fused layer (the per-op path writes them in PyTorch and the kernel reads them)."""
 from __future__ import annotations
 
 import pytest

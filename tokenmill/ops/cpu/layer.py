@@ -3,8 +3,8 @@
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
 all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
-no q/k norm, a plain float32 or bfloat16 KV cache or an int8 one (kv_quant.QuantizedKVCache: the C layer quantizes
-K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales). Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
+no q/k norm, a plain float32 or bfloat16 KV cache or an int8 one (kv_quant.QuantizedKVCache: the C layer
+quantizes K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales). Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
 the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
 calls around the attention backend's `attend` (bf16 for long chunks: the AMX prefill kernel, or SDPA): the C
 linears then beat the dense GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV

@@ -4,7 +4,8 @@
  * or quantized (tokenmill/ops/attention/kv_quant.py): int8 with float32 scales [2, num_blocks, block_size, Hkv]
  * (one per token and KV head: x = q * scale), fp8 e4m3 with float32 scales [2, Hkv] (one per KV head). Quantized
  * K/V are dequantized in registers: the K scales multiply each key's score column, the V scales each key's
- * probability before P V (same sums, a multiply per key instead of per element). Queries q [T, H, D] float32 (any token/head strides, contiguous D); out [T, H, D] float32.
+ * probability before P V (same sums, a multiply per key instead of per element).
+ * Queries q [T, H, D] float32 (any token/head strides, contiguous D); out [T, H, D] float32.
  * Request i owns tokens qsl[i]..qsl[i+1]-1 at positions seq_lens[i]-n..seq_lens[i]-1 (causal; optional
  * sliding window: a query at p sees keys p-window+1..p).
  *
@@ -537,8 +538,8 @@ int tm_paged_attention_kv(const float *q, int64_t q_st, int64_t q_sh,
                           int h, float scale, int window, float *out) {
     if (!tm_kv_dtype_supported(kv_dtype) || (kv_quantized(kv_dtype) && !kv_scale)) return E_DTYPE;
     if (hkv <= 0 || h % hkv || d <= 0 || block_size <= 0 || num_reqs < 0 || window < 0) return E_SHAPE;
-    Args a = {q, q_st, q_sh, (const char *)kv, kv_dtype, kv_scale, num_blocks, block_size, hkv, d, block_tables, bt_stride,
-              bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out};
+    Args a = {q, q_st, q_sh, (const char *)kv, kv_dtype, kv_scale, num_blocks, block_size, hkv, d, block_tables,
+              bt_stride, bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out};
     const int G = h / hkv;
     const int tq = RMAX / G > 1 ? RMAX / G : 1;
     const int rows_alloc = tq * G;
