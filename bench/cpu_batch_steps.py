@@ -4,10 +4,11 @@ prefill-only steps of P prompts of 200 tokens (P x 200 tokens a step, as the sch
 requests). What `bench/cpu_mixed_profile.py` runs mixed, split so an A/B of a kernel change reads directly.
 
     PYTHONPATH=.:bench python bench/cpu_batch_steps.py [--decodes 64,16] [--steps 70] [--prefill 10] [--repeats 5]
-        [--plain-glu-tiles]
+        [--plain-glu-tiles] [--kv-cache-dtype auto|float32|bfloat16|int8|fp8]
 
 --plain-glu-tiles: the gate|up linears' plain AMX tiles (the g|u output, then a silu pass) instead of the tiles
 paired for the fused layer's silu(gate) * up epilogue (the default where the tiles are made once): an A/B of it.
+--kv-cache-dtype: the engine's setting of that name (default auto), for an A/B of KV cache dtypes.
 """
 from __future__ import annotations
 
@@ -62,11 +63,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plain-glu-tiles", action="store_true", help="gate|up tiles without the GLU epilogue")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's --kv-cache-dtype")
     args = ap.parse_args()
+    kw = dict(enable_prefix_caching=False, num_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
     for c in [int(v) for v in args.decodes.split(",") if v]:
-        llm = LLM(enable_prefix_caching=False, num_threads=args.threads, max_num_seqs=c)
+        llm = LLM(max_num_seqs=c, **kw)
         core = llm.engine.core
         _tiles(core.runner.model, args.plain_glu_tiles)
+        print("KV cache:", core.runner.kv_cache_dtype)
         sched = _scheduler(core.runner, core.config.scheduler, core.config.cache.block_size)
         _add(sched, c, args.steps + 10, "d")
         times = []
@@ -78,7 +82,7 @@ def main() -> None:
               f"min {min(times):.1f} ms")
         del llm, core, sched
     if args.prefill:
-        llm = LLM(enable_prefix_caching=False, num_threads=args.threads, max_num_seqs=args.prefill)
+        llm = LLM(max_num_seqs=args.prefill, **kw)
         core = llm.engine.core
         _tiles(core.runner.model, args.plain_glu_tiles)
         times = []

@@ -180,6 +180,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="tokens"):
         cpu_paged_attention(torch.randn((2, 4, 32)), kv, batch)
     with pytest.raises(ValueError, match="cannot read"):
+        cpu_paged_attention(q, kv.to(torch.int16), batch)
+    with pytest.raises(ValueError, match="needs its scales"):  # int8 / fp8: a QuantizedKVCache
         cpu_paged_attention(q, kv.to(torch.int8), batch)
     batch.block_tables[0, 0] = 99
     with pytest.raises(ValueError, match="block id"):

@@ -72,7 +72,9 @@ def test_kernel_probe():
         assert not reads_kv_in_place(F32, 64) and not reads_kv_in_place(BF16, 64)
         return
     assert reads_kv_in_place(F32, 64) and reads_kv_in_place(F32, 24)  # float32 is always read in place
-    assert not reads_kv_in_place(torch.int8, 64)
+    # int8 / fp8 (QuantizedKVCache data) in place where bfloat16 is: dequantized in registers
+    assert reads_kv_in_place(torch.int8, 64) == reads_kv_in_place(torch.float8_e4m3fn, 64) == _cpu_has_avx512bw()
+    assert not reads_kv_in_place(torch.int8, 24)
     assert not reads_kv_in_place(F16, 64)  # converted into scratch, when readable at all
     # bfloat16 in place: the AVX-512 kernels, head_dim % 16 == 0
     assert not reads_kv_in_place(BF16, 24)

@@ -11,7 +11,8 @@ from typing import Optional, Protocol, Union
 
 import torch
 
-from tokenmill.ops.attention.kv_quant import QuantizedKVCache, quantized_paged_attention, write_kv_quantized
+from tokenmill.ops.attention.kv_quant import (QuantizedKVCache, compact_dequantized, quantized_paged_attention,
+                                              write_kv_quantized)
 from tokenmill.ops.attention.reference import paged_attention, write_kv
 from tokenmill.ops.cpu.attention import (cpu_paged_attention, cpu_prefill_attention, gather_kv_bf16,
                                          prefill_kernel_supports, supports_kv_dtype)
@@ -45,7 +46,9 @@ class ReferenceAttentionBackend:
 class CpuAttentionBackend:
     """Compiled C kernel (tokenmill/ops/cpu/csrc/attention.c): write_kv, then one pass over the paged cache.
 
-    int8/fp8 caches and KV dtypes the kernel cannot read keep the reference path.
+    int8 / fp8 caches (QuantizedKVCache) are quantized on write by the PyTorch code (write_kv_quantized; the fused C
+    layer writes int8 itself) and read by the kernel with their scales in place; KV dtypes the kernel cannot read
+    keep the reference path.
     With prefill_dtype (bfloat16 when the model's packed linears run their large GEMMs in bf16: AMX /
     AVX512-BF16 CPUs), requests with a prefill chunk of >= PREFILL_MIN_TOKENS queries attend in bf16: through
     the AMX prefill kernel (csrc/attention_prefill.c: bf16 tiles over the paged cache, float32 softmax) where
@@ -65,13 +68,20 @@ class CpuAttentionBackend:
                 batch: ForwardBatch, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         if isinstance(kv_cache, QuantizedKVCache):
             write_kv_quantized(kv_cache, k, v, batch.slot_mapping)
-            return quantized_paged_attention(q, kv_cache, batch, scale, sliding_window)
-        write_kv(kv_cache, k, v, batch.slot_mapping)
+        else:
+            write_kv(kv_cache, k, v, batch.slot_mapping)
         return self.attend(q, kv_cache, batch, scale, sliding_window)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
-               sliding_window: Optional[int]) -> torch.Tensor:
-        """The attention of `forward` over a (non-quantized) cache that already holds this step's K/V."""
+    def attend(self, q: torch.Tensor, kv_cache: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
+               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """The attention of `forward` over a cache that already holds this step's K/V."""
+        if isinstance(kv_cache, QuantizedKVCache):
+            if not supports_kv_dtype(kv_cache.data.dtype):
+                return quantized_paged_attention(q, kv_cache, batch, scale, sliding_window)
+            if (self.prefill_dtype is not None and self.prefill_dtype != q.dtype
+                    and batch.max_query_len >= PREFILL_MIN_TOKENS):
+                return self._split(q, kv_cache, batch, scale, sliding_window)
+            return cpu_paged_attention(q, kv_cache, batch, scale, sliding_window)
         if not supports_kv_dtype(kv_cache.dtype):
             return paged_attention(q, kv_cache, batch, scale, sliding_window)
         if (self.prefill_dtype is not None and self.prefill_dtype != q.dtype
@@ -79,9 +89,11 @@ class CpuAttentionBackend:
             return self._split(q, kv_cache, batch, scale, sliding_window)
         return cpu_paged_attention(q, kv_cache, batch, scale, sliding_window)  # [T, H, D]
 
-    def _split(self, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: float,
-               sliding_window: Optional[int]) -> torch.Tensor:
-        """Long prefill chunks through SDPA in prefill_dtype, the rest of the step through the kernel."""
+    def _split(self, q: torch.Tensor, kv_cache: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
+               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """Long prefill chunks through SDPA in prefill_dtype, the rest of the step through the kernel. A quantized
+        cache: the blocks the long chunks read are dequantized into a compact cache in prefill_dtype first (the AMX
+        kernel and SDPA read plain caches), the rest of the step reads the quantized cache in place."""
         parts = batch.memo.get("prefill_split")
         if parts is None:  # the same for every layer of the step
             long = [i for i, n in enumerate(batch.query_lens_cpu) if n >= PREFILL_MIN_TOKENS]
@@ -89,12 +101,15 @@ class CpuAttentionBackend:
             parts = batch.memo["prefill_split"] = (_as_slice(*select_requests(batch, long)),
                                                    _as_slice(*select_requests(batch, rest)) if rest else None)
         (sub, tok), short = parts
-        if self.prefill_dtype == torch.bfloat16 and prefill_kernel_supports(kv_cache.dtype, q.shape[-1]):
-            att = cpu_prefill_attention(q[tok], kv_cache, sub, scale, sliding_window)
+        plain = kv_cache
+        if isinstance(kv_cache, QuantizedKVCache):
+            plain, sub = compact_dequantized(kv_cache, sub, self.prefill_dtype)
+        if self.prefill_dtype == torch.bfloat16 and prefill_kernel_supports(plain.dtype, q.shape[-1]):
+            att = cpu_prefill_attention(q[tok], plain, sub, scale, sliding_window)
         else:
-            to_bf16 = self.prefill_dtype == torch.bfloat16 and kv_cache.dtype == torch.float32
+            to_bf16 = self.prefill_dtype == torch.bfloat16 and plain.dtype == torch.float32
             gather = gather_kv_bf16 if to_bf16 else None
-            att = paged_attention(q[tok].to(self.prefill_dtype), kv_cache, sub, scale, sliding_window, gather)
+            att = paged_attention(q[tok].to(self.prefill_dtype), plain, sub, scale, sliding_window, gather)
         if short is None and tok == slice(0, q.shape[0]):
             return att.to(q.dtype)  # a step of long chunks only: no scatter into a second buffer
         out = torch.empty_like(q)

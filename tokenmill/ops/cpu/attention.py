@@ -3,6 +3,8 @@
 Same semantics as `reference.paged_attention`: causal attention of the packed queries over each request's
 cached K/V, read straight from the block pool (no gather copy), one pass with online softmax, GQA heads
 sharing each K/V load, split-K for long single requests. The K/V of this step must already be written.
+The cache is a plain tensor or an int8 / fp8 `kv_quant.QuantizedKVCache`, read with its scales in place
+(dequantized in registers on AVX-512, else chunk by chunk into float32 scratch).
 `cpu_prefill_attention` is the same call on the AMX tile unit (`csrc/attention_prefill.c`, bf16 products) for
 prefill chunks, where the CPU has it.
 """
@@ -11,14 +13,16 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from tokenmill.ops.attention.kv_quant import FP8_DTYPE, QuantizedKVCache
 from tokenmill.ops.cpu.build import build_error, load_library
 from tokenmill.worker.forward_batch import ForwardBatch
 
-KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# the kernel's codes of a cache's storage dtype (int8 / fp8: a QuantizedKVCache's data, read with its scales)
+KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, FP8_DTYPE: 4}
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes (seq_lens / query_start_loc / block tables)",
            -5: "the AMX prefill kernel is unavailable for this KV dtype / head dim"}
@@ -32,6 +36,9 @@ def _kernel() -> Optional[ctypes.CDLL]:
         return None
     lib.tm_paged_attention.restype = _I
     lib.tm_paged_attention.argtypes = [_P, _L, _L, _P, _I, _L, _I, _I, _I, _P, _L, _L, _P, _P, _I, _I, _F, _I, _P]
+    lib.tm_paged_attention_kv.restype = _I
+    lib.tm_paged_attention_kv.argtypes = [_P, _L, _L, _P, _I, _P, _L, _I, _I, _I, _P, _L, _L, _P, _P, _I, _I, _F, _I,
+                                          _P]
     lib.tm_kv_dtype_supported.restype = _I
     lib.tm_kv_dtype_supported.argtypes = [_I]
     lib.tm_kv_read_in_place.restype = _I
@@ -53,15 +60,16 @@ def cpu_attention_available() -> bool:
 
 
 def supports_kv_dtype(dtype: torch.dtype) -> bool:
-    """Whether the kernel reads a KV cache of this dtype (float32, bfloat16; float16 where the compiler has _Float16)."""
+    """Whether the kernel reads a KV cache of this (storage) dtype (float32, bfloat16, int8 and fp8 e4m3 with their
+    scales; float16 where the compiler has _Float16)."""
     lib = _kernel()
     return lib is not None and dtype in KV_DTYPE_CODES and bool(lib.tm_kv_dtype_supported(KV_DTYPE_CODES[dtype]))
 
 
 def reads_kv_in_place(dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel's SIMD paths read a KV cache of this dtype and head dim straight from the pool:
-    float32 always; bfloat16 on AVX-512 CPUs (AVX512F + BW) with head_dim % 16 == 0. Other readable dtypes
-    are converted chunk by chunk into float32 scratch first. False without the kernel."""
+    float32 always; bfloat16, int8 and fp8 on AVX-512 CPUs (AVX512F + BW) with head_dim % 16 == 0. Other readable
+    dtypes are converted (dequantized) chunk by chunk into float32 scratch first. False without the kernel."""
     lib = _kernel()
     return (lib is not None and dtype in KV_DTYPE_CODES
             and bool(lib.tm_kv_read_in_place(KV_DTYPE_CODES[dtype], int(head_dim))))
@@ -85,9 +93,10 @@ def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
-def cpu_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
-                        sliding_window: Optional[int] = None) -> torch.Tensor:
-    """q [T, H, D], kv_cache [2, num_blocks, block_size, Hkv, D] -> [T, H, D] (q's dtype; computed in float32)."""
+def cpu_paged_attention(q: torch.Tensor, kv_cache: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
+                        scale: Optional[float] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """q [T, H, D], kv_cache [2, num_blocks, block_size, Hkv, D] (or an int8 / fp8 QuantizedKVCache of that shape)
+    -> [T, H, D] (q's dtype; computed in float32)."""
     return _attention("tm_paged_attention", q, kv_cache, batch, scale, sliding_window)
 
 
@@ -103,11 +112,30 @@ def cpu_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: Forwar
     return _attention("tm_prefill_attention", q, kv_cache, batch, scale, sliding_window)
 
 
-def _attention(fn: str, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float],
-               sliding_window: Optional[int]) -> torch.Tensor:
+def _kv_scale(cache: QuantizedKVCache) -> torch.Tensor:
+    """The scales of a quantized cache, checked against the layout kv_quant.py allocates (the kernel indexes them)."""
+    _, nb, bs, hkv, _ = cache.data.shape
+    want = (2, nb, bs, hkv) if cache.kind == "int8" else (2, hkv)
+    if cache.data.dtype != (torch.int8 if cache.kind == "int8" else FP8_DTYPE):
+        raise ValueError(f"a {cache.kind} KV cache holds {cache.data.dtype} data")
+    if (tuple(cache.scale.shape) != want or cache.scale.dtype != torch.float32 or not cache.scale.is_contiguous()
+            or cache.scale.device.type != "cpu"):
+        raise ValueError(f"{cache.kind} KV scales must be contiguous float32 {want} on the CPU, got "
+                         f"{cache.scale.dtype} {tuple(cache.scale.shape)}")
+    return cache.scale
+
+
+def _attention(fn: str, q: torch.Tensor, kv: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
+               scale: Optional[float], sliding_window: Optional[int]) -> torch.Tensor:
     lib = _kernel()
     if lib is None:
         raise RuntimeError(f"CPU attention kernel unavailable: {build_error('attention')}")
+    kv_scale = _kv_scale(kv) if isinstance(kv, QuantizedKVCache) else None
+    if kv_scale is not None and fn != "tm_paged_attention":
+        raise ValueError(f"{fn} cannot read a quantized KV cache")
+    kv_cache = kv.data if kv_scale is not None else kv
+    if kv_scale is None and kv_cache.dtype in (torch.int8, FP8_DTYPE):
+        raise ValueError(f"a {kv_cache.dtype} KV cache needs its scales: pass the QuantizedKVCache")
     if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"expected q [T, H, D] and kv_cache [2, NB, BS, Hkv, D], got {tuple(q.shape)}, "
                          f"{tuple(kv_cache.shape)}")
@@ -139,10 +167,14 @@ def _attention(fn: str, q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardB
     qsl = _int32(batch.query_start_loc, "query_start_loc")
     if tables.dim() != 2 or tables.shape[0] != batch.num_reqs or seq_lens.numel() != batch.num_reqs:
         raise ValueError("block_tables / seq_lens do not match the batch's requests")
-    rc = getattr(lib, fn)(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
-                          KV_DTYPE_CODES[kv_cache.dtype], nb, bs, hkv, d, tables.data_ptr(), tables.stride(0),
-                          tables.shape[1], seq_lens.data_ptr(), qsl.data_ptr(), batch.num_reqs, h, float(scale),
-                          int(sliding_window or 0), out.data_ptr())
+    shape_args = (nb, bs, hkv, d, tables.data_ptr(), tables.stride(0), tables.shape[1], seq_lens.data_ptr(),
+                  qsl.data_ptr(), batch.num_reqs, h, float(scale), int(sliding_window or 0), out.data_ptr())
+    if kv_scale is not None:
+        rc = lib.tm_paged_attention_kv(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
+                                       KV_DTYPE_CODES[kv_cache.dtype], kv_scale.data_ptr(), *shape_args)
+    else:
+        rc = getattr(lib, fn)(qf.data_ptr(), qf.stride(0), qf.stride(1), kv_cache.data_ptr(),
+                              KV_DTYPE_CODES[kv_cache.dtype], *shape_args)
     if rc != 0:
         name = "cpu_paged_attention" if fn == "tm_paged_attention" else "cpu_prefill_attention"
         raise ValueError(f"{name}: {_ERRORS.get(rc, f'error {rc}')}")

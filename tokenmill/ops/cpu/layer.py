@@ -3,11 +3,12 @@
 At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; chained in C it is one ctypes
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
 all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
-no q/k norm, a plain float32 or bfloat16 KV cache. Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
+no q/k norm, a plain float32 or bfloat16 KV cache or an int8 one (kv_quant.QuantizedKVCache: the C layer
+quantizes K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales). Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
 the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
 calls around the attention backend's `attend` (bf16 for long chunks: the AMX prefill kernel, or SDPA): the C
 linears then beat the dense GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
-cache or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
+cache (fp8) or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
 reference the tests compare against.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from tokenmill.ops.attention.backend import CpuAttentionBackend
+from tokenmill.ops.attention.kv_quant import QuantizedKVCache
 from tokenmill.ops.cpu.build import load_library
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
@@ -31,8 +33,16 @@ _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV
            -4: "inconsistent shapes", -6: "slot outside the KV cache", -7: "a linear rejected its arguments"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _ARGTYPES = [_P, _P, _I, _L, _L, _P, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _L,
-             _P, _P, _P, _I, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P, _P]
-_KV_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the KV caches the C layer writes (attention.c's codes)
+             _P, _P, _P, _I, _P, _L, _I, _P, _P, _L, _L, _P, _P, _I, _F, _I, _L, _L, _P, _P]
+_KV_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the plain KV caches the C layers write (attention.c's codes)
+KV_INT8_CODE = 3  # an int8 QuantizedKVCache (the dense C layer writes it; attention.c's code)
+
+
+def kv_args(kv_cache: Any) -> tuple[int, int, Optional[int]]:
+    """(data pointer, attention.c's dtype code, scale pointer or None) of a cache step_inputs accepted."""
+    if isinstance(kv_cache, QuantizedKVCache):
+        return kv_cache.data.data_ptr(), KV_INT8_CODE, kv_cache.scale.data_ptr()
+    return kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype], None
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,8 +51,8 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is not None:
         lib.tm_llama_layer.argtypes = _ARGTYPES
         lib.tm_llama_layer.restype = _I
-        lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _L, _I,
-                                           _P, _L, _L, _P, _P]
+        lib.tm_llama_layer_pre.argtypes = [_P, _P, _I, _L, _L, _P, _F, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _L,
+                                           _I, _P, _L, _L, _P, _P]
         lib.tm_llama_layer_pre.restype = _I
         lib.tm_llama_layer_post.argtypes = [_P, _P, _L, _L, _P, _F, _I, _P, _P, _I, _P, _P, _I, _P, _P, _L, _L, _L, _L,
                                             _P, _P, _P]
@@ -99,18 +109,29 @@ def linear_args(m: Any) -> tuple[int, int, Optional[int]]:
     return qt, w, (m.bias.data_ptr() if m.bias is not None else None)
 
 
+def _int8_cache_ok(kv_cache: Any) -> bool:
+    """An int8 QuantizedKVCache in kv_quant.py's layout (contiguous data, float32 scales [2, NB, BS, Hkv])."""
+    d, sc = kv_cache.data, kv_cache.scale
+    return (kv_cache.kind == "int8" and d.dtype == torch.int8 and d.is_contiguous() and d.device.type == "cpu"
+            and sc.dtype == torch.float32 and sc.is_contiguous() and tuple(sc.shape) == tuple(d.shape[:4]))
+
+
 def step_inputs(shared: "_Shared", num_kv_heads: int, head_dim: int, h: torch.Tensor,
                 residual: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, kv_cache: Any,
-                batch: ForwardBatch) -> Optional[tuple[_StepMeta, torch.Tensor, int]]:
+                batch: ForwardBatch, int8_kv: bool = False) -> Optional[tuple[_StepMeta, torch.Tensor, int]]:
     """The checks a fused layer (dense here, MoE in moe_layer.py) makes of one step's inputs: (the step's metadata,
     the residual (a new buffer when there is none yet), 1 if it holds a residual else 0), or None (the layer declines
-    the step)."""
+    the step). int8_kv: the layer also takes an int8 QuantizedKVCache (kv_args gives its pointers)."""
     t = h.shape[0]
-    if (type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES
-            or h.dtype != torch.float32 or not h.is_contiguous() or not kv_cache.is_contiguous()
+    if isinstance(kv_cache, QuantizedKVCache):
+        if not (int8_kv and _int8_cache_ok(kv_cache)):
+            return None
+    elif type(kv_cache) is not torch.Tensor or kv_cache.dtype not in _KV_CODES or not kv_cache.is_contiguous():
+        return None
+    if (h.dtype != torch.float32 or not h.is_contiguous()
             or cos.dtype != torch.float32 or not cos.is_contiguous() or not sin.is_contiguous()):
         return None
-    if (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != num_kv_heads
+    if (len(kv_cache.shape) != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] != num_kv_heads
             or kv_cache.shape[4] != head_dim or cos.shape != (t, head_dim) or sin.shape != cos.shape):
         return None
     meta = shared.meta(batch)
@@ -156,7 +177,8 @@ class FusedCpuLayer:
         split = t > self.max_tokens
         if split and not (self.amx_min_rows and isinstance(self.attn.backend, CpuAttentionBackend)):
             return None  # without the AMX path the C linears lose to the dense copies at these sizes
-        inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch)
+        inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch,
+                             int8_kv=True)
         if inputs is None:
             return None
         meta, residual, has_residual = inputs
@@ -164,10 +186,11 @@ class FusedCpuLayer:
         if split:
             return self._split(h, residual, has_residual, cos, sin, kv_cache, batch, meta, out)
         _, nb, bs, _, _ = kv_cache.shape
+        kv_ptr, kv_code, kv_scale = kv_args(kv_cache)
         rc = self.shared.lib.tm_llama_layer(
             h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1, self.ln2, self.eps,
             *self.linears, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
-            cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype], nb, bs,
+            cos.data_ptr(), sin.data_ptr(), kv_ptr, kv_code, kv_scale, nb, bs,
             meta.slots.data_ptr(), meta.tables.data_ptr(), meta.tables.stride(0), meta.tables.shape[1], meta.seq_lens.data_ptr(),
             meta.qsl.data_ptr(), meta.num_reqs, self.scale, self.window, DIRECT_MAX_ROWS, self.amx_min_rows,
             self.lora, out.data_ptr())
@@ -176,7 +199,7 @@ class FusedCpuLayer:
         return out, residual
 
     def _split(self, h: torch.Tensor, residual: torch.Tensor, has_residual: int, cos: torch.Tensor,
-               sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, meta: "_StepMeta",
+               sin: torch.Tensor, kv_cache: Any, batch: ForwardBatch, meta: "_StepMeta",
                out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A long step: the two C halves around the backend's attention (bf16 for long prefill chunks)."""
         t, lib = h.shape[0], self.shared.lib
@@ -186,8 +209,7 @@ class FusedCpuLayer:
         (qt, w, b), rest = self.linears[:3], self.linears[3:]
         rc = lib.tm_llama_layer_pre(h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1,
                                     self.eps, qt, w, b, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(), _KV_CODES[kv_cache.dtype],
-                                    nb, bs, meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
+                                    cos.data_ptr(), sin.data_ptr(), *kv_args(kv_cache), nb, bs, meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
                                     qkv.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")

@@ -1,7 +1,11 @@
 /* Paged attention on CPU: reads K/V straight from the block pool, one pass with online softmax.
  *
- * Pool of one layer: [2, num_blocks, block_size, Hkv, D] (0 = keys, 1 = values), float32, bfloat16 or
- * float16. Queries q [T, H, D] float32 (any token/head strides, contiguous D); out [T, H, D] float32.
+ * Pool of one layer: [2, num_blocks, block_size, Hkv, D] (0 = keys, 1 = values), float32, bfloat16, float16,
+ * or quantized (tokenmill/ops/attention/kv_quant.py): int8 with float32 scales [2, num_blocks, block_size, Hkv]
+ * (one per token and KV head: x = q * scale), fp8 e4m3 with float32 scales [2, Hkv] (one per KV head). Quantized
+ * K/V are dequantized in registers: the K scales multiply each key's score column, the V scales each key's
+ * probability before P V (same sums, a multiply per key instead of per element).
+ * Queries q [T, H, D] float32 (any token/head strides, contiguous D); out [T, H, D] float32.
  * Request i owns tokens qsl[i]..qsl[i+1]-1 at positions seq_lens[i]-n..seq_lens[i]-1 (causal; optional
  * sliding window: a query at p sees keys p-window+1..p).
  *
@@ -32,12 +36,12 @@ static inline int chunk_blocks(int bs) {
     return n < 1 ? 1 : (n > MAX_CHUNK_BLOCKS ? MAX_CHUNK_BLOCKS : n);
 }
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3, KV_FP8 = 4 };
 enum { OK = 0, E_NOMEM = -1, E_BLOCK = -2, E_DTYPE = -3, E_SHAPE = -4 };
 
 typedef struct {
     const float *q; int64_t q_st, q_sh;
-    const char *kv; int kv_dtype; int64_t num_blocks; int bs, hkv, d;
+    const char *kv; int kv_dtype; const float *kv_scale; int64_t num_blocks; int bs, hkv, d;
     const int32_t *bt; int64_t bt_stride; int64_t bt_cols;
     const int32_t *seq_lens, *qsl; int num_reqs;
     int h; float scale; int window;
@@ -51,10 +55,14 @@ typedef struct { int req, kvh, q0, nq, first, nsplit; } Group;       /* split-K 
 
 typedef struct { float *qt, *s, *acc, *m, *l, *kb, *vb; } Scratch;
 
-int tm_attention_abi_version(void) { return 2; } /* 2: the library also exports tm_prefill_attention */
+/* 2: the library also exports tm_prefill_attention; 3: tm_paged_attention_kv (int8 / fp8 pools with scales) */
+int tm_attention_abi_version(void) { return 3; }
+
+static inline int kv_esize(int kv_dtype) { return kv_dtype == KV_F32 ? 4 : (kv_dtype >= KV_I8 ? 1 : 2); }
+static inline int kv_quantized(int kv_dtype) { return kv_dtype == KV_I8 || kv_dtype == KV_FP8; }
 
 int tm_kv_dtype_supported(int kv_dtype) {
-    if (kv_dtype == KV_F32 || kv_dtype == KV_BF16) return 1;
+    if (kv_dtype == KV_F32 || kv_dtype == KV_BF16 || kv_quantized(kv_dtype)) return 1;
 #ifdef __FLT16_MAX__
     if (kv_dtype == KV_F16) return 1;
 #endif
@@ -62,10 +70,11 @@ int tm_kv_dtype_supported(int kv_dtype) {
 }
 
 /* K/V of this dtype and head dim are read straight from the pool by the SIMD kernels (float32: always;
- * bfloat16: the AVX-512 kernels, D % 16 == 0); otherwise each chunk is first converted into float32 scratch */
+ * bfloat16, int8, fp8: the AVX-512 kernels, D % 16 == 0); otherwise each chunk is first converted (dequantized)
+ * into float32 scratch */
 static inline int kv_in_place(int kv_dtype, int d) {
 #ifdef TM_AVX512
-    if (kv_dtype == KV_BF16) return d % 16 == 0;
+    if (kv_dtype == KV_BF16 || kv_quantized(kv_dtype)) return d % 16 == 0;
 #endif
     (void)d;
     return kv_dtype == KV_F32;
@@ -74,11 +83,26 @@ static inline int kv_in_place(int kv_dtype, int d) {
 int tm_kv_read_in_place(int kv_dtype, int d) { return tm_kv_dtype_supported(kv_dtype) && kv_in_place(kv_dtype, d); }
 
 /* ---------------------------------------------------------------- element conversion */
-static void to_f32(float *dst, const char *src, int64_t src_stride, int nrows, int d, int dtype) {
-    /* nrows rows of d elements, row stride src_stride elements -> dst [nrows, d] */
+/* one fp8 e4m3 (fn: no infinities; 0x7f / 0xff are NaN, never written: the cache saturates at +-448) as float */
+static inline float e4m3_to_f32(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float v = e ? ldexpf((float)(8 + m), e - 10) : ldexpf((float)m, -9);
+    return (b & 0x80) ? -v : v;
+}
+
+static void to_f32(float *dst, const char *src, int64_t src_stride, int nrows, int d, int dtype, const float *sc,
+                   int64_t sc_stride, int hd) {
+    /* nrows rows of d elements, row stride src_stride elements -> dst [nrows, d]; quantized dtypes: head x (hd
+     * elements) of row j is scaled by sc[j * sc_stride + x / hd] */
     for (int j = 0; j < nrows; j++) {
         float *o = dst + (int64_t)j * d;
-        if (dtype == KV_BF16) {
+        if (dtype == KV_I8 || dtype == KV_FP8) {
+            const uint8_t *s = (const uint8_t *)src + j * src_stride;
+            for (int x = 0; x < d; x++) {
+                const float f = sc[j * sc_stride + x / hd];
+                o[x] = (dtype == KV_I8 ? (float)(int8_t)s[x] : e4m3_to_f32(s[x])) * f;
+            }
+        } else if (dtype == KV_BF16) {
             const uint16_t *s = (const uint16_t *)src + j * src_stride;
             for (int x = 0; x < d; x++) {
                 uint32_t u = (uint32_t)s[x] << 16;
@@ -190,6 +214,15 @@ static void pv_c(float *acc, const float *P, int pst, int R, const float *V, int
         }
 }
 
+/* S[r, j] *= sp[j * stride] * mul for rr rows of nk columns (quantized K: the key scales of the score columns;
+ * quantized V: the value scales of the probabilities) */
+static void scale_cols(float *S, int sst, int rr, int nk, const float *sp, int64_t stride, float mul) {
+    for (int j = 0; j < nk; j++) {
+        const float f = sp[j * stride] * mul;
+        for (int r = 0; r < rr; r++) S[(int64_t)r * sst + j] *= f;
+    }
+}
+
 /* Row softmax update over nk scores s (valid j in [lo, hi)); returns alpha = exp(m_old - m_new), or -1 when the
  * row sees no key in this block (s zeroed, nothing else changed). */
 static float softmax_row(float *s, int nk, int lo, int hi, float *m, float *l) {
@@ -253,7 +286,7 @@ typedef struct { const Item *items; int64_t n, i; int b, c; } Prefetch; /* next:
 
 /* how many blocks the frontier runs ahead: PF_BYTES of K and V (of the heads an item reads), 1 to PF_MAX_BLOCKS */
 static int pf_blocks(const Args *a, int nh) {
-    const int64_t per_block = 2 * (int64_t)a->bs * nh * a->d * (a->kv_dtype == KV_F32 ? 4 : 2);
+    const int64_t per_block = 2 * (int64_t)a->bs * nh * a->d * kv_esize(a->kv_dtype);
     const int64_t n = PF_BYTES / (per_block > 0 ? per_block : 1);
     return n < 1 ? 1 : (n > PF_MAX_BLOCKS ? PF_MAX_BLOCKS : (int)n);
 }
@@ -262,7 +295,7 @@ static int pf_blocks(const Args *a, int nh) {
  * its V line), crossing block and item boundaries. */
 static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
     const int BS = a->bs;
-    const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    const int esize = kv_esize(a->kv_dtype);
     const int64_t kst_pool = (int64_t)a->hkv * a->d;
     const int64_t plane = a->num_blocks * a->bs * kst_pool * esize;
     while (nlines > 0 && pf->i < pf->n) {
@@ -275,6 +308,14 @@ static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
         const int64_t row = kst_pool * esize, span = (int64_t)nh * a->d * esize;
         const int lpt = (int)((span + 63) / 64), nl = BS * lpt;
         int c = pf->c;
+        if (c == 0 && a->kv_dtype == KV_I8) { /* the block's int8 scales (K and V planes), BS * hkv floats each */
+            const float *sk = a->kv_scale + (int64_t)blk * BS * a->hkv;
+            const int64_t splane = a->num_blocks * BS * a->hkv;
+            for (int64_t x = 0; x < (int64_t)BS * a->hkv; x += 16) {
+                __builtin_prefetch(sk + x, 0, 2);
+                __builtin_prefetch(sk + splane + x, 0, 2);
+            }
+        }
         if (span == row) /* whole rows: the block's K (and V) lines are contiguous */
             for (; c < nl && nlines > 0; c++, nlines -= 2) {
                 __builtin_prefetch(kp + (int64_t)c * 64, 0, 2); /* read, into L2 (prefetcht1) */
@@ -294,7 +335,7 @@ static void pf_lines(const Args *a, Prefetch *pf, int64_t nlines) {
 
 /* lines of one block of this item's K and V (what the frontier advances per block consumed) */
 static inline int64_t pf_block_lines(const Args *a, const Item *it) {
-    const int nh = it->kvh < 0 ? a->hkv : 1, esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    const int nh = it->kvh < 0 ? a->hkv : 1, esize = kv_esize(a->kv_dtype);
     return 2 * (int64_t)a->bs * (((int64_t)nh * a->d * esize + 63) / 64);
 }
 
@@ -313,7 +354,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     const int pos0 = L - n + it->q0; /* position of the tile's first query */
     const int64_t kst_pool = (int64_t)a->hkv * D;
     const int64_t plane = a->num_blocks * a->bs * kst_pool; /* elements of the K (or V) half */
-    const int esize = a->kv_dtype == KV_F32 ? 4 : 2;
+    const int esize = kv_esize(a->kv_dtype);
     const int32_t *table = a->bt + (int64_t)it->req * a->bt_stride;
     int use_avx = 0, use512 = 0;
 #ifdef __AVX2__
@@ -321,9 +362,14 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
 #endif
 #ifdef TM_AVX512
     /* float32 / bfloat16 K/V read in place by the AVX-512 kernels (no conversion into scratch) */
-    use512 = (D % 16) == 0 && (a->kv_dtype == KV_F32 || a->kv_dtype == KV_BF16);
+    use512 = (D % 16) == 0 && a->kv_dtype != KV_F16;
 #endif
     const int direct = kv_in_place(a->kv_dtype, D);
+    /* quantized pools: scales of consecutive keys sc_stride apart (int8: hkv; fp8: one per head, 0); the in-register
+     * fp8 loads give 2^-8 of the value (attention_avx512.h), so their scale is multiplied by qmul = 256 */
+    const int quant = kv_quantized(a->kv_dtype);
+    const int64_t sc_stride = a->kv_dtype == KV_I8 ? a->hkv : 0;
+    const float qmul = a->kv_dtype == KV_FP8 && direct ? 256.f : 1.f;
     Prefetch own; /* a decode item of a dynamically scheduled step prefetches its own blocks ahead */
     if (!pf && it->nq == 1) {
         own = (Prefetch){it, 1, 0, 0, 0};
@@ -344,6 +390,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
     for (int kb0 = it->k0 / BS; kb0 * BS < it->k1; kb0 += nbc) {
         /* one chunk of up to nbc blocks: scores of every block, one softmax update, then P V */
         const char *Ks[MAX_CHUNK_BLOCKS], *Vs[MAX_CHUNK_BLOCKS];
+        const float *KSc[MAX_CHUNK_BLOCKS], *VSc[MAX_CHUNK_BLOCKS]; /* quantized: the scales of each block's keys */
         int cols[MAX_CHUNK_BLOCKS + 1], nblk = 0;
         const int cs = kb0 * BS > it->k0 ? kb0 * BS : it->k0;
         int64_t kst = kst_pool;
@@ -353,14 +400,18 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
             const int ke = kb * BS + BS < it->k1 ? kb * BS + BS : it->k1;
             const int64_t off = ((int64_t)table[kb] * BS + (ks - kb * BS)) * kst_pool + (int64_t)kvh0 * D;
             cols[nblk + 1] = cols[nblk] + (ke - ks);
+            if (quant) { /* int8: per (token, head) scales beside the pool; fp8: per head */
+                KSc[nblk] = a->kv_dtype == KV_I8 ? a->kv_scale + off / D : a->kv_scale + kvh0;
+                VSc[nblk] = a->kv_dtype == KV_I8 ? a->kv_scale + (plane + off) / D : a->kv_scale + a->hkv + kvh0;
+            }
             if (direct) {
                 Ks[nblk] = a->kv + off * esize;
                 Vs[nblk] = a->kv + (plane + off) * esize;
-            } else { /* convert into one contiguous [keys, nh * D] chunk */
+            } else { /* convert (dequantize) into one contiguous [keys, nh * D] chunk */
                 to_f32(sc->kb + (int64_t)cols[nblk] * nh * D, a->kv + off * esize, kst_pool, ke - ks, nh * D,
-                       a->kv_dtype);
+                       a->kv_dtype, quant ? KSc[nblk] : NULL, sc_stride, D);
                 to_f32(sc->vb + (int64_t)cols[nblk] * nh * D, a->kv + (plane + off) * esize, kst_pool, ke - ks,
-                       nh * D, a->kv_dtype);
+                       nh * D, a->kv_dtype, quant ? VSc[nblk] : NULL, sc_stride, D);
             }
         }
         if (!direct) {
@@ -384,7 +435,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
                 if (pf_step) pf_lines(a, pf, pf_step);
 #ifdef TM_AVX512
-                if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype == KV_BF16);
+                if (use512) scores512(S, sst, Q, rr, K, kst, nkb, D, a->kv_dtype);
                 else
 #endif
 #ifdef __AVX2__
@@ -392,6 +443,7 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
                 else
 #endif
                     scores_c(S, sst, Q, rr, (const float *)K, kst, nkb, D);
+                if (quant && direct) scale_cols(S, sst, rr, nkb, KSc[b] + hh, sc_stride, qmul);
             }
         for (int r = 0; r < R; r++) {
             const int p = pos0 + r / GH;
@@ -407,12 +459,13 @@ static void run_item(const Args *a, const Item *it, Scratch *sc, float *pacc, fl
         for (int b = 0; b < nblk; b++)
             for (int hh = 0; hh < nh; hh++) {
                 float *acc = sc->acc + (int64_t)hh * G * D;
-                const float *P = sc->s + (int64_t)hh * G * sst + cols[b];
+                float *P = sc->s + (int64_t)hh * G * sst + cols[b];
                 const char *V = Vs[b] + (int64_t)hh * hsz;
                 const int rr = nh > 1 ? G : R, nkb = cols[b + 1] - cols[b];
                 if (pf_step) pf_lines(a, pf, pf_step);
+                if (quant && direct) scale_cols(P, sst, rr, nkb, VSc[b] + hh, sc_stride, qmul);
 #ifdef TM_AVX512
-                if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype == KV_BF16);
+                if (use512) pv512(acc, P, sst, rr, V, kst, nkb, D, a->kv_dtype);
                 else
 #endif
 #ifdef __AVX2__
@@ -467,16 +520,26 @@ static void merge_group(const Args *a, const Group *g, const float *pacc, const 
         }
 }
 
-/* ---------------------------------------------------------------- entry point */
+/* ---------------------------------------------------------------- entry points */
 int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
                        const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
                        const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
                        const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
                        int h, float scale, int window, float *out) {
-    if (!tm_kv_dtype_supported(kv_dtype)) return E_DTYPE;
+    if (kv_quantized(kv_dtype)) return E_DTYPE; /* needs its scales: tm_paged_attention_kv */
+    return tm_paged_attention_kv(q, q_st, q_sh, kv, kv_dtype, NULL, num_blocks, block_size, hkv, d, block_tables,
+                                 bt_stride, bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out);
+}
+
+int tm_paged_attention_kv(const float *q, int64_t q_st, int64_t q_sh,
+                          const void *kv, int kv_dtype, const float *kv_scale, int64_t num_blocks, int block_size,
+                          int hkv, int d, const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
+                          const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                          int h, float scale, int window, float *out) {
+    if (!tm_kv_dtype_supported(kv_dtype) || (kv_quantized(kv_dtype) && !kv_scale)) return E_DTYPE;
     if (hkv <= 0 || h % hkv || d <= 0 || block_size <= 0 || num_reqs < 0 || window < 0) return E_SHAPE;
-    Args a = {q, q_st, q_sh, (const char *)kv, kv_dtype, num_blocks, block_size, hkv, d, block_tables, bt_stride,
-              bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out};
+    Args a = {q, q_st, q_sh, (const char *)kv, kv_dtype, kv_scale, num_blocks, block_size, hkv, d, block_tables,
+              bt_stride, bt_cols, seq_lens, qsl, num_reqs, h, scale, window, out};
     const int G = h / hkv;
     const int tq = RMAX / G > 1 ? RMAX / G : 1;
     const int rows_alloc = tq * G;

@@ -68,6 +68,13 @@ int tm_paged_attention(const float *q, int64_t q_st, int64_t q_sh,
                        const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
                        const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
                        int h, float scale, int window, float *out);
+// tm_paged_attention over any pool tm_kv_dtype_supported takes, quantized ones (3 int8, 4 fp8 e4m3) with their
+// float32 scales (kv_quant.py's layout: int8 [2, num_blocks, block_size, hkv], fp8 [2, hkv]; NULL for plain pools).
+int tm_paged_attention_kv(const float *q, int64_t q_st, int64_t q_sh,
+                          const void *kv, int kv_dtype, const float *kv_scale, int64_t num_blocks, int block_size,
+                          int hkv, int d, const int32_t *block_tables, int64_t bt_stride, int64_t bt_cols,
+                          const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
+                          int h, float scale, int window, float *out);
 int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
                       uint16_t *out);
 

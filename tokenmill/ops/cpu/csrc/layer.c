@@ -1,6 +1,6 @@
 // One Llama-family decoder layer in a single call, for small CPU batches (decode steps): packed GGUF
 // weights (any type of quant.h; a linear of type TM_QPARTS is row groups of several types, kernels.h), float32
-// activations, a float32 paged KV cache.
+// activations, a float32, bfloat16 or int8 paged KV cache (int8: kv_quant.py's layout, its scales in kv_scale).
 //
 //   residual = h + residual (or h);  x = rmsnorm(residual) * ln1
 //   q|k|v = x Wqkv^T (+ b);  rotate q, k ("rotate half" layout, cos/sin [T, D]);  store k, v at their slots
@@ -27,6 +27,21 @@ static void silu_mul_rows(const float *gu, int64_t T, int64_t I, float *act) {
     for (int64_t t = 0; t < T; t++) tm_silu_mul_row(gu + t * 2 * I, gu + t * 2 * I + I, act + t * I, I);
 }
 
+// One row of n floats (a token's K or V head) as int8 with its scale, as kv_quant.quantize_int8 does it: scale =
+// max(absmax, 1e-12) / 127, q = round-half-even(x / scale) in [-127, 127]. A true division (not x * (1 / scale), which
+// -ffast-math's reciprocal math would allow): the cache bytes equal the PyTorch write's.
+__attribute__((optimize("no-reciprocal-math"))) static void store_i8_row(int8_t *dst, float *scale, const float *x,
+                                                                         int64_t n) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float s = fmaxf(amax, 1e-12f) / 127.f;
+    for (int64_t i = 0; i < n; i++) {
+        const float r = rintf(x[i] / s);
+        dst[i] = (int8_t)(r > 127.f ? 127.f : (r < -127.f ? -127.f : r));
+    }
+    *scale = s;
+}
+
 // x [T, rows of width D] rotated in place; heads per token nh, token stride st (floats).
 static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const float *cos, const float *sin) {
 #pragma omp parallel for schedule(static) if (T * nh * D >= (1 << 15))
@@ -40,16 +55,17 @@ static void rope_inplace(float *x, int64_t T, int64_t st, int nh, int D, const f
 // floats; NULL: allocated here). Long steps pass a buffer kept across layers and steps: a fresh one of over
 // 32 MiB is mmapped by malloc and page-faulted in on every call, which cost 40% of a 2048-token step.
 // tm_llama_layer chains them with the paged attention kernel in between.
-// Returns 0, or (attention.c's codes) -1 out of memory, -4 shapes; -6 a slot outside the cache, -7 a linear
-// rejected its arguments (K not a multiple of the block, unknown type).
+// kv_dtype: attention.c's codes 0 float32, 1 bfloat16, 3 int8 (with kv_scale [2, nb, bs, Hkv]; NULL otherwise).
+// Returns 0, or (attention.c's codes) -1 out of memory, -3 KV dtype, -4 shapes; -6 a slot outside the cache, -7 a
+// linear rejected its arguments (K not a multiple of the block, unknown type).
 int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_t T, int64_t E,
                        const float *ln1, float eps, int qt_qkv, const uint8_t *w_qkv, const float *b_qkv,
                        int H, int Hkv, int D, const float *cos, const float *sin,
-                       void *kv, int kv_dtype, int64_t nb, int bs, const int64_t *slots,
+                       void *kv, int kv_dtype, float *kv_scale, int64_t nb, int bs, const int64_t *slots,
                        int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora, float *qkv) {
     if (T <= 0) return 0;
     if (H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D % 2 || E <= 0) return -4;
-    if (kv_dtype != 0 && kv_dtype != 1) return -3;
+    if ((kv_dtype != 0 && kv_dtype != 1 && kv_dtype != 3) || (kv_dtype == 3) != (kv_scale != NULL)) return -3;
     const int64_t nq = (int64_t)H * D, nkv = (int64_t)Hkv * D, nqkv = nq + 2 * nkv;
     float *x = (float *)malloc((size_t)(T * E) * sizeof(float));
     if (!x) return -1;
@@ -71,6 +87,12 @@ int tm_llama_layer_pre(const float *h, float *residual, int has_residual, int64_
             float *kc = (float *)kv;
             memcpy(kc + s * nkv, k, nkv * sizeof(float));
             memcpy(kc + (cache_rows + s) * nkv, v, nkv * sizeof(float));
+        } else if (kv_dtype == 3) {  // int8: each head's row with its scale
+            int8_t *kc = (int8_t *)kv;
+            for (int j = 0; j < Hkv; j++) {
+                store_i8_row(kc + s * nkv + j * D, kv_scale + s * Hkv + j, k + j * D, D);
+                store_i8_row(kc + (cache_rows + s) * nkv + j * D, kv_scale + (cache_rows + s) * Hkv + j, v + j * D, D);
+            }
         } else {  // bfloat16 cache: round to nearest even (what torch's .to(torch.bfloat16) does)
             uint16_t *kc = (uint16_t *)kv;
             tm_store_bf16_row(kc + s * nkv, k, nkv);
@@ -126,7 +148,7 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
                    int qt_dn, const uint8_t *w_dn, const float *b_dn,
                    int H, int Hkv, int D, int64_t I,
                    const float *cos, const float *sin,
-                   void *kv, int kv_dtype, int64_t nb, int bs, const int64_t *slots,
+                   void *kv, int kv_dtype, float *kv_scale, int64_t nb, int bs, const int64_t *slots,
                    const int32_t *tables, int64_t bt_stride, int64_t bt_cols,
                    const int32_t *seq_lens, const int32_t *qsl, int num_reqs,
                    float scale, int window, int64_t direct_max_m, int64_t amx_min_m, const tm_lora *lora,
@@ -138,10 +160,10 @@ int tm_llama_layer(const float *h, float *residual, int has_residual, int64_t T,
     if (!buf) return -1;
     float *qkv = buf, *att = qkv + T * nqkv;
     int rc = tm_llama_layer_pre(h, residual, has_residual, T, E, ln1, eps, qt_qkv, w_qkv, b_qkv, H, Hkv, D, cos, sin,
-                                kv, kv_dtype, nb, bs, slots, direct_max_m, amx_min_m, lora, qkv);
+                                kv, kv_dtype, kv_scale, nb, bs, slots, direct_max_m, amx_min_m, lora, qkv);
     if (rc == 0)
-        rc = tm_paged_attention(qkv, nqkv, D, kv, kv_dtype, nb, bs, Hkv, D, tables, bt_stride, bt_cols, seq_lens, qsl,
-                                num_reqs, H, scale, window, att);
+        rc = tm_paged_attention_kv(qkv, nqkv, D, kv, kv_dtype, kv_scale, nb, bs, Hkv, D, tables, bt_stride, bt_cols,
+                                   seq_lens, qsl, num_reqs, H, scale, window, att);
     if (rc == 0)
         rc = tm_llama_layer_post(att, residual, T, E, ln2, eps, qt_o, w_o, b_o, qt_gu, w_gu, b_gu, qt_dn, w_dn, b_dn,
                                  nq, I, direct_max_m, amx_min_m, lora, NULL, out);
