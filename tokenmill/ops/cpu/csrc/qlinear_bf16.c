@@ -1,0 +1,178 @@
+// y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with AVX512-BF16's vdpbf16ps, for CPUs with AVX512-BF16 but no AMX (Zen 4):
+// the AMX path's numerics (qlinear_amx.c) without the tile unit. W is a 16-bit float weight (qtype BF16 or F16)
+// arranged once at load into the AMX panels' bf16 pair layout (tm_qlinear_bf16_pack: the same words
+// tm_qlinear_amx_pack makes, so one set of panels serves either path); x is rounded to bf16 (round to nearest
+// even) once per call; each vdpbf16ps adds two bf16 products to a float32 lane.
+//
+// Panel layout (qlinear_amx.c): panels of 16 output rows, each [K/32 k-blocks][16 k-pairs][16 outputs] 32-bit
+// words (word = bf16 of k = 2p, 2p + 1 of that output row), i.e. [K/2 k-pairs][16 outputs]; two panels (32
+// outputs) side by side; rows past N zero. With glu = I (a gate|up weight [2I, K]) pair pp holds gate rows 16pp ..
+// and up rows 16pp .. (tm_qlinear_bf16_pack_glu).
+//
+// Micro-kernel: R <= BF16_MR rows of x times one pair of panels: 2R zmm accumulators (16 outputs each), per k-pair
+// two weight vectors and one broadcast x pair per row. Work: OpenMP over panel pairs inside chunks of rows (x of a
+// chunk stays in L2), each pair's 2 x K x 32 bytes re-read from L2 by its row blocks.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "quant.h"
+
+#if defined(TM_AVX512) && defined(__AVX512BF16__)
+#define TM_BF16DOT 1
+
+#define BF16_MR 12             // rows per micro-kernel call: 24 accumulators + 2 weights + 1 broadcast of 32 zmm
+#define BF16_CHUNK_BYTES 196608 // bf16 x per row chunk (192 KiB: L2-resident with a pair's panels)
+
+int tm_qlinear_bf16_available(void) { return 1; }
+
+// bf16 bits of a float, round to nearest even (NaN kept quiet), as vcvtne2ps2bf16 does.
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// The 16-bit weight of row `row` at column k as bf16 bits (F16: converted exactly to float, then rounded).
+static inline uint16_t weight_bf16(int qtype, const uint8_t *row, int64_t k) {
+    if (qtype == BF16) return (uint16_t)(row[2 * k] | (row[2 * k + 1] << 8));
+    return f32_to_bf16(f16_to_f32(row + 2 * k));
+}
+
+// Rows n0 .. n0 + 15 of W (rows >= N zero) as one panel of K/2 x 16 words.
+static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t n0, uint32_t *panel) {
+    const int64_t kp = K / 2;
+    for (int j = 0; j < 16; j++) {
+        const int64_t n = n0 + j;
+        const uint8_t *row = w + n * K * 2;
+        for (int64_t p = 0; p < kp; p++)
+            panel[p * 16 + j] = n < N ? (uint32_t)weight_bf16(qtype, row, 2 * p) |
+                                            ((uint32_t)weight_bf16(qtype, row, 2 * p + 1) << 16)
+                                      : 0u;
+    }
+}
+
+int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
+    if (!float16_type(qtype) || K <= 0 || K % QK || N < 1) return -1;
+    const int64_t npanels = (N + 31) / 32 * 2;
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL)
+    for (int64_t pn = 0; pn < npanels; pn++) pack_panel(qtype, w, K, N, pn * 16, out + pn * K * 8);
+    return 0;
+}
+
+int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
+    if (!float16_type(qtype) || K <= 0 || K % QK || I < 16 || I % 16) return -1;
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL)
+    for (int64_t pn = 0; pn < I / 16; pn++) {
+        pack_panel(qtype, w, K, I, pn * 16, out + 2 * pn * K * 8);                     // gate rows 16pn ..
+        pack_panel(qtype, w + I * K * 2, K, I, pn * 16, out + (2 * pn + 1) * K * 8);  // up rows 16pn ..
+    }
+    return 0;
+}
+
+// R rows of bf16 x (row stride xs elements) times the pair of panels p0, p1 (K/2 k-pairs) -> acc0 / acc1 stored
+// to c[r * 32 + j] (j < 16: p0's outputs, 16 + j: p1's).
+static inline __attribute__((always_inline)) void micro(const int R, const uint16_t *x, int64_t xs, int64_t kp,
+                                                        const uint32_t *p0, const uint32_t *p1, float *c) {
+    __m512 a0[BF16_MR], a1[BF16_MR];
+#pragma GCC unroll 12
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; p++) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(p0 + p * 16));
+        const __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(p1 + p * 16));
+#pragma GCC unroll 12
+        for (int r = 0; r < R; r++) {
+            int32_t v;
+            memcpy(&v, x + r * xs + 2 * p, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(v);
+            a0[r] = _mm512_dpbf16_ps(a0[r], xb, w0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
+        }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(c + r * 32, a0[r]);
+        _mm512_storeu_ps(c + r * 32 + 16, a1[r]);
+    }
+}
+
+#define MICRO_CASE(R_) \
+    case R_: micro(R_, x, xs, kp, p0, p1, c); break
+static void micro_rows(int R, const uint16_t *x, int64_t xs, int64_t kp, const uint32_t *p0, const uint32_t *p1,
+                       float *c) {
+    switch (R) {
+        MICRO_CASE(1); MICRO_CASE(2); MICRO_CASE(3); MICRO_CASE(4); MICRO_CASE(5); MICRO_CASE(6);
+        MICRO_CASE(7); MICRO_CASE(8); MICRO_CASE(9); MICRO_CASE(10); MICRO_CASE(11); MICRO_CASE(12);
+        default: break;
+    }
+}
+
+int tm_qlinear_bf16_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N,
+                           const float *bias, float *y, int64_t ldy, int64_t glu, float *act) {
+    if (M <= 0) return 0;
+    if (K <= 0 || K % QK || N < 1 || (glu && (glu % 16 || N != 2 * glu)) || (!act && ldy < N)) return -1;
+    const int64_t kp = K / 2, npairs = glu ? glu / 16 : (N + 31) / 32;
+    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(M * K * 2 + 63) & ~(size_t)63);
+    if (!xb) return -1;
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 32)
+            _mm512_storeu_si512((void *)(xb + m * K + k), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + k + 16),
+                                                                                      _mm512_loadu_ps(x + m * K + k)));
+    // rows per chunk: a multiple of BF16_MR whose bf16 x fits BF16_CHUNK_BYTES (at least one block)
+    int64_t chunk = BF16_CHUNK_BYTES / (K * 2) / BF16_MR * BF16_MR;
+    if (chunk < BF16_MR) chunk = BF16_MR;
+#pragma omp parallel if (TM_TOP_LEVEL && npairs > 1)
+    {
+        float c[BF16_MR * 32];
+        for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+            const int64_t mc = M - m0 < chunk ? M - m0 : chunk;
+            const int64_t nblk = (mc + BF16_MR - 1) / BF16_MR;  // row blocks of near-equal size
+#pragma omp for schedule(static)
+            for (int64_t pp = 0; pp < npairs; pp++) {
+                const uint32_t *p0 = panels + 2 * pp * kp * 16, *p1 = p0 + kp * 16;
+                const int64_t c0 = glu ? pp * 16 : pp * 32, c1 = glu ? glu + pp * 16 : pp * 32 + 16;
+                const int nr0 = glu ? 16 : (int)(N - c0 < 16 ? N - c0 : 16);
+                const int nr1 = glu ? 16 : (int)(N - c1 < 16 ? (N - c1 > 0 ? N - c1 : 0) : 16);
+                for (int64_t b = 0, r0 = 0; b < nblk; b++) {
+                    const int R = (int)((mc - r0) / (nblk - b));
+                    micro_rows(R, xb + (m0 + r0) * K, K, kp, p0, p1, c);
+                    for (int r = 0; r < R; r++) {
+                        float *g = c + r * 32, *u = g + 16;
+                        const int64_t row = m0 + r0 + r;
+                        if (bias) {
+                            for (int j = 0; j < nr0; j++) g[j] += bias[c0 + j];
+                            for (int j = 0; j < nr1; j++) u[j] += bias[c1 + j];
+                        }
+                        if (act) {
+                            tm_silu_mul_row(g, u, act + row * glu + c0, 16);
+                        } else {
+                            memcpy(y + row * ldy + c0, g, (size_t)nr0 * 4);
+                            if (nr1) memcpy(y + row * ldy + c1, u, (size_t)nr1 * 4);
+                        }
+                    }
+                    r0 += R;
+                }
+            }
+        }
+    }
+    free(xb);
+    return 0;
+}
+#else
+int tm_qlinear_bf16_available(void) { return 0; }
+int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
+    (void)qtype; (void)w; (void)K; (void)N; (void)out;
+    return -2;  // built without AVX512-BF16
+}
+int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
+    (void)qtype; (void)w; (void)K; (void)I; (void)out;
+    return -2;
+}
+int tm_qlinear_bf16_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N,
+                           const float *bias, float *y, int64_t ldy, int64_t glu, float *act) {
+    (void)panels; (void)x; (void)M; (void)K; (void)N; (void)bias; (void)y; (void)ldy; (void)glu; (void)act;
+    return -2;
+}
+#endif
