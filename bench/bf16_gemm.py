@@ -6,6 +6,7 @@ The four layer linears cycle through `--layers` layers' distinct weights (ms per
 one weight (ms per call).
 
     PYTHONPATH=. python bench/bf16_gemm.py [--threads 2] [--layers 30] [--rows 1,4,16,64,256,2000]
+        [--kinds packed,dot,onednn]
 """
 from __future__ import annotations
 
@@ -57,13 +58,14 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,64,256,2000")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--kinds", default="packed,dot,onednn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     assert panels_available("bf16"), "no AMX / AVX512-BF16 panels on this CPU"
     layers = [weight(k, n) for _ in range(args.layers) for k, n in SHAPES]
     head = [weight(*HEAD)]
-    kinds = ["packed", "dot", "onednn"]
+    kinds = args.kinds.split(",")
     print(f"threads {args.threads}, layers {args.layers}, torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()})")
     for name, ws, per in (("layer (4 linears)", layers, args.layers), ("head 49152x576", head, 1)):

@@ -71,9 +71,9 @@ int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, 
     return 0;
 }
 
-// R rows of bf16 x (row stride xs elements) times the pair of panels p0, p1 (K/2 k-pairs) -> acc0 / acc1 stored
-// to c[r * 32 + j] (j < 16: p0's outputs, 16 + j: p1's).
-static inline __attribute__((always_inline)) void micro(const int R, const uint16_t *x, int64_t xs, int64_t kp,
+// R rows of bf16 x, interleaved by k-pair (xi[p * R + r] = pair p of row r: one pointer, constant offsets), times
+// the pair of panels p0, p1 (kp k-pairs) -> c[r * 32 + j] (j < 16: p0's outputs, 16 + j: p1's).
+static inline __attribute__((always_inline)) void micro(const int R, const uint32_t *xi, int64_t kp,
                                                         const uint32_t *p0, const uint32_t *p1, float *c) {
     __m512 a0[BF16_MR], a1[BF16_MR];
 #pragma GCC unroll 12
@@ -81,11 +81,10 @@ static inline __attribute__((always_inline)) void micro(const int R, const uint1
     for (int64_t p = 0; p < kp; p++) {
         const __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(p0 + p * 16));
         const __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(p1 + p * 16));
+        const uint32_t *xp = xi + p * R;
 #pragma GCC unroll 12
         for (int r = 0; r < R; r++) {
-            int32_t v;
-            memcpy(&v, x + r * xs + 2 * p, 4);
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32(v);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[r]);
             a0[r] = _mm512_dpbf16_ps(a0[r], xb, w0);
             a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
         }
@@ -98,9 +97,8 @@ static inline __attribute__((always_inline)) void micro(const int R, const uint1
 }
 
 #define MICRO_CASE(R_) \
-    case R_: micro(R_, x, xs, kp, p0, p1, c); break
-static void micro_rows(int R, const uint16_t *x, int64_t xs, int64_t kp, const uint32_t *p0, const uint32_t *p1,
-                       float *c) {
+    case R_: micro(R_, xi, kp, p0, p1, c); break
+static void micro_rows(int R, const uint32_t *xi, int64_t kp, const uint32_t *p0, const uint32_t *p1, float *c) {
     switch (R) {
         MICRO_CASE(1); MICRO_CASE(2); MICRO_CASE(3); MICRO_CASE(4); MICRO_CASE(5); MICRO_CASE(6);
         MICRO_CASE(7); MICRO_CASE(8); MICRO_CASE(9); MICRO_CASE(10); MICRO_CASE(11); MICRO_CASE(12);
@@ -108,36 +106,59 @@ static void micro_rows(int R, const uint16_t *x, int64_t xs, int64_t kp, const u
     }
 }
 
+// Rows of block b of a chunk of mc rows (blocks of near-equal size, at most BF16_MR rows) and its first row.
+static inline int block_rows(int64_t mc, int64_t nblk, int64_t b, int64_t *r0) {
+    *r0 = mc / nblk * b + (b < mc % nblk ? b : mc % nblk);
+    return (int)(mc / nblk + (b < mc % nblk ? 1 : 0));
+}
+
 int tm_qlinear_bf16_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N,
                            const float *bias, float *y, int64_t ldy, int64_t glu, float *act) {
     if (M <= 0) return 0;
     if (K <= 0 || K % QK || N < 1 || (glu && (glu % 16 || N != 2 * glu)) || (!act && ldy < N)) return -1;
     const int64_t kp = K / 2, npairs = glu ? glu / 16 : (N + 31) / 32;
-    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(M * K * 2 + 63) & ~(size_t)63);
-    if (!xb) return -1;
-#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k += 32)
-            _mm512_storeu_si512((void *)(xb + m * K + k), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + m * K + k + 16),
-                                                                                      _mm512_loadu_ps(x + m * K + k)));
     // rows per chunk: a multiple of BF16_MR whose bf16 x fits BF16_CHUNK_BYTES (at least one block)
     int64_t chunk = BF16_CHUNK_BYTES / (K * 2) / BF16_MR * BF16_MR;
     if (chunk < BF16_MR) chunk = BF16_MR;
+    // x rounded to bf16 (as vcvtne2ps2bf16), each row block's rows interleaved by k-pair: block (m0, r0) of R rows
+    // at word (m0 + r0) * kp, pair p of its row r at p * R + r
+    uint32_t *xb = (uint32_t *)aligned_alloc(64, (size_t)(M * K * 2 + 63) & ~(size_t)63);
+    if (!xb) return -1;
+    const int64_t nchunks = (M + chunk - 1) / chunk, blocks_per_chunk = (chunk + BF16_MR - 1) / BF16_MR;
+#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL && M * K >= (1 << 16))
+    for (int64_t cb = 0; cb < nchunks * blocks_per_chunk; cb++) {
+        const int64_t m0 = cb / blocks_per_chunk * chunk, mc = M - m0 < chunk ? M - m0 : chunk;
+        const int64_t nblk = (mc + BF16_MR - 1) / BF16_MR, b = cb % blocks_per_chunk;
+        if (b >= nblk) continue;
+        int64_t r0;
+        const int R = block_rows(mc, nblk, b, &r0);
+        uint32_t *dst = xb + (m0 + r0) * kp;
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + (m0 + r0 + r) * K;
+            for (int64_t k = 0; k < K; k += 32) {
+                uint32_t w[16];
+                _mm512_storeu_si512((void *)w, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + k + 16),
+                                                                          _mm512_loadu_ps(xr + k)));
+                for (int i = 0; i < 16; i++) dst[(k / 2 + i) * R + r] = w[i];
+            }
+        }
+    }
 #pragma omp parallel if (TM_TOP_LEVEL && npairs > 1)
     {
         float c[BF16_MR * 32];
         for (int64_t m0 = 0; m0 < M; m0 += chunk) {
             const int64_t mc = M - m0 < chunk ? M - m0 : chunk;
-            const int64_t nblk = (mc + BF16_MR - 1) / BF16_MR;  // row blocks of near-equal size
+            const int64_t nblk = (mc + BF16_MR - 1) / BF16_MR;
 #pragma omp for schedule(static)
             for (int64_t pp = 0; pp < npairs; pp++) {
                 const uint32_t *p0 = panels + 2 * pp * kp * 16, *p1 = p0 + kp * 16;
                 const int64_t c0 = glu ? pp * 16 : pp * 32, c1 = glu ? glu + pp * 16 : pp * 32 + 16;
                 const int nr0 = glu ? 16 : (int)(N - c0 < 16 ? N - c0 : 16);
                 const int nr1 = glu ? 16 : (int)(N - c1 < 16 ? (N - c1 > 0 ? N - c1 : 0) : 16);
-                for (int64_t b = 0, r0 = 0; b < nblk; b++) {
-                    const int R = (int)((mc - r0) / (nblk - b));
-                    micro_rows(R, xb + (m0 + r0) * K, K, kp, p0, p1, c);
+                for (int64_t b = 0; b < nblk; b++) {
+                    int64_t r0;
+                    const int R = block_rows(mc, nblk, b, &r0);
+                    micro_rows(R, xb + (m0 + r0) * kp, kp, p0, p1, c);
                     for (int r = 0; r < R; r++) {
                         float *g = c + r * 32, *u = g + 16;
                         const int64_t row = m0 + r0 + r;
@@ -152,7 +173,6 @@ int tm_qlinear_bf16_panels(const uint32_t *panels, const float *x, int64_t M, in
                             if (nr1) memcpy(y + row * ldy + c1, u, (size_t)nr1 * 4);
                         }
                     }
-                    r0 += R;
                 }
             }
         }
