@@ -39,9 +39,10 @@ AMX_MIN_ROWS = 4
 # vdpbf16ps (csrc/qlinear_bf16.c) from this many rows, the head from BF16_DOT_HEAD_MIN_ROWS. `bench/bf16_gemm.py`
 # (Zen 4 box, 2 threads, SmolLM2 shapes, ms per layer of 4 linears / per head call; packed float32 kernel / vdpbf16ps
 # / oneDNN bf16, bench/results/s22 bf16zen_gemm.txt): 1 row 0.35 / 0.21 / 0.65, 4 rows 0.53 / 0.28 / 0.81, 16 rows
-# 1.21 / 0.49 / 0.96, 64 rows 3.34 / 1.50 / 2.09, 256 rows - / 5.6 / 5.7, 2000 rows - / 43.2 / 38.4 (oneDNN ahead
-# only there: no dense copy kept for it); head 1 row 1.9 / 0.94 / 4.0, 16 rows 8.4 / 3.2 / 6.5, 64 rows 27 / 11 / 13.
-# So from one row (x then rounded to bf16, as the bfloat16 model rounds it).
+# 1.21 / 0.49 / 0.96, 64 rows 3.34 / 1.50 / 2.09, 256 rows - / 5.6 / 5.7, 2000 rows - / 43.2 / 38.4; head 1 row
+# 1.9 / 0.94 / 4.0, 16 rows 8.4 / 3.2 / 6.5, 64 rows 27 / 11 / 13, 2000 rows - / 421 / 465. With x interleaved per
+# row block (bf16zen_gemm2.txt): 64 rows 1.41 vs 2.09, 2000 rows 40.4 vs 39.1 (oneDNN 3% ahead only there: no dense
+# copy is kept for it). So from one row (x then rounded to bf16, as the bfloat16 model rounds it).
 BF16_DOT_MIN_ROWS = 1
 BF16_DOT_HEAD_MIN_ROWS = 1
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,

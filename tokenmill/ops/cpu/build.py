@@ -34,10 +34,11 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 LIBRARIES = {
     "attention": ("attention", "attention_prefill"),
     "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16"),
-    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "attention", "lora"),
+    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "attention",
+              "lora"),
     "moe": ("moe", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_amx_i8"),
-    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_amx_i8",
-                  "attention"),
+    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16",
+                  "qlinear_amx_i8", "attention"),
 }
 
 
