@@ -1,4 +1,4 @@
-"""The AVX512-BF16 path of a 16-bit weight (csrc/qlinear_bf16.c: the AMX panels' layout run with vdpbf16ps on a CPU
+"""The AVX512-BF16 path of a 16-bit or block-quantized weight (csrc/qlinear_bf16.c: the AMX panels' layout run with vdpbf16ps on a CPU
 without the tile unit) against its pure-PyTorch reference, x rounded to bf16 times the bf16 weights summed in
 float32: odd N, K a few blocks, rows 1..70 (every row-block size of the micro-kernel, tails past a chunk), bias,
 bf16 and f16 weights, the gate|up panels (both outputs and the silu(gate) * up epilogue); and which machines pack
@@ -86,11 +86,31 @@ def test_gate_up_panels_and_glu_epilogue(m):
 
 
 @needs_dot
-def test_block_types_take_no_panels_without_amx():
-    """Only the 16-bit types have AVX512-BF16 panels; a GGUF block type keeps its paths."""
-    assert QL.panels_available("bf16") and QL.panels_available("f16") and not QL.panels_available("q4_0")
-    with pytest.raises(RuntimeError):
-        QL.amx_pack(torch.zeros(32, QL.row_bytes("q4_0", 64), dtype=torch.uint8), "q4_0", 64)
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("m", [4, 17, 64, 70])
+def test_block_types_panels_match_bf16_rounded_matmul(qtype, m):
+    """A GGUF block type's panels (its blocks dequantized as gguf does, rounded to bf16 once at load) run the same
+    kernel: x and the dequantized weights rounded to bf16, float32 sums; fewer rows than the switch keep the exact
+    packed kernel; the gate|up panels' epilogue too."""
+    from tests.ops.test_qlinear import _packed
+
+    n, k = 45, 160
+    packed, w = _packed(qtype, n, k, seed=m)
+    g = torch.Generator().manual_seed(m)
+    x, b = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    keep, st = QL.amx_pack(packed, qtype, k)
+    got = QL.qlinear(x, packed, qtype, b, amx_min_rows=4, qpanels=st)
+    ref = _reference(x, w.bfloat16().float(), b)
+    scale = (x.abs().double() @ w.abs().double().T).max().item()
+    assert (got - ref).abs().max().item() <= 1e-5 * scale
+    exact = QL.qlinear(x[:3], packed, qtype, b)
+    assert torch.equal(QL.qlinear(x[:3], packed, qtype, b, amx_min_rows=4, qpanels=st), exact)
+    i = 32
+    gu, wg = _packed(qtype, 2 * i, k, seed=m + 1)
+    keep_glu, paired = QL.amx_pack(gu, qtype, k, glu=i)
+    ref = _reference(x, wg.bfloat16().float(), None)
+    act = QL.glu_linear(x, paired, None, amx_min_rows=4)
+    torch.testing.assert_close(act, F.silu(ref[:, :i]) * ref[:, i:], rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_loader_rule_without_bf16_instructions(tmp_path, monkeypatch):

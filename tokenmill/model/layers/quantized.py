@@ -45,6 +45,10 @@ AMX_MIN_ROWS = 4
 # copy is kept for it). So from one row (x then rounded to bf16, as the bfloat16 model rounds it).
 BF16_DOT_MIN_ROWS = 1
 BF16_DOT_HEAD_MIN_ROWS = 1
+# A GGUF's block-quantized linears (and head) keep 1-3-row calls on the packed blocks (4-5 bits a weight against the
+# panels' 16: SmolLM2 Q4_1 layers + Q8_0 head, one row, 5.2 ms a step packed vs ~7.4 on the panels,
+# bench/results/s22 i8dense_rows_v1.txt and bf16zen_gemm.txt) and take the panels from 4 rows.
+BF16_DOT_QUANT_MIN_ROWS = 4
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,
 # 8 rows 3.4 ms (AMX) vs 3.2 (packed float32), 12 rows 3.4 vs 6.6, 16 rows 3.9 vs 9.3, 64 rows 10.6 vs 40.1.
 HEAD_AMX_MIN_ROWS = 10
@@ -419,6 +423,12 @@ def amx_tile_plan(layer_bytes: int, head_bytes: int, moe: bool,
     return fits and layer_bytes > 0, fits and head_bytes > 0
 
 
+def _dot_min_rows(qtype: str, float16_rows: int) -> int:
+    """Rows from which a linear's AVX512-BF16 panels take a call (no AMX): a 16-bit weight's from float16_rows, a
+    block-quantized one's from BF16_DOT_QUANT_MIN_ROWS (fewer rows stay on the packed blocks)."""
+    return float16_rows if qtype in FLOAT16_QTYPES else BF16_DOT_QUANT_MIN_ROWS
+
+
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
@@ -437,16 +447,19 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
         sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
         sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
     amx = amx_available()
-    # no tile unit: a 16-bit checkpoint's panels run on AVX512-BF16, made once for every linear (no per-call path)
+    # no tile unit: the panels run on AVX512-BF16 (a 16-bit checkpoint's weights, or a GGUF's blocks dequantized
+    # to bf16 once), made for every linear (no per-call dequantizing path there), in place of the dense copies
     dot = (not amx and linears and not experts and tile_layers and bf16_dot_available()
-           and all(m.qtype in FLOAT16_QTYPES for m in linears + heads))
+           and len(uniform) == len(linears))
     if dense_dtype == torch.bfloat16 and (linears or experts) and (amx or dot):
         for module in linears:
-            module.finalize(dense_dtype, amx=True, amx_min_rows=AMX_MIN_ROWS if amx else BF16_DOT_MIN_ROWS)
+            module.finalize(dense_dtype, amx=True, amx_min_rows=AMX_MIN_ROWS if amx else _dot_min_rows(
+                module.qtype, BF16_DOT_MIN_ROWS))
         for module in experts:  # an expert's few-row runs on the int8 tiles, many-row runs (prefill) on AMX
             module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
         for head in heads:
-            head.amx_min_rows = HEAD_AMX_MIN_ROWS if amx else BF16_DOT_HEAD_MIN_ROWS if tile_heads else 0
+            head.amx_min_rows = (HEAD_AMX_MIN_ROWS if amx else _dot_min_rows(head.qtype, BF16_DOT_HEAD_MIN_ROWS)
+                                 if tile_heads else 0)
         # a small model's AMX tiles, made once (amx_tile_plan says which)
         glu = _glu_sizes(model)
         for module in (uniform if tile_layers else []) + (heads if tile_heads else []):

@@ -109,8 +109,8 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
     the caller keeps both tensors alive and in place). Calls of the AMX path then read the panels, the same bf16
     values it would dequantize per call, so results are unchanged. glu = I (a multiple of 16, N = 2I): the weight
     is gate|up and its panels pair gates with their ups (same outputs; glu_linear can then fuse silu(gate) * up).
-    Needs panels_available(qtype): without AMX, a 16-bit weight's panels (the same words) run the AVX512-BF16
-    kernel (csrc/qlinear_bf16.c), the same numerics."""
+    Needs panels_available(qtype): without AMX, the panels (the same words) run the AVX512-BF16 kernel
+    (csrc/qlinear_bf16.c), the same numerics."""
     lib = _lib()
     if lib is None or not panels_available(qtype):
         raise RuntimeError(f"neither the AMX path nor the AVX512-BF16 {qtype} path is available on this machine")
@@ -203,9 +203,9 @@ def bf16_dot_available() -> bool:
 
 
 def panels_available(qtype: str) -> bool:
-    """Whether amx_pack's panels of a qtype weight can be made and run here: any type on an AMX CPU, a 16-bit float
-    type (bf16 / f16) on an AVX512-BF16 one (bf16_dot_available)."""
-    return amx_available() or (qtype in FLOAT16_QTYPES and bf16_dot_available())
+    """Whether amx_pack's panels of a qtype weight can be made and run here: any type on an AMX CPU or an
+    AVX512-BF16 one (bf16_dot_available)."""
+    return qtype in QTYPES and (amx_available() or bf16_dot_available())
 
 
 def i8_direct_available() -> bool:

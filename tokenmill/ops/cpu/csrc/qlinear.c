@@ -396,8 +396,8 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
             return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N, p->glu);
 #endif
-        // no tile unit: a 16-bit weight's panels on AVX512-BF16 (qlinear_bf16.c), the same numerics
-        if (p->panels && amx_min_m > 0 && M >= amx_min_m && float16_type((int)p->qtype) && tm_qlinear_bf16_available())
+        // no tile unit: the panels on AVX512-BF16 (qlinear_bf16.c), the same numerics
+        if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_qlinear_bf16_available())
             return tm_qlinear_bf16_panels(p->panels, x, M, K, N, bias, y, N, p->glu, NULL);
         return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
     }
@@ -424,7 +424,7 @@ int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *
 #if defined(TM_AMX)
     if (tm_amx_enabled()) return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
 #endif
-    if (float16_type((int)p->qtype) && tm_qlinear_bf16_available())  // no tile unit: AVX512-BF16 (qlinear_bf16.c)
+    if (tm_qlinear_bf16_available())  // no tile unit: AVX512-BF16 (qlinear_bf16.c)
         return tm_qlinear_bf16_panels(p->panels, x, M, K, 2 * I, bias, NULL, 0, I, act) == 0 ? 1 : -1;
     return 0;
 }

@@ -1,6 +1,6 @@
 // y[M,N] = x[M,K] @ W[N,K]^T (+ bias) with AVX512-BF16's vdpbf16ps, for CPUs with AVX512-BF16 but no AMX (Zen 4):
-// the AMX path's numerics (qlinear_amx.c) without the tile unit. W is a 16-bit float weight (qtype BF16 or F16)
-// arranged once at load into the AMX panels' bf16 pair layout (tm_qlinear_bf16_pack: the same words
+// the AMX path's numerics (qlinear_amx.c) without the tile unit. W (a 16-bit float weight, or any GGUF block type,
+// dequantized) is arranged once at load into the AMX panels' bf16 pair layout (tm_qlinear_bf16_pack: the words
 // tm_qlinear_amx_pack makes, so one set of panels serves either path); x is rounded to bf16 (round to nearest
 // even) once per call; each vdpbf16ps adds two bf16 products to a float32 lane.
 //
@@ -34,41 +34,67 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-// The 16-bit weight of row `row` at column k as bf16 bits (F16: converted exactly to float, then rounded).
-static inline uint16_t weight_bf16(int qtype, const uint8_t *row, int64_t k) {
-    if (qtype == BF16) return (uint16_t)(row[2 * k] | (row[2 * k + 1] << 8));
-    return f32_to_bf16(f16_to_f32(row + 2 * k));
-}
-
-// Rows n0 .. n0 + 15 of W (rows >= N zero) as one panel of K/2 x 16 words.
-static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t n0, uint32_t *panel) {
+// Rows n0 .. n0 + 15 of W (rows >= N zero; row_bytes bytes a row of qtype blocks) as one panel of K/2 x 16 words:
+// each weight dequantized as qlinear.c's dequant_row does (gguf's dequantizer; a 16-bit weight exactly), then rounded
+// to bf16 (nearest even): the AMX panels' values (their packer dequantizes the same blocks, possibly with a fused
+// multiply-add where dequant_row rounds twice: a last-bit difference before the bf16 rounding). buf: K floats.
+static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t n0, uint32_t *panel, float *buf) {
     const int64_t kp = K / 2;
     for (int j = 0; j < 16; j++) {
         const int64_t n = n0 + j;
-        const uint8_t *row = w + n * K * 2;
+        if (n >= N) {
+            for (int64_t p = 0; p < kp; p++) panel[p * 16 + j] = 0u;
+            continue;
+        }
+        qdequant_rows(qtype, w, N, K, &n, 1, buf);
         for (int64_t p = 0; p < kp; p++)
-            panel[p * 16 + j] = n < N ? (uint32_t)weight_bf16(qtype, row, 2 * p) |
-                                            ((uint32_t)weight_bf16(qtype, row, 2 * p + 1) << 16)
-                                      : 0u;
+            panel[p * 16 + j] = (uint32_t)f32_to_bf16(buf[2 * p]) | ((uint32_t)f32_to_bf16(buf[2 * p + 1]) << 16);
     }
+}
+
+static int pack_args_ok(int qtype, int64_t K) {
+    return block_bytes(qtype) != 0 && K > 0 && K % QK == 0 && K % block_weights(qtype) == 0;
 }
 
 int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
-    if (!float16_type(qtype) || K <= 0 || K % QK || N < 1) return -1;
+    if (!pack_args_ok(qtype, K) || N < 1) return -1;
     const int64_t npanels = (N + 31) / 32 * 2;
-#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL)
-    for (int64_t pn = 0; pn < npanels; pn++) pack_panel(qtype, w, K, N, pn * 16, out + pn * K * 8);
-    return 0;
+    int bad = 0;
+#pragma omp parallel if (TM_TOP_LEVEL)
+    {
+        float *buf = malloc((size_t)K * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            bad = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t pn = 0; pn < npanels; pn++) pack_panel(qtype, w, K, N, pn * 16, out + pn * K * 8, buf);
+        }
+        free(buf);
+    }
+    return bad ? -3 : 0;
 }
 
 int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
-    if (!float16_type(qtype) || K <= 0 || K % QK || I < 16 || I % 16) return -1;
-#pragma omp parallel for schedule(static) if (TM_TOP_LEVEL)
-    for (int64_t pn = 0; pn < I / 16; pn++) {
-        pack_panel(qtype, w, K, I, pn * 16, out + 2 * pn * K * 8);                     // gate rows 16pn ..
-        pack_panel(qtype, w + I * K * 2, K, I, pn * 16, out + (2 * pn + 1) * K * 8);  // up rows 16pn ..
+    if (!pack_args_ok(qtype, K) || I < 16 || I % 16) return -1;
+    const int64_t row_bytes = K / block_weights(qtype) * block_bytes(qtype);
+    int bad = 0;
+#pragma omp parallel if (TM_TOP_LEVEL)
+    {
+        float *buf = malloc((size_t)K * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            bad = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t pn = 0; pn < I / 16; pn++) {
+                pack_panel(qtype, w, K, I, pn * 16, out + 2 * pn * K * 8, buf);                    // gate rows 16pn ..
+                pack_panel(qtype, w + I * row_bytes, K, I, pn * 16, out + (2 * pn + 1) * K * 8, buf);  // up rows
+            }
+        }
+        free(buf);
     }
-    return 0;
+    return bad ? -3 : 0;
 }
 
 // R rows of bf16 x, interleaved by k-pair (xi[p * R + r] = pair p of row r: one pointer, constant offsets), times
