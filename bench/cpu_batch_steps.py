@@ -4,7 +4,7 @@ prefill-only steps of P prompts of 200 tokens (P x 200 tokens a step, as the sch
 requests). What `bench/cpu_mixed_profile.py` runs mixed, split so an A/B of a kernel change reads directly.
 
     PYTHONPATH=.:bench python bench/cpu_batch_steps.py [--decodes 64,16] [--steps 70] [--prefill 10] [--repeats 5]
-        [--plain-glu-tiles] [--kv-cache-dtype auto|float32|bfloat16|int8|fp8]
+        [--plain-glu-tiles] [--kv-cache-dtype auto|float32|bfloat16|int8|fp8] [--model PATH] [--dtype bfloat16]
 
 --plain-glu-tiles: the gate|up linears' plain AMX tiles (the g|u output, then a silu pass) instead of the tiles
 paired for the fused layer's silu(gate) * up epilogue (the default where the tiles are made once): an A/B of it.
@@ -64,8 +64,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plain-glu-tiles", action="store_true", help="gate|up tiles without the GLU epilogue")
     ap.add_argument("--kv-cache-dtype", default="auto", help="the engine's --kv-cache-dtype")
+    ap.add_argument("--model", default=None, help="model path (default: the bundled SmolLM2 GGUF)")
+    ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
-    kw = dict(enable_prefix_caching=False, num_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype)
+    kw = dict(enable_prefix_caching=False, num_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
+              dtype=args.dtype, **({"model": args.model} if args.model else {}))
     for c in [int(v) for v in args.decodes.split(",") if v]:
         llm = LLM(max_num_seqs=c, **kw)
         core = llm.engine.core

@@ -1,4 +1,4 @@
-"""A Hugging Face folder of bf16 / f16 weights under dtype bfloat16 on an AMX CPU: the linears and embeddings keep
+"""A Hugging Face folder of bf16 / f16 weights under dtype bfloat16 on an AMX (or AVX512-BF16) CPU: the linears and embeddings keep
 their 2-byte weights packed for the CPU kernels (qtypes bf16 / f16: AMX tiles made once, the fused C layer) and the
 model computes in float32 between them (tokenmill.model.loader.cpu_packs_16bit).
 
@@ -15,7 +15,8 @@ from tokenmill.model.loader import cpu_packs_16bit, load_hf_config, load_model, 
 from tokenmill.ops.cpu import qlinear as QL
 
 needs_kernel = pytest.mark.skipif(not QL.available(), reason="qlinear kernel not built")
-needs_amx = pytest.mark.skipif(not QL.amx_available(), reason="no AMX (bf16 tiles) on this CPU")
+needs_panels = pytest.mark.skipif(not QL.panels_available("bf16"),
+                                  reason="neither AMX nor AVX512-BF16 (bf16 tiles) on this CPU")
 
 
 def _save(name: str, path: str, dtype: torch.dtype) -> str:
@@ -64,7 +65,7 @@ def test_packed_16bit_equals_the_float32_model(name, dtype, qtype, tmp_path):
 def test_which_requests_pack_16bit_weights(tmp_path):
     bf16 = resolve_model_source(_save("smollm", str(tmp_path / "bf16"), torch.bfloat16))
     f32 = resolve_model_source(_save("smollm", str(tmp_path / "f32"), torch.float32))
-    amx = QL.amx_available() and QL.available()
+    amx = QL.panels_available("bf16") and QL.available()  # AMX, or AVX512-BF16 (tests/ops/test_qlinear_bf16.py)
     assert cpu_packs_16bit(bf16, torch.bfloat16, "cpu", "auto", "auto") == amx
     assert cpu_packs_16bit(bf16, torch.bfloat16, "cpu", "auto", "bfloat16") == amx
     assert not cpu_packs_16bit(bf16, torch.bfloat16, "cpu", "none", "auto")  # the per-op bfloat16 model
@@ -88,7 +89,7 @@ def smollm2_bf16(tmp_path_factory):
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@needs_amx
+@needs_panels
 def test_bf16_folder_runs_fused_and_stays_close_to_transformers(smollm2_bf16, gguf_tokenizer_path):
     from tokenmill import LLM, SamplingParams
     from tokenmill.ops.cpu.layer import FusedCpuLayer

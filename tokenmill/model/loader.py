@@ -282,16 +282,22 @@ def cpu_packs_16bit(source: ModelSource, dtype: torch.dtype, device: torch.devic
     form, packed for the CPU kernels (AMX tiles made once, the fused C layer), and computes in float32 between
     them: the linears round their inputs to bf16 on the tile unit, as `gemm_dtype` bfloat16 does for a GGUF. The
     same weights and memory as the bfloat16 model, the GGUF path's speed; quantization none keeps the per-op
-    bfloat16 model."""
-    from tokenmill.model.layers.quantized import resolve_gemm_dtype
-    from tokenmill.ops.cpu.qlinear import amx_available, available
+    bfloat16 model. Without AMX, an AVX512-BF16 CPU (Zen 4) runs the same tiles with vdpbf16ps (the same
+    numerics), for checkpoints whose tiles fit the dense copies' cap (every linear needs its tiles there: ~2x
+    the checkpoint's memory)."""
+    from tokenmill.model.layers.quantized import DENSE_COPY_MAX_BYTES, resolve_gemm_dtype
+    from tokenmill.ops.cpu.qlinear import amx_available, available, bf16_dot_available
 
     if (source.kind != "hf" or torch.device(device).type != "cpu" or dtype != torch.bfloat16
             or quantization != "auto" or load_format not in ("auto", "safetensors")):
         return False
-    if resolve_gemm_dtype(gemm_dtype) != torch.bfloat16 or not amx_available() or not available():
+    if resolve_gemm_dtype(gemm_dtype) != torch.bfloat16 or not available():
         return False
-    headers = _safetensors_headers(safetensors_files(source.path))
+    files = safetensors_files(source.path)
+    if not amx_available() and not (bf16_dot_available()
+                                    and sum(os.path.getsize(f) for f in files) <= DENSE_COPY_MAX_BYTES):
+        return False
+    headers = _safetensors_headers(files)
     # a float32 tensor, or MoE experts (the MoE op takes GGUF blocks only): not this path
     return all(dt in _SAFETENSORS_16BIT and ".experts." not in name for name, (dt, _) in headers.items())
 

@@ -99,8 +99,8 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
 
 
 def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: str = "auto") -> int:
-    """What gemm auto adds on this machine for a quantized GGUF, or a bf16 / f16 folder under dtype bfloat16
-    (tokenmill.model.loader.cpu_packs_16bit): its linears' AMX bf16 tiles (2 bytes a weight,
+    """What gemm auto adds on this machine for a quantized GGUF (AMX), or a bf16 / f16 folder under dtype bfloat16
+    (tokenmill.model.loader.cpu_packs_16bit: AMX or AVX512-BF16): its linears' AMX bf16 tiles (2 bytes a weight,
     QuantizedLinear.pack_amx) as tokenmill.model.layers.quantized.amx_tile_plan chooses them (a MoE model: its
     attention linears only, no LM head; a merged q|k|v or gate|up whose shards differ in block type, none); else
     0."""
@@ -111,8 +111,8 @@ def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: s
     from tokenmill.ops.cpu.qlinear import amx_available
 
     src = resolve_model_source(model)
-    if device != "cpu" or not amx_available():
-        return 0
+    if device != "cpu" or (src.kind == "gguf" and not amx_available()):
+        return 0  # (a 16-bit folder's tiles are also made on an AVX512-BF16 CPU: cpu_packs_16bit says)
     if src.kind != "gguf" and not (dtype == "bfloat16"
                                    and cpu_packs_16bit(src, torch.bfloat16, "cpu", "auto", "auto")):
         return 0

@@ -96,9 +96,9 @@ class ModelRunner:
         packed_16bit = (self.tp is None or self.tp.world_size == 1) and cpu_packs_16bit(
             self.source, self.dtype, self.device, mc.quantization, mc.gemm_dtype, mc.load_format)
         if packed_16bit:
-            logger.info("dtype bfloat16 on this AMX CPU: the checkpoint's 16-bit weights stay packed for the CPU "
-                        "kernels (AMX tiles, the fused layer), float32 between them (quantization none: the "
-                        "per-op bfloat16 model)")
+            logger.info("dtype bfloat16 on this CPU (AMX or AVX512-BF16): the checkpoint's 16-bit weights stay "
+                        "packed for the CPU kernels (bf16 tiles, the fused layer), float32 between them "
+                        "(quantization none: the per-op bfloat16 model)")
             self.dtype = torch.float32
         self.model = load_model(self.source, self.hf_config, self.dtype, self.device, mc.load_format,
                                 quantization=mc.quantization, gemm_dtype=mc.gemm_dtype, tp=self.tp,

@@ -17,8 +17,8 @@ from torch import nn
 
 from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
-from tokenmill.ops.cpu.qlinear import (QPARTS_MAX, QTYPES, QPanels, QParts, amx_available, amx_pack,
-                                      amx_panel_bytes, block_size, dequantize,
+from tokenmill.ops.cpu.qlinear import (FLOAT16_QTYPES, QPARTS_MAX, QTYPES, QPanels, QParts, amx_available,
+                                      amx_pack, amx_panel_bytes, bf16_dot_available, block_size, dequantize,
                                       dequantize_rows, make_qparts, qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
@@ -35,6 +35,20 @@ DENSE_COPY_MAX_BYTES = 2 << 30
 # 30 layers, 2 threads) 4 rows 15.5 vs 16.3 ms, 16 rows 16.3 vs 23.9 ms, 64 rows 35.9 vs 82.8 ms (packed float32
 # kernel), 512 rows 81 ms in C vs ~100-120 ms for oneDNN's bf16 GEMM on the dense copy.
 AMX_MIN_ROWS = 4
+# Without AMX, a bf16 / f16 checkpoint's linears (cpu_packs_16bit) run the same panels with AVX512-BF16's
+# vdpbf16ps (csrc/qlinear_bf16.c) from this many rows, the head from BF16_DOT_HEAD_MIN_ROWS. `bench/bf16_gemm.py`
+# (Zen 4 box, 2 threads, SmolLM2 shapes, ms per layer of 4 linears / per head call; packed float32 kernel / vdpbf16ps
+# / oneDNN bf16, bench/results/s22 bf16zen_gemm.txt): 1 row 0.35 / 0.21 / 0.65, 4 rows 0.53 / 0.28 / 0.81, 16 rows
+# 1.21 / 0.49 / 0.96, 64 rows 3.34 / 1.50 / 2.09, 256 rows - / 5.6 / 5.7, 2000 rows - / 43.2 / 38.4; head 1 row
+# 1.9 / 0.94 / 4.0, 16 rows 8.4 / 3.2 / 6.5, 64 rows 27 / 11 / 13, 2000 rows - / 421 / 465. With x interleaved per
+# row block (bf16zen_gemm2.txt): 64 rows 1.41 vs 2.09, 2000 rows 40.4 vs 39.1 (oneDNN 3% ahead only there: no dense
+# copy is kept for it). So from one row (x then rounded to bf16, as the bfloat16 model rounds it).
+BF16_DOT_MIN_ROWS = 1
+BF16_DOT_HEAD_MIN_ROWS = 1
+# A GGUF's block-quantized linears (and head) keep 1-3-row calls on the packed blocks (4-5 bits a weight against the
+# panels' 16: SmolLM2 Q4_1 layers + Q8_0 head, one row, 5.2 ms a step packed vs ~7.4 on the panels,
+# bench/results/s22 i8dense_rows_v1.txt and bf16zen_gemm.txt) and take the panels from 4 rows.
+BF16_DOT_QUANT_MIN_ROWS = 4
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,
 # 8 rows 3.4 ms (AMX) vs 3.2 (packed float32), 12 rows 3.4 vs 6.6, 16 rows 3.9 vs 9.3, 64 rows 10.6 vs 40.1.
 HEAD_AMX_MIN_ROWS = 10
@@ -125,12 +139,14 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"shape mismatch: expected {tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(loaded)
 
-    def finalize(self, dense_dtype: torch.dtype = torch.float32, amx: bool = False) -> None:
-        """After loading: with amx (bf16 on an AMX CPU) the kernel's AMX path takes calls of AMX_MIN_ROWS+ rows and
-        no copy is kept; otherwise keep a dense copy for large-M calls when dense_min_rows asks for one."""
+    def finalize(self, dense_dtype: torch.dtype = torch.float32, amx: bool = False,
+                 amx_min_rows: int = AMX_MIN_ROWS) -> None:
+        """After loading: with amx (bf16 on an AMX CPU, or a 16-bit weight's AVX512-BF16 panels) the kernel's bf16
+        panel path takes calls of amx_min_rows+ rows and no copy is kept; otherwise keep a dense copy for large-M
+        calls when dense_min_rows asks for one."""
         self.weight_dense = None
         self.panels = self.qpanels = None
-        self.amx_min_rows = AMX_MIN_ROWS if amx else 0
+        self.amx_min_rows = amx_min_rows if amx else 0
         if amx:
             self.dense_min_rows = None
         elif self.dense_min_rows is not None:
@@ -407,6 +423,12 @@ def amx_tile_plan(layer_bytes: int, head_bytes: int, moe: bool,
     return fits and layer_bytes > 0, fits and head_bytes > 0
 
 
+def _dot_min_rows(qtype: str, float16_rows: int) -> int:
+    """Rows from which a linear's AVX512-BF16 panels take a call (no AMX): a 16-bit weight's from float16_rows, a
+    block-quantized one's from BF16_DOT_QUANT_MIN_ROWS (fewer rows stay on the packed blocks)."""
+    return float16_rows if qtype in FLOAT16_QTYPES else BF16_DOT_QUANT_MIN_ROWS
+
+
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
                        dense_dtype: torch.dtype = torch.float32) -> None:
     """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
@@ -419,19 +441,26 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
     workspace = MoEWorkspace()
     for module in experts:  # one scratch buffer for all MoE layers
         module.workspace = workspace
-    if dense_dtype == torch.bfloat16 and (linears or experts) and amx_available():
+    heads = [m for m in model.modules() if isinstance(m, QuantizedLMHead)]
+    uniform = [m for m in linears if m.qtype != "mixed"]  # mixed shards keep dequantizing per call (AMX)
+    tile_layers, tile_heads = amx_tile_plan(
+        sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
+        sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
+    amx = amx_available()
+    # no tile unit: the panels run on AVX512-BF16 (a 16-bit checkpoint's weights, or a GGUF's blocks dequantized
+    # to bf16 once), made for every linear (no per-call dequantizing path there), in place of the dense copies
+    dot = (not amx and linears and not experts and tile_layers and bf16_dot_available()
+           and len(uniform) == len(linears))
+    if dense_dtype == torch.bfloat16 and (linears or experts) and (amx or dot):
         for module in linears:
-            module.finalize(dense_dtype, amx=True)
+            module.finalize(dense_dtype, amx=True, amx_min_rows=AMX_MIN_ROWS if amx else _dot_min_rows(
+                module.qtype, BF16_DOT_MIN_ROWS))
         for module in experts:  # an expert's few-row runs on the int8 tiles, many-row runs (prefill) on AMX
             module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
-        heads = [m for m in model.modules() if isinstance(m, QuantizedLMHead)]
         for head in heads:
-            head.amx_min_rows = HEAD_AMX_MIN_ROWS
+            head.amx_min_rows = (HEAD_AMX_MIN_ROWS if amx else _dot_min_rows(head.qtype, BF16_DOT_HEAD_MIN_ROWS)
+                                 if tile_heads else 0)
         # a small model's AMX tiles, made once (amx_tile_plan says which)
-        uniform = [m for m in linears if m.qtype != "mixed"]  # mixed shards keep dequantizing per call
-        tile_layers, tile_heads = amx_tile_plan(
-            sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
-            sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
         glu = _glu_sizes(model)
         for module in (uniform if tile_layers else []) + (heads if tile_heads else []):
             module.pack_amx(**({"glu": glu[id(module)]} if id(module) in glu else {}))

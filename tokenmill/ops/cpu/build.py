@@ -33,11 +33,12 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 # the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
 LIBRARIES = {
     "attention": ("attention", "attention_prefill"),
-    "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx"),
-    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "attention", "lora"),
-    "moe": ("moe", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_amx_i8"),
-    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_amx_i8",
-                  "attention"),
+    "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16"),
+    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "attention",
+              "lora"),
+    "moe": ("moe", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_amx_i8"),
+    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16",
+                  "qlinear_amx_i8", "attention"),
 }
 
 

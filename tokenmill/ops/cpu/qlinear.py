@@ -56,6 +56,12 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.tm_qlinear_amx_pack_glu.restype = ctypes.c_int
     lib.tm_qlinear_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr, i64]
     lib.tm_qlinear_glu.restype = ctypes.c_int
+    lib.tm_qlinear_bf16_available.argtypes = []
+    lib.tm_qlinear_bf16_available.restype = ctypes.c_int
+    lib.tm_qlinear_bf16_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_bf16_pack.restype = ctypes.c_int
+    lib.tm_qlinear_bf16_pack_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_bf16_pack_glu.restype = ctypes.c_int
     return lib
 
 
@@ -103,10 +109,11 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
     the caller keeps both tensors alive and in place). Calls of the AMX path then read the panels, the same bf16
     values it would dequantize per call, so results are unchanged. glu = I (a multiple of 16, N = 2I): the weight
     is gate|up and its panels pair gates with their ups (same outputs; glu_linear can then fuse silu(gate) * up).
-    Needs amx_available()."""
+    Needs panels_available(qtype): without AMX, the panels (the same words) run the AVX512-BF16 kernel
+    (csrc/qlinear_bf16.c), the same numerics."""
     lib = _lib()
-    if lib is None or not amx_available():
-        raise RuntimeError("the AMX path is not available on this machine")
+    if lib is None or not panels_available(qtype):
+        raise RuntimeError(f"neither the AMX path nor the AVX512-BF16 {qtype} path is available on this machine")
     if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
         raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
     n = qweight.shape[0]
@@ -116,8 +123,10 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
     if glu and (glu % 16 or n != 2 * glu):
         raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
     panels = torch.empty(lib.tm_qlinear_amx_panel_words(k, n), dtype=torch.int32)
-    rc = (lib.tm_qlinear_amx_pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, panels.data_ptr()) if glu
-          else lib.tm_qlinear_amx_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()))
+    pack, pack_glu = ((lib.tm_qlinear_amx_pack, lib.tm_qlinear_amx_pack_glu) if amx_available()
+                      else (lib.tm_qlinear_bf16_pack, lib.tm_qlinear_bf16_pack_glu))
+    rc = (pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, panels.data_ptr()) if glu
+          else pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()))
     if rc != 0:
         raise ValueError(f"tm_qlinear_amx_pack rejected its arguments ({qtype}, K={k})")
     st = QPanels()
@@ -183,6 +192,20 @@ def amx_available() -> bool:
     """True when the kernel was built with the AMX bf16 path and Linux grants this process the tile state."""
     lib = _lib()
     return lib is not None and bool(lib.tm_amx_init())
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_dot_available() -> bool:
+    """True when the kernel was built with AVX512-BF16 (csrc/qlinear_bf16.c: a 16-bit weight's AMX-layout panels
+    run with vdpbf16ps, for CPUs without the tile unit)."""
+    lib = _lib()
+    return lib is not None and bool(lib.tm_qlinear_bf16_available())
+
+
+def panels_available(qtype: str) -> bool:
+    """Whether amx_pack's panels of a qtype weight can be made and run here: any type on an AMX CPU or an
+    AVX512-BF16 one (bf16_dot_available)."""
+    return qtype in QTYPES and (amx_available() or bf16_dot_available())
 
 
 def i8_direct_available() -> bool:

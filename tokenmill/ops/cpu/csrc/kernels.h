@@ -44,6 +44,16 @@ int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint3
 // ups: the AMX path can then write silu(gate) * up straight from its accumulators (tm_qlinear_glu).
 int tm_qlinear_amx_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out);
 int64_t tm_qlinear_amx_panel_words(int64_t K, int64_t N);
+// qlinear_bf16.c: the same panels for a 16-bit float weight (BF16 / F16) run with AVX512-BF16's vdpbf16ps where
+// there is no tile unit (Zen 4): x rounded to bf16, float32 sums, the AMX path's numerics. _available: 1 where
+// built (AVX512-BF16). _pack / _pack_glu: tm_qlinear_amx_pack's layouts (-1 bad arguments or not a 16-bit type,
+// -2 not built). _panels: y[M, N] (row stride ldy) = x W^T (+ bias), or with glu = I (the _pack_glu panels,
+// N = 2I) act[M, I] = silu(gate) * up; 0, -1 bad arguments or out of memory, -2 not built.
+int tm_qlinear_bf16_available(void);
+int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out);
+int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out);
+int tm_qlinear_bf16_panels(const uint32_t *panels, const float *x, int64_t M, int64_t K, int64_t N,
+                           const float *bias, float *y, int64_t ldy, int64_t glu, float *act);
 // qlinear_f32, or for qtype TM_QPARTS each group of the tm_qparts at w into its columns of y, for TM_QPANELS the
 // tm_qpanels at w.
 int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t N, const float *bias,

@@ -396,6 +396,9 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
             return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N, p->glu);
 #endif
+        // no tile unit: the panels on AVX512-BF16 (qlinear_bf16.c), the same numerics
+        if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_qlinear_bf16_available())
+            return tm_qlinear_bf16_panels(p->panels, x, M, K, N, bias, y, N, p->glu, NULL);
         return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
     }
     if (qtype != TM_QPARTS)
@@ -415,15 +418,15 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
 
 int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *w, int64_t I, const float *bias,
                    float *act, int64_t amx_min_m) {
-#if defined(TM_AMX)
     if (qtype != TM_QPANELS) return 0;
     const tm_qpanels *p = (const tm_qpanels *)w;
-    if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m || !tm_amx_enabled()) return 0;
-    return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
-#else
-    (void)qtype; (void)x; (void)M; (void)K; (void)w; (void)I; (void)bias; (void)act; (void)amx_min_m;
-    return 0;
+    if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m) return 0;
+#if defined(TM_AMX)
+    if (tm_amx_enabled()) return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
 #endif
+    if (tm_qlinear_bf16_available())  // no tile unit: AVX512-BF16 (qlinear_bf16.c)
+        return tm_qlinear_bf16_panels(p->panels, x, M, K, 2 * I, bias, NULL, 0, I, act) == 0 ? 1 : -1;
+    return 0;
 }
 
 // out[r, :] = dequantized row rows[r] of W [N, K] (an embedding lookup). Returns 0, -1 on bad arguments,
