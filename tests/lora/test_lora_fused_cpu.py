@@ -136,5 +136,23 @@ def test_fused_lora_bf16_close_to_per_op(setup_bf16, monkeypatch):
 
 
 def test_greedy_fused_bf16_vs_per_op(setup_bf16):
-    fused, per_op = _greedy_fused_and_per_op(*setup_bf16)
-    assert fused == per_op
+    """The bf16 LoRA term rounds x, A, h and B (the per-op path keeps them float32): greedy tokens equal, except
+    where the per-op path's own top two are near-tied (on the Zen 4 box one of nine answers flipped at its 3rd
+    token); there the fused layer's token must be the per-op runner-up, within the rounding's reach."""
+    llm, loras = setup_bf16
+    fused, per_op = _greedy_fused_and_per_op(llm, loras)
+    prompts = [[1, 504, 3, 88, 900], [4, 5, 6], [77, 78, 79, 80, 81, 82, 83]] * 3
+    lr = [None] * 3 + [loras[0]] * 3 + [loras[1]] * 3
+    flips = 0
+    for p, a, b, req in zip(prompts, fused, per_op, lr):
+        if a == b:
+            continue
+        i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
+        unfuse_cpu_layers(llm.engine.core.runner.model)
+        out = llm.generate([p + list(b[:i])], SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False,
+                           lora_request=[req])[0].outputs[0]
+        fuse_cpu_layers(llm.engine.core.runner.model)
+        top = dict(out.logprobs[0].top)
+        assert out.token_ids[0] == b[i] and a[i] in top and top[b[i]] - top[a[i]] < 0.05, (i, a[i], b[i], top)
+        flips += 1
+    assert flips <= 1, (fused, per_op)
