@@ -56,9 +56,11 @@ static int pack_args_ok(int qtype, int64_t K) {
     return block_bytes(qtype) != 0 && K > 0 && K % QK == 0 && K % block_weights(qtype) == 0;
 }
 
-int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
-    if (!pack_args_ok(qtype, K) || N < 1) return -1;
-    const int64_t npanels = (N + 31) / 32 * 2;
+// All panels of W: glu = 0, ceil(N / 32) * 2 panels of rows 16pn ..; glu = I (W = [gate; up], N = 2I), pair pn
+// holds gate rows 16pn .. then up rows 16pn ... Returns 0, -3 out of memory.
+static int pack_all(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t glu, uint32_t *out) {
+    const int64_t row_bytes = K / block_weights(qtype) * block_bytes(qtype);
+    const int64_t n = glu ? glu / 16 : (N + 31) / 32 * 2;
     int bad = 0;
 #pragma omp parallel if (TM_TOP_LEVEL)
     {
@@ -68,33 +70,28 @@ int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint
             bad = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t pn = 0; pn < npanels; pn++) pack_panel(qtype, w, K, N, pn * 16, out + pn * K * 8, buf);
+            for (int64_t pn = 0; pn < n; pn++) {
+                if (!glu) {
+                    pack_panel(qtype, w, K, N, pn * 16, out + pn * K * 8, buf);
+                    continue;
+                }
+                pack_panel(qtype, w, K, glu, pn * 16, out + 2 * pn * K * 8, buf);                      // gate
+                pack_panel(qtype, w + glu * row_bytes, K, glu, pn * 16, out + (2 * pn + 1) * K * 8, buf);  // up
+            }
         }
         free(buf);
     }
     return bad ? -3 : 0;
 }
 
+int tm_qlinear_bf16_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out) {
+    if (!pack_args_ok(qtype, K) || N < 1) return -1;
+    return pack_all(qtype, w, K, N, 0, out);
+}
+
 int tm_qlinear_bf16_pack_glu(int qtype, const uint8_t *w, int64_t K, int64_t I, uint32_t *out) {
     if (!pack_args_ok(qtype, K) || I < 16 || I % 16) return -1;
-    const int64_t row_bytes = K / block_weights(qtype) * block_bytes(qtype);
-    int bad = 0;
-#pragma omp parallel if (TM_TOP_LEVEL)
-    {
-        float *buf = malloc((size_t)K * sizeof(float));
-        if (!buf) {
-#pragma omp atomic write
-            bad = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t pn = 0; pn < I / 16; pn++) {
-                pack_panel(qtype, w, K, I, pn * 16, out + 2 * pn * K * 8, buf);                    // gate rows 16pn ..
-                pack_panel(qtype, w + I * row_bytes, K, I, pn * 16, out + (2 * pn + 1) * K * 8, buf);  // up rows
-            }
-        }
-        free(buf);
-    }
-    return bad ? -3 : 0;
+    return pack_all(qtype, w, K, 2 * I, I, out);
 }
 
 // R rows of bf16 x, interleaved by k-pair (xi[p * R + r] = pair p of row r: one pointer, constant offsets), times
