@@ -146,16 +146,9 @@ def save_deepseek2_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = N
     pass one)."""
     import gguf
 
+    from tests.model.tiny_models import finish_gguf
+
     w = gguf.GGUFWriter(path, "deepseek2")
     write_deepseek2_metadata(w, model if metadata_only else model.config, legacy)
-    for gname, arr in ([] if metadata_only else deepseek2_tensors(model, legacy)):
-        qtype = (qtypes or {}).get(gname)
-        if qtype is not None:
-            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w, [] if metadata_only else deepseek2_tensors(model, legacy), qtypes)
     return path

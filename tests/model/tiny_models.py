@@ -308,7 +308,16 @@ def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None, 
             w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
     if getattr(cfg, "clip_qkv", None):
         w.add_clamp_kqv(float(cfg.clip_qkv))
-    for gname, arr in _gguf_tensors(model, per_expert):
+    finish_gguf(w, _gguf_tensors(model, per_expert), qtypes)
+    return path
+
+
+def finish_gguf(w: Any, tensors: Any, qtypes: Any = None) -> None:
+    """Add (GGUF name, float32 array) tensors to a GGUFWriter, quantized where qtypes (name -> GGMLQuantizationType)
+    says, then write the file and close it."""
+    import gguf
+
+    for gname, arr in tensors:
         qtype = (qtypes or {}).get(gname)
         if qtype is not None:
             w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
@@ -318,7 +327,6 @@ def save_tiny_gguf(model: Any, path: str, qtypes: dict[str, Any] | None = None, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
 
 
 @torch.no_grad()

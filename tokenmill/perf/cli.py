@@ -99,20 +99,22 @@ def model_spec_for(model: Optional[str], dtype: str, device: str) -> tuple[Model
 
 
 def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: str = "auto") -> int:
-    """What gemm auto adds on this machine for a quantized GGUF (AMX), or a bf16 / f16 folder under dtype bfloat16
-    (tokenmill.model.loader.cpu_packs_16bit: AMX or AVX512-BF16): its linears' AMX bf16 tiles (2 bytes a weight,
-    QuantizedLinear.pack_amx) as tokenmill.model.layers.quantized.amx_tile_plan chooses them (a MoE model: its
-    attention linears only, no LM head; a merged q|k|v or gate|up whose shards differ in block type, none); else
-    0."""
+    """What gemm auto adds on this machine for a quantized GGUF, or a bf16 / f16 folder under dtype bfloat16
+    (tokenmill.model.loader.cpu_packs_16bit), on an AMX or an AVX512-BF16 CPU: its linears' bf16 tiles (2 bytes a
+    weight, QuantizedLinear.pack_amx) as tokenmill.model.layers.quantized.finalize_quantized makes them
+    (amx_tile_plan: a MoE model, its attention linears only, no LM head; a merged q|k|v or gate|up whose shards
+    differ in block type, none; without AMX, a MoE model or any such mixed linear, none at all: the dense copies
+    instead); else 0."""
     import torch
 
     from tokenmill.model.layers.quantized import amx_tile_plan
     from tokenmill.model.loader import cpu_packs_16bit, load_hf_config, resolve_model_source
-    from tokenmill.ops.cpu.qlinear import amx_available
+    from tokenmill.ops.cpu.qlinear import amx_available, bf16_dot_available
 
     src = resolve_model_source(model)
-    if device != "cpu" or (src.kind == "gguf" and not amx_available()):
-        return 0  # (a 16-bit folder's tiles are also made on an AVX512-BF16 CPU: cpu_packs_16bit says)
+    amx = amx_available()
+    if device != "cpu" or not (amx or bf16_dot_available()):
+        return 0
     if src.kind != "gguf" and not (dtype == "bfloat16"
                                    and cpu_packs_16bit(src, torch.bfloat16, "cpu", "auto", "auto")):
         return 0
@@ -131,7 +133,11 @@ def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: s
         for i in range(spec.num_layers):
             for names, sub, params in merged:
                 if len({types.get(f"model.layers.{i}.{sub}.{n}.weight") for n in names}) > 1:
+                    if not amx:
+                        return 0
                     layers -= 2 * params
+        if moe and not amx:
+            return 0
     tile_layers, tile_head = amx_tile_plan(layers, head, moe)
     return layers * tile_layers + head * tile_head
 

@@ -75,15 +75,10 @@ class CpuAttentionBackend:
     def attend(self, q: torch.Tensor, kv_cache: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         """The attention of `forward` over a cache that already holds this step's K/V."""
-        if isinstance(kv_cache, QuantizedKVCache):
-            if not supports_kv_dtype(kv_cache.data.dtype):
-                return quantized_paged_attention(q, kv_cache, batch, scale, sliding_window)
-            if (self.prefill_dtype is not None and self.prefill_dtype != q.dtype
-                    and batch.max_query_len >= PREFILL_MIN_TOKENS):
-                return self._split(q, kv_cache, batch, scale, sliding_window)
-            return cpu_paged_attention(q, kv_cache, batch, scale, sliding_window)
-        if not supports_kv_dtype(kv_cache.dtype):
-            return paged_attention(q, kv_cache, batch, scale, sliding_window)
+        quantized = isinstance(kv_cache, QuantizedKVCache)
+        if not supports_kv_dtype(kv_cache.data.dtype if quantized else kv_cache.dtype):
+            reference = quantized_paged_attention if quantized else paged_attention
+            return reference(q, kv_cache, batch, scale, sliding_window)
         if (self.prefill_dtype is not None and self.prefill_dtype != q.dtype
                 and batch.max_query_len >= PREFILL_MIN_TOKENS):
             return self._split(q, kv_cache, batch, scale, sliding_window)

@@ -112,16 +112,26 @@ def cpu_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: Forwar
     return _attention("tm_prefill_attention", q, kv_cache, batch, scale, sliding_window)
 
 
-def _kv_scale(cache: QuantizedKVCache) -> torch.Tensor:
-    """The scales of a quantized cache, checked against the layout kv_quant.py allocates (the kernel indexes them)."""
+def quantized_layout_error(cache: QuantizedKVCache) -> Optional[str]:
+    """Why the kernels cannot read this quantized cache in the layout kv_quant.py allocates (the kernels index its
+    data and scales), or None: int8 / fp8 data, float32 contiguous scales on the CPU, [2, NB, BS, Hkv] (int8) or
+    [2, Hkv] (fp8)."""
     _, nb, bs, hkv, _ = cache.data.shape
     want = (2, nb, bs, hkv) if cache.kind == "int8" else (2, hkv)
     if cache.data.dtype != (torch.int8 if cache.kind == "int8" else FP8_DTYPE):
-        raise ValueError(f"a {cache.kind} KV cache holds {cache.data.dtype} data")
+        return f"a {cache.kind} KV cache holds {cache.data.dtype} data"
     if (tuple(cache.scale.shape) != want or cache.scale.dtype != torch.float32 or not cache.scale.is_contiguous()
             or cache.scale.device.type != "cpu"):
-        raise ValueError(f"{cache.kind} KV scales must be contiguous float32 {want} on the CPU, got "
-                         f"{cache.scale.dtype} {tuple(cache.scale.shape)}")
+        return (f"{cache.kind} KV scales must be contiguous float32 {want} on the CPU, got "
+                f"{cache.scale.dtype} {tuple(cache.scale.shape)}")
+    return None
+
+
+def _kv_scale(cache: QuantizedKVCache) -> torch.Tensor:
+    """The scales of a quantized cache, its layout checked (quantized_layout_error)."""
+    error = quantized_layout_error(cache)
+    if error is not None:
+        raise ValueError(error)
     return cache.scale
 
 

@@ -4,12 +4,13 @@ At batch 1 the per-op path of a layer is ~45 PyTorch dispatches plus Python; cha
 call. `fuse_cpu_layers(model)` installs `FusedCpuLayer` as the `fast_path` of every layer that qualifies:
 all four linears packed (QuantizedLinear, or MixedQuantizedLinear: shards of different block types), float32,
 no q/k norm, a plain float32 or bfloat16 KV cache or an int8 one (kv_quant.QuantizedKVCache: the C layer
-quantizes K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales). Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where
-the linears switch to a dense copy) run in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run the AMX path, run as two C
-calls around the attention backend's `attend` (bf16 for long chunks: the AMX prefill kernel, or SDPA): the C
-linears then beat the dense GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for a quantized or non-float32 KV
-cache (fp8) or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the
-reference the tests compare against.
+quantizes K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales).
+Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy) run
+in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run bf16 panels (AMX
+tiles, or vdpbf16ps on AVX512-BF16 CPUs), run as two C calls around the attention backend's `attend` (bf16 for
+long chunks: the AMX prefill kernel, or SDPA): the C linears then beat the dense GEMMs, and the step still saves
+~40 dispatches per layer. Otherwise, and for an fp8 cache or tensors the kernel cannot take, it returns None and
+the layer runs its per-op path, which is the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from tokenmill.ops.attention.backend import CpuAttentionBackend
 from tokenmill.ops.attention.kv_quant import QuantizedKVCache
+from tokenmill.ops.cpu.attention import quantized_layout_error
 from tokenmill.ops.cpu.build import load_library
 from tokenmill.ops.cpu.qlinear import DIRECT_MAX_ROWS, QPANELS, QPARTS, QTYPES
 from tokenmill.worker.forward_batch import ForwardBatch
@@ -110,10 +112,9 @@ def linear_args(m: Any) -> tuple[int, int, Optional[int]]:
 
 
 def _int8_cache_ok(kv_cache: Any) -> bool:
-    """An int8 QuantizedKVCache in kv_quant.py's layout (contiguous data, float32 scales [2, NB, BS, Hkv])."""
-    d, sc = kv_cache.data, kv_cache.scale
-    return (kv_cache.kind == "int8" and d.dtype == torch.int8 and d.is_contiguous() and d.device.type == "cpu"
-            and sc.dtype == torch.float32 and sc.is_contiguous() and tuple(sc.shape) == tuple(d.shape[:4]))
+    """An int8 QuantizedKVCache in kv_quant.py's layout with contiguous data (the C layer writes it)."""
+    return (kv_cache.kind == "int8" and kv_cache.data.is_contiguous()
+            and quantized_layout_error(kv_cache) is None)
 
 
 def step_inputs(shared: "_Shared", num_kv_heads: int, head_dim: int, h: torch.Tensor,
@@ -160,8 +161,8 @@ class FusedCpuLayer:
         lin = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
         from tokenmill.model.layers.quantized import amx_switch_rows, dense_switch_rows
 
-        # larger steps: the two halves (AMX linears) or the per-op path (dense GEMM copies), bf16 attention for long
-        # chunks
+        # larger steps: the two halves (bf16 panel linears) or the per-op path (dense GEMM copies), bf16 attention
+        # for long chunks
         self.max_tokens = min(dense_switch_rows(lin) or FUSED_MAX_TOKENS, FUSED_MAX_TOKENS) - 1
         self.amx_min_rows = amx_switch_rows(lin) or 0
         self.linears = [a for m in lin for a in linear_args(m)]
@@ -176,7 +177,7 @@ class FusedCpuLayer:
         t = h.shape[0]
         split = t > self.max_tokens
         if split and not (self.amx_min_rows and isinstance(self.attn.backend, CpuAttentionBackend)):
-            return None  # without the AMX path the C linears lose to the dense copies at these sizes
+            return None  # without bf16 panels the C linears lose to the dense copies at these sizes
         inputs = step_inputs(self.shared, self.num_kv_heads, self.head_dim, h, residual, cos, sin, kv_cache, batch,
                              int8_kv=True)
         if inputs is None:
@@ -209,8 +210,8 @@ class FusedCpuLayer:
         (qt, w, b), rest = self.linears[:3], self.linears[3:]
         rc = lib.tm_llama_layer_pre(h.data_ptr(), residual.data_ptr(), has_residual, t, self.hidden, self.ln1,
                                     self.eps, qt, w, b, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    cos.data_ptr(), sin.data_ptr(), *kv_args(kv_cache), nb, bs, meta.slots.data_ptr(), DIRECT_MAX_ROWS, self.amx_min_rows, self.lora,
-                                    qkv.data_ptr())
+                                    cos.data_ptr(), sin.data_ptr(), *kv_args(kv_cache), nb, bs, meta.slots.data_ptr(),
+                                    DIRECT_MAX_ROWS, self.amx_min_rows, self.lora, qkv.data_ptr())
         if rc != 0:
             raise ValueError(f"fused CPU layer: {_ERRORS.get(rc, f'error {rc}')}")
         q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)

@@ -127,8 +127,10 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
                       else (lib.tm_qlinear_bf16_pack, lib.tm_qlinear_bf16_pack_glu))
     rc = (pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, panels.data_ptr()) if glu
           else pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, panels.data_ptr()))
+    if rc == -3:
+        raise MemoryError(f"out of memory packing the bf16 panels of a {qtype} weight (K={k})")
     if rc != 0:
-        raise ValueError(f"tm_qlinear_amx_pack rejected its arguments ({qtype}, K={k})")
+        raise ValueError(f"the bf16 panel packer rejected its arguments ({qtype}, K={k})")
     st = QPanels()
     st.qtype, st.w, st.panels, st.glu = QTYPES[qtype][0], qweight.data_ptr(), panels.data_ptr(), glu
     return panels, st
