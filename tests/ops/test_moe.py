@@ -176,8 +176,9 @@ def test_mixed_block_types_match_reference(qtype, down_qtype, name, t, e, k, mod
 @pytest.mark.parametrize("qtype,down_qtype", [("q4_k", "q6_k"), ("q4_1", "q4_1")])
 def test_amx_rows_match_reference(qtype, down_qtype):
     """With amx_min_rows (--gemm-dtype auto on an AMX CPU) an expert's runs of that many rows take the bf16 AMX
-    path, fewer rows the float32 one: both paths within bf16 rounding of the reference (exact where no AMX)."""
-    from tokenmill.ops.cpu.qlinear import amx_available
+    path (without AMX, AVX512-BF16's panels dequantized per task), fewer rows the float32 one: both paths within bf16
+    rounding of the reference (exact where neither is built)."""
+    from tokenmill.ops.cpu.qlinear import amx_available, bf16_dot_available
 
     packed = _kquant_packed(8, qtype, down_qtype)
     g = torch.Generator().manual_seed(7)
@@ -191,7 +192,7 @@ def test_amx_rows_match_reference(qtype, down_qtype):
     torch.testing.assert_close(exact, ref, rtol=1e-4, atol=2e-3)
     scale = ref.abs().max().item()  # bf16 activations and weights: errors relative to the output's size
     assert (got - ref).abs().max().item() < 0.02 * scale
-    if not amx_available():
+    if not amx_available() and not bf16_dot_available():
         assert torch.equal(got, exact)
     assert (fused_moe_grouped(x, packed, w, ids) - ref).abs().max().item() < 0.02 * scale
 
@@ -202,9 +203,10 @@ def test_amx_bf16_rows_match_bf16_rounded_reference(qtype, down_qtype):
     """Experts past the int8 paths' rows take the AMX bf16 tiles on rows rounded to bf16 once per expert (not once
     per task), written straight into the op's row buffers: within float32 sums of the reference on bf16-rounded
     activations and weights; an expert of more than 512 rows (the tiles' row chunks) and experts with no rows
-    included. On a CPU without AMX the float32 path runs: within bf16 rounding of that reference."""
+    included. Without AMX, AVX512-BF16 (Zen 4): the same numerics on panels dequantized per task (moe.c's dot16
+    experts), the same bound; a build with neither runs the float32 path: within bf16 rounding of that reference."""
     from tokenmill.model.layers.quantized import moe_switch_rows
-    from tokenmill.ops.cpu.qlinear import amx_available
+    from tokenmill.ops.cpu.qlinear import amx_available, bf16_dot_available
     from tokenmill.ops.moe.cpu import MoEWorkspace
     from tokenmill.ops.moe.reference import fused_moe_reference_bf16
 
@@ -220,7 +222,7 @@ def test_amx_bf16_rows_match_bf16_rounded_reference(qtype, down_qtype):
         packed.workspace = ws
         got = fused_moe_cpu(x, packed, w, ids)
         err = (got - ref).abs()
-        if amx_available():
+        if amx_available() or bf16_dot_available():
             assert err.max().item() < 2e-3 * scale and err.mean().item() < 2e-5 * scale
         else:
             assert err.max().item() < 2e-2 * scale

@@ -113,6 +113,38 @@ def test_block_types_panels_match_bf16_rounded_matmul(qtype, m):
     torch.testing.assert_close(act, F.silu(ref[:, :i]) * ref[:, i:], rtol=1e-4, atol=1e-4 * scale)
 
 
+@needs_dot
+@pytest.mark.parametrize("qtype,n,k", [("q4_k", 45, 512), ("q6_k", 32, 256), ("q8_0", 17, 96), ("bf16", 33, 64)])
+def test_packer_words_are_the_bf16_rounded_weights_in_panel_order(qtype, n, k):
+    """tm_qlinear_bf16_pack (16 rows dequantized, then converted and transposed in registers): bit for bit the
+    weights as dequantized, rounded to bf16 (nearest even), in the panels' order: panels of 16 output rows
+    ([K/2 k-pairs][16 outputs] 32-bit words, k = 2p in the low half), rows past N zero, two panels per 32 rows."""
+    from tests.ops.test_qlinear import _packed
+
+    if qtype == "bf16":
+        packed, _ = _weight(qtype, n, k, seed=n)
+        w = packed.view(torch.bfloat16).float()
+    elif qtype in ("q4_k", "q6_k"):
+        import numpy as np
+
+        from tests.ops.kquant_blocks import quantize
+
+        rng = np.random.default_rng(n)
+        arr = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+        packed = torch.from_numpy(np.ascontiguousarray(quantize(arr, qtype))).view(torch.uint8).reshape(n, -1)
+        w = QL.dequantize_rows(packed, qtype, k, torch.arange(n))
+    else:
+        packed, _ = _packed(qtype, n, k, seed=n)
+        w = QL.dequantize_rows(packed, qtype, k, torch.arange(n))  # the C dequantizer the packer runs
+    panels, _ = QL.amx_pack(packed, qtype, k)
+    npad = (n + 31) // 32 * 32
+    bits = torch.zeros(npad, k, dtype=torch.int32)
+    bits[:n] = w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    pairs = bits.reshape(npad // 16, 16, k // 2, 2)
+    words = (pairs[..., 0] | (pairs[..., 1] << 16)).permute(0, 2, 1).contiguous()  # [panel, k-pair, 16 outputs]
+    assert torch.equal(panels.reshape(-1)[:words.numel()], words.reshape(-1))
+
+
 def test_loader_rule_without_bf16_instructions(tmp_path, monkeypatch):
     """A CPU with neither AMX nor AVX512-BF16 keeps the per-op bfloat16 model; one with AVX512-BF16 packs."""
     from tests.model.tiny_models import build_tiny_model

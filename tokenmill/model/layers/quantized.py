@@ -61,11 +61,21 @@ HEAD_AMX_MIN_ROWS = 10
 MOE_I8_MAX_ROWS = 48
 MOE_AMX_I8_MIN_ROWS = 12
 MOE_AMX_MIN_ROWS = AMX_MIN_ROWS
+# Without AMX (Zen 4: AVX512-VNNI / BF16) an expert's 1..MOE_DOT_MIN_ROWS - 1 rows take the VNNI int8 tiles (up to 8
+# rows a pass over the weights, more rows more passes), more rows (prefill) the AVX512-BF16 panels, dequantized per
+# task into a per-thread buffer (no bf16 copy of the experts is kept). bench/moe_rows.py on the Zen 4 box (2 threads,
+# ms per layer, float32 / VNNI / bf16 panels, bench/results/s23 moezen_rows_*.txt): m=1 20.7 / 10.0 / -, m=8 83 / 34
+# / -, m=16 131 / 64 / -, m=32 233 / 141 / 205, m=48 319 / 210 / 240, m=64 429 / 280 / 274, m=128 781 / 552 / 429.
+MOE_DOT_MIN_ROWS = 57
 
 
 def moe_switch_rows() -> tuple[int, int, int]:
-    """(amx_min_rows, i8_max_rows, amx_i8_min_rows) of packed experts under gemm auto on an AMX CPU."""
-    return MOE_AMX_MIN_ROWS, MOE_I8_MAX_ROWS, MOE_AMX_I8_MIN_ROWS
+    """(amx_min_rows, i8_max_rows, amx_i8_min_rows) of packed experts under gemm auto: on an AMX CPU the AMX bf16
+    tiles from amx_min_rows, the AMX int8 tiles from amx_i8_min_rows; without AMX, amx_min_rows is where the
+    AVX512-BF16 panels take over from the VNNI tiles (kernels built without either keep float32 there)."""
+    if amx_available():
+        return MOE_AMX_MIN_ROWS, MOE_I8_MAX_ROWS, MOE_AMX_I8_MIN_ROWS
+    return MOE_DOT_MIN_ROWS, MOE_DOT_MIN_ROWS - 1, 0
 
 
 def cpu_has_bf16_matmul() -> bool:
@@ -447,6 +457,9 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
         sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
         sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
     amx = amx_available()
+    if dense_dtype == torch.bfloat16 and not amx:  # experts' int8 / bf16-panel rows need no tile unit
+        for module in experts:
+            module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
     # no tile unit: the panels run on AVX512-BF16 (a 16-bit checkpoint's weights, or a GGUF's blocks dequantized
     # to bf16 once), made for every linear (no per-call dequantizing path there), in place of the dense copies
     dot = (not amx and linears and not experts and tile_layers and bf16_dot_available()

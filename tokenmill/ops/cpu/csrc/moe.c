@@ -11,7 +11,8 @@
 // expert's packed rows (its own OpenMP region then runs single-threaded inside ours): threads over experts and
 // rows, no dense copy of any weight. Which kernel an expert's tasks call depends on its rows (gemm auto, k-quants):
 // below amx_i8_min_m the VNNI int8 tiles, up to i8_max_m the AMX int8 tiles (qlinear_amx_i8.c), more rows
-// qlinear_f32 (its AMX bf16 path); under exact float32 always qlinear_f32. Any block type qlinear_f32 takes works
+// qlinear_f32 (its AMX bf16 path); under exact float32 always qlinear_f32. A build without AMX but with AVX512-BF16
+// (Zen 4) runs those many-row experts' tasks on qlinear_bf16.c's panels instead, dequantized per task (prepare_bf16). Any block type qlinear_f32 takes works
 // here, and gate|up and down may differ (llama.cpp's Q4_K_M keeps some layers' ffn_down_exps in Q6_K beside Q4_K
 // gate / up).
 #include <math.h>
@@ -62,6 +63,10 @@ typedef struct {
     uint16_t *x16;
     int x16_owned;
     char *amx16;
+    // No tile unit, AVX512-BF16 (Zen 4): the experts past the int8 rows (amx_min_m or more) whose tasks dequantize
+    // their 64-256 output rows into bf16 panels (qlinear_bf16.c's layout) in a per-thread buffer and run them with
+    // vdpbf16ps: no bf16 copy of any expert is kept. dot16[e] 1 for those experts.
+    char *dot16;
 } prepared_t;
 
 static inline int i8_rows(int64_t m, int64_t i8_max_m) { return m <= i8_max_m; }
@@ -153,15 +158,22 @@ static int prepare_bf16(const float *a, int64_t P, int64_t Kdim, const int64_t *
     for (int64_t e = 0; e < E; e++)
         if (pr->amx16[e]) tm_x_to_bf16(a + start[e] * Kdim, count[e], Kdim, pr->x16 + start[e] * Kdim, Kdim);
 #else
-    (void)a; (void)P; (void)Kdim; (void)start; (void)count; (void)E; (void)i8_max_m; (void)amx_min_m; (void)scratch;
-    (void)x16_floats; (void)pr;
+    (void)a; (void)P; (void)scratch; (void)x16_floats;
+    if (amx_min_m <= 0 || !tm_qlinear_bf16_available() || Kdim % QK) return 0;
+    pr->dot16 = (char *)calloc((size_t)E, 1);
+    if (!pr->dot16) return -1;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t m = count[e];
+        pr->dot16[e] = m > 0 && m >= amx_min_m && !(pr->xq != NULL && i8_rows(m, i8_max_m));
+    }
+    (void)start;
 #endif
     return 0;
 }
 
 static void release(prepared_t *pr) {
     free(pr->xq); free(pr->xb); free(pr->xsc); free(pr->xs); free(pr->xscT); free(pr->xsT); free(pr->xqv); free(pr->xsc2); free(pr->xs16);
-    free(pr->tb); free(pr->amx16);
+    free(pr->tb); free(pr->amx16); free(pr->dot16);
     if (pr->x16_owned) free(pr->x16);
     memset(pr, 0, sizeof(*pr));
 }
@@ -172,20 +184,33 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
                         int64_t ntasks, int64_t max_rows, int64_t direct_max_m, int64_t i8_max_m, int64_t amx_min_m,
                         float *y) {
     int err = 0;
+    int64_t dot_rows = 0;  // the widest task of an expert on the AVX512-BF16 panels: its panels' buffer
+    for (int64_t i = 0; pr->dot16 != NULL && i < ntasks; i++)
+        if (pr->dot16[tasks[i].e] && tasks[i].nc > dot_rows) dot_rows = tasks[i].nc;
 #pragma omp parallel
     {
         float *tmp = (float *)malloc((size_t)(max_rows * TILE_N_AMX + 1) * sizeof(float));
-        if (!tmp) {
+        uint32_t *panels = dot_rows ? (uint32_t *)aligned_alloc(64, (size_t)((dot_rows + 31) / 32 * 32 * Kdim * 2))
+                                    : NULL;
+        if (!tmp || (dot_rows && !panels)) {
 #pragma omp atomic write
             err = -1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < ntasks; i++) {
-            if (!tmp) continue;
+            if (!tmp || (dot_rows && !panels)) continue;
             const task_t t = tasks[i];
             const int64_t m = count[t.e], s = start[t.e];
             const uint8_t *wt = w + (t.e * N + t.n0) * row_bytes;
             float *yt = y + s * N + t.n0;  // the task's block of y (row stride N): the tiles' paths write it directly
+            if (pr->dot16 != NULL && pr->dot16[t.e]) {
+                if (tm_qlinear_bf16_pack(qtype, wt, Kdim, t.nc, panels) != 0 ||
+                    tm_qlinear_bf16_panels(panels, a + s * Kdim, m, Kdim, t.nc, NULL, yt, N, 0, NULL) != 0) {
+#pragma omp atomic write
+                    err = -1;
+                }
+                continue;
+            }
 #if defined(TM_AMX)
             if (pr->x16 != NULL && pr->amx16[t.e]) {
                 if (tm_qlinear_amx_bf16x(qtype, pr->x16 + s * Kdim, Kdim, m, Kdim, wt, t.nc, yt, N) != 0) {
@@ -222,6 +247,7 @@ static int grouped_gemm(int qtype, const float *a, const prepared_t *pr, int64_t
             for (int64_t r = 0; r < m; r++) memcpy(yt + r * N, tmp + r * t.nc, (size_t)t.nc * sizeof(float));
         }
         free(tmp);
+        free(panels);
     }
     return err;
 }

@@ -26,29 +26,53 @@
 
 int tm_qlinear_bf16_available(void) { return 1; }
 
-// bf16 bits of a float, round to nearest even (NaN kept quiet), as vcvtne2ps2bf16 does.
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+// words[p][j] = in[j][p] for a 16 x 16 block of 32-bit words held as 16 vectors (in place).
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0x88);
+            t[h + 4 + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    }
 }
 
 // Rows n0 .. n0 + 15 of W (rows >= N zero; row_bytes bytes a row of qtype blocks) as one panel of K/2 x 16 words:
 // each weight dequantized as qlinear.c's dequant_row does (gguf's dequantizer; a 16-bit weight exactly), then rounded
-// to bf16 (nearest even): the AMX panels' values (their packer dequantizes the same blocks, possibly with a fused
-// multiply-add where dequant_row rounds twice: a last-bit difference before the bf16 rounding). buf: K floats.
+// to bf16 (nearest even, vcvtne2ps2bf16: dequantized weights are never float32 subnormals, which it would flush):
+// the AMX panels' values (their packer dequantizes the same blocks, possibly with a fused multiply-add where
+// dequant_row rounds twice: a last-bit difference before the bf16 rounding). buf: 16 x K floats. Each 16 x 16 block
+// of words (16 rows' pairs) is converted and transposed in registers.
 static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t n0, uint32_t *panel, float *buf) {
     const int64_t kp = K / 2;
     for (int j = 0; j < 16; j++) {
         const int64_t n = n0 + j;
-        if (n >= N) {
-            for (int64_t p = 0; p < kp; p++) panel[p * 16 + j] = 0u;
-            continue;
+        if (n >= N)
+            memset(buf + j * K, 0, (size_t)K * sizeof(float));
+        else
+            qdequant_rows(qtype, w, N, K, &n, 1, buf + j * K);
+    }
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {  // K % 32 == 0: whole blocks of 16 pairs
+        __m512i r[16];
+        for (int j = 0; j < 16; j++) {
+            const float *b = buf + j * K + 2 * p0;
+            r[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + 16), _mm512_loadu_ps(b));
         }
-        qdequant_rows(qtype, w, N, K, &n, 1, buf);
-        for (int64_t p = 0; p < kp; p++)
-            panel[p * 16 + j] = (uint32_t)f32_to_bf16(buf[2 * p]) | ((uint32_t)f32_to_bf16(buf[2 * p + 1]) << 16);
+        transpose16(r);
+        for (int p = 0; p < 16; p++) _mm512_storeu_si512((void *)(panel + (p0 + p) * 16), r[p]);
     }
 }
 
@@ -64,7 +88,7 @@ static int pack_all(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t g
     int bad = 0;
 #pragma omp parallel if (TM_TOP_LEVEL)
     {
-        float *buf = malloc((size_t)K * sizeof(float));
+        float *buf = malloc((size_t)(16 * K) * sizeof(float));
         if (!buf) {
 #pragma omp atomic write
             bad = 1;
