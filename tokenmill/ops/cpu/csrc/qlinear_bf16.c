@@ -58,13 +58,11 @@ static inline void transpose16(__m512i r[16]) {
 // of words (16 rows' pairs) is converted and transposed in registers.
 static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_t n0, uint32_t *panel, float *buf) {
     const int64_t kp = K / 2;
-    for (int j = 0; j < 16; j++) {
-        const int64_t n = n0 + j;
-        if (n >= N)
-            memset(buf + j * K, 0, (size_t)K * sizeof(float));
-        else
-            qdequant_rows(qtype, w, N, K, &n, 1, buf + j * K);
-    }
+    int64_t rows[16];
+    int nr = 0;
+    for (; nr < 16 && n0 + nr < N; nr++) rows[nr] = n0 + nr;
+    qdequant_rows(qtype, w, N, K, rows, nr, buf);  // one call (its OpenMP region once, not per row)
+    if (nr < 16) memset(buf + nr * K, 0, (size_t)((16 - nr) * K) * sizeof(float));
     for (int64_t p0 = 0; p0 < kp; p0 += 16) {  // K % 32 == 0: whole blocks of 16 pairs
         __m512i r[16];
         for (int j = 0; j < 16; j++) {
