@@ -47,6 +47,9 @@ def _tiles(model, plain: bool) -> None:
     from tokenmill.ops.cpu.layer import fuse_cpu_layers
 
     mlps = [layer.mlp for layer in model.model.layers]
+    if not all(hasattr(m, "gate_up_proj") for m in mlps):  # a MoE model: its experts are never tiled
+        print("gate|up tiles: none (MoE experts)")
+        return
     if plain and all(getattr(m.gate_up_proj, "qpanels", None) is not None for m in mlps):
         for m in mlps:
             m.gate_up_proj.pack_amx()
