@@ -3,7 +3,8 @@ the fused CPU op (csrc/moe.c) with every expert given exactly m rows (T = 8m tok
 expert's rows take: `f32` (--gemm-dtype float32: the exact float32 kernels), `auto` (what gemm auto runs now,
 tokenmill/model/layers/quantized.py's moe_switch_rows), `before` (the switch before the AMX int8 tiles: VNNI for
 1-3 rows, AMX bf16 from 4), and `i8` / `amxi8` / `amx` (gemm auto with every expert forced onto the VNNI
-int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles). Random packed blocks (speed does not depend on
+int8-activation tiles / the AMX int8 tiles / the AMX bf16 tiles; without AMX, `amx` is the AVX512-BF16 panels
+dequantized per task and `amxi8` the VNNI tiles). Random packed blocks (speed does not depend on
 the values): gate|up Q4_K, down Q6_K or Q4_K (llama.cpp's Q4_K_M has both). ms per layer call, the fastest of
 --iters (the box is shared: the minimum is the least disturbed run). `GB/s` is the layer's packed expert bytes (every
 expert is active) over the best mode's time: how close the call comes to streaming the weights once.
