@@ -64,9 +64,10 @@ MOE_AMX_MIN_ROWS = AMX_MIN_ROWS
 # Without AMX (Zen 4: AVX512-VNNI / BF16) an expert's 1..MOE_DOT_MIN_ROWS - 1 rows take the VNNI int8 tiles (up to 8
 # rows a pass over the weights, more rows more passes), more rows (prefill) the AVX512-BF16 panels, dequantized per
 # task into a per-thread buffer (no bf16 copy of the experts is kept). bench/moe_rows.py on the Zen 4 box (2 threads,
-# ms per layer, float32 / VNNI / bf16 panels, bench/results/s23 moezen_rows_*.txt): m=1 20.7 / 10.0 / -, m=8 83 / 34
-# / -, m=16 131 / 64 / -, m=32 233 / 141 / 205, m=48 319 / 210 / 240, m=64 429 / 280 / 274, m=128 781 / 552 / 429.
-MOE_DOT_MIN_ROWS = 57
+# ms per layer, every expert m rows, float32 / VNNI / bf16 panels, bench/results/s23 moezen_rows_v3.txt): m=1 20.5 /
+# 9.3 / 60 (the panels' dequantizing), m=8 73 / 29 / 75, m=16 150 / 60 / 96, m=32 197 / 124 / 128, m=48 304 / 206 /
+# 169, m=64 457 / 297 / 227, m=128 776 / 550 / 362, m=256 1490 / 1175 / 688.
+MOE_DOT_MIN_ROWS = 40
 
 
 def moe_switch_rows() -> tuple[int, int, int]:
