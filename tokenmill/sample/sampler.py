@@ -2,6 +2,7 @@
 
 Order: logit_bias -> min_tokens ban -> repetition penalty -> presence/frequency penalties ->
 (greedy rows: argmax) -> temperature -> min_p -> top_k -> top_p -> inverse-CDF sampling (a uniform per row).
+On the CPU the last five run fused per row in C (tokenmill/ops/cpu/sampler.py; the PyTorch path is its reference).
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits).
 The only device -> host transfer is the final `.tolist()` of token ids (and logprobs when asked).
 """
@@ -14,7 +15,9 @@ import torch
 
 from tokenmill.core.outputs import Logprob
 from tokenmill.sample.logits_processors import (apply_penalties_and_bias, apply_sampling_filters,
-                                                needs_penalties_or_bias, row_argmax, sample_from_probs)
+                                                draw_uniforms, inverse_cdf, needs_penalties_or_bias,
+                                                row_argmax)
+from tokenmill.ops.cpu.sampler import sample_rows as cpu_sample_rows
 from tokenmill.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -75,9 +78,12 @@ def _to_logprob_objects(tensors: tuple[torch.Tensor, ...], token_ids: Sequence[i
 class Sampler:
     """Picks one token per logits row; see the module docstring for the order of operations."""
 
-    def __init__(self, seed: int = 0, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, seed: int = 0, device: Union[str, torch.device] = "cpu", fused_cpu: bool = True):
+        """fused_cpu: on a CPU device, stage 2 and the draw run fused per row in C (tokenmill/ops/cpu/sampler.py,
+        no sort of the vocabulary) where the kernel builds; False keeps the PyTorch reference."""
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.fused_cpu = fused_cpu and self.device.type == "cpu"
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [B, V] (float32) -> SamplerOutput with B token ids."""
@@ -99,9 +105,11 @@ class Sampler:
         else:
             greedy = [p.greedy for p in params]
             greedy_tokens = row_argmax(x) if any(greedy) else None
-            probs = apply_sampling_filters(x, params).softmax(dim=-1)  # [B, V]
             gens = [None if p.greedy else g for p, g in zip(params, batch.generators)]
-            tokens = sample_from_probs(probs, gens, self.generator)
+            u = draw_uniforms(B, gens, self.generator, x.device)
+            tokens = cpu_sample_rows(x, params, u) if self.fused_cpu else None  # greedy rows -1: replaced below
+            if tokens is None:
+                tokens = inverse_cdf(apply_sampling_filters(x, params).softmax(dim=-1), u)
             if greedy_tokens is not None:
                 tokens = torch.where(torch.tensor(greedy, device=logits.device), greedy_tokens, tokens)
 
