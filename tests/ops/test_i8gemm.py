@@ -124,3 +124,26 @@ def test_pack_rejects_16bit_weights_and_bad_shapes():
         QL.i8_pack(q, "q8_0", 64, glu=16)
     with pytest.raises(ValueError, match="bytes per row"):
         QL.i8_pack(q, "q8_0", 96)
+
+
+def test_gemm_dtype_int8_setting(monkeypatch):
+    """gemm_dtype int8 is a valid setting (bad names keep their clear error); it needs the VNNI build; auto takes the
+    int8 panels only on a VNNI CPU without AMX; 16-bit weights never take them."""
+    import tokenmill.model.layers.quantized as Q
+    from tokenmill.config import ModelConfig
+    from tokenmill.errors import ConfigError
+
+    ModelConfig(gemm_dtype="int8").validate()
+    with pytest.raises(ConfigError, match="int8"):
+        ModelConfig(gemm_dtype="int4").validate()
+    assert Q.resolve_gemm_dtype("int8") == torch.bfloat16  # what does not take the panels: bf16 as before
+    monkeypatch.setattr(Q, "i8gemm_available", lambda: False)
+    with pytest.raises(ValueError, match="AVX512-VNNI"):
+        Q.gemm_int8("int8")
+    assert not Q.gemm_int8("auto")
+    monkeypatch.setattr(Q, "i8gemm_available", lambda: True)
+    monkeypatch.setattr(Q, "amx_available", lambda: True)
+    assert Q.gemm_int8("int8") and not Q.gemm_int8("auto") and not Q.gemm_int8("bfloat16")
+    monkeypatch.setattr(Q, "amx_available", lambda: False)
+    assert Q.gemm_int8("auto") and not Q.gemm_int8("float32")
+    assert not Q.takes_int8("bf16", True) and not Q.takes_int8("q4_1", False) and Q.takes_int8("q6_k", True)

@@ -54,7 +54,12 @@ BF16_DOT_QUANT_MIN_ROWS = 4
 # panels (csrc/qlinear_i8gemm.c: 1 byte a weight, vpdpbusd) IN PLACE OF the bf16 panels, from I8_MIN_ROWS rows
 # (I8_HEAD_MIN_ROWS for the head); 16-bit checkpoints stay on the bf16 panels. `bench/i8_gemm.py` (Zen 4 box, 2
 # threads, SmolLM2 shapes, Q4_1 layers / Q8_0 head, ms per layer of 4 linears / per head call; packed / bf16 panels /
-# int8 panels, bench/results/s23 i8gemm_micro.txt): see I8_MIN_ROWS's measurements there.
+# int8 panels, bench/results/s23 i8gemm_micro.txt, 30 layers): layer 1 row 0.148 / 0.266 / 0.158, 2 rows 0.206 /
+# 0.254 / 0.163, 3 rows 0.286 / 0.289 / 0.175, 4 rows 0.367 / 0.271 / 0.183, 8 rows 0.59 / 0.32 / 0.24, 16 rows
+# 0.98 / 0.47 / 0.35, 64 rows 3.17 / 1.29 / 0.82, 256 rows - / 4.87 / 2.79, 2000 rows - / 38.5 / 23.9; head 1 row
+# 0.91 / 1.30 / 0.44, 4 rows 3.2 / 2.1 / 0.92, 16 rows 7.6 / 3.9 / 2.7, 64 rows 24.7 / 11.1 / 8.3, 2000 rows
+# - / 408 / 335. 1-3 rows stay on the packed blocks as with the bf16 panels (x kept exact at batch 1-3; the int8
+# panels would win from 2 rows, the head from 1: not taken here).
 I8_MIN_ROWS = 4
 I8_HEAD_MIN_ROWS = 4
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,

@@ -426,10 +426,10 @@ int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *
     if (qtype != TM_QPANELS) return 0;
     const tm_qpanels *p = (const tm_qpanels *)w;
     if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m) return 0;
-    if (p->i8)
-        return tm_qlinear_i8g_available()
-                   ? (tm_qlinear_i8g_panels((const uint8_t *)p->panels, x, M, K, 2 * I, bias, NULL, 0, I, act) == 0 ? 1 : -1)
-                   : 0;
+    if (p->i8) {  // int8 panels (qlinear_i8gemm.c)
+        if (!tm_qlinear_i8g_available()) return 0;
+        return tm_qlinear_i8g_panels((const uint8_t *)p->panels, x, M, K, 2 * I, bias, NULL, 0, I, act) == 0 ? 1 : -1;
+    }
 #if defined(TM_AMX)
     if (tm_amx_enabled()) return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
 #endif
