@@ -65,7 +65,7 @@ def test_int8_gemm_logprobs_close_to_float32():
     """gemm_dtype int8 (an AVX512-VNNI build): the block-quantized linears and head run int8 panels, x rounded per
     row and 64 values to 8 bits, the weights requantized per output and 64 values (csrc/qlinear_i8gemm.c). Measured
     on the Zen 4 box (bench/results/s23 i8gemm_accuracy.txt): mean |diff| 0.028, max 0.48, top-1 agreement 0.99."""
-    from tokenmill.model.layers.quantized import I8_HEAD_MIN_ROWS, I8_MIN_ROWS
+    from tokenmill.model.layers.quantized import I8_HEAD_MIN_ROWS, I8_MIN_ROWS, panel_kinds
     from tokenmill.ops.cpu.qlinear import i8gemm_available
 
     if not i8gemm_available():
@@ -83,6 +83,7 @@ def test_int8_gemm_logprobs_close_to_float32():
     assert head.qpanels is not None and head.qpanels.i8 == 1 and head.amx_min_rows == I8_HEAD_MIN_ROWS
     lin = model.model.layers[0].mlp.down_proj
     assert lin.qpanels.i8 == 1 and lin.amx_min_rows == I8_MIN_ROWS
+    assert panel_kinds(model) == {"int8": 4 * len(model.model.layers) + 1}  # what the engine core logs
 
 
 def test_lm_head_takes_the_amx_path_for_decode_batches():

@@ -429,6 +429,18 @@ def dense_gemm_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
+def panel_kinds(model: nn.Module) -> dict[str, int]:
+    """How many packed linears and heads of `model` keep panels made at load, by kind: 'int8' (i8_pack) or 'bf16'
+    (amx_pack: AMX tiles or AVX512-BF16 panels)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        st = getattr(m, "qpanels", None) if isinstance(m, (QuantizedLinear, QuantizedLMHead)) else None
+        if st is not None:
+            kind = "int8" if st.i8 else "bf16"
+            out[kind] = out.get(kind, 0) + 1
+    return out
+
+
 def amx_switch_rows(modules) -> Optional[int]:
     """Fewest rows from which any of these modules (packed linears) runs the AMX path (None: none does)."""
     rows = [m.amx_min_rows for m in modules if isinstance(m, QuantizedLinear) and m.amx_min_rows]
