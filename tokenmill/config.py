@@ -32,9 +32,12 @@ class ModelConfig:
     gemm_dtype: str = _f("auto", "dtype of the dense weight copy that packed GGUF weights use for calls of many "
                                  "rows (prefill chunks, large decode batches): auto (bfloat16 where the CPU has "
                                  "bf16 matrix instructions, AMX or AVX512-BF16, else float32; on AMX CPUs the "
-                                 "k-quants' 1-3 row decode calls also take int8 activations), float32 (exact "
-                                 "against the dequantized weights), bfloat16",
-                         choices=["auto", "float32", "bfloat16"])
+                                 "k-quants' 1-3 row decode calls also take int8 activations; on AVX512-VNNI "
+                                 "CPUs without AMX a GGUF's block-quantized weights take int8 panels, x rounded "
+                                 "to 8 bits per 64 values), float32 (exact against the dequantized weights), "
+                                 "bfloat16, int8 (int8 panels for a GGUF's block-quantized weights: needs "
+                                 "AVX512-VNNI)",
+                         choices=["auto", "float32", "bfloat16", "int8"])
     max_model_len: Optional[int] = _f(None, "longest sequence (prompt + output); default: the model's")
     seed: int = _f(0, "seed of the engine's random generator (requests without their own seed)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -56,8 +59,8 @@ class ModelConfig:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.quantization not in ("auto", "none"):
             raise ConfigError(f"unknown quantization {self.quantization!r}; choose auto or none", param="quantization")
-        if self.gemm_dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"unknown gemm_dtype {self.gemm_dtype!r}; choose auto, float32 or bfloat16",
+        if self.gemm_dtype not in ("auto", "float32", "bfloat16", "int8"):
+            raise ConfigError(f"unknown gemm_dtype {self.gemm_dtype!r}; choose auto, float32, bfloat16 or int8",
                               param="gemm_dtype")
         if self.attention_backend not in ("auto", "reference", "cpu", "triton"):
             raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose auto, reference, "

@@ -166,9 +166,9 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
         load_weights(model, _iter_safetensors(files, lazy=sharded, raw=raw16), _show(progress, None, total),
                      desc=source.name)
         if raw16:
-            from tokenmill.model.layers.quantized import finalize_quantized, resolve_gemm_dtype
+            from tokenmill.model.layers.quantized import finalize_quantized, gemm_int8, resolve_gemm_dtype
 
-            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype))
+            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype), int8=gemm_int8(gemm_dtype))
     else:
         from tokenmill.model.gguf_utils import gguf_tensor_types, iter_gguf_weights
 
@@ -188,9 +188,9 @@ def load_model(source: ModelSource, hf_config: Any, dtype: torch.dtype, device: 
                      _show(progress, n, os.path.getsize(source.gguf_path)), desc=source.name, total=n)
         source._reader = None  # release the memory map
         if raw:
-            from tokenmill.model.layers.quantized import finalize_quantized, resolve_gemm_dtype
+            from tokenmill.model.layers.quantized import finalize_quantized, gemm_int8, resolve_gemm_dtype
 
-            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype))
+            finalize_quantized(model, dense_dtype=resolve_gemm_dtype(gemm_dtype), int8=gemm_int8(gemm_dtype))
     if expert_offload:
         from tokenmill.model.layers.expert_offload import move_model_keep_experts
 

@@ -51,8 +51,8 @@ class MemoryReport:
     def lines(self, typical_len: int) -> list[str]:
         return [f"memory ({self.device}):",
                 f"  weights              {self.weights_bytes / GiB:8.3f} GiB",
-                *([f"  AMX bf16 tiles       {self.amx_tiles_bytes / GiB:8.3f} GiB (gemm auto: the packed linears' "
-                   "tiles made once, for faster many-row steps)"] if self.amx_tiles_bytes else []),
+                *([f"  GEMM panels          {self.amx_tiles_bytes / GiB:8.3f} GiB (gemm auto: the packed linears' "
+                   "bf16 tiles / int8 panels made once, for faster many-row steps)"] if self.amx_tiles_bytes else []),
                 f"  KV per token         {self.kv_bytes_per_token / 1024:8.1f} KiB ({self.kv_cache_dtype})",
                 f"  KV cache             {self.kv_cache_bytes / GiB:8.3f} GiB = {self.num_blocks:,} blocks x "
                 f"{self.block_size} tokens = {self.max_tokens:,} tokens",
@@ -104,10 +104,11 @@ def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: s
     weight, QuantizedLinear.pack_amx) as tokenmill.model.layers.quantized.finalize_quantized makes them
     (amx_tile_plan: a MoE model, its attention linears only, no LM head; a merged q|k|v or gate|up whose shards
     differ in block type, none; without AMX, a MoE model or any such mixed linear, none at all: the dense copies
-    instead); else 0."""
+    instead); on an AVX512-VNNI CPU without AMX a GGUF's block-quantized linears get int8 panels instead (gemm auto:
+    gemm_int8, 1 byte a weight plus 8 bytes per output and group of 64: i8_panel_bytes); else 0."""
     import torch
 
-    from tokenmill.model.layers.quantized import amx_tile_plan
+    from tokenmill.model.layers.quantized import amx_tile_plan, gemm_int8
     from tokenmill.model.loader import cpu_packs_16bit, load_hf_config, resolve_model_source
     from tokenmill.ops.cpu.qlinear import amx_available, bf16_dot_available
 
@@ -138,6 +139,16 @@ def amx_tiles_bytes(spec: ModelSpec, model: Optional[str], device: str, dtype: s
                     layers -= 2 * params
         if moe and not amx:
             return 0
+    if src.kind == "gguf" and not amx and not moe and gemm_int8("auto"):  # int8 panels (F16 tensors too: slightly
+        from tokenmill.ops.cpu.qlinear import i8_group                 # under their bf16 panels' 2 bytes)
+
+        def i8(k: int, n: int) -> float:  # i8_panel_bytes without the rounding of n up to 32
+            return k * n * (1 + 8 / i8_group(k))
+
+        h, q, kv, inter = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim,
+                           spec.intermediate_size)
+        layers = int(spec.num_layers * (i8(h, q + 2 * kv) + i8(q, h) + i8(h, 2 * inter) + i8(inter, h)))
+        head = int(spec.lm_head_params * (1 + 8 / i8_group(h)))
     tile_layers, tile_head = amx_tile_plan(layers, head, moe)
     return layers * tile_layers + head * tile_head
 

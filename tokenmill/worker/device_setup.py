@@ -138,11 +138,14 @@ class DeviceSetup:
             model.set_moe_op(op)
             logger.info("fused MoE op: %s", op.__name__)
         if self.backend_name == "cpu":  # packed layers run whole in one C call for small batches
-            from tokenmill.model.layers.quantized import dense_gemm_dtype
+            from tokenmill.model.layers.quantized import dense_gemm_dtype, panel_kinds
             from tokenmill.ops.cpu.layer import fuse_cpu_layers
 
             # prefill attention follows the packed linears' large-GEMM dtype (bf16 on AMX / AVX512-BF16 CPUs)
             self.backend.prefill_dtype = dense_gemm_dtype(model)
+            kinds = panel_kinds(model)
+            if kinds:  # which panels the packed linears' many-row calls run (made once at load)
+                logger.info("GEMM panels: %s", ", ".join(f"{n} linears {k}" for k, n in sorted(kinds.items())))
 
             n = fuse_cpu_layers(model)
             if n:

@@ -19,7 +19,8 @@ from tokenmill.model.layers.embedding import LMHead, VocabEmbedding
 from tokenmill.model.layers.linear import Linear, MergedLinear, ShardId
 from tokenmill.ops.cpu.qlinear import (FLOAT16_QTYPES, QPARTS_MAX, QTYPES, QPanels, QParts, amx_available,
                                       amx_pack, amx_panel_bytes, bf16_dot_available, block_size, dequantize,
-                                      dequantize_rows, make_qparts, qlinear, qlinear_parts, row_bytes)
+                                      dequantize_rows, i8_pack, i8_panel_bytes, i8gemm_available, make_qparts,
+                                      qlinear, qlinear_parts, row_bytes)
 
 # Calls with at least this many rows (prefill chunks, 64+ decode batches) use a dense copy of the weight (float32
 # for MKL sgemm, or bfloat16 for oneDNN's AMX / AVX512-BF16 kernels) instead of the packed kernel (None: never,
@@ -49,6 +50,18 @@ BF16_DOT_HEAD_MIN_ROWS = 1
 # panels' 16: SmolLM2 Q4_1 layers + Q8_0 head, one row, 5.2 ms a step packed vs ~7.4 on the panels,
 # bench/results/s22 i8dense_rows_v1.txt and bf16zen_gemm.txt) and take the panels from 4 rows.
 BF16_DOT_QUANT_MIN_ROWS = 4
+# With gemm auto (or int8) on an AVX512-VNNI CPU without AMX, a GGUF's block-quantized linears and head take int8
+# panels (csrc/qlinear_i8gemm.c: 1 byte a weight, vpdpbusd) IN PLACE OF the bf16 panels, from I8_MIN_ROWS rows
+# (I8_HEAD_MIN_ROWS for the head); 16-bit checkpoints stay on the bf16 panels. `bench/i8_gemm.py` (Zen 4 box, 2
+# threads, SmolLM2 shapes, Q4_1 layers / Q8_0 head, ms per layer of 4 linears / per head call; packed / bf16 panels /
+# int8 panels, bench/results/s23 i8gemm_micro.txt, 30 layers): layer 1 row 0.148 / 0.266 / 0.158, 2 rows 0.206 /
+# 0.254 / 0.163, 3 rows 0.286 / 0.289 / 0.175, 4 rows 0.367 / 0.271 / 0.183, 8 rows 0.59 / 0.32 / 0.24, 16 rows
+# 0.98 / 0.47 / 0.35, 64 rows 3.17 / 1.29 / 0.82, 256 rows - / 4.87 / 2.79, 2000 rows - / 38.5 / 23.9; head 1 row
+# 0.91 / 1.30 / 0.44, 4 rows 3.2 / 2.1 / 0.92, 16 rows 7.6 / 3.9 / 2.7, 64 rows 24.7 / 11.1 / 8.3, 2000 rows
+# - / 408 / 335. 1-3 rows stay on the packed blocks as with the bf16 panels (x kept exact at batch 1-3; the int8
+# panels would win from 2 rows, the head from 1: not taken here).
+I8_MIN_ROWS = 4
+I8_HEAD_MIN_ROWS = 4
 # The LM head (SmolLM2: Q8_0, 49152 x 576) takes the AMX path from this many rows: 2 threads, min of 5 runs,
 # 8 rows 3.4 ms (AMX) vs 3.2 (packed float32), 12 rows 3.4 vs 6.6, 16 rows 3.9 vs 9.3, 64 rows 10.6 vs 40.1.
 HEAD_AMX_MIN_ROWS = 10
@@ -92,12 +105,26 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 def resolve_gemm_dtype(name: str) -> torch.dtype:
-    """`gemm_dtype` config value -> the dense copy's torch dtype (auto: bfloat16 where the CPU runs it fast)."""
+    """`gemm_dtype` config value -> the dense copy's torch dtype (auto: bfloat16 where the CPU runs it fast; int8:
+    bfloat16 too, for what does not take the int8 panels: 16-bit weights, long prefill attention)."""
     if name == "auto":
         return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
     if name in ("float32", "bfloat16"):
         return getattr(torch, name)
-    raise ValueError(f"unknown gemm_dtype {name!r}; choose auto, float32 or bfloat16")
+    if name == "int8":
+        return torch.bfloat16
+    raise ValueError(f"unknown gemm_dtype {name!r}; choose auto, float32, bfloat16 or int8")
+
+
+def gemm_int8(name: str) -> bool:
+    """Whether `gemm_dtype` name gives a GGUF's block-quantized linears int8 panels (i8_pack) where they would get
+    bf16 panels: int8 asks for them (an AVX512-VNNI build needed: a clear error otherwise); auto takes them on a
+    VNNI CPU without AMX (AMX CPUs keep their tile paths)."""
+    if name == "int8":
+        if not i8gemm_available():
+            raise ValueError("gemm_dtype int8 needs the CPU kernels built with AVX512-VNNI (not this machine)")
+        return True
+    return name == "auto" and not amx_available() and i8gemm_available()
 
 
 class QuantizedLinear(nn.Module):
@@ -167,12 +194,14 @@ class QuantizedLinear(nn.Module):
         """The weight as float32 [out, in] (the reference dequantizer)."""
         return dequantize(self.weight.data, self.qtype, self.in_features)
 
-    def pack_amx(self, glu: int = 0) -> None:
+    def pack_amx(self, glu: int = 0, int8: bool = False) -> None:
         """Keep the AMX path's bf16 tiles of the weight (2 bytes a weight, amx_panel_bytes) so its calls stop
         dequantizing: one layer of SmolLM2 at 64 rows ran ~0.65 ms, of which most was making the tiles. glu = I:
         this is a gate|up linear, its tiles pair each 16 gates with their ups (the fused layer then writes
-        silu(gate) * up from the accumulators; this module's outputs are unchanged)."""
-        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.in_features, glu=glu)
+        silu(gate) * up from the accumulators; this module's outputs are unchanged). int8: the int8 panels
+        instead (i8_pack, 1 byte a weight; a block-quantized weight on an AVX512-VNNI CPU)."""
+        pack = i8_pack if int8 else amx_pack
+        self.panels, self.qpanels = pack(self.weight.data, self.qtype, self.in_features, glu=glu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.amx_min_rows:
@@ -293,9 +322,9 @@ class QuantizedLMHead(nn.Module):
                                        requires_grad=False)
             self.weight.weight_loader = _packed_loader
 
-    def pack_amx(self) -> None:
+    def pack_amx(self, int8: bool = False) -> None:
         """As QuantizedLinear.pack_amx (a tied head keeps its own tiles; the embedding reads the packed rows)."""
-        self.panels, self.qpanels = amx_pack(self.weight.data, self.qtype, self.hidden_size)
+        self.panels, self.qpanels = (i8_pack if int8 else amx_pack)(self.weight.data, self.qtype, self.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return qlinear(hidden, self.weight, self.qtype, amx_min_rows=self.amx_min_rows,
@@ -411,6 +440,18 @@ def dense_gemm_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return None
 
 
+def panel_kinds(model: nn.Module) -> dict[str, int]:
+    """How many packed linears and heads of `model` keep panels made at load, by kind: 'int8' (i8_pack) or 'bf16'
+    (amx_pack: AMX tiles or AVX512-BF16 panels)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        st = getattr(m, "qpanels", None) if isinstance(m, (QuantizedLinear, QuantizedLMHead)) else None
+        if st is not None:
+            kind = "int8" if st.i8 else "bf16"
+            out[kind] = out.get(kind, 0) + 1
+    return out
+
+
 def amx_switch_rows(modules) -> Optional[int]:
     """Fewest rows from which any of these modules (packed linears) runs the AMX path (None: none does)."""
     rows = [m.amx_min_rows for m in modules if isinstance(m, QuantizedLinear) and m.amx_min_rows]
@@ -434,15 +475,29 @@ def amx_tile_plan(layer_bytes: int, head_bytes: int, moe: bool,
     return fits and layer_bytes > 0, fits and head_bytes > 0
 
 
-def _dot_min_rows(qtype: str, float16_rows: int) -> int:
+def _dot_min_rows(qtype: str, float16_rows: int, int8_rows: int = 0) -> int:
     """Rows from which a linear's AVX512-BF16 panels take a call (no AMX): a 16-bit weight's from float16_rows, a
-    block-quantized one's from BF16_DOT_QUANT_MIN_ROWS (fewer rows stay on the packed blocks)."""
-    return float16_rows if qtype in FLOAT16_QTYPES else BF16_DOT_QUANT_MIN_ROWS
+    block-quantized one's from BF16_DOT_QUANT_MIN_ROWS (fewer rows stay on the packed blocks), or int8_rows (> 0)
+    where it has int8 panels."""
+    if qtype in FLOAT16_QTYPES:
+        return float16_rows
+    return int8_rows or BF16_DOT_QUANT_MIN_ROWS
+
+
+def takes_int8(qtype: str, int8: bool) -> bool:
+    """Whether a packed linear of qtype gets int8 panels under gemm_int8's answer int8: block types only."""
+    return int8 and qtype not in FLOAT16_QTYPES and qtype != "mixed"
+
+
+def panel_bytes(qtype: str, k: int, n: int, int8: bool) -> int:
+    """Bytes of the panels finalize_quantized makes for an [n, k] packed weight of qtype (int8 or bf16)."""
+    return i8_panel_bytes(k, n) if takes_int8(qtype, int8) else amx_panel_bytes(k, n)
 
 
 def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BYTES,
-                       dense_dtype: torch.dtype = torch.float32) -> None:
-    """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap."""
+                       dense_dtype: torch.dtype = torch.float32, int8: bool = False) -> None:
+    """Call after the weights are loaded: builds the dense copies for large-M calls when they fit the cap, or the
+    panels (bf16; int8 for block-quantized weights with int8, gemm_int8's answer)."""
     from tokenmill.model.layers.moe import PackedExperts
 
     from tokenmill.ops.moe.cpu import MoEWorkspace
@@ -454,9 +509,11 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
         module.workspace = workspace
     heads = [m for m in model.modules() if isinstance(m, QuantizedLMHead)]
     uniform = [m for m in linears if m.qtype != "mixed"]  # mixed shards keep dequantizing per call (AMX)
+    int8 = int8 and i8gemm_available()
     tile_layers, tile_heads = amx_tile_plan(
-        sum(amx_panel_bytes(m.in_features, m.out_features) for m in uniform),
-        sum(amx_panel_bytes(h.hidden_size, h.weight.shape[0]) for h in heads), bool(experts), max_copy_bytes)
+        sum(panel_bytes(m.qtype, m.in_features, m.out_features, int8) for m in uniform),
+        sum(panel_bytes(h.qtype, h.hidden_size, h.weight.shape[0], int8) for h in heads), bool(experts),
+        max_copy_bytes)
     amx = amx_available()
     if dense_dtype == torch.bfloat16 and not amx:  # experts' int8 / bf16-panel rows need no tile unit
         for module in experts:
@@ -467,17 +524,19 @@ def finalize_quantized(model: nn.Module, max_copy_bytes: int = DENSE_COPY_MAX_BY
            and len(uniform) == len(linears))
     if dense_dtype == torch.bfloat16 and (linears or experts) and (amx or dot):
         for module in linears:
-            module.finalize(dense_dtype, amx=True, amx_min_rows=AMX_MIN_ROWS if amx else _dot_min_rows(
-                module.qtype, BF16_DOT_MIN_ROWS))
+            i8 = takes_int8(module.qtype, int8) and module in uniform and tile_layers
+            module.finalize(dense_dtype, amx=True, amx_min_rows=I8_MIN_ROWS if i8 else AMX_MIN_ROWS if amx
+                            else _dot_min_rows(module.qtype, BF16_DOT_MIN_ROWS))
         for module in experts:  # an expert's few-row runs on the int8 tiles, many-row runs (prefill) on AMX
             module.amx_min_rows, module.i8_max_rows, module.amx_i8_min_rows = moe_switch_rows()
         for head in heads:
-            head.amx_min_rows = (HEAD_AMX_MIN_ROWS if amx else _dot_min_rows(head.qtype, BF16_DOT_HEAD_MIN_ROWS)
-                                 if tile_heads else 0)
+            head.amx_min_rows = (I8_HEAD_MIN_ROWS if takes_int8(head.qtype, int8) else HEAD_AMX_MIN_ROWS if amx
+                                 else _dot_min_rows(head.qtype, BF16_DOT_HEAD_MIN_ROWS)) if tile_heads else 0
         # a small model's AMX tiles, made once (amx_tile_plan says which)
         glu = _glu_sizes(model)
         for module in (uniform if tile_layers else []) + (heads if tile_heads else []):
-            module.pack_amx(**({"glu": glu[id(module)]} if id(module) in glu else {}))
+            module.pack_amx(int8=takes_int8(module.qtype, int8),
+                            **({"glu": glu[id(module)]} if id(module) in glu else {}))
         return
     elem = torch.tensor([], dtype=dense_dtype).element_size()
     copy_bytes = sum(elem * m.in_features * m.out_features for m in linears if m.dense_min_rows is not None)

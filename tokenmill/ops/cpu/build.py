@@ -31,14 +31,13 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-ffast-math", "-fno-finite-math-only", "-Wall"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
 # the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
+_QLINEAR = ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_i8gemm")
 LIBRARIES = {
     "attention": ("attention", "attention_prefill"),
-    "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16"),
-    "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "attention",
-              "lora"),
-    "moe": ("moe", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_amx_i8"),
-    "moe_layer": ("moe_layer", "moe", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16",
-                  "qlinear_amx_i8", "attention"),
+    "qlinear": _QLINEAR,
+    "layer": ("layer", "rmsnorm", *_QLINEAR, "attention", "lora"),
+    "moe": ("moe", *_QLINEAR, "qlinear_amx_i8"),
+    "moe_layer": ("moe_layer", "moe", "rmsnorm", *_QLINEAR, "qlinear_amx_i8", "attention"),
 }
 
 

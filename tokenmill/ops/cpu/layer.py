@@ -7,10 +7,11 @@ no q/k norm, a plain float32 or bfloat16 KV cache or an int8 one (kv_quant.Quant
 quantizes K/V on write as write_kv_quantized does, and the attention kernel reads them with their scales).
 Steps of up to `max_tokens` tokens (FUSED_MAX_TOKENS - 1, or fewer where the linears switch to a dense copy) run
 in one call with the C attention kernel. Longer steps (prefill chunks), when the linears run bf16 panels (AMX
-tiles, or vdpbf16ps on AVX512-BF16 CPUs), run as two C calls around the attention backend's `attend` (bf16 for
-long chunks: the AMX prefill kernel, or SDPA): the C linears then beat the dense GEMMs, and the step still saves
-~40 dispatches per layer. Otherwise, and for an fp8 cache or tensors the kernel cannot take, it returns None and
-the layer runs its per-op path, which is the reference the tests compare against.
+tiles, or vdpbf16ps on AVX512-BF16 CPUs) or int8 panels (a GGUF's blocks on VNNI CPUs without AMX), run as two C
+calls around the attention backend's `attend` (bf16 for long chunks: the AMX prefill kernel, or SDPA): the C
+linears then beat the dense GEMMs, and the step still saves ~40 dispatches per layer. Otherwise, and for an fp8
+cache or tensors the kernel cannot take, it returns None and the layer runs its per-op path, which is the reference
+the tests compare against.
 """
 from __future__ import annotations
 

@@ -62,6 +62,16 @@ def _lib() -> Optional[ctypes.CDLL]:
     lib.tm_qlinear_bf16_pack.restype = ctypes.c_int
     lib.tm_qlinear_bf16_pack_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
     lib.tm_qlinear_bf16_pack_glu.restype = ctypes.c_int
+    lib.tm_qlinear_i8g_available.argtypes = []
+    lib.tm_qlinear_i8g_available.restype = ctypes.c_int
+    lib.tm_qlinear_i8g_bytes.argtypes = [i64, i64]
+    lib.tm_qlinear_i8g_bytes.restype = i64
+    lib.tm_qlinear_i8g_group.argtypes = [i64]
+    lib.tm_qlinear_i8g_group.restype = i64
+    lib.tm_qlinear_i8g_pack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_i8g_pack.restype = ctypes.c_int
+    lib.tm_qlinear_i8g_pack_glu.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+    lib.tm_qlinear_i8g_pack_glu.restype = ctypes.c_int
     return lib
 
 
@@ -95,8 +105,9 @@ QPANELS = -2  # qlinear_any's type for a weight with its AMX panels (csrc/kernel
 class QPanels(ctypes.Structure):
     """csrc/kernels.h tm_qpanels: a packed weight and its AMX panels (the bf16 tiles the AMX path would dequantize
     on every call, made once). glu = I: a gate|up weight [2I, K] whose panels pair each 16 gates with their ups
-    (amx_pack's glu), for the fused layer's silu(gate) * up epilogue."""
-    _fields_ = [("qtype", ctypes.c_int64), ("w", ctypes.c_void_p), ("panels", ctypes.c_void_p), ("glu", ctypes.c_int64)]
+    (amx_pack's glu), for the fused layer's silu(gate) * up epilogue. i8 = 1: `panels` is i8_pack's int8 buffer."""
+    _fields_ = [("qtype", ctypes.c_int64), ("w", ctypes.c_void_p), ("panels", ctypes.c_void_p), ("glu", ctypes.c_int64),
+                ("i8", ctypes.c_int64)]
 
 
 def amx_panel_bytes(k: int, n: int) -> int:
@@ -134,6 +145,55 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
     st = QPanels()
     st.qtype, st.w, st.panels, st.glu = QTYPES[qtype][0], qweight.data_ptr(), panels.data_ptr(), glu
     return panels, st
+
+
+def i8_group(k: int) -> int:
+    """k's per group of i8_pack's scales (csrc/qlinear_i8gemm.c): 64 where it divides k, else 32."""
+    return 64 if k % 64 == 0 else 32
+
+
+def i8_panel_bytes(k: int, n: int) -> int:
+    """Bytes of i8_pack's buffer for an [n, k] weight: int8 with n rounded up to 32 (1 byte a weight), plus a float
+    scale and an int32 correction per 16 outputs and group."""
+    n32 = (n + 31) // 32 * 32
+    return n32 * k + n32 * (k // i8_group(k)) * 8
+
+
+@functools.lru_cache(maxsize=None)
+def i8gemm_available() -> bool:
+    """True when the kernel was built with AVX512-VNNI (csrc/qlinear_i8gemm.c: the int8 panels of i8_pack)."""
+    lib = _lib()
+    return lib is not None and bool(lib.tm_qlinear_i8g_available())
+
+
+def i8_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[torch.Tensor, QPanels]:
+    """The int8 panels of a packed block-quantized weight [N, row_bytes] (csrc/qlinear_i8gemm.c: W dequantized,
+    then requantized to int8 per output and group of i8_group(k) k's) and the struct the kernels take (raw pointers:
+    the caller keeps both tensors alive and in place). Calls of amx_min_rows+ rows then run an int8 GEMM (x rounded
+    per row and group to 8 bits); fewer rows read the packed blocks. glu = I: gate|up pairs as amx_pack's."""
+    lib = _lib()
+    if lib is None or not i8gemm_available():
+        raise RuntimeError("the AVX512-VNNI int8 panels are not available on this machine")
+    if qtype not in QTYPES or qtype in FLOAT16_QTYPES:
+        raise ValueError(f"int8 panels are made from block-quantized weights, not {qtype!r}")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
+        raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
+    n = qweight.shape[0]
+    if qweight.shape[1] != row_bytes(qtype, k):
+        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
+                         f"{row_bytes(qtype, k)}")
+    if glu and (glu % 16 or n != 2 * glu):
+        raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
+    buf = torch.empty(lib.tm_qlinear_i8g_bytes(k, n), dtype=torch.uint8)
+    rc = (lib.tm_qlinear_i8g_pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, buf.data_ptr()) if glu
+          else lib.tm_qlinear_i8g_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, buf.data_ptr()))
+    if rc == -3:
+        raise MemoryError(f"out of memory packing the int8 panels of a {qtype} weight (K={k})")
+    if rc != 0:
+        raise ValueError(f"the int8 panel packer rejected its arguments ({qtype}, K={k})")
+    st = QPanels()
+    st.qtype, st.w, st.panels, st.glu, st.i8 = QTYPES[qtype][0], qweight.data_ptr(), buf.data_ptr(), glu, 1
+    return buf, st
 
 
 def glu_linear(x: torch.Tensor, qpanels: QPanels, bias: Optional[torch.Tensor] = None,

@@ -38,6 +38,7 @@ typedef struct {
     const uint8_t *w;        // W's packed rows
     const uint32_t *panels;  // W in the AMX tiles' bf16 pair layout, or NULL
     int64_t glu;             // 0, or I: W is gate|up [2I, K] and the panels are tm_qlinear_amx_pack_glu's
+    int64_t i8;              // 1: `panels` is tm_qlinear_i8g_pack's int8 buffer (no AMX: VNNI), not bf16 panels
 } tm_qpanels;
 int tm_qlinear_amx_pack(int qtype, const uint8_t *w, int64_t K, int64_t N, uint32_t *out);
 // The panels of a gate|up W [2I, K] (I % 16 == 0) ordered so that each pair of panels holds 16 gates and their 16

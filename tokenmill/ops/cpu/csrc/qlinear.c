@@ -392,6 +392,11 @@ int qlinear_any(int qtype, const float *x, int64_t M, int64_t K, const void *w, 
         const tm_qpanels *p = (const tm_qpanels *)w;
         const int bb = block_bytes((int)p->qtype);
         if (bb == 0 || K % block_weights((int)p->qtype) != 0 || M < 0 || N < 0) return -1;
+        if (p->i8) {  // int8 panels (a GGUF's blocks on a VNNI CPU without AMX: qlinear_i8gemm.c)
+            if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_qlinear_i8g_available())
+                return tm_qlinear_i8g_panels((const uint8_t *)p->panels, x, M, K, N, bias, y, N, p->glu, NULL);
+            return qlinear_ld((int)p->qtype, x, M, K, p->w, N, bias, y, N, direct_max_m, amx_min_m);
+        }
 #if defined(TM_AMX)
         if (p->panels && amx_min_m > 0 && M >= amx_min_m && tm_amx_enabled())
             return tm_qlinear_amx_panels(p->panels, x, M, K, N, bias, y, N, p->glu);
@@ -421,6 +426,10 @@ int tm_qlinear_glu(int qtype, const float *x, int64_t M, int64_t K, const void *
     if (qtype != TM_QPANELS) return 0;
     const tm_qpanels *p = (const tm_qpanels *)w;
     if (!p->panels || p->glu != I || amx_min_m <= 0 || M < amx_min_m) return 0;
+    if (p->i8) {  // int8 panels (qlinear_i8gemm.c)
+        if (!tm_qlinear_i8g_available()) return 0;
+        return tm_qlinear_i8g_panels((const uint8_t *)p->panels, x, M, K, 2 * I, bias, NULL, 0, I, act) == 0 ? 1 : -1;
+    }
 #if defined(TM_AMX)
     if (tm_amx_enabled()) return tm_qlinear_amx_glu(p->panels, x, M, K, I, bias, act) == 0 ? 1 : -1;
 #endif
