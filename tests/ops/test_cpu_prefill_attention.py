@@ -18,7 +18,7 @@ from tokenmill.ops.attention import reference as R
 from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_prefill_attention, prefill_kernel_supports
 
 pytestmark = pytest.mark.skipif(not (cpu_attention_available() and prefill_kernel_supports(torch.bfloat16, 64)),
-                                reason="the AMX prefill attention kernel does not run on this machine")
+                                reason="no prefill attention kernel (AMX or AVX512-BF16) runs on this machine")
 
 
 def _case(reqs, h, hkv, d, bs, kv_dtype=torch.bfloat16, q_gain=1.0, seed=0):

@@ -32,7 +32,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-ffast-math
 LINK_FLAGS = ["-shared", "-fopenmp"]
 # the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
 LIBRARIES = {
-    "attention": ("attention", "attention_prefill"),
+    "attention": ("attention", "attention_prefill", "attention_prefill_bf16"),
     "qlinear": ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16"),
     "layer": ("layer", "rmsnorm", "qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "attention",
               "lora"),
