@@ -58,14 +58,14 @@ static inline void qk16(const uint32_t *qp, const uint32_t *kt, int DP, float *s
     for (int j = 0; j < 16; j++) _mm512_store_ps(st + j * 16, acc[j]);
 }
 
-/* O^T [D][16] (o, float32) += V^T . P^T over nh halves of 32 keys (pt: [nh][16 key pairs][16]; vt: [nh][D][16]) */
-static inline void pv16(const uint32_t *pt, const uint32_t *vt, int D, int nh, float *o) {
+/* O^T [D][16] (o, float32) += V^T . P^T over nkp key pairs (a multiple of 8; pt: [nkp][16]; vt: [2 halves][D][16]) */
+static inline void pv16(const uint32_t *pt, const uint32_t *vt, int D, int nkp, float *o) {
     for (int x0 = 0; x0 < D; x0 += 16) {
         __m512 acc[16];
         for (int x = 0; x < 16; x++) acc[x] = _mm512_load_ps(o + (x0 + x) * 16);
-        for (int hh = 0; hh < nh; hh++) {
-            const uint32_t *v = vt + ((int64_t)hh * D + x0) * 16, *pp = pt + hh * 256;
-            for (int kp = 0; kp < 16; kp++) {
+        for (int k0 = 0; k0 < nkp; k0 += 8) { /* 8 key pairs of one half */
+            const uint32_t *v = vt + ((int64_t)(k0 / 16) * D + x0) * 16 + k0 % 16, *pp = pt + k0 * 16;
+            for (int kp = 0; kp < 8; kp++) {
                 const __m512bh pv = (__m512bh)_mm512_load_si512((const void *)(pp + kp * 16));
                 for (int x = 0; x < 16; x++) acc[x] = _mm512_dpbf16_ps(acc[x], pv, BCST(v[x * 16 + kp]));
             }
@@ -92,7 +92,7 @@ static void run_item(const PArgs *a, const PItem *it, BScratch *sc) {
         const char *krows[KC], *vrows[KC];
         chunk_rows(a, table, it->kvh, 0, c0, k1, krows);
         chunk_rows(a, table, it->kvh, 1, c0, k1, vrows);
-        /* key groups that exist (the others could only give masked scores: skipped, their S^T left stale) */
+        /* key groups of 16 that exist (ng): a row tile reads those up to its last row's position */
         const int ng = k1 - c0 >= KC ? KC / 16 : (k1 - c0 + 15) / 16;
         transpose_k(krows, D, bf16, ng, sc->kt);
         transpose_v(vrows, D, bf16, sc->vt);
@@ -100,17 +100,17 @@ static void run_item(const PArgs *a, const PItem *it, BScratch *sc) {
         for (int rt = 0; rt < RT; rt++) {
             const int j0 = (rt % qt) * 16, jl = j0 + 15 < nq - 1 ? j0 + 15 : nq - 1;
             const int pmin = pos0 + j0, pmax = pos0 + jl;
-            /* skip: every key after every row, or out of every row's window; the second half only where some row
-             * sees one of its keys */
+            /* skip: every key after every row, or out of every row's window; key groups of 16 only up to the last
+             * one some row sees */
             if (c0 > pmax || (a->window > 0 && c0 + KC - 1 <= pmin - a->window)) continue;
-            const int nh = c0 + KH <= pmax ? 2 : 1;
-            const int full = c0 + KH * nh - 1 <= pmin && (a->window <= 0 || c0 > pmax - a->window);
+            const int ngr = (pmax - c0) / 16 + 1 < ng ? (pmax - c0) / 16 + 1 : ng, nk = 16 * ngr;
+            const int full = c0 + nk - 1 <= pmin && (a->window <= 0 || c0 > pmax - a->window);
             const uint32_t *qp = sc->qp + (int64_t)rt * DP * 16;
-            for (int g = 0; g < 2 * nh && g < ng; g++) qk16(qp, sc->kt + 16 * g, DP, sc->st + g * 256);
+            for (int g = 0; g < ngr; g++) qk16(qp, sc->kt + 16 * g, DP, sc->st + g * 256);
             float *o = sc->ot + (int64_t)rt * D * 16;
-            softmax_tile(a, sc->m + rt * 16, sc->l + rt * 16, o, c0, KH * nh, row_positions(pmin, pmax), full, sc->st,
+            softmax_tile(a, sc->m + rt * 16, sc->l + rt * 16, o, c0, nk, row_positions(pmin, pmax), full, sc->st,
                          sc->pt);
-            pv16(sc->pt, sc->vt, D, nh, o);
+            pv16(sc->pt, sc->vt, D, nk / 2, o);
         }
     }
     write_out(a, it, t0, qt, RT, sc->ot, sc->l);
