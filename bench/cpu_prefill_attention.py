@@ -1,10 +1,10 @@
 """Micro-benchmark: one layer's prefill attention on SmolLM2-135M's shape (9 query / 3 KV heads, head_dim 64, bf16
 KV cache, block size 16): bf16 SDPA per request (the CpuAttentionBackend path before the AMX kernel: q and the
 gathered K/V in bf16 through reference.paged_attention), the float32 C kernel (csrc/attention.c), and the prefill
-kernel (csrc/attention_prefill.c: AMX tiles, or AVX512-BF16's vdpbf16ps in csrc/attention_prefill_bf16.c without AMX).
---kv float32 reads a float32 pool (the GGUF default's KV dtype where it is float32). Cases: 10 prompts of 200 tokens (a served prefill step), one
-2000-token prompt, a 200-token chunk over a 2048-token cached prefix. The variants alternate within each repeat;
-min and median of each over all calls.
+kernel (csrc/attention_prefill.c: AMX tiles, or AVX512-BF16's vdpbf16ps in csrc/attention_prefill_bf16.c without
+AMX). --kv float32 reads a float32 pool (the GGUF default's KV dtype where it is float32). Cases: 10 prompts of 200
+tokens (a served prefill step), one 2000-token prompt, a 200-token chunk over a 2048-token cached prefix. The
+variants alternate within each repeat; min and median of each over all calls.
 
     PYTHONPATH=.:bench python bench/cpu_prefill_attention.py [--threads 2] [--iters 20] [--repeats 3] [--kv bfloat16]
 """
@@ -18,8 +18,8 @@ import torch
 
 from cpu_attention import make_case  # bench/ is on the path when run as a script
 from tokenmill.ops.attention.reference import paged_attention
-from tokenmill.ops.cpu.attention import (cpu_paged_attention, cpu_prefill_attention, gather_kv_bf16, prefill_kernel_name,
-                                         prefill_kernel_supports)
+from tokenmill.ops.cpu.attention import (cpu_paged_attention, cpu_prefill_attention, gather_kv_bf16,
+                                         prefill_kernel_name, prefill_kernel_supports)
 
 HKV, D, BS = 3, 64, 16
 CASES = {"10x200": [(0, 200)] * 10, "1x2000": [(0, 2000)], "1x200@2048": [(2048, 200)]}

@@ -56,7 +56,8 @@ static inline __m512 exp2_16(__m512 x) {
 }
 
 /* the pool rows (K: plane 0, V: plane 1) of keys c0 .. c0 + KC - 1 of one KV head; NULL at positions >= k1 */
-static inline void chunk_rows(const PArgs *a, const int32_t *table, int kvh, int plane, int c0, int k1, const char **rows) {
+static inline void chunk_rows(const PArgs *a, const int32_t *table, int kvh, int plane, int c0, int k1,
+                              const char **rows) {
     const int BS = a->bs, esize = a->kv_dtype == 1 ? 2 : 4;
     const int64_t row = (int64_t)a->hkv * a->d, plane_elems = a->num_blocks * BS * row;
     const char *base = a->kv + (plane * plane_elems + (int64_t)kvh * a->d) * esize;
@@ -179,7 +180,8 @@ static inline __m512i row_positions(int pmin, int pmax) {
 }
 
 /* out rows of the item = its O^T ([RT][D][16]) transposed, 16 dims at a time, over l ([RT][16]) */
-static inline void write_out(const PArgs *a, const PItem *it, int64_t t0, int qt, int RT, const float *ot, const float *l) {
+static inline void write_out(const PArgs *a, const PItem *it, int64_t t0, int qt, int RT, const float *ot,
+                             const float *l) {
     const int G = a->h / a->hkv, D = a->d, nq = it->nq;
     for (int rt = 0; rt < RT; rt++) {
         const int g = rt / qt, j0 = (rt % qt) * 16, nl = nq - j0 < 16 ? nq - j0 : 16;
@@ -204,9 +206,9 @@ static inline int by_cost(const void *x, const void *y) {
 
 /* The arguments checked (PF_SHAPE / PF_BLOCK) and the work items listed, costliest first: (request, KV head, up to
  * TQ query tokens). *items: malloc'ed (NULL when there are none); *ni: their number. */
-static inline int prefill_items(int64_t num_blocks, int block_size, int hkv, const int32_t *block_tables, int64_t bt_stride,
-                         int64_t bt_cols, const int32_t *seq_lens, const int32_t *qsl, int num_reqs, int h, int window,
-                         PItem **items, int64_t *ni) {
+static inline int prefill_items(int64_t num_blocks, int block_size, int hkv, const int32_t *block_tables,
+                                int64_t bt_stride, int64_t bt_cols, const int32_t *seq_lens, const int32_t *qsl,
+                                int num_reqs, int h, int window, PItem **items, int64_t *ni) {
     *items = NULL;
     *ni = 0;
     if (hkv <= 0 || h % hkv || block_size <= 0 || num_reqs < 0 || window < 0) return PF_SHAPE;
