@@ -90,9 +90,15 @@ def smollm2_bf16(tmp_path_factory):
 
 
 @needs_panels
-def test_bf16_folder_runs_fused_and_stays_close_to_transformers(smollm2_bf16, gguf_tokenizer_path):
+def test_bf16_folder_runs_fused_and_stays_close_to_transformers(smollm2_bf16, gguf_tokenizer_path, monkeypatch):
     from tokenmill import LLM, SamplingParams
+    from tokenmill.ops.attention import backend
+    from tokenmill.ops.cpu.attention import prefill_kernel_supports
     from tokenmill.ops.cpu.layer import FusedCpuLayer
+
+    prefill_calls = []  # the prefill chunks (96 + 64 tokens) attend through the prefill kernel where it runs
+    kernel = backend.cpu_prefill_attention
+    monkeypatch.setattr(backend, "cpu_prefill_attention", lambda *a, **k: prefill_calls.append(1) or kernel(*a, **k))
 
     path, hf = smollm2_bf16
     llm = LLM(path, tokenizer=gguf_tokenizer_path, dtype="bfloat16", max_model_len=512, enable_prefix_caching=False,
@@ -115,6 +121,7 @@ def test_bf16_folder_runs_fused_and_stays_close_to_transformers(smollm2_bf16, gg
     assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.05, (max(diffs), sum(diffs) / len(diffs))
     agree = sum(lp.top[0][0] == int(ref[i].argmax()) for i, lp in enumerate(out.prompt_logprobs[1:])) / len(diffs)
     assert agree > 0.95, agree
+    assert len(prefill_calls) == (2 * len(layers) if prefill_kernel_supports(torch.bfloat16, 64) else 0)
     prompts = [tok.encode(p) for p in ("The capital of France is", "Once upon a time, in a small village,",
                                         "def fibonacci(n):")]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tokenmill.ops.attention import reference as R
-from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_paged_attention, supports_kv_dtype
+from tokenmill.ops.cpu.attention import (cpu_attention_available, cpu_paged_attention, prefill_kernel_name,
+                                         prefill_kernel_supports, supports_kv_dtype)
 from tokenmill.ops.cpu.build import build_error
 from tests.ops.paged_batch import random_paged_batch
 from tokenmill.worker.forward_batch import ForwardBatch
@@ -209,3 +210,23 @@ def test_engine_greedy_tokens_match_reference(tmp_path, gguf_tokenizer_path):
             toks[backend] = [list(o.outputs[0].token_ids) for o in outs]
         assert all(len(t) == 12 for t in toks["cpu"])
         assert toks["cpu"] == toks["reference"], arch
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_a_prefill_kernel_runs_wherever_the_cpu_has_bf16_dot_products():
+    """The prefill attention kernel (test_cpu_prefill_attention.py): AMX where Linux grants the tile state, else
+    vdpbf16ps, so any AVX512-BF16 CPU runs one (a build that lost it would fall back to bf16 SDPA, 3-6x slower)."""
+    flags = _cpu_flags()
+    if "avx512_bf16" not in flags:
+        pytest.skip("no AVX512-BF16 on this CPU")
+    assert prefill_kernel_name() in ("amx", "avx512-bf16")
+    if "amx_bf16" not in flags:
+        assert prefill_kernel_name() == "avx512-bf16"
+    assert prefill_kernel_supports(torch.float32, 128) and prefill_kernel_supports(torch.bfloat16, 64)

@@ -1,4 +1,5 @@
-"""AMX prefill attention kernel (tokenmill/ops/cpu/csrc/attention_prefill.c) vs reference.paged_attention.
+"""Prefill attention kernel (tokenmill/ops/cpu/csrc/attention_prefill.c: AMX tiles, or AVX512-BF16's vdpbf16ps in
+attention_prefill_bf16.c where the CPU has no AMX; whichever this machine runs) vs reference.paged_attention.
 
 Random pools with shuffled block ids: prefill chunks over cached prefixes (prefix-cache hits), several requests of
 different lengths in one call, mixed with decodes, GQA ratios, head dims, block sizes (direct tile loads from a bf16
@@ -6,7 +7,8 @@ pool where blocks hold whole 16-key tiles, staged rows otherwise), float32 / bfl
 score distributions (the lazily moved running max), and CpuAttentionBackend(prefill_dtype=bf16) routing long chunks
 to it. The oracle is the float32 reference on bf16-rounded q, K, V; the kernel also rounds the probabilities to
 bf16 (relative error 2^-9 each), hence the tolerance (a wrong mask, window or rescale is off by ~0.1-1).
-Skipped where the kernel cannot run (no AMX-BF16 CPU, or Linux refused the tile state).
+Skipped where no prefill kernel runs (a CPU without AVX512-BF16; test_cpu_attention.py checks that every CPU with it
+runs one).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tokenmill.ops.attention import reference as R
 from tokenmill.ops.cpu.attention import cpu_attention_available, cpu_prefill_attention, prefill_kernel_supports
 
 pytestmark = pytest.mark.skipif(not (cpu_attention_available() and prefill_kernel_supports(torch.bfloat16, 64)),
-                                reason="the AMX prefill attention kernel does not run on this machine")
+                                reason="no prefill attention kernel (AMX or AVX512-BF16) runs on this machine")
 
 
 def _case(reqs, h, hkv, d, bs, kv_dtype=torch.bfloat16, q_gain=1.0, seed=0):

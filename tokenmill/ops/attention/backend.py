@@ -51,11 +51,12 @@ class CpuAttentionBackend:
     keep the reference path.
     With prefill_dtype (bfloat16 when the model's packed linears run their large GEMMs in bf16: AMX /
     AVX512-BF16 CPUs), requests with a prefill chunk of >= PREFILL_MIN_TOKENS queries attend in bf16: through
-    the AMX prefill kernel (csrc/attention_prefill.c: bf16 tiles over the paged cache, float32 softmax) where
-    `prefill_kernel_supports` the cache, else PyTorch's SDPA (the reference path on a bf16 copy of q and the
-    gathered K/V). One SmolLM2 layer, bf16 cache, 2 threads (p50): 10 x 200-token prompts 6.2 ms SDPA, 4.6 float32
-    kernel, 1.25 AMX kernel; one 2000-token prompt 12.2 / 35.9 / 5.4 (bench/results/s21/README.md, "#26 prefill
-    attention").
+    the prefill kernel (csrc/attention_prefill.c: bf16 products over the paged cache, float32 softmax; AMX tiles, or
+    vdpbf16ps without AMX) where `prefill_kernel_supports` the cache, else PyTorch's SDPA (the reference path on a
+    bf16 copy of q and the gathered K/V). One SmolLM2 layer, bf16 cache, 2 threads (p50): 10 x 200-token prompts
+    6.2 ms SDPA, 4.6 float32 kernel, 1.25 AMX kernel; one 2000-token prompt 12.2 / 35.9 / 5.4 (AMX Xeon,
+    bench/results/s21/README.md, "#26 prefill attention"); on the Zen 4 box (no AMX) 10 x 200 12.8 / 5.3 / 2.6
+    vdpbf16ps kernel, 2000 tokens 43.7 / 40.2 / 15.4 (bench/results/s23/README.md, "cattn").
     The other requests of the step stay on the float32 kernel.
     """
 
@@ -87,7 +88,7 @@ class CpuAttentionBackend:
     def _split(self, q: torch.Tensor, kv_cache: Union[torch.Tensor, QuantizedKVCache], batch: ForwardBatch,
                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
         """Long prefill chunks through SDPA in prefill_dtype, the rest of the step through the kernel. A quantized
-        cache: the blocks the long chunks read are dequantized into a compact cache in prefill_dtype first (the AMX
+        cache: the blocks the long chunks read are dequantized into a compact cache in prefill_dtype first (the prefill
         kernel and SDPA read plain caches), the rest of the step reads the quantized cache in place."""
         parts = batch.memo.get("prefill_split")
         if parts is None:  # the same for every layer of the step

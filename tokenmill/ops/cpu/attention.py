@@ -5,8 +5,8 @@ cached K/V, read straight from the block pool (no gather copy), one pass with on
 sharing each K/V load, split-K for long single requests. The K/V of this step must already be written.
 The cache is a plain tensor or an int8 / fp8 `kv_quant.QuantizedKVCache`, read with its scales in place
 (dequantized in registers on AVX-512, else chunk by chunk into float32 scratch).
-`cpu_prefill_attention` is the same call on the AMX tile unit (`csrc/attention_prefill.c`, bf16 products) for
-prefill chunks, where the CPU has it.
+`cpu_prefill_attention` is the same call with bf16 products for prefill chunks (`csrc/attention_prefill.c`): on the
+AMX tile unit where the CPU has it, else with AVX512-BF16's vdpbf16ps (`csrc/attention_prefill_bf16.c`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from tokenmill.worker.forward_batch import ForwardBatch
 KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, FP8_DTYPE: 4}
 _ERRORS = {-1: "out of memory", -2: "block id out of range", -3: "unsupported KV dtype",
            -4: "inconsistent shapes (seq_lens / query_start_loc / block tables)",
-           -5: "the AMX prefill kernel is unavailable for this KV dtype / head dim"}
+           -5: "the prefill kernel is unavailable for this KV dtype / head dim"}
+# tm_prefill_attention_path: which prefill kernel tm_prefill_attention_init chose
+_PREFILL_PATHS = {1: "amx", 2: "avx512-bf16"}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
@@ -50,7 +52,8 @@ def _kernel() -> Optional[ctypes.CDLL]:
     lib.tm_prefill_attention_supported.restype = _I
     lib.tm_prefill_attention_supported.argtypes = [_I, _I]
     lib.tm_prefill_attention_init.restype = _I
-    lib.tm_prefill_attention_init()  # the tile state for the AMX prefill kernel, where the CPU has it
+    lib.tm_prefill_attention_path.restype = _I
+    lib.tm_prefill_attention_init()  # the prefill kernel: AMX where Linux grants the tile state, else AVX512-BF16
     return lib
 
 
@@ -75,10 +78,17 @@ def reads_kv_in_place(dtype: torch.dtype, head_dim: int) -> bool:
             and bool(lib.tm_kv_read_in_place(KV_DTYPE_CODES[dtype], int(head_dim))))
 
 
+def prefill_kernel_name() -> Optional[str]:
+    """The prefill kernel `cpu_prefill_attention` runs here: "amx" (an AMX-BF16 CPU whose tile state Linux granted),
+    "avx512-bf16" (vdpbf16ps, e.g. Zen 4), or None (neither: no prefill kernel)."""
+    lib = _kernel()
+    return None if lib is None else _PREFILL_PATHS.get(lib.tm_prefill_attention_path())
+
+
 def prefill_kernel_supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether `cpu_prefill_attention` runs here for a KV cache of this dtype and head dim: the library was built
-    with the AMX path (AMX-BF16 CPU), Linux granted the tile state, float32 or bfloat16 K/V, head_dim % 32 == 0
-    (<= 256)."""
+    """Whether `cpu_prefill_attention` runs here for a KV cache of this dtype and head dim: a prefill kernel
+    (`prefill_kernel_name`: AMX-BF16 with the tile state granted, else AVX512-BF16), float32 or bfloat16 K/V,
+    head_dim % 32 == 0 (<= 256)."""
     lib = _kernel()
     return (lib is not None and dtype in (torch.float32, torch.bfloat16)
             and bool(lib.tm_prefill_attention_supported(KV_DTYPE_CODES[dtype], int(head_dim))))
@@ -102,12 +112,12 @@ def cpu_paged_attention(q: torch.Tensor, kv_cache: Union[torch.Tensor, Quantized
 
 def cpu_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch, scale: Optional[float] = None,
                           sliding_window: Optional[int] = None) -> torch.Tensor:
-    """`cpu_paged_attention` on the AMX tile unit (csrc/attention_prefill.c): q, K, V and the probabilities rounded
-    to bfloat16, products summed and the softmax computed in float32. Meant for prefill chunks (16 query tokens of a
-    head per tile; any request works, decodes waste most of a tile). Where `prefill_kernel_supports` is false it
-    raises ValueError."""
+    """`cpu_paged_attention` with bf16 products (csrc/attention_prefill.c: AMX tiles, or AVX512-BF16's vdpbf16ps in
+    csrc/attention_prefill_bf16.c): q, K, V and the probabilities rounded to bfloat16, products summed and the
+    softmax computed in float32. Meant for prefill chunks (16 query tokens of a head per tile; any request works,
+    decodes waste most of a tile). Where `prefill_kernel_supports` is false it raises ValueError."""
     if not prefill_kernel_supports(kv_cache.dtype, q.shape[-1] if q.dim() == 3 else 0):
-        raise ValueError(f"the AMX prefill kernel is unavailable here for a {kv_cache.dtype} KV cache and "
+        raise ValueError(f"the prefill attention kernel is unavailable here for a {kv_cache.dtype} KV cache and "
                          f"head_dim {q.shape[-1]}")
     return _attention("tm_prefill_attention", q, kv_cache, batch, scale, sliding_window)
 

@@ -33,7 +33,7 @@ LINK_FLAGS = ["-shared", "-fopenmp"]
 # the translation units (csrc/<unit>.c) linked into each library; a library not listed is its own one unit
 _QLINEAR = ("qlinear", "qlinear_k", "qlinear_i8", "qlinear_amx", "qlinear_bf16", "qlinear_i8gemm")
 LIBRARIES = {
-    "attention": ("attention", "attention_prefill"),
+    "attention": ("attention", "attention_prefill", "attention_prefill_bf16"),
     "qlinear": _QLINEAR,
     "layer": ("layer", "rmsnorm", *_QLINEAR, "attention", "lora"),
     "moe": ("moe", *_QLINEAR, "qlinear_amx_i8"),

@@ -1,7 +1,7 @@
 /* AMX helpers shared by the kernels that use the tile unit (qlinear_amx.c, qlinear_amx_i8.c, lora.c,
  * attention_prefill.c): the tile configuration (palette 1, tiles 0-7 of rows[t] rows x colsb[t] bytes), Linux's
  * permission for tile data, a 16 x 16 transpose of 32-bit words. Include under the file's TM_AMX / TM_AMX_I8 guard
- * (the intrinsics need the AMX target). */
+ * (the intrinsics need the AMX target); the transpose alone is plain AVX-512 (attention_prefill.h uses it). */
 #ifndef TM_AMX_H
 #define TM_AMX_H
 #include <immintrin.h>

@@ -70,7 +70,8 @@ int qdequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64
 int tm_amx_init(void);
 
 // attention.c: paged attention over a block pool; bf16 gather of one request's K/V (the `attention` library
-// links attention.c and attention_prefill.c; tm_attention_abi_version 2: with tm_prefill_attention).
+// links attention.c, attention_prefill.c and attention_prefill_bf16.c; tm_attention_abi_version 2: with
+// tm_prefill_attention).
 int tm_attention_abi_version(void);
 int tm_kv_dtype_supported(int kv_dtype);
 int tm_kv_read_in_place(int kv_dtype, int d);
@@ -89,10 +90,13 @@ int tm_paged_attention_kv(const float *q, int64_t q_st, int64_t q_sh,
 int tm_gather_kv_bf16(const float *kv, int64_t nb, int bs, int64_t row, const int32_t *block_ids, int64_t seq_len,
                       uint16_t *out);
 
-// attention_prefill.c: tm_paged_attention's arguments and results (up to bf16 rounding) on the AMX tile unit, for
-// prefill chunks. _init asks for the tile state (1: granted); _supported: whether a pool of this dtype and head dim
-// can be read (0 before a granted _init, or without the AMX build). Returns tm_paged_attention's codes, -5 unsupported.
+// attention_prefill.c: tm_paged_attention's arguments and results (up to bf16 rounding) with bf16 products, for
+// prefill chunks: on the AMX tile unit, or with AVX512-BF16's vdpbf16ps (attention_prefill_bf16.c). _init picks the
+// kernel (AMX where Linux grants the tile state, else AVX512-BF16) and returns _path's code (0 none, 1 AMX,
+// 2 AVX512-BF16); _supported: whether a pool of this dtype and head dim can be read (0 before _init, or with no
+// kernel built). Returns tm_paged_attention's codes, -5 unsupported.
 int tm_prefill_attention_init(void);
+int tm_prefill_attention_path(void);
 int tm_prefill_attention_supported(int kv_dtype, int d);
 int tm_prefill_attention(const float *q, int64_t q_st, int64_t q_sh,
                          const void *kv, int kv_dtype, int64_t num_blocks, int block_size, int hkv, int d,
