@@ -11,27 +11,17 @@ one weight (ms per call).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.ops.cpu.qlinear import amx_pack, panels_available, qlinear
 
+from cpu_gemm import timeit  # median seconds of fn (bench/ is on the path when run as a script)
+
 # (in, out) of qkv_proj, o_proj, gate_up_proj, down_proj; the LM head
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 HEAD = (576, 49152)
-
-
-def timeit(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def weight(k: int, n: int) -> tuple:

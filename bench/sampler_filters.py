@@ -8,12 +8,13 @@ so top-p / top-k see the nucleus sizes a user's requests do (T=1, p=0.95: median
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from tokenmill.sample.sampler import Sampler, SamplingBatch
 from tokenmill.sampling_params import SamplingParams
+
+from cpu_gemm import timeit  # median seconds of fn after a warm-up (bench/ is on the path when run as a script)
 
 CONFIGS = [("greedy", dict(temperature=0.0)), ("T=1", dict(temperature=1.0)),
            ("T=0.7 top_p=0.9", dict(temperature=0.7, top_p=0.9)), ("T=1 top_p=0.95", dict(temperature=1.0, top_p=0.95)),
@@ -33,13 +34,7 @@ def real_logits(model: str) -> torch.Tensor:
 
 
 def median_ms(fn, iters: int = 15) -> float:
-    fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e3
+    return timeit(fn, iters) * 1e3
 
 
 def main() -> None:

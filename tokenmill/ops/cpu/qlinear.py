@@ -125,14 +125,7 @@ def amx_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[t
     lib = _lib()
     if lib is None or not panels_available(qtype):
         raise RuntimeError(f"neither the AMX path nor the AVX512-BF16 {qtype} path is available on this machine")
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
-        raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
-    n = qweight.shape[0]
-    if qweight.shape[1] != row_bytes(qtype, k):
-        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
-                         f"{row_bytes(qtype, k)}")
-    if glu and (glu % 16 or n != 2 * glu):
-        raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
+    n = _check_panel_source(qweight, qtype, k, glu)
     panels = torch.empty(lib.tm_qlinear_amx_panel_words(k, n), dtype=torch.int32)
     pack, pack_glu = ((lib.tm_qlinear_amx_pack, lib.tm_qlinear_amx_pack_glu) if amx_available()
                       else (lib.tm_qlinear_bf16_pack, lib.tm_qlinear_bf16_pack_glu))
@@ -166,6 +159,19 @@ def i8gemm_available() -> bool:
     return lib is not None and bool(lib.tm_qlinear_i8g_available())
 
 
+def _check_panel_source(qweight: torch.Tensor, qtype: str, k: int, glu: int) -> int:
+    """Rows N of a packed weight [N, row_bytes] that a panel packer (amx_pack, i8_pack) takes; ValueError if not."""
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
+        raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
+    n = qweight.shape[0]
+    if qweight.shape[1] != row_bytes(qtype, k):
+        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
+                         f"{row_bytes(qtype, k)}")
+    if glu and (glu % 16 or n != 2 * glu):
+        raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
+    return n
+
+
 def i8_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[torch.Tensor, QPanels]:
     """The int8 panels of a packed block-quantized weight [N, row_bytes] (csrc/qlinear_i8gemm.c: W dequantized,
     then requantized to int8 per output and group of i8_group(k) k's) and the struct the kernels take (raw pointers:
@@ -176,14 +182,7 @@ def i8_pack(qweight: torch.Tensor, qtype: str, k: int, glu: int = 0) -> tuple[to
         raise RuntimeError("the AVX512-VNNI int8 panels are not available on this machine")
     if qtype not in QTYPES or qtype in FLOAT16_QTYPES:
         raise ValueError(f"int8 panels are made from block-quantized weights, not {qtype!r}")
-    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or not qweight.is_contiguous():
-        raise ValueError("expected a contiguous packed uint8 [N, row_bytes] weight")
-    n = qweight.shape[0]
-    if qweight.shape[1] != row_bytes(qtype, k):
-        raise ValueError(f"packed weight has {qweight.shape[1]} bytes per row, {qtype} with K={k} needs "
-                         f"{row_bytes(qtype, k)}")
-    if glu and (glu % 16 or n != 2 * glu):
-        raise ValueError(f"glu panels need a gate|up weight of 2 x a multiple of 16 rows, got {n} rows, glu={glu}")
+    n = _check_panel_source(qweight, qtype, k, glu)
     buf = torch.empty(lib.tm_qlinear_i8g_bytes(k, n), dtype=torch.uint8)
     rc = (lib.tm_qlinear_i8g_pack_glu(QTYPES[qtype][0], qweight.data_ptr(), k, glu, buf.data_ptr()) if glu
           else lib.tm_qlinear_i8g_pack(QTYPES[qtype][0], qweight.data_ptr(), k, n, buf.data_ptr()))

@@ -21,7 +21,7 @@ enum { PF_OK = 0, PF_NOMEM = -1, PF_BLOCK = -2, PF_DTYPE = -3, PF_SHAPE = -4, PF
 
 #if defined(TM_AVX512) && defined(__AVX512BF16__)
 #define TM_PREFILL_SIMD 1
-#include "amx.h" /* tm_transpose16 (plain AVX-512) */
+#include "simd.h" /* tm_transpose16 */
 
 #define TQ 32        /* query tokens per item (2 row tiles a head) */
 #define KC 64        /* keys per chunk: two halves of 32 */

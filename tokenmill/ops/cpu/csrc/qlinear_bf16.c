@@ -17,6 +17,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "quant.h"
+#include "simd.h"
 
 #if defined(TM_AVX512) && defined(__AVX512BF16__)
 #define TM_BF16DOT 1
@@ -25,30 +26,6 @@
 #define BF16_CHUNK_BYTES 196608 // bf16 x per row chunk (192 KiB: L2-resident with a pair's panels)
 
 int tm_qlinear_bf16_available(void) { return 1; }
-
-// words[p][j] = in[j][p] for a 16 x 16 block of 32-bit words held as 16 vectors (in place).
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int h = 0; h < 16; h += 8)
-        for (int i = 0; i < 4; i++) {
-            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0x88);
-            t[h + 4 + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0xdd);
-        }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-        r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
-    }
-}
 
 // Rows n0 .. n0 + 15 of W (rows >= N zero; row_bytes bytes a row of qtype blocks) as one panel of K/2 x 16 words:
 // each weight dequantized as qlinear.c's dequant_row does (gguf's dequantizer; a 16-bit weight exactly), then rounded
@@ -69,7 +46,7 @@ static void pack_panel(int qtype, const uint8_t *w, int64_t K, int64_t N, int64_
             const float *b = buf + j * K + 2 * p0;
             r[j] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b + 16), _mm512_loadu_ps(b));
         }
-        transpose16(r);
+        tm_transpose16(r);
         for (int p = 0; p < 16; p++) _mm512_storeu_si512((void *)(panel + (p0 + p) * 16), r[p]);
     }
 }

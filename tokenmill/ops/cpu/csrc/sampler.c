@@ -194,24 +194,20 @@ int tm_sample_rows(const float *logits, int64_t B, int64_t V, int64_t ld, const 
             // min_p, then top_k, then top_p: a lower bound lo on e (everything below is dropped). The thresholds
             // look at the values above CAND_FLOOR first (few, unless the row is flat), all of them if those fall short.
             float lo = min_p[r] > 0.0f ? min_p[r] : 0.0f;
-            const float floor_lo = lo > CAND_FLOOR ? lo : CAND_FLOOR;
-            int64_t m = -1;  // candidates in c (values >= floor_lo), once gathered
             const int64_t k = top_k[r];
             if (k > 0 && k < V) {
-                m = gather_at_least(e, V, floor_lo, c);
-                if (m < k) m = gather_at_least(e, V, lo, c), lo = 0.0f;  // all positive kept values
-                if (m >= k) {
+                const float fl = lo > CAND_FLOOR ? lo : CAND_FLOOR;
+                int64_t m = gather_at_least(e, V, fl, c);
+                if (m < k && fl > lo) m = gather_at_least(e, V, lo, c);
+                if (m >= k) {  // else fewer than k tokens have mass: top_k keeps them all
                     const float kth = kth_largest(c, m, k, cnt, buf);
                     if (kth > lo) lo = kth;
-                } else {
-                    lo = min_p[r] > 0.0f ? min_p[r] : 0.0f;  // fewer than k tokens with mass: top_k keeps them all
                 }
             }
             double kept = kept_blocks(e, V, lo, bs);
             if (top_p[r] < 1.0f) {
                 const float fl = lo > CAND_FLOOR ? lo : CAND_FLOOR;
-                m = gather_at_least(e, V, fl, c);
-                float thr = top_p_threshold(c, m, kept, top_p[r], cnt, mass, buf);
+                float thr = top_p_threshold(c, gather_at_least(e, V, fl, c), kept, top_p[r], cnt, mass, buf);
                 if (thr < 0.0f && fl > lo) thr = top_p_threshold(c, gather_at_least(e, V, lo, c), kept, top_p[r], cnt,
                                                                  mass, buf);
                 if (thr > lo) {
